@@ -1,0 +1,15 @@
+"""Accord: keep independent services consistent without distributed transactions.
+
+Transactional outbox with relay and dead letters, idempotent inbox, sagas,
+event sourcing and CQRS projections, on SQLite or PostgreSQL, over RabbitMQ,
+NATS JetStream, Redis Streams or a broker-less SQL transport.
+"""
+
+from accord import errors
+from accord.db import Database, metadata
+from accord.messages import Message
+from accord.outbox import add as add_to_outbox
+
+__all__ = ["Database", "Message", "add_to_outbox", "errors", "metadata"]
+
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,97 @@
+"""The ``accord`` command line: one Typer app, one sub-app per area."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from accord.db import Database
+from accord.errors import AccordError
+
+__all__ = ["DbOption", "JsonOption", "app", "console", "main", "print_json", "run"]
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="accord",
+    help="Accord: outbox, inbox, sagas, event sourcing and projections for services "
+    "that must agree without distributed transactions.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Create and migrate Accord's tables.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+console = Console()
+err_console = Console(stderr=True)
+
+DbOption = Annotated[
+    str,
+    typer.Option(
+        "--db",
+        envvar="ACCORD_DB",
+        help="Database URL: sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db.",
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine for a command; turn Accord errors into a clear message and exit 1."""
+    try:
+        return asyncio.run(coro)
+    except AccordError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+
+
+def print_json(value: Any) -> None:
+    """Print a JSON document (dates as ISO-8601)."""
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: DbOption, as_json: JsonOption = False) -> None:
+    """Create or migrate every Accord table (idempotent)."""
+
+    async def go() -> int:
+        async with Database(db) as database:
+            return await database.upgrade()
+
+    version = run(go())
+    if as_json:
+        print_json({"database": db, "schema_version": version})
+    else:
+        console.print(f"Accord schema is at version [bold]{version}[/].")
+
+
+def _register_subcommands() -> None:
+    """Import the sub-apps that other modules contribute (outbox, events, sagas...)."""
+    import importlib
+
+    for module in (
+        "accord.cli.outbox",
+        "accord.cli.inbox",
+        "accord.cli.worker",
+        "accord.cli.events",
+        "accord.cli.projections",
+        "accord.cli.sagas",
+        "accord.cli.flows",
+        "accord.cli.demo",
+    ):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+def main() -> None:
+    """Entry point of the ``accord`` console script."""
+    _register_subcommands()
+    app()

@@ -1,0 +1,173 @@
+"""The Database: one SQLAlchemy 2 async engine, from a URL, tuned per dialect."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from accord.errors import ConfigurationError, DatabaseError, MissingExtraError
+
+__all__ = ["Database", "translate_errors"]
+
+log = logging.getLogger("accord.db")
+
+#: SQLite waits this long for a competing writer before failing with "database is locked".
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+@contextlib.contextmanager
+def translate_errors(what: str) -> Any:
+    """Re-raise SQLAlchemy/driver errors as :class:`accord.errors.DatabaseError`."""
+    try:
+        yield
+    except sa.exc.SQLAlchemyError as exc:
+        raise DatabaseError(f"{what} failed: {exc.__class__.__name__}: {exc}") from exc
+    except OSError as exc:
+        raise DatabaseError(f"{what} failed: cannot reach the database ({exc})") from exc
+
+
+class Database:
+    """An Accord database: an async engine plus what the dialect needs.
+
+    ``url`` is a SQLAlchemy URL: ``sqlite+aiosqlite:///path.db`` (the embedded
+    default; WAL mode, a busy timeout and ``BEGIN IMMEDIATE`` so writers queue
+    instead of failing) or ``postgresql+asyncpg://user@host/db``. Plain
+    ``sqlite:///`` and ``postgresql://`` URLs are given their async driver.
+    """
+
+    def __init__(self, url: str, *, echo: bool = False, **engine_kwargs: Any) -> None:
+        self.url = normalize_url(url)
+        parsed = make_url(self.url)
+        self.dialect = parsed.get_backend_name()
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise ConfigurationError(
+                f"unsupported database {self.dialect!r} in URL {url!r}: "
+                "use sqlite+aiosqlite:///file.db or postgresql+asyncpg://user@host/db"
+            )
+        if self.dialect == "postgresql":
+            try:
+                import asyncpg  # noqa: F401
+            except ImportError as exc:
+                raise MissingExtraError("PostgreSQL", "postgres", "asyncpg") from exc
+            engine_kwargs.setdefault("pool_size", 10)
+            engine_kwargs.setdefault("max_overflow", 20)
+            engine_kwargs.setdefault("pool_pre_ping", True)
+        else:
+            database = parsed.database or ""
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            engine_kwargs.setdefault("connect_args", {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        self.engine: AsyncEngine = create_async_engine(self.url, echo=echo, **engine_kwargs)
+        if self.dialect == "sqlite":
+            _tune_sqlite(self.engine)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.dialect == "postgresql"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A connection inside a transaction that commits on exit and rolls back on error."""
+        with translate_errors("database transaction"):
+            async with self.engine.begin() as conn:
+                yield conn
+
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[AsyncConnection]:
+        """A connection without an implicit transaction scope (autobegin on first use)."""
+        with translate_errors("database connection"):
+            async with self.engine.connect() as conn:
+                yield conn
+
+    async def upgrade(self) -> int:
+        """Create or migrate every Accord table; idempotent. Returns the schema version."""
+        from accord.db.migrations import upgrade
+
+        return await upgrade(self)
+
+    async def listen(self, channel: str, callback: Callable[[str], None]) -> Callable[[], Any]:
+        """PostgreSQL LISTEN on ``channel``; ``callback(payload)`` runs on each NOTIFY.
+
+        Returns an async ``stop()`` that unlistens and releases the connection.
+        The connection is held outside the pool for as long as the listener lives.
+        """
+        if not self.is_postgres:
+            raise ConfigurationError("LISTEN/NOTIFY needs PostgreSQL")
+        conn = await self.engine.connect()
+        raw = await conn.get_raw_connection()
+        driver = raw.driver_connection
+        assert driver is not None
+
+        def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+            callback(payload)
+
+        await driver.add_listener(channel, on_notify)
+
+        async def stop() -> None:
+            with contextlib.suppress(Exception):
+                await driver.remove_listener(channel, on_notify)
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+        return stop
+
+    async def dispose(self) -> None:
+        """Close every pooled connection."""
+        await self.engine.dispose()
+
+    async def __aenter__(self) -> Database:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.dispose()
+
+    def __repr__(self) -> str:
+        return f"Database({make_url(self.url).render_as_string(hide_password=True)!r})"
+
+
+def normalize_url(url: str) -> str:
+    """Give plain ``sqlite://`` / ``postgresql://`` URLs their async driver."""
+    if url.startswith("sqlite://") and not url.startswith("sqlite+"):
+        return "sqlite+aiosqlite://" + url[len("sqlite://") :]
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    return url
+
+
+def _tune_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event issue BEGIN itself (see below).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def on_begin(conn: Any) -> None:
+        # A deferred transaction that later writes can fail with SQLITE_BUSY at
+        # once (lock upgrade deadlock) instead of waiting: take the write lock
+        # up front so writers queue on the busy timeout.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+async def sleep_backoff(attempt: int, base: float = 0.05, cap: float = 2.0) -> None:
+    """Sleep an exponential backoff for a retry loop."""
+    await asyncio.sleep(min(cap, base * (2**attempt)))

@@ -1,0 +1,130 @@
+"""The messaging tables: outbox, inbox, consumer dead letters, the SQL transport.
+
+Every Accord table lives in :data:`metadata` (re-exported as
+``accord.db.metadata``) so users can include them in their own Alembic
+migrations. Other areas (event store, projections, sagas) declare their tables
+in sibling ``schema_*.py`` modules on the same metadata.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from accord.db.types import BigId, JSONType, UTCDateTime
+
+__all__ = [
+    "dead_letters",
+    "inbox",
+    "metadata",
+    "outbox",
+    "queue",
+    "queue_deliveries",
+    "queue_groups",
+    "schema_version",
+]
+
+metadata = sa.MetaData()
+
+schema_version = sa.Table(
+    "accord_schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("applied_at", UTCDateTime, nullable=False),
+)
+
+# The seed's ``outbox_messages`` grown up. ``seq`` is the commit-order key the
+# relay claims by; ``id`` is the message id, stable across retries.
+outbox = sa.Table(
+    "accord_outbox",
+    metadata,
+    sa.Column("seq", BigId, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.Uuid, nullable=False, unique=True),
+    sa.Column("event_type", sa.String(200), nullable=False),
+    sa.Column("key", sa.String(200), nullable=True),
+    sa.Column("payload", JSONType, nullable=True),
+    sa.Column("headers", JSONType, nullable=False),
+    sa.Column("status", sa.String(10), nullable=False, server_default="PENDING"),
+    sa.Column("retry_count", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("available_at", UTCDateTime, nullable=False),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("sent_at", UTCDateTime, nullable=True),
+    sa.Index(
+        "ix_accord_outbox_pending",
+        "seq",
+        postgresql_where=sa.text("status = 'PENDING'"),
+        sqlite_where=sa.text("status = 'PENDING'"),
+    ),
+    sa.Index(
+        "ix_accord_outbox_pending_key",
+        "key",
+        "seq",
+        postgresql_where=sa.text("status = 'PENDING' AND key IS NOT NULL"),
+        sqlite_where=sa.text("status = 'PENDING' AND key IS NOT NULL"),
+    ),
+    sa.Index("ix_accord_outbox_status_sent", "status", "sent_at"),
+)
+
+# One row per message a consumer has applied, written in the handler's transaction.
+inbox = sa.Table(
+    "accord_inbox",
+    metadata,
+    sa.Column("consumer", sa.String(200), primary_key=True),
+    sa.Column("message_id", sa.String(200), primary_key=True),
+    sa.Column("message_type", sa.String(200), nullable=True),
+    sa.Column("processed_at", UTCDateTime, nullable=False),
+)
+
+# Messages a consumer gave up on, with the reason; replayable.
+dead_letters = sa.Table(
+    "accord_dead_letters",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("consumer", sa.String(200), nullable=False),
+    sa.Column("message_id", sa.String(200), nullable=True),
+    sa.Column("message_type", sa.String(200), nullable=True),
+    sa.Column("headers", JSONType, nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Index("ix_accord_dead_letters_consumer", "consumer", "id"),
+)
+
+# The broker-less SQL transport: one row per published message, one delivery
+# row per (consumer group, message) so every group gets every message.
+queue = sa.Table(
+    "accord_queue",
+    metadata,
+    sa.Column("seq", BigId, primary_key=True, autoincrement=True),
+    sa.Column("channel", sa.String(200), nullable=False),
+    sa.Column("message_id", sa.String(200), nullable=False),
+    sa.Column("type", sa.String(200), nullable=False),
+    sa.Column("key", sa.String(200), nullable=True),
+    sa.Column("headers", JSONType, nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("channel", "message_id", name="uq_accord_queue_message"),
+)
+
+queue_groups = sa.Table(
+    "accord_queue_groups",
+    metadata,
+    sa.Column("channel", sa.String(200), primary_key=True),
+    sa.Column("group_name", sa.String(200), primary_key=True),
+    sa.Column("patterns", JSONType, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+queue_deliveries = sa.Table(
+    "accord_queue_deliveries",
+    metadata,
+    sa.Column("group_name", sa.String(200), primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True),
+    sa.Column("channel", sa.String(200), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("available_at", UTCDateTime, nullable=False),
+    sa.Column("locked_until", UTCDateTime, nullable=True),
+    sa.Column("locked_by", sa.String(100), nullable=True),
+    sa.Index("ix_accord_queue_deliveries_ready", "channel", "group_name", "available_at", "seq"),
+)

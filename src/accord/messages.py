@@ -1,0 +1,163 @@
+"""The message envelope: CloudEvents 1.0 attributes plus Accord's extensions."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from accord.errors import DecodeError
+
+__all__ = ["SPECVERSION", "Message", "decode", "encode", "new_id"]
+
+SPECVERSION = "1.0"
+_HEADER_PREFIX = "ce-"
+# Prefixes other CloudEvents bindings use for the same attributes; accepted on input.
+_FOREIGN_PREFIXES = ("ce_", "cloudEvents_", "cloudEvents:")
+_CORE = ("id", "source", "type", "specversion", "time", "subject", "datacontenttype")
+_EXTENSIONS = ("correlationid", "causationid", "partitionkey", "traceparent")
+
+
+def new_id() -> str:
+    """A new message id (a random UUID, as text)."""
+    return str(uuid.uuid4())
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One message, as it travels through the outbox, the broker and the inbox.
+
+    The fields are the CloudEvents 1.0 attributes; ``key`` is the ordering key
+    (the CloudEvents ``partitionkey`` extension): messages with the same key
+    reach a consumer in commit order. ``data`` is any JSON-serialisable value.
+    The ``id`` is stable across retries and is what the inbox deduplicates on.
+    """
+
+    type: str
+    data: Any = None
+    id: str = field(default_factory=new_id)
+    source: str = "accord"
+    time: datetime = field(default_factory=_now)
+    subject: str | None = None
+    datacontenttype: str = "application/json"
+    key: str | None = None
+    correlationid: str | None = None
+    causationid: str | None = None
+    traceparent: str | None = None
+    extensions: Mapping[str, str] = field(default_factory=dict)
+    specversion: str = SPECVERSION
+
+    def __post_init__(self) -> None:
+        if not self.type:
+            raise ValueError("Message.type must be a non-empty string")
+        if not self.id:
+            raise ValueError("Message.id must be a non-empty string")
+
+    def caused(self, type: str, data: Any = None, **kwargs: Any) -> Message:
+        """A new message caused by this one: same correlation id, causation = this id."""
+        kwargs.setdefault("correlationid", self.correlationid or self.id)
+        kwargs.setdefault("causationid", self.id)
+        kwargs.setdefault("traceparent", self.traceparent)
+        return Message(type=type, data=data, **kwargs)
+
+    def with_(self, **changes: Any) -> Message:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+    def attributes(self) -> dict[str, str]:
+        """The CloudEvents attributes (without data) as strings, absent ones left out."""
+        attrs = {
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "specversion": self.specversion,
+            "time": self.time.isoformat().replace("+00:00", "Z"),
+            "datacontenttype": self.datacontenttype,
+        }
+        optional = {
+            "subject": self.subject,
+            "partitionkey": self.key,
+            "correlationid": self.correlationid,
+            "causationid": self.causationid,
+            "traceparent": self.traceparent,
+        }
+        attrs.update({k: v for k, v in optional.items() if v is not None})
+        attrs.update(self.extensions)
+        return attrs
+
+
+def encode(message: Message) -> tuple[dict[str, str], bytes]:
+    """CloudEvents binary mode: attributes as ``ce-`` headers, data as the body."""
+    headers = {}
+    for name, value in message.attributes().items():
+        if name == "datacontenttype":
+            headers["content-type"] = value
+        else:
+            headers[_HEADER_PREFIX + name] = value
+    body = json.dumps(message.data, separators=(",", ":"), default=str).encode()
+    return headers, body
+
+
+def _parse_time(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise DecodeError(f"attribute 'time' is not an RFC 3339 timestamp: {value!r}") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def decode(headers: Mapping[str, Any], body: bytes) -> Message:
+    """Parse a CloudEvents binary-mode message; raise DecodeError saying what is wrong."""
+    attrs: dict[str, str] = {}
+    for raw_name, raw_value in headers.items():
+        name = str(raw_name)
+        value = raw_value.decode() if isinstance(raw_value, bytes) else str(raw_value)
+        lowered = name.lower()
+        if lowered == "content-type":
+            attrs["datacontenttype"] = value
+            continue
+        for prefix in (_HEADER_PREFIX, *_FOREIGN_PREFIXES):
+            if lowered.startswith(prefix.lower()):
+                attrs[lowered[len(prefix) :]] = value
+                break
+    missing = [a for a in ("id", "source", "type", "specversion") if not attrs.get(a)]
+    if missing:
+        raise DecodeError(f"not a CloudEvent: missing required attribute(s) {', '.join(missing)}")
+    if attrs["specversion"] != SPECVERSION:
+        raise DecodeError(f"unsupported CloudEvents specversion {attrs['specversion']!r}")
+    content_type = attrs.get("datacontenttype", "application/json")
+    if body == b"":
+        data: Any = None
+    elif "json" in content_type:
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DecodeError(f"body is not valid JSON ({exc})") from exc
+    else:
+        try:
+            data = body.decode()
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"body of type {content_type!r} is not UTF-8 text") from exc
+    known = set(_CORE) | set(_EXTENSIONS)
+    return Message(
+        id=attrs["id"],
+        source=attrs["source"],
+        type=attrs["type"],
+        specversion=attrs["specversion"],
+        time=_parse_time(attrs["time"]) if "time" in attrs else _now(),
+        subject=attrs.get("subject"),
+        datacontenttype=content_type,
+        key=attrs.get("partitionkey"),
+        correlationid=attrs.get("correlationid"),
+        causationid=attrs.get("causationid"),
+        traceparent=attrs.get("traceparent"),
+        extensions={k: v for k, v in attrs.items() if k not in known},
+        data=data,
+    )

@@ -1,0 +1,190 @@
+"""The transport port: what every broker module implements.
+
+A transport moves :class:`~accord.messages.Message` objects from publishers to
+consumer *groups*. Every group gets every message whose type matches one of
+its topic patterns; inside a group, consumers compete (each message goes to
+one of them). Messages travel in CloudEvents binary mode (see
+:func:`accord.messages.encode`).
+
+Topic patterns are AMQP-style, over the message ``type`` split on ``.``:
+``*`` matches exactly one word, ``#`` matches zero or more words
+(``match.*``, ``tournament.#``, ``#``).
+
+Implementations: ``sql`` (broker-less), ``rabbitmq``, ``nats``, ``redis``,
+``memory`` (users' unit tests only). Each passes
+:class:`accord.testing.TransportContract` against its real server.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import lru_cache
+
+from accord.errors import DecodeError
+from accord.messages import Message, decode
+
+__all__ = [
+    "DEFAULT_REDELIVERY_DELAY",
+    "Delivery",
+    "Handler",
+    "Subscription",
+    "Transport",
+    "topic_matches",
+]
+
+#: Delay before a delivery whose handler raised is offered again, in seconds.
+DEFAULT_REDELIVERY_DELAY = 1.0
+
+
+@lru_cache(maxsize=1024)
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    parts = []
+    for word in pattern.split("."):
+        if word == "#":
+            parts.append(r"(?:[^.]+(?:\.[^.]+)*)?")
+        elif word == "*":
+            parts.append(r"[^.]+")
+        else:
+            parts.append(re.escape(word))
+    regex = r"\.".join(parts)
+    # "#" may match zero words: let the dots around it collapse.
+    regex = regex.replace(r"\.(?:[^.]+(?:\.[^.]+)*)?", r"(?:\.[^.]+)*")
+    regex = regex.replace(r"(?:[^.]+(?:\.[^.]+)*)?\.", r"(?:[^.]+\.)*")
+    return re.compile(regex + r"\Z")
+
+
+def topic_matches(pattern: str, message_type: str) -> bool:
+    """Whether an AMQP-style topic pattern matches a message type."""
+    return _pattern_regex(pattern).match(message_type) is not None
+
+
+class Delivery(abc.ABC):
+    """One delivery of one message to one consumer of a group.
+
+    ``message`` is the decoded message, or ``None`` when the bytes could not be
+    decoded; then ``decode_error`` says why and ``headers``/``body`` hold what
+    arrived, so the consumer can dead-letter it with its reason.
+    ``attempt`` is 1 on first delivery and grows with each redelivery.
+
+    A delivery is settled exactly once, by :meth:`ack`, :meth:`nack` or
+    :meth:`reject`; settling twice is a no-op.
+    """
+
+    def __init__(self, headers: Mapping[str, str], body: bytes, attempt: int) -> None:
+        self.headers = dict(headers)
+        self.body = body
+        self.attempt = attempt
+        self.settled = False
+        self.message: Message | None
+        self.decode_error: DecodeError | None
+        try:
+            self.message, self.decode_error = decode(self.headers, body), None
+        except DecodeError as exc:
+            self.message, self.decode_error = None, exc
+
+    async def ack(self) -> None:
+        """The message is done: it will not be delivered to this group again."""
+        if not self.settled:
+            self.settled = True
+            await self._ack()
+
+    async def nack(self, delay: float = DEFAULT_REDELIVERY_DELAY) -> None:
+        """Give the message back: deliver it to the group again after ``delay`` seconds,
+        with ``attempt`` one higher."""
+        if not self.settled:
+            self.settled = True
+            await self._nack(delay)
+
+    async def reject(self, reason: str) -> None:
+        """Give up on the message: never redeliver it to this group. Where the broker
+        has a dead-letter destination (RabbitMQ's dead-letter exchange, a dead-letter
+        stream) the message goes there with ``reason``."""
+        if not self.settled:
+            self.settled = True
+            await self._reject(reason)
+
+    @abc.abstractmethod
+    async def _ack(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _nack(self, delay: float) -> None: ...
+
+    @abc.abstractmethod
+    async def _reject(self, reason: str) -> None: ...
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+class Subscription(abc.ABC):
+    """A running consumer of one group. Stop it to stop receiving."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop receiving. A handler call in progress finishes first; deliveries that
+        were received but not settled are redelivered later (to this group)."""
+
+
+class Transport(abc.ABC):
+    """A broker connection that publishes with confirms and consumes by group.
+
+    Contract an implementation must keep:
+
+    * :meth:`publish` returns only after the broker confirmed (persisted) every
+      message of the batch. It sends them pipelined (many in flight at once),
+      and messages of one batch reach a group in batch order unless the
+      transport documents otherwise. If some are not confirmed it raises
+      :class:`~accord.errors.PublishError` whose ``failed`` names exactly those;
+      if the broker cannot be reached it raises
+      :class:`~accord.errors.TransportUnavailable` (nothing was confirmed).
+    * A message published after a group's first :meth:`subscribe` reaches that
+      group even if no consumer of the group is running at the time (groups
+      are durable).
+    * :meth:`subscribe` calls ``handler`` for each delivery, one at a time per
+      subscription, in the order the broker delivers. If the handler returns
+      without settling, the delivery is acked; if it raises, it is nacked with
+      :data:`DEFAULT_REDELIVERY_DELAY`. A delivery that is never settled (the
+      process died) is redelivered. Redelivery is at-least-once: consumers
+      deduplicate by message id (the inbox does).
+    * Broker errors are raised as :class:`~accord.errors.TransportError`
+      subclasses, never as the client library's own exceptions.
+    """
+
+    #: Short name of the backend ("rabbitmq", "nats", "redis", "sql", "memory").
+    name: str = "transport"
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Open the connection and declare what the channel needs. Idempotent."""
+
+    @abc.abstractmethod
+    async def publish(self, messages: Sequence[Message]) -> None:
+        """Publish a batch; return once every message is confirmed (see class doc)."""
+
+    @abc.abstractmethod
+    async def subscribe(
+        self,
+        group: str,
+        handler: Handler,
+        *,
+        topics: Sequence[str] = ("#",),
+        prefetch: int = 64,
+    ) -> Subscription:
+        """Start consuming as a member of ``group``, for message types matching ``topics``.
+
+        Declares the group durably first, so messages published after this call
+        are kept for the group. ``prefetch`` bounds the unacked deliveries held.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop every subscription and close the connection. Idempotent."""
+
+    async def __aenter__(self) -> Transport:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,140 @@
+"""An in-process transport for users' unit tests. Not durable; not for production.
+
+Transports made with the same :class:`MemoryBroker` see each other's messages,
+the way several processes share one real broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from accord.errors import TransportUnavailable
+from accord.messages import Message, encode
+from accord.transports.base import (
+    DEFAULT_REDELIVERY_DELAY,
+    Delivery,
+    Handler,
+    Subscription,
+    Transport,
+    topic_matches,
+)
+
+__all__ = ["MemoryBroker", "MemoryTransport"]
+
+_Item = tuple[dict[str, str], bytes, int]
+
+
+@dataclass
+class _Group:
+    topics: tuple[str, ...]
+    queue: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
+    dead: list[tuple[dict[str, str], bytes, str]] = field(default_factory=list)
+
+
+@dataclass
+class MemoryBroker:
+    """The shared state of in-memory transports: one queue per consumer group."""
+
+    groups: dict[str, _Group] = field(default_factory=dict)
+
+    def dead(self, group: str) -> list[tuple[dict[str, str], bytes, str]]:
+        """The messages ``group`` rejected: (headers, body, reason)."""
+        return list(self.groups[group].dead)
+
+
+class _MemoryDelivery(Delivery):
+    def __init__(self, group: _Group, item: _Item) -> None:
+        headers, body, attempt = item
+        super().__init__(headers, body, attempt)
+        self._group = group
+
+    async def _ack(self) -> None:
+        pass
+
+    async def _nack(self, delay: float) -> None:
+        item = (self.headers, self.body, self.attempt + 1)
+        if delay <= 0:
+            self._group.queue.put_nowait(item)
+        else:
+            asyncio.get_running_loop().call_later(delay, self._group.queue.put_nowait, item)
+
+    async def _reject(self, reason: str) -> None:
+        self._group.dead.append((self.headers, self.body, reason))
+
+
+class _MemorySubscription(Subscription):
+    def __init__(self, group: _Group, handler: Handler) -> None:
+        self._group = group
+        self._handler = handler
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            delivery = _MemoryDelivery(self._group, await self._group.queue.get())
+            try:
+                await self._handler(delivery)
+            except asyncio.CancelledError:
+                # The consumer went away mid-delivery: give the message back at once.
+                await delivery.nack(0)
+                raise
+            except Exception:
+                await delivery.nack(DEFAULT_REDELIVERY_DELAY)
+            else:
+                await delivery.ack()
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+class MemoryTransport(Transport):
+    """A transport on a :class:`MemoryBroker` (a private one unless one is given)."""
+
+    name = "memory"
+
+    def __init__(self, broker: MemoryBroker | None = None) -> None:
+        self.broker = broker or MemoryBroker()
+        self._subscriptions: list[_MemorySubscription] = []
+        self._closed = False
+
+    async def connect(self) -> None:
+        self._closed = False
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        if self._closed:
+            raise TransportUnavailable("the memory transport is closed")
+        for message in messages:
+            headers, body = encode(message)
+            for group in self.broker.groups.values():
+                if any(topic_matches(t, message.type) for t in group.topics):
+                    group.queue.put_nowait((headers, body, 1))
+
+    async def publish_raw(self, headers: dict[str, str], body: bytes) -> None:
+        """Put arbitrary bytes on every group's queue (for tests of bad input)."""
+        for group in self.broker.groups.values():
+            group.queue.put_nowait((dict(headers), body, 1))
+
+    async def subscribe(
+        self,
+        group: str,
+        handler: Handler,
+        *,
+        topics: Sequence[str] = ("#",),
+        prefetch: int = 64,
+    ) -> Subscription:
+        if self._closed:
+            raise TransportUnavailable("the memory transport is closed")
+        state = self.broker.groups.setdefault(group, _Group(tuple(topics)))
+        subscription = _MemorySubscription(state, handler)
+        self._subscriptions.append(subscription)
+        return subscription
+
+    async def close(self) -> None:
+        self._closed = True
+        for subscription in self._subscriptions:
+            await subscription.stop()
+        self._subscriptions.clear()

@@ -1,0 +1,81 @@
+"""Shared fixtures: a fresh database per test (SQLite file, or a PostgreSQL database
+cloned from a migrated template), and the URLs of the real brokers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from accord.db import Database
+
+PG_ADMIN_DSN = os.environ.get("ACCORD_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+RABBIT_URL = os.environ.get("ACCORD_TEST_RABBIT", "amqp://guest:guest@127.0.0.1:5672/")
+NATS_URL = os.environ.get("ACCORD_TEST_NATS", "nats://127.0.0.1:4222")
+REDIS_URL = os.environ.get("ACCORD_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def _pg_url(database: str) -> str:
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    return f"{base}/{database}"
+
+
+async def _admin(sql: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A PostgreSQL database with every Accord table, cloned for each test."""
+    name = f"accord_tmpl_{uuid.uuid4().hex[:10]}"
+
+    async def create() -> None:
+        await _admin(f'CREATE DATABASE "{name}"')
+        async with Database(_pg_url(name)) as db:
+            await db.upgrade()
+
+    asyncio.run(create())
+    yield name
+    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def pg_url(pg_template: str) -> AsyncIterator[str]:
+    """URL of a fresh, migrated PostgreSQL database for this test alone."""
+    name = f"accord_t_{uuid.uuid4().hex[:12]}"
+    await _admin(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
+    yield _pg_url(name)
+    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def sqlite_url(tmp_path: Path) -> AsyncIterator[str]:
+    """URL of a fresh, migrated SQLite file for this test alone."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'accord.db'}"
+    async with Database(url) as db:
+        await db.upgrade()
+    yield url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Each store test runs twice: on SQLite and on PostgreSQL."""
+    name = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    return str(request.getfixturevalue(name))
+
+
+@pytest.fixture
+async def database(db_url: str) -> AsyncIterator[Database]:
+    """A Database on a fresh SQLite file or PostgreSQL database (both, by parametrisation)."""
+    db = Database(db_url)
+    yield db
+    await db.dispose()

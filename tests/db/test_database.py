@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+
+from accord.db import Database
+from accord.db.migrations import MIGRATIONS
+from accord.db.schema import schema_version
+from accord.errors import ConfigurationError, DatabaseError
+
+
+async def test_upgrade_is_idempotent_and_versioned(database: Database) -> None:
+    latest = MIGRATIONS[-1][0]
+    assert await database.upgrade() == latest
+    assert await database.upgrade() == latest
+    async with database.transaction() as conn:
+        versions = (await conn.execute(sa.select(schema_version.c.version))).scalars().all()
+    assert versions == [n for n, _, _ in MIGRATIONS]
+
+
+async def test_sqlite_runs_in_wal_mode(sqlite_url: str) -> None:
+    async with Database(sqlite_url) as db, db.connect() as conn:
+        mode = await conn.scalar(sa.text("PRAGMA journal_mode"))
+        timeout = await conn.scalar(sa.text("PRAGMA busy_timeout"))
+    assert mode == "wal"
+    assert timeout >= 1000
+
+
+async def test_driver_errors_are_translated(database: Database) -> None:
+    with pytest.raises(DatabaseError, match="database transaction failed"):
+        async with database.transaction() as conn:
+            await conn.execute(sa.text("SELECT * FROM no_such_table"))
+
+
+def test_unsupported_url_names_the_fix() -> None:
+    with pytest.raises(ConfigurationError, match="sqlite\\+aiosqlite"):
+        Database("mysql://root@localhost/x")
+
+
+def test_plain_urls_get_their_async_driver(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert Database(f"sqlite:///{tmp_path}/a.db").url.startswith("sqlite+aiosqlite://")
+    assert Database("postgresql://u@h/d").url.startswith("postgresql+asyncpg://")
+
+
+async def test_timestamps_come_back_timezone_aware(database: Database) -> None:
+    async with database.transaction() as conn:
+        applied = await conn.scalar(sa.select(schema_version.c.applied_at))
+    assert applied.tzinfo is not None
+    assert abs((datetime.now(UTC) - applied).total_seconds()) < 600

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from accord import Database, Message, add_to_outbox
+from accord.db.schema import outbox
+from accord.errors import ConfigurationError
+from accord.outbox.writer import message_from_row
+
+
+class Boom(Exception):
+    pass
+
+
+async def _rows(db: Database) -> list[sa.Row]:
+    async with db.transaction() as conn:
+        return list((await conn.execute(sa.select(outbox).order_by(outbox.c.seq))).all())
+
+
+async def test_rollback_leaves_nothing_in_the_outbox(database: Database) -> None:
+    with pytest.raises(Boom):
+        async with database.transaction() as conn:
+            await add_to_outbox(conn, Message(type="t.rolled_back"))
+            raise Boom
+    assert await _rows(database) == []
+
+
+async def test_commit_keeps_messages_pending_in_order(database: Database) -> None:
+    sent = [Message(type="t.kept", data={"n": i}, key="k") for i in range(3)]
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, *sent)
+    rows = await _rows(database)
+    assert [r.id for r in rows] == [uuid.UUID(m.id) for m in sent]
+    assert {r.status for r in rows} == {"PENDING"}
+    assert [r.payload for r in rows] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert all(r.retry_count == 0 and r.key == "k" for r in rows)
+    rebuilt = message_from_row(rows[0].headers, rows[0].payload)
+    assert rebuilt == sent[0]
+
+
+async def test_add_works_with_an_orm_session(database: Database) -> None:
+    async with AsyncSession(database.engine) as session, session.begin():
+        await add_to_outbox(session, Message(type="t.session"))
+    assert [r.event_type for r in await _rows(database)] == ["t.session"]
+
+
+async def test_non_uuid_id_is_refused_with_the_fix(database: Database) -> None:
+    async with database.transaction() as conn:
+        with pytest.raises(ConfigurationError, match="uuid5"):
+            await add_to_outbox(conn, Message(type="t.bad", id="not-a-uuid"))
