@@ -73,9 +73,13 @@ inbox = sa.Table(
     sa.Column("message_id", sa.String(200), primary_key=True),
     sa.Column("message_type", sa.String(200), nullable=True),
     sa.Column("processed_at", UTCDateTime, nullable=False),
+    sa.Index("ix_accord_inbox_processed", "consumer", "processed_at"),
 )
 
-# Messages a consumer gave up on, with the reason; replayable.
+# Messages a consumer gave up on, with the reason; replayable. ``status`` is
+# DEAD, or REPLAY once an operator asked for a replay: the running consumer of
+# that name picks REPLAY rows (``available_at`` due) up and dispatches them again.
+# ``kind`` says why: undecodable, unknown_type, invalid_data or handler_failed.
 dead_letters = sa.Table(
     "accord_dead_letters",
     metadata,
@@ -85,10 +89,15 @@ dead_letters = sa.Table(
     sa.Column("message_type", sa.String(200), nullable=True),
     sa.Column("headers", JSONType, nullable=False),
     sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("kind", sa.String(20), nullable=False, server_default="handler_failed"),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(10), nullable=False, server_default="DEAD"),
+    sa.Column("available_at", UTCDateTime, nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=True),
     sa.Index("ix_accord_dead_letters_consumer", "consumer", "id"),
+    sa.Index("ix_accord_dead_letters_status", "status", "consumer", "available_at"),
 )
 
 # The broker-less SQL transport: one row per published message, one delivery
