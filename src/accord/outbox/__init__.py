@@ -1,5 +1,7 @@
 """Transactional outbox: add messages in your transaction; the relay publishes them."""
 
+from accord.outbox.admin import OutboxAdmin, OutboxStatus
+from accord.outbox.relay import Relay
 from accord.outbox.writer import NOTIFY_CHANNEL, add
 
-__all__ = ["NOTIFY_CHANNEL", "add"]
+__all__ = ["NOTIFY_CHANNEL", "OutboxAdmin", "OutboxStatus", "Relay", "add"]

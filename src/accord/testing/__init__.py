@@ -1,6 +1,7 @@
 """Test helpers and contract suites that users and third-party backends can reuse."""
 
 from accord.testing._eventually import assert_eventually, wait_for
+from accord.testing.faults import FaultyTransport
 from accord.testing.transport_contract import Collector, TransportContract
 
-__all__ = ["Collector", "TransportContract", "assert_eventually", "wait_for"]
+__all__ = ["Collector", "FaultyTransport", "TransportContract", "assert_eventually", "wait_for"]

@@ -1,0 +1,126 @@
+"""``accord outbox``: status and dead letters of a database's outbox."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from accord.cli.app import DbOption, JsonOption, app, console, print_json, run
+from accord.db import Database
+from accord.outbox.admin import OutboxAdmin
+
+outbox_app = typer.Typer(help="Inspect the transactional outbox.", no_args_is_help=True)
+dead_app = typer.Typer(
+    help="Messages the relay gave up on (DEAD): list, show, replay, purge.", no_args_is_help=True
+)
+outbox_app.add_typer(dead_app, name="dead")
+app.add_typer(outbox_app, name="outbox")
+
+IdsArgument = Annotated[list[str] | None, typer.Argument(help="Outbox message ids (UUIDs).")]
+AllOption = Annotated[bool, typer.Option("--all", help="Act on every DEAD message.")]
+
+
+@outbox_app.command("status")
+def status(db: DbOption, as_json: JsonOption = False) -> None:
+    """Counts of PENDING / SENT / DEAD messages and the age of the oldest pending one."""
+
+    async def go() -> dict[str, object]:
+        async with Database(db) as database:
+            return (await OutboxAdmin(database).status()).as_dict()
+
+    result = run(go())
+    if as_json:
+        print_json(result)
+        return
+    table = Table(title="Outbox")
+    for column in ("pending", "retrying", "sent", "dead", "oldest pending (s)"):
+        table.add_column(column, justify="right")
+    age = result["oldest_pending_age_seconds"]
+    table.add_row(
+        *(str(result[k]) for k in ("pending", "retrying", "sent", "dead")),
+        "-" if age is None else f"{age:.1f}",
+    )
+    console.print(table)
+
+
+@dead_app.command("list")
+def dead_list(
+    db: DbOption,
+    as_json: JsonOption = False,
+    limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+    event_type: Annotated[str | None, typer.Option("--type", help="Only this type.")] = None,
+) -> None:
+    """DEAD messages, oldest first, with their last error."""
+
+    async def go() -> list[dict[str, object]]:
+        async with Database(db) as database:
+            return await OutboxAdmin(database).dead(limit=limit, event_type=event_type)
+
+    rows = run(go())
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title=f"DEAD outbox messages ({len(rows)})")
+    for column in ("id", "type", "key", "attempts", "last error"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            str(row["id"]),
+            str(row["event_type"]),
+            str(row["key"] or ""),
+            str(row["retry_count"]),
+            str(row["last_error"] or ""),
+        )
+    console.print(table)
+
+
+@dead_app.command("show")
+def dead_show(message_id: str, db: DbOption, as_json: JsonOption = False) -> None:
+    """One message with its payload, headers and last error."""
+
+    async def go() -> dict[str, object]:
+        async with Database(db) as database:
+            return await OutboxAdmin(database).show(message_id)
+
+    row = run(go())
+    if as_json:
+        print_json(row)
+        return
+    for name, value in row.items():
+        console.print(f"[bold]{name}[/]: {value}")
+
+
+@dead_app.command("replay")
+def dead_replay(
+    db: DbOption, ids: IdsArgument = None, all_dead: AllOption = False, as_json: JsonOption = False
+) -> None:
+    """Put DEAD messages back to PENDING with attempts reset; the relay sends them again."""
+
+    async def go() -> int:
+        async with Database(db) as database:
+            return await OutboxAdmin(database).replay(ids or [], all_dead=all_dead)
+
+    count = run(go())
+    if as_json:
+        print_json({"replayed": count})
+    else:
+        console.print(f"{count} message(s) back to PENDING.")
+
+
+@dead_app.command("purge")
+def dead_purge(
+    db: DbOption, ids: IdsArgument = None, all_dead: AllOption = False, as_json: JsonOption = False
+) -> None:
+    """Delete DEAD messages for good."""
+
+    async def go() -> int:
+        async with Database(db) as database:
+            return await OutboxAdmin(database).purge(ids or [], all_dead=all_dead)
+
+    count = run(go())
+    if as_json:
+        print_json({"purged": count})
+    else:
+        console.print(f"{count} message(s) purged.")

@@ -1,0 +1,141 @@
+"""The relay's SQL: claim the next publishable rows, then settle them.
+
+A claimed row is *leased* by moving its ``available_at`` past the lease time;
+other relays only claim rows whose ``available_at`` has passed, so a relay that
+dies mid-publish leaves its rows to be claimed again when the lease runs out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from accord.db.types import JSONType, UTCDateTime
+
+__all__ = ["ClaimedRow", "Settlement", "claim", "settle"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRow:
+    seq: int
+    id: str
+    key: str | None
+    headers: dict[str, str]
+    payload: Any
+    retry_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What happened to one claimed row: SENT, back to PENDING at ``available_at``, or DEAD."""
+
+    seq: int
+    status: str
+    available_at: datetime
+    retry_count: int
+    last_error: str | None
+
+
+# A row may go out only if no earlier row with the same key is still PENDING —
+# unless that earlier row is in this very claim (then it goes out first). This
+# holds while the earlier row waits in backoff, and across relay processes: a
+# row leased by another relay is PENDING too.
+_ELIGIBLE = """
+SELECT o.seq, o.id, o.key, o.headers, o.payload, o.retry_count
+FROM accord_outbox o
+WHERE o.seq IN (SELECT seq FROM candidates)
+  AND (o.key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM accord_outbox e
+        WHERE e.key = o.key AND e.status = 'PENDING' AND e.seq < o.seq
+          AND e.seq NOT IN (SELECT seq FROM candidates)))
+ORDER BY o.seq
+"""
+
+_CANDIDATES = """
+SELECT seq FROM accord_outbox
+WHERE status = 'PENDING' AND available_at <= :now
+ORDER BY seq
+LIMIT :limit
+"""
+
+
+def _claim_statement(lock: str) -> sa.TextualSelect:
+    sql = f"WITH candidates AS ({_CANDIDATES}{lock}) {_ELIGIBLE}"
+    json_type: Any = JSONType
+    return (
+        sa.text(sql)
+        .bindparams(sa.bindparam("now", type_=UTCDateTime()))
+        .columns(
+            sa.column("seq", sa.BigInteger()),
+            sa.column("id", sa.Uuid()),
+            sa.column("key", sa.String()),
+            sa.column("headers", json_type),
+            sa.column("payload", json_type),
+            sa.column("retry_count", sa.Integer()),
+        )
+    )
+
+
+_CLAIM_POSTGRES = _claim_statement(" FOR UPDATE SKIP LOCKED")
+_CLAIM_SQLITE = _claim_statement("")  # one writer at a time: nothing to skip
+
+_LEASE = sa.text("UPDATE accord_outbox SET available_at = :until WHERE seq IN :seqs").bindparams(
+    sa.bindparam("seqs", expanding=True), sa.bindparam("until", type_=UTCDateTime())
+)
+_MARK_SENT = sa.text(
+    "UPDATE accord_outbox SET status = 'SENT', sent_at = :now, last_error = NULL WHERE seq IN :seqs"
+).bindparams(sa.bindparam("seqs", expanding=True), sa.bindparam("now", type_=UTCDateTime()))
+_RESCHEDULE = sa.text(
+    "UPDATE accord_outbox SET status = :status, available_at = :available_at, "
+    "retry_count = :retry_count, last_error = :last_error WHERE seq = :seq"
+).bindparams(sa.bindparam("available_at", type_=UTCDateTime()))
+
+
+async def claim(
+    conn: AsyncConnection, *, now: datetime, lease_until: datetime, limit: int
+) -> list[ClaimedRow]:
+    """Lease up to ``limit`` rows that may be published now, in ``seq`` order."""
+    query = _CLAIM_POSTGRES if conn.dialect.name == "postgresql" else _CLAIM_SQLITE
+    result = await conn.execute(query, {"now": now, "limit": limit})
+    rows = result.all()
+    if not rows:
+        return []
+    await conn.execute(_LEASE, {"until": lease_until, "seqs": [r.seq for r in rows]})
+    return [
+        ClaimedRow(
+            seq=r.seq,
+            id=str(r.id),
+            key=r.key,
+            headers=r.headers,
+            payload=r.payload,
+            retry_count=r.retry_count,
+        )
+        for r in rows
+    ]
+
+
+async def settle(
+    conn: AsyncConnection, *, now: datetime, sent: Sequence[int], others: Sequence[Settlement]
+) -> None:
+    """Mark ``sent`` rows SENT and apply every other settlement."""
+    if sent:
+        await conn.execute(_MARK_SENT, {"now": now, "seqs": list(sent)})
+    if others:
+        await conn.execute(
+            _RESCHEDULE,
+            [
+                {
+                    "seq": s.seq,
+                    "status": s.status,
+                    "available_at": s.available_at,
+                    "retry_count": s.retry_count,
+                    "last_error": s.last_error,
+                }
+                for s in others
+            ],
+        )

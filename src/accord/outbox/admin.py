@@ -1,0 +1,143 @@
+"""Looking into the outbox and acting on dead letters: status, list, show, replay, purge."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from accord.db.database import Database
+from accord.db.schema import outbox
+from accord.errors import ConfigurationError, NotFoundError
+
+__all__ = ["OutboxAdmin", "OutboxStatus"]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStatus:
+    """Counts per status, and how far behind the relay is."""
+
+    pending: int
+    sent: int
+    dead: int
+    retrying: int
+    oldest_pending_at: datetime | None
+
+    @property
+    def oldest_pending_age(self) -> float | None:
+        """Seconds since the oldest PENDING row was committed, or None."""
+        if self.oldest_pending_at is None:
+            return None
+        return (datetime.now(UTC) - self.oldest_pending_at).total_seconds()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pending": self.pending,
+            "sent": self.sent,
+            "dead": self.dead,
+            "retrying": self.retrying,
+            "oldest_pending_at": self.oldest_pending_at,
+            "oldest_pending_age_seconds": self.oldest_pending_age,
+        }
+
+
+def _row_dict(row: Any, with_payload: bool = False) -> dict[str, Any]:
+    data = {
+        "id": str(row.id),
+        "seq": row.seq,
+        "event_type": row.event_type,
+        "key": row.key,
+        "status": row.status,
+        "retry_count": row.retry_count,
+        "last_error": row.last_error,
+        "created_at": row.created_at,
+        "available_at": row.available_at,
+        "sent_at": row.sent_at,
+    }
+    if with_payload:
+        data["payload"] = row.payload
+        data["headers"] = row.headers
+    return data
+
+
+def _uuid(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ConfigurationError(f"{value!r} is not an outbox message id (a UUID)") from None
+
+
+class OutboxAdmin:
+    """Operator actions on one database's outbox."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    async def status(self) -> OutboxStatus:
+        """How many rows are PENDING (and of those, retrying), SENT and DEAD."""
+        query = sa.select(
+            sa.func.count().filter(outbox.c.status == "PENDING"),
+            sa.func.count().filter(outbox.c.status == "SENT"),
+            sa.func.count().filter(outbox.c.status == "DEAD"),
+            sa.func.count().filter(outbox.c.status == "PENDING", outbox.c.retry_count > 0),
+            sa.func.min(outbox.c.created_at).filter(outbox.c.status == "PENDING"),
+        )
+        async with self.database.connect() as conn:
+            pending, sent, dead, retrying, oldest = (await conn.execute(query)).one()
+        if isinstance(oldest, str):  # SQLite aggregate bypasses the column type
+            oldest = datetime.fromisoformat(oldest).replace(tzinfo=UTC)
+        return OutboxStatus(pending, sent, dead, retrying, oldest)
+
+    async def dead(
+        self, *, limit: int = 100, event_type: str | None = None
+    ) -> list[dict[str, Any]]:
+        """DEAD rows, oldest first."""
+        query = sa.select(outbox).where(outbox.c.status == "DEAD").order_by(outbox.c.seq)
+        if event_type:
+            query = query.where(outbox.c.event_type == event_type)
+        async with self.database.connect() as conn:
+            rows = (await conn.execute(query.limit(limit))).all()
+        return [_row_dict(r) for r in rows]
+
+    async def show(self, message_id: str) -> dict[str, Any]:
+        """One outbox row, with its payload and headers."""
+        async with self.database.connect() as conn:
+            row = (
+                await conn.execute(sa.select(outbox).where(outbox.c.id == _uuid(message_id)))
+            ).first()
+        if row is None:
+            raise NotFoundError(f"no outbox message with id {message_id}")
+        return _row_dict(row, with_payload=True)
+
+    async def replay(self, message_ids: Sequence[str] = (), *, all_dead: bool = False) -> int:
+        """Put DEAD messages back to PENDING with attempts reset; returns how many."""
+        where = self._dead_selection(message_ids, all_dead)
+        values = {
+            "status": "PENDING",
+            "retry_count": 0,
+            "available_at": datetime.now(UTC),
+        }
+        async with self.database.transaction() as conn:
+            result = await conn.execute(outbox.update().where(where).values(**values))
+            if self.database.is_postgres and result.rowcount:
+                await conn.execute(sa.text("NOTIFY accord_outbox"))
+        return result.rowcount or 0
+
+    async def purge(self, message_ids: Sequence[str] = (), *, all_dead: bool = False) -> int:
+        """Delete DEAD messages for good; returns how many."""
+        where = self._dead_selection(message_ids, all_dead)
+        async with self.database.transaction() as conn:
+            result = await conn.execute(outbox.delete().where(where))
+        return result.rowcount or 0
+
+    def _dead_selection(self, message_ids: Sequence[str], all_dead: bool) -> Any:
+        if not message_ids and not all_dead:
+            raise ConfigurationError("name the message ids, or pass --all for every DEAD message")
+        where = outbox.c.status == "DEAD"
+        if message_ids:
+            where = sa.and_(where, outbox.c.id.in_([_uuid(m) for m in message_ids]))
+        return where

@@ -1,0 +1,278 @@
+"""The relay: moves committed outbox rows to the broker, in order, at least once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from prometheus_client import Counter, Histogram
+
+from accord.db.database import Database
+from accord.errors import AccordError, DecodeError, PublishError, TransportUnavailable
+from accord.messages import Message
+from accord.outbox._claim import ClaimedRow, Settlement, claim, settle
+from accord.outbox.writer import NOTIFY_CHANNEL, message_from_row
+from accord.transports.base import Transport
+
+__all__ = ["Relay", "backoff_delay"]
+
+log = logging.getLogger("accord.outbox.relay")
+
+PUBLISHED = Counter("accord_outbox_published", "Outbox messages confirmed by the broker")
+FAILED = Counter("accord_outbox_publish_failures", "Outbox publish attempts that failed")
+DEAD = Counter("accord_outbox_dead", "Outbox messages marked DEAD after their last attempt")
+BATCH_SECONDS = Histogram("accord_outbox_batch_seconds", "Claim, publish and settle one batch")
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with jitter: between half and all of ``base * 2**(attempt-1)``."""
+    ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def _waves(rows: Sequence[ClaimedRow]) -> list[list[ClaimedRow]]:
+    """Split a claim so that no publish call holds two rows with the same key.
+
+    Rows of different keys (and keyless rows) go out together, pipelined; the
+    n-th row of a key goes in the n-th wave, so it is only sent once the rows
+    before it were confirmed.
+    """
+    waves: list[list[ClaimedRow]] = []
+    depth: dict[str, int] = {}
+    for row in rows:
+        index = 0
+        if row.key is not None:
+            index = depth.get(row.key, 0)
+            depth[row.key] = index + 1
+        while len(waves) <= index:
+            waves.append([])
+        waves[index].append(row)
+    return waves
+
+
+class Relay:
+    """Publishes committed outbox rows to a transport; a worker component.
+
+    Promises: a row is marked SENT only after the broker confirmed it; a row
+    whose publish failed is retried with exponential backoff and jitter and,
+    after ``max_attempts``, marked DEAD with its last error; a row never goes
+    out before an earlier PENDING row with the same key, also while that row
+    waits in backoff and with several relays on one database. A broker outage
+    does not count against attempts: the relay waits and resumes.
+
+    Several relays may run against one database: each claims a batch under a
+    lease (``lease`` seconds); a relay that dies leaves its rows to the others
+    when the lease runs out.
+    """
+
+    def __init__(
+        self,
+        database: Database,
+        transport: Transport,
+        *,
+        batch_size: int = 500,
+        max_attempts: int = 10,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 300.0,
+        poll_interval: float = 1.0,
+        lease: float = 30.0,
+        retention: timedelta = timedelta(days=7),
+        cleanup_interval: float = 60.0,
+        name: str | None = None,
+    ) -> None:
+        self.database = database
+        self.transport = transport
+        self.batch_size = batch_size
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.poll_interval = poll_interval
+        self.lease = lease
+        self.retention = retention
+        self.cleanup_interval = cleanup_interval
+        self.name = name or f"relay-{socket.gethostname()}-{id(self):x}"
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._running = False
+        self._stopped = asyncio.Event()
+        self._next_due: float | None = None
+        self._outage = 0
+
+    async def run_once(self) -> int:
+        """Claim one batch, publish it and settle every row. Returns how many were SENT."""
+        now = datetime.now(UTC)
+        async with self.database.transaction() as conn:
+            rows = await claim(
+                conn,
+                now=now,
+                lease_until=now + timedelta(seconds=self.lease),
+                limit=self.batch_size,
+            )
+        if not rows:
+            return 0
+        started = time.perf_counter()
+        sent, others = await self._publish(rows)
+        async with self.database.transaction() as conn:
+            await settle(conn, now=datetime.now(UTC), sent=sent, others=others)
+        BATCH_SECONDS.observe(time.perf_counter() - started)
+        PUBLISHED.inc(len(sent))
+        return len(sent)
+
+    async def _publish(self, rows: Sequence[ClaimedRow]) -> tuple[list[int], list[Settlement]]:
+        sent: list[int] = []
+        others: list[Settlement] = []
+        blocked: set[str] = set()
+        unavailable: str | None = None
+        for wave in _waves(rows):
+            ready: list[tuple[ClaimedRow, Message]] = []
+            for row in wave:
+                if unavailable is not None or (row.key is not None and row.key in blocked):
+                    others.append(self._release(row, unavailable))
+                    continue
+                try:
+                    ready.append((row, message_from_row(row.headers, row.payload)))
+                except DecodeError as exc:
+                    # A row that cannot become a message will never publish: DEAD now.
+                    others.append(self._dead(row, f"cannot rebuild the message: {exc}"))
+                    if row.key is not None:
+                        blocked.add(row.key)
+            if not ready:
+                continue
+            failed: dict[str, BaseException] = {}
+            try:
+                await self.transport.publish([m for _, m in ready])
+            except PublishError as exc:
+                failed = exc.failed
+            except TransportUnavailable as exc:
+                unavailable = f"broker unavailable: {exc}"
+                others.extend(self._release(row, unavailable) for row, _ in ready)
+                continue
+            except AccordError as exc:
+                failed = {m.id: exc for _, m in ready}
+            for row, message in ready:
+                error = failed.get(message.id)
+                if error is None:
+                    sent.append(row.seq)
+                else:
+                    others.append(self._failed(row, error))
+                    if row.key is not None:
+                        blocked.add(row.key)
+        self._outage = self._outage + 1 if unavailable else 0
+        return sent, others
+
+    def _release(self, row: ClaimedRow, reason: str | None) -> Settlement:
+        """Back to PENDING, claimable now, attempts unchanged."""
+        return Settlement(row.seq, "PENDING", datetime.now(UTC), row.retry_count, reason)
+
+    def _failed(self, row: ClaimedRow, error: BaseException) -> Settlement:
+        FAILED.inc()
+        attempts = row.retry_count + 1
+        message = f"{error.__class__.__name__}: {error}"
+        if attempts >= self.max_attempts:
+            return self._dead(row, message, attempts)
+        delay = backoff_delay(attempts, self.backoff_base, self.backoff_cap)
+        due = datetime.now(UTC) + timedelta(seconds=delay)
+        self._note_due(delay)
+        log.warning(
+            "publish of %s failed (attempt %d), retry in %.1fs: %s",
+            row.id,
+            attempts,
+            delay,
+            message,
+        )
+        return Settlement(row.seq, "PENDING", due, attempts, message)
+
+    def _dead(self, row: ClaimedRow, reason: str, attempts: int | None = None) -> Settlement:
+        DEAD.inc()
+        log.error("outbox message %s is DEAD: %s", row.id, reason)
+        count = row.retry_count + 1 if attempts is None else attempts
+        return Settlement(row.seq, "DEAD", datetime.now(UTC), count, reason)
+
+    def _note_due(self, delay: float) -> None:
+        due = time.monotonic() + delay
+        if self._next_due is None or due < self._next_due:
+            self._next_due = due
+
+    async def cleanup(self) -> int:
+        """Delete SENT rows older than the retention, in batches. Returns how many."""
+        cutoff = datetime.now(UTC) - self.retention
+        from accord.db.schema import outbox
+
+        total = 0
+        while True:
+            async with self.database.transaction() as conn:
+                batch = (
+                    sa.select(outbox.c.seq)
+                    .where(outbox.c.status == "SENT", outbox.c.sent_at < cutoff)
+                    .limit(5000)
+                    .scalar_subquery()
+                )
+                result = await conn.execute(outbox.delete().where(outbox.c.seq.in_(batch)))
+            total += result.rowcount or 0
+            if (result.rowcount or 0) < 5000:
+                return total
+
+    def wake(self) -> None:
+        """Look for work now (called on PostgreSQL NOTIFY; safe to call any time)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Relay until :meth:`stop`: wake on commit (PostgreSQL), else poll."""
+        self._stopping = False
+        self._running = True
+        self._stopped.clear()
+        stop_listening: Callable[[], Any] | None = None
+        if self.database.is_postgres:
+            with contextlib.suppress(AccordError, OSError):
+                stop_listening = await self.database.listen(NOTIFY_CHANNEL, lambda _: self.wake())
+        last_cleanup = 0.0
+        log.info("relay %s started on %s -> %s", self.name, self.database, self.transport.name)
+        try:
+            while not self._stopping:
+                try:
+                    published = await self.run_once()
+                    if time.monotonic() - last_cleanup > self.cleanup_interval:
+                        last_cleanup = time.monotonic()
+                        await self.cleanup()
+                except AccordError as exc:
+                    log.error("relay round failed, retrying: %s", exc)
+                    published = 0
+                    self._outage += 1
+                if published >= self.batch_size and not self._outage:
+                    continue
+                await self._idle()
+        finally:
+            if stop_listening is not None:
+                await stop_listening()
+            self._running = False
+            self._stopped.set()
+            log.info("relay %s stopped", self.name)
+
+    async def _idle(self) -> None:
+        timeout = self.poll_interval
+        if self._outage:
+            timeout = min(30.0, 0.25 * 2 ** min(self._outage, 7))
+        elif self._next_due is not None:
+            timeout = max(0.0, min(timeout, self._next_due - time.monotonic()))
+            self._next_due = None
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+
+    async def stop(self) -> None:
+        """Stop claiming; the batch in flight is published and settled first."""
+        self._stopping = True
+        self._wake.set()
+        if self._running:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.lease):
+                    await self._stopped.wait()

@@ -1,0 +1,69 @@
+"""Fault injection around a real transport: failed confirms and process death on cue."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from collections.abc import Collection, Sequence
+
+from accord.errors import PublishError, TransportError
+from accord.messages import Message
+from accord.transports.base import Handler, Subscription, Transport
+
+__all__ = ["FaultyTransport"]
+
+
+class FaultyTransport(Transport):
+    """Wraps a real transport and makes some publishes fail, as a broker would.
+
+    ``fail_rate``: each message of a batch is, with this probability, not sent
+    and reported unconfirmed. ``fail_ids``: these ids always fail (a poison
+    message). ``kill_after``: SIGKILL this process right after the n-th
+    successful publish call returns (the broker confirmed, the caller has not
+    yet recorded it), standing in for a crash at the worst moment.
+    """
+
+    def __init__(
+        self,
+        inner: Transport,
+        *,
+        fail_rate: float = 0.0,
+        fail_ids: Collection[str] = (),
+        kill_after: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.fail_rate = fail_rate
+        self.fail_ids = set(fail_ids)
+        self.kill_after = kill_after
+        self.publishes = 0
+        self._random = random.Random(seed)
+
+    async def connect(self) -> None:
+        await self.inner.connect()
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        failed: dict[str, BaseException] = {}
+        passing = []
+        for message in messages:
+            if message.id in self.fail_ids or self._random.random() < self.fail_rate:
+                failed[message.id] = TransportError("broker refused the message (injected)")
+            else:
+                passing.append(message)
+        if passing:
+            await self.inner.publish(passing)
+        self.publishes += 1
+        if self.kill_after is not None and self.publishes >= self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if failed:
+            raise PublishError(failed)
+
+    async def subscribe(
+        self, group: str, handler: Handler, *, topics: Sequence[str] = ("#",), prefetch: int = 64
+    ) -> Subscription:
+        return await self.inner.subscribe(group, handler, topics=topics, prefetch=prefetch)
+
+    async def close(self) -> None:
+        await self.inner.close()
