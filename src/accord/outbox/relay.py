@@ -237,6 +237,8 @@ class Relay:
         log.info("relay %s started on %s -> %s", self.name, self.database, self.transport.name)
         try:
             while not self._stopping:
+                # Clear before the round: a NOTIFY that lands during it must wake the next one.
+                self._wake.clear()
                 try:
                     published = await self.run_once()
                     if time.monotonic() - last_cleanup > self.cleanup_interval:
@@ -263,7 +265,8 @@ class Relay:
         elif self._next_due is not None:
             timeout = max(0.0, min(timeout, self._next_due - time.monotonic()))
             self._next_due = None
-        self._wake.clear()
+        if self._stopping:
+            return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._wake.wait()
