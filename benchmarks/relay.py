@@ -1,0 +1,381 @@
+"""Relay benchmarks: throughput to RabbitMQ and NATS against a bare driver loop,
+commit-to-broker latency at a steady rate, the cost of ``outbox.add``, and relay
+memory with a million pending rows.
+
+    .venv/bin/python -m benchmarks.relay [--quick] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+
+from accord import Database, Message, add_to_outbox
+from accord.outbox import Relay
+from accord.testing import wait_for
+from accord.transports import from_url
+from benchmarks._common import (
+    NATS_URL,
+    RABBIT_URL,
+    ScratchDatabase,
+    console,
+    median,
+    percentile,
+    report,
+)
+
+PAYLOAD = {"tournament": "t-0001", "player": "p-000042", "points": 3, "note": "x" * 120}
+
+FILL_SQL = """
+INSERT INTO accord_outbox (id, event_type, key, payload, headers, status, retry_count,
+                           available_at, created_at)
+SELECT u, 'bench.scored', NULL, $2::jsonb,
+       jsonb_build_object('ce-id', u::text, 'ce-source', 'bench', 'ce-type', 'bench.scored',
+                          'ce-specversion', '1.0', 'ce-time', '2026-01-01T00:00:00Z',
+                          'content-type', 'application/json'),
+       'PENDING', 0, now(), now()
+FROM (SELECT gen_random_uuid() AS u FROM generate_series(1, $1)) AS g
+"""
+
+
+async def fill(dsn: str, count: int) -> None:
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("TRUNCATE accord_outbox")
+    await conn.execute(FILL_SQL, count, json.dumps(PAYLOAD))
+    await conn.execute("VACUUM ANALYZE accord_outbox")
+    await conn.close()
+
+
+# -- the bare baselines: an asyncpg claim loop publishing with the plain client ---------
+
+CLAIM = """SELECT seq, id, event_type, headers, payload FROM accord_outbox
+WHERE status = 'PENDING' ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED"""
+MARK = "UPDATE accord_outbox SET status = 'SENT', sent_at = now() WHERE seq = ANY($1)"
+
+
+async def bare_loop(dsn: str, publish: Any, batch: int) -> int:
+    conn = await asyncpg.connect(dsn)
+    total = 0
+    while True:
+        async with conn.transaction():
+            rows = await conn.fetch(CLAIM, batch)
+            if not rows:
+                break
+            await publish(rows)
+            await conn.execute(MARK, [r["seq"] for r in rows])
+        total += len(rows)
+    await conn.close()
+    return total
+
+
+async def bare_rabbit(dsn: str, batch: int) -> tuple[int, Any]:
+    import aio_pika
+
+    connection = await aio_pika.connect(RABBIT_URL)
+    channel = await connection.channel(publisher_confirms=True)
+    name = f"bench-bare-{uuid.uuid4().hex[:6]}"
+    exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+    queue = await channel.declare_queue(name, durable=True)
+    await queue.bind(exchange, "#")
+
+    async def publish(rows: list[Any]) -> None:
+        await asyncio.gather(
+            *(
+                exchange.publish(
+                    aio_pika.Message(
+                        body=r["payload"].encode(),
+                        headers=json.loads(r["headers"]),
+                        message_id=str(r["id"]),
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    ),
+                    routing_key=r["event_type"],
+                )
+                for r in rows
+            )
+        )
+
+    async def cleanup() -> None:
+        await queue.delete(if_unused=False, if_empty=False)
+        await exchange.delete()
+        await connection.close()
+
+    return await bare_loop(dsn, publish, batch), cleanup
+
+
+async def bare_nats(dsn: str, batch: int) -> tuple[int, Any]:
+    import nats
+
+    nc = await nats.connect(NATS_URL)
+    js = nc.jetstream()
+    name = f"benchbare{uuid.uuid4().hex[:6]}"
+    await js.add_stream(name=name, subjects=[f"{name}.>"])
+
+    async def publish(rows: list[Any]) -> None:
+        await asyncio.gather(
+            *(
+                js.publish(
+                    f"{name}.{r['event_type']}",
+                    r["payload"].encode(),
+                    headers={**json.loads(r["headers"]), "Nats-Msg-Id": str(r["id"])},
+                )
+                for r in rows
+            )
+        )
+
+    async def cleanup() -> None:
+        await js.delete_stream(name)
+        await nc.close()
+
+    return await bare_loop(dsn, publish, batch), cleanup
+
+
+# -- Accord's relay over the same rows ----------------------------------------------------
+
+
+async def accord_relay(url: str, broker: str, batch: int) -> tuple[int, Any]:
+    channel = f"bench-accord-{uuid.uuid4().hex[:6]}"
+    transport = from_url(broker, channel=channel)
+    await transport.connect()
+    # A bound queue, so the broker routes and stores every message as in the baseline.
+    sink = await transport.subscribe("sink", _drop, prefetch=1)
+    await sink.stop()
+    database = Database(url)
+    relay = Relay(database, transport, batch_size=batch)
+    total = 0
+    while published := await relay.run_once():
+        total += published
+
+    async def cleanup() -> None:
+        await transport.close()
+        await database.dispose()
+
+    return total, cleanup
+
+
+async def _drop(_delivery: Any) -> None:
+    return None
+
+
+async def throughput(
+    scratch: ScratchDatabase, broker: str, count: int, rounds: int
+) -> dict[str, Any]:
+    bare_fn = bare_rabbit if broker.startswith("amqp") else bare_nats
+    bare_rates, accord_rates = [], []
+    for _ in range(rounds):
+        for which in ("bare", "accord"):
+            await fill(scratch.dsn, count)
+            started = time.perf_counter()
+            if which == "bare":
+                done, cleanup = await bare_fn(scratch.dsn, 500)
+            else:
+                done, cleanup = await accord_relay(scratch.url, broker, 500)
+            elapsed = time.perf_counter() - started
+            await cleanup()
+            assert done == count, f"{which} published {done} of {count}"
+            (bare_rates if which == "bare" else accord_rates).append(count / elapsed)
+    bare, ours = median(bare_rates), median(accord_rates)
+    kind = "RabbitMQ" if broker.startswith("amqp") else "NATS"
+    return {
+        "benchmark": f"relay PostgreSQL -> {kind} (msg/s)",
+        "accord": ours,
+        "baseline": bare,
+        "ratio": ours / bare,
+        "goal": ">= 0.90" if kind == "RabbitMQ" else ">= 0.75",
+    }
+
+
+async def latency(scratch: ScratchDatabase, seconds: float, rate: int) -> dict[str, Any]:
+    """Commit-to-consumer latency with the relay woken by LISTEN/NOTIFY."""
+    channel = f"bench-lat-{uuid.uuid4().hex[:6]}"
+    consumer = from_url(RABBIT_URL, channel=channel)
+    publisher = from_url(RABBIT_URL, channel=channel)
+    await consumer.connect()
+    await publisher.connect()
+    samples: list[float] = []
+
+    async def on_message(delivery: Any) -> None:
+        samples.append(time.time() - delivery.message.data["t"])
+
+    await consumer.subscribe("latency", on_message, prefetch=500)
+    database = Database(scratch.url)
+    await fill(scratch.dsn, 0)
+    relay = Relay(database, publisher, poll_interval=5.0)
+    task = asyncio.create_task(relay.run())
+    await asyncio.sleep(0.5)
+
+    interval = 1.0 / rate
+    total = int(seconds * rate)
+    start = time.perf_counter()
+    in_flight: set[asyncio.Task[None]] = set()
+
+    async def commit_one() -> None:
+        async with database.transaction() as conn:
+            await add_to_outbox(conn, Message(type="bench.tick", data={"t": time.time()}))
+
+    for i in range(total):
+        delay = start + i * interval - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        job = asyncio.create_task(commit_one())
+        in_flight.add(job)
+        job.add_done_callback(in_flight.discard)
+    await asyncio.gather(*in_flight)
+    with contextlib.suppress(TimeoutError):
+        await wait_for(lambda: len(samples) >= total, 30)
+    achieved = total / (time.perf_counter() - start)
+    await relay.stop()
+    await task
+    await consumer.close()
+    await publisher.close()
+    await database.dispose()
+    ms = [s * 1000 for s in samples]
+    return {
+        "benchmark": f"commit-to-consumer latency @ {rate} msg/s (ms)",
+        "accord": percentile(ms, 99),
+        "p50": percentile(ms, 50),
+        "p99": percentile(ms, 99),
+        "received": len(samples),
+        "rate": achieved,
+        "goal": "p99 < 20",
+    }
+
+
+async def add_cost(scratch: ScratchDatabase, count: int) -> dict[str, Any]:
+    """Business insert alone vs business insert + outbox.add, same transaction shape."""
+    import sqlalchemy as sa
+
+    database = Database(scratch.url)
+    async with database.transaction() as conn:
+        await conn.execute(
+            sa.text(
+                "CREATE TABLE IF NOT EXISTS orders (id uuid PRIMARY KEY, customer text, "
+                "total numeric, created_at timestamptz DEFAULT now())"
+            )
+        )
+    insert = sa.text("INSERT INTO orders (id, customer, total) VALUES (:id, :customer, :total)")
+
+    async def one(with_outbox: bool) -> float:
+        started = time.perf_counter()
+        async with database.transaction() as conn:
+            order = uuid.uuid4()
+            await conn.execute(insert, {"id": order, "customer": "c-42", "total": 99.5})
+            if with_outbox:
+                await add_to_outbox(
+                    conn, Message(type="order.placed", data={"order": str(order), **PAYLOAD})
+                )
+        return time.perf_counter() - started
+
+    alone, together = [], []
+    for _ in range(200):  # warm up
+        await one(False)
+        await one(True)
+    for i in range(count):
+        first = i % 2 == 0  # alternate which goes first, against drift
+        a = await one(not first)
+        b = await one(first)
+        (together if first else alone).append(b)
+        (alone if first else together).append(a)
+    await database.dispose()
+    base, ours = median(alone), median(together)
+    return {
+        "benchmark": "outbox.add overhead on a business transaction (%)",
+        "accord": (ours / base - 1) * 100,
+        "baseline": base * 1e6,
+        "with_outbox_us": ours * 1e6,
+        "goal": "< 15",
+    }
+
+
+MEMORY_CHILD = """
+import asyncio, sys, time
+from accord import Database
+from accord.outbox import Relay
+from accord.transports import from_url
+async def main():
+    t = from_url(sys.argv[2], channel=sys.argv[3]); await t.connect()
+    relay = Relay(Database(sys.argv[1]), t, batch_size=500)
+    end = time.monotonic() + float(sys.argv[4])
+    while time.monotonic() < end and await relay.run_once():
+        pass
+    await t.close()
+asyncio.run(main())
+"""
+
+
+def _peak_rss_kb(command: list[str]) -> int:
+    proc = subprocess.Popen(command)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]))
+        except FileNotFoundError:
+            break
+        time.sleep(0.2)
+    proc.wait()
+    return peak
+
+
+async def memory(scratch: ScratchDatabase, rows: int, seconds: float) -> dict[str, Any]:
+    """Peak RSS of a relay process working through a table of ``rows`` pending rows."""
+    await fill(scratch.dsn, rows)
+    channel = f"bench-mem-{uuid.uuid4().hex[:6]}"
+    command = [sys.executable, "-c", MEMORY_CHILD, scratch.url, RABBIT_URL, channel, str(seconds)]
+    peak = await asyncio.to_thread(_peak_rss_kb, command)
+    return {
+        "benchmark": f"relay peak RSS with {rows:,} pending rows (MB)",
+        "accord": peak / 1024,
+        "goal": "< 150",
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument(
+        "--only", nargs="*", default=["rabbitmq", "nats", "latency", "add", "memory"]
+    )
+    args = parser.parse_args()
+    count, rounds = (5_000, 1) if args.quick else (30_000, 3)
+    rows: list[dict[str, Any]] = []
+    async with ScratchDatabase("bench_relay") as scratch:
+        database = Database(scratch.url)
+        await database.upgrade()
+        await database.dispose()
+        if "rabbitmq" in args.only:
+            rows.append(await throughput(scratch, RABBIT_URL, count, rounds))
+            console.print(rows[-1])
+        if "nats" in args.only:
+            rows.append(await throughput(scratch, NATS_URL, count, rounds))
+            console.print(rows[-1])
+        if "latency" in args.only:
+            rows.append(await latency(scratch, 3 if args.quick else 15, 1000))
+            console.print(rows[-1])
+        if "add" in args.only:
+            rows.append(await add_cost(scratch, 500 if args.quick else 3000))
+            console.print(rows[-1])
+        if "memory" in args.only:
+            rows.append(await memory(scratch, 100_000 if args.quick else 1_000_000, 15))
+            console.print(rows[-1])
+    report(
+        "relay",
+        f"Relay benchmarks ({os.cpu_count()} cores)",
+        rows,
+        ["benchmark", "accord", "baseline", "ratio", "p50", "p99", "goal"],
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,42 @@
+"""Relay tests run against real brokers: a fresh channel per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from accord.transports import Transport, from_url
+from tests.conftest import NATS_URL, RABBIT_URL, REDIS_URL
+
+BROKERS = {
+    "rabbitmq": RABBIT_URL,
+    "nats": NATS_URL,
+    "redis": REDIS_URL,
+}
+
+
+def broker_url(kind: str, db_url: str) -> str:
+    """The URL of a real broker of this kind; the SQL transport shares the test database."""
+    return db_url if kind == "sql" else BROKERS[kind]
+
+
+@pytest.fixture
+def channel() -> str:
+    return f"relay-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def make_transport(channel: str) -> AsyncIterator[Callable[[str], Transport]]:
+    """Open transports on this test's channel; all are closed at teardown."""
+    opened: list[Transport] = []
+
+    def make(url: str) -> Transport:
+        transport = from_url(url, channel=channel)
+        opened.append(transport)
+        return transport
+
+    yield make
+    for transport in opened:
+        await transport.close()

@@ -1,0 +1,205 @@
+"""The relay against real brokers and both databases."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from accord import Database, Message, add_to_outbox
+from accord.db.schema import outbox
+from accord.outbox import OutboxAdmin, Relay
+from accord.testing import Collector, FaultyTransport, wait_for
+from accord.transports import from_url
+from tests.outbox.conftest import broker_url
+
+pytestmark = pytest.mark.rabbitmq
+
+
+class Boom(Exception):
+    pass
+
+
+def fast_relay(database: Database, transport: Any, **options: Any) -> Relay:
+    options.setdefault("backoff_base", 0.05)
+    options.setdefault("backoff_cap", 0.2)
+    options.setdefault("poll_interval", 0.05)
+    return Relay(database, transport, **options)
+
+
+async def statuses(database: Database) -> dict[str, str]:
+    async with database.connect() as conn:
+        rows = (await conn.execute(sa.select(outbox.c.id, outbox.c.status))).all()
+    return {str(r.id): r.status for r in rows}
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq", "sql"])
+async def test_commit_publishes_once_and_rollback_publishes_nothing(
+    database: Database, db_url: str, broker: str, make_transport: Any
+) -> None:
+    transport = make_transport(broker_url(broker, db_url))
+    await transport.connect()
+    received = Collector()
+    await transport.subscribe("audit", received)
+    committed = Message(type="order.placed", data={"n": 1})
+    with pytest.raises(Boom):
+        async with database.transaction() as conn:
+            await add_to_outbox(conn, Message(type="order.placed", data={"n": 0}))
+            raise Boom
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, committed)
+
+    relay = fast_relay(database, transport)
+    assert await relay.run_once() == 1
+    assert await relay.run_once() == 0
+    await received.wait(1)
+    await asyncio.sleep(0.5)
+    assert received.ids == [committed.id]
+    assert await statuses(database) == {committed.id: "SENT"}
+
+
+async def test_poison_message_goes_dead_while_others_flow_and_replay_delivers(
+    database: Database, make_transport: Any
+) -> None:
+    transport = make_transport(broker_url("rabbitmq", ""))
+    await transport.connect()
+    received = Collector()
+    await transport.subscribe("audit", received)
+    poison = Message(type="order.placed", data={"poison": True})
+    good = [Message(type="order.placed", data={"n": i}) for i in range(20)]
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, poison, *good)
+
+    faulty = FaultyTransport(transport, fail_ids={poison.id})
+    relay = fast_relay(database, faulty, max_attempts=3)
+    task = asyncio.create_task(relay.run())
+    try:
+
+        async def poison_is_dead() -> bool:
+            return (await statuses(database))[poison.id] == "DEAD"
+
+        await wait_for(poison_is_dead, 15)
+        await received.wait(20)
+        assert sorted(received.ids) == sorted(m.id for m in good)
+
+        admin = OutboxAdmin(database)
+        [dead] = await admin.dead()
+        assert dead["id"] == poison.id
+        assert dead["retry_count"] == 3
+        assert "broker refused the message" in dead["last_error"]
+        assert (await admin.status()).dead == 1
+
+        faulty.fail_ids.clear()  # the cause is fixed; the operator replays
+        assert await admin.replay([poison.id]) == 1
+        relay.wake()
+        await received.wait(21)
+        assert received.ids[-1] == poison.id
+        assert (await statuses(database))[poison.id] == "SENT"
+    finally:
+        await relay.stop()
+        await task
+
+
+async def test_a_key_waits_behind_an_earlier_message_in_backoff(
+    database: Database, make_transport: Any
+) -> None:
+    transport = make_transport(broker_url("rabbitmq", ""))
+    await transport.connect()
+    received = Collector()
+    await transport.subscribe("audit", received)
+    blocked = [Message(type="score.changed", data={"n": i}, key="alice") for i in range(3)]
+    free = [Message(type="score.changed", data={"n": i}, key="bob") for i in range(3)]
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, blocked[0], free[0], blocked[1], free[1], blocked[2], free[2])
+
+    faulty = FaultyTransport(transport, fail_ids={blocked[0].id})
+    relay = fast_relay(database, faulty, max_attempts=100, backoff_base=0.3, backoff_cap=0.3)
+    for _ in range(4):
+        await relay.run_once()
+        await asyncio.sleep(0.35)
+    await received.wait(3)
+    await asyncio.sleep(0.3)
+    # bob's messages flowed; none of alice's overtook her first, still in backoff.
+    assert received.ids == [m.id for m in free]
+
+    faulty.fail_ids.clear()
+    await asyncio.sleep(0.35)
+    while await relay.run_once():
+        pass
+    await received.wait(6)
+    assert received.ids[3:] == [m.id for m in blocked]
+
+
+async def test_broker_outage_does_not_spend_attempts(database: Database) -> None:
+    unreachable = from_url("amqp://guest:guest@127.0.0.1:1/", channel="nowhere")
+    message = Message(type="order.placed")
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, message)
+    relay = fast_relay(database, unreachable, max_attempts=1)
+    for _ in range(3):
+        assert await relay.run_once() == 0
+    async with database.connect() as conn:
+        row = (await conn.execute(sa.select(outbox))).one()
+    assert row.status == "PENDING"
+    assert row.retry_count == 0
+    assert "unavailable" in row.last_error
+    await unreachable.close()
+
+
+async def test_old_sent_rows_are_cleaned_up_in_batches(database: Database) -> None:
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, *[Message(type="t.old") for _ in range(12)])
+        await conn.execute(
+            outbox.update().values(status="SENT", sent_at=datetime.now(UTC) - timedelta(days=8))
+        )
+        await add_to_outbox(conn, Message(type="t.recent"))
+    relay = Relay(database, from_url("memory://"), retention=timedelta(days=7))
+    assert await relay.cleanup() == 12
+    assert list((await statuses(database)).values()) == ["PENDING"]
+
+
+@pytest.mark.postgres
+async def test_commit_wakes_the_relay_through_notify(pg_url: str, make_transport: Any) -> None:
+    database = Database(pg_url)
+    transport = make_transport(broker_url("rabbitmq", ""))
+    await transport.connect()
+    received = Collector()
+    await transport.subscribe("audit", received)
+    relay = Relay(database, transport, poll_interval=3600)
+    task = asyncio.create_task(relay.run())
+    try:
+        await asyncio.sleep(0.5)  # the relay has made its first, empty round and sleeps
+        message = Message(type="order.placed")
+        async with database.transaction() as conn:
+            await add_to_outbox(conn, message)
+        await received.wait(1, timeout=5)
+        assert received.ids == [message.id]
+    finally:
+        await relay.stop()
+        await task
+        await database.dispose()
+
+
+async def test_stop_settles_the_batch_in_flight(database: Database, make_transport: Any) -> None:
+    transport = make_transport(broker_url("rabbitmq", ""))
+    await transport.connect()
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, *[Message(type="t.flight") for _ in range(200)])
+    relay = fast_relay(database, transport, batch_size=50)
+    task = asyncio.create_task(relay.run())
+    await asyncio.sleep(0.05)
+    await relay.stop()
+    await task
+    counts = list((await statuses(database)).values())
+    sent = counts.count("SENT")
+    assert sent % 50 == 0 and counts.count("PENDING") == 200 - sent
+    async with database.connect() as conn:
+        leased = await conn.scalar(
+            sa.select(sa.func.count()).where(
+                outbox.c.status == "PENDING", outbox.c.available_at > datetime.now(UTC)
+            )
+        )
+    assert leased == 0, "stop must not leave rows leased"

@@ -1,0 +1,177 @@
+"""Fault tests: real relay processes killed with SIGKILL, a real broker restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from accord import Database, Message, add_to_outbox
+from accord.db.schema import outbox
+from accord.testing import Collector, wait_for
+from tests.outbox.conftest import broker_url
+
+pytestmark = [pytest.mark.fault, pytest.mark.postgres, pytest.mark.rabbitmq]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def spawn() -> Iterator[Any]:
+    """Start relay processes; whatever is still running at teardown is killed."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.outbox.relay_process", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+async def pending(database: Database) -> int:
+    async with database.connect() as conn:
+        return int(
+            await conn.scalar(sa.select(sa.func.count()).where(outbox.c.status != "SENT")) or 0
+        )
+
+
+async def test_two_relays_keep_every_keys_commit_order_under_random_failures(
+    pg_url: str, channel: str, make_transport: Any, spawn: Any
+) -> None:
+    database = Database(pg_url)
+    broker = broker_url("rabbitmq", pg_url)
+    consumer = make_transport(broker)
+    await consumer.connect()
+    received = Collector()
+    await consumer.subscribe("scores", received, prefetch=500)
+
+    relays = [
+        spawn(pg_url, broker, channel, "--fail-rate", "0.05", "--seed", str(seed))
+        for seed in (1, 2)
+    ]
+    counters: dict[str, int] = defaultdict(int)
+    sent: list[Message] = []
+    for _ in range(100):  # 100 commits of 100 messages, while both relays run
+        batch = []
+        for i in range(100):
+            key = f"player-{(len(sent) + i) * 7 % 100}"
+            batch.append(Message(type="score.changed", key=key, data={"n": counters[key]}))
+            counters[key] += 1
+        async with database.transaction() as conn:
+            await add_to_outbox(conn, *batch)
+        sent.extend(batch)
+
+    await received.wait(10_000, timeout=120)
+    await asyncio.sleep(1)
+    assert len(received.received) == 10_000, "a message was delivered twice"
+    assert sorted(received.ids) == sorted(m.id for m in sent), "a message is missing"
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for message, _ in received.received:
+        assert message is not None
+        by_key[message.key or ""].append(message.data["n"])
+    assert len(by_key) == 100
+    for key, numbers in by_key.items():
+        assert numbers == list(range(100)), f"{key} arrived out of commit order"
+    for proc in relays:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert await pending(database) == 0
+    await database.dispose()
+
+
+async def test_relay_killed_between_publish_and_mark_sent_publishes_again(
+    pg_url: str, channel: str, make_transport: Any, spawn: Any
+) -> None:
+    database = Database(pg_url)
+    broker = broker_url("rabbitmq", pg_url)
+    consumer = make_transport(broker)
+    await consumer.connect()
+    received = Collector()
+    await consumer.subscribe("scores", received)
+    messages = [Message(type="score.changed", data={"n": i}) for i in range(5)]
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, *messages)
+
+    doomed = spawn(pg_url, broker, channel, "--kill-after", "1", "--lease", "1")
+    assert doomed.wait(20) == -signal.SIGKILL
+    await received.wait(5)
+    assert await pending(database) == 5, "the killed relay must not have marked anything SENT"
+
+    survivor = spawn(pg_url, broker, channel, "--lease", "1")
+    await received.wait(10, timeout=30)
+
+    async def all_sent() -> bool:
+        return await pending(database) == 0
+
+    await wait_for(all_sent, 15)
+    ids = [m.id for m in messages]
+    assert sorted(received.ids) == sorted(ids * 2), "each message published exactly twice"
+    survivor.send_signal(signal.SIGTERM)
+    assert survivor.wait(20) == 0
+    await database.dispose()
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+async def test_broker_restart_loses_nothing_and_the_backlog_drains(
+    pg_url: str, channel: str, make_transport: Any, spawn: Any
+) -> None:
+    database = Database(pg_url)
+    broker = broker_url("rabbitmq", pg_url)
+    consumer = make_transport(broker)
+    await consumer.connect()
+    received = Collector()
+    await consumer.subscribe("scores", received, prefetch=200)
+    relay = spawn(pg_url, broker, channel)
+
+    sent: list[Message] = []
+
+    async def produce(count: int) -> None:
+        for _ in range(count):
+            batch = [Message(type="score.changed", data={"n": len(sent) + i}) for i in range(20)]
+            async with database.transaction() as conn:
+                await add_to_outbox(conn, *batch)
+            sent.extend(batch)
+            await asyncio.sleep(0.02)
+
+    await produce(25)
+    try:
+        await asyncio.to_thread(_rabbitmqctl, "stop_app")
+        await produce(25)  # commits keep landing in the outbox while the broker is down
+        assert await pending(database) > 0
+    finally:
+        await asyncio.to_thread(_rabbitmqctl, "start_app")
+    await produce(25)
+
+    await received.wait(len(sent), timeout=90)
+    assert set(received.ids) == {m.id for m in sent}
+
+    async def all_sent() -> bool:
+        return await pending(database) == 0
+
+    await wait_for(all_sent, 30)
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait(30) == 0
+    await database.dispose()
