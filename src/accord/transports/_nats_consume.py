@@ -1,0 +1,229 @@
+"""The consuming side of the NATS transport: pull-subscription loop, deliveries, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as _NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from accord.errors import TransportError, TransportUnavailable
+from accord.transports._naming import safe_name
+from accord.transports.base import (
+    DEFAULT_REDELIVERY_DELAY,
+    Delivery,
+    Handler,
+    Subscription,
+    topic_matches,
+)
+
+__all__ = ["NatsSubscription", "translate_nats_error"]
+
+log = logging.getLogger("accord.transports.nats")
+
+#: Longest a pull request waits on the server before the loop asks again (seconds).
+FETCH_WAIT = 2.0
+
+
+def translate_nats_error(exc: BaseException, doing: str) -> TransportError:
+    """The Accord error for a nats-py exception raised while ``doing`` something."""
+    if isinstance(exc, TransportError):
+        return exc
+    if isinstance(
+        exc,
+        nats.errors.ConnectionClosedError
+        | nats.errors.ConnectionReconnectingError
+        | nats.errors.NoServersError
+        | nats.errors.StaleConnectionError
+        | nats.errors.OutboundBufferLimitError
+        | nats.errors.TimeoutError
+        | nats.js.errors.NoStreamResponseError
+        | nats.js.errors.ServiceUnavailableError
+        | nats.js.errors.TooManyStalledMsgsError
+        | asyncio.TimeoutError
+        | OSError,
+    ):
+        error: TransportError = TransportUnavailable(f"NATS unavailable while {doing}: {exc!r}")
+    elif isinstance(exc, nats.js.errors.APIError):
+        error = TransportError(f"JetStream refused {doing}: {exc.description or exc!r}")
+    else:
+        error = TransportError(f"NATS error while {doing}: {exc!r}")
+    error.__cause__ = exc
+    return error
+
+
+def _one_line(text: str) -> str:
+    # NATS header values end at CRLF; keep a multi-line reason in one header.
+    return " ".join(text.split())
+
+
+class _NatsDelivery(Delivery):
+    def __init__(self, subscription: NatsSubscription, msg: Msg) -> None:
+        metadata = msg.metadata
+        super().__init__(dict(msg.headers or {}), msg.data, int(metadata.num_delivered or 1))
+        self._subscription = subscription
+        self._msg = msg
+        self.stream_sequence = int(metadata.sequence.stream) if metadata.sequence else 0
+
+    async def _ack(self) -> None:
+        try:
+            await self._msg.ack()
+        except Exception as exc:
+            raise translate_nats_error(exc, "acking a delivery") from exc
+
+    async def _nack(self, delay: float) -> None:
+        try:
+            await self._msg.nak(delay=delay if delay > 0 else None)
+        except Exception as exc:
+            raise translate_nats_error(exc, "nacking a delivery") from exc
+
+    async def _reject(self, reason: str) -> None:
+        sub = self._subscription
+        headers = {k: v for k, v in self.headers.items() if not k.startswith("Nats-")}
+        headers["accord-dead-reason"] = _one_line(reason) or "rejected"
+        headers["accord-dead-group"] = _one_line(sub.group)
+        headers["accord-dead-attempt"] = str(self.attempt)
+        origin = self.message.id if self.message else f"seq-{self.stream_sequence}"
+        # A distinct Nats-Msg-Id: the original id would be dropped as a duplicate.
+        headers["Nats-Msg-Id"] = f"{origin}:dead:{sub.durable}"
+        try:
+            await sub.js.publish(
+                f"{sub.channel}._dead.{sub.durable}",
+                self.body,
+                headers=headers,
+                timeout=sub.publish_timeout,
+            )
+            await self._msg.term()
+        except Exception as exc:
+            raise translate_nats_error(exc, "dead-lettering a delivery") from exc
+
+    async def keep_alive(self) -> None:
+        await self._msg.in_progress()
+
+
+class NatsSubscription(Subscription):
+    """Pulls batches from a durable consumer and hands them to the handler one by one."""
+
+    def __init__(
+        self,
+        nc: _NatsClient,
+        js: JetStreamContext,
+        psub: JetStreamContext.PullSubscription,
+        handler: Handler,
+        *,
+        channel: str,
+        group: str,
+        topics: tuple[str, ...],
+        exact: bool,
+        prefetch: int,
+        ack_wait: float,
+        publish_timeout: float,
+    ) -> None:
+        self.nc = nc
+        self.js = js
+        self.channel = channel
+        self.group = group
+        self.durable = safe_name(group)
+        self.publish_timeout = publish_timeout
+        self._psub = psub
+        self._handler = handler
+        self._topics = topics
+        self._exact = exact
+        self._prefetch = prefetch
+        self._ack_wait = ack_wait
+        self._dead_prefix = f"{channel}._dead."
+        self._held: list[_NatsDelivery] = []
+        self._stopped = False
+        self._task = asyncio.create_task(self._run(), name=f"accord-nats-{group}")
+        self._keeper = asyncio.create_task(self._keep_alive(), name=f"accord-nats-keep-{group}")
+
+    def _wanted(self, msg: Msg) -> bool:
+        if msg.subject.startswith(self._dead_prefix):
+            return False
+        if self._exact:
+            return True
+        message_type = msg.subject[len(self.channel) + 1 :]
+        return any(topic_matches(topic, message_type) for topic in self._topics)
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                msgs = await self._psub.fetch(self._prefetch, timeout=FETCH_WAIT)
+            except asyncio.CancelledError:
+                raise
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue  # nothing arrived (or the server was away): ask again
+            except Exception as exc:
+                log.warning("pulling for group %r failed (%r); retrying", self.group, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.05
+            batch = [_NatsDelivery(self, msg) for msg in msgs]
+            self._held = batch
+            for delivery in batch:
+                await self._dispatch(delivery)
+            self._held = []
+
+    async def _dispatch(self, delivery: _NatsDelivery) -> None:
+        try:
+            if not self._wanted(delivery._msg):
+                await delivery.ack()
+                return
+            try:
+                await self._handler(delivery)
+            except asyncio.CancelledError:
+                raise  # stop() gives the delivery back
+            except Exception:
+                log.exception("handler of group %r failed; redelivering", self.group)
+                await delivery.nack(DEFAULT_REDELIVERY_DELAY)
+            else:
+                await delivery.ack()
+        except TransportError as exc:
+            # Settling failed (connection lost): JetStream redelivers after ack_wait.
+            log.warning("settling a delivery of group %r failed: %s", self.group, exc)
+
+    async def _keep_alive(self) -> None:
+        # Deliveries held longer than ack_wait (slow handler, large batch) would be
+        # redelivered to another consumer meanwhile; "in progress" resets their timer.
+        interval = max(self._ack_wait / 3, 0.2)
+        while True:
+            await asyncio.sleep(interval)
+            for delivery in list(self._held):
+                if not delivery.settled:
+                    with contextlib.suppress(Exception):
+                        await delivery.keep_alive()
+
+    async def stop(self) -> None:
+        """Stop pulling; give every received, unsettled delivery back (``nak``) so it
+        is redelivered at once. A running handler is cancelled."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for task in (self._task, self._keeper):
+            task.cancel()
+        for task in (self._task, self._keeper):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self._psub.unsubscribe()
+        leftovers = list(self._held)
+        # Messages that answered a pull request but were not taken yet.
+        queue = getattr(getattr(self._psub, "_sub", None), "_pending_queue", None)
+        while queue is not None and not queue.empty():
+            msg = queue.get_nowait()
+            if msg.reply and not (msg.headers or {}).get("Status"):
+                with contextlib.suppress(Exception):
+                    leftovers.append(_NatsDelivery(self, msg))
+        for delivery in leftovers:
+            with contextlib.suppress(Exception):
+                await delivery.nack(0)
+        self._held = []
+        with contextlib.suppress(Exception):
+            await self.nc.flush(timeout=max(1, int(self.publish_timeout)))

@@ -1,0 +1,361 @@
+"""NATS JetStream transport (nats-py): one file-backed stream per channel, durable pull
+consumers per group, publishes confirmed by JetStream's PubAck and pipelined.
+
+Layout on the server, for ``channel="accord"``:
+
+* stream ``ACCORD_accord`` (see :func:`stream_name`) with subjects ``accord.>``, file
+  storage, a duplicate window: each message is published on ``accord.<type>`` with the
+  header ``Nats-Msg-Id`` = message id, so a re-publish within the window (a relay that
+  crashed between publish and mark-SENT) is stored once;
+* one durable pull consumer per group (see :func:`durable_name`), explicit ack,
+  ``ack_wait`` seconds before an unsettled delivery of a dead consumer is redelivered;
+* rejected messages are copied to ``accord._dead.<group>`` with the reason in the
+  ``accord-dead-reason`` header, then terminated.
+
+Messages travel in CloudEvents binary mode: the ``ce-*`` headers are NATS headers.
+The stream keeps messages by its limits (``max_age`` / ``max_bytes``, unlimited by
+default), not by interest, so dead letters stay readable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+try:
+    import nats
+    import nats.errors
+    import nats.js.errors
+    from nats.aio.client import Client as _NatsClient
+    from nats.js import JetStreamContext
+    from nats.js.api import (
+        AckPolicy,
+        ConsumerConfig,
+        DeliverPolicy,
+        RetentionPolicy,
+        StorageType,
+        StreamConfig,
+    )
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    from accord.errors import MissingExtraError
+
+    raise MissingExtraError("The NATS transport", "nats", "nats-py") from exc
+
+from accord.errors import ConfigurationError, PublishError, TransportError, TransportUnavailable
+from accord.messages import Message, encode
+from accord.transports._naming import safe_name
+from accord.transports._nats_consume import NatsSubscription, translate_nats_error
+from accord.transports.base import Handler, Subscription, Transport
+
+__all__ = ["NatsTransport", "durable_name", "stream_name", "subject_filter"]
+
+log = logging.getLogger("accord.transports.nats")
+
+_SUBJECT_WORD = re.compile(r"[^\s.*>]+")
+
+
+def stream_name(channel: str) -> str:
+    """The JetStream stream that holds ``channel``'s messages."""
+    return "ACCORD_" + safe_name(channel)
+
+
+def durable_name(group: str) -> str:
+    """The durable consumer name of a consumer group (unique per distinct group name)."""
+    return safe_name(group)
+
+
+def _valid_subject_words(text: str) -> bool:
+    return all(_SUBJECT_WORD.fullmatch(word) for word in text.split("."))
+
+
+def subject_filter(channel: str, topics: Sequence[str]) -> tuple[str, bool]:
+    """The consumer's filter subject for ``topics`` and whether it is exact.
+
+    ``*`` maps to ``*`` and a lone ``#`` to ``>``. What one NATS subject cannot express
+    (several topics, a ``#`` next to other words since ``#`` also matches zero words)
+    falls back to the whole channel ``<channel>.>``; the subscription then skips
+    non-matching messages client-side (acking them).
+    """
+    if len(topics) == 1:
+        (topic,) = topics
+        if topic == "#":
+            return f"{channel}.>", True
+        words = topic.split(".")
+        if "#" not in words and all(w == "*" or _valid_subject_words(w) for w in words):
+            return f"{channel}.{topic}", True
+    return f"{channel}.>", False
+
+
+class NatsTransport(Transport):
+    """A :class:`~accord.transports.base.Transport` on NATS JetStream.
+
+    ``url`` may list several servers separated by commas. The client reconnects on its
+    own after a server restart; publishes attempted while disconnected fail at once with
+    :class:`~accord.errors.TransportUnavailable` (the relay retries them). ``ack_wait``:
+    seconds before a delivery held by a consumer that died is redelivered (a live
+    consumer keeps its deliveries alive while it works). ``publish_timeout``: longest
+    wait for a batch's confirms. ``duplicate_window``: seconds within which a re-publish
+    of the same message id is dropped by the server.
+    """
+
+    name = "nats"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        channel: str = "accord",
+        ack_wait: float = 30.0,
+        publish_timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+        duplicate_window: float = 120.0,
+        max_age: float | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
+        if not channel or not _valid_subject_words(channel):
+            raise ConfigurationError(
+                f"NATS channel {channel!r} is not a valid subject prefix: use letters, digits, "
+                "'-' and '_' (dots separate words; no spaces, '*' or '>')"
+            )
+        self.url = url
+        self.channel = channel
+        self.stream = stream_name(channel)
+        self.ack_wait = ack_wait
+        self.publish_timeout = publish_timeout
+        self.connect_timeout = connect_timeout
+        self.duplicate_window = duplicate_window
+        self.max_age = max_age
+        self.max_bytes = max_bytes
+        self._nc: _NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._subscriptions: list[NatsSubscription] = []
+        self._lock = asyncio.Lock()
+
+    # -- connection ---------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Connect and declare the channel's stream. Idempotent."""
+        async with self._lock:
+            if self._nc is not None and not self._nc.is_closed:
+                return
+            servers = [s.strip() for s in self.url.split(",") if s.strip()]
+            try:
+                nc = await asyncio.wait_for(
+                    nats.connect(
+                        servers,
+                        connect_timeout=self.connect_timeout,
+                        allow_reconnect=True,
+                        max_reconnect_attempts=-1,
+                        reconnect_time_wait=0.25,
+                        error_cb=self._on_error,
+                        disconnected_cb=self._on_disconnected,
+                        reconnected_cb=self._on_reconnected,
+                    ),
+                    timeout=self.connect_timeout * max(1, len(servers)) + 1,
+                )
+            except Exception as exc:
+                raise TransportUnavailable(
+                    f"cannot connect to NATS at {self.url}: {exc!r}; is nats-server running "
+                    "with JetStream enabled (-js)?"
+                ) from exc
+            js = nc.jetstream(timeout=self.publish_timeout)
+            try:
+                await self._declare_stream(js)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                raise
+            self._nc, self._js = nc, js
+
+    async def _declare_stream(self, js: JetStreamContext) -> None:
+        try:
+            await js.stream_info(self.stream)
+            return
+        except nats.js.errors.NotFoundError:
+            pass
+        except Exception as exc:
+            raise translate_nats_error(exc, f"looking up stream {self.stream}") from exc
+        config = StreamConfig(
+            name=self.stream,
+            subjects=[f"{self.channel}.>"],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            duplicate_window=self.duplicate_window,
+            max_age=self.max_age,
+            max_bytes=self.max_bytes,
+        )
+        try:
+            await js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            raise TransportError(
+                f"JetStream refused to create stream {self.stream} for subjects "
+                f"'{self.channel}.>': {exc.description}. Another stream may already capture "
+                "these subjects; use another channel or delete that stream."
+            ) from exc
+        except Exception as exc:
+            raise translate_nats_error(exc, f"creating stream {self.stream}") from exc
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("NATS client error: %r", exc)
+
+    async def _on_disconnected(self) -> None:
+        log.warning("disconnected from NATS at %s; reconnecting", self.url)
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS at %s", self.url)
+
+    def _connected(self) -> tuple[_NatsClient, JetStreamContext]:
+        nc, js = self._nc, self._js
+        if nc is None or js is None or nc.is_closed:
+            raise TransportUnavailable("the NATS transport is not connected: call connect() first")
+        if not nc.is_connected:
+            raise TransportUnavailable(f"NATS at {self.url} is unreachable (reconnecting)")
+        return nc, js
+
+    # -- publishing ---------------------------------------------------------------
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        """Publish all messages at once (JetStream async publish) and wait for every
+        PubAck; raise PublishError naming those without one."""
+        _, js = self._connected()
+        if not messages:
+            return
+        failed: dict[str, BaseException] = {}
+        waiting: list[tuple[str, asyncio.Future[Any]]] = []
+        for message in messages:
+            if not _valid_subject_words(message.type):
+                failed[message.id] = ConfigurationError(
+                    f"message type {message.type!r} cannot be a NATS subject: no spaces, "
+                    "'*', '>' or empty words"
+                )
+                continue
+            headers, body = encode(message)
+            headers["Nats-Msg-Id"] = message.id
+            try:
+                future = await js.publish_async(
+                    f"{self.channel}.{message.type}",
+                    body,
+                    wait_stall=self.publish_timeout,
+                    headers=headers,
+                )
+            except Exception as exc:
+                failed[message.id] = translate_nats_error(exc, "publishing")
+            else:
+                waiting.append((message.id, future))
+        if waiting:
+            done, _ = await asyncio.wait([f for _, f in waiting], timeout=self.publish_timeout)
+            for message_id, future in waiting:
+                if future not in done:
+                    future.cancel()
+                    failed[message_id] = TransportUnavailable(
+                        f"no confirm from JetStream within {self.publish_timeout}s"
+                    )
+                elif (error := future.exception()) is not None:
+                    failed[message_id] = translate_nats_error(error, "publishing")
+        if not failed:
+            return
+        if len(failed) == len(messages) and all(
+            isinstance(e, TransportUnavailable) for e in failed.values()
+        ):
+            raise TransportUnavailable(
+                f"NATS confirmed none of {len(messages)} message(s): {next(iter(failed.values()))}"
+            )
+        raise PublishError(failed)
+
+    # -- consuming ----------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        group: str,
+        handler: Handler,
+        *,
+        topics: Sequence[str] = ("#",),
+        prefetch: int = 64,
+    ) -> Subscription:
+        """Create (or reuse) the group's durable pull consumer and start pulling from it."""
+        nc, js = self._connected()
+        if not topics:
+            raise ConfigurationError("subscribe() needs at least one topic pattern")
+        filter_subject, exact = subject_filter(self.channel, topics)
+        durable = durable_name(group)
+        config = ConsumerConfig(
+            durable_name=durable,
+            description=f"accord group {group!r}",
+            deliver_policy=DeliverPolicy.NEW,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait,
+            max_deliver=-1,
+            filter_subject=filter_subject,
+        )
+        try:
+            await self._declare_consumer(js, config)
+            psub = await js.pull_subscribe_bind(durable=durable, stream=self.stream)
+        except TransportError:
+            raise
+        except Exception as exc:
+            raise translate_nats_error(exc, f"subscribing group {group!r}") from exc
+        subscription = NatsSubscription(
+            nc,
+            js,
+            psub,
+            handler,
+            channel=self.channel,
+            group=group,
+            topics=tuple(topics),
+            exact=exact,
+            prefetch=max(1, prefetch),
+            ack_wait=self.ack_wait,
+            publish_timeout=self.publish_timeout,
+        )
+        self._subscriptions.append(subscription)
+        return subscription
+
+    async def _declare_consumer(self, js: JetStreamContext, config: ConsumerConfig) -> None:
+        assert config.durable_name is not None
+        try:
+            info = await js.consumer_info(self.stream, config.durable_name)
+        except nats.js.errors.NotFoundError:
+            info = None
+        if info is not None and (
+            info.config.filter_subject == config.filter_subject
+            and info.config.ack_wait == config.ack_wait
+        ):
+            return  # durable from its first subscribe on; nothing to change
+        try:
+            await js.add_consumer(self.stream, config)
+        except nats.js.errors.BadRequestError as exc:
+            raise TransportError(
+                f"JetStream refused consumer {config.durable_name!r} on stream {self.stream} "
+                f"(filter {config.filter_subject!r}): {exc.description}. A group's topics or "
+                "ack_wait cannot change on this server version; use a new group name or "
+                "delete the consumer."
+            ) from exc
+
+    async def close(self) -> None:
+        """Stop every subscription (giving unsettled deliveries back), then drain and
+        close the connection. Idempotent."""
+        async with self._lock:
+            subscriptions, self._subscriptions = self._subscriptions, []
+            for subscription in subscriptions:
+                with contextlib.suppress(Exception):
+                    await subscription.stop()
+            nc, self._nc, self._js = self._nc, None, None
+            if nc is not None and not nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.close(), timeout=self.connect_timeout)
+
+    # -- administration -----------------------------------------------------------
+
+    async def delete_stream(self) -> None:
+        """Delete the channel's stream with every message and consumer (tests, teardown)."""
+        _, js = self._connected()
+        try:
+            await js.delete_stream(self.stream)
+        except nats.js.errors.NotFoundError:
+            pass
+        except Exception as exc:
+            raise translate_nats_error(exc, f"deleting stream {self.stream}") from exc
