@@ -1,0 +1,234 @@
+"""RabbitMQ transport internals: names of what it declares, header mapping, error translation.
+
+Imported only by :mod:`accord.transports.rabbitmq`, after it checked that aio-pika is
+installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiormq.exceptions as amqp_errors
+from pamqp.commands import Basic
+from yarl import URL
+
+from accord.errors import TransportError, TransportUnavailable
+from accord.messages import Message, encode
+
+__all__ = [
+    "ATTEMPT_HEADER",
+    "GROUP_HEADER",
+    "REASON_HEADER",
+    "RETRY_BUCKETS_MS",
+    "RabbitTopology",
+    "attempt_of",
+    "delivery_headers",
+    "message_properties",
+    "redact",
+    "republish_properties",
+    "translate",
+    "translated",
+]
+
+#: Header carrying the delivery attempt of a message Accord put back for redelivery.
+ATTEMPT_HEADER = "x-accord-attempt"
+#: Header carrying the reason of a rejected (dead-lettered) message.
+REASON_HEADER = "x-accord-reason"
+#: Header naming the consumer group that rejected a dead-lettered message.
+GROUP_HEADER = "x-accord-group"
+
+#: Upper bounds (milliseconds) of the retry queues' delay buckets: 0.25 s, 0.5 s, 1 s, ...
+#: 4096 s. A delay goes to the smallest bucket that holds it; longer delays share one
+#: last queue. Per-message TTL only expires at the head of a queue, so a message can be
+#: held up by one ahead of it in the *same* bucket - never by more than the bucket's
+#: bound, which is at most twice the delay asked for.
+RETRY_BUCKETS_MS: tuple[int, ...] = tuple(250 << k for k in range(15))
+
+# Headers RabbitMQ adds when it dead-letters; a republished copy must not carry them.
+_BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
+
+
+@dataclass(frozen=True)
+class RabbitTopology:
+    """The names of every exchange and queue a RabbitTransport on ``channel`` declares.
+
+    * ``{channel}`` - topic exchange; messages are routed by their ``type``.
+    * ``{channel}.dead`` - direct exchange for rejected messages, routed by group.
+    * ``{channel}.{group}`` - the group's durable queue, bound with its topic patterns.
+    * ``{channel}.{group}.retry.{ms}ms`` / ``.retry.long`` - delay queues for
+      ``nack(delay)``, dead-lettering back into the group queue when a message expires.
+    * ``{channel}.{group}.dead`` - the group's dead-letter queue.
+    """
+
+    channel: str
+
+    @property
+    def exchange(self) -> str:
+        """The topic exchange publishers send to."""
+        return self.channel
+
+    @property
+    def dead_exchange(self) -> str:
+        """The direct exchange rejected messages go to (routing key = group)."""
+        return f"{self.channel}.dead"
+
+    def queue(self, group: str) -> str:
+        """The durable queue of a consumer group."""
+        return f"{self.channel}.{group}"
+
+    def dead_queue(self, group: str) -> str:
+        """The durable queue holding the messages a group rejected."""
+        return f"{self.channel}.{group}.dead"
+
+    def retry_queue(self, group: str, delay: float) -> str:
+        """The delay queue for redelivering to ``group`` after ``delay`` seconds."""
+        bucket = _bucket(delay)
+        suffix = "long" if bucket is None else f"{bucket}ms"
+        return f"{self.channel}.{group}.retry.{suffix}"
+
+    def queues(self, group: str) -> list[str]:
+        """Every queue the transport may declare for ``group`` (to delete a group)."""
+        retry = [f"{self.channel}.{group}.retry.{ms}ms" for ms in RETRY_BUCKETS_MS]
+        return [
+            self.queue(group),
+            self.dead_queue(group),
+            *retry,
+            f"{self.channel}.{group}.retry.long",
+        ]
+
+
+def _bucket(delay: float) -> int | None:
+    millis = delay * 1000
+    for bound in RETRY_BUCKETS_MS:
+        if millis <= bound:
+            return bound
+    return None
+
+
+def message_properties(message: Message) -> tuple[Basic.Properties, bytes]:
+    """AMQP properties and body of a message: CloudEvents binary mode, persistent.
+
+    The ``ce-*`` attributes are AMQP headers; ``datacontenttype`` is the AMQP
+    ``content_type`` property and the id is also the AMQP ``message_id`` (as the
+    CloudEvents RabbitMQ binding does).
+    """
+    headers, body = encode(message)
+    content_type = headers.pop("content-type", None)
+    properties = Basic.Properties(
+        content_type=content_type,
+        delivery_mode=2,
+        message_id=message.id,
+        headers=dict(headers),
+    )
+    return properties, body
+
+
+def republish_properties(
+    properties: Basic.Properties | Any,
+    headers: Mapping[str, Any] | None,
+    extra: Mapping[str, Any],
+    expiration_ms: int | None = None,
+) -> Basic.Properties:
+    """Properties for a copy of a received message (retry or dead letter)."""
+    kept = {
+        name: value
+        for name, value in (headers or {}).items()
+        if not name.startswith(_BROKER_HEADERS)
+    }
+    kept.update(extra)
+    return Basic.Properties(
+        content_type=properties.content_type,
+        delivery_mode=2,
+        message_id=properties.message_id,
+        headers=kept,
+        expiration=None if expiration_ms is None else str(expiration_ms),
+    )
+
+
+def delivery_headers(headers: Mapping[str, Any] | None, content_type: str | None) -> dict[str, str]:
+    """The headers a consumer sees: scalar AMQP headers as text, plus ``content-type``."""
+    result: dict[str, str] = {}
+    for name, value in (headers or {}).items():
+        if isinstance(value, bytes | bytearray):
+            result[name] = bytes(value).decode("utf-8", "replace")
+        elif isinstance(value, str | int | float | bool):
+            result[name] = str(value)
+        # Tables and arrays (x-death) carry no CloudEvents attribute; leave them out.
+    if content_type is not None:
+        result["content-type"] = content_type
+    return result
+
+
+def attempt_of(headers: Mapping[str, Any] | None, redelivered: bool) -> int:
+    """The attempt of a delivery: Accord's attempt header (1 if absent), plus one when
+    the broker redelivers it because a consumer went away without settling it."""
+    raw = (headers or {}).get(ATTEMPT_HEADER)
+    try:
+        attempt = max(1, int(raw.decode() if isinstance(raw, bytes) else raw))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        attempt = 1
+    return attempt + 1 if redelivered else attempt
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden, for error messages."""
+    try:
+        parsed = URL(url)
+    except (TypeError, ValueError):
+        return "<invalid URL>"
+    return str(parsed.with_password("***")) if parsed.password else url
+
+
+def translate(exc: BaseException, what: str) -> TransportError:
+    """The Accord error for an aio-pika/aiormq/socket error raised while doing ``what``."""
+    if isinstance(exc, TransportError):
+        return exc
+    error: TransportError
+    if isinstance(exc, amqp_errors.ProbableAuthenticationError | amqp_errors.AuthenticationError):
+        error = TransportError(
+            f"{what}: RabbitMQ refused the login ({exc}); check the user and password in the URL"
+        )
+    elif isinstance(exc, amqp_errors.ChannelPreconditionFailed):
+        error = TransportError(
+            f"{what}: RabbitMQ refused a declaration ({exc}); an exchange or queue of that "
+            "name already exists with other settings - delete it or use another channel name"
+        )
+    elif isinstance(exc, amqp_errors.ChannelAccessRefused):
+        error = TransportError(
+            f"{what}: RabbitMQ denied access ({exc}); give the user configure/write/read "
+            "permissions on the vhost"
+        )
+    elif isinstance(exc, amqp_errors.ChannelNotFoundEntity):
+        error = TransportError(f"{what}: an exchange or queue does not exist ({exc})")
+    elif isinstance(exc, amqp_errors.DeliveryError):
+        error = TransportError(f"{what}: the broker refused the message ({exc.frame!r})")
+    elif isinstance(
+        exc,
+        amqp_errors.AMQPConnectionError
+        | amqp_errors.ChannelInvalidStateError
+        | amqp_errors.ChannelClosed
+        | ConnectionError
+        | OSError
+        | TimeoutError,
+    ):
+        error = TransportUnavailable(
+            f"{what}: RabbitMQ is unreachable or the connection was lost ({exc!r}); retry later"
+        )
+    else:
+        error = TransportError(f"{what}: {exc!r}")
+    error.__cause__ = exc
+    return error
+
+
+@contextlib.contextmanager
+def translated(what: str) -> Iterator[None]:
+    """Raise any client-library error inside the block as an Accord TransportError."""
+    try:
+        yield
+    except TransportError:
+        raise
+    except Exception as exc:
+        raise translate(exc, what) from exc

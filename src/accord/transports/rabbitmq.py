@@ -1,0 +1,364 @@
+"""RabbitMQ transport (aio-pika): topic exchange, durable queue per group, publisher confirms.
+
+What it declares (see :class:`RabbitTopology`): a durable topic exchange named by
+``channel``, routed by message ``type`` (AMQP ``*``/``#`` patterns are the group's
+topics, unchanged); a durable queue ``{channel}.{group}`` per consumer group; a
+dead-letter exchange ``{channel}.dead`` with a queue ``{channel}.{group}.dead`` per
+group; and delay queues ``{channel}.{group}.retry.*`` for ``nack(delay)``.
+
+* Messages are persistent and travel in CloudEvents binary mode: ``ce-*`` AMQP
+  headers, ``content_type`` = ``datacontenttype``, ``message_id`` = ``id`` (the
+  CloudEvents RabbitMQ binding).
+* :meth:`RabbitTransport.publish` sends a whole batch on one channel with publisher
+  confirms, all messages in flight at once (so the broker keeps batch order), then
+  waits for every confirm.
+* ``nack(delay)``: RabbitMQ has no delayed redelivery without a plugin. The message
+  is copied to a delay queue with a per-message expiration; on expiry RabbitMQ
+  dead-letters it back into the group queue. Per-message TTL only expires at the head
+  of a queue, so delays are split over buckets (0.25 s, 0.5 s, 1 s ... 4096 s, then
+  one queue for longer delays): a message waits at most its bucket's bound, i.e. at
+  most twice the delay asked for, never behind a much longer delay.
+* ``attempt`` is carried in the ``x-accord-attempt`` header of redelivered copies;
+  a broker redelivery (a consumer went away without settling) adds one.
+* ``reject(reason)``: the message is copied to ``{channel}.dead`` (routing key = group)
+  with the reason in the ``x-accord-reason`` header, then acked. Group queues also
+  dead-letter natively to that exchange, the fallback when the copy cannot be made.
+* The connection is robust: after a broker restart or network loss aio-pika
+  reconnects, redeclares and resumes every subscription; publishing raises
+  :class:`~accord.errors.TransportUnavailable` within ``publish_timeout`` meanwhile.
+* Changing a group's topics adds bindings but never removes old ones (RabbitMQ
+  cannot list them without the management plugin): unbind by hand if you narrow them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from accord.errors import MissingExtraError
+
+try:
+    import aio_pika
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise MissingExtraError("RabbitMQ", "rabbitmq", "aio-pika") from exc
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from aiormq.abc import AbstractChannel
+from pamqp.commands import Basic
+
+from accord.errors import PublishError, TransportError, TransportUnavailable
+from accord.messages import Message
+from accord.transports._rabbitmq_consume import RabbitSubscription
+from accord.transports._rabbitmq_support import (
+    ATTEMPT_HEADER,
+    GROUP_HEADER,
+    REASON_HEADER,
+    RabbitTopology,
+    message_properties,
+    redact,
+    republish_properties,
+    translate,
+    translated,
+)
+from accord.transports.base import Handler, Subscription, Transport
+
+__all__ = ["RabbitTopology", "RabbitTransport"]
+
+
+class RabbitTransport(Transport):
+    """A :class:`~accord.transports.base.Transport` on RabbitMQ (see the module doc).
+
+    ``url`` is an AMQP URL (``amqp://user:password@host:5672/vhost``); ``channel``
+    names the exchange that publishers and consumers share. ``publish_timeout``
+    bounds how long :meth:`publish` waits for the broker (reconnection included)
+    before it raises; ``connect_timeout`` bounds :meth:`connect`;
+    ``reconnect_interval`` is the pause between reconnection attempts;
+    ``stop_timeout`` bounds how long stopping waits for a running handler.
+    """
+
+    name = "rabbitmq"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        channel: str = "accord",
+        publish_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        reconnect_interval: float = 1.0,
+        stop_timeout: float = 30.0,
+    ) -> None:
+        if not channel:
+            raise ValueError("RabbitTransport needs a non-empty channel (exchange) name")
+        self.url = url
+        self.channel = channel
+        self.topology = RabbitTopology(channel)
+        self.publish_timeout = publish_timeout
+        self.connect_timeout = connect_timeout
+        self.reconnect_interval = reconnect_interval
+        self.stop_timeout = stop_timeout
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: AbstractRobustChannel | None = None
+        self._subscriptions: list[RabbitSubscription] = []
+        self._groups: set[str] = set()
+        self._declared: set[str] = set()
+        self._connect_lock = asyncio.Lock()
+        self._declare_lock = asyncio.Lock()
+        self._closed = False
+
+    @property
+    def groups(self) -> frozenset[str]:
+        """The consumer groups this transport subscribed to."""
+        return frozenset(self._groups)
+
+    async def connect(self) -> None:
+        """Connect (robustly) and declare the exchange. Idempotent; raises
+        TransportUnavailable if RabbitMQ cannot be reached within ``connect_timeout``."""
+        async with self._connect_lock:
+            self._closed = False
+            if self._connection is not None:
+                return
+            connection: AbstractRobustConnection | None = None
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    connection = await aio_pika.connect_robust(
+                        self.url,
+                        timeout=self.connect_timeout,
+                        reconnect_interval=self.reconnect_interval,
+                        client_properties={"connection_name": f"accord:{self.channel}"},
+                    )
+                    publisher = await connection.channel(publisher_confirms=True)
+                    await publisher.declare_exchange(
+                        self.topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+                    )
+            except Exception as exc:
+                if connection is not None:
+                    await _close_quietly(connection)
+                raise translate(exc, f"connecting to RabbitMQ at {redact(self.url)}") from exc
+            self._connection, self._publisher = connection, publisher
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        """Publish a batch with confirms, pipelined; see the class contract.
+
+        Raises :class:`~accord.errors.TransportUnavailable` if RabbitMQ cannot be
+        reached (nothing confirmed) within ``publish_timeout``, and
+        :class:`~accord.errors.PublishError` naming exactly the messages the broker
+        did not confirm otherwise.
+        """
+        if not messages:
+            return
+        if self._closed:
+            raise TransportUnavailable("this RabbitTransport is closed; call connect() again")
+        await self.connect()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.publish_timeout
+        channel = await self._underlay(deadline, f"publishing {len(messages)} message(s)")
+        encoded = [message_properties(message) for message in messages]
+        # Created in order and started in order: each takes the channel lock in turn,
+        # so the frames go out in batch order while all confirms are awaited together.
+        tasks = [
+            asyncio.create_task(
+                channel.basic_publish(
+                    body,
+                    exchange=self.topology.exchange,
+                    routing_key=message.type,
+                    properties=properties,
+                    mandatory=False,
+                )
+            )
+            for message, (properties, body) in zip(messages, encoded, strict=True)
+        ]
+        try:
+            await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        failed: dict[str, BaseException] = {}
+        for message, task in zip(messages, tasks, strict=True):
+            problem = _publish_problem(task, self.publish_timeout)
+            if problem is not None:
+                failed[message.id] = problem
+        if not failed:
+            return
+        if len(failed) == len(messages) and all(
+            isinstance(e, TransportUnavailable) for e in failed.values()
+        ):
+            first = next(iter(failed.values()))
+            raise TransportUnavailable(
+                f"none of {len(messages)} message(s) was confirmed: {first}"
+            ) from first.__cause__
+        raise PublishError(failed)
+
+    async def subscribe(
+        self,
+        group: str,
+        handler: Handler,
+        *,
+        topics: Sequence[str] = ("#",),
+        prefetch: int = 64,
+    ) -> Subscription:
+        """Declare the group's queues and bindings durably, then consume on a channel of
+        its own with ``basic_qos(prefetch)``; the handler runs one delivery at a time."""
+        if not group:
+            raise ValueError("subscribe() needs a non-empty group name")
+        if self._closed:
+            raise TransportUnavailable("this RabbitTransport is closed; call connect() again")
+        await self.connect()
+        assert self._connection is not None and self._publisher is not None
+        channel: AbstractRobustChannel | None = None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                dead = await self._publisher.declare_exchange(
+                    self.topology.dead_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+                )
+                dead_queue = await self._publisher.declare_queue(
+                    self.topology.dead_queue(group), durable=True
+                )
+                await dead_queue.bind(dead, routing_key=group)
+                channel = await self._connection.channel(publisher_confirms=False)
+                await channel.set_qos(prefetch_count=prefetch)
+                queue = await channel.declare_queue(
+                    self.topology.queue(group),
+                    durable=True,
+                    arguments={
+                        "x-dead-letter-exchange": self.topology.dead_exchange,
+                        "x-dead-letter-routing-key": group,
+                    },
+                )
+                for topic in dict.fromkeys(topics):
+                    await queue.bind(self.topology.exchange, routing_key=topic)
+        except Exception as exc:
+            if channel is not None:
+                await _close_quietly(channel)
+            raise translate(exc, f"declaring consumer group {group!r}") from exc
+        self._groups.add(group)
+        subscription = RabbitSubscription(
+            self,
+            group,
+            handler,
+            channel,
+            queue,
+            self.stop_timeout,
+        )
+        await subscription.start()
+        self._subscriptions.append(subscription)
+        return subscription
+
+    async def close(self) -> None:
+        """Stop every subscription (unsettled deliveries go back to their queues) and
+        close the connection. Idempotent."""
+        self._closed = True
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
+            await subscription.stop()
+        connection, self._connection, self._publisher = self._connection, None, None
+        self._declared.clear()
+        if connection is not None:
+            await _close_quietly(connection)
+
+    # -- used by deliveries ---------------------------------------------------------
+
+    async def redeliver_later(
+        self, group: str, incoming: AbstractIncomingMessage, attempt: int, delay: float
+    ) -> None:
+        """Put a copy of ``incoming`` back for ``group`` after ``delay`` seconds, with
+        ``attempt``; returns once the broker confirmed the copy."""
+        target = self.topology.queue(group)
+        expiration: int | None = None
+        if delay > 0:
+            target = await self._declare_retry_queue(group, delay)
+            expiration = max(1, round(delay * 1000))
+        properties = republish_properties(
+            incoming.properties, incoming.headers, {ATTEMPT_HEADER: attempt}, expiration
+        )
+        # The default exchange routes by queue name.
+        await self._republish("", target, properties, incoming.body)
+
+    async def dead_letter(
+        self, group: str, incoming: AbstractIncomingMessage, attempt: int, reason: str
+    ) -> None:
+        """Copy ``incoming`` to the dead-letter exchange with its reason; returns once
+        the broker confirmed the copy."""
+        properties = republish_properties(
+            incoming.properties,
+            incoming.headers,
+            {REASON_HEADER: reason, GROUP_HEADER: group, ATTEMPT_HEADER: attempt},
+        )
+        await self._republish(self.topology.dead_exchange, group, properties, incoming.body)
+
+    async def _declare_retry_queue(self, group: str, delay: float) -> str:
+        name = self.topology.retry_queue(group, delay)
+        if name in self._declared:
+            return name
+        async with self._declare_lock:
+            if name not in self._declared:
+                publisher = self._require_publisher()
+                with translated(f"declaring the delay queue {name!r}"):
+                    async with asyncio.timeout(self.publish_timeout):
+                        await publisher.declare_queue(
+                            name,
+                            durable=True,
+                            arguments={
+                                "x-dead-letter-exchange": "",
+                                "x-dead-letter-routing-key": self.topology.queue(group),
+                            },
+                        )
+                self._declared.add(name)
+        return name
+
+    async def _republish(
+        self, exchange: str, routing_key: str, properties: Basic.Properties, body: bytes
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.publish_timeout
+        channel = await self._underlay(deadline, f"republishing to {routing_key!r}")
+        with translated(f"republishing to {routing_key!r}"):
+            async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                result = await channel.basic_publish(
+                    body, exchange=exchange, routing_key=routing_key, properties=properties
+                )
+        if not isinstance(result, Basic.Ack):
+            raise TransportError(f"RabbitMQ did not confirm the copy sent to {routing_key!r}")
+
+    def _require_publisher(self) -> AbstractRobustChannel:
+        if self._publisher is None:
+            raise TransportUnavailable("this RabbitTransport is closed; call connect() again")
+        return self._publisher
+
+    async def _underlay(self, deadline: float, what: str) -> AbstractChannel:
+        """The live aiormq channel under the publisher channel, waiting (up to the
+        deadline) while the robust connection reconnects."""
+        publisher = self._require_publisher()
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        try:
+            async with asyncio.timeout(remaining):
+                return await publisher.get_underlay_channel()
+        except TimeoutError as exc:
+            raise TransportUnavailable(
+                f"{what}: RabbitMQ at {redact(self.url)} is not reachable; gave up after "
+                f"publish_timeout={self.publish_timeout}s with nothing published"
+            ) from exc
+        except Exception as exc:
+            raise translate(exc, what) from exc
+
+
+def _publish_problem(task: asyncio.Task[object], timeout: float) -> TransportError | None:
+    """Why a publish task did not end with a broker ack, or None if it did."""
+    if task.cancelled():
+        return TransportUnavailable(f"no confirm from RabbitMQ within {timeout}s")
+    exc = task.exception()
+    if exc is not None:
+        return translate(exc, "publishing")
+    result = task.result()
+    if isinstance(result, Basic.Ack):
+        return None
+    return TransportError(f"RabbitMQ did not accept the message ({result!r})")
+
+
+async def _close_quietly(closable: AbstractRobustConnection | AbstractRobustChannel) -> None:
+    try:
+        async with asyncio.timeout(5.0):
+            await closable.close()
+    except Exception:  # closing after a failure: the first error is the one to report
+        pass

@@ -1,0 +1,227 @@
+"""RabbitMQ transport: the transport contract, plus what only RabbitMQ does (dead-letter
+exchange, publisher nacks, delay buckets, a broker restart), against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aio_pika
+import pytest
+
+from accord.errors import PublishError, TransportError, TransportUnavailable
+from accord.messages import Message
+from accord.testing import Collector, TransportContract, wait_for
+from accord.transports import from_url
+from accord.transports.base import Delivery, Transport
+from accord.transports.rabbitmq import RabbitTopology, RabbitTransport
+from tests.conftest import RABBIT_URL
+
+pytestmark = pytest.mark.rabbitmq
+
+
+async def delete_everything(channels: dict[str, set[str]]) -> None:
+    """Delete the exchanges and queues RabbitTransports on these channels declared."""
+    connection = await aio_pika.connect(RABBIT_URL)
+    try:
+        for channel_name, groups in channels.items():
+            topology = RabbitTopology(channel_name)
+            for group in groups:
+                for queue in topology.queues(group):
+                    channel = await connection.channel()
+                    await channel.queue_delete(queue)
+                    await channel.close()
+            for exchange in (topology.exchange, topology.dead_exchange):
+                channel = await connection.channel()
+                await channel.exchange_delete(exchange)
+                await channel.close()
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def rabbit() -> AsyncIterator[Callable[..., RabbitTransport]]:
+    """Make RabbitTransports; close them and delete what they declared afterwards."""
+    made: list[RabbitTransport] = []
+
+    def make(channel: str | None = None, **options: Any) -> RabbitTransport:
+        transport = RabbitTransport(
+            RABBIT_URL, channel=channel or f"test-{uuid.uuid4().hex[:12]}", **options
+        )
+        made.append(transport)
+        return transport
+
+    yield make
+    channels: dict[str, set[str]] = {}
+    for transport in made:
+        with contextlib.suppress(Exception):
+            await transport.close()
+        channels.setdefault(transport.channel, set()).update(transport.groups)
+    await delete_everything(channels)
+
+
+async def raw_publish(
+    exchange: str, routing_key: str, body: bytes, headers: dict[str, Any], **props: Any
+) -> None:
+    """Publish with plain aio-pika, bypassing Accord's encoding."""
+    connection = await aio_pika.connect(RABBIT_URL)
+    try:
+        channel = await connection.channel()
+        target = await channel.get_exchange(exchange, ensure=False)
+        await target.publish(
+            aio_pika.Message(body, headers=headers, **props), routing_key=routing_key
+        )
+    finally:
+        await connection.close()
+
+
+class TestRabbitTransport(TransportContract):
+    timeout = 15.0
+
+    @pytest.fixture
+    def transport_factory(self, rabbit: Callable[..., RabbitTransport]) -> Any:
+        return lambda channel: rabbit(channel)
+
+    async def publish_raw(self, transport: Transport, headers: dict[str, str], body: bytes) -> None:
+        assert isinstance(transport, RabbitTransport)
+        await raw_publish(transport.channel, headers.get("ce-type", "raw"), body, dict(headers))
+
+
+class TestRabbitSpecifics:
+    def test_from_url_builds_a_rabbit_transport(self) -> None:
+        transport = from_url(RABBIT_URL, channel="orders")
+        assert isinstance(transport, RabbitTransport)
+        assert transport.channel == "orders"
+
+    def test_import_without_aio_pika_names_the_extra(self) -> None:
+        code = (
+            "import sys; sys.modules['aio_pika'] = None\n"
+            "try:\n"
+            "    import accord.transports.rabbitmq\n"
+            "except ImportError as exc:\n"
+            "    from accord.errors import MissingExtraError\n"
+            "    assert isinstance(exc, MissingExtraError), type(exc)\n"
+            "    print(exc)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert "pip install 'accord[rabbitmq]'" in result.stdout
+        assert "aio-pika" in result.stdout
+
+    async def test_rejected_message_lands_in_the_dead_letter_queue_with_its_reason(
+        self, rabbit: Callable[..., RabbitTransport]
+    ) -> None:
+        transport = rabbit()
+        await transport.connect()
+
+        async def refuse(delivery: Delivery) -> None:
+            await delivery.reject("amount must be positive")
+
+        await transport.subscribe("payments", refuse)
+        sent = Message(type="payment.requested", data={"amount": -5})
+        await transport.publish([sent])
+
+        connection = await aio_pika.connect(RABBIT_URL)
+        try:
+            channel = await connection.channel()
+            dead = await channel.get_queue(transport.topology.dead_queue("payments"))
+
+            async def dead_letter() -> aio_pika.abc.AbstractIncomingMessage | None:
+                return await dead.get(no_ack=True, fail=False)
+
+            got = await wait_for(dead_letter, 10)
+            assert got.headers["x-accord-reason"] == "amount must be positive"
+            assert got.headers["x-accord-group"] == "payments"
+            assert got.headers["ce-id"] == sent.id
+            assert got.message_id == sent.id
+            assert got.content_type == "application/json"
+            assert got.body == b'{"amount":-5}'
+        finally:
+            await connection.close()
+
+    async def test_publisher_nacks_are_reported_per_message(
+        self, rabbit: Callable[..., RabbitTransport]
+    ) -> None:
+        transport = rabbit()
+        await transport.connect()
+        limited = f"{transport.channel}.limited"
+        connection = await aio_pika.connect(RABBIT_URL)
+        try:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(
+                limited,
+                arguments={"x-max-length": 3, "x-overflow": "reject-publish"},
+            )
+            await queue.bind(transport.channel, routing_key="limited.#")
+            batch = [Message(type="limited.item", data=i) for i in range(5)]
+            unrouted = Message(type="nobody.listens")
+            with pytest.raises(PublishError) as caught:
+                await transport.publish([*batch, unrouted])
+            assert set(caught.value.failed) == {batch[3].id, batch[4].id}
+            assert all(isinstance(e, TransportError) for e in caught.value.failed.values())
+            assert (await queue.declare()).message_count == 3
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(limited)
+            await connection.close()
+
+    async def test_unreachable_broker_raises_transport_unavailable(self) -> None:
+        transport = RabbitTransport(
+            "amqp://guest:guest@127.0.0.1:1/", connect_timeout=2.0, publish_timeout=2.0
+        )
+        started = time.monotonic()
+        with pytest.raises(TransportUnavailable):
+            await transport.connect()
+        with pytest.raises(TransportUnavailable):
+            await transport.publish([Message(type="test.unreachable")])
+        assert time.monotonic() - started < 10
+        await transport.close()
+
+    async def test_a_conflicting_declaration_is_a_transport_error(self) -> None:
+        name = f"test-{uuid.uuid4().hex[:12]}"
+        connection = await aio_pika.connect(RABBIT_URL)
+        try:
+            channel = await connection.channel()
+            await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, auto_delete=True)
+            transport = RabbitTransport(RABBIT_URL, channel=name)
+            with pytest.raises(TransportError, match="other settings"):
+                await transport.connect()
+            await transport.close()
+        finally:
+            with contextlib.suppress(Exception):
+                channel = await connection.channel()
+                await channel.exchange_delete(name)
+            await connection.close()
+
+    async def test_short_delay_is_not_stuck_behind_a_long_one(
+        self, rabbit: Callable[..., RabbitTransport]
+    ) -> None:
+        transport = rabbit()
+        await transport.connect()
+        slow, quick = Message(type="retry.slow"), Message(type="retry.quick")
+        seen: list[tuple[str, int]] = []
+
+        async def nack(delivery: Delivery) -> None:
+            assert delivery.message is not None
+            seen.append((delivery.message.type, delivery.attempt))
+            if delivery.attempt == 1:
+                delay = 20.0 if delivery.message.type == "retry.slow" else 0.3
+                await delivery.nack(delay)
+
+        await transport.subscribe("delays", nack)
+        await transport.publish([slow, quick])
+
+        def quick_came_back() -> bool:
+            return ("retry.quick", 2) in seen
+
+        await wait_for(quick_came_back, 10)
+        assert ("retry.slow", 2) not in seen
+        assert seen[:2] == [("retry.slow", 1), ("retry.quick", 1)]
