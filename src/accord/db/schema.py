@@ -100,8 +100,9 @@ dead_letters = sa.Table(
     sa.Index("ix_accord_dead_letters_status", "status", "consumer", "available_at"),
 )
 
-# The broker-less SQL transport: one row per published message, one delivery
-# row per (consumer group, message) so every group gets every message.
+# The broker-less SQL transport (accord.transports.sql): one row per published
+# message, one delivery row per (consumer group, message) so every group gets
+# every message. A message row goes once its last delivery is settled.
 queue = sa.Table(
     "accord_queue",
     metadata,
@@ -113,9 +114,13 @@ queue = sa.Table(
     sa.Column("headers", JSONType, nullable=False),
     sa.Column("body", sa.LargeBinary, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # A message id published twice while its row exists is stored once.
     sa.UniqueConstraint("channel", "message_id", name="uq_accord_queue_message"),
+    sa.Index("ix_accord_queue_channel", "channel", "seq"),
 )
 
+# A consumer group, registered durably on first subscribe; ``patterns`` is the
+# JSON list of topic patterns (the union of every subscribe's topics).
 queue_groups = sa.Table(
     "accord_queue_groups",
     metadata,
@@ -125,15 +130,33 @@ queue_groups = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
 )
 
+# ``attempts`` counts claims so far; ``key`` is copied from the message so the
+# claim can hold back a delivery while an earlier one with the same key is out.
 queue_deliveries = sa.Table(
     "accord_queue_deliveries",
     metadata,
-    sa.Column("group_name", sa.String(200), primary_key=True),
     sa.Column("seq", sa.BigInteger, primary_key=True),
+    sa.Column("group_name", sa.String(200), primary_key=True),
     sa.Column("channel", sa.String(200), nullable=False),
+    sa.Column("key", sa.String(200), nullable=True),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("available_at", UTCDateTime, nullable=False),
     sa.Column("locked_until", UTCDateTime, nullable=True),
     sa.Column("locked_by", sa.String(100), nullable=True),
-    sa.Index("ix_accord_queue_deliveries_ready", "channel", "group_name", "available_at", "seq"),
+    sa.Index("ix_accord_queue_deliveries_ready", "channel", "group_name", "seq"),
+    sa.Index(
+        "ix_accord_queue_deliveries_key",
+        "channel",
+        "group_name",
+        "key",
+        "seq",
+        postgresql_where=sa.text("key IS NOT NULL"),
+        sqlite_where=sa.text("key IS NOT NULL"),
+    ),
+    sa.Index(
+        "ix_accord_queue_deliveries_locked",
+        "locked_by",
+        postgresql_where=sa.text("locked_by IS NOT NULL"),
+        sqlite_where=sa.text("locked_by IS NOT NULL"),
+    ),
 )

@@ -1,0 +1,312 @@
+"""The SQL transport's statements, one function per thing that happens in the database.
+
+Each function runs on a connection the caller holds inside a transaction, so
+the caller decides what commits together. Times are passed in (aware UTC) so
+every process compares leases and delays against the same kind of clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from accord.db.schema import queue, queue_deliveries, queue_groups
+
+__all__ = [
+    "Claimed",
+    "claim",
+    "cleanup",
+    "delete_deliveries",
+    "extend_leases",
+    "insert_deliveries",
+    "insert_messages",
+    "load_groups",
+    "nack",
+    "notify",
+    "register_group",
+    "release",
+    "release_unstarted",
+]
+
+#: The PostgreSQL NOTIFY channel publishers signal on; the payload is the Accord channel.
+NOTIFY_CHANNEL = "accord_queue"
+
+# First key of the two-int advisory lock that serialises claims of one group on
+# PostgreSQL ("AQEQ"); the second key is a hash of channel and group.
+_CLAIM_LOCK_SPACE = 0x4151_4551
+
+_d = queue_deliveries
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A delivery a consumer has just leased, with its message's stored bytes."""
+
+    seq: int
+    key: str | None
+    attempt: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def _insert(is_postgres: bool, table: sa.Table) -> Any:
+    return postgresql.insert(table) if is_postgres else sqlite.insert(table)
+
+
+async def load_groups(conn: AsyncConnection, channel: str) -> list[tuple[str, list[str]]]:
+    """Every group registered on ``channel`` with its topic patterns."""
+    rows = await conn.execute(
+        sa.select(queue_groups.c.group_name, queue_groups.c.patterns).where(
+            queue_groups.c.channel == channel
+        )
+    )
+    return [(str(name), [str(p) for p in patterns]) for name, patterns in rows]
+
+
+async def register_group(
+    conn: AsyncConnection,
+    channel: str,
+    group: str,
+    patterns: Sequence[str],
+    now: datetime,
+    *,
+    is_postgres: bool,
+) -> list[str]:
+    """Register ``group`` on ``channel`` (or widen its patterns); return its patterns.
+
+    A group's patterns only grow, the way a RabbitMQ queue keeps every binding
+    it was given: two members of one group subscribing with different topics
+    both get what they asked for.
+    """
+    t = queue_groups
+    await conn.execute(
+        _insert(is_postgres, t)
+        .values(channel=channel, group_name=group, patterns=sorted(set(patterns)), created_at=now)
+        .on_conflict_do_nothing(index_elements=["channel", "group_name"])
+    )
+    select = sa.select(t.c.patterns).where(t.c.channel == channel, t.c.group_name == group)
+    if is_postgres:
+        select = select.with_for_update()
+    current = [str(p) for p in (await conn.scalar(select)) or []]
+    merged = sorted(set(current) | set(patterns))
+    if merged != sorted(current):
+        await conn.execute(
+            sa.update(t)
+            .where(t.c.channel == channel, t.c.group_name == group)
+            .values(patterns=merged)
+        )
+    return merged
+
+
+async def insert_messages(
+    conn: AsyncConnection, rows: Sequence[dict[str, Any]], *, is_postgres: bool
+) -> dict[str, int]:
+    """Insert message rows in order; return ``message_id -> seq`` for those stored.
+
+    A message id already stored on the channel is skipped (deduplication while
+    its row lives), so it is missing from the result.
+    """
+    if not rows:
+        return {}
+    stmt = (
+        _insert(is_postgres, queue)
+        .on_conflict_do_nothing(index_elements=["channel", "message_id"])
+        .returning(queue.c.message_id, queue.c.seq)
+    )
+    result = await conn.execute(stmt, list(rows))
+    return {str(message_id): int(seq) for message_id, seq in result}
+
+
+async def insert_deliveries(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert delivery rows (one per group and message)."""
+    if rows:
+        await conn.execute(sa.insert(_d), list(rows))
+
+
+async def notify(conn: AsyncConnection, channel: str) -> None:
+    """PostgreSQL: wake listeners of ``channel`` when the transaction commits."""
+    await conn.execute(
+        sa.text("SELECT pg_notify(:name, :payload)"), {"name": NOTIFY_CHANNEL, "payload": channel}
+    )
+
+
+async def claim(
+    conn: AsyncConnection,
+    channel: str,
+    group: str,
+    consumer: str,
+    limit: int,
+    now: datetime,
+    until: datetime,
+    *,
+    is_postgres: bool,
+) -> list[Claimed]:
+    """Lease up to ``limit`` ready deliveries of ``group`` to ``consumer``, in seq order.
+
+    A delivery is ready when its delay has passed, nobody holds a live lease on
+    it, and no earlier delivery with the same key in the group is out (leased
+    or waiting out a nack delay): that keeps per-key order with competing
+    consumers. Several same-key deliveries may go to one consumer in one claim,
+    because it handles them in order. Each claim counts as an attempt, so a
+    consumer that keeps dying on a message still raises its ``attempt``.
+    """
+    if is_postgres:
+        # SKIP LOCKED alone lets a claimer skip a row another claimer is taking
+        # and take a later row with the same key. Serialising the claims of one
+        # group closes that race; claims are short and take whole batches.
+        await conn.execute(
+            sa.text("SELECT pg_advisory_xact_lock(:space, hashtext(:name))"),
+            {"space": _CLAIM_LOCK_SPACE, "name": f"{len(channel)}:{channel}:{group}"},
+        )
+    c = _d.alias("candidate")
+    e = _d.alias("earlier")
+    earlier_out = (
+        sa.select(sa.literal(1))
+        .where(
+            e.c.channel == c.c.channel,
+            e.c.group_name == c.c.group_name,
+            e.c.key == c.c.key,
+            e.c.seq < c.c.seq,
+            sa.or_(e.c.available_at > now, e.c.locked_until > now),
+        )
+        .exists()
+    )
+    picked = (
+        sa.select(c.c.seq)
+        .where(
+            c.c.channel == channel,
+            c.c.group_name == group,
+            c.c.available_at <= now,
+            sa.or_(c.c.locked_until.is_(None), c.c.locked_until <= now),
+            sa.or_(c.c.key.is_(None), ~earlier_out),
+        )
+        .order_by(c.c.seq)
+        .limit(limit)
+    )
+    if is_postgres:
+        picked = picked.with_for_update(skip_locked=True, of=c)
+    claimed = await conn.execute(
+        sa.update(_d)
+        .where(_d.c.group_name == group, _d.c.seq.in_(picked))
+        .values(locked_until=until, locked_by=consumer, attempts=_d.c.attempts + 1)
+        .returning(_d.c.seq, _d.c.key, _d.c.attempts)
+    )
+    leased = {int(seq): (key, int(attempts)) for seq, key, attempts in claimed}
+    if not leased:
+        return []
+    bodies = await conn.execute(
+        sa.select(queue.c.seq, queue.c.headers, queue.c.body).where(queue.c.seq.in_(list(leased)))
+    )
+    out = []
+    for seq, headers, body in bodies:
+        key, attempt = leased[int(seq)]
+        out.append(Claimed(int(seq), key, attempt, dict(headers), bytes(body)))
+    out.sort(key=lambda item: item.seq)
+    return out
+
+
+async def delete_deliveries(conn: AsyncConnection, group: str, seqs: Sequence[int]) -> None:
+    """Settle deliveries for good (ack or reject)."""
+    if seqs:
+        await conn.execute(sa.delete(_d).where(_d.c.group_name == group, _d.c.seq.in_(list(seqs))))
+
+
+async def nack(
+    conn: AsyncConnection, group: str, seq: int, consumer: str, available_at: datetime
+) -> None:
+    """Give a delivery back, offered again from ``available_at``.
+
+    Only while ``consumer`` still holds it: once its lease ran out and someone
+    else took it, the other consumer's lease wins.
+    """
+    await conn.execute(
+        sa.update(_d)
+        .where(_d.c.group_name == group, _d.c.seq == seq, _d.c.locked_by == consumer)
+        .values(available_at=available_at, locked_until=None, locked_by=None)
+    )
+
+
+async def release(
+    conn: AsyncConnection,
+    channel: str,
+    group: str,
+    consumer: str,
+    *,
+    unstarted: Sequence[int] = (),
+) -> None:
+    """Give back every delivery ``consumer`` holds in ``group``, offered again at once.
+
+    Those in ``unstarted`` never reached a handler, so their claim is not
+    counted as an attempt.
+    """
+    base = sa.update(_d).where(
+        _d.c.channel == channel, _d.c.group_name == group, _d.c.locked_by == consumer
+    )
+    if unstarted:
+        await conn.execute(
+            base.where(_d.c.seq.in_(list(unstarted))).values(
+                locked_until=None, locked_by=None, attempts=_d.c.attempts - 1
+            )
+        )
+    await conn.execute(base.values(locked_until=None, locked_by=None))
+
+
+async def release_unstarted(
+    conn: AsyncConnection, channel: str, group: str, consumer: str, seqs: Sequence[int]
+) -> None:
+    """Give back only ``seqs`` (held by ``consumer``, never handed to a handler)."""
+    if seqs:
+        await conn.execute(
+            sa.update(_d)
+            .where(
+                _d.c.channel == channel,
+                _d.c.group_name == group,
+                _d.c.locked_by == consumer,
+                _d.c.seq.in_(list(seqs)),
+            )
+            .values(locked_until=None, locked_by=None, attempts=_d.c.attempts - 1)
+        )
+
+
+async def extend_leases(
+    conn: AsyncConnection,
+    channel: str,
+    group: str,
+    consumer: str,
+    seqs: Sequence[int],
+    until: datetime,
+) -> None:
+    """Push out the lease of the deliveries ``seqs`` that ``consumer`` still holds."""
+    if seqs:
+        await conn.execute(
+            sa.update(_d)
+            .where(
+                _d.c.channel == channel,
+                _d.c.group_name == group,
+                _d.c.locked_by == consumer,
+                _d.c.seq.in_(list(seqs)),
+            )
+            .values(locked_until=until)
+        )
+
+
+async def cleanup(conn: AsyncConnection, channel: str, limit: int) -> int:
+    """Delete up to ``limit`` message rows of ``channel`` that no delivery needs any more."""
+    q = queue.alias("done")
+    unused = (
+        sa.select(q.c.seq)
+        .where(
+            q.c.channel == channel,
+            ~sa.select(sa.literal(1)).where(_d.c.seq == q.c.seq).exists(),
+        )
+        .order_by(q.c.seq)
+        .limit(limit)
+    )
+    result = await conn.execute(sa.delete(queue).where(queue.c.seq.in_(unused)))
+    return int(result.rowcount or 0)
