@@ -24,7 +24,6 @@ import contextlib
 import logging
 import re
 from collections.abc import Sequence
-from typing import Any
 
 try:
     import nats
@@ -203,7 +202,8 @@ class NatsTransport(Transport):
         log.debug("NATS client error: %r", exc)
 
     async def _on_disconnected(self) -> None:
-        log.warning("disconnected from NATS at %s; reconnecting", self.url)
+        if self._nc is not None and not self._nc.is_closed:
+            log.warning("disconnected from NATS at %s; reconnecting", self.url)
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS at %s", self.url)
@@ -219,43 +219,34 @@ class NatsTransport(Transport):
     # -- publishing ---------------------------------------------------------------
 
     async def publish(self, messages: Sequence[Message]) -> None:
-        """Publish all messages at once (JetStream async publish) and wait for every
-        PubAck; raise PublishError naming those without one."""
+        """Send every message of the batch at once and wait for each one's PubAck; raise
+        PublishError naming those without one.
+
+        Pipelined as concurrent JetStream requests on the one connection: measured on
+        nats-py 2.16 this is about twice as fast as its ``publish_async`` API, and the
+        requests still reach the server in batch order.
+        """
         _, js = self._connected()
         if not messages:
             return
         failed: dict[str, BaseException] = {}
-        waiting: list[tuple[str, asyncio.Future[Any]]] = []
+        sending: list[Message] = []
         for message in messages:
-            if not _valid_subject_words(message.type):
+            if _valid_subject_words(message.type):
+                sending.append(message)
+            else:
                 failed[message.id] = ConfigurationError(
                     f"message type {message.type!r} cannot be a NATS subject: no spaces, "
                     "'*', '>' or empty words"
                 )
-                continue
-            headers, body = encode(message)
-            headers["Nats-Msg-Id"] = message.id
-            try:
-                future = await js.publish_async(
-                    f"{self.channel}.{message.type}",
-                    body,
-                    wait_stall=self.publish_timeout,
-                    headers=headers,
-                )
-            except Exception as exc:
-                failed[message.id] = translate_nats_error(exc, "publishing")
-            else:
-                waiting.append((message.id, future))
-        if waiting:
-            done, _ = await asyncio.wait([f for _, f in waiting], timeout=self.publish_timeout)
-            for message_id, future in waiting:
-                if future not in done:
-                    future.cancel()
-                    failed[message_id] = TransportUnavailable(
-                        f"no confirm from JetStream within {self.publish_timeout}s"
-                    )
-                elif (error := future.exception()) is not None:
-                    failed[message_id] = translate_nats_error(error, "publishing")
+        results = await asyncio.gather(
+            *(self._publish_one(js, message) for message in sending), return_exceptions=True
+        )
+        for message, result in zip(sending, results, strict=True):
+            if isinstance(result, BaseException):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                failed[message.id] = translate_nats_error(result, "publishing")
         if not failed:
             return
         if len(failed) == len(messages) and all(
@@ -265,6 +256,13 @@ class NatsTransport(Transport):
                 f"NATS confirmed none of {len(messages)} message(s): {next(iter(failed.values()))}"
             )
         raise PublishError(failed)
+
+    async def _publish_one(self, js: JetStreamContext, message: Message) -> None:
+        headers, body = encode(message)
+        headers["Nats-Msg-Id"] = message.id
+        await js.publish(
+            f"{self.channel}.{message.type}", body, timeout=self.publish_timeout, headers=headers
+        )
 
     # -- consuming ----------------------------------------------------------------
 

@@ -1,0 +1,294 @@
+"""NATS JetStream transport: the contract suite plus JetStream specifics, on the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import nats
+import nats.js.errors
+import pytest
+from tests.conftest import NATS_URL
+
+from accord.errors import PublishError, TransportUnavailable
+from accord.messages import Message
+from accord.testing import Collector, TransportContract, wait_for
+from accord.transports.base import Delivery, Transport
+from accord.transports.nats import NatsTransport, durable_name, stream_name, subject_filter
+
+pytestmark = pytest.mark.nats
+
+
+async def _delete_stream(channel: str) -> None:
+    nc = await nats.connect(NATS_URL)
+    try:
+        with contextlib.suppress(Exception):
+            await nc.jetstream().delete_stream(stream_name(channel))
+    finally:
+        await nc.close()
+
+
+class TestNatsTransport(TransportContract):
+    timeout = 15.0
+
+    @pytest.fixture
+    async def transport_factory(self, channel: str) -> AsyncIterator[Callable[[str], Transport]]:
+        # A short ack_wait so "a consumer that died" is redelivered quickly.
+        yield lambda ch: NatsTransport(NATS_URL, channel=ch, ack_wait=3.0)
+        await _delete_stream(channel)
+
+    async def publish_raw(self, transport: Transport, headers: dict[str, str], body: bytes) -> None:
+        assert isinstance(transport, NatsTransport)
+        nc = await nats.connect(NATS_URL)
+        try:
+            await nc.jetstream().publish(f"{transport.channel}.raw", body, headers=headers)
+        finally:
+            await nc.close()
+
+
+@pytest.fixture
+async def nats_transport() -> AsyncIterator[NatsTransport]:
+    transport = NatsTransport(NATS_URL, channel=f"nats-{uuid.uuid4().hex[:12]}", ack_wait=2.0)
+    await transport.connect()
+    yield transport
+    await transport.close()
+    await _delete_stream(transport.channel)
+
+
+async def _stored(transport: NatsTransport) -> int:
+    nc = await nats.connect(NATS_URL)
+    try:
+        info = await nc.jetstream().stream_info(transport.stream)
+        return int(info.state.messages)
+    finally:
+        await nc.close()
+
+
+def test_subject_filter_maps_what_one_subject_can_express() -> None:
+    assert subject_filter("ch", ["#"]) == ("ch.>", True)
+    assert subject_filter("ch", ["match.*"]) == ("ch.match.*", True)
+    assert subject_filter("ch", ["match.recorded"]) == ("ch.match.recorded", True)
+    # "#" also matches zero words; several topics need several subjects: go broad.
+    assert subject_filter("ch", ["match.#"]) == ("ch.>", False)
+    assert subject_filter("ch", ["a.*", "b.*"]) == ("ch.>", False)
+
+
+async def test_republishing_the_same_id_is_stored_once(nats_transport: NatsTransport) -> None:
+    collector = Collector()
+    await nats_transport.subscribe("dedup", collector)
+    message = Message(type="test.dup")
+    await nats_transport.publish([message])
+    await nats_transport.publish([message, message])  # a relay retrying after a crash
+    await nats_transport.publish([Message(type="test.marker")])
+    await collector.wait(2)
+    assert await _stored(nats_transport) == 2
+    assert collector.ids[0] == message.id
+    assert collector.ids.count(message.id) == 1
+
+
+async def test_publish_error_names_exactly_the_unconfirmed(nats_transport: NatsTransport) -> None:
+    good, bad = Message(type="test.good"), Message(type="test.bad subject")
+    with pytest.raises(PublishError) as raised:
+        await nats_transport.publish([good, bad])
+    assert set(raised.value.failed) == {bad.id}
+    assert "NATS subject" in str(raised.value.failed[bad.id])
+    assert await _stored(nats_transport) == 1
+
+
+async def test_reject_copies_to_the_dead_subject_with_the_reason(
+    nats_transport: NatsTransport,
+) -> None:
+    collector = Collector(settle="reject")
+    await nats_transport.subscribe("picky group", collector)
+    sent = Message(type="test.poison", data={"x": 1})
+    await nats_transport.publish([sent])
+    await collector.wait(1)
+    nc = await nats.connect(NATS_URL)
+    try:
+        subject = f"{nats_transport.channel}._dead.{durable_name('picky group')}"
+
+        async def dead_copy() -> Any:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                return await nc.jetstream().get_last_msg(nats_transport.stream, subject)
+            return None
+
+        copy = await wait_for(dead_copy, 10)
+    finally:
+        await nc.close()
+    assert copy.headers["accord-dead-reason"] == "rejected by the test"
+    assert copy.headers["accord-dead-group"] == "picky group"
+    assert copy.headers["ce-id"] == sent.id
+    assert copy.data == b'{"x":1}'
+
+
+async def test_topics_one_subject_cannot_express_are_filtered_client_side(
+    nats_transport: NatsTransport,
+) -> None:
+    deep, several = Collector(), Collector()
+    await nats_transport.subscribe("deep", deep, topics=["match.#"])
+    await nats_transport.subscribe("several", several, topics=["match.recorded", "score.*"])
+    everything = Collector()
+    await nats_transport.subscribe("everything", everything)
+    types = ["match", "match.recorded", "match.a.b", "score.awarded", "other.thing"]
+    await nats_transport.publish([Message(type=t) for t in types])
+    await everything.wait(5)
+    await deep.wait(3)
+    await several.wait(2)
+    await nats_transport.publish([Message(type="match.end")])  # a marker behind the rest
+    await deep.wait(4)
+    assert [m.type for m, _ in deep.received if m] == [
+        "match",
+        "match.recorded",
+        "match.a.b",
+        "match.end",
+    ]
+    assert [m.type for m, _ in several.received if m] == ["match.recorded", "score.awarded"]
+
+
+async def test_nack_delay_is_honoured(nats_transport: NatsTransport) -> None:
+    times: list[float] = []
+
+    async def handler(delivery: Delivery) -> None:
+        times.append(time.monotonic())
+        if len(times) == 1:
+            await delivery.nack(1.0)
+
+    await nats_transport.subscribe("later", handler)
+    await nats_transport.publish([Message(type="test.later")])
+    await wait_for(lambda: len(times) >= 2, 10)
+    assert times[1] - times[0] >= 0.9
+
+
+async def test_unreachable_server_raises_transport_unavailable() -> None:
+    transport = NatsTransport("nats://127.0.0.1:1", connect_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(TransportUnavailable, match="cannot connect to NATS"):
+        await transport.connect()
+    assert time.monotonic() - started < 10
+    with pytest.raises(TransportUnavailable):
+        await transport.publish([Message(type="test.nowhere")])
+
+
+def test_importing_without_the_driver_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['nats'] = None\n"
+        "try:\n    import accord.transports.nats\n"
+        "except ImportError as exc:\n    print(type(exc).__name__, exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "MissingExtraError" in out.stdout
+    assert "accord[nats]" in out.stdout
+
+
+_DOOMED_CONSUMER = """
+import asyncio, sys
+from accord.transports.nats import NatsTransport
+
+async def main():
+    transport = NatsTransport(sys.argv[1], channel=sys.argv[2], ack_wait=2.0)
+    await transport.connect()
+    async def hang(delivery):
+        print("got", delivery.message.id, flush=True)
+        await asyncio.Event().wait()
+    await transport.subscribe("crashy", hang)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.fault
+async def test_delivery_held_by_a_killed_process_comes_back_after_ack_wait(
+    nats_transport: NatsTransport,
+) -> None:
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _DOOMED_CONSUMER,
+        NATS_URL,
+        nats_transport.channel,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        assert (await asyncio.wait_for(child.stdout.readline(), 15)).startswith(b"ready")
+        sent = Message(type="test.crash")
+        await nats_transport.publish([sent])
+        line = await asyncio.wait_for(child.stdout.readline(), 15)
+        assert line.decode().split() == ["got", sent.id]
+        child.kill()
+        await child.wait()
+        survivor = Collector()
+        await nats_transport.subscribe("crashy", survivor)
+        await survivor.wait(1, 15)
+        assert survivor.received[0][0] is not None
+        assert survivor.received[0][0].id == sent.id
+        assert survivor.received[0][1] == 2
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+
+
+def _nats_server_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-x", "nats-server"], capture_output=True, text=True)
+    return [int(pid) for pid in out.stdout.split()]
+
+
+def _start_nats_server() -> None:
+    subprocess.run(_NATS_START, check=True)
+
+
+_NATS_START = [
+    "start-stop-daemon", "--start", "--oknodo", "--background", "--exec", "/usr/sbin/nats-server",
+    "--", "-a", "127.0.0.1", "-p", "4222", "-js", "-sd", "/var/lib/nats-server",
+    "-l", "/var/log/nats-server.log",
+]  # fmt: skip
+
+
+@pytest.mark.fault
+@pytest.mark.slow
+async def test_survives_a_server_restart_without_losing_confirmed_messages(
+    nats_transport: NatsTransport,
+) -> None:
+    collector = Collector()
+    await nats_transport.subscribe("restart", collector)
+    # A group with no consumer running: what it was sent must survive the crash on disk.
+    await (await nats_transport.subscribe("offline", Collector())).stop()
+    before = [Message(type="test.before", data={"n": i}) for i in range(20)]
+    await nats_transport.publish(before)
+    held = [Message(type="test.held", data={"n": i}) for i in range(20)]
+    try:
+        for pid in _nats_server_pids():
+            os.kill(pid, signal.SIGKILL)
+        await wait_for(lambda: not _nats_server_pids(), 10)
+        with pytest.raises(TransportUnavailable):
+            await nats_transport.publish(held)
+    finally:
+        _start_nats_server()
+
+    async def published_after_restart() -> bool:
+        try:
+            await nats_transport.publish(held)
+        except TransportUnavailable:
+            return False
+        return True
+
+    await wait_for(published_after_restart, 60, interval=0.2)
+    after = [Message(type="test.after", data={"n": i}) for i in range(20)]
+    await nats_transport.publish(after)
+    expected = {m.id for m in before + held + after}
+    await wait_for(lambda: expected <= set(collector.ids), 30)
+    assert set(collector.ids) == expected
+    offline = Collector()
+    await nats_transport.subscribe("offline", offline)
+    await wait_for(lambda: expected <= set(offline.ids), 30)
