@@ -62,3 +62,37 @@ Everything else
 - :class:`Upcasters`: per event type, a chain v1 -> v2 -> v3 applied on every
   read path (stream reads, ``read_all``, ``subscribe``, aggregates).
 """
+
+from accord.eventstore._aggregate import Aggregate, applies, event_type_name
+from accord.eventstore._repository import Repository, retry_on_conflict
+from accord.eventstore._store import NOTIFY_CHANNEL, EventStore, Snapshot
+from accord.eventstore._types import (
+    ANY,
+    NO_STREAM,
+    STREAM_EXISTS,
+    AppendResult,
+    ExpectedVersion,
+    NewEvent,
+    RecordedEvent,
+)
+from accord.eventstore._upcasting import Upcaster, Upcasters
+
+__all__ = [
+    "ANY",
+    "NOTIFY_CHANNEL",
+    "NO_STREAM",
+    "STREAM_EXISTS",
+    "Aggregate",
+    "AppendResult",
+    "EventStore",
+    "ExpectedVersion",
+    "NewEvent",
+    "RecordedEvent",
+    "Repository",
+    "Snapshot",
+    "Upcaster",
+    "Upcasters",
+    "applies",
+    "event_type_name",
+    "retry_on_conflict",
+]

@@ -1,0 +1,160 @@
+"""Aggregates: state rebuilt from typed events, one ``@applies`` method per event type."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import TypeAdapter
+
+from accord.errors import ConfigurationError
+from accord.eventstore._types import NewEvent, RecordedEvent
+
+__all__ = ["Aggregate", "applies", "event_type_name"]
+
+E = TypeVar("E")
+F = TypeVar("F", bound=Callable[..., None])
+
+_adapters: dict[type, TypeAdapter[Any]] = {}
+
+
+def _adapter(cls: type) -> TypeAdapter[Any]:
+    adapter = _adapters.get(cls)
+    if adapter is None:
+        adapter = _adapters[cls] = TypeAdapter(cls)
+    return adapter
+
+
+def event_type_name(cls: type) -> str:
+    """The stored type of an event class: ``__event_type__`` if set, else the class name."""
+    return str(getattr(cls, "__event_type__", cls.__name__))
+
+
+def event_schema_version(cls: type) -> int:
+    """The schema version an event class writes: ``__schema_version__`` (default 1)."""
+    return int(getattr(cls, "__schema_version__", 1))
+
+
+def applies(event_class: type) -> Callable[[F], F]:
+    """Mark an aggregate method as the one that applies ``event_class`` to the state.
+
+    The method takes the typed event and mutates ``self``; it must not fail
+    for an event that was once accepted (it runs again on every load).
+    """
+
+    def decorator(fn: F) -> F:
+        fn.__accord_applies__ = event_class  # type: ignore[attr-defined]
+        return fn
+
+    return decorator
+
+
+class Aggregate:
+    """Base class of event-sourced aggregates.
+
+    Subclasses declare typed events (Pydantic models or dataclasses; stored
+    type = class name or ``__event_type__``, schema = ``__schema_version__``)
+    and one ``@applies(EventClass)`` method each. Commands validate, then call
+    :meth:`record`, which applies the event and queues it for
+    :meth:`Repository.save <accord.eventstore.Repository.save>`.
+
+    Class settings: ``snapshot_every`` (take a snapshot every N events; None =
+    never), ``snapshot_version`` (bump it when the snapshot shape changes: older
+    snapshots are then ignored and the aggregate is rebuilt from its events).
+    Override :meth:`snapshot_state` / :meth:`restore_state` when the default
+    (public attributes as JSON) does not fit.
+    """
+
+    snapshot_every: ClassVar[int | None] = None
+    snapshot_version: ClassVar[int] = 1
+    _handlers: ClassVar[dict[str, tuple[type, Callable[..., None]]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        handlers: dict[str, tuple[type, Callable[..., None]]] = {}
+        for base in reversed(cls.__mro__):
+            for value in vars(base).values():
+                event_class = getattr(value, "__accord_applies__", None)
+                if event_class is not None:
+                    handlers[event_type_name(event_class)] = (event_class, value)
+        cls._handlers = handlers
+
+    def __init__(self, id: str) -> None:
+        self.id = id
+        self.version = 0
+        self._pending: list[Any] = []
+
+    @classmethod
+    def aggregate_type(cls) -> str:
+        """The name snapshots are stored under (the class name)."""
+        return cls.__name__
+
+    @classmethod
+    def event_types(cls) -> list[str]:
+        """The stored types of the events this aggregate applies."""
+        return list(cls._handlers)
+
+    def record(self, event: Any) -> None:
+        """Apply a new event to the state and queue it to be saved."""
+        self._dispatch(event)
+        self._pending.append(event)
+
+    @property
+    def pending(self) -> list[Any]:
+        """Events recorded since the aggregate was loaded or last saved."""
+        return list(self._pending)
+
+    def _dispatch(self, event: Any) -> None:
+        name = event_type_name(type(event))
+        entry = self._handlers.get(name)
+        if entry is None:
+            raise ConfigurationError(
+                f"{type(self).__name__} has no @applies({type(event).__name__}) method"
+            )
+        entry[1](self, event)
+
+    def _apply_recorded(self, recorded: RecordedEvent) -> None:
+        entry = self._handlers.get(recorded.type)
+        if entry is None:
+            raise ConfigurationError(
+                f"{type(self).__name__} cannot apply stored event type {recorded.type!r} "
+                f"(stream {recorded.stream_id!r} v{recorded.version}): add an @applies method"
+            )
+        event_class, handler = entry
+        handler(self, _adapter(event_class).validate_python(recorded.data))
+        self.version = recorded.version
+
+    def _new_events(self, metadata: dict[str, Any]) -> list[NewEvent]:
+        return [
+            NewEvent(
+                type=event_type_name(type(e)),
+                data=_adapter(type(e)).dump_python(e, mode="json"),
+                metadata=metadata,
+                schema_version=event_schema_version(type(e)),
+            )
+            for e in self._pending
+        ]
+
+    def snapshot_state(self) -> dict[str, Any]:
+        """The state to snapshot: public attributes except ``id``/``version``, as JSON."""
+        state = {
+            k: v
+            for k, v in vars(self).items()
+            if not k.startswith("_") and k not in ("id", "version")
+        }
+        result: dict[str, Any] = TypeAdapter(dict[str, Any]).dump_python(state, mode="json")
+        return result
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Set the state from :meth:`snapshot_state`'s output; raise if it does not fit."""
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id!r}, version={self.version})"
+
+
+def is_dataclass_event(obj: Any) -> bool:
+    """True for dataclass instances (used in docs/tests)."""
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)

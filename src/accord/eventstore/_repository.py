@@ -1,0 +1,186 @@
+"""Loading and saving aggregates: snapshot + tail, expected versions, time travel, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from accord.errors import ConcurrencyError, ConfigurationError, NotFoundError
+from accord.eventstore._aggregate import Aggregate
+from accord.eventstore._store import EventStore, Snapshot
+from accord.eventstore._types import NO_STREAM, AppendResult
+
+__all__ = ["Repository", "retry_on_conflict"]
+
+log = logging.getLogger("accord.eventstore")
+
+T = TypeVar("T", bound=Aggregate)
+R = TypeVar("R")
+
+
+class Repository(Generic[T]):
+    """Loads and saves aggregates of one class from an :class:`EventStore`.
+
+    The aggregate's id is its stream id. Loading uses the latest snapshot that
+    fits the class (same ``snapshot_version``) and applies the events after
+    it; a snapshot that does not fit, or fails to restore, is ignored and the
+    aggregate is rebuilt from its events (which are upcast like on every read).
+    """
+
+    def __init__(self, store: EventStore, aggregate_class: type[T]) -> None:
+        self.store = store
+        self.aggregate_class = aggregate_class
+
+    def create(self, id: str) -> T:
+        """A new, empty aggregate (version 0) to record the first events on."""
+        return self.aggregate_class(id)
+
+    async def load(
+        self,
+        id: str,
+        *,
+        version: int | None = None,
+        as_of: datetime | None = None,
+        conn: AsyncConnection | None = None,
+    ) -> T:
+        """The aggregate as it is now, or as it was at ``version`` or at time ``as_of``.
+
+        Raises :class:`~accord.errors.NotFoundError` if it had no events (by then).
+        """
+        aggregate = self.aggregate_class(id)
+        start = 1
+        if as_of is None:
+            snapshot = await self.store.load_snapshot(id, conn=conn)
+            if snapshot is not None and (version is None or snapshot.version <= version):
+                if self._restore(aggregate, snapshot):
+                    start = snapshot.version + 1
+                else:
+                    aggregate = self.aggregate_class(id)
+        events = await self.store.read_stream(
+            id, from_version=start, to_version=version, as_of=as_of, conn=conn
+        )
+        for event in events:
+            aggregate._apply_recorded(event)
+        if aggregate.version == 0:
+            when = f" at version {version}" if version else f" as of {as_of}" if as_of else ""
+            raise NotFoundError(f"{self.aggregate_class.__name__} {id!r} has no events{when}")
+        return aggregate
+
+    def _restore(self, aggregate: T, snapshot: Snapshot) -> bool:
+        cls = self.aggregate_class
+        if (
+            snapshot.aggregate_type != cls.aggregate_type()
+            or snapshot.schema_version != cls.snapshot_version
+        ):
+            log.info(
+                "ignoring snapshot of %r (type %s v%s; code wants %s v%s): rebuilding from events",
+                snapshot.stream_id,
+                snapshot.aggregate_type,
+                snapshot.schema_version,
+                cls.aggregate_type(),
+                cls.snapshot_version,
+            )
+            return False
+        try:
+            aggregate.restore_state(snapshot.state)
+        except Exception as exc:
+            log.warning(
+                "snapshot of %r does not fit %s (%s): rebuilding",
+                snapshot.stream_id,
+                cls.__name__,
+                exc,
+            )
+            return False
+        aggregate.version = snapshot.version
+        return True
+
+    async def save(
+        self,
+        aggregate: T,
+        *,
+        conn: AsyncConnection | None = None,
+        outbox: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> AppendResult | None:
+        """Append the aggregate's pending events, expecting the version it was loaded at.
+
+        Raises :class:`~accord.errors.ConcurrencyError` if someone else saved
+        it in between. Takes a snapshot when the new version crosses a multiple
+        of ``snapshot_every``. Returns None if nothing was pending.
+        """
+        pending = aggregate._pending
+        if not pending:
+            return None
+        expected = aggregate.version - len(pending)
+        result = await self.store.append(
+            aggregate.id,
+            aggregate._new_events(metadata or {}),
+            expected_version=expected if expected > 0 else NO_STREAM,
+            conn=conn,
+            outbox=outbox,
+        )
+        aggregate._pending = []
+        every = self.aggregate_class.snapshot_every
+        if every and result.version // every > expected // every:
+            await self.snapshot(aggregate, conn=conn)
+        return result
+
+    async def snapshot(self, aggregate: T, *, conn: AsyncConnection | None = None) -> None:
+        """Store a snapshot of ``aggregate`` at its current version now."""
+        if aggregate._pending:
+            raise ConfigurationError("save the aggregate before taking a snapshot of it")
+        await self.store.save_snapshot(
+            Snapshot(
+                stream_id=aggregate.id,
+                aggregate_type=self.aggregate_class.aggregate_type(),
+                version=aggregate.version,
+                schema_version=self.aggregate_class.snapshot_version,
+                state=aggregate.snapshot_state(),
+                created_at=datetime.now(UTC),
+            ),
+            conn=conn,
+        )
+
+    async def update(
+        self, id: str, command: Callable[[T], Any], *, attempts: int = 5, create: bool = False
+    ) -> T:
+        """Load (or create), run ``command(aggregate)`` and save; on a concurrency
+        conflict reload and run it again, up to ``attempts`` times."""
+
+        async def once() -> T:
+            try:
+                aggregate = await self.load(id)
+            except NotFoundError:
+                if not create:
+                    raise
+                aggregate = self.create(id)
+            outcome = command(aggregate)
+            if asyncio.iscoroutine(outcome):
+                await outcome
+            await self.save(aggregate)
+            return aggregate
+
+        return await retry_on_conflict(once, attempts=attempts)
+
+
+async def retry_on_conflict(
+    command: Callable[[], Awaitable[R]], *, attempts: int = 5, backoff: float = 0.01
+) -> R:
+    """Run ``command()``; if it raises ConcurrencyError, run it again (it must reload
+    its aggregate), with a short jittered backoff, up to ``attempts`` times in all."""
+    if attempts < 1:
+        raise ConfigurationError("retry_on_conflict needs attempts >= 1")
+    for attempt in range(attempts):
+        try:
+            return await command()
+        except ConcurrencyError:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(backoff * (2**attempt) * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")

@@ -1,0 +1,497 @@
+"""The backend-neutral face of the event store: validation, upcasting, subscriptions.
+
+:class:`EventStore` picks its backend from the database (``EventStore(db)``
+returns a :class:`~accord.eventstore._postgres.PostgresEventStore` or a
+:class:`~accord.eventstore._sqlite.SqliteEventStore`); each backend
+implements the few ``_``-prefixed primitives at the bottom of the class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from accord.db.database import Database, translate_errors
+from accord.db.schema_events import snapshots
+from accord.errors import ConcurrencyError, ConfigurationError
+from accord.eventstore._types import (
+    ANY,
+    NO_STREAM,
+    STREAM_EXISTS,
+    AppendResult,
+    ExpectedVersion,
+    NewEvent,
+    RecordedEvent,
+)
+from accord.eventstore._upcasting import Upcasters
+from accord.messages import Message
+
+__all__ = ["NOTIFY_CHANNEL", "EventStore", "Snapshot"]
+
+#: The PostgreSQL channel a commit that appended events notifies (payload: the last position).
+NOTIFY_CHANNEL = "accord_events"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The saved state of an aggregate stream at ``version``.
+
+    ``schema_version`` is the aggregate class's snapshot version when it was
+    taken; a loader ignores a snapshot whose version differs from its own.
+    """
+
+    stream_id: str
+    aggregate_type: str
+    version: int
+    schema_version: int
+    state: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(slots=True)
+class _Row:
+    """One event ready for the database."""
+
+    id: Any
+    type: str
+    schema_version: int
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    recorded_at: datetime
+
+
+def _describe(expected: ExpectedVersion) -> str:
+    return repr(expected) if not isinstance(expected, int) else f"version {expected}"
+
+
+class EventStore:
+    """An append-only event store on an Accord :class:`~accord.db.Database`.
+
+    ``EventStore(database, upcasters)`` returns the implementation for the
+    database's dialect. All methods are safe to call concurrently; every read
+    path returns events upcast by ``upcasters`` to their latest schema.
+    """
+
+    #: Seconds between polls when no notification arrives (subscriptions).
+    poll_interval: float = 1.0
+
+    def __new__(cls, database: Database, *args: Any, **kwargs: Any) -> EventStore:
+        if cls is EventStore:
+            if database.is_postgres:
+                from accord.eventstore._postgres import PostgresEventStore
+
+                cls = PostgresEventStore
+            else:
+                from accord.eventstore._sqlite import SqliteEventStore
+
+                cls = SqliteEventStore
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        database: Database,
+        upcasters: Upcasters | None = None,
+        *,
+        poll_interval: float | None = None,
+    ) -> None:
+        self.database = database
+        self.upcasters = upcasters or Upcasters()
+        if poll_interval is not None:
+            self.poll_interval = poll_interval
+        self._wakers: set[asyncio.Event] = set()
+
+    # --- writing -----------------------------------------------------------
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: ExpectedVersion = ANY,
+        conn: AsyncConnection | None = None,
+        outbox: bool = False,
+    ) -> AppendResult:
+        """Append ``events`` to ``stream_id`` atomically, after checking ``expected_version``.
+
+        ``expected_version`` is :data:`ANY`, :data:`NO_STREAM`,
+        :data:`STREAM_EXISTS` or the stream's exact current version (0 = no
+        stream). If the check fails, nothing is written and
+        :class:`~accord.errors.ConcurrencyError` is raised with ``.actual``
+        set to the stream's version. With ``conn`` the events are written in
+        that connection's transaction and become visible when it commits.
+        With ``outbox=True`` each event is also added to the outbox as an
+        :class:`accord.Message` (id = event id, key = stream id), in the same
+        transaction.
+        """
+        if not isinstance(stream_id, str) or not stream_id:
+            raise ConfigurationError("stream_id must be a non-empty string")
+        if isinstance(expected_version, bool) or (
+            isinstance(expected_version, int) and expected_version < 0
+        ):
+            raise ConfigurationError(
+                f"expected_version must be ANY, NO_STREAM, STREAM_EXISTS or an int >= 0, "
+                f"got {expected_version!r}"
+            )
+        if not events:
+            raise ConfigurationError(f"append to {stream_id!r} was given no events")
+        if expected_version == 0:
+            expected_version = NO_STREAM
+        now = datetime.now(UTC)
+        rows = [
+            _Row(
+                id=e.id,
+                type=e.type,
+                schema_version=e.schema_version or self.upcasters.latest(e.type),
+                data=dict(e.data),
+                metadata=dict(e.metadata),
+                recorded_at=e.time or now,
+            )
+            for e in events
+        ]
+        if outbox:
+            if conn is not None:
+                result = await self._append(conn, stream_id, rows, expected_version)
+                await self._add_to_outbox(conn, stream_id, events, rows, result)
+                return result
+            async with self.database.transaction() as own:
+                result = await self._append(own, stream_id, rows, expected_version)
+                await self._add_to_outbox(own, stream_id, events, rows, result)
+        elif conn is not None:
+            return await self._append(conn, stream_id, rows, expected_version)
+        else:
+            result = await self._append_own(stream_id, rows, expected_version)
+        self._wake_local()
+        return result
+
+    async def _add_to_outbox(
+        self,
+        conn: AsyncConnection,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        rows: Sequence[_Row],
+        result: AppendResult,
+    ) -> None:
+        from accord.outbox import add
+
+        first = result.version - len(rows) + 1
+        messages = [
+            Message(
+                type=row.type,
+                data=dict(event.data),
+                id=str(row.id),
+                time=row.recorded_at,
+                subject=stream_id,
+                key=stream_id,
+                correlationid=_opt(event.metadata.get("correlation_id")),
+                causationid=_opt(event.metadata.get("causation_id")),
+                extensions={
+                    "streamversion": str(first + i),
+                    "schemaversion": str(row.schema_version),
+                    "position": str(result.positions[i]),
+                },
+            )
+            for i, (event, row) in enumerate(zip(events, rows, strict=True))
+        ]
+        await add(conn, *messages)
+
+    def _conflict(self, stream_id: str, expected: ExpectedVersion, actual: int) -> ConcurrencyError:
+        return ConcurrencyError(
+            f"stream {stream_id!r} is at version {actual}, but the append expected "
+            f"{_describe(expected)}: reload the stream and retry the command "
+            "(see accord.eventstore.retry_on_conflict)",
+            expected=expected,
+            actual=actual,
+        )
+
+    def _check(self, stream_id: str, expected: ExpectedVersion, actual: int) -> None:
+        """Raise the conflict if ``actual`` does not satisfy ``expected``."""
+        ok = (
+            expected is ANY
+            or (expected is NO_STREAM and actual == 0)
+            or (expected is STREAM_EXISTS and actual > 0)
+            or (isinstance(expected, int) and expected == actual)
+        )
+        if not ok:
+            raise self._conflict(stream_id, expected, actual)
+
+    # --- reading -----------------------------------------------------------
+
+    async def read_stream(
+        self,
+        stream_id: str,
+        *,
+        from_version: int = 1,
+        to_version: int | None = None,
+        backwards: bool = False,
+        as_of: datetime | None = None,
+        limit: int | None = None,
+        conn: AsyncConnection | None = None,
+    ) -> list[RecordedEvent]:
+        """The events of one stream with ``from_version <= version <= to_version``.
+
+        Oldest first, or newest first with ``backwards=True`` (``limit`` then
+        takes the newest). ``as_of`` keeps only events recorded at or before
+        that time (time travel). A stream that does not exist reads as ``[]``.
+        Stream reads see every committed event at once (no gap-safety wait).
+        """
+        if as_of is not None and as_of.tzinfo is None:
+            raise ConfigurationError("as_of must be timezone-aware (e.g. datetime.now(UTC))")
+        raw = await self._read_stream(
+            stream_id, from_version, to_version, backwards, as_of, limit, conn
+        )
+        return [self._recorded(r) for r in raw]
+
+    async def stream_version(self, stream_id: str, *, conn: AsyncConnection | None = None) -> int:
+        """The stream's current version (0 if it has no events)."""
+        return await self._stream_version(stream_id, conn)
+
+    async def read_all(
+        self,
+        after: int = 0,
+        *,
+        limit: int = 1000,
+        types: Sequence[str] | None = None,
+        conn: AsyncConnection | None = None,
+    ) -> list[RecordedEvent]:
+        """Up to ``limit`` events with ``position > after``, in position order, gap-safe.
+
+        Only events of finished transactions are returned, in an order that
+        later commits can never precede: calling again with the position of
+        the last event returned never misses an event (see the package docs).
+        ``types`` keeps only those event types.
+        """
+        events, _bound = await self._read_all(after, limit, list(types) if types else None, conn)
+        return events
+
+    async def head(self, *, conn: AsyncConnection | None = None) -> int:
+        """The highest position :meth:`read_all` can return now (0 if none)."""
+        return await self._head(conn)
+
+    async def count(
+        self,
+        after: int = 0,
+        *,
+        upto: int | None = None,
+        types: Sequence[str] | None = None,
+        conn: AsyncConnection | None = None,
+    ) -> int:
+        """How many events ``read_all`` would return with ``after < position <= upto``
+        (``upto`` = the current head). Use this for "events behind", never ``head - after``:
+        positions are not dense on PostgreSQL."""
+        return await self._count(after, upto, list(types) if types else None, conn)
+
+    async def subscribe(
+        self,
+        after: int = 0,
+        *,
+        types: Sequence[str] | None = None,
+        batch_size: int = 1000,
+    ) -> AsyncIterator[RecordedEvent]:
+        """Every event with ``position > after``: first the history, then live events.
+
+        Gap-safe like :meth:`read_all`, each event exactly once, in position
+        order. Wakes on PostgreSQL NOTIFY, polls every ``poll_interval``
+        otherwise. Runs until the consumer stops iterating (``break``/``aclose``).
+        """
+        wanted = list(types) if types else None
+        wake = asyncio.Event()
+        notified = 0
+
+        def on_notify(payload: str) -> None:
+            nonlocal notified
+            with contextlib.suppress(ValueError):
+                notified = max(notified, int(payload))
+            wake.set()
+
+        stop = await self._listen(on_notify)
+        self._wakers.add(wake)
+        cursor = after
+        backoff = 0.005
+        try:
+            while True:
+                wake.clear()
+                events, bound = await self._read_all(cursor, batch_size, wanted, None)
+                for event in events:
+                    cursor = event.position
+                    yield event
+                if len(events) == batch_size:
+                    continue
+                if notified >= bound:
+                    # A commit we were told about is not visible yet: an older
+                    # transaction is still open. Poll fast until it is.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), backoff)
+                    backoff = min(backoff * 2, 0.1, self.poll_interval)
+                    continue
+                backoff = 0.005
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.poll_interval)
+        finally:
+            self._wakers.discard(wake)
+            if stop is not None:
+                await stop()
+
+    async def close(self) -> None:
+        """Release what the store holds (connections kept for speed); it stays usable."""
+
+    async def __aenter__(self) -> EventStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _wake_local(self) -> None:
+        for wake in self._wakers:
+            wake.set()
+
+    def _recorded(self, r: Any) -> RecordedEvent:
+        """A RecordedEvent from a row ``(position, stream_id, version, id, type,
+        schema_version, data, metadata, recorded_at)``, upcast to the latest schema."""
+        position, stream_id, version, event_id, type_, schema_version, data, meta, at = r
+        if not isinstance(data, dict):
+            data = json.loads(data)
+        if not isinstance(meta, dict):
+            meta = json.loads(meta)
+        latest = self.upcasters.latest(type_)
+        if schema_version != latest and (schema_version < latest or latest > 1):
+            # Lift old payloads; a payload newer than the code raises a clear DecodeError.
+            data = self.upcasters.upcast(type_, schema_version, data)
+            schema_version = latest
+        return RecordedEvent(
+            position=position,
+            stream_id=stream_id,
+            version=version,
+            type=type_,
+            schema_version=schema_version,
+            data=data,
+            metadata=meta,
+            recorded_at=at,
+            id=event_id,
+        )
+
+    # --- snapshots ---------------------------------------------------------
+
+    async def save_snapshot(
+        self, snapshot: Snapshot, *, conn: AsyncConnection | None = None
+    ) -> None:
+        """Keep ``snapshot`` as the stream's latest unless a newer one is already stored."""
+        await self._save_snapshot(snapshot, conn)
+
+    async def load_snapshot(
+        self, stream_id: str, *, conn: AsyncConnection | None = None
+    ) -> Snapshot | None:
+        """The stream's latest snapshot, or None."""
+        return await self._load_snapshot(stream_id, conn)
+
+    # --- backend primitives ------------------------------------------------
+
+    async def _append(
+        self,
+        conn: AsyncConnection,
+        stream_id: str,
+        rows: Sequence[_Row],
+        expected: ExpectedVersion,
+    ) -> AppendResult:
+        """Append in ``conn``'s transaction (which may be the caller's)."""
+        raise NotImplementedError
+
+    async def _append_own(
+        self, stream_id: str, rows: Sequence[_Row], expected: ExpectedVersion
+    ) -> AppendResult:
+        """Append in a transaction of its own, committed on return."""
+        async with self.database.transaction() as conn:
+            return await self._append(conn, stream_id, rows, expected)
+
+    async def _read_stream(
+        self,
+        stream_id: str,
+        from_version: int,
+        to_version: int | None,
+        backwards: bool,
+        as_of: datetime | None,
+        limit: int | None,
+        conn: AsyncConnection | None,
+    ) -> Sequence[Any]:
+        raise NotImplementedError
+
+    async def _stream_version(self, stream_id: str, conn: AsyncConnection | None) -> int:
+        raise NotImplementedError
+
+    async def _read_all(
+        self, after: int, limit: int, types: list[str] | None, conn: AsyncConnection | None
+    ) -> tuple[list[RecordedEvent], int]:
+        """Events after ``after`` and the exclusive upper bound of what was visible."""
+        raise NotImplementedError
+
+    async def _head(self, conn: AsyncConnection | None) -> int:
+        raise NotImplementedError
+
+    async def _count(
+        self, after: int, upto: int | None, types: list[str] | None, conn: AsyncConnection | None
+    ) -> int:
+        raise NotImplementedError
+
+    async def _listen(self, callback: Any) -> Any:
+        """Start listening for commits; return an async stop function or None."""
+        return None
+
+    async def _save_snapshot(self, snapshot: Snapshot, conn: AsyncConnection | None) -> None:
+        if self.database.is_postgres:
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+        values = {
+            "stream_id": snapshot.stream_id,
+            "aggregate_type": snapshot.aggregate_type,
+            "version": snapshot.version,
+            "schema_version": snapshot.schema_version,
+            "state": snapshot.state,
+            "created_at": snapshot.created_at,
+        }
+        stmt = insert(snapshots).values(values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[snapshots.c.stream_id],
+            set_={k: stmt.excluded[k] for k in values if k != "stream_id"},
+            where=(snapshots.c.version <= stmt.excluded.version)
+            | (snapshots.c.schema_version != stmt.excluded.schema_version),
+        )
+        with translate_errors("saving a snapshot"):
+            if conn is not None:
+                await conn.execute(stmt)
+            else:
+                async with self.database.transaction() as own:
+                    await own.execute(stmt)
+
+    async def _load_snapshot(self, stream_id: str, conn: AsyncConnection | None) -> Snapshot | None:
+        query = sa.select(snapshots).where(snapshots.c.stream_id == stream_id)
+        with translate_errors("loading a snapshot"):
+            if conn is not None:
+                row = (await conn.execute(query)).first()
+            else:
+                async with self.database.connect() as own:
+                    row = (await own.execute(query)).first()
+        if row is None:
+            return None
+        return Snapshot(
+            stream_id=row.stream_id,
+            aggregate_type=row.aggregate_type,
+            version=row.version,
+            schema_version=row.schema_version,
+            state=row.state,
+            created_at=row.created_at,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.database!r})"
+
+
+def _opt(value: Any) -> str | None:
+    return None if value is None else str(value)
