@@ -116,20 +116,21 @@ async def test_a_key_waits_behind_an_earlier_message_in_backoff(
         await add_to_outbox(conn, blocked[0], free[0], blocked[1], free[1], blocked[2], free[2])
 
     faulty = FaultyTransport(transport, fail_ids={blocked[0].id})
-    relay = fast_relay(database, faulty, max_attempts=100, backoff_base=0.3, backoff_cap=0.3)
-    for _ in range(4):
+    relay = fast_relay(database, faulty, max_attempts=100, backoff_base=2.0, backoff_cap=2.0)
+    await relay.run_once()  # alice's first fails and goes into backoff (1-2 s)
+    faulty.fail_ids.clear()
+    for _ in range(3):  # rounds while alice's first still waits in backoff
         await relay.run_once()
-        await asyncio.sleep(0.35)
     await received.wait(3)
     await asyncio.sleep(0.3)
-    # bob's messages flowed; none of alice's overtook her first, still in backoff.
+    # bob's messages flowed; none of alice's overtook her first.
     assert received.ids == [m.id for m in free]
 
-    faulty.fail_ids.clear()
-    await asyncio.sleep(0.35)
-    while await relay.run_once():
-        pass
-    await received.wait(6)
+    async def drained() -> bool:
+        await relay.run_once()
+        return len(received.ids) == 6
+
+    await wait_for(drained, 10, interval=0.1)
     assert received.ids[3:] == [m.id for m in blocked]
 
 
