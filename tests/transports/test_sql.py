@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
-from accord.testing import TransportContract
-from accord.transports.base import Transport
-from accord.transports.sql import SqlTransport
+from accord.db import Database
+from accord.db.schema import queue, queue_deliveries
+from accord.errors import ConfigurationError, PublishError, TransportUnavailable
+from accord.messages import Message
+from accord.testing import Collector, TransportContract, wait_for
+from accord.transports.base import Delivery, Handler, Transport
+from accord.transports.sql import SqlSubscription, SqlTransport
 
 
 class TestSqlTransportOnSqlite(TransportContract):
@@ -36,3 +47,322 @@ class TestSqlTransportOnPostgres(TransportContract):
     async def publish_raw(self, transport: Transport, headers: dict[str, str], body: bytes) -> None:
         assert isinstance(transport, SqlTransport)
         await transport.publish_raw(headers, body)
+
+
+# -- the SQL transport's own promises ---------------------------------------------------
+
+CHILD_CONSUMER = r"""
+import asyncio, sys
+from accord.transports.sql import SqlTransport
+
+async def main(url, channel):
+    transport = SqlTransport(url, channel=channel, poll_interval=0.05, lease=1.0)
+    await transport.connect()
+
+    async def hang(delivery):
+        print("got", delivery.message.id, delivery.attempt, flush=True)
+        await asyncio.Event().wait()
+
+    await transport.subscribe("workers", hang)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+@pytest.fixture
+def channel() -> str:
+    return f"sql-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def transports(db_url: str, channel: str) -> AsyncIterator[Callable[..., SqlTransport]]:
+    """Make connected-on-demand SqlTransports on the test database; closed at teardown."""
+    made: list[SqlTransport] = []
+
+    def make(**options: Any) -> SqlTransport:
+        options.setdefault("poll_interval", 0.05)
+        transport = SqlTransport(db_url, channel=channel, **options)
+        made.append(transport)
+        return transport
+
+    yield make
+    for transport in made:
+        await transport.close()
+
+
+@pytest.fixture
+async def children() -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """Subprocesses started by a test; killed at teardown whatever happened."""
+    procs: list[asyncio.subprocess.Process] = []
+    yield procs
+    for proc in procs:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _count(transport: SqlTransport, table: sa.Table) -> int:
+    async with transport.database.connect() as conn:
+        value = await conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(table)
+            .where(table.c.channel == transport.channel)
+        )
+    return int(value or 0)
+
+
+async def _read_line(proc: asyncio.subprocess.Process, timeout: float = 20.0) -> str:
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+    if not line:
+        raise AssertionError(f"child exited (code {await proc.wait()}) without printing")
+    return line.decode().strip()
+
+
+@pytest.mark.fault
+async def test_delivery_of_a_sigkilled_consumer_comes_back_after_the_lease(
+    db_url: str,
+    channel: str,
+    transports: Callable[..., SqlTransport],
+    children: list[asyncio.subprocess.Process],
+) -> None:
+    publisher = transports()
+    await publisher.connect()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD_CONSUMER, db_url, channel, stdout=asyncio.subprocess.PIPE
+    )
+    children.append(proc)
+    assert await _read_line(proc) == "ready"
+    sent = Message(type="job.started", data={"n": 1})
+    await publisher.publish([sent])
+    assert await _read_line(proc) == f"got {sent.id} 1"
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+
+    survivor = transports(lease=1.0)
+    collector = Collector()
+    await survivor.subscribe("workers", collector)
+    await collector.wait(1, timeout=15)
+    message, attempt = collector.received[0]
+    assert message is not None and message.id == sent.id
+    assert attempt == 2, "the dead consumer's claim counts as an attempt"
+
+    async def settled() -> bool:
+        return await _count(survivor, queue_deliveries) == 0
+
+    await wait_for(settled, 10)
+
+
+async def test_per_key_order_holds_with_competing_consumers(
+    transports: Callable[..., SqlTransport],
+) -> None:
+    keys = [f"k{i}" for i in range(20)]
+    sent = [
+        Message(type="score.awarded", data={"n": n}, key=keys[n % len(keys)]) for n in range(200)
+    ]
+    in_flight: set[str] = set()
+    overlaps: list[str] = []
+    done: dict[str, list[int]] = {key: [] for key in keys}
+    handled_by: dict[str, int] = {"a": 0, "b": 0}
+    rng = random.Random(7)
+
+    def handler_for(name: str) -> Handler:
+        async def handle(delivery: Delivery) -> None:
+            message = delivery.message
+            assert message is not None and message.key is not None
+            if message.key in in_flight:
+                overlaps.append(f"{message.key}#{message.data['n']}")
+            in_flight.add(message.key)
+            try:
+                await asyncio.sleep(rng.random() * 0.003)
+                if message.data["n"] % 7 == 3 and delivery.attempt == 1:
+                    await delivery.nack(0.05)  # later messages of this key must wait
+                    return
+                done[message.key].append(message.data["n"])
+                handled_by[name] += 1
+            finally:
+                in_flight.discard(message.key)
+
+        return handle
+
+    publisher, a, b = transports(), transports(), transports()
+    await a.subscribe("workers", handler_for("a"), prefetch=4)
+    await b.subscribe("workers", handler_for("b"), prefetch=4)
+    for start in range(0, len(sent), 20):
+        await publisher.publish(sent[start : start + 20])
+
+    def all_done() -> bool:
+        return sum(len(v) for v in done.values()) >= len(sent)
+
+    await wait_for(all_done, 30)
+    assert overlaps == [], "two consumers held the same key at once"
+    for index, key in enumerate(keys):
+        assert done[key] == list(range(index, 200, len(keys))), f"key {key} out of order"
+    assert handled_by["a"] > 0 and handled_by["b"] > 0, handled_by
+
+
+@pytest.mark.postgres
+async def test_postgres_consumer_wakes_on_notify_not_on_poll(pg_url: str, channel: str) -> None:
+    publisher = SqlTransport(pg_url, channel=channel, poll_interval=30)
+    consumer = SqlTransport(pg_url, channel=channel, poll_interval=30)
+    try:
+        collector = Collector()
+        subscription = await consumer.subscribe("live", collector)
+        assert isinstance(subscription, SqlSubscription)
+
+        def idle() -> bool:
+            return subscription.idle
+
+        for n in range(3):
+            await wait_for(idle, 5)
+            await publisher.publish([Message(type="live.tick", data={"n": n})])
+            await collector.wait(n + 1, timeout=5)  # far below the 30 s poll
+    finally:
+        await publisher.close()
+        await consumer.close()
+
+
+async def test_cleanup_removes_messages_every_group_has_settled(
+    transports: Callable[..., SqlTransport],
+) -> None:
+    transport = transports(cleanup_batch=3)
+    fast, slow = Collector(), Collector()
+    await transport.subscribe("fast", fast)
+    slow_subscription = await transport.subscribe("slow", slow)
+    await transport.publish([Message(type="t.x", data=n) for n in range(10)])
+    await fast.wait(10)
+    await slow.wait(10)
+
+    async def deliveries_settled() -> bool:
+        return await _count(transport, queue_deliveries) == 0
+
+    await wait_for(deliveries_settled, 10)
+    assert await _count(transport, queue) == 10
+    assert await transport.cleanup() == 10  # in batches of 3
+    assert await _count(transport, queue) == 0
+
+    await slow_subscription.stop()
+    await transport.publish([Message(type="t.x", data=n) for n in range(4)])
+    await fast.wait(14)
+
+    async def only_slow_left() -> bool:
+        return await _count(transport, queue_deliveries) == 4
+
+    await wait_for(only_slow_left, 10)
+    assert await transport.cleanup() == 0, "a message the slow group still needs was deleted"
+    assert await _count(transport, queue) == 4
+
+
+async def test_cleanup_runs_periodically(transports: Callable[..., SqlTransport]) -> None:
+    transport = transports(cleanup_interval=0.2)
+    collector = Collector()
+    await transport.subscribe("g", collector)
+    await transport.publish([Message(type="t.x", data=n) for n in range(5)])
+    await collector.wait(5)
+
+    async def cleaned() -> bool:
+        return await _count(transport, queue) == 0
+
+    await wait_for(cleaned, 10)
+
+
+async def test_stop_gives_unsettled_deliveries_back_at_once(
+    transports: Callable[..., SqlTransport],
+) -> None:
+    transport = transports(lease=30.0)
+    seen: list[Delivery] = []
+
+    async def hang(delivery: Delivery) -> None:
+        seen.append(delivery)
+        await asyncio.Event().wait()
+
+    subscription = await transport.subscribe("g", hang, prefetch=10)
+    sent = [Message(type="t.x", data=n) for n in range(3)]
+    await transport.publish(sent)
+    await wait_for(lambda: seen, 10)
+    await subscription.stop()  # cancels the handler; the 30 s lease must not matter
+    collector = Collector()
+    await transport.subscribe("g", collector)
+    await collector.wait(3, timeout=10)
+    assert [(m.id if m else None, a) for m, a in collector.received] == [
+        (sent[0].id, 2),  # it reached a handler: that attempt counts
+        (sent[1].id, 1),  # prefetched but never handled: not an attempt
+        (sent[2].id, 1),
+    ]
+
+
+async def test_a_slow_handler_keeps_its_lease(transports: Callable[..., SqlTransport]) -> None:
+    a, b = transports(lease=0.6), transports(lease=0.6)
+    finished = asyncio.Event()
+
+    async def slow(delivery: Delivery) -> None:
+        await asyncio.sleep(1.5)  # well past the lease: extending it must keep it here
+        finished.set()
+
+    await a.subscribe("g", slow)
+    await a.publish([Message(type="t.slow")])
+    await wait_for(lambda: a._subscriptions[0]._current is not None, 10)
+    other = Collector()
+    await b.subscribe("g", other)
+    await asyncio.wait_for(finished.wait(), 10)
+
+    async def settled() -> bool:
+        return await _count(a, queue_deliveries) == 0
+
+    await wait_for(settled, 10)
+    assert other.received == [], "the delivery was handed to a second consumer"
+
+
+async def test_a_message_id_is_stored_once_while_its_row_lives(
+    transports: Callable[..., SqlTransport],
+) -> None:
+    transport = transports()
+    subscription = await transport.subscribe("g", Collector())
+    await subscription.stop()
+    message = Message(type="t.dup")
+    await transport.publish([message, message])
+    await transport.publish([message])
+    assert await _count(transport, queue) == 1
+    assert await _count(transport, queue_deliveries) == 1
+
+
+async def test_messages_no_group_wants_are_not_stored(
+    transports: Callable[..., SqlTransport],
+) -> None:
+    transport = transports()
+    await transport.subscribe("matches", Collector(), topics=["match.*"])
+    await transport.publish([Message(type="score.awarded"), Message(type="match.recorded")])
+    assert await _count(transport, queue) == 1
+
+
+async def test_unreachable_database_is_transport_unavailable() -> None:
+    transport = SqlTransport("postgresql+asyncpg://postgres@127.0.0.1:1/nowhere")
+    with pytest.raises(TransportUnavailable, match="unavailable"):
+        await transport.connect()
+    with pytest.raises(TransportUnavailable):
+        await transport.publish([Message(type="t.x")])
+    await transport.close()
+
+
+@pytest.mark.postgres
+async def test_a_rejected_batch_names_every_message(pg_url: str, channel: str) -> None:
+    transport = SqlTransport(pg_url, channel=channel)
+    try:
+        await transport.subscribe("g", Collector())
+        good, bad = Message(type="t.x"), Message(type="t.x", key="k" * 300)
+        with pytest.raises(PublishError) as caught:
+            await transport.publish([good, bad])
+        assert set(caught.value.failed) == {good.id, bad.id}  # one transaction: none stored
+        assert not isinstance(caught.value.failed[good.id], TransportUnavailable)
+        assert await _count(transport, queue) == 0
+    finally:
+        await transport.close()
+
+
+def test_needs_exactly_one_of_url_and_database() -> None:
+    with pytest.raises(ConfigurationError):
+        SqlTransport()
+    with pytest.raises(ConfigurationError):
+        SqlTransport("sqlite:///x.db", database=Database("sqlite:///x.db"))
