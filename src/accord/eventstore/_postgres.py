@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db.database import translate_errors
@@ -108,10 +109,10 @@ def _is_version_conflict(exc: BaseException) -> bool:
 class PostgresEventStore(EventStore):
     """The event store on PostgreSQL: concurrent writers, gap-safe readers.
 
-    Appends and reads made outside a caller's transaction run on the asyncpg
-    connection under a pooled SQLAlchemy connection that the store keeps
-    checked out between calls (at most ``hot_connections`` of them; a pool
-    checkout costs more than the append itself). :meth:`close` gives them back.
+    Appends and reads made outside a caller's transaction run as single
+    statements on plain asyncpg connections that the store keeps between calls
+    (at most ``hot_connections`` idle ones; a SQLAlchemy pool checkout costs
+    more than the append itself). :meth:`close` closes them.
     """
 
     #: Pool connections the store keeps for its own statements between calls.
@@ -119,32 +120,31 @@ class PostgresEventStore(EventStore):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._idle: list[AsyncConnection] = []
+        self._idle: list[Any] = []
+        self._dsn = (
+            make_url(self.database.url)
+            .set(drivername="postgresql")
+            .render_as_string(hide_password=False)
+        )
         self._notify_max = 0
         self._notified = 0
         self._notifier: asyncio.Task[None] | None = None
 
     async def _driver_call(self, fn: Callable[[Any], Any], what: str) -> Any:
         """Run ``fn(asyncpg_connection)`` outside any transaction (each statement
-        commits on its own), on one of the store's connections."""
-        conn: AsyncConnection | None = None
+        commits on its own), on one of the store's own connections."""
+        conn: Any = None
         try:
-            conn = self._idle.pop() if self._idle else await self.database.engine.connect()
-            raw = await conn.get_raw_connection()
-            result = await fn(raw.driver_connection)
-        except (
-            asyncpg.PostgresError,
-            asyncpg.InterfaceError,
-            OSError,
-            sa.exc.SQLAlchemyError,
-        ) as exc:
+            conn = self._idle.pop() if self._idle else await asyncpg.connect(self._dsn)
+            result = await fn(conn)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             if conn is not None and not isinstance(exc, asyncpg.PostgresError):
-                await _discard(conn)
+                conn.terminate()
                 conn = None
             raise DatabaseError(f"{what} failed: {exc.__class__.__name__}: {exc}") from exc
         except BaseException:
             if conn is not None:
-                await _discard(conn)
+                conn.terminate()  # it may be mid-statement (cancelled): never reuse it
                 conn = None
             raise
         finally:
@@ -181,7 +181,10 @@ class PostgresEventStore(EventStore):
             await asyncio.gather(self._notifier, return_exceptions=True)
         idle, self._idle = self._idle, []
         for conn in idle:
-            await _discard(conn, invalidate=False)
+            try:
+                await conn.close()
+            except Exception:  # closing anyway
+                conn.terminate()
 
     async def _query(
         self, sql: str, args: Sequence[Any], conn: AsyncConnection | None, what: str
@@ -337,12 +340,3 @@ class PostgresEventStore(EventStore):
 
     async def _listen(self, callback: Any) -> Any:
         return await self.database.listen(NOTIFY_CHANNEL, callback)
-
-
-async def _discard(conn: AsyncConnection, *, invalidate: bool = True) -> None:
-    try:
-        if invalidate:
-            await conn.invalidate()
-        await conn.close()
-    except Exception:  # the connection is being thrown away anyway
-        pass
