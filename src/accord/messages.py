@@ -19,6 +19,8 @@ _HEADER_PREFIX = "ce-"
 _FOREIGN_PREFIXES = ("ce_", "cloudEvents_", "cloudEvents:")
 _CORE = ("id", "source", "type", "specversion", "time", "subject", "datacontenttype")
 _EXTENSIONS = ("correlationid", "causationid", "partitionkey", "traceparent")
+# Names an extension may not take: the attributes Message has fields for, and "data".
+_RESERVED = frozenset((*_CORE, *_EXTENSIONS, "data"))
 
 
 def new_id() -> str:
@@ -38,6 +40,9 @@ class Message:
     (the CloudEvents ``partitionkey`` extension): messages with the same key
     reach a consumer in commit order. ``data`` is any JSON-serialisable value.
     The ``id`` is stable across retries and is what the inbox deduplicates on.
+    With a non-JSON ``datacontenttype`` (``text/plain``...), ``data`` is the text itself.
+    ``extensions`` are further CloudEvents extension attributes (lower-case letters
+    and digits by the spec); they may not reuse the name of an attribute above.
     """
 
     type: str
@@ -59,6 +64,14 @@ class Message:
             raise ValueError("Message.type must be a non-empty string")
         if not self.id:
             raise ValueError("Message.id must be a non-empty string")
+        if not self.source:
+            raise ValueError("Message.source must be a non-empty string (CloudEvents requires it)")
+        shadowing = sorted(set(self.extensions) & _RESERVED)
+        if shadowing:
+            raise ValueError(
+                f"extension {shadowing[0]!r} has the name of a message attribute; "
+                "set the attribute itself or rename the extension"
+            )
 
     def caused(self, type: str, data: Any = None, **kwargs: Any) -> Message:
         """A new message caused by this one: same correlation id, causation = this id."""
@@ -78,7 +91,7 @@ class Message:
             "source": self.source,
             "type": self.type,
             "specversion": self.specversion,
-            "time": self.time.isoformat().replace("+00:00", "Z"),
+            "time": _rfc3339(self.time),
             "datacontenttype": self.datacontenttype,
         }
         optional = {
@@ -93,15 +106,32 @@ class Message:
         return attrs
 
 
+def _rfc3339(moment: datetime) -> str:
+    # Always UTC: an offset with seconds (old zoneinfo offsets) is not RFC 3339.
+    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _is_json(content_type: str) -> bool:
+    return "json" in content_type.lower()
+
+
 def encode(message: Message) -> tuple[dict[str, str], bytes]:
-    """CloudEvents binary mode: attributes as ``ce-`` headers, data as the body."""
+    """CloudEvents binary mode: attributes as ``ce-`` headers, data as the body
+    (JSON for JSON content types; the text itself, UTF-8, for others)."""
     headers = {}
     for name, value in message.attributes().items():
         if name == "datacontenttype":
             headers["content-type"] = value
         else:
             headers[_HEADER_PREFIX + name] = value
-    body = json.dumps(message.data, separators=(",", ":"), default=str).encode()
+    data = message.data
+    if _is_json(message.datacontenttype) or not isinstance(data, str | bytes | None):
+        body = json.dumps(data, separators=(",", ":"), default=str).encode()
+    elif data is None:
+        body = b""
+    else:
+        body = data if isinstance(data, bytes) else data.encode()
     return headers, body
 
 
@@ -133,19 +163,22 @@ def decode(headers: Mapping[str, Any], body: bytes) -> Message:
     if attrs["specversion"] != SPECVERSION:
         raise DecodeError(f"unsupported CloudEvents specversion {attrs['specversion']!r}")
     content_type = attrs.get("datacontenttype", "application/json")
-    if body == b"":
-        data: Any = None
-    elif "json" in content_type:
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DecodeError(f"body is not valid JSON ({exc})") from exc
+    if _is_json(content_type):
+        if body == b"":
+            data: Any = None
+        else:
+            try:
+                data = json.loads(body)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise DecodeError(f"body is not valid JSON ({exc})") from exc
     else:
         try:
             data = body.decode()
         except UnicodeDecodeError as exc:
             raise DecodeError(f"body of type {content_type!r} is not UTF-8 text") from exc
     known = set(_CORE) | set(_EXTENSIONS)
+    if "data" in attrs:
+        raise DecodeError("a header names a CloudEvents attribute 'data', which is reserved")
     return Message(
         id=attrs["id"],
         source=attrs["source"],

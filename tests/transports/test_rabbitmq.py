@@ -14,14 +14,14 @@ from typing import Any
 
 import aio_pika
 import pytest
+from tests.conftest import RABBIT_URL
 
 from accord.errors import PublishError, TransportError, TransportUnavailable
 from accord.messages import Message
-from accord.testing import Collector, TransportContract, wait_for
+from accord.testing import TransportContract, wait_for
 from accord.transports import from_url
 from accord.transports.base import Delivery, Transport
 from accord.transports.rabbitmq import RabbitTopology, RabbitTransport
-from tests.conftest import RABBIT_URL
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -225,3 +225,62 @@ class TestRabbitSpecifics:
         await wait_for(quick_came_back, 10)
         assert ("retry.slow", 2) not in seen
         assert seen[:2] == [("retry.slow", 1), ("retry.quick", 1)]
+
+
+async def rabbitmqctl(*args: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(90):
+            _out, err = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode == 0, f"rabbitmqctl {' '.join(args)} failed: {err.decode()}"
+
+
+@pytest.mark.fault
+@pytest.mark.slow
+async def test_subscription_and_publishing_survive_a_broker_restart(
+    rabbit: Callable[..., RabbitTransport],
+) -> None:
+    transport = rabbit(publish_timeout=3.0)
+    await transport.connect()
+    gate = asyncio.Event()
+    seen: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        assert delivery.message is not None
+        seen.append(delivery.message.id)
+        await gate.wait()  # holds the first delivery (and the prefetched rest) unsettled
+
+    await transport.subscribe("survivor", handler, prefetch=10)
+    before = [Message(type="restart.before", data=i) for i in range(30)]
+    await transport.publish(before)
+    await wait_for(lambda: seen, 10)
+
+    await rabbitmqctl("stop_app")
+    try:
+        with pytest.raises(TransportUnavailable):
+            await transport.publish([Message(type="restart.during")])
+        gate.set()  # the handler returns; its ack cannot reach the broker
+    finally:
+        await rabbitmqctl("start_app")
+
+    after = [Message(type="restart.after", data=i) for i in range(30)]
+
+    async def published() -> bool:
+        try:
+            await transport.publish(after)
+        except TransportUnavailable:
+            return False
+        return True
+
+    await wait_for(published, 30, interval=0.5)
+
+    def everything_confirmed_arrived() -> bool:
+        return {m.id for m in before + after} <= set(seen)
+
+    await wait_for(everything_confirmed_arrived, 30)
