@@ -1,0 +1,176 @@
+"""``accord inbox``: the consumers' inbox and dead letters."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from accord.cli.app import DbOption, JsonOption, app, console, print_json, run
+from accord.db import Database
+from accord.inbox import DeadLetter, DeadLetters, Inbox
+
+__all__ = ["inbox_app"]
+
+inbox_app = typer.Typer(help="Consumers' inbox and dead letters.", no_args_is_help=True)
+dead_app = typer.Typer(
+    help="Messages consumers gave up on: list, show, replay, purge.", no_args_is_help=True
+)
+inbox_app.add_typer(dead_app, name="dead")
+app.add_typer(inbox_app, name="inbox")
+
+ConsumerOption = Annotated[
+    str | None, typer.Option("--consumer", "-c", help="Only this consumer's dead letters.")
+]
+
+
+@inbox_app.command("status")
+def status(db: DbOption, consumer: ConsumerOption = None, as_json: JsonOption = False) -> None:
+    """Messages applied and dead letters per consumer."""
+
+    async def go() -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        async with Database(db) as database:
+            applied = await Inbox(database).count(consumer)
+            dead = await DeadLetters(database).count()
+        if consumer is not None:
+            dead = {k: v for k, v in dead.items() if k == consumer}
+        return applied, dead
+
+    applied, dead = run(go())
+    names = sorted(set(applied) | set(dead))
+    rows = [
+        {
+            "consumer": name,
+            "applied": applied.get(name, 0),
+            "dead": dead.get(name, {}).get("DEAD", 0),
+            "replaying": dead.get(name, {}).get("REPLAY", 0),
+        }
+        for name in names
+    ]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("consumer", "applied", "dead", "replaying")
+    for row in rows:
+        table.add_row(row["consumer"], str(row["applied"]), str(row["dead"]), str(row["replaying"]))
+    console.print(table)
+
+
+@dead_app.command("list")
+def dead_list(
+    db: DbOption,
+    consumer: ConsumerOption = None,
+    limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+    as_json: JsonOption = False,
+) -> None:
+    """List dead letters, oldest first."""
+
+    async def go() -> list[DeadLetter]:
+        async with Database(db) as database:
+            return list(await DeadLetters(database).list(consumer, limit=limit))
+
+    letters = run(go())
+    if as_json:
+        print_json([letter.to_dict() for letter in letters])
+        return
+    if not letters:
+        console.print("No dead letters.")
+        return
+    table = Table("id", "consumer", "type", "kind", "attempts", "status", "created", "reason")
+    for letter in letters:
+        table.add_row(
+            str(letter.id),
+            letter.consumer,
+            letter.message_type or "?",
+            letter.kind,
+            str(letter.attempts),
+            letter.status,
+            letter.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            letter.summary[:80],
+        )
+    console.print(table)
+
+
+@dead_app.command("show")
+def dead_show(
+    letter_id: Annotated[int, typer.Argument(help="Dead letter id (see `list`).")],
+    db: DbOption,
+    as_json: JsonOption = False,
+) -> None:
+    """Show one dead letter in full: headers, body and the whole reason."""
+
+    async def go() -> DeadLetter:
+        async with Database(db) as database:
+            return await DeadLetters(database).get(letter_id)
+
+    letter = run(go())
+    view = letter.to_dict(full=True)
+    if as_json:
+        print_json(view)
+        return
+    for key in ("id", "consumer", "message_id", "message_type", "kind", "attempts", "status"):
+        console.print(f"[bold]{key}:[/] {view[key]}")
+    console.print(f"[bold]created_at:[/] {view['created_at']}")
+    console.print("[bold]headers:[/]")
+    for name, value in letter.headers.items():
+        console.print(f"  {name}: {value}", markup=False)
+    console.print("[bold]body:[/]")
+    console.print(letter.body_text(), markup=False)
+    console.print("[bold]reason:[/]")
+    console.print(letter.reason, markup=False)
+
+
+@dead_app.command("replay")
+def dead_replay(
+    db: DbOption,
+    letter_id: Annotated[
+        int | None, typer.Argument(help="Dead letter id; omit with --all.")
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+    consumer: ConsumerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Deliver dead letters to their consumer again, attempts reset. The running consumer
+    picks them up within its replay interval."""
+    if (letter_id is None) == (not all_):
+        console.print("[red]error:[/] give a dead letter ID, or --all (optionally --consumer)")
+        raise typer.Exit(2)
+
+    async def go() -> int:
+        async with Database(db) as database:
+            letters = DeadLetters(database)
+            if letter_id is not None:
+                await letters.replay(letter_id)
+                return 1
+            return await letters.replay_all(consumer)
+
+    count = run(go())
+    if as_json:
+        print_json({"replaying": count, "id": letter_id})
+    else:
+        console.print(f"Marked {count} dead letter(s) for replay.")
+
+
+@dead_app.command("purge")
+def dead_purge(
+    db: DbOption,
+    letter_id: Annotated[int | None, typer.Argument(help="Only this dead letter.")] = None,
+    consumer: ConsumerOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete dead letters for good (those waiting for replay are kept)."""
+    if letter_id is None and not yes and not as_json:
+        scope = f"of consumer {consumer!r}" if consumer else "of every consumer"
+        typer.confirm(f"Delete all dead letters {scope}?", abort=True)
+
+    async def go() -> int:
+        async with Database(db) as database:
+            return await DeadLetters(database).purge(consumer, letter_id=letter_id)
+
+    count = run(go())
+    if as_json:
+        print_json({"purged": count})
+    else:
+        console.print(f"Purged {count} dead letter(s).")

@@ -1,0 +1,328 @@
+"""The idempotent consumer: handlers, the inbox row in the handler's transaction,
+retries with backoff, and dead letters for what cannot be handled."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from accord.db import Database
+from accord.errors import ConfigurationError
+from accord.inbox._context import (
+    HandlerContext,
+    HandlerFunc,
+    Registration,
+    describe_validation_error,
+)
+from accord.inbox._dead_letters import ReplayDelivery, claim_replays, write_dead_letter
+from accord.inbox._store import record
+from accord.messages import Message
+from accord.observability import (
+    CONSUMER_DEAD_LETTERED,
+    CONSUMER_DUPLICATES,
+    CONSUMER_FAILED,
+    CONSUMER_HANDLE_SECONDS,
+    CONSUMER_HANDLED,
+    consumer_span,
+    log_context,
+)
+from accord.transports.base import Delivery, Subscription, Transport, topic_matches
+
+__all__ = ["Consumer"]
+
+log = logging.getLogger("accord.inbox")
+
+_TRACEBACK_FRAMES = 6
+_REASON_LIMIT = 4000
+
+
+def _error_reason(exc: BaseException, attempts: int) -> str:
+    frames = "".join(traceback.format_exception(exc, limit=-_TRACEBACK_FRAMES)).rstrip()
+    reason = f"handler failed {attempts} time(s); last error: {type(exc).__name__}: {exc}\n{frames}"
+    return reason if len(reason) <= _REASON_LIMIT else reason[: _REASON_LIMIT - 3] + "..."
+
+
+class Consumer:
+    """Consumes one consumer group from a transport and applies each message exactly once.
+
+    For every delivery the consumer, in one transaction on ``database``, inserts
+    the inbox row ``(name, message id)`` and runs the handler registered for the
+    message type; both commit together. A message whose id is already in the
+    inbox is acknowledged without running the handler.
+
+    * A handler that raises rolls everything back; the delivery is nacked with
+      exponential backoff and jitter (``backoff_base`` doubling per attempt, at
+      most ``backoff_cap`` seconds). At attempt ``max_attempts`` the message is
+      written to ``accord_dead_letters`` with the error, then acknowledged.
+    * Bad input — undecodable bytes, a non-CloudEvent, a type with no handler,
+      data failing the handler's ``schema`` — is dead-lettered at once with a
+      reason saying what was wrong; the consumer carries on.
+    * Nothing is dropped silently: if even the dead letter cannot be written the
+      delivery is nacked and comes back.
+    * Dead letters marked for replay (:class:`~accord.inbox.DeadLetters`) are
+      picked up from ``database`` every ``replay_interval`` seconds and handled
+      again through the same path.
+
+    Use it as a worker component: :meth:`run` until :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        database: Database,
+        transport: Transport,
+        *,
+        max_attempts: int = 5,
+        backoff_base: float = 0.2,
+        backoff_cap: float = 30.0,
+        prefetch: int = 64,
+        replay_interval: float = 1.0,
+        replay_lease: float = 60.0,
+    ) -> None:
+        if max_attempts < 1:
+            raise ConfigurationError(f"max_attempts must be at least 1, got {max_attempts}")
+        self.name = name
+        self.database = database
+        self.transport = transport
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.prefetch = prefetch
+        self.replay_interval = replay_interval
+        self.replay_lease = replay_lease
+        self._exact: dict[str, Registration] = {}
+        self._patterns: list[Registration] = []
+        self._subscription: Subscription | None = None
+        self._replay_task: asyncio.Task[None] | None = None
+        self._stop_event = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    # -- registration -------------------------------------------------------------
+
+    def handler(self, type: str, *, schema: Any = None) -> Callable[[HandlerFunc], HandlerFunc]:
+        """Decorator registering ``async def f(ctx, data)`` for messages of ``type``.
+
+        ``type`` is an exact message type, or an AMQP-style pattern (``match.*``,
+        ``match.#``) used when no exact registration matches. ``schema`` (a
+        pydantic model, a dataclass, or any type pydantic can validate) turns the
+        message data into the handler's ``data``; without it ``data`` is the raw
+        JSON value.
+        """
+
+        def register(func: HandlerFunc) -> HandlerFunc:
+            self.add_handler(type, func, schema=schema)
+            return func
+
+        return register
+
+    def add_handler(self, type: str, func: HandlerFunc, *, schema: Any = None) -> None:
+        """Register ``func`` for ``type`` (see :meth:`handler`)."""
+        registration = Registration(type, func, schema)
+        if registration.is_pattern:
+            if any(r.pattern == type for r in self._patterns):
+                raise ConfigurationError(f"consumer {self.name!r} already handles {type!r}")
+            self._patterns.append(registration)
+        else:
+            if type in self._exact:
+                raise ConfigurationError(f"consumer {self.name!r} already handles {type!r}")
+            self._exact[type] = registration
+
+    @property
+    def topics(self) -> list[str]:
+        """The topic patterns the consumer subscribes to: one per registration."""
+        return [*self._exact, *(r.pattern for r in self._patterns)]
+
+    def _lookup(self, message_type: str) -> Registration | None:
+        found = self._exact.get(message_type)
+        if found is None:
+            found = next(
+                (r for r in self._patterns if topic_matches(r.pattern, message_type)), None
+            )
+        return found
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect the transport and subscribe as group ``name``; idempotent."""
+        async with self._lock:
+            if self._subscription is not None:
+                return
+            if not self.topics:
+                raise ConfigurationError(
+                    f"consumer {self.name!r} has no handlers: register one with "
+                    "@consumer.handler('message.type') before starting it"
+                )
+            await self.transport.connect()
+            self._subscription = await self.transport.subscribe(
+                self.name, self.handle, topics=self.topics, prefetch=self.prefetch
+            )
+            self._replay_task = asyncio.create_task(
+                self._replay_loop(), name=f"accord-replay-{self.name}"
+            )
+            log.info(
+                "consumer %s started on %s for %s", self.name, self.transport.name, self.topics
+            )
+
+    async def stop(self) -> None:
+        """Stop consuming; a message being handled finishes first. Idempotent."""
+        self._stop_event.set()
+        async with self._lock:
+            subscription, self._subscription = self._subscription, None
+            replay_task, self._replay_task = self._replay_task, None
+            if subscription is not None:
+                await subscription.stop()
+            if replay_task is not None:
+                await replay_task
+            if subscription is not None:
+                log.info("consumer %s stopped", self.name)
+
+    async def run(self) -> None:
+        """Start, then consume until :meth:`stop` is called (a worker component)."""
+        self._stop_event.clear()
+        try:
+            await self.start()
+            await self._stop_event.wait()
+        finally:
+            await self.stop()
+
+    # -- handling -----------------------------------------------------------------
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before attempt ``attempt + 1``: exponential, capped, with
+        jitter in the upper half so retries of many messages spread out."""
+        delay = min(self.backoff_cap, self.backoff_base * 2.0 ** (attempt - 1))
+        return delay / 2 + random.uniform(0, delay / 2)
+
+    async def handle(self, delivery: Delivery) -> None:
+        """Handle one delivery and settle it (the transport's handler callback)."""
+        message = delivery.message
+        fields: dict[str, Any] = {"consumer": self.name}
+        if message is not None:
+            fields.update(
+                message_id=message.id,
+                message_type=message.type,
+                correlation_id=message.correlationid or message.id,
+                causation_id=message.causationid,
+            )
+        with log_context(**fields):
+            await self._handle(delivery, message)
+
+    async def _handle(self, delivery: Delivery, message: Message | None) -> None:
+        if message is None:
+            error = delivery.decode_error
+            await self._dead_letter(delivery, "undecodable", f"undecodable message: {error}")
+            return
+        registration = self._lookup(message.type)
+        if registration is None:
+            await self._dead_letter(
+                delivery,
+                "unknown_type",
+                f"unknown message type {message.type!r}: consumer {self.name!r} has handlers "
+                f"for {', '.join(self.topics)}",
+            )
+            return
+        try:
+            data = registration.parse(message.data)
+        except ValidationError as exc:
+            reason = describe_validation_error(registration.schema, exc)
+            await self._dead_letter(delivery, "invalid_data", reason)
+            return
+
+        started = time.perf_counter()
+        try:
+            applied = await self._apply(delivery, message, registration, data)
+        except Exception as exc:
+            CONSUMER_FAILED.labels(self.name, message.type).inc()
+            await self._failed(delivery, exc)
+            return
+        finally:
+            CONSUMER_HANDLE_SECONDS.labels(self.name, message.type).observe(
+                time.perf_counter() - started
+            )
+        if applied:
+            CONSUMER_HANDLED.labels(self.name, message.type).inc()
+            log.debug("handled %s", message.type)
+        else:
+            CONSUMER_DUPLICATES.labels(self.name, message.type).inc()
+            log.info("skipped duplicate %s %s", message.type, message.id)
+        await delivery.ack()
+
+    async def _apply(
+        self, delivery: Delivery, message: Message, registration: Registration, data: Any
+    ) -> bool:
+        """Inbox row + handler in one transaction. False if the message was a duplicate."""
+        async with self.database.engine.begin() as conn:
+            # The inbox row goes first: a concurrent delivery of the same id blocks on
+            # it until this transaction ends, then sees a duplicate.
+            if not await record(conn, self.name, message):
+                return False
+            ctx = HandlerContext(conn, message, self.name, delivery.attempt)
+            with consumer_span(self.name, message):
+                await registration.func(ctx, data)
+        return True
+
+    async def _failed(self, delivery: Delivery, exc: Exception) -> None:
+        attempt = delivery.attempt
+        if attempt >= self.max_attempts:
+            log.error(
+                "handler failed on attempt %d of %d; dead-lettering",
+                attempt,
+                self.max_attempts,
+                exc_info=exc,
+            )
+            await self._dead_letter(delivery, "handler_failed", _error_reason(exc, attempt))
+            return
+        delay = self.backoff(attempt)
+        log.warning(
+            "handler failed on attempt %d of %d (%s: %s); retrying in %.2fs",
+            attempt,
+            self.max_attempts,
+            type(exc).__name__,
+            exc,
+            delay,
+        )
+        await delivery.nack(delay)
+
+    async def _dead_letter(self, delivery: Delivery, kind: str, reason: str) -> None:
+        try:
+            async with self.database.transaction() as conn:
+                await write_dead_letter(
+                    conn, consumer=self.name, delivery=delivery, kind=kind, reason=reason
+                )
+        except Exception:
+            # Never drop a message: if its dead letter cannot be written, give it back.
+            delay = self.backoff(delivery.attempt)
+            log.exception("could not write a dead letter; redelivering in %.2fs", delay)
+            await delivery.nack(delay)
+            return
+        CONSUMER_DEAD_LETTERED.labels(self.name, kind).inc()
+        log.error("dead-lettered (%s): %s", kind, reason.splitlines()[0])
+        await delivery.ack()
+
+    # -- replay -------------------------------------------------------------------
+
+    async def _replay_loop(self) -> None:
+        while not self._stop_event.is_set():
+            claimed: Sequence[Any] = ()
+            try:
+                claimed = await claim_replays(
+                    self.database, self.name, limit=20, lease=self.replay_lease
+                )
+                for letter in claimed:
+                    delivery = ReplayDelivery(self.database, letter)
+                    log.info("replaying dead letter %d", letter.id)
+                    await self.handle(delivery)
+                    await delivery.ack()  # no-op if settled, as with transports
+            except Exception:
+                log.exception("replaying dead letters of %s failed; will retry", self.name)
+            if len(claimed) < 20:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_event.wait(), self.replay_interval)

@@ -1,0 +1,94 @@
+"""What a handler receives, and how its registration parses the message data."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from accord.messages import Message
+from accord.observability import current_traceparent
+from accord.outbox import add as add_to_outbox
+
+__all__ = ["HandlerContext", "HandlerFunc", "Registration", "describe_validation_error"]
+
+
+@dataclass
+class HandlerContext:
+    """The handler's view of the message it handles and of its transaction.
+
+    ``conn`` is the transaction the inbox row is written in: write your effects
+    with it and they commit together with the inbox row, or not at all.
+    """
+
+    conn: AsyncConnection
+    message: Message
+    consumer: str
+    attempt: int = 1
+
+    @property
+    def redelivered(self) -> bool:
+        """Whether this message was delivered to this consumer before."""
+        return self.attempt > 1
+
+    async def publish(self, *messages: Message) -> None:
+        """Add messages to the outbox in the handler's transaction (sent iff it commits).
+
+        A message without a correlation id gets this message's (or its id); without a
+        causation id, this message's id; without a traceparent, the handler span's.
+        """
+        parent = self.message
+        traceparent = current_traceparent() or parent.traceparent
+        filled = [
+            m.with_(
+                correlationid=m.correlationid or parent.correlationid or parent.id,
+                causationid=m.causationid or parent.id,
+                traceparent=m.traceparent or traceparent,
+            )
+            for m in messages
+        ]
+        await add_to_outbox(self.conn, *filled)
+
+
+HandlerFunc = Callable[[HandlerContext, Any], Awaitable[None]]
+
+
+@dataclass
+class Registration:
+    """A handler for one message type (or one topic pattern), with its optional schema."""
+
+    pattern: str
+    func: HandlerFunc
+    schema: Any = None
+    _adapter: TypeAdapter[Any] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.schema is not None:
+            self._adapter = TypeAdapter(self.schema)
+
+    @property
+    def is_pattern(self) -> bool:
+        """Whether this registration is an AMQP-style pattern rather than one exact type."""
+        return any(word in ("*", "#") for word in self.pattern.split("."))
+
+    def parse(self, data: Any) -> Any:
+        """The message data as the handler wants it; raises pydantic's ValidationError."""
+        if self._adapter is None:
+            return data
+        return self._adapter.validate_python(data)
+
+
+def describe_validation_error(schema: Any, exc: ValidationError) -> str:
+    """'data does not match <Schema>: field 'a.b': <why> (got <input>); ...'."""
+    name = getattr(schema, "__name__", repr(schema))
+    problems = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error.get("loc", ())) or "<data>"
+        got = repr(error.get("input"))
+        if len(got) > 80:
+            got = got[:77] + "..."
+        problems.append(f"field '{location}': {error.get('msg')} (got {got})")
+    return f"data does not match {name}: " + "; ".join(problems)

@@ -1,0 +1,81 @@
+"""The inbox table: which message ids a consumer has already applied."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from accord.db import Database
+from accord.db.database import translate_errors
+from accord.db.schema import inbox
+from accord.messages import Message
+
+__all__ = ["Inbox", "record"]
+
+
+async def record(conn: AsyncConnection, consumer: str, message: Message) -> bool:
+    """Insert the inbox row ``(consumer, message.id)`` in ``conn``'s transaction.
+
+    Returns ``False`` when the row already exists: the message is a duplicate.
+    ``ON CONFLICT DO NOTHING`` makes a concurrent delivery of the same id wait for
+    the first transaction: if that one commits this returns ``False``; if it rolls
+    back this one inserts and the handler runs once.
+    """
+    values = {
+        "consumer": consumer,
+        "message_id": message.id,
+        "message_type": message.type,
+        "processed_at": datetime.now(UTC),
+    }
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    statement = (
+        insert(inbox)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=[inbox.c.consumer, inbox.c.message_id])
+        .returning(inbox.c.message_id)
+    )
+    result = await conn.execute(statement)
+    return result.first() is not None
+
+
+class Inbox:
+    """Read and maintain the inbox table of a database."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    async def processed(self, consumer: str, message_id: str) -> bool:
+        """Whether ``consumer`` has applied the message with this id."""
+        query = sa.select(sa.literal(1)).where(
+            inbox.c.consumer == consumer, inbox.c.message_id == message_id
+        )
+        with translate_errors("reading the inbox"):
+            async with self.database.connect() as conn:
+                return (await conn.scalar(query)) is not None
+
+    async def count(self, consumer: str | None = None) -> dict[str, int]:
+        """How many messages each consumer (or the one named) has applied."""
+        query = sa.select(inbox.c.consumer, sa.func.count()).group_by(inbox.c.consumer)
+        if consumer is not None:
+            query = query.where(inbox.c.consumer == consumer)
+        with translate_errors("counting the inbox"):
+            async with self.database.connect() as conn:
+                return {str(name): int(n) for name, n in (await conn.execute(query)).all()}
+
+    async def prune(self, older_than: timedelta, consumer: str | None = None) -> int:
+        """Delete inbox rows processed more than ``older_than`` ago; return how many.
+
+        A message redelivered after its row was pruned is applied again, so keep
+        ``older_than`` well above the longest redelivery window of your broker.
+        """
+        cutoff = datetime.now(UTC) - older_than
+        statement = inbox.delete().where(inbox.c.processed_at < cutoff)
+        if consumer is not None:
+            statement = statement.where(inbox.c.consumer == consumer)
+        with translate_errors("pruning the inbox"):
+            async with self.database.transaction() as conn:
+                return int((await conn.execute(statement)).rowcount)

@@ -1,0 +1,98 @@
+"""Loading a service's components from ``module:attribute`` and running them."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from accord.errors import ConfigurationError
+from accord.observability import configure_logging, start_metrics_server
+from accord.runtime._settings import Settings
+from accord.runtime._worker import Component, Worker
+
+__all__ = ["load_app", "make_components", "serve"]
+
+log = logging.getLogger("accord.runtime")
+
+
+def load_app(spec: str) -> Callable[..., Any]:
+    """Import ``module:attribute`` (the current directory is importable, as with uvicorn)
+    and return the attribute; a clear :class:`ConfigurationError` if that fails."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigurationError(
+            f"--app {spec!r} must look like module:attribute, e.g. myservice.worker:components"
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"cannot import app module {module_name!r} (from --app {spec!r}): {exc}. "
+            "Run from the directory that contains it, or install it / add it to PYTHONPATH."
+        ) from None
+    target: Any = module
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigurationError(
+                f"module {module_name!r} has no attribute {attribute!r} (from --app {spec!r})"
+            ) from None
+    if not callable(target):
+        raise ConfigurationError(
+            f"--app {spec!r} is a {type(target).__name__}, not a callable returning components"
+        )
+    return target  # type: ignore[no-any-return]
+
+
+async def make_components(factory: Callable[..., Any], settings: Settings) -> list[Component]:
+    """Call the app factory (with ``settings`` if it takes an argument; sync or async) and
+    check that what it returns are components."""
+    try:
+        takes_settings = bool(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        takes_settings = True
+    result = factory(settings) if takes_settings else factory()
+    if inspect.isawaitable(result):
+        result = await result
+    items = [result] if isinstance(result, Component) else list(_iterable(result))
+    for item in items:
+        if not isinstance(item, Component):
+            raise ConfigurationError(
+                f"the app returned {item!r}, which is not a component: a component has "
+                "`async def run()` and `async def stop()`"
+            )
+    if not items:
+        raise ConfigurationError("the app returned no components to run")
+    return items
+
+
+def _iterable(value: Any) -> Iterable[Any]:
+    if isinstance(value, Iterable):
+        return value
+    raise ConfigurationError(
+        f"the app returned {value!r}: return a component or a list of components"
+    )
+
+
+async def serve(app: str | Callable[..., Any], settings: Settings) -> int:
+    """Configure logging (and metrics), upgrade the database if asked, build the app's
+    components, run them in a :class:`Worker` until SIGTERM/SIGINT; return 0."""
+    configure_logging(settings.log_level, json_logs=settings.log_json, service=settings.service)
+    factory = load_app(app) if isinstance(app, str) else app
+    if settings.metrics_port:
+        start_metrics_server(settings.metrics_port)
+    try:
+        if settings.upgrade:
+            await settings.database().upgrade()
+        components = await make_components(factory, settings)
+        return await Worker(components).run()
+    finally:
+        await settings.aclose()

@@ -1,0 +1,114 @@
+"""Worker settings, from the environment (``ACCORD_*``), a file, and explicit overrides."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, PrivateAttr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from accord.db import Database
+from accord.errors import ConfigurationError
+from accord.transports import Transport, from_url
+
+__all__ = ["Settings", "load_settings"]
+
+
+class Settings(BaseSettings):
+    """What a service's worker needs to know. Each field can be set with an
+    ``ACCORD_<FIELD>`` environment variable (``ACCORD_DB``, ``ACCORD_BROKER``...),
+    in a settings file, or passed explicitly; explicit beats environment beats file.
+
+    :meth:`database` and :meth:`transport` build (once) the objects the worker's
+    components share; :meth:`aclose` closes them.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ACCORD_", extra="ignore")
+
+    service: str = Field("accord", description="Service name: in logs, consumer names, metrics.")
+    db: str = Field(
+        "sqlite+aiosqlite:///accord.db",
+        description="Database URL of the service (its outbox, inbox, sagas, events).",
+    )
+    broker: str | None = Field(
+        None,
+        description="Broker URL (amqp://, nats://, redis://, memory://, or a database URL "
+        "for the SQL transport). Default: the SQL transport on `db`.",
+    )
+    channel: str = Field("accord", description="Exchange / stream / queue channel name.")
+    log_level: str = Field("INFO", description="Logging level.")
+    log_json: bool = Field(True, description="JSON log lines (false: readable text).")
+    metrics_port: int | None = Field(None, description="Serve Prometheus /metrics on this port.")
+    upgrade: bool = Field(True, description="Create/migrate Accord's tables at start.")
+    max_attempts: int = Field(5, description="Handler attempts before a message is dead.")
+
+    _database: Database | None = PrivateAttr(None)
+    _transport: Transport | None = PrivateAttr(None)
+
+    @property
+    def broker_url(self) -> str:
+        """The broker URL in effect (the database itself when no broker is set)."""
+        return self.broker or self.db
+
+    def database(self) -> Database:
+        """The service's :class:`~accord.db.Database` (made once)."""
+        if self._database is None:
+            self._database = Database(self.db)
+        return self._database
+
+    def transport(self) -> Transport:
+        """The service's transport for :attr:`broker_url` (made once)."""
+        if self._transport is None:
+            self._transport = from_url(self.broker_url, channel=self.channel)
+        return self._transport
+
+    async def aclose(self) -> None:
+        """Close the transport and the database this object made."""
+        if self._transport is not None:
+            await self._transport.close()
+            self._transport = None
+        if self._database is not None:
+            await self._database.dispose()
+            self._database = None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigurationError(f"settings file {str(path)!r} does not exist")
+    if path.suffix == ".toml":
+        data = tomllib.loads(path.read_text())
+        section = data.get("accord", data)
+        return {str(k).replace("-", "_"): v for k, v in section.items()}
+    values: dict[str, Any] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "=" not in line:
+            raise ConfigurationError(f"{path}:{number}: expected KEY=value, got {line!r}")
+        key, value = (part.strip() for part in line.split("=", 1))
+        key = key.lower().removeprefix("accord_")
+        values[key] = value.strip("'\"")
+    return values
+
+
+def load_settings(file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from ``overrides`` (``None`` values ignored), then the ``ACCORD_*``
+    environment, then ``file`` (TOML — top level or an ``[accord]`` table — or
+    ``KEY=value`` lines), then the defaults."""
+    from_file = _read_file(Path(file)) if file else {}
+    explicit = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        from_env = Settings()
+        env_set = from_env.model_fields_set
+        merged = {k: v for k, v in from_file.items() if k not in env_set}
+        merged.update({k: getattr(from_env, k) for k in env_set})
+        merged.update(explicit)
+        return Settings(**merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigurationError(f"invalid worker settings: {problems}") from None

@@ -1,0 +1,152 @@
+"""The worker: runs components, restarts the ones that crash, stops them all on a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+__all__ = ["Component", "Worker"]
+
+log = logging.getLogger("accord.runtime")
+
+
+@runtime_checkable
+class Component(Protocol):
+    """Something a worker runs: a relay, a consumer, a projector, an orchestrator.
+
+    ``run()`` works until ``stop()`` is called, then returns. ``stop()`` makes it
+    stop taking new work, lets the work in flight finish, and returns.
+    """
+
+    async def run(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def _name(component: object) -> str:
+    name = getattr(component, "name", None)
+    kind = type(component).__name__
+    return f"{kind}({name})" if isinstance(name, str) else kind
+
+
+class Worker:
+    """Runs components side by side until told to stop.
+
+    * A component whose ``run()`` raises (or returns without being asked to stop)
+      is logged and run again after an exponential backoff (``restart_base``
+      doubling up to ``restart_cap`` seconds; reset after ``healthy_after``
+      seconds of running without a crash).
+    * On SIGTERM or SIGINT (when :meth:`run` installs signal handlers) or
+      :meth:`stop`, every component's ``stop()`` is called at once; each gets
+      ``stop_timeout`` seconds to finish its work in flight before its task is
+      cancelled. :meth:`run` then returns 0.
+    """
+
+    def __init__(
+        self,
+        components: Sequence[Component],
+        *,
+        restart_base: float = 0.5,
+        restart_cap: float = 30.0,
+        healthy_after: float = 60.0,
+        stop_timeout: float = 30.0,
+    ) -> None:
+        self.components = list(components)
+        self.restart_base = restart_base
+        self.restart_cap = restart_cap
+        self.healthy_after = healthy_after
+        self.stop_timeout = stop_timeout
+        self.restarts: dict[int, int] = {}
+        self._stopping = asyncio.Event()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop was requested."""
+        return self._stopping.is_set()
+
+    def request_stop(self) -> None:
+        """Ask the worker to stop (safe to call from a signal handler)."""
+        if not self._stopping.is_set():
+            log.info("stop requested: stopping %d component(s)", len(self.components))
+        self._stopping.set()
+
+    async def stop(self) -> None:
+        """Ask the worker to stop; :meth:`run` returns once every component stopped."""
+        self.request_stop()
+
+    async def run(self, *, handle_signals: bool = True) -> int:
+        """Run every component until a stop; return the exit code (0)."""
+        loop = asyncio.get_running_loop()
+        installed: list[signal.Signals] = []
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, self.request_stop)
+                    installed.append(sig)
+        tasks = [
+            asyncio.create_task(self._supervise(index, c), name=f"accord-{_name(c)}")
+            for index, c in enumerate(self.components)
+        ]
+        log.info(
+            "worker started with %s", ", ".join(_name(c) for c in self.components) or "nothing"
+        )
+        try:
+            await self._stopping.wait()
+            await self._stop_all(tasks)
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("worker stopped")
+        return 0
+
+    async def _supervise(self, index: int, component: Component) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            try:
+                await component.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if self._stopping.is_set():
+                    log.exception("%s failed while stopping", _name(component))
+                    return
+                log.exception("%s crashed", _name(component))
+            else:
+                if self._stopping.is_set():
+                    return
+                log.error("%s returned without being stopped", _name(component))
+            if time.monotonic() - started > self.healthy_after:
+                failures = 0
+            failures += 1
+            self.restarts[index] = self.restarts.get(index, 0) + 1
+            delay = min(self.restart_cap, self.restart_base * 2.0 ** (failures - 1))
+            log.info("restarting %s in %.1fs", _name(component), delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def _stop_all(self, tasks: list[asyncio.Task[None]]) -> None:
+        async def stop_one(component: Component, task: asyncio.Task[None]) -> None:
+            try:
+                await asyncio.wait_for(component.stop(), self.stop_timeout)
+            except TimeoutError:
+                log.error("%s did not stop within %.0fs", _name(component), self.stop_timeout)
+            except Exception:
+                log.exception("stopping %s failed", _name(component))
+            try:
+                await asyncio.wait_for(asyncio.shield(task), self.stop_timeout)
+            except TimeoutError:
+                log.error("%s still running after stop(); cancelling it", _name(component))
+                task.cancel()
+            except Exception:
+                pass  # already logged by _supervise
+
+        await asyncio.gather(*(stop_one(c, t) for c, t in zip(self.components, tasks, strict=True)))

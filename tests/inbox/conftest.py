@@ -1,0 +1,157 @@
+"""Fixtures for consumer tests: a business table on the consumer's database, and a real
+broker (the SQL transport on that database, or RabbitMQ) on a channel of its own."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Mapping
+
+import pytest
+import sqlalchemy as sa
+from prometheus_client import REGISTRY
+
+from accord.db import Database
+from accord.db.types import BigId
+from accord.messages import Message
+from accord.transports.base import Transport
+from accord.transports.sql import SqlTransport
+from tests.conftest import RABBIT_URL
+
+business = sa.MetaData()
+effects = sa.Table(
+    "inbox_test_effects",
+    business,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("message_id", sa.String(100), nullable=False),
+    sa.Column("value", sa.Integer, nullable=True),
+)
+
+
+async def create_business_tables(database: Database) -> None:
+    async with database.transaction() as conn:
+        await conn.run_sync(lambda sync: business.create_all(sync, checkfirst=True))
+
+
+async def effect_counts(database: Database) -> dict[str, int]:
+    """message id -> how many effect rows it has."""
+    query = sa.select(effects.c.message_id, sa.func.count()).group_by(effects.c.message_id)
+    async with database.connect() as conn:
+        return {str(k): int(v) for k, v in (await conn.execute(query)).all()}
+
+
+def metric(name: str, **labels: str) -> float:
+    """Current value of a counter sample (0 if never incremented)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class Broker:
+    """A real broker on a private channel: makes transports, publishes, cleans up."""
+
+    def __init__(self, kind: str, db_url: str) -> None:
+        self.kind = kind
+        self.db_url = db_url
+        self.channel = f"inbox-{uuid.uuid4().hex[:12]}"
+        self.made: list[Transport] = []
+        self._publisher: Transport | None = None
+
+    def transport(self) -> Transport:
+        """A new, unconnected transport on this broker's channel."""
+        transport: Transport
+        if self.kind == "sql":
+            transport = SqlTransport(
+                self.db_url, channel=self.channel, poll_interval=0.05, lease=3.0
+            )
+        else:
+            from accord.transports.rabbitmq import RabbitTransport
+
+            transport = RabbitTransport(RABBIT_URL, channel=self.channel)
+        self.made.append(transport)
+        return transport
+
+    @property
+    def url(self) -> str:
+        """The broker URL a worker subprocess would be given."""
+        return self.db_url if self.kind == "sql" else RABBIT_URL
+
+    async def publisher(self) -> Transport:
+        if self._publisher is None:
+            self._publisher = self.transport()
+            await self._publisher.connect()
+        return self._publisher
+
+    async def publish(self, *messages: Message) -> None:
+        await (await self.publisher()).publish(list(messages))
+
+    async def publish_raw(self, headers: Mapping[str, str], body: bytes) -> None:
+        """Bytes as they are, bypassing Accord's encoding; routed by the ce-type header."""
+        if self.kind == "sql":
+            publisher = await self.publisher()
+            assert isinstance(publisher, SqlTransport)
+            await publisher.publish_raw(dict(headers), body)
+            return
+        import aio_pika
+
+        from accord.transports.rabbitmq import RabbitTopology
+
+        connection = await aio_pika.connect(RABBIT_URL)
+        try:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(
+                RabbitTopology(self.channel).exchange, ensure=False
+            )
+            await exchange.publish(
+                aio_pika.Message(body, headers=dict(headers)),
+                routing_key=headers.get("ce-type", "raw"),
+            )
+        finally:
+            await connection.close()
+
+    async def close(self) -> None:
+        groups: set[str] = set()
+        for transport in self.made:
+            groups |= set(getattr(transport, "groups", ()))
+            with contextlib.suppress(Exception):
+                await transport.close()
+        if self.kind == "rabbitmq":
+            await _delete_rabbit(self.channel, groups)
+
+
+async def _delete_rabbit(channel_name: str, groups: set[str]) -> None:
+    import aio_pika
+
+    from accord.transports.rabbitmq import RabbitTopology
+
+    topology = RabbitTopology(channel_name)
+    connection = await aio_pika.connect(RABBIT_URL)
+    try:
+        for group in groups:
+            for queue in topology.queues(group):
+                channel = await connection.channel()
+                await channel.queue_delete(queue)
+                await channel.close()
+        for name in (topology.exchange, topology.dead_exchange):
+            channel = await connection.channel()
+            await channel.exchange_delete(name)
+            await channel.close()
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(params=["sql", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+async def broker(request: pytest.FixtureRequest, db_url: str) -> AsyncIterator[Broker]:
+    """A real broker: the SQL transport on the test database, or RabbitMQ."""
+    made = Broker(request.param, db_url)
+    yield made
+    await made.close()
+
+
+@pytest.fixture
+async def app_db(database: Database) -> Database:
+    """The consumer's database, with the test's business table."""
+    await create_business_tables(database)
+    return database
+
+
+def unique(prefix: str = "consumer") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
