@@ -204,3 +204,29 @@ async def test_stop_settles_the_batch_in_flight(database: Database, make_transpo
             )
         )
     assert leased == 0, "stop must not leave rows leased"
+
+
+async def test_a_row_that_is_not_a_message_is_dead_at_once(
+    database: Database, make_transport: Any
+) -> None:
+    transport = make_transport(broker_url("rabbitmq", ""))
+    await transport.connect()
+    received = Collector()
+    await transport.subscribe("audit", received)
+    corrupt, fine = Message(type="t.corrupt"), Message(type="t.fine")
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, corrupt, fine)
+        # Someone edited the row by hand and dropped a required attribute.
+        await conn.execute(
+            outbox.update()
+            .where(outbox.c.event_type == "t.corrupt")
+            .values(headers={"ce-id": corrupt.id, "ce-specversion": "1.0"})
+        )
+    relay = fast_relay(database, transport, max_attempts=10)
+    assert await relay.run_once() == 1
+    await received.wait(1)
+    assert received.ids == [fine.id]
+    [dead] = await OutboxAdmin(database).dead()
+    assert dead["id"] == corrupt.id
+    assert dead["retry_count"] == 1
+    assert "missing required attribute" in dead["last_error"]

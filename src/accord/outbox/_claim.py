@@ -24,9 +24,10 @@ __all__ = ["ClaimedRow", "Settlement", "claim", "settle"]
 class ClaimedRow:
     seq: int
     id: str
+    event_type: str
     key: str | None
     headers: dict[str, str]
-    payload: Any
+    payload: bytes
     retry_count: int
 
 
@@ -46,7 +47,7 @@ class Settlement:
 # holds while the earlier row waits in backoff, and across relay processes: a
 # row leased by another relay is PENDING too.
 _ELIGIBLE = """
-SELECT o.seq, o.id, o.key, o.headers, o.payload, o.retry_count
+SELECT o.seq, o.id, o.event_type, o.key, o.headers, {payload} AS payload, o.retry_count
 FROM accord_outbox o
 WHERE o.seq IN (SELECT seq FROM candidates)
   AND (o.key IS NULL OR NOT EXISTS (
@@ -64,8 +65,10 @@ LIMIT :limit
 """
 
 
-def _claim_statement(lock: str) -> sa.TextualSelect:
-    sql = f"WITH candidates AS ({_CANDIDATES}{lock}) {_ELIGIBLE}"
+def _claim_statement(lock: str, payload: str) -> sa.TextualSelect:
+    # The payload comes back as JSON text: it is published as it is, never parsed.
+    eligible = _ELIGIBLE.replace("{payload}", payload)
+    sql = f"WITH candidates AS ({_CANDIDATES}{lock}) {eligible}"
     json_type: Any = JSONType
     return (
         sa.text(sql)
@@ -73,16 +76,17 @@ def _claim_statement(lock: str) -> sa.TextualSelect:
         .columns(
             sa.column("seq", sa.BigInteger()),
             sa.column("id", sa.Uuid()),
+            sa.column("event_type", sa.String()),
             sa.column("key", sa.String()),
             sa.column("headers", json_type),
-            sa.column("payload", json_type),
+            sa.column("payload", sa.String()),
             sa.column("retry_count", sa.Integer()),
         )
     )
 
 
-_CLAIM_POSTGRES = _claim_statement(" FOR UPDATE SKIP LOCKED")
-_CLAIM_SQLITE = _claim_statement("")  # one writer at a time: nothing to skip
+_CLAIM_POSTGRES = _claim_statement(" FOR UPDATE SKIP LOCKED", "o.payload::text")
+_CLAIM_SQLITE = _claim_statement("", "o.payload")  # one writer at a time: nothing to skip
 
 _LEASE = sa.text("UPDATE accord_outbox SET available_at = :until WHERE seq IN :seqs").bindparams(
     sa.bindparam("seqs", expanding=True), sa.bindparam("until", type_=UTCDateTime())
@@ -110,9 +114,10 @@ async def claim(
         ClaimedRow(
             seq=r.seq,
             id=str(r.id),
+            event_type=r.event_type,
             key=r.key,
             headers=r.headers,
-            payload=r.payload,
+            payload=(r.payload or "null").encode(),
             retry_count=r.retry_count,
         )
         for r in rows

@@ -17,10 +17,9 @@ from prometheus_client import Counter, Histogram
 
 from accord.db.database import Database
 from accord.errors import AccordError, DecodeError, PublishError, TransportUnavailable
-from accord.messages import Message
 from accord.outbox._claim import ClaimedRow, Settlement, claim, settle
-from accord.outbox.writer import NOTIFY_CHANNEL, message_from_row
-from accord.transports.base import Transport
+from accord.outbox.writer import NOTIFY_CHANNEL
+from accord.transports.base import Envelope, Transport
 
 __all__ = ["Relay", "backoff_delay"]
 
@@ -132,23 +131,18 @@ class Relay:
         blocked: set[str] = set()
         unavailable: str | None = None
         for wave in _waves(rows):
-            ready: list[tuple[ClaimedRow, Message]] = []
+            ready: list[tuple[ClaimedRow, Envelope]] = []
             for row in wave:
                 if unavailable is not None or (row.key is not None and row.key in blocked):
                     others.append(self._release(row, unavailable))
                     continue
-                try:
-                    ready.append((row, message_from_row(row.headers, row.payload)))
-                except DecodeError as exc:
-                    # A row that cannot become a message will never publish: DEAD now.
-                    others.append(self._dead(row, f"cannot rebuild the message: {exc}"))
-                    if row.key is not None:
-                        blocked.add(row.key)
+                envelope = Envelope(row.id, row.event_type, row.key, row.headers, row.payload)
+                ready.append((row, envelope))
             if not ready:
                 continue
             failed: dict[str, BaseException] = {}
             try:
-                await self.transport.publish([m for _, m in ready])
+                await self.transport.publish_envelopes([e for _, e in ready])
             except PublishError as exc:
                 failed = exc.failed
             except TransportUnavailable as exc:
@@ -156,15 +150,18 @@ class Relay:
                 others.extend(self._release(row, unavailable) for row, _ in ready)
                 continue
             except AccordError as exc:
-                failed = {m.id: exc for _, m in ready}
-            for row, message in ready:
-                error = failed.get(message.id)
+                failed = {e.id: exc for _, e in ready}
+            for row, envelope in ready:
+                error = failed.get(envelope.id)
                 if error is None:
                     sent.append(row.seq)
+                elif isinstance(error, DecodeError):
+                    # A row that is not a valid message will never publish: DEAD now.
+                    others.append(self._dead(row, f"not a valid message: {error}"))
                 else:
                     others.append(self._failed(row, error))
-                    if row.key is not None:
-                        blocked.add(row.key)
+                if error is not None and row.key is not None:
+                    blocked.add(row.key)
         self._outage = self._outage + 1 if unavailable else 0
         return sent, others
 

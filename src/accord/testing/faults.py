@@ -9,7 +9,7 @@ from collections.abc import Collection, Sequence
 
 from accord.errors import PublishError, TransportError
 from accord.messages import Message
-from accord.transports.base import Handler, Subscription, Transport
+from accord.transports.base import Envelope, Handler, Subscription, Transport
 
 __all__ = ["FaultyTransport"]
 
@@ -52,13 +52,36 @@ class FaultyTransport(Transport):
                 failed[message.id] = TransportError("broker refused the message (injected)")
             else:
                 passing.append(message)
-        if passing:
-            await self.inner.publish(passing)
+        try:
+            if passing:
+                await self.inner.publish(passing)
+        except PublishError as exc:
+            failed.update(exc.failed)
+        self._after_publish()
+        if failed:
+            raise PublishError(failed)
+
+    async def publish_envelopes(self, envelopes: Sequence[Envelope]) -> None:
+        failed: dict[str, BaseException] = {}
+        passing = []
+        for envelope in envelopes:
+            if envelope.id in self.fail_ids or self._random.random() < self.fail_rate:
+                failed[envelope.id] = TransportError("broker refused the message (injected)")
+            else:
+                passing.append(envelope)
+        try:
+            if passing:
+                await self.inner.publish_envelopes(passing)
+        except PublishError as exc:
+            failed.update(exc.failed)
+        self._after_publish()
+        if failed:
+            raise PublishError(failed)
+
+    def _after_publish(self) -> None:
         self.publishes += 1
         if self.kill_after is not None and self.publishes >= self.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
-        if failed:
-            raise PublishError(failed)
 
     async def subscribe(
         self, group: str, handler: Handler, *, topics: Sequence[str] = ("#",), prefetch: int = 64

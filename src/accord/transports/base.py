@@ -20,14 +20,16 @@ from __future__ import annotations
 import abc
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
-from accord.errors import DecodeError
-from accord.messages import Message, decode
+from accord.errors import DecodeError, PublishError
+from accord.messages import Message, decode, encode
 
 __all__ = [
     "DEFAULT_REDELIVERY_DELAY",
     "Delivery",
+    "Envelope",
     "Handler",
     "Subscription",
     "Transport",
@@ -58,6 +60,31 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
 def topic_matches(pattern: str, message_type: str) -> bool:
     """Whether an AMQP-style topic pattern matches a message type."""
     return _pattern_regex(pattern).match(message_type) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A message already in CloudEvents binary mode: what the outbox stores.
+
+    ``headers`` are the ``ce-*`` attributes and ``content-type`` exactly as
+    :func:`accord.messages.encode` makes them; ``body`` is the encoded data.
+    """
+
+    id: str
+    type: str
+    key: str | None
+    headers: Mapping[str, str]
+    body: bytes
+
+    @classmethod
+    def of(cls, message: Message) -> Envelope:
+        """Encode a message."""
+        headers, body = encode(message)
+        return cls(message.id, message.type, message.key, headers, body)
+
+    def message(self) -> Message:
+        """Decode back into a message (raises DecodeError if the envelope is malformed)."""
+        return decode(self.headers, self.body)
 
 
 class Delivery(abc.ABC):
@@ -162,6 +189,29 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def publish(self, messages: Sequence[Message]) -> None:
         """Publish a batch; return once every message is confirmed (see class doc)."""
+
+    async def publish_envelopes(self, envelopes: Sequence[Envelope]) -> None:
+        """Publish already-encoded messages, under the same contract as :meth:`publish`.
+
+        The relay calls this so that rows stored encoded are not decoded and encoded
+        again. The default decodes and calls :meth:`publish`; a transport overrides it
+        when it can put the headers and body on the wire as they are. An envelope
+        that cannot be decoded is reported in ``PublishError.failed``.
+        """
+        messages: list[Message] = []
+        failed: dict[str, BaseException] = {}
+        for envelope in envelopes:
+            try:
+                messages.append(envelope.message())
+            except DecodeError as exc:
+                failed[envelope.id] = exc
+        if messages:
+            try:
+                await self.publish(messages)
+            except PublishError as exc:
+                failed.update(exc.failed)
+        if failed:
+            raise PublishError(failed)
 
     @abc.abstractmethod
     async def subscribe(
