@@ -295,15 +295,16 @@ async def test_stop_gives_unsettled_deliveries_back_at_once(
 
 async def test_a_slow_handler_keeps_its_lease(transports: Callable[..., SqlTransport]) -> None:
     a, b = transports(lease=0.6), transports(lease=0.6)
-    finished = asyncio.Event()
+    started, finished = asyncio.Event(), asyncio.Event()
 
     async def slow(delivery: Delivery) -> None:
+        started.set()
         await asyncio.sleep(1.5)  # well past the lease: extending it must keep it here
         finished.set()
 
     await a.subscribe("g", slow)
     await a.publish([Message(type="t.slow")])
-    await wait_for(lambda: a._subscriptions[0]._current is not None, 10)
+    await asyncio.wait_for(started.wait(), 10)
     other = Collector()
     await b.subscribe("g", other)
     await asyncio.wait_for(finished.wait(), 10)

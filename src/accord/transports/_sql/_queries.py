@@ -191,9 +191,14 @@ async def claim(
     )
     if is_postgres:
         picked = picked.with_for_update(skip_locked=True, of=c)
+    # Two statements, not UPDATE ... WHERE seq IN (subquery): PostgreSQL plans that
+    # as a hash join over every delivery of the group, which grows with the backlog.
+    seqs = list((await conn.scalars(picked)).all())
+    if not seqs:
+        return []
     claimed = await conn.execute(
         sa.update(_d)
-        .where(_d.c.group_name == group, _d.c.seq.in_(picked))
+        .where(_d.c.group_name == group, _d.c.seq.in_(seqs))
         .values(locked_until=until, locked_by=consumer, attempts=_d.c.attempts + 1)
         .returning(_d.c.seq, _d.c.key, _d.c.attempts)
     )
