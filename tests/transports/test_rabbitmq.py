@@ -18,7 +18,7 @@ from tests.conftest import RABBIT_URL
 
 from accord.errors import PublishError, TransportError, TransportUnavailable
 from accord.messages import Message
-from accord.testing import TransportContract, wait_for
+from accord.testing import Collector, TransportContract, wait_for
 from accord.transports import from_url
 from accord.transports.base import Delivery, Transport
 from accord.transports.rabbitmq import RabbitTopology, RabbitTransport
@@ -225,6 +225,47 @@ class TestRabbitSpecifics:
         await wait_for(quick_came_back, 10)
         assert ("retry.slow", 2) not in seen
         assert seen[:2] == [("retry.slow", 1), ("retry.quick", 1)]
+
+    async def test_attempt_grows_over_requeue_and_over_a_dead_consumer(
+        self, rabbit: Callable[..., RabbitTransport]
+    ) -> None:
+        channel = f"test-{uuid.uuid4().hex[:12]}"
+        first, second = rabbit(channel), rabbit(channel)
+        await first.connect()
+        await second.connect()
+        attempts: list[int] = []
+        hold = asyncio.Event()
+
+        async def nack_then_hang(delivery: Delivery) -> None:
+            attempts.append(delivery.attempt)
+            if delivery.attempt == 1:
+                await delivery.nack(0)  # straight back to the group queue
+            else:
+                await hold.wait()  # left unsettled when its transport closes
+
+        await first.subscribe("attempts", nack_then_hang)
+        await first.publish([Message(type="test.attempts")])
+        await wait_for(lambda: len(attempts) == 2, 10)
+        closing = asyncio.create_task(first.close())
+        await asyncio.sleep(0.1)
+        hold.set()
+        await closing
+        survivor = Collector()
+        await second.subscribe("attempts", survivor)
+        await survivor.wait(1, 10)
+        assert attempts == [1, 2]
+        assert survivor.received[0][1] == 3  # header said 2; the broker redelivered it
+
+    async def test_client_errors_are_translated_per_message(
+        self, rabbit: Callable[..., RabbitTransport]
+    ) -> None:
+        transport = rabbit()
+        await transport.connect()
+        fine, too_long = Message(type="ok.type"), Message(type="x" * 300)
+        with pytest.raises(PublishError) as caught:
+            await transport.publish([fine, too_long])
+        assert list(caught.value.failed) == [too_long.id]
+        assert type(caught.value.failed[too_long.id]) is TransportError
 
 
 async def rabbitmqctl(*args: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
 from typing import Protocol
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
@@ -120,8 +121,12 @@ class RabbitSubscription(Subscription):
     async def start(self) -> None:
         """Start consuming. Raises TransportError if the broker refuses."""
         self._task = asyncio.create_task(self._run(), name=f"accord-rabbitmq-{self._group}")
-        with translated(f"consuming group {self._group!r}"):
-            self._consumer_tag = await self._queue.consume(self._received, no_ack=False)
+        try:
+            with translated(f"consuming group {self._group!r}"):
+                self._consumer_tag = await self._queue.consume(self._received, no_ack=False)
+        except TransportError:
+            await self.stop()
+            raise
 
     async def _received(self, incoming: AbstractIncomingMessage) -> None:
         self._buffer.put_nowait(incoming)
@@ -135,12 +140,21 @@ class RabbitSubscription(Subscription):
                 incoming.channel  # noqa: B018 - raises once the channel it came on is gone
             except ChannelInvalidStateError:
                 continue  # the broker redelivers it on the restored channel
-            delivery = _RabbitDelivery(self._requeuer, self._group, incoming)
+            try:
+                delivery = _RabbitDelivery(self._requeuer, self._group, incoming)
+            except Exception:
+                # Decoding failures become Delivery.decode_error; anything else is a bug
+                # that must not stop the consumer: dead-letter natively and carry on.
+                log.exception("could not read a delivery of group %r; dead-lettering", self._group)
+                await self._settle(incoming.reject(requeue=False))
+                continue
             self._busy = True
             try:
                 await self._handler(delivery)
             except Exception:
-                log.exception("handler of group %r failed; redelivering later", self._group)
+                log.warning(
+                    "handler of group %r failed; redelivering later", self._group, exc_info=True
+                )
                 if not self._stopping:
                     await self._settle(delivery.nack(DEFAULT_REDELIVERY_DELAY))
             else:
@@ -151,10 +165,10 @@ class RabbitSubscription(Subscription):
             finally:
                 self._busy = False
 
-    async def _settle(self, settling: object) -> None:
+    async def _settle(self, settling: Awaitable[None]) -> None:
         try:
-            await settling  # type: ignore[misc]
-        except TransportError as exc:
+            await settling
+        except Exception as exc:
             log.warning(
                 "could not settle a delivery of group %r (%s); the broker will redeliver it",
                 self._group,
@@ -180,6 +194,8 @@ class RabbitSubscription(Subscription):
                 log.warning("handler of group %r did not finish in time; cancelling", self._group)
                 task.cancel()
                 await asyncio.wait({task})
+            if not task.cancelled() and task.exception() is not None:
+                log.error("consumer of group %r crashed", self._group, exc_info=task.exception())
         # Closing the channel hands every unacked delivery back to the broker.
         with contextlib.suppress(Exception):
             async with asyncio.timeout(_CLOSE_TIMEOUT):
