@@ -19,7 +19,7 @@ from accord.db.schema import queue, queue_deliveries
 from accord.errors import ConfigurationError, PublishError, TransportUnavailable
 from accord.messages import Message
 from accord.testing import Collector, TransportContract, wait_for
-from accord.transports.base import Delivery, Handler, Transport
+from accord.transports.base import Delivery, Envelope, Handler, Transport
 from accord.transports.sql import SqlSubscription, SqlTransport
 
 
@@ -367,3 +367,20 @@ def test_needs_exactly_one_of_url_and_database() -> None:
         SqlTransport()
     with pytest.raises(ConfigurationError):
         SqlTransport("sqlite:///x.db", database=Database("sqlite:///x.db"))
+
+
+async def test_envelopes_are_stored_as_they_are_and_non_cloudevents_refused(
+    transports: Callable[..., SqlTransport],
+) -> None:
+    transport = transports()
+    collector = Collector()
+    await transport.subscribe("g", collector)
+    fine = Envelope.of(Message(type="t.fine", data={"a": 1}, key="k"))
+    broken = Envelope("broken-1", "t.broken", None, {"ce-id": "broken-1"}, b"{}")
+    with pytest.raises(PublishError) as caught:
+        await transport.publish_envelopes([broken, fine])
+    assert set(caught.value.failed) == {"broken-1"}
+    assert "missing required attribute" in str(caught.value.failed["broken-1"])
+    await collector.wait(1)
+    assert collector.deliveries[0].body == fine.body
+    assert collector.ids == [fine.id]

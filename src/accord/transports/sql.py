@@ -39,15 +39,16 @@ from typing import Any
 from accord.db import Database
 from accord.errors import (
     ConfigurationError,
+    DecodeError,
     PublishError,
     TransportError,
     TransportUnavailable,
 )
-from accord.messages import Message, encode
+from accord.messages import Message, decode, encode
 from accord.transports._sql import _queries as q
 from accord.transports._sql._errors import transaction, translate
 from accord.transports._sql._subscription import SqlDelivery, SqlSubscription
-from accord.transports.base import Handler, Subscription, Transport, topic_matches
+from accord.transports.base import Envelope, Handler, Subscription, Transport, topic_matches
 
 __all__ = ["SqlDelivery", "SqlSubscription", "SqlTransport"]
 
@@ -156,6 +157,33 @@ class SqlTransport(Transport):
             headers, body = encode(message)
             items.append((message.id, message.type, message.key, headers, body))
         await self._publish(items)
+
+    async def publish_envelopes(self, envelopes: Sequence[Envelope]) -> None:
+        """Store already-encoded messages as they are (no decode and re-encode).
+
+        Their headers are checked first: an envelope that is not a CloudEvent is
+        not stored and is named in :class:`PublishError` (the rest of the batch is
+        stored). The body is stored unchecked; a consumer that cannot decode it
+        gets the delivery with ``decode_error`` set.
+        """
+        items: list[_Item] = []
+        failed: dict[str, BaseException] = {}
+        for envelope in envelopes:
+            try:
+                decode(envelope.headers, b"")  # the attributes only: the body is not parsed
+            except DecodeError as exc:
+                failed[envelope.id] = exc
+                continue
+            items.append(
+                (envelope.id, envelope.type, envelope.key, dict(envelope.headers), envelope.body)
+            )
+        if items:
+            try:
+                await self._publish(items)
+            except PublishError as exc:
+                failed.update(exc.failed)
+        if failed:
+            raise PublishError(failed)
 
     async def publish_raw(self, headers: Mapping[str, str], body: bytes) -> None:
         """Put arbitrary bytes on the channel, bypassing encoding (for tests of bad
