@@ -131,9 +131,11 @@ class RabbitTransport(Transport):
                     await publisher.declare_exchange(
                         self.topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
                     )
-            except Exception as exc:
+            except BaseException as exc:  # also on cancellation: never leak a connection
                 if connection is not None:
                     await _close_quietly(connection)
+                if not isinstance(exc, Exception):
+                    raise
                 raise translate(exc, f"connecting to RabbitMQ at {redact(self.url)}") from exc
             self._connection, self._publisher = connection, publisher
 
@@ -149,9 +151,17 @@ class RabbitTransport(Transport):
             return
         if self._closed:
             raise TransportUnavailable("this RabbitTransport is closed; call connect() again")
-        await self.connect()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.publish_timeout
+        if self._connection is None:
+            try:
+                async with asyncio.timeout(self.publish_timeout):
+                    await self.connect()
+            except TimeoutError as exc:
+                raise TransportUnavailable(
+                    f"could not connect to RabbitMQ at {redact(self.url)} within "
+                    f"publish_timeout={self.publish_timeout}s; nothing was published"
+                ) from exc
         channel = await self._underlay(deadline, f"publishing {len(messages)} message(s)")
         encoded = [message_properties(message) for message in messages]
         # Created in order and started in order: each takes the channel lock in turn,
