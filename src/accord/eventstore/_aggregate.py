@@ -81,6 +81,8 @@ class Aggregate:
         cls._handlers = handlers
 
     def __init__(self, id: str) -> None:
+        #: The stream id. ``version`` is the last *stored* version the state
+        #: includes; events recorded but not yet saved do not change it.
         self.id = id
         self.version = 0
         self._pending: list[Any] = []

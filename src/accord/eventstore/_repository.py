@@ -117,7 +117,7 @@ class Repository(Generic[T]):
         pending = aggregate._pending
         if not pending:
             return None
-        expected = aggregate.version - len(pending)
+        expected = aggregate.version
         result = await self.store.append(
             aggregate.id,
             aggregate._new_events(metadata or {}),
@@ -126,6 +126,7 @@ class Repository(Generic[T]):
             outbox=outbox,
         )
         aggregate._pending = []
+        aggregate.version = result.version
         every = self.aggregate_class.snapshot_every
         if every and result.version // every > expected // every:
             await self.snapshot(aggregate, conn=conn)
