@@ -13,8 +13,8 @@ from prometheus_client import REGISTRY
 
 from accord.db import Database
 from accord.db.types import BigId
-from accord.messages import Message
-from accord.transports.base import Transport
+from accord.messages import Message, encode
+from accord.transports.base import Delivery, Transport
 from accord.transports.sql import SqlTransport
 from tests.conftest import RABBIT_URL
 
@@ -43,6 +43,23 @@ async def effect_counts(database: Database) -> dict[str, int]:
 def metric(name: str, **labels: str) -> float:
     """Current value of a counter sample (0 if never incremented)."""
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class Captured(Delivery):
+    """A delivery handed straight to ``Consumer.handle``, recording how it was settled."""
+
+    def __init__(self, message: Message, attempt: int = 1) -> None:
+        super().__init__(*encode(message), attempt)
+        self.outcome: str | None = None
+
+    async def _ack(self) -> None:
+        self.outcome = "ack"
+
+    async def _nack(self, delay: float) -> None:
+        self.outcome = "nack"
+
+    async def _reject(self, reason: str) -> None:
+        self.outcome = "reject"
 
 
 class Broker:

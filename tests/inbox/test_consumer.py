@@ -16,9 +16,8 @@ from accord.db.schema import inbox, outbox
 from accord.inbox import Consumer, DeadLetters, HandlerContext, Inbox
 from accord.messages import Message, encode
 from accord.testing import assert_eventually, wait_for
-from accord.transports.base import Delivery
 from accord.transports.sql import SqlTransport
-from tests.inbox.conftest import Broker, effect_counts, effects, metric, unique
+from tests.inbox.conftest import Broker, Captured, effect_counts, effects, metric, unique
 
 
 class Scored(BaseModel):
@@ -98,23 +97,6 @@ async def test_effects_apply_once_when_the_same_message_is_published_twice(
     assert await effect_counts(app_db) == {m.id: 1 for m in batch}
     assert await Inbox(app_db).count(name) == {name: 10}
     assert await dead_letters(app_db, name) == []
-
-
-class Captured(Delivery):
-    """A delivery handed straight to ``Consumer.handle``, recording how it was settled."""
-
-    def __init__(self, message: Message, attempt: int = 1) -> None:
-        super().__init__(*encode(message), attempt)
-        self.outcome: str | None = None
-
-    async def _ack(self) -> None:
-        self.outcome = "ack"
-
-    async def _nack(self, delay: float) -> None:
-        self.outcome = "nack"
-
-    async def _reject(self, reason: str) -> None:
-        self.outcome = "reject"
 
 
 async def _waiting_on_a_lock(database: Database) -> bool:

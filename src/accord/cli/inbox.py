@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -39,7 +39,7 @@ def status(db: DbOption, consumer: ConsumerOption = None, as_json: JsonOption = 
 
     applied, dead = run(go())
     names = sorted(set(applied) | set(dead))
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "consumer": name,
             "applied": applied.get(name, 0),

@@ -1,0 +1,92 @@
+"""``accord inbox dead list|show|replay|purge`` and ``accord inbox status``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from typer.testing import CliRunner
+
+from accord.cli.app import _register_subcommands, app
+from accord.db import Database
+from accord.inbox import Consumer, HandlerContext
+from accord.messages import Message
+from accord.transports.sql import SqlTransport
+from tests.inbox.conftest import Captured
+
+_register_subcommands()
+runner = CliRunner()
+
+
+def invoke(*args: str, input: str | None = None) -> Any:
+    result = runner.invoke(app, list(args), input=input)
+    return result
+
+
+async def _seed(url: str) -> list[str]:
+    """Two dead letters for 'alpha' (bad data, unknown type), one for 'beta', one applied."""
+    async with Database(url) as database:
+        ids = []
+        for name in ("alpha", "beta"):
+            consumer = Consumer(name, database, SqlTransport(database=database))
+
+            @consumer.handler("test.known")
+            async def on_known(ctx: HandlerContext, data: Any) -> None:
+                pass
+
+            unknown = Message(type="test.unknown", data={"x": 1})
+            await consumer.handle(Captured(unknown))
+            ids.append(unknown.id)
+            if name == "alpha":
+                await consumer.handle(Captured(Message(type="test.known")))
+                await consumer.handle(Captured(Message(type="test.unknown", data=[1, 2])))
+    return ids
+
+
+def test_list_show_replay_purge(db_url: str) -> None:
+    asyncio.run(_seed(db_url))
+
+    listed = invoke("inbox", "dead", "list", "--db", db_url, "--json")
+    assert listed.exit_code == 0, listed.output
+    letters = json.loads(listed.output)
+    assert [(x["consumer"], x["kind"], x["status"]) for x in letters] == [
+        ("alpha", "unknown_type", "DEAD"),
+        ("alpha", "unknown_type", "DEAD"),
+        ("beta", "unknown_type", "DEAD"),
+    ]
+    only_beta = json.loads(
+        invoke("inbox", "dead", "list", "--db", db_url, "--consumer", "beta", "--json").output
+    )
+    assert [x["consumer"] for x in only_beta] == ["beta"]
+    table = invoke("inbox", "dead", "list", "--db", db_url)
+    assert table.exit_code == 0 and "alpha" in table.output
+
+    first = letters[0]["id"]
+    shown = json.loads(invoke("inbox", "dead", "show", str(first), "--db", db_url, "--json").output)
+    assert shown["headers"]["ce-type"] == "test.unknown"
+    assert json.loads(shown["body"]) == {"x": 1}
+    assert "unknown message type 'test.unknown'" in shown["reason"]
+    text = invoke("inbox", "dead", "show", str(first), "--db", db_url)
+    assert text.exit_code == 0 and "ce-type: test.unknown" in text.output
+
+    missing = invoke("inbox", "dead", "show", "999999", "--db", db_url)
+    assert missing.exit_code == 1 and "no dead letter with id 999999" in missing.output
+
+    replayed = invoke("inbox", "dead", "replay", str(first), "--db", db_url, "--json")
+    assert json.loads(replayed.output) == {"replaying": 1, "id": first}
+    status = json.loads(invoke("inbox", "status", "--db", db_url, "--json").output)
+    assert status == [
+        {"consumer": "alpha", "applied": 1, "dead": 1, "replaying": 1},
+        {"consumer": "beta", "applied": 0, "dead": 1, "replaying": 0},
+    ]
+
+    assert invoke("inbox", "dead", "replay", "--db", db_url).exit_code == 2
+    purged = invoke("inbox", "dead", "purge", "--db", db_url, "--consumer", "beta", "--yes")
+    assert purged.exit_code == 0 and "Purged 1" in purged.output
+    declined = invoke("inbox", "dead", "purge", "--db", db_url, input="n\n")
+    assert declined.exit_code == 1
+    purged = json.loads(invoke("inbox", "dead", "purge", "--db", db_url, "--json").output)
+    assert purged == {"purged": 1}  # the one waiting for replay is kept
+    left = json.loads(invoke("inbox", "dead", "list", "--db", db_url, "--json").output)
+    assert [(x["id"], x["status"]) for x in left] == [(first, "REPLAY")]
