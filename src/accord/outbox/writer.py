@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from accord.db.database import translate_errors
 from accord.db.schema import outbox
-from accord.errors import ConfigurationError
+from accord.errors import ConfigurationError, DatabaseError
 from accord.messages import Message, decode, encode
 
 __all__ = ["NOTIFY_CHANNEL", "add", "message_from_row", "row_from_message"]
@@ -49,6 +49,17 @@ def message_from_row(headers: dict[str, str], payload: Any) -> Message:
     return decode(headers, json.dumps(payload, separators=(",", ":"), default=str).encode())
 
 
+# One prepared statement, one round trip: the row and the wake-up of the relays.
+# The notification is delivered at commit, and only if the transaction commits;
+# identical notifications in one transaction are folded into one.
+_PG_ADD = (
+    "WITH added AS (INSERT INTO accord_outbox (id, event_type, key, payload, headers, status, "
+    "retry_count, available_at, created_at) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, "
+    "'PENDING', 0, $6, $6) RETURNING 1) "
+    f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
+)
+
+
 async def add(conn: AsyncConnection | AsyncSession, *messages: Message) -> None:
     """Write ``messages`` to the outbox in the transaction ``conn`` is in.
 
@@ -62,8 +73,38 @@ async def add(conn: AsyncConnection | AsyncSession, *messages: Message) -> None:
     now = datetime.now(UTC)
     rows = [row_from_message(m, now) for m in messages]
     with translate_errors("adding to the outbox"):
+        if connection.dialect.name == "postgresql" and await _add_on_driver(connection, rows):
+            return
         await connection.execute(outbox.insert(), rows)
         if connection.dialect.name == "postgresql":
-            # Delivered at commit, and only if the transaction commits; identical
-            # notifications in one transaction are folded into one.
             await connection.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"))
+
+
+async def _add_on_driver(connection: AsyncConnection, rows: list[dict[str, Any]]) -> bool:
+    """The hot path: asyncpg underneath SQLAlchemy's own transaction. Returns False
+    (nothing done) when that transaction has not begun yet on the driver, so the
+    caller's statements and ours can never end up in different transactions."""
+    raw = await connection.get_raw_connection()
+    driver: Any = raw.driver_connection
+    if driver is None or not driver.is_in_transaction():
+        return False
+    try:
+        await driver.executemany(
+            _PG_ADD,
+            [
+                (
+                    r["id"],
+                    r["event_type"],
+                    r["key"],
+                    json.dumps(r["payload"], separators=(",", ":"), default=str),
+                    json.dumps(r["headers"], separators=(",", ":")),
+                    r["created_at"],
+                )
+                for r in rows
+            ],
+        )
+    except Exception as exc:  # asyncpg's own errors: translate like SQLAlchemy's
+        raise DatabaseError(
+            f"adding to the outbox failed: {exc.__class__.__name__}: {exc}"
+        ) from exc
+    return True
