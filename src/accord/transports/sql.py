@@ -22,8 +22,15 @@ What it promises, beyond :class:`~accord.transports.base.Transport`:
   consumer settles the delivery; a consumer that dies without settling has its
   deliveries offered again once the lease runs out. ``attempt`` counts every
   claim, including those of consumers that died.
+* Acks are committed in the background, several per transaction, before the
+  consumer's next claim and before ``stop()`` returns; a consumer that dies in
+  between gets those deliveries again (at-least-once; the inbox deduplicates).
+* ``Subscription.stop()`` and :meth:`SqlTransport.close` cancel a handler in
+  progress and give every unsettled delivery back to its group at once.
 * Message rows whose deliveries are all settled are deleted in batches,
   periodically (:meth:`SqlTransport.cleanup`).
+* On PostgreSQL a lost ``LISTEN`` connection is not re-established: consumers
+  then fall back to polling every ``poll_interval``.
 """
 
 from __future__ import annotations
