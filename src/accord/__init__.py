@@ -7,9 +7,19 @@ NATS JetStream, Redis Streams or a broker-less SQL transport.
 
 from accord import errors
 from accord.db import Database, metadata
+from accord.inbox import Consumer, DeadLetters, HandlerContext
 from accord.messages import Message
 from accord.outbox import add as add_to_outbox
 
-__all__ = ["Database", "Message", "add_to_outbox", "errors", "metadata"]
+__all__ = [
+    "Consumer",
+    "Database",
+    "DeadLetters",
+    "HandlerContext",
+    "Message",
+    "add_to_outbox",
+    "errors",
+    "metadata",
+]
 
 __version__ = "0.1.0.dev0"
