@@ -90,3 +90,11 @@ def test_list_show_replay_purge(db_url: str) -> None:
     assert purged == {"purged": 1}  # the one waiting for replay is kept
     left = json.loads(invoke("inbox", "dead", "list", "--db", db_url, "--json").output)
     assert [(x["id"], x["status"]) for x in left] == [(first, "REPLAY")]
+
+
+def test_prune_keeps_recent_inbox_rows(db_url: str) -> None:
+    asyncio.run(_seed(db_url))
+    kept = invoke("inbox", "prune", "--db", db_url, "--json")
+    assert json.loads(kept.output) == {"pruned": 0}
+    pruned = invoke("inbox", "prune", "--db", db_url, "--older-than-days", "-1", "--json")
+    assert json.loads(pruned.output) == {"pruned": 1}

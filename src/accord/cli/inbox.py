@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated, Any
 
 import typer
@@ -55,6 +56,29 @@ def status(db: DbOption, consumer: ConsumerOption = None, as_json: JsonOption = 
     for row in rows:
         table.add_row(row["consumer"], str(row["applied"]), str(row["dead"]), str(row["replaying"]))
     console.print(table)
+
+
+@inbox_app.command("prune")
+def prune(
+    db: DbOption,
+    older_than_days: Annotated[
+        float, typer.Option("--older-than-days", help="Delete rows processed before this.")
+    ] = 7.0,
+    consumer: ConsumerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete old inbox rows. A message redelivered after its row is gone is applied
+    again: keep this well above your broker's longest redelivery window."""
+
+    async def go() -> int:
+        async with Database(db) as database:
+            return await Inbox(database).prune(timedelta(days=older_than_days), consumer)
+
+    count = run(go())
+    if as_json:
+        print_json({"pruned": count})
+    else:
+        console.print(f"Pruned {count} inbox row(s).")
 
 
 @dead_app.command("list")
