@@ -10,6 +10,7 @@ transaction it runs in a single round trip on the driver connection.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -166,10 +167,7 @@ class PostgresEventStore(EventStore):
             position = self._notify_max
             try:
                 await self._driver_call(
-                    lambda d, p=str(position): d.execute(
-                        "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, p
-                    ),
-                    "notifying subscribers",
+                    functools.partial(_notify, payload=str(position)), "notifying subscribers"
                 )
             except DatabaseError:
                 return  # subscribers also poll; a lost wake-up only delays them
@@ -340,3 +338,7 @@ class PostgresEventStore(EventStore):
 
     async def _listen(self, callback: Any) -> Any:
         return await self.database.listen(NOTIFY_CHANNEL, callback)
+
+
+async def _notify(driver: Any, payload: str) -> None:
+    await driver.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, payload)

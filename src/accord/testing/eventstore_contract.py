@@ -47,7 +47,7 @@ async def visible(store: EventStore, position: int, timeout: float = 20.0) -> No
     async def reached() -> bool:
         return await store.head() >= position
 
-    await wait_for(reached, timeout)
+    await wait_for(reached, timeout)  # type: ignore[arg-type]
 
 
 def _events(n: int, type: str = "contract.Happened", **data: Any) -> list[NewEvent]:
