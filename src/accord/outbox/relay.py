@@ -137,6 +137,14 @@ class Relay:
                     others.append(self._release(row, unavailable))
                     continue
                 envelope = Envelope(row.id, row.event_type, row.key, row.headers, row.payload)
+                try:
+                    envelope.check()
+                except DecodeError as exc:
+                    # A row that is not a valid message will never publish: DEAD now.
+                    others.append(self._dead(row, f"not a valid message: {exc}"))
+                    if row.key is not None:
+                        blocked.add(row.key)
+                    continue
                 ready.append((row, envelope))
             if not ready:
                 continue

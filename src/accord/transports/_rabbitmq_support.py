@@ -16,7 +16,8 @@ from pamqp.commands import Basic
 from yarl import URL
 
 from accord.errors import TransportError, TransportUnavailable
-from accord.messages import Message, encode
+from accord.messages import Message
+from accord.transports.base import Envelope
 
 __all__ = [
     "ATTEMPT_HEADER",
@@ -26,6 +27,7 @@ __all__ = [
     "RabbitTopology",
     "attempt_of",
     "delivery_headers",
+    "envelope_properties",
     "message_properties",
     "redact",
     "republish_properties",
@@ -109,21 +111,26 @@ def _bucket(delay: float) -> int | None:
 
 
 def message_properties(message: Message) -> tuple[Basic.Properties, bytes]:
-    """AMQP properties and body of a message: CloudEvents binary mode, persistent.
+    """AMQP properties and body of a message (see :func:`envelope_properties`)."""
+    return envelope_properties(Envelope.of(message))
+
+
+def envelope_properties(envelope: Envelope) -> tuple[Basic.Properties, bytes]:
+    """AMQP properties and body of an encoded message: CloudEvents binary mode, persistent.
 
     The ``ce-*`` attributes are AMQP headers; ``datacontenttype`` is the AMQP
     ``content_type`` property and the id is also the AMQP ``message_id`` (as the
     CloudEvents RabbitMQ binding does).
     """
-    headers, body = encode(message)
+    headers: dict[str, Any] = dict(envelope.headers)
     content_type = headers.pop("content-type", None)
     properties = Basic.Properties(
         content_type=content_type,
         delivery_mode=2,
-        message_id=message.id,
-        headers=dict(headers),
+        message_id=envelope.id,
+        headers=headers,
     )
-    return properties, body
+    return properties, envelope.body
 
 
 def republish_properties(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from accord.errors import DecodeError, PublishError
-from accord.messages import Message, decode, encode
+from accord.messages import SPECVERSION, Message, decode, encode
 
 __all__ = [
     "DEFAULT_REDELIVERY_DELAY",
@@ -85,6 +85,21 @@ class Envelope:
     def message(self) -> Message:
         """Decode back into a message (raises DecodeError if the envelope is malformed)."""
         return decode(self.headers, self.body)
+
+    def check(self) -> None:
+        """Raise DecodeError unless the required CloudEvents attributes are present;
+        cheap (no body parsing), for hot paths that publish envelopes as they are."""
+        missing = [a for a in _REQUIRED if not self.headers.get(a)]
+        if missing:
+            names = ", ".join(a.removeprefix("ce-") for a in missing)
+            raise DecodeError(f"not a CloudEvent: missing required attribute(s) {names}")
+        if self.headers["ce-specversion"] != SPECVERSION:
+            raise DecodeError(
+                f"unsupported CloudEvents specversion {self.headers['ce-specversion']!r}"
+            )
+
+
+_REQUIRED = ("ce-id", "ce-source", "ce-type", "ce-specversion")
 
 
 class Delivery(abc.ABC):
@@ -150,8 +165,9 @@ class Subscription(abc.ABC):
 
     @abc.abstractmethod
     async def stop(self) -> None:
-        """Stop receiving. A handler call in progress finishes first; deliveries that
-        were received but not settled are redelivered later (to this group)."""
+        """Stop receiving. A handler call in progress is either let finish or cancelled
+        (each transport documents which); any delivery not settled by then is
+        redelivered later to this group, so stopping never loses a message."""
 
 
 class Transport(abc.ABC):

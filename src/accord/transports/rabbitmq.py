@@ -54,13 +54,13 @@ from accord.transports._rabbitmq_support import (
     GROUP_HEADER,
     REASON_HEADER,
     RabbitTopology,
-    message_properties,
+    envelope_properties,
     redact,
     republish_properties,
     translate,
     translated,
 )
-from accord.transports.base import Handler, Subscription, Transport
+from accord.transports.base import Envelope, Handler, Subscription, Transport
 
 __all__ = ["RabbitTopology", "RabbitTransport"]
 
@@ -140,6 +140,10 @@ class RabbitTransport(Transport):
             self._connection, self._publisher = connection, publisher
 
     async def publish(self, messages: Sequence[Message]) -> None:
+        """Publish a batch with confirms, pipelined; see :meth:`publish_envelopes`."""
+        await self.publish_envelopes([Envelope.of(message) for message in messages])
+
+    async def publish_envelopes(self, envelopes: Sequence[Envelope]) -> None:
         """Publish a batch with confirms, pipelined; see the class contract.
 
         Raises :class:`~accord.errors.TransportUnavailable` if RabbitMQ cannot be
@@ -147,7 +151,7 @@ class RabbitTransport(Transport):
         :class:`~accord.errors.PublishError` naming exactly the messages the broker
         did not confirm otherwise.
         """
-        if not messages:
+        if not envelopes:
             return
         if self._closed:
             raise TransportUnavailable("this RabbitTransport is closed; call connect() again")
@@ -162,8 +166,8 @@ class RabbitTransport(Transport):
                     f"could not connect to RabbitMQ at {redact(self.url)} within "
                     f"publish_timeout={self.publish_timeout}s; nothing was published"
                 ) from exc
-        channel = await self._underlay(deadline, f"publishing {len(messages)} message(s)")
-        encoded = [message_properties(message) for message in messages]
+        channel = await self._underlay(deadline, f"publishing {len(envelopes)} message(s)")
+        encoded = [envelope_properties(envelope) for envelope in envelopes]
         # Created in order and started in order: each takes the channel lock in turn,
         # so the frames go out in batch order while all confirms are awaited together.
         tasks = [
@@ -171,12 +175,12 @@ class RabbitTransport(Transport):
                 channel.basic_publish(
                     body,
                     exchange=self.topology.exchange,
-                    routing_key=message.type,
+                    routing_key=envelope.type,
                     properties=properties,
                     mandatory=False,
                 )
             )
-            for message, (properties, body) in zip(messages, encoded, strict=True)
+            for envelope, (properties, body) in zip(envelopes, encoded, strict=True)
         ]
         try:
             await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
@@ -185,18 +189,18 @@ class RabbitTransport(Transport):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         failed: dict[str, BaseException] = {}
-        for message, task in zip(messages, tasks, strict=True):
+        for envelope, task in zip(envelopes, tasks, strict=True):
             problem = _publish_problem(task, self.publish_timeout)
             if problem is not None:
-                failed[message.id] = problem
+                failed[envelope.id] = problem
         if not failed:
             return
-        if len(failed) == len(messages) and all(
+        if len(failed) == len(envelopes) and all(
             isinstance(e, TransportUnavailable) for e in failed.values()
         ):
             first = next(iter(failed.values()))
             raise TransportUnavailable(
-                f"none of {len(messages)} message(s) was confirmed: {first}"
+                f"none of {len(envelopes)} message(s) was confirmed: {first}"
             ) from first.__cause__
         raise PublishError(failed)
 
