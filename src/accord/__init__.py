@@ -9,6 +9,7 @@ from accord import errors
 from accord.db import Database, metadata
 from accord.inbox import Consumer, DeadLetters, HandlerContext
 from accord.messages import Message
+from accord.outbox import OutboxAdmin, Relay
 from accord.outbox import add as add_to_outbox
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "DeadLetters",
     "HandlerContext",
     "Message",
+    "OutboxAdmin",
+    "Relay",
     "add_to_outbox",
     "errors",
     "metadata",
