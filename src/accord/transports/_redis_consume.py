@@ -27,7 +27,7 @@ from accord.transports.base import (
     topic_matches,
 )
 
-__all__ = ["GroupKeys", "RedisSubscription", "translate_redis_error"]
+__all__ = ["GroupKeys", "RedisSubscription", "describe", "translate_redis_error"]
 
 log = logging.getLogger("accord.transports.redis")
 
@@ -58,11 +58,18 @@ def translate_redis_error(exc: BaseException, doing: str) -> TransportError:
         | asyncio.TimeoutError
         | OSError,
     ):
-        error: TransportError = TransportUnavailable(f"Redis unavailable while {doing}: {exc!r}")
+        error: TransportError = TransportUnavailable(
+            f"Redis unavailable while {doing}: {describe(exc)}"
+        )
     else:
-        error = TransportError(f"Redis error while {doing}: {exc!r}")
+        error = TransportError(f"Redis error while {doing}: {describe(exc)}")
     error.__cause__ = exc
     return error
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` (redis-py 8's repr says only ``server:ResponseError``)."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _text(value: bytes | str) -> str:
@@ -229,7 +236,7 @@ class RedisSubscription(Subscription):
                 self._reader_id = None
                 if self._stopping.is_set():
                     break
-                log.warning("reading for group %r failed (%r); retrying", self.group, exc)
+                log.warning("reading for group %r failed (%s); retrying", self.group, describe(exc))
                 await self._pause(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
@@ -320,9 +327,9 @@ class RedisSubscription(Subscription):
                 )
             except Exception as exc:
                 log.warning(
-                    "could not give back entries of group %r (%r); they return after claim_idle",
+                    "could not give back entries of group %r (%s); they return after claim_idle",
                     self.group,
-                    exc,
+                    describe(exc),
                 )
         with contextlib.suppress(Exception):
             await self._reader.aclose()

@@ -46,6 +46,7 @@ from accord.transports._redis_consume import (
     BLOCK_MS,
     GroupKeys,
     RedisSubscription,
+    describe,
     translate_redis_error,
 )
 from accord.transports.base import Handler, Subscription, Transport
@@ -121,7 +122,8 @@ class RedisTransport(Transport):
                 with contextlib.suppress(Exception):
                     await client.aclose()
                 raise TransportUnavailable(
-                    f"cannot connect to Redis at {self.url}: {exc!r}; is redis-server running?"
+                    f"cannot connect to Redis at {self.url}: {describe(exc)}; "
+                    "is redis-server running?"
                 ) from exc
             version = tuple(int(p) for p in str(info.get("redis_version", "0")).split(".")[:2])
             if version < (6, 2):

@@ -1,0 +1,268 @@
+"""Redis Streams transport: the contract suite plus Streams specifics, on the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+from tests.conftest import REDIS_URL
+
+from accord.errors import PublishError, TransportUnavailable
+from accord.messages import Message
+from accord.testing import Collector, TransportContract, assert_eventually, wait_for
+from accord.transports.base import Delivery, Transport
+from accord.transports.redis import RedisTransport
+
+pytestmark = pytest.mark.redis
+
+
+async def _delete_channel(channel: str) -> None:
+    transport = RedisTransport(REDIS_URL, channel=channel)
+    await transport.connect()
+    try:
+        await transport.delete_channel()
+    finally:
+        await transport.close()
+
+
+class TestRedisTransport(TransportContract):
+    timeout = 15.0
+
+    @pytest.fixture
+    async def transport_factory(self, channel: str) -> AsyncIterator[Callable[[str], Transport]]:
+        yield lambda ch: RedisTransport(REDIS_URL, channel=ch, claim_idle=3.0)
+        await _delete_channel(channel)
+
+    async def publish_raw(self, transport: Transport, headers: dict[str, str], body: bytes) -> None:
+        assert isinstance(transport, RedisTransport)
+        client = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            await client.xadd(transport.stream, {**headers, "body": body})
+        finally:
+            await client.aclose()
+
+
+@pytest.fixture
+async def redis_transport() -> AsyncIterator[RedisTransport]:
+    transport = RedisTransport(REDIS_URL, channel=f"redis-{uuid.uuid4().hex[:12]}", claim_idle=1.0)
+    await transport.connect()
+    yield transport
+    await transport.close()
+    await _delete_channel(transport.channel)
+
+
+@pytest.fixture
+async def admin() -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    yield client
+    await client.aclose()
+
+
+async def test_entries_carry_ce_headers_as_fields(
+    redis_transport: RedisTransport, admin: aioredis.Redis
+) -> None:
+    sent = Message(type="test.fields", data={"a": 1}, key="k1")
+    await redis_transport.publish([sent])
+    [(_, fields)] = await admin.xrange(redis_transport.stream)
+    assert fields[b"ce-id"] == sent.id.encode()
+    assert fields[b"ce-type"] == b"test.fields"
+    assert fields[b"ce-partitionkey"] == b"k1"
+    assert fields[b"content-type"] == b"application/json"
+    assert fields[b"body"] == b'{"a":1}'
+
+
+async def test_refused_entries_are_named_in_the_publish_error(
+    redis_transport: RedisTransport, admin: aioredis.Redis
+) -> None:
+    await admin.set(redis_transport.stream, "not a stream")  # every XADD now fails
+    sent = [Message(type="test.refused") for _ in range(3)]
+    with pytest.raises(PublishError) as raised:
+        await redis_transport.publish(sent)
+    assert set(raised.value.failed) == {m.id for m in sent}
+    assert "WRONGTYPE" in str(raised.value.failed[sent[0].id])
+
+
+async def test_unreachable_server_raises_transport_unavailable() -> None:
+    transport = RedisTransport("redis://127.0.0.1:1/0", connect_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(TransportUnavailable, match="cannot connect to Redis"):
+        await transport.connect()
+    assert time.monotonic() - started < 15
+    with pytest.raises(TransportUnavailable):
+        await transport.publish([Message(type="test.nowhere")])
+
+
+def test_importing_without_the_driver_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['redis'] = None\n"
+        "try:\n    import accord.transports.redis\n"
+        "except ImportError as exc:\n    print(type(exc).__name__, exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "MissingExtraError" in out.stdout
+    assert "accord[redis]" in out.stdout
+
+
+async def test_nack_delay_is_honoured_and_no_two_consumers_take_a_delayed_entry(
+    redis_transport: RedisTransport,
+) -> None:
+    other = RedisTransport(REDIS_URL, channel=redis_transport.channel, claim_idle=30.0)
+    await other.connect()
+    seen: dict[str, list[tuple[int, float]]] = {}
+
+    async def handler(delivery: Delivery) -> None:
+        assert delivery.message is not None
+        seen.setdefault(delivery.message.id, []).append((delivery.attempt, time.monotonic()))
+        if delivery.attempt == 1:
+            await delivery.nack(0.5)
+
+    try:
+        await redis_transport.subscribe("delays", handler)
+        await other.subscribe("delays", handler)
+        sent = [Message(type="test.later", data={"n": i}) for i in range(30)]
+        await redis_transport.publish(sent)
+        await wait_for(lambda: sum(len(v) for v in seen.values()) >= 60, 15)
+        await asyncio.sleep(0.3)  # a second take of a delayed entry would show up here
+    finally:
+        await other.close()
+    assert sorted(seen) == sorted(m.id for m in sent)
+    for deliveries in seen.values():
+        assert [attempt for attempt, _ in deliveries] == [1, 2]
+        assert deliveries[1][1] - deliveries[0][1] >= 0.4
+
+
+async def test_reject_adds_to_the_dead_stream_with_group_and_reason(
+    redis_transport: RedisTransport, admin: aioredis.Redis
+) -> None:
+    collector = Collector(settle="reject")
+    await redis_transport.subscribe("picky", collector)
+    sent = Message(type="test.poison", data={"x": 1})
+    await redis_transport.publish([sent])
+    await collector.wait(1)
+    [(_, fields)] = await wait_for(lambda: admin.xrange(redis_transport.dead_stream), 10)
+    assert fields[b"accord-dead-group"] == b"picky"
+    assert fields[b"accord-dead-reason"] == b"rejected by the test"
+    assert fields[b"ce-id"] == sent.id.encode()
+    assert fields[b"body"] == b'{"x":1}'
+    pending = await admin.xpending(redis_transport.stream, "picky")
+    assert pending["pending"] == 0
+
+
+async def test_non_matching_entries_are_acked_at_once_and_consumers_cleaned_up(
+    redis_transport: RedisTransport, admin: aioredis.Redis
+) -> None:
+    collector = Collector()
+    subscription = await redis_transport.subscribe("matches", collector, topics=["match.*"])
+    await redis_transport.publish([Message(type="score.awarded"), Message(type="match.won")])
+    await collector.wait(1)
+    await assert_eventually(lambda: _assert_no_pending(admin, redis_transport.stream, "matches"), 5)
+    assert [m.type for m, _ in collector.received if m] == ["match.won"]
+    await subscription.stop()
+    assert await admin.xinfo_consumers(redis_transport.stream, "matches") == []
+
+
+async def _assert_no_pending(admin: aioredis.Redis, stream: str, group: str) -> None:
+    assert (await admin.xpending(stream, group))["pending"] == 0
+
+
+async def test_maxlen_trims_the_channel_stream(admin: aioredis.Redis) -> None:
+    transport = RedisTransport(REDIS_URL, channel=f"redis-{uuid.uuid4().hex[:12]}", maxlen=100)
+    await transport.connect()
+    try:
+        for _ in range(10):
+            await transport.publish([Message(type="test.trim") for _ in range(100)])
+        assert await admin.xlen(transport.stream) <= 300
+        await transport.delete_channel()
+    finally:
+        await transport.close()
+
+
+_DOOMED_CONSUMER = """
+import asyncio, sys
+from accord.transports.redis import RedisTransport
+
+async def main():
+    transport = RedisTransport(sys.argv[1], channel=sys.argv[2], claim_idle=1.0)
+    await transport.connect()
+    async def hang(delivery):
+        print("got", delivery.message.id, flush=True)
+        await asyncio.Event().wait()
+    await transport.subscribe("crashy", hang)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.fault
+async def test_entry_left_pending_by_a_killed_consumer_is_autoclaimed(
+    redis_transport: RedisTransport, admin: aioredis.Redis
+) -> None:
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _DOOMED_CONSUMER,
+        REDIS_URL,
+        redis_transport.channel,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        assert (await asyncio.wait_for(child.stdout.readline(), 15)).startswith(b"ready")
+        sent = Message(type="test.crash")
+        await redis_transport.publish([sent])
+        line = await asyncio.wait_for(child.stdout.readline(), 15)
+        assert line.decode().split() == ["got", sent.id]
+        child.send_signal(signal.SIGKILL)
+        await child.wait()
+        survivor = Collector()
+        await redis_transport.subscribe("crashy", survivor)
+        await survivor.wait(1, 15)
+        assert survivor.received[0][0] is not None
+        assert survivor.received[0][0].id == sent.id
+        assert survivor.received[0][1] == 2
+        await assert_eventually(
+            lambda: _assert_no_pending(admin, redis_transport.stream, "crashy"), 5
+        )
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+
+
+@pytest.mark.fault
+async def test_consuming_and_publishing_continue_after_connections_are_killed(
+    redis_transport: RedisTransport, admin: aioredis.Redis
+) -> None:
+    collector = Collector()
+    await redis_transport.subscribe("survivors", collector)
+    first = [Message(type="test.first", data={"n": i}) for i in range(10)]
+    await redis_transport.publish(first)
+    await collector.wait(10)
+    # Kill only this transport's connections (by name), not other tests' clients.
+    killed = 0
+    for client in await admin.client_list():
+        if client.get("name") == redis_transport.client_name:
+            killed += await admin.client_kill_filter(_id=client["id"])
+    assert killed >= 2  # at least the shared pool's and the subscription's reader
+
+    second = [Message(type="test.second", data={"n": i}) for i in range(10)]
+
+    async def published() -> bool:
+        try:
+            await redis_transport.publish(second)
+        except TransportUnavailable:
+            return False
+        return True
+
+    await wait_for(published, 10)
+    expected = {m.id for m in first + second}
+    await wait_for(lambda: expected <= set(collector.ids), 15)
