@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from accord import Database, Message, add_to_outbox
+from accord import Consumer, Database, HandlerContext, Message, add_to_outbox
 from accord.db.schema import outbox
 from accord.testing import Collector, wait_for
 from tests.outbox.conftest import broker_url
@@ -99,36 +99,62 @@ async def test_two_relays_keep_every_keys_commit_order_under_random_failures(
     await database.dispose()
 
 
-async def test_relay_killed_between_publish_and_mark_sent_publishes_again(
-    pg_url: str, channel: str, make_transport: Any, spawn: Any
+async def test_relay_killed_between_publish_and_mark_sent_publishes_again_and_inbox_applies_once(
+    pg_url: str, sqlite_url: str, channel: str, make_transport: Any, spawn: Any
 ) -> None:
     database = Database(pg_url)
+    receiver = Database(sqlite_url)  # the receiving service has its own database
+    async with receiver.transaction() as conn:
+        await conn.execute(sa.text("CREATE TABLE effects (message_id TEXT, n INT)"))
     broker = broker_url("rabbitmq", pg_url)
-    consumer = make_transport(broker)
-    await consumer.connect()
-    received = Collector()
-    await consumer.subscribe("scores", received)
+    consumer_transport = make_transport(broker)
+    await consumer_transport.connect()
+    deliveries = Collector()
+    await consumer_transport.subscribe("wiretap", deliveries)
+    consumer = Consumer("scores", receiver, consumer_transport)
+
+    @consumer.handler("score.changed")
+    async def apply(ctx: HandlerContext, data: dict[str, Any]) -> None:
+        await ctx.conn.execute(
+            sa.text("INSERT INTO effects VALUES (:id, :n)"), {"id": ctx.message.id, "n": data["n"]}
+        )
+
+    await consumer.start()
     messages = [Message(type="score.changed", data={"n": i}) for i in range(5)]
     async with database.transaction() as conn:
         await add_to_outbox(conn, *messages)
 
     doomed = spawn(pg_url, broker, channel, "--kill-after", "1", "--lease", "1")
     assert doomed.wait(20) == -signal.SIGKILL
-    await received.wait(5)
+    await deliveries.wait(5)
     assert await pending(database) == 5, "the killed relay must not have marked anything SENT"
 
     survivor = spawn(pg_url, broker, channel, "--lease", "1")
-    await received.wait(10, timeout=30)
+    await deliveries.wait(10, timeout=30)
 
     async def all_sent() -> bool:
         return await pending(database) == 0
 
     await wait_for(all_sent, 15)
     ids = [m.id for m in messages]
-    assert sorted(received.ids) == sorted(ids * 2), "each message published exactly twice"
+    assert sorted(deliveries.ids) == sorted(ids * 2), "each message reached the broker twice"
+
+    async def effects() -> list[tuple[str, int]]:
+        async with receiver.connect() as conn:
+            rows = (await conn.execute(sa.text("SELECT message_id, n FROM effects"))).all()
+        return [(r[0], r[1]) for r in rows]
+
+    async def inbox_caught_up() -> bool:
+        return len(await effects()) >= 5
+
+    await wait_for(inbox_caught_up, 15)
+    await asyncio.sleep(1)  # room for a wrongly applied duplicate to show up
+    assert sorted(await effects()) == sorted((m.id, i) for i, m in enumerate(messages))
+    await consumer.stop()
     survivor.send_signal(signal.SIGTERM)
     assert survivor.wait(20) == 0
     await database.dispose()
+    await receiver.dispose()
 
 
 def _rabbitmqctl(*args: str) -> None:
