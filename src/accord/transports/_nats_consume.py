@@ -152,7 +152,9 @@ class NatsSubscription(Subscription):
 
     async def _run(self) -> None:
         backoff = 0.05
-        while True:
+        # Checked as well as cancelled: asyncio.wait_for on Python 3.11 can swallow a
+        # cancellation that races with its timeout, and the loop must still end.
+        while not self._stopped:
             try:
                 msgs = await self._psub.fetch(self._prefetch, timeout=FETCH_WAIT)
             except asyncio.CancelledError:
@@ -168,8 +170,11 @@ class NatsSubscription(Subscription):
             batch = [_NatsDelivery(self, msg) for msg in msgs]
             self._held = batch
             for delivery in batch:
+                if self._stopped:
+                    break  # stop() gives the rest back
                 await self._dispatch(delivery)
-            self._held = []
+            if not self._stopped:
+                self._held = []
 
     async def _dispatch(self, delivery: _NatsDelivery) -> None:
         try:
@@ -193,7 +198,7 @@ class NatsSubscription(Subscription):
         # Deliveries held longer than ack_wait (slow handler, large batch) would be
         # redelivered to another consumer meanwhile; "in progress" resets their timer.
         interval = max(self._ack_wait / 3, 0.2)
-        while True:
+        while not self._stopped:
             await asyncio.sleep(interval)
             for delivery in list(self._held):
                 if not delivery.settled:
@@ -208,9 +213,7 @@ class NatsSubscription(Subscription):
         self._stopped = True
         for task in (self._task, self._keeper):
             task.cancel()
-        for task in (self._task, self._keeper):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await asyncio.wait({self._task, self._keeper}, timeout=FETCH_WAIT + self.publish_timeout)
         with contextlib.suppress(Exception):
             await self._psub.unsubscribe()
         leftovers = list(self._held)

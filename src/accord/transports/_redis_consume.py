@@ -187,6 +187,7 @@ class RedisSubscription(Subscription):
         self._claim_every = max(0.05, min(claim_idle / 2, 5.0))
         self._stop_timeout = stop_timeout
         self._held: list[_RedisDelivery] = []
+        self._acks: list[_RedisDelivery] = []
         self._handling: asyncio.Task[None] | None = None
         self.settling: set[asyncio.Future[Any]] = set()
         self._stopping = asyncio.Event()
@@ -248,7 +249,27 @@ class RedisSubscription(Subscription):
                 self._handling = asyncio.create_task(self._dispatch(delivery))
                 await asyncio.wait({self._handling})
                 self._handling = None
+            await self._flush_acks()
             self._held = []
+        await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        if not acks:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for key in (self.keys.stream, self.keys.retry):
+            ids: list[StreamIdT] = [d.entry_id for d in acks if d.key == key]
+            if ids:
+                pipe.xack(key, self.group, *ids)
+                if key == self.keys.retry:
+                    pipe.xdel(key, *ids)
+        try:
+            await pipe.execute()
+        except Exception as exc:
+            # Still pending: given back on stop or claimed later, so delivered again.
+            log.warning("acking %d deliveries of group %r failed: %s", len(acks), self.group,
+                        describe(exc))  # fmt: skip
 
     def _parse(self, response: Any) -> list[_RedisDelivery]:
         items = response.items() if isinstance(response, dict) else (response or [])
@@ -284,7 +305,10 @@ class RedisSubscription(Subscription):
                 log.exception("handler of group %r failed; redelivering", self.group)
                 await delivery.nack(DEFAULT_REDELIVERY_DELAY)
             else:
-                await delivery.ack()
+                if not delivery.settled:
+                    # Acked together with the rest of the batch (one round trip).
+                    delivery.settled = True
+                    self._acks.append(delivery)
         except TransportError as exc:
             # Settling failed: the entry stays pending and is given back or claimed.
             log.warning("settling a delivery of group %r failed: %s", self.group, exc)
