@@ -24,7 +24,7 @@ async def wait_for(
         if inspect.isawaitable(value):
             value = await value
         if value:
-            return value  # type: ignore[return-value]
+            return value
         if time.monotonic() > deadline:
             name = getattr(check, "__name__", repr(check))
             raise TimeoutError(f"{name} still false after {timeout}s (last value: {value!r})")
