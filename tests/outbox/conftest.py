@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from accord.transports import Transport, from_url
+from tests.brokers import cleanup
 from tests.conftest import NATS_URL, RABBIT_URL, REDIS_URL
 
 BROKERS = {
@@ -38,5 +39,4 @@ async def make_transport(channel: str) -> AsyncIterator[Callable[[str], Transpor
         return transport
 
     yield make
-    for transport in opened:
-        await transport.close()
+    await cleanup(opened)

@@ -36,7 +36,15 @@ async def statuses(database: Database) -> dict[str, str]:
     return {str(r.id): r.status for r in rows}
 
 
-@pytest.mark.parametrize("broker", ["rabbitmq", "sql"])
+@pytest.mark.parametrize(
+    "broker",
+    [
+        "sql",
+        "rabbitmq",
+        pytest.param("nats", marks=pytest.mark.nats),
+        pytest.param("redis", marks=pytest.mark.redis),
+    ],
+)
 async def test_commit_publishes_once_and_rollback_publishes_nothing(
     database: Database, db_url: str, broker: str, make_transport: Any
 ) -> None:

@@ -201,3 +201,44 @@ async def test_broker_restart_loses_nothing_and_the_backlog_drains(
     relay.send_signal(signal.SIGTERM)
     assert relay.wait(30) == 0
     await database.dispose()
+
+
+@pytest.mark.parametrize("broker", ["sql", "rabbitmq"])
+async def test_accord_outbox_relay_command_relays_and_stops_cleanly_on_sigterm(
+    sqlite_url: str, channel: str, make_transport: Any, broker: str
+) -> None:
+    database = Database(sqlite_url)
+    url = broker_url(broker, sqlite_url)
+    consumer = make_transport(url)
+    await consumer.connect()
+    received = Collector()
+    await consumer.subscribe("audit", received)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "accord",
+        "outbox",
+        "relay",
+        "--db",
+        sqlite_url,
+        "--broker",
+        url,
+        "--channel",
+        channel,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        sent = [Message(type="order.placed", data={"n": i}) for i in range(10)]
+        async with database.transaction() as conn:
+            await add_to_outbox(conn, *sent)
+        await received.wait(10, timeout=30)
+        assert sorted(received.ids) == sorted(m.id for m in sent)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr_bytes = await asyncio.wait_for(proc.communicate(), 30)
+    stderr = stderr_bytes.decode()
+    assert proc.returncode == 0, stderr[-2000:]
+    assert await pending(database) == 0
+    await database.dispose()

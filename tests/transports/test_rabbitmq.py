@@ -14,6 +14,7 @@ from typing import Any
 
 import aio_pika
 import pytest
+from tests.brokers import delete_everything
 from tests.conftest import RABBIT_URL
 
 from accord.errors import PublishError, TransportError, TransportUnavailable
@@ -21,28 +22,9 @@ from accord.messages import Message
 from accord.testing import Collector, TransportContract, wait_for
 from accord.transports import from_url
 from accord.transports.base import Delivery, Transport
-from accord.transports.rabbitmq import RabbitTopology, RabbitTransport
+from accord.transports.rabbitmq import RabbitTransport
 
 pytestmark = pytest.mark.rabbitmq
-
-
-async def delete_everything(channels: dict[str, set[str]]) -> None:
-    """Delete the exchanges and queues RabbitTransports on these channels declared."""
-    connection = await aio_pika.connect(RABBIT_URL)
-    try:
-        for channel_name, groups in channels.items():
-            topology = RabbitTopology(channel_name)
-            for group in groups:
-                for queue in topology.queues(group):
-                    channel = await connection.channel()
-                    await channel.queue_delete(queue)
-                    await channel.close()
-            for exchange in (topology.exchange, topology.dead_exchange):
-                channel = await connection.channel()
-                await channel.exchange_delete(exchange)
-                await channel.close()
-    finally:
-        await connection.close()
 
 
 @pytest.fixture

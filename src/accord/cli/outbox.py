@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -124,3 +124,47 @@ def dead_purge(
         print_json({"purged": count})
     else:
         console.print(f"{count} message(s) purged.")
+
+
+@outbox_app.command("relay")
+def relay(
+    db: DbOption,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            "--broker",
+            envvar="ACCORD_BROKER",
+            help="Broker URL: amqp://, nats://, redis://, or a database URL for the SQL "
+            "transport (default: the SQL transport on --db).",
+        ),
+    ] = None,
+    channel: Annotated[
+        str, typer.Option(envvar="ACCORD_CHANNEL", help="Exchange / stream / channel name.")
+    ] = "accord",
+    batch_size: Annotated[int, typer.Option(help="Rows claimed per round.")] = 500,
+    max_attempts: Annotated[
+        int, typer.Option(help="Failed publishes before a message is DEAD.")
+    ] = 10,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+) -> None:
+    """Run a relay for this database's outbox until SIGTERM/SIGINT (then exit 0).
+
+    Run as many as you like against one database: they share the work and keep
+    each key's order. A relay that dies leaves its batch to the others.
+    """
+    from accord.outbox.relay import Relay
+    from accord.runtime import load_settings, serve
+
+    settings = load_settings(None, db=db, broker=broker, log_level=log_level, channel=channel)
+
+    def components(settings_: Any) -> list[Relay]:
+        return [
+            Relay(
+                settings_.database(),
+                settings_.transport(),
+                batch_size=batch_size,
+                max_attempts=max_attempts,
+            )
+        ]
+
+    raise typer.Exit(run(serve(components, settings)))
