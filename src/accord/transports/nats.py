@@ -45,10 +45,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise MissingExtraError("The NATS transport", "nats", "nats-py") from exc
 
 from accord.errors import ConfigurationError, PublishError, TransportError, TransportUnavailable
-from accord.messages import Message, encode
+from accord.messages import Message
 from accord.transports._naming import safe_name
 from accord.transports._nats_consume import NatsSubscription, translate_nats_error
-from accord.transports.base import Handler, Subscription, Transport
+from accord.transports.base import Envelope, Handler, Subscription, Transport
 
 __all__ = ["NatsTransport", "durable_name", "stream_name", "subject_filter"]
 
@@ -219,6 +219,10 @@ class NatsTransport(Transport):
     # -- publishing ---------------------------------------------------------------
 
     async def publish(self, messages: Sequence[Message]) -> None:
+        """Publish a batch with confirms; see :meth:`publish_envelopes`."""
+        await self.publish_envelopes([Envelope.of(message) for message in messages])
+
+    async def publish_envelopes(self, envelopes: Sequence[Envelope]) -> None:
         """Send every message of the batch at once and wait for each one's PubAck; raise
         PublishError naming those without one.
 
@@ -227,41 +231,44 @@ class NatsTransport(Transport):
         requests still reach the server in batch order.
         """
         _, js = self._connected()
-        if not messages:
+        if not envelopes:
             return
         failed: dict[str, BaseException] = {}
-        sending: list[Message] = []
-        for message in messages:
-            if _valid_subject_words(message.type):
-                sending.append(message)
+        sending: list[Envelope] = []
+        for envelope in envelopes:
+            if _valid_subject_words(envelope.type):
+                sending.append(envelope)
             else:
-                failed[message.id] = ConfigurationError(
-                    f"message type {message.type!r} cannot be a NATS subject: no spaces, "
+                failed[envelope.id] = ConfigurationError(
+                    f"message type {envelope.type!r} cannot be a NATS subject: no spaces, "
                     "'*', '>' or empty words"
                 )
         results = await asyncio.gather(
-            *(self._publish_one(js, message) for message in sending), return_exceptions=True
+            *(self._publish_one(js, envelope) for envelope in sending), return_exceptions=True
         )
-        for message, result in zip(sending, results, strict=True):
+        for envelope, result in zip(sending, results, strict=True):
             if isinstance(result, BaseException):
                 if isinstance(result, asyncio.CancelledError):
                     raise result
-                failed[message.id] = translate_nats_error(result, "publishing")
+                failed[envelope.id] = translate_nats_error(result, "publishing")
         if not failed:
             return
-        if len(failed) == len(messages) and all(
+        if len(failed) == len(envelopes) and all(
             isinstance(e, TransportUnavailable) for e in failed.values()
         ):
             raise TransportUnavailable(
-                f"NATS confirmed none of {len(messages)} message(s): {next(iter(failed.values()))}"
+                f"NATS confirmed none of {len(envelopes)} message(s): {next(iter(failed.values()))}"
             )
         raise PublishError(failed)
 
-    async def _publish_one(self, js: JetStreamContext, message: Message) -> None:
-        headers, body = encode(message)
-        headers["Nats-Msg-Id"] = message.id
+    async def _publish_one(self, js: JetStreamContext, envelope: Envelope) -> None:
+        headers = dict(envelope.headers)
+        headers["Nats-Msg-Id"] = envelope.id
         await js.publish(
-            f"{self.channel}.{message.type}", body, timeout=self.publish_timeout, headers=headers
+            f"{self.channel}.{envelope.type}",
+            envelope.body,
+            timeout=self.publish_timeout,
+            headers=headers,
         )
 
     # -- consuming ----------------------------------------------------------------
