@@ -12,7 +12,15 @@ import sqlalchemy as sa
 from accord.db.schema import metadata
 from accord.db.types import BigId, JSONType, UTCDateTime
 
-__all__ = ["events", "metadata", "snapshots"]
+__all__ = [
+    "events",
+    "metadata",
+    "projection_checkpoints",
+    "projection_leases",
+    "projection_parked",
+    "projection_versions",
+    "snapshots",
+]
 
 # One row per event. (stream_id, version) is unique: that constraint is the
 # optimistic-concurrency check between writers of the same stream.
@@ -46,3 +54,56 @@ snapshots = sa.Table(
 )
 
 # --- projections (owned by the projections work) -------------------------------
+
+# Which version of each projection's read model readers use (the pointer row that a
+# rebuild flips to swap in a new version atomically), and the one being built.
+projection_versions = sa.Table(
+    "accord_projection_versions",
+    metadata,
+    sa.Column("projection", sa.String(200), primary_key=True),
+    sa.Column("live_version", sa.Integer, nullable=False),
+    sa.Column("building_version", sa.Integer, nullable=True),
+    sa.Column("swapped_at", UTCDateTime, nullable=True),
+)
+
+# How far each version of a projection has applied the event log. Updated in the
+# same transaction as the read-model writes of the batch it records.
+projection_checkpoints = sa.Table(
+    "accord_projection_checkpoints",
+    metadata,
+    sa.Column("projection", sa.String(200), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("position", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("handled", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("state", sa.String(20), nullable=False, server_default="running"),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# Poison events a projection gave up on (after its retries) and stepped over.
+projection_parked = sa.Table(
+    "accord_projection_parked",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("projection", sa.String(200), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Column("event_id", sa.Uuid, nullable=False),
+    sa.Column("stream_id", sa.String(300), nullable=False),
+    sa.Column("type", sa.String(200), nullable=False),
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("parked_at", UTCDateTime, nullable=False),
+    sa.Column("replayed_at", UTCDateTime, nullable=True),
+    sa.Index("ix_accord_projection_parked_projection", "projection", "version", "position"),
+)
+
+# One active runner per projection (or per rebuild): whoever holds an unexpired row.
+projection_leases = sa.Table(
+    "accord_projection_leases",
+    metadata,
+    sa.Column("name", sa.String(220), primary_key=True),
+    sa.Column("owner", sa.String(200), nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Column("acquired_at", UTCDateTime, nullable=False),
+)
