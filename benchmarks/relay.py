@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 
 from accord import Database, Message, add_to_outbox
-from accord.outbox import Relay
+from accord.outbox import OutboxAdmin, Relay
 from accord.testing import wait_for
 from accord.transports import from_url
 from benchmarks._common import (
@@ -151,10 +151,17 @@ async def accord_relay(url: str, broker: str, batch: int) -> tuple[int, Any]:
     sink = await transport.subscribe("sink", _drop, prefetch=1)
     await sink.stop()
     database = Database(url)
-    relay = Relay(database, transport, batch_size=batch)
-    total = 0
-    while published := await relay.run_once():
-        total += published
+    relay = Relay(database, transport, batch_size=batch, poll_interval=0.05)
+    task = asyncio.create_task(relay.run())
+    stats = OutboxAdmin(database)
+
+    async def drained() -> bool:
+        return (await stats.status()).pending == 0
+
+    await wait_for(drained, 600, interval=0.02)
+    await relay.stop()
+    await task
+    total = (await stats.status()).sent
 
     async def cleanup() -> None:
         await transport.close()

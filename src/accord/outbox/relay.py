@@ -16,7 +16,13 @@ import sqlalchemy as sa
 from prometheus_client import Counter, Histogram
 
 from accord.db.database import Database
-from accord.errors import AccordError, DecodeError, PublishError, TransportUnavailable
+from accord.errors import (
+    AccordError,
+    ConfigurationError,
+    DecodeError,
+    PublishError,
+    TransportUnavailable,
+)
 from accord.outbox._claim import ClaimedRow, Settlement, claim, settle
 from accord.outbox.writer import NOTIFY_CHANNEL
 from accord.transports.base import Envelope, Transport
@@ -85,6 +91,7 @@ class Relay:
         lease: float = 30.0,
         retention: timedelta = timedelta(days=7),
         cleanup_interval: float = 60.0,
+        concurrency: int = 2,
         name: str | None = None,
     ) -> None:
         self.database = database
@@ -97,6 +104,9 @@ class Relay:
         self.lease = lease
         self.retention = retention
         self.cleanup_interval = cleanup_interval
+        if concurrency < 1:
+            raise ConfigurationError(f"Relay concurrency must be at least 1, not {concurrency}")
+        self.concurrency = concurrency
         self.name = name or f"relay-{socket.gethostname()}-{id(self):x}"
         self._wake = asyncio.Event()
         self._stopping = False
@@ -230,7 +240,13 @@ class Relay:
         self._wake.set()
 
     async def run(self) -> None:
-        """Relay until :meth:`stop`: wake on commit (PostgreSQL), else poll."""
+        """Relay until :meth:`stop`: wake on commit (PostgreSQL), else poll.
+
+        ``concurrency`` rounds run at once, so one batch is claimed and settled in
+        the database while another is being confirmed by the broker. Order per key
+        still holds: a claimed row stays PENDING until settled, and no round claims
+        a row behind a PENDING row of its key.
+        """
         self._stopping = False
         self._running = True
         self._stopped.clear()
@@ -238,30 +254,33 @@ class Relay:
         if self.database.is_postgres:
             with contextlib.suppress(AccordError, OSError):
                 stop_listening = await self.database.listen(NOTIFY_CHANNEL, lambda _: self.wake())
-        last_cleanup = 0.0
         log.info("relay %s started on %s -> %s", self.name, self.database, self.transport.name)
         try:
-            while not self._stopping:
-                # Clear before the round: a NOTIFY that lands during it must wake the next one.
-                self._wake.clear()
-                try:
-                    published = await self.run_once()
-                    if time.monotonic() - last_cleanup > self.cleanup_interval:
-                        last_cleanup = time.monotonic()
-                        await self.cleanup()
-                except AccordError as exc:
-                    log.error("relay round failed, retrying: %s", exc)
-                    published = 0
-                    self._outage += 1
-                if published >= self.batch_size and not self._outage:
-                    continue
-                await self._idle()
+            await asyncio.gather(*(self._loop(i) for i in range(self.concurrency)))
         finally:
             if stop_listening is not None:
                 await stop_listening()
             self._running = False
             self._stopped.set()
             log.info("relay %s stopped", self.name)
+
+    async def _loop(self, index: int) -> None:
+        last_cleanup = 0.0
+        while not self._stopping:
+            # Clear before the round: a NOTIFY that lands during it must wake the next one.
+            self._wake.clear()
+            try:
+                published = await self.run_once()
+                if index == 0 and time.monotonic() - last_cleanup > self.cleanup_interval:
+                    last_cleanup = time.monotonic()
+                    await self.cleanup()
+            except AccordError as exc:
+                log.error("relay round failed, retrying: %s", exc)
+                published = 0
+                self._outage += 1
+            if published >= self.batch_size and not self._outage:
+                continue
+            await self._idle()
 
     async def _idle(self) -> None:
         timeout = self.poll_interval
