@@ -1,7 +1,103 @@
-"""Saga, saga step, deadline and flow tables (filled in by the saga work)."""
+"""Saga tables: instances, their step log, durable deadlines, participants' replies, flows.
+
+* ``accord_sagas``: one row per saga instance. ``phase``/``step``/``attempt``
+  say where it is (running step 2, attempt 1; or compensating step 0);
+  ``version`` is bumped by every transition, and a transition only commits if
+  the version it read is still there (two replies racing cannot both win).
+* ``accord_saga_steps``: the append-only step log, the saga's timeline.
+* ``accord_deadlines``: at most one per saga: when a step times out or a retry
+  is due. A timer claims due rows, so deadlines survive any restart.
+* ``accord_saga_participations``: a participant's record of each (saga, step,
+  phase) it handled, with the reply it sent (idempotency per saga step).
+* ``accord_flows``: every message a flow tracker saw, by correlation id.
+"""
 
 from __future__ import annotations
 
-from accord.db.schema import metadata
+import sqlalchemy as sa
 
-__all__ = ["metadata"]
+from accord.db.schema import metadata
+from accord.db.types import BigId, JSONType, UTCDateTime
+
+__all__ = ["deadlines", "flows", "metadata", "participations", "saga_steps", "sagas"]
+
+sagas = sa.Table(
+    "accord_sagas",
+    metadata,
+    sa.Column("id", sa.String(100), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    # RUNNING, COMPENSATING, COMPLETED, COMPENSATED, STUCK, ABORTED
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("phase", sa.String(10), nullable=False),  # "action" or "compensation"
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("waiting", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("data", JSONType, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("version", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("ended_at", UTCDateTime, nullable=True),
+    sa.Index("ix_accord_sagas_status", "status", "updated_at"),
+)
+
+saga_steps = sa.Table(
+    "accord_saga_steps",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("saga_id", sa.String(100), nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("step_name", sa.String(200), nullable=False),
+    sa.Column("phase", sa.String(20), nullable=False),
+    # started, succeeded, failed, timed_out, retrying, compensated, stuck, ignored ...
+    sa.Column("event", sa.String(20), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("detail", sa.Text, nullable=True),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Index("ix_accord_saga_steps_saga", "saga_id", "id"),
+)
+
+deadlines = sa.Table(
+    "accord_deadlines",
+    metadata,
+    sa.Column("saga_id", sa.String(100), primary_key=True),
+    sa.Column("kind", sa.String(10), nullable=False),  # "timeout" or "retry"
+    sa.Column("phase", sa.String(20), nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("due_at", UTCDateTime, nullable=False),
+    sa.Index("ix_accord_deadlines_due", "due_at"),
+)
+
+participations = sa.Table(
+    "accord_saga_participations",
+    metadata,
+    sa.Column("participant", sa.String(200), primary_key=True),
+    sa.Column("saga_id", sa.String(100), primary_key=True),
+    sa.Column("step", sa.Integer, primary_key=True),
+    sa.Column("phase", sa.String(20), primary_key=True),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("ok", sa.Boolean, nullable=False),
+    sa.Column("result", JSONType, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("at", UTCDateTime, nullable=False),
+)
+
+flows = sa.Table(
+    "accord_flows",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("correlation_id", sa.String(200), nullable=False),
+    sa.Column("message_id", sa.String(200), nullable=False),
+    sa.Column("causation_id", sa.String(200), nullable=True),
+    sa.Column("type", sa.String(200), nullable=False),
+    sa.Column("source", sa.String(200), nullable=False),
+    sa.Column("step", sa.String(200), nullable=True),
+    # "next", "failed", "compensating", "completed", "compensated" (choreography), or NULL
+    sa.Column("outcome", sa.String(20), nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("time", UTCDateTime, nullable=False),
+    sa.Column("recorded_at", UTCDateTime, nullable=False),
+    sa.Index("ix_accord_flows_correlation", "correlation_id", "id"),
+    sa.Index("ix_accord_flows_recorded", "recorded_at"),
+)

@@ -1,0 +1,161 @@
+"""Operators' view of saga instances: list, show the timeline, retry a STUCK one, abort."""
+
+from __future__ import annotations
+
+import builtins
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from accord.db import Database
+from accord.db.database import translate_errors
+from accord.db.schema_sagas import saga_steps, sagas
+from accord.errors import ConfigurationError, NotFoundError
+from accord.sagas._store import (
+    ACTION,
+    COMPENSATING,
+    ENDED,
+    RUNNING,
+    STUCK,
+    SagaState,
+    Transition,
+    load,
+)
+
+__all__ = ["SagaAdmin", "StepLogEntry"]
+
+
+@dataclass(frozen=True)
+class StepLogEntry:
+    """One line of a saga's timeline."""
+
+    at: datetime
+    step: int
+    step_name: str
+    phase: str
+    event: str
+    attempt: int
+    detail: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready view."""
+        return {
+            "at": self.at.isoformat(),
+            "step": self.step,
+            "step_name": self.step_name,
+            "phase": self.phase,
+            "event": self.event,
+            "attempt": self.attempt,
+            "detail": self.detail,
+        }
+
+
+class SagaAdmin:
+    """Read and steer the saga instances stored in ``database``.
+
+    :meth:`retry` and :meth:`abort` need no saga definitions: they record the
+    operator's request as a deadline due now, which the running orchestrator
+    (the one that knows the definition) carries out on its next timer round.
+    """
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    async def list(
+        self, *, status: str | None = None, name: str | None = None, limit: int = 100
+    ) -> list[SagaState]:
+        """Instances, most recently changed first, optionally of one status / saga name."""
+        query = sa.select(sagas).order_by(sagas.c.updated_at.desc()).limit(limit)
+        if status:
+            query = query.where(sagas.c.status == status.upper())
+        if name:
+            query = query.where(sagas.c.name == name)
+        with translate_errors("listing sagas"):
+            async with self.database.connect() as conn:
+                return [SagaState.from_row(r) for r in (await conn.execute(query)).all()]
+
+    async def counts(self) -> dict[str, int]:
+        """How many instances are in each status."""
+        query = sa.select(sagas.c.status, sa.func.count()).group_by(sagas.c.status)
+        with translate_errors("counting sagas"):
+            async with self.database.connect() as conn:
+                return {str(s): int(n) for s, n in (await conn.execute(query)).all()}
+
+    async def get(self, saga_id: str) -> SagaState:
+        """The instance ``saga_id``; :class:`NotFoundError` if there is none."""
+        with translate_errors("reading a saga"):
+            async with self.database.connect() as conn:
+                state = await load(conn, saga_id)
+        if state is None:
+            raise NotFoundError(f"no saga {saga_id!r} in {self.database!r}")
+        return state
+
+    async def history(self, saga_id: str) -> builtins.list[StepLogEntry]:
+        """The instance's step log, oldest first."""
+        query = (
+            sa.select(saga_steps).where(saga_steps.c.saga_id == saga_id).order_by(saga_steps.c.id)
+        )
+        with translate_errors("reading a saga's step log"):
+            async with self.database.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        return [
+            StepLogEntry(
+                at=r.at,
+                step=r.step,
+                step_name=r.step_name,
+                phase=r.phase,
+                event=r.event,
+                attempt=r.attempt,
+                detail=r.detail,
+            )
+            for r in rows
+        ]
+
+    async def retry(self, saga_id: str) -> SagaState:
+        """Resume a STUCK instance where it stopped, with fresh attempts."""
+        with translate_errors("retrying a saga"):
+            async with self.database.transaction() as conn:
+                state = await self._load(conn, saga_id)
+                if state.status != STUCK:
+                    raise ConfigurationError(
+                        f"saga {saga_id} is {state.status}: only a STUCK saga can be retried"
+                    )
+                tx = Transition(state, state.version)
+                state.status = RUNNING if state.phase == ACTION else COMPENSATING
+                state.attempt = 0
+                state.waiting = False
+                tx.log(state.step, "-", state.phase, "operator_retry", state.error)
+                tx.set_deadline("retry", 0)
+                await tx.save(conn)
+        return state
+
+    async def abort(self, saga_id: str, reason: str = "aborted by an operator") -> SagaState:
+        """Ask the orchestrator to abort an instance: one still running its steps is
+        compensated; one compensating, STUCK, or past its pivot ends ABORTED (what
+        is left to undo is the operator's)."""
+        with translate_errors("aborting a saga"):
+            async with self.database.transaction() as conn:
+                state = await self._load(conn, saga_id)
+                if state.status in ENDED:
+                    raise ConfigurationError(f"saga {saga_id} already ended {state.status}")
+                tx = Transition(state, state.version)
+                state.error = reason
+                tx.log(state.step, "-", state.phase, "abort_requested", reason)
+                tx.deadline = {
+                    "saga_id": state.id,
+                    "kind": "abort",
+                    "phase": state.phase,
+                    "step": state.step,
+                    "attempt": state.attempt,
+                    "due_at": datetime.now(UTC),
+                }
+                await tx.save(conn)
+        return state
+
+    async def _load(self, conn: Any, saga_id: str) -> SagaState:
+        state = await load(conn, saga_id)
+        if state is None:
+            raise NotFoundError(f"no saga {saga_id!r} in {self.database!r}")
+        return state

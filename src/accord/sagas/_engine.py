@@ -1,0 +1,339 @@
+"""The saga state machine: from a stored instance and an input (start, reply, deadline,
+operator command) to the next state, the commands to send and the deadline to keep.
+
+Everything here runs inside one database transaction given by the caller: the
+transition, its step-log entries, its deadline and its outgoing command commit
+together or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from accord.messages import Message
+from accord.outbox import add as add_to_outbox
+from accord.sagas._definition import Command, Saga, Step, StepContext, StepKind
+from accord.sagas._metrics import SAGA_DURATION, SAGAS_ENDED, SAGAS_STUCK
+from accord.sagas._store import (
+    ABORTED,
+    ACTION,
+    COMPENSATED,
+    COMPENSATING,
+    COMPENSATION,
+    COMPLETED,
+    RUNNING,
+    STUCK,
+    SagaState,
+    Transition,
+)
+
+__all__ = ["Engine", "Reply", "command_message"]
+
+log = logging.getLogger("accord.sagas")
+
+_IDS = uuid.UUID("6f1c7f0e-5d2a-4b7e-9a55-3c0b8c6d2e11")
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def command_message(saga: Saga, state: SagaState, command: Command) -> Message:
+    """The command for the instance's current step, phase and attempt. Its id is derived
+    from those, so the same attempt always has the same message id."""
+    token = f"{state.id}/{state.step}/{state.phase}/{state.attempt}"
+    return Message(
+        type=command.type,
+        data=command.build(state.data),
+        id=str(uuid.uuid5(_IDS, token)),
+        source=f"saga/{saga.name}",
+        key=state.id,
+        correlationid=state.id,
+        subject=saga.steps[state.step].name,
+        extensions={
+            "sagaid": state.id,
+            "sagastep": str(state.step),
+            "sagaphase": state.phase,
+            "sagaattempt": str(state.attempt),
+            "sagareply": saga.reply_type,
+        },
+    )
+
+
+class Reply:
+    """A participant's reply to a command, as carried in the reply message's data."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.saga_id = str(data["saga_id"])
+        self.step = int(data["step"])
+        self.phase = str(data["phase"])
+        self.attempt = int(data["attempt"])
+        self.ok = bool(data["ok"])
+        self.result = data.get("result")
+        self.error = data.get("error")
+
+    def __repr__(self) -> str:
+        outcome = "ok" if self.ok else f"failed: {self.error}"
+        return f"reply to step {self.step} {self.phase} attempt {self.attempt} ({outcome})"
+
+
+class Engine:
+    """Drives one instance of ``saga`` within the transaction ``conn``."""
+
+    def __init__(self, saga: Saga, conn: AsyncConnection, state: SagaState) -> None:
+        self.saga = saga
+        self.conn = conn
+        self.state = state
+        self.tx = Transition(state, state.version)
+        self.outbox: list[Message] = []
+        self._paused = False  # a retry deadline was set: stop until it fires
+
+    # -- inputs -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Run the first steps of a new instance, up to its first remote command."""
+        self.tx.log(0, self._step_name(0), ACTION, "saga_started", None)
+        await self._run()
+
+    async def on_reply(self, reply: Reply) -> bool:
+        """Apply a reply; False (and an 'ignored' log entry) if it is not the one awaited."""
+        s = self.state
+        awaited = (
+            s.status in (RUNNING, COMPENSATING)
+            and s.waiting
+            and (s.step, s.phase, s.attempt) == (reply.step, reply.phase, reply.attempt)
+        )
+        if not awaited:
+            why = "late or duplicate reply" if s.status in (RUNNING, COMPENSATING) else s.status
+            self.tx.log(
+                reply.step,
+                self._step_name(reply.step),
+                reply.phase,
+                "ignored",
+                f"{reply!r} ignored ({why}; saga is at step {s.step} {s.phase} "
+                f"attempt {s.attempt})",
+            )
+            return False
+        s.waiting = False
+        self.tx.clear_deadline()
+        step = self.saga.steps[s.step]
+        if reply.ok:
+            if s.phase == ACTION:
+                self._merge(step, reply.result)
+                self._succeeded(step)
+            else:
+                self._compensated(step)
+        elif s.phase == ACTION:
+            self._action_failed(step, str(reply.error))
+        else:
+            self._compensation_failed(step, str(reply.error))
+        await self._run()
+        return True
+
+    async def on_deadline(self, kind: str, reason: str | None = None) -> None:
+        """A deadline of the current step and attempt is due: ``timeout`` (no reply in
+        time), ``retry`` (the backoff after a failure is over, or an operator asked to
+        resume a STUCK saga) or ``abort`` (an operator asked to abort)."""
+        s = self.state
+        self.tx.clear_deadline()
+        if kind == "abort":
+            self._abort(reason or "aborted by an operator")
+        elif kind == "timeout":
+            step = self.saga.steps[s.step]
+            s.waiting = False
+            if s.phase == ACTION:
+                seconds = step.timeout
+                self.tx.log(s.step, step.name, s.phase, "timed_out", f"no reply in {seconds}s")
+                if step.kind is StepKind.RETRIABLE:
+                    self._action_failed(step, f"timed out after {seconds}s")
+                else:
+                    # The outcome is unknown: the participant may have applied it, so
+                    # this step is compensated too (its participant refuses the late
+                    # command once the compensation reached it).
+                    self._begin_compensation(s.step, f"step {step.name!r} timed out")
+            else:
+                timeout = self.saga.compensation_timeout
+                self.tx.log(s.step, step.name, s.phase, "timed_out", f"no reply in {timeout}s")
+                self._compensation_failed(step, f"timed out after {timeout}s")
+        await self._run()
+
+    def _abort(self, reason: str) -> None:
+        s = self.state
+        steps = self.saga.steps
+        self.tx.log(s.step, self._step_name(s.step), s.phase, "aborted", reason)
+        before_pivot = (
+            s.phase == ACTION
+            and s.step < len(steps)
+            and steps[s.step].kind is not StepKind.RETRIABLE
+        )
+        if before_pivot:
+            # A command still out may have been applied: compensate its step too.
+            start = s.step if s.waiting else s.step - 1
+            self._begin_compensation(start, reason)
+            return
+        # Compensating already, or past the pivot: what is left is the operator's.
+        s.status = ABORTED
+        s.waiting = False
+        s.error = reason
+        s.ended_at = datetime.now(UTC)
+        SAGAS_ENDED.labels(self.saga.name, ABORTED).inc()
+
+    async def save(self) -> None:
+        """Write the transition and its commands (raises ConcurrencyError on a race)."""
+        await self.tx.save(self.conn)
+        if self.outbox:
+            await add_to_outbox(self.conn, *self.outbox)
+
+    # -- the machine --------------------------------------------------------------
+
+    async def _run(self) -> None:
+        s = self.state
+        steps = self.saga.steps
+        while s.status in (RUNNING, COMPENSATING) and not s.waiting and not self._paused:
+            if s.phase == ACTION:
+                if s.step >= len(steps):
+                    self._end(COMPLETED, None)
+                    return
+                step = steps[s.step]
+                s.attempt += 1
+                if isinstance(step.action, Command):
+                    self._send(step, step.action, step.timeout)
+                    return
+                try:
+                    await self._local(step, step.action)
+                except Exception as exc:
+                    self._action_failed(step, _error_text(exc))
+                else:
+                    self._succeeded(step)
+            else:
+                if s.step < 0:
+                    self._end(COMPENSATED, s.error)
+                    return
+                step = steps[s.step]
+                if step.compensation is None:
+                    s.step -= 1
+                    continue
+                s.attempt += 1
+                if isinstance(step.compensation, Command):
+                    self._send(step, step.compensation, self.saga.compensation_timeout)
+                    return
+                try:
+                    await self._local(step, step.compensation)
+                except Exception as exc:
+                    self._compensation_failed(step, _error_text(exc))
+                else:
+                    self._compensated(step)
+
+    async def _local(self, step: Step, action: Any) -> None:
+        s = self.state
+        data = dict(s.data)
+        ctx = StepContext(self.conn, s.id, data, step.name, s.attempt)
+        # A savepoint: a failing local action leaves no trace but its log entry.
+        nested = await self.conn.begin_nested()
+        try:
+            await action(ctx)
+        except BaseException:
+            await nested.rollback()
+            log.debug("local %s of %s failed:\n%s", s.phase, step.name, traceback.format_exc())
+            raise
+        await nested.commit()
+        s.data = data
+
+    def _send(self, step: Step, command: Command, timeout: float | None) -> None:
+        s = self.state
+        s.waiting = True
+        self.outbox.append(command_message(self.saga, s, command))
+        self.tx.log(s.step, step.name, s.phase, "sent", command.type)
+        if timeout is not None:
+            self.tx.set_deadline("timeout", timeout)
+
+    def _merge(self, step: Step, result: Any) -> None:
+        action = step.action
+        if isinstance(action, Command) and action.result_key:
+            self.state.data[action.result_key] = result
+        elif isinstance(result, dict):
+            self.state.data.update(result)
+
+    def _succeeded(self, step: Step) -> None:
+        s = self.state
+        self.tx.log(s.step, step.name, ACTION, "succeeded", None)
+        s.step += 1
+        s.attempt = 0
+
+    def _compensated(self, step: Step) -> None:
+        s = self.state
+        self.tx.log(s.step, step.name, COMPENSATION, "compensated", None)
+        s.step -= 1
+        s.attempt = 0
+
+    def _action_failed(self, step: Step, error: str) -> None:
+        s = self.state
+        self.tx.log(s.step, step.name, ACTION, "failed", error)
+        if not step.retry.exhausted(s.attempt):
+            delay = step.retry.delay(s.attempt)
+            self.tx.log(s.step, step.name, ACTION, "retrying", f"in {delay:.2f}s")
+            self.tx.set_deadline("retry", delay)
+            self._paused = True
+            return
+        if step.kind is StepKind.RETRIABLE:
+            self._stuck(f"retriable step {step.name!r} failed {s.attempt} times: {error}")
+        else:
+            # The failed step left nothing behind: compensate the ones before it.
+            self._begin_compensation(s.step - 1, f"step {step.name!r} failed: {error}")
+
+    def _compensation_failed(self, step: Step, error: str) -> None:
+        s = self.state
+        self.tx.log(s.step, step.name, COMPENSATION, "failed", error)
+        policy = self.saga.compensation_retry
+        if policy.exhausted(s.attempt):
+            self._stuck(
+                f"compensation of step {step.name!r} failed {s.attempt} times; last error: {error}"
+            )
+            return
+        delay = policy.delay(s.attempt)
+        self.tx.log(s.step, step.name, COMPENSATION, "retrying", f"in {delay:.2f}s")
+        self.tx.set_deadline("retry", delay)
+        self._paused = True
+
+    def _begin_compensation(self, from_step: int, reason: str) -> None:
+        s = self.state
+        s.status = COMPENSATING
+        s.phase = COMPENSATION
+        s.step = from_step
+        s.attempt = 0
+        s.waiting = False
+        s.error = reason
+        self.tx.log(from_step, self._step_name(from_step), COMPENSATION, "compensating", reason)
+
+    def _stuck(self, reason: str) -> None:
+        s = self.state
+        s.status = STUCK
+        s.waiting = False
+        s.error = reason
+        self.tx.clear_deadline()
+        self.tx.log(s.step, self._step_name(s.step), s.phase, "stuck", reason)
+        SAGAS_STUCK.labels(self.saga.name).inc()
+        log.error("saga %s (%s) is STUCK: %s", s.id, self.saga.name, reason)
+
+    def _end(self, status: str, error: str | None) -> None:
+        s = self.state
+        s.status = status
+        s.error = error
+        s.ended_at = datetime.now(UTC)
+        self.tx.clear_deadline()
+        step = max(0, min(s.step, len(self.saga.steps) - 1))
+        self.tx.log(step, self._step_name(step), s.phase, status.lower(), error)
+        SAGAS_ENDED.labels(self.saga.name, status).inc()
+        SAGA_DURATION.labels(self.saga.name, status).observe(
+            (s.ended_at - s.created_at).total_seconds()
+        )
+
+    def _step_name(self, index: int) -> str:
+        steps = self.saga.steps
+        return steps[index].name if 0 <= index < len(steps) else "-"

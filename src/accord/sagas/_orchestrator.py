@@ -1,0 +1,238 @@
+"""The orchestrator: starts saga instances, applies participants' replies (through an
+idempotent inbox consumer) and fires durable deadlines (a timer), as one worker component."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from accord.db import Database
+from accord.db.schema_sagas import deadlines
+from accord.errors import ConcurrencyError, ConfigurationError
+from accord.inbox import Consumer, HandlerContext
+from accord.sagas._definition import Saga, registry
+from accord.sagas._engine import Engine, Reply
+from accord.sagas._metrics import SAGAS_STARTED
+from accord.sagas._store import ACTION, ACTIVE, ENDED, RUNNING, SagaState, insert_instance, load
+from accord.transports.base import Transport
+
+__all__ = ["Orchestrator"]
+
+log = logging.getLogger("accord.sagas")
+
+
+class Orchestrator:
+    """Runs the sagas ``sagas`` on ``database``; a worker component.
+
+    * :meth:`start` creates an instance and runs it up to its first remote command,
+      in one transaction (yours, if you pass ``conn``): the instance, its step log
+      and the command in the outbox commit together.
+    * Replies arrive through a :class:`~accord.inbox.Consumer` named ``name``
+      (deduplicated by message id). A reply that is not the one the instance waits
+      for — late, duplicate, for a step that timed out — is logged and ignored.
+      Each transition saves only if the instance's version is still the one it
+      read, so two racing replies cannot both win; the loser is retried.
+    * A timer fires due rows of ``accord_deadlines`` every ``timer_interval``
+      seconds: step timeouts, retries after backoff, and operators' retry/abort
+      requests. Deadlines are rows, so they fire after any restart.
+
+    The outbox relay that publishes the commands is a separate component.
+    """
+
+    def __init__(
+        self,
+        database: Database,
+        transport: Transport,
+        sagas: Sequence[Saga],
+        *,
+        name: str = "orchestrator",
+        timer_interval: float = 1.0,
+        timer_batch: int = 200,
+        max_attempts: int = 50,
+        backoff_base: float = 0.02,
+        backoff_cap: float = 2.0,
+        prefetch: int = 64,
+    ) -> None:
+        self.database = database
+        self.name = name
+        self.sagas = registry(list(sagas))
+        self.timer_interval = timer_interval
+        self.timer_batch = timer_batch
+        # A version conflict is retried through the consumer: hence many quick attempts.
+        self.consumer = Consumer(
+            name,
+            database,
+            transport,
+            max_attempts=max_attempts,
+            backoff_base=backoff_base,
+            backoff_cap=backoff_cap,
+            prefetch=prefetch,
+        )
+        for saga in self.sagas.values():
+            self.consumer.add_handler(saga.reply_type, self._on_reply)
+        self._stop = asyncio.Event()
+        self._timer: asyncio.Task[None] | None = None
+
+    def definition(self, name: str) -> Saga:
+        """The saga definition called ``name``."""
+        try:
+            return self.sagas[name]
+        except KeyError:
+            raise ConfigurationError(
+                f"orchestrator {self.name!r} does not know saga {name!r}; it runs "
+                f"{', '.join(self.sagas)}: pass the definition to Orchestrator(sagas=[...])"
+            ) from None
+
+    # -- starting -----------------------------------------------------------------
+
+    async def start(
+        self,
+        saga: Saga | str,
+        data: dict[str, Any] | None = None,
+        *,
+        saga_id: str | None = None,
+        conn: AsyncConnection | None = None,
+    ) -> str:
+        """Start an instance of ``saga`` with ``data``; return its id.
+
+        Idempotent per ``saga_id``: starting an id that exists returns it and does
+        nothing (a retried request cannot create a second instance). With ``conn``
+        the start commits with the caller's transaction.
+        """
+        definition = self.definition(saga if isinstance(saga, str) else saga.name)
+        if conn is None:
+            async with self.database.transaction() as own:
+                return await self._start(own, definition, data or {}, saga_id)
+        return await self._start(conn, definition, data or {}, saga_id)
+
+    async def _start(
+        self, conn: AsyncConnection, saga: Saga, data: dict[str, Any], saga_id: str | None
+    ) -> str:
+        now = datetime.now(UTC)
+        state = SagaState(
+            id=saga_id or str(uuid.uuid4()),
+            name=saga.name,
+            status=RUNNING,
+            phase=ACTION,
+            step=0,
+            attempt=0,
+            waiting=False,
+            data=dict(data),
+            error=None,
+            version=0,
+            created_at=now,
+            updated_at=now,
+        )
+        if not await insert_instance(conn, state):
+            return state.id
+        engine = Engine(saga, conn, state)
+        await engine.start()
+        await engine.save()
+        SAGAS_STARTED.labels(saga.name).inc()
+        return state.id
+
+    # -- replies ------------------------------------------------------------------
+
+    async def _on_reply(self, ctx: HandlerContext, data: Any) -> None:
+        reply = Reply(data)
+        state = await load(ctx.conn, reply.saga_id)
+        if state is None:
+            log.warning("reply for unknown saga %s ignored", reply.saga_id)
+            return
+        engine = Engine(self.definition(state.name), ctx.conn, state)
+        await engine.on_reply(reply)
+        # A ConcurrencyError here rolls the handler back; the consumer retries it.
+        await engine.save()
+
+    # -- the timer ----------------------------------------------------------------
+
+    async def fire_due(self, now: datetime | None = None) -> int:
+        """Fire every deadline due at ``now``; return how many changed an instance."""
+        moment = now or datetime.now(UTC)
+        query = (
+            sa.select(deadlines.c.saga_id)
+            .where(deadlines.c.due_at <= moment)
+            .order_by(deadlines.c.due_at)
+            .limit(self.timer_batch)
+        )
+        async with self.database.connect() as conn:
+            due = [row[0] for row in (await conn.execute(query)).all()]
+        fired = 0
+        for saga_id in due:
+            try:
+                fired += await self._fire(saga_id, moment)
+            except ConcurrencyError:
+                log.debug("deadline of saga %s raced with another transition", saga_id)
+            except Exception:
+                log.exception("firing the deadline of saga %s failed; will retry", saga_id)
+        return fired
+
+    async def _fire(self, saga_id: str, moment: datetime) -> int:
+        async with self.database.transaction() as conn:
+            query = sa.select(deadlines).where(
+                deadlines.c.saga_id == saga_id, deadlines.c.due_at <= moment
+            )
+            if conn.dialect.name == "postgresql":
+                # Several orchestrators: each deadline is fired by one of them.
+                query = query.with_for_update(skip_locked=True)
+            deadline = (await conn.execute(query)).first()
+            if deadline is None:
+                return 0
+            state = await load(conn, saga_id)
+            d = deadline._mapping
+            if state is None or not _matches(state, d):
+                await conn.execute(deadlines.delete().where(deadlines.c.saga_id == saga_id))
+                return 0
+            engine = Engine(self.definition(state.name), conn, state)
+            await engine.on_deadline(d["kind"], state.error)
+            await engine.save()
+            return 1
+
+    async def _timer_loop(self) -> None:
+        while not self._stop.is_set():
+            fired = 0
+            try:
+                fired = await self.fire_due()
+            except Exception:
+                log.exception("saga timer round failed; will retry")
+            if fired < self.timer_batch:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), self.timer_interval)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Consume replies and fire deadlines until :meth:`stop`."""
+        self._stop.clear()
+        await self.consumer.start()
+        self._timer = asyncio.create_task(self._timer_loop(), name=f"accord-timer-{self.name}")
+        try:
+            await self._stop.wait()
+        finally:
+            await self.consumer.stop()
+            timer, self._timer = self._timer, None
+            if timer is not None:
+                await timer
+
+    async def stop(self) -> None:
+        """Stop consuming and firing; what is in flight finishes."""
+        self._stop.set()
+
+
+def _matches(state: SagaState, deadline: Any) -> bool:
+    """Whether a deadline still applies to the instance (not superseded by a transition)."""
+    if deadline["kind"] == "abort":
+        return state.status not in ENDED
+    return state.status in ACTIVE and (state.phase, state.step, state.attempt) == (
+        deadline["phase"],
+        deadline["step"],
+        deadline["attempt"],
+    )
