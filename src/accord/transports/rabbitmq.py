@@ -46,7 +46,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, Abstrac
 from aiormq.abc import AbstractChannel
 from pamqp.commands import Basic
 
-from accord.errors import PublishError, TransportError, TransportUnavailable
+from accord.errors import ConfigurationError, PublishError, TransportError, TransportUnavailable
 from accord.messages import Message
 from accord.transports._rabbitmq_consume import RabbitSubscription
 from accord.transports._rabbitmq_support import (
@@ -89,7 +89,7 @@ class RabbitTransport(Transport):
         stop_timeout: float = 30.0,
     ) -> None:
         if not channel:
-            raise ValueError("RabbitTransport needs a non-empty channel (exchange) name")
+            raise ConfigurationError("RabbitTransport needs a non-empty channel (exchange) name")
         self.url = url
         self.channel = channel
         self.topology = RabbitTopology(channel)
@@ -215,7 +215,7 @@ class RabbitTransport(Transport):
         """Declare the group's queues and bindings durably, then consume on a channel of
         its own with ``basic_qos(prefetch)``; the handler runs one delivery at a time."""
         if not group:
-            raise ValueError("subscribe() needs a non-empty group name")
+            raise ConfigurationError("subscribe() needs a non-empty group name")
         if self._closed:
             raise TransportUnavailable("this RabbitTransport is closed; call connect() again")
         await self.connect()
