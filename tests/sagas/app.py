@@ -45,6 +45,9 @@ ledger = sa.Table(
     sa.Column("service", sa.String(50), nullable=False),
 )
 
+# A row (step) here makes that step's compensation fail until an operator removes it.
+outage = sa.Table("saga_test_outage", business, sa.Column("step", sa.Integer, primary_key=True))
+
 STEPS = ["hold seat", "reserve hotel", "rent car", "charge card", "issue ticket"]
 COMPENSATABLE = 3  # steps 0..2 have compensations
 
@@ -55,14 +58,23 @@ async def create_tables(database: Database) -> None:
 
 
 async def _write(conn: Any, saga_id: str, step: int, op: str, service: str) -> None:
-    await conn.execute(
-        ledger.insert().values(saga_id=saga_id, step=step, op=op, service=service)
-    )
+    await conn.execute(ledger.insert().values(saga_id=saga_id, step=step, op=op, service=service))
 
 
-def _comp_fails(data: dict[str, Any], step: int, attempt: int) -> bool:
+async def _comp_fails(conn: Any, data: dict[str, Any], step: int, attempt: int) -> bool:
     n = int((data.get("comp_fail") or {}).get(str(step), 0))
-    return n < 0 or attempt <= n
+    if attempt <= n:
+        return True
+    down = await conn.scalar(sa.select(outage.c.step).where(outage.c.step == step))
+    return down is not None
+
+
+async def set_outage(database: Database, step: int, down: bool) -> None:
+    async with database.transaction() as conn:
+        if down:
+            await conn.execute(outage.insert().values(step=step))
+        else:
+            await conn.execute(outage.delete().where(outage.c.step == step))
 
 
 async def hold_seat(ctx: StepContext) -> None:
@@ -73,7 +85,7 @@ async def hold_seat(ctx: StepContext) -> None:
 
 
 async def release_seat(ctx: StepContext) -> None:
-    if _comp_fails(ctx.data, 0, ctx.attempt):
+    if await _comp_fails(ctx.conn, ctx.data, 0, ctx.attempt):
         raise RuntimeError("seat service flaky")
     await _write(ctx.conn, ctx.saga_id, 0, "undo", "orchestrator")
 
@@ -100,9 +112,7 @@ def make_trip(*, timeout: float = 10.0, comp_timeout: float = 10.0, stuck_after:
             compensate=command("hotels.cancel"),
             timeout=timeout,
         )
-        .step(
-            "rent car", command("cars.rent"), compensate=command("cars.return"), timeout=timeout
-        )
+        .step("rent car", command("cars.rent"), compensate=command("cars.return"), timeout=timeout)
         .pivot("charge card", command("payments.charge"), timeout=timeout)
         .retriable("issue ticket", issue_ticket, retry=fast)
     )
@@ -122,7 +132,7 @@ def register_participants(hotels: Consumer, cars: Consumer) -> None:
     def compensation(consumer: Consumer, type: str, step: int) -> None:
         @participant(consumer, type)
         async def undo(ctx: CommandContext, data: dict[str, Any]) -> None:
-            if _comp_fails(data, step, ctx.attempt):
+            if await _comp_fails(ctx.conn, data, step, ctx.attempt):
                 raise RuntimeError(f"{type} failed (injected)")
             await _write(ctx.conn, ctx.saga_id, step, "undo", consumer.name)
 
@@ -163,11 +173,16 @@ def components(
             Orchestrator(database, transport, [trip], name=f"{prefix}-orch", timer_interval=0.05)
         )
     if participants:
-        hotels = Consumer(f"{prefix}-hotels", database, transport, backoff_base=0.02)
-        cars = Consumer(f"{prefix}-cars", database, transport, backoff_base=0.02)
-        register_participants(hotels, cars)
-        made += [hotels, cars]
+        made += participant_consumers(database, transport, prefix)
     return made
+
+
+def participant_consumers(database: Database, transport: Transport, prefix: str) -> list[Any]:
+    """The hotels and cars services' consumers, with their saga command handlers."""
+    hotels = Consumer(f"{prefix}-hotels", database, transport, backoff_base=0.02)
+    cars = Consumer(f"{prefix}-cars", database, transport, backoff_base=0.02)
+    register_participants(hotels, cars)
+    return [hotels, cars]
 
 
 async def ledger_rows(database: Database) -> list[tuple[str, int, str]]:

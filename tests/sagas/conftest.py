@@ -84,6 +84,19 @@ class World:
         parts = app.components(
             self.database, self.transport, prefix=self.prefix, trip=self.trip, **which
         )
+        await self.run_parts(parts)
+
+    async def stop_participants(self) -> None:
+        """Stop the participants' consumers (their groups stay: messages queue up)."""
+        for part in list(self.parts):
+            if getattr(part, "name", "").endswith(("-hotels", "-cars")):
+                await part.stop()
+                self.parts.remove(part)
+
+    async def start_participants(self) -> None:
+        await self.run_parts(app.participant_consumers(self.database, self.transport, self.prefix))
+
+    async def run_parts(self, parts: list[Any]) -> None:
         for part in parts:
             self.parts.append(part)
             self._tasks.append(asyncio.create_task(part.run()))

@@ -4,8 +4,11 @@ failure at each step, compensations that fail, timeouts, STUCK and the operator.
 from __future__ import annotations
 
 import pytest
+from prometheus_client import REGISTRY
 
+from accord.errors import NotFoundError
 from accord.sagas import SagaAdmin
+from accord.testing import wait_for
 from tests.sagas import app
 from tests.sagas.conftest import World
 
@@ -22,3 +25,125 @@ async def test_happy_path_completes_every_step_once(world: World) -> None:
     state = await world.admin.get(saga_id)
     assert state.data["seat"] == "12A" and state.data["ref1"].startswith("hotels.reserve")
     assert state.ended_at is not None
+
+
+async def test_failure_at_each_step_compensates_exactly_the_completed_steps_in_reverse(
+    world: World,
+) -> None:
+    await world.start()
+    ids = {k: await world.begin(fail_at=k) for k in range(4)}
+    for k, saga_id in ids.items():
+        assert await world.wait_status(saga_id) == "COMPENSATED", k
+        assert await saga_ledger(world, saga_id) == app.expected_ops("COMPENSATED", k), k
+        state = await world.admin.get(saga_id)
+        assert f"step {app.STEPS[k]!r} failed" in (state.error or "")
+        events = await world.events(saga_id)
+        assert (k, "action", "failed") in events
+        # The failed step itself is never compensated.
+        assert (k, "compensation", "compensated") not in events
+
+
+async def test_retriable_step_after_the_pivot_is_retried_until_it_succeeds(world: World) -> None:
+    await world.start()
+    saga_id = await world.begin(flaky_ticket=2)
+    assert await world.wait_status(saga_id) == "COMPLETED"
+    events = await world.events(saga_id)
+    assert events.count((4, "action", "failed")) == 2
+    assert events.count((4, "action", "retrying")) == 2
+    assert await saga_ledger(world, saga_id) == app.expected_ops("COMPLETED", 5)
+
+
+async def test_transiently_failing_compensations_are_retried_until_done(world: World) -> None:
+    await world.start()
+    saga_id = await world.begin(fail_at=3, comp_fail={"2": 1, "1": 2, "0": 3})
+    assert await world.wait_status(saga_id) == "COMPENSATED"
+    events = await world.events(saga_id)
+    for step, failures in ((2, 1), (1, 2), (0, 3)):
+        assert events.count((step, "compensation", "failed")) == failures
+        assert events.count((step, "compensation", "compensated")) == 1
+    assert await saga_ledger(world, saga_id) == app.expected_ops("COMPENSATED", 3)
+
+
+def stuck_count() -> float:
+    return REGISTRY.get_sample_value("accord_sagas_stuck_total", {"saga": "trip"}) or 0.0
+
+
+async def test_permanently_failing_compensation_is_stuck_then_operator_retry_completes_it(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    await world.start()
+    await app.set_outage(world.database, 1, True)
+    before = stuck_count()
+    saga_id = await world.begin(fail_at=2)
+    assert await world.wait_status(saga_id) == "STUCK"
+    state = await world.admin.get(saga_id)
+    assert state.phase == "compensation" and state.step == 1
+    assert "compensation of step 'reserve hotel' failed 4 times" in (state.error or "")
+    assert "hotels.cancel failed (injected)" in (state.error or "")
+    assert stuck_count() == before + 1
+    assert any("is STUCK" in r.getMessage() for r in caplog.records)
+    assert [s.id for s in await world.admin.list(status="STUCK")] == [saga_id]
+    # Step 0 was not compensated while step 1 is stuck: reverse order holds.
+    assert await saga_ledger(world, saga_id) == [(0, "do"), (1, "do")]
+
+    await app.set_outage(world.database, 1, False)
+    await world.admin.retry(saga_id)
+    assert await world.wait_status(saga_id, "COMPENSATED") == "COMPENSATED"
+    assert await saga_ledger(world, saga_id) == app.expected_ops("COMPENSATED", 2)
+    assert (1, "compensation", "operator_retry") in await world.events(saga_id)
+
+
+async def test_timed_out_step_is_compensated_and_its_late_reply_ignored(world: World) -> None:
+    # The participants are down: the hotel reservation goes unanswered and times out.
+    await world.start(trip=app.make_trip(timeout=0.3))
+    await world.stop_participants()
+    saga_id = await world.begin()
+    assert await world.wait_status(saga_id, "COMPENSATING") == "COMPENSATING"
+    await world.start_participants()  # the command and the compensation arrive now
+    assert await world.wait_status(saga_id) == "COMPENSATED"
+
+    async def late_reply_ignored() -> bool:
+        return (1, "action", "ignored") in await world.events(saga_id)
+
+    await wait_for(late_reply_ignored, 10)
+    events = await world.events(saga_id)
+    assert (1, "action", "timed_out") in events
+    assert (1, "action", "succeeded") not in events
+    ops = await saga_ledger(world, saga_id)
+    # Whichever reached the hotel first, nothing is left applied.
+    assert ops in (
+        [(0, "do"), (1, "do"), (1, "undo"), (0, "undo")],
+        [(0, "do"), (0, "undo")],
+    )
+
+
+async def test_operator_abort_compensates_a_running_saga(world: World) -> None:
+    await world.start()
+    await world.stop_participants()
+    saga_id = await world.begin()
+    await world.wait_status(saga_id, "RUNNING")
+    await world.admin.abort(saga_id, "customer cancelled")
+    await world.start_participants()
+    assert await world.wait_status(saga_id) == "COMPENSATED"
+    state = await world.admin.get(saga_id)
+    assert state.error == "customer cancelled"
+    assert await saga_ledger(world, saga_id) in (
+        [(0, "do"), (1, "do"), (1, "undo"), (0, "undo")],
+        [(0, "do"), (0, "undo")],
+    )
+
+
+async def test_starting_the_same_saga_id_twice_makes_one_instance(world: World) -> None:
+    await world.start()
+    orchestrator = world.orchestrator()
+    first = await orchestrator.start(world.trip, {}, saga_id="trip-42")
+    second = await orchestrator.start(world.trip, {"other": 1}, saga_id="trip-42")
+    assert first == second == "trip-42"
+    assert await world.wait_status("trip-42") == "COMPLETED"
+    assert await saga_ledger(world, "trip-42") == app.expected_ops("COMPLETED", 5)
+    assert len(await world.admin.list()) == 1
+
+
+async def test_unknown_saga_gives_a_clear_error(world: World) -> None:
+    with pytest.raises(NotFoundError, match="no saga 'nope'"):
+        await SagaAdmin(world.database).get("nope")

@@ -28,9 +28,12 @@ sagas = sa.Table(
     sa.Column("name", sa.String(200), nullable=False),
     # RUNNING, COMPENSATING, COMPLETED, COMPENSATED, STUCK, ABORTED
     sa.Column("status", sa.String(20), nullable=False),
-    sa.Column("phase", sa.String(10), nullable=False),  # "action" or "compensation"
+    sa.Column("phase", sa.String(20), nullable=False),  # "action" or "compensation"
     sa.Column("step", sa.Integer, nullable=False),
     sa.Column("attempt", sa.Integer, nullable=False, server_default="0"),
+    # Attempts are numbered on across an operator's retry (so that a late reply to
+    # an old attempt is never mistaken for a new one); the retry budget counts from here.
+    sa.Column("attempt_base", sa.Integer, nullable=False, server_default="0"),
     sa.Column("waiting", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("data", JSONType, nullable=False),
     sa.Column("error", sa.Text, nullable=True),

@@ -124,7 +124,7 @@ class SagaAdmin:
                     )
                 tx = Transition(state, state.version)
                 state.status = RUNNING if state.phase == ACTION else COMPENSATING
-                state.attempt = 0
+                state.attempt_base = state.attempt
                 state.waiting = False
                 tx.log(state.step, "-", state.phase, "operator_retry", state.error)
                 tx.set_deadline("retry", 0)

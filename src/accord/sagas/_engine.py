@@ -265,24 +265,26 @@ class Engine:
         self.tx.log(s.step, step.name, ACTION, "succeeded", None)
         s.step += 1
         s.attempt = 0
+        s.attempt_base = 0
 
     def _compensated(self, step: Step) -> None:
         s = self.state
         self.tx.log(s.step, step.name, COMPENSATION, "compensated", None)
         s.step -= 1
         s.attempt = 0
+        s.attempt_base = 0
 
     def _action_failed(self, step: Step, error: str) -> None:
         s = self.state
         self.tx.log(s.step, step.name, ACTION, "failed", error)
-        if not step.retry.exhausted(s.attempt):
-            delay = step.retry.delay(s.attempt)
+        if not step.retry.exhausted(s.tries):
+            delay = step.retry.delay(s.tries)
             self.tx.log(s.step, step.name, ACTION, "retrying", f"in {delay:.2f}s")
             self.tx.set_deadline("retry", delay)
             self._paused = True
             return
         if step.kind is StepKind.RETRIABLE:
-            self._stuck(f"retriable step {step.name!r} failed {s.attempt} times: {error}")
+            self._stuck(f"retriable step {step.name!r} failed {s.tries} times: {error}")
         else:
             # The failed step left nothing behind: compensate the ones before it.
             self._begin_compensation(s.step - 1, f"step {step.name!r} failed: {error}")
@@ -291,12 +293,12 @@ class Engine:
         s = self.state
         self.tx.log(s.step, step.name, COMPENSATION, "failed", error)
         policy = self.saga.compensation_retry
-        if policy.exhausted(s.attempt):
+        if policy.exhausted(s.tries):
             self._stuck(
-                f"compensation of step {step.name!r} failed {s.attempt} times; last error: {error}"
+                f"compensation of step {step.name!r} failed {s.tries} times; last error: {error}"
             )
             return
-        delay = policy.delay(s.attempt)
+        delay = policy.delay(s.tries)
         self.tx.log(s.step, step.name, COMPENSATION, "retrying", f"in {delay:.2f}s")
         self.tx.set_deadline("retry", delay)
         self._paused = True
@@ -307,6 +309,7 @@ class Engine:
         s.phase = COMPENSATION
         s.step = from_step
         s.attempt = 0
+        s.attempt_base = 0
         s.waiting = False
         s.error = reason
         self.tx.log(from_step, self._step_name(from_step), COMPENSATION, "compensating", reason)
@@ -328,7 +331,7 @@ class Engine:
         s.ended_at = datetime.now(UTC)
         self.tx.clear_deadline()
         step = max(0, min(s.step, len(self.saga.steps) - 1))
-        self.tx.log(step, self._step_name(step), s.phase, status.lower(), error)
+        self.tx.log(step, self._step_name(step), s.phase, f"saga_{status.lower()}", error)
         SAGAS_ENDED.labels(self.saga.name, status).inc()
         SAGA_DURATION.labels(self.saga.name, status).observe(
             (s.ended_at - s.created_at).total_seconds()

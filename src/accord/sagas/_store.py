@@ -62,6 +62,12 @@ class SagaState:
     created_at: datetime
     updated_at: datetime
     ended_at: datetime | None = None
+    attempt_base: int = 0
+
+    @property
+    def tries(self) -> int:
+        """Attempts of the current step and phase since the last operator retry."""
+        return self.attempt - self.attempt_base
 
     @classmethod
     def from_row(cls, row: Any) -> SagaState:
@@ -81,6 +87,7 @@ class SagaState:
             created_at=m["created_at"],
             updated_at=m["updated_at"],
             ended_at=m["ended_at"],
+            attempt_base=m["attempt_base"],
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -118,6 +125,7 @@ async def insert_instance(conn: AsyncConnection, state: SagaState) -> bool:
         "phase": state.phase,
         "step": state.step,
         "attempt": state.attempt,
+        "attempt_base": state.attempt_base,
         "waiting": state.waiting,
         "data": state.data,
         "error": state.error,
@@ -190,6 +198,7 @@ class Transition:
                 phase=state.phase,
                 step=state.step,
                 attempt=state.attempt,
+                attempt_base=state.attempt_base,
                 waiting=state.waiting,
                 data=state.data,
                 error=state.error,
