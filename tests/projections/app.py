@@ -53,7 +53,7 @@ def make_scores(
             key=["player"],
             add=["points", "games"],
         )
-        ctx.defer(ctx.table("log").insert(), {"position": event.position})
+        ctx.insert("log", {"position": event.position})
         if not ctx.replaying:
             SIDE_EFFECTS.append(event.position)
 

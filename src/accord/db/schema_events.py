@@ -64,6 +64,8 @@ projection_versions = sa.Table(
     sa.Column("live_version", sa.Integer, nullable=False),
     sa.Column("building_version", sa.Integer, nullable=True),
     sa.Column("swapped_at", UTCDateTime, nullable=True),
+    # Set by a rebuild about to swap: the live runner pauses until then (or the swap).
+    sa.Column("handoff_until", UTCDateTime, nullable=True),
 )
 
 # How far each version of a projection has applied the event log. Updated in the

@@ -23,7 +23,14 @@ from accord.eventstore import RecordedEvent
 from accord.projections import _state
 from accord.projections._projection import Projection, ProjectionContext
 
-__all__ = ["BatchDriver", "HandlerFailed", "LeaseLost", "ProjectionStopped", "Swapped"]
+__all__ = [
+    "BatchDriver",
+    "HandlerFailed",
+    "LeaseLost",
+    "Paused",
+    "ProjectionStopped",
+    "Swapped",
+]
 
 log = logging.getLogger("accord.projections")
 
@@ -43,6 +50,10 @@ class LeaseLost(AccordError):
 
 class Swapped(Exception):
     """The live version changed (a rebuild swapped in a new one) before this batch."""
+
+
+class Paused(Exception):
+    """A rebuild is handing over: the live runner waits until it swaps (or times out)."""
 
 
 class ProjectionStopped(AccordError):
@@ -102,9 +113,14 @@ class BatchDriver:
             return
         async with self.database.transaction() as conn:
             if self.live:
-                live = await p.live_version(conn)
+                # A shared lock on the pointer row: a rebuild's handoff/swap waits
+                # for this batch to commit, and this batch sees any handoff committed
+                # before it (SQLite serialises writers anyway).
+                live, handoff = await _state.lock_pointer(conn, p.name)
                 if live != self.version:
                     raise Swapped()
+                if handoff is not None and handoff > _state.now():
+                    raise Paused()
             if events:
                 await self._handle(conn, events)
                 moved = await _state.advance(

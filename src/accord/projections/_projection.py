@@ -34,7 +34,7 @@ class Projection:
     """A read model built from events: handlers per event type plus the tables it owns.
 
     Declare tables with :meth:`table` (by their base name; the database holds one
-    copy per read-model *version*, suffixed ``_v1``, ``_v2``... so that a rebuild
+    copy per read-model *version*, named ``<projection>_<table>_v<n>``, so that a rebuild
     can fill a new version beside the live one) and handlers with :meth:`on`::
 
         leaderboard = Projection("leaderboard")
@@ -120,13 +120,13 @@ class Projection:
     # --- versions of the read model ----------------------------------------
 
     def metadata_for(self, version: int) -> sa.MetaData:
-        """The tables of read-model ``version`` (names suffixed ``_v<version>``)."""
+        """The tables of read-model ``version``, named ``<projection>_<table>_v<version>``."""
         md = self._versions.get(version)
         if md is None:
             md = sa.MetaData(naming_convention=_NAMING)
-            suffix = f"_v{version}"
+            suffix = f"_{self.name}_v{version}"
             for template in self._templates.sorted_tables:
-                copy = template.to_metadata(md, name=template.name + suffix)
+                copy = template.to_metadata(md, name=self.physical_name(template.name, version))
                 items: list[Any] = [*copy.indexes, *copy.constraints]
                 for item in items:
                     # Index and constraint names are schema-wide: suffix them too.
@@ -138,8 +138,14 @@ class Projection:
     def tables(self, version: int) -> dict[str, sa.Table]:
         """Base table name -> table of read-model ``version``."""
         md = self.metadata_for(version)
-        suffix = f"_v{version}"
-        return {t.name.removesuffix(suffix): t for t in md.sorted_tables}
+        return {
+            t.name: md.tables[self.physical_name(t.name, version)]
+            for t in self._templates.sorted_tables
+        }
+
+    def physical_name(self, table: str, version: int) -> str:
+        """The database name of ``table`` in read-model ``version``."""
+        return f"{self.name}_{table}_v{version}"
 
     async def create_tables(self, conn: AsyncConnection, version: int) -> None:
         """Create the tables of ``version`` if they do not exist."""
@@ -191,6 +197,7 @@ class ProjectionContext:
         self.replaying = replaying
         self._tables = projection.tables(version)
         self._pending: list[tuple[Any, list[dict[str, Any]]]] = []
+        self._last: dict[sa.Table, tuple[Any, list[dict[str, Any]]]] = {}
 
     @property
     def conn(self) -> AsyncConnection:
@@ -209,13 +216,37 @@ class ProjectionContext:
             ) from None
 
     def defer(self, statement: Any, params: dict[str, Any]) -> None:
-        """Queue a write; queued writes run in order before the batch commits, runs
-        of the same statement object as one executemany. The fast path."""
-        pending = self._pending
-        if pending and pending[-1][0] is statement:
-            pending[-1][1].append(params)
+        """Queue a write, run before the batch commits; the fast path.
+
+        Queued writes to one table keep their order; the parameters of a run of
+        one statement object (with no other write to that table in between) go
+        to the database as one executemany, so writes to *different* tables may
+        be reordered. Statements without a single target table (``text()``) are
+        barriers that keep everything in order.
+        """
+        table = getattr(statement, "table", None)
+        key = table if isinstance(table, sa.Table) else None
+        entry = self._last.get(key) if key is not None else None
+        if entry is not None and entry[0] is statement:
+            entry[1].append(params)
+            return
+        entry = (statement, [params])
+        self._pending.append(entry)
+        if key is None:
+            self._last.clear()
         else:
-            pending.append((statement, [params]))
+            self._last[key] = entry
+
+    def insert(self, table: sa.Table | str, values: dict[str, Any]) -> None:
+        """Defer an insert of ``values`` into ``table``; consecutive inserts of one shape
+        batch together."""
+        target = self.table(table) if isinstance(table, str) else table
+        shape = ("insert", target.name, tuple(values))
+        cache = self.projection._statements
+        statement = cache.get(shape)
+        if statement is None:
+            statement = cache[shape] = target.insert()
+        self.defer(statement, values)
 
     def upsert(
         self,
@@ -240,6 +271,7 @@ class ProjectionContext:
     async def flush(self) -> None:
         """Run the queued writes now (in order)."""
         pending, self._pending = self._pending, []
+        self._last = {}
         for statement, params in pending:
             await self._conn.execute(statement, params)
 

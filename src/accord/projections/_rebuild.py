@@ -2,22 +2,32 @@
 
 How the swap works (the same on SQLite and PostgreSQL): readers resolve the
 read model's tables through the pointer row ``accord_projection_versions``
-(:meth:`Projection.live_tables`). A rebuild creates the tables of version
-``live + 1`` (suffix ``_v<n>``), replays every event into them from position 0
-while the live runner keeps the current version up to date, and when it has
-caught up with the head it applies its last batch, moves its checkpoint and
-flips the pointer **in one transaction**. Readers switch at their next
-transaction; the live runner notices the new pointer at its next batch and
-carries on from the new version's checkpoint. The previous version's tables stay
-(a fallback) until the next rebuild drops them.
+(:meth:`Projection.live_tables`). A rebuild creates the tables of a new version
+(``<projection>_<table>_v<n>``) and replays every event into them from position 0,
+with ``ctx.replaying`` True, while the live runner keeps the current version up to
+date. It never replays past the live checkpoint: events after it have not been
+seen yet, so their side effects must fire once, live.
+
+Then the handoff: the rebuild sets ``handoff_until`` on the pointer row (this
+waits for the live batch in flight, which holds a shared lock on the row); live
+batches then pause. The rebuild applies the few events up to the live checkpoint
+``P``, and in one transaction flips the pointer and sets the new version's
+checkpoint to ``P``. Readers switch at their next transaction; the live runner
+carries on from ``P`` in the new version. Readers never wait; the read model only
+stops moving for the short final catch-up. If the rebuild dies during the handoff,
+live batches resume at ``handoff_until`` (``handoff_timeout`` seconds).
+
+The previous version's tables stay (a fallback) until the next rebuild drops them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -66,6 +76,7 @@ async def rebuild(
     batch_size: int | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     lease_ttl: float = 30.0,
+    handoff_timeout: float = 30.0,
     owner: str | None = None,
 ) -> RebuildResult:
     """Build a new version of ``projection``'s read model from position 0 and swap it in.
@@ -82,6 +93,7 @@ async def rebuild(
     lease = f"{projection.name}#rebuild"
     size = batch_size or max(projection.batch_size, 1000)
     started = time.monotonic()
+    handoff = timedelta(seconds=handoff_timeout)
     try:
         async with database.transaction() as conn:
             if not await _state.acquire_lease(conn, lease, owner, lease_ttl):
@@ -92,27 +104,58 @@ async def rebuild(
         previous, version = await _prepare(database, projection)
         total = await store.count(0, types=projection.event_types)
         driver = BatchDriver(database, projection, version, 0, replaying=True, live=False)
+        types = projection.event_types
         done = 0
         renew_at = time.monotonic() + lease_ttl / 3
-        while True:
-            events = await store.read_all(driver.position, limit=size, types=projection.event_types)
-            if len(events) < size:
-                # Caught up. Whatever commits after this read, the live runner applies
-                # once it follows the pointer to the new version's checkpoint.
-                if events:
-                    await driver.apply_safely(events)
-                    done += len(events)
-                await driver.apply([], final=_swap(projection.name, previous, version))
-                break
-            await driver.apply_safely(events)
-            done += len(events)
+
+        def report() -> None:
             if on_progress is not None:
-                total = max(total, done)
-                on_progress(Progress(done, total, driver.position, time.monotonic() - started))
+                on_progress(
+                    Progress(done, max(total, done), driver.position, time.monotonic() - started)
+                )
+
+        # 1. Replay history up to where the live runner is (never past it: events
+        #    after the live checkpoint have not fired their side effects yet).
+        while True:
+            async with database.connect() as conn:
+                live_at = await _live_position(conn, projection.name, previous)
+            events = await store.read_all(driver.position, limit=size, types=types)
+            behind = [e for e in events if e.position <= live_at]
+            if behind:
+                await driver.apply_safely(behind)
+                done += len(behind)
+                report()
+            if len(behind) < size:
+                break
             if time.monotonic() >= renew_at:
                 async with database.transaction() as conn:
                     await _state.acquire_lease(conn, lease, owner, lease_ttl)
                 renew_at = time.monotonic() + lease_ttl / 3
+        # 2. Hand over: pause the live runner (its batch in flight commits first),
+        #    catch up to its now-still checkpoint, then flip the pointer.
+        try:
+            async with database.transaction() as conn:
+                await _set_handoff(conn, projection.name, previous, _state.now() + handoff)
+            async with database.connect() as conn:
+                live_at = await _live_position(conn, projection.name, previous)
+            while True:
+                events = await store.read_all(driver.position, limit=size, types=types)
+                behind = [e for e in events if e.position <= live_at]
+                if behind:
+                    await driver.apply_safely(behind)
+                    done += len(behind)
+                    report()
+                elif await store.head() >= live_at:
+                    break  # everything up to the live checkpoint is visible and applied
+                else:
+                    await asyncio.sleep(0.02)
+            await driver.apply(
+                [], final=_swap(projection, previous, version, driver.position, live_at)
+            )
+        finally:
+            async with database.transaction() as conn:
+                await _set_handoff(conn, projection.name, previous, None)
+        report()
         elapsed = time.monotonic() - started
         if on_progress is not None:
             on_progress(Progress(done, max(total, done), driver.position, elapsed))
@@ -166,17 +209,48 @@ async def _prepare(database: Database, projection: Projection) -> tuple[int, int
     return live, version
 
 
-def _swap(name: str, previous: int, version: int) -> Callable[[AsyncConnection], object]:
+async def _live_position(conn: AsyncConnection, name: str, live: int) -> int:
+    checkpoint = await _state.read_checkpoint(conn, name, live)
+    return checkpoint.position if checkpoint else 0
+
+
+async def _set_handoff(conn: AsyncConnection, name: str, live: int, until: datetime | None) -> None:
+    await conn.execute(
+        versions.update()
+        .where(versions.c.projection == name, versions.c.live_version == live)
+        .values(handoff_until=until)
+    )
+
+
+def _swap(
+    projection: Projection, previous: int, version: int, at: int, live_at: int
+) -> Callable[[AsyncConnection], Awaitable[None]]:
+    name = projection.name
+
     async def swap(conn: AsyncConnection) -> None:
         result = await conn.execute(
             versions.update()
             .where(versions.c.projection == name, versions.c.live_version == previous)
-            .values(live_version=version, building_version=None, swapped_at=_state.now())
+            .values(
+                live_version=version,
+                building_version=None,
+                handoff_until=None,
+                swapped_at=_state.now(),
+            )
         )
         if result.rowcount != 1:
             raise ConcurrencyError(
                 f"projection {name!r}: the live version changed during the rebuild "
                 f"(another rebuild swapped?); v{version} was not swapped in"
+            )
+        # The new version continues exactly where the old one stopped (events of
+        # other types in between need nothing).
+        if not await _state.advance(conn, name, version, at, max(at, live_at), 0):
+            raise ConcurrencyError(f"projection {name!r}: the v{version} checkpoint moved")
+        if await _live_position(conn, name, previous) != live_at:
+            raise ConcurrencyError(
+                f"projection {name!r}: the live runner moved during the handoff "
+                "(it outlived the handoff deadline); run the rebuild again"
             )
 
     return swap

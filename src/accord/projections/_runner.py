@@ -16,7 +16,13 @@ from accord.db.database import Database
 from accord.errors import AccordError, ConfigurationError, DatabaseError
 from accord.eventstore import NOTIFY_CHANNEL, EventStore
 from accord.projections import _state
-from accord.projections._driver import BatchDriver, LeaseLost, ProjectionStopped, Swapped
+from accord.projections._driver import (
+    BatchDriver,
+    LeaseLost,
+    Paused,
+    ProjectionStopped,
+    Swapped,
+)
 from accord.projections._projection import Projection
 from accord.projections._status import ProjectionStatus, caught_up, projection_status
 
@@ -119,7 +125,10 @@ class ProjectionRunner:
                 driver.position, limit=projection.batch_size, types=projection.event_types
             )
             if events:
-                await driver.apply_safely(events)
+                try:
+                    await driver.apply_safely(events)
+                except Paused:
+                    continue
                 applied += len(events)
                 self._progress.set()
         return applied
@@ -163,6 +172,8 @@ class ProjectionRunner:
             except Swapped:
                 log.info("projection %s: a rebuild swapped in a new version", projection.name)
                 driver = await self._take_over(projection)
+            except Paused:
+                await self._sleep(min(self.poll_interval, 0.05))
             except LeaseLost as exc:
                 log.warning("%s", exc)
                 driver = None

@@ -31,6 +31,7 @@ __all__ = [
     "advance",
     "ensure_checkpoint",
     "ensure_versions",
+    "lock_pointer",
     "park",
     "read_checkpoint",
     "read_versions",
@@ -131,6 +132,18 @@ async def read_versions(conn: AsyncConnection, name: str) -> Versions | None:
     if row is None:
         return None
     return Versions(row.live_version, row.building_version, row.swapped_at)
+
+
+async def lock_pointer(conn: AsyncConnection, name: str) -> tuple[int, datetime | None]:
+    """The live version and handoff deadline, with a shared row lock (PostgreSQL)
+    held to the end of the transaction."""
+    query = sa.select(versions.c.live_version, versions.c.handoff_until).where(
+        versions.c.projection == name
+    )
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(read=True)
+    row = (await conn.execute(query)).first()
+    return (1, None) if row is None else (int(row[0]), row[1])
 
 
 async def ensure_versions(conn: AsyncConnection, name: str) -> Versions:
