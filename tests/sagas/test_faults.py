@@ -1,0 +1,192 @@
+"""Fault tests: the process running the orchestrator, the participants and the relay is
+SIGKILLed at each kind of transition, and at random; every saga still ends, no step is
+applied twice, and each participant's ledger matches its saga's outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from accord.db import Database
+from accord.sagas import SagaAdmin
+from accord.testing import wait_for
+from tests.sagas import app
+from tests.sagas.conftest import World, broker_url
+
+pytestmark = [pytest.mark.fault]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(
+    params=[
+        "sqlite-sql",
+        pytest.param("postgres-rabbitmq", marks=[pytest.mark.postgres, pytest.mark.rabbitmq]),
+    ]
+)
+def combo(request: pytest.FixtureRequest) -> tuple[str, str]:
+    db_kind, broker_kind = request.param.split("-")
+    url = request.getfixturevalue("sqlite_url" if db_kind == "sqlite" else "pg_url")
+    return str(url), broker_kind
+
+
+@pytest.fixture
+async def setup(combo: tuple[str, str]) -> Any:
+    url, broker_kind = combo
+    database = Database(url)
+    world = World(database, broker_kind)
+    await app.create_tables(database)
+    yield world
+    await world.close()
+    await database.dispose()
+
+
+class Workers:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+
+    async def start(self, world: World, *extra: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.sagas.worker",
+                world.database.url,
+                broker_url(world.kind, world.database.url),
+                world.channel,
+                world.prefix,
+                *extra,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        line = await asyncio.to_thread(proc.stdout.readline)
+        assert line.strip() == "ready", f"worker did not start (exit {proc.poll()})"
+        return proc
+
+    async def exited(self, proc: subprocess.Popen[str], timeout: float) -> int:
+        return await wait_for(lambda: proc.poll() is not None, timeout) and proc.returncode
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture
+def workers() -> Iterator[Workers]:
+    made = Workers()
+    yield made
+    made.kill_all()
+
+
+def scenario(rng: random.Random) -> dict[str, Any]:
+    """Random saga data: maybe a refusal at some step, flaky compensations or ticket."""
+    data: dict[str, Any] = {}
+    roll = rng.random()
+    if roll < 0.5:
+        data["fail_at"] = rng.randrange(4)
+        data["comp_fail"] = {str(s): rng.randrange(3) for s in range(3)}
+    elif roll < 0.7:
+        data["flaky_ticket"] = rng.randrange(1, 3)
+    return data
+
+
+async def check_consistent(world: World, started: dict[str, dict[str, Any]]) -> None:
+    """Every saga ended as its data says it must, and the ledgers agree with it."""
+    admin = SagaAdmin(world.database)
+    ops: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for saga_id, step, op in await app.ledger_rows(world.database):
+        ops[saga_id].append((step, op))
+    for saga_id, data in started.items():
+        state = await admin.get(saga_id)
+        reached = data.get("fail_at", 5)
+        outcome = "COMPLETED" if reached == 5 else "COMPENSATED"
+        assert state.status == outcome, (saga_id, data, await world.events(saga_id))
+        assert ops[saga_id] == app.expected_ops(outcome, reached), (saga_id, data)
+
+
+async def all_terminal(world: World, ids: list[str]) -> bool:
+    counts = await world.admin.counts()
+    active = counts.get("RUNNING", 0) + counts.get("COMPENSATING", 0)
+    return active == 0 and sum(counts.values()) == len(ids)
+
+
+KILL_POINTS = [
+    "save_before_commit",
+    "reply_after_commit",
+    "timer_after_commit",
+    "participant_after_commit",
+    "relay_after_publish",
+]
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+async def test_sigkill_at_each_kind_of_transition_resumes_every_saga(
+    setup: World, workers: Workers, point: str
+) -> None:
+    world = setup
+    rng = random.Random(point)
+    doomed = await workers.start(world, "--kill-at", point, "--kill-after", "4")
+    started: dict[str, dict[str, Any]] = {}
+    for i in range(12):
+        data = scenario(rng)
+        if i % 3 == 0:  # compensations that fail once: the timer has retries to fire
+            data = {"fail_at": 3, "comp_fail": {"2": 1, "1": 1, "0": 1}}
+        started[await world.orchestrator().start(world.trip, data)] = data
+    assert await workers.exited(doomed, 40) == -signal.SIGKILL
+
+    survivor = await workers.start(world)
+    await wait_for(lambda: all_terminal(world, list(started)), 60, interval=0.1)
+    await check_consistent(world, started)
+    survivor.send_signal(signal.SIGTERM)
+    assert await workers.exited(survivor, 30) == 0
+
+
+async def run_randomized(world: World, workers: Workers, count: int, seed: int) -> None:
+    rng = random.Random(seed)
+    started: dict[str, dict[str, Any]] = {}
+    orchestrator = world.orchestrator()
+    proc = await workers.start(world)
+    for _ in range(count):
+        data = scenario(rng)
+        started[await orchestrator.start(world.trip, data)] = data
+    kills = 0
+    while not await all_terminal(world, list(started)):
+        await asyncio.sleep(rng.uniform(0.5, 1.5))
+        if kills < 6 and not await all_terminal(world, list(started)):
+            proc.kill()
+            proc.wait(10)
+            kills += 1
+            proc = await workers.start(world)
+    assert kills >= 1, "the run ended before any process was killed: raise the count"
+    await check_consistent(world, started)
+    proc.send_signal(signal.SIGTERM)
+    assert await workers.exited(proc, 30) == 0
+
+
+async def test_randomized_sagas_with_failures_and_kills_all_end_consistent(
+    setup: World, workers: Workers
+) -> None:
+    """150 sagas here (the 1,000-saga run is the ``slow`` test below)."""
+    await run_randomized(setup, workers, 150, seed=7)
+
+
+@pytest.mark.slow
+async def test_randomized_1000_sagas_with_failures_and_kills(
+    setup: World, workers: Workers
+) -> None:
+    await run_randomized(setup, workers, 1000, seed=1000)
