@@ -1,0 +1,254 @@
+"""``accord projections``: status and lag, rebuild with a progress bar, parked events."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from accord.cli.app import DbOption, JsonOption, app, console, print_json, run
+from accord.db import Database
+from accord.errors import ConfigurationError, NotFoundError
+from accord.projections import (
+    ParkedEvent,
+    Projection,
+    ProjectionStatus,
+    RebuildResult,
+    ReplayOutcome,
+    list_parked,
+    projection_status,
+    rebuild,
+    replay_parked,
+)
+from accord.projections import Progress as RebuildProgress
+
+__all__ = ["load_projections", "projections_app"]
+
+projections_app = typer.Typer(
+    help="Projections: lag, rebuilds, parked events.", no_args_is_help=True
+)
+parked_app = typer.Typer(help="Poison events a projection parked.", no_args_is_help=True)
+projections_app.add_typer(parked_app, name="parked")
+app.add_typer(projections_app, name="projections")
+
+AppOption = Annotated[
+    str | None,
+    typer.Option(
+        "--app",
+        envvar="ACCORD_PROJECTIONS",
+        help="module:attribute giving the projection definitions (a list of Projection, "
+        "or a function returning them).",
+    ),
+]
+
+
+def load_projections(spec: str) -> list[Projection]:
+    """Import ``module:attribute`` and return the projections it holds or returns."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigurationError(
+            f"--app {spec!r} must look like module:attribute, e.g. myservice.read:projections"
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {module_name!r} (from --app {spec!r}): {exc}")
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ConfigurationError(f"{module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if callable(target) and not isinstance(target, Projection):
+        target = target()
+    if inspect.isawaitable(target):
+        raise ConfigurationError(f"--app {spec!r} must not be async")
+    found = [target] if isinstance(target, Projection) else list(target)
+    bad = [p for p in found if not isinstance(p, Projection)]
+    if bad or not found:
+        raise ConfigurationError(f"--app {spec!r} gave {bad or 'nothing'}, not Projection objects")
+    return found
+
+
+def _pick(projections: list[Projection], name: str) -> Projection:
+    for p in projections:
+        if p.name == name:
+            return p
+    raise NotFoundError(
+        f"no projection {name!r} in the definitions; they define {[p.name for p in projections]}"
+    )
+
+
+def _need_app(spec: str | None) -> list[Projection]:
+    if not spec:
+        raise ConfigurationError(
+            "this command runs projection handlers: name their definitions with "
+            "--app module:attribute (or ACCORD_PROJECTIONS)"
+        )
+    return load_projections(spec)
+
+
+@projections_app.command("status")
+def status(db: DbOption, app_spec: AppOption = None, as_json: JsonOption = False) -> None:
+    """Each projection's position, lag (events and seconds behind), lease and parked count."""
+
+    async def go() -> list[ProjectionStatus]:
+        defs = load_projections(app_spec) if app_spec else None
+        async with Database(db) as database:
+            return await projection_status(database, defs)
+
+    found = run(go())
+    if as_json:
+        print_json([s.as_dict() for s in found])
+        return
+    table = Table(title="projections")
+    for column in ("name", "version", "state", "position", "behind", "seconds", "parked", "lease"):
+        table.add_column(column)
+    for s in found:
+        state = s.state if s.state != "stopped" else "[bold red]stopped[/]"
+        if s.rebuilding is not None:
+            state += f" (rebuilding v{s.rebuilding} at {s.rebuild_position})"
+        table.add_row(
+            s.name,
+            f"v{s.live_version}",
+            state,
+            str(s.position),
+            str(s.events_behind),
+            f"{s.seconds_behind:.1f}",
+            str(s.parked) if not s.parked else f"[yellow]{s.parked}[/]",
+            s.lease_owner or "-",
+        )
+    console.print(table)
+    for s in found:
+        if s.error:
+            console.print(f"[bold red]{s.name}:[/] {s.error}")
+
+
+@projections_app.command("rebuild")
+def rebuild_command(
+    name: Annotated[str, typer.Argument(help="The projection to rebuild.")],
+    db: DbOption,
+    app_spec: AppOption = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Events per batch.")] = 2000,
+    as_json: JsonOption = False,
+) -> None:
+    """Build a new version of NAME's read model from position 0 beside the live one,
+    while writes continue, then swap it in atomically."""
+
+    async def go() -> RebuildResult:
+        projection = _pick(_need_app(app_spec), name)
+        async with Database(db) as database:
+            if as_json:
+                return await rebuild(database, projection, batch_size=batch_size)
+            with Progress(
+                TextColumn(f"rebuilding [bold]{name}[/]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[rate]:>10} ev/s"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=console,
+            ) as bar:
+                task = bar.add_task("rebuild", total=None, rate="-")
+
+                def show(p: RebuildProgress) -> None:
+                    rate = p.done / p.elapsed if p.elapsed > 0 else 0.0
+                    bar.update(task, completed=p.done, total=p.total, rate=f"{rate:,.0f}")
+
+                return await rebuild(database, projection, batch_size=batch_size, on_progress=show)
+
+    result = run(go())
+    if as_json:
+        print_json(
+            {
+                "projection": result.projection,
+                "version": result.version,
+                "previous": result.previous,
+                "events": result.events,
+                "seconds": round(result.seconds, 3),
+            }
+        )
+    else:
+        rate = result.events / result.seconds if result.seconds > 0 else 0.0
+        console.print(
+            f"[green]v{result.version} of {result.projection} is live[/] "
+            f"(was v{result.previous}): {result.events:,} events in {result.seconds:.1f}s "
+            f"({rate:,.0f} events/s)"
+        )
+
+
+@parked_app.command("list")
+def parked_list(
+    db: DbOption,
+    name: Annotated[str | None, typer.Argument(help="Only this projection.")] = None,
+    replayed: Annotated[
+        bool, typer.Option("--replayed", help="Include events already replayed.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Poison events projections parked (with their error), oldest first."""
+
+    async def go() -> list[ParkedEvent]:
+        async with Database(db) as database:
+            return await list_parked(database, name, include_replayed=replayed)
+
+    found = run(go())
+    if as_json:
+        print_json([p.as_dict() for p in found])
+        return
+    table = Table(title="parked events")
+    for column in ("id", "projection", "version", "position", "type", "stream", "error"):
+        table.add_column(column)
+    for p in found:
+        table.add_row(
+            str(p.id), p.projection, f"v{p.version}", str(p.position), p.type, p.stream_id, p.error
+        )
+    console.print(table)
+
+
+@parked_app.command("replay")
+def parked_replay(
+    name: Annotated[str, typer.Argument(help="The projection.")],
+    db: DbOption,
+    app_spec: AppOption = None,
+    ids: Annotated[
+        list[int] | None, typer.Option("--id", help="Only these parked ids (repeatable).")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run NAME's handler again on its parked events (after fixing the handler)."""
+
+    async def go() -> list[ReplayOutcome]:
+        projection = _pick(_need_app(app_spec), name)
+        async with Database(db) as database:
+            return await replay_parked(database, projection, ids or None)
+
+    outcomes = run(go())
+    if as_json:
+        print_json(
+            [{"id": o.id, "position": o.position, "ok": o.ok, "error": o.error} for o in outcomes]
+        )
+    else:
+        for o in outcomes:
+            mark = "[green]applied[/]" if o.ok else f"[red]failed again:[/] {o.error}"
+            console.print(f"parked #{o.id} (position {o.position}): {mark}")
+        if not outcomes:
+            console.print("nothing to replay")
+    if any(not o.ok for o in outcomes):
+        raise typer.Exit(1)
