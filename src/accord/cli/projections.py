@@ -68,7 +68,9 @@ def load_projections(spec: str) -> list[Projection]:
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigurationError(f"cannot import {module_name!r} (from --app {spec!r}): {exc}")
+        raise ConfigurationError(
+            f"cannot import {module_name!r} (from --app {spec!r}): {exc}"
+        ) from None
     for part in attribute.split("."):
         if not hasattr(target, part):
             raise ConfigurationError(f"{module_name!r} has no attribute {attribute!r}")
