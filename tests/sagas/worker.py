@@ -115,7 +115,7 @@ async def main() -> None:
     parts: list[Any] = [relay, orchestrator, *participants]
     tasks = [asyncio.create_task(part.run()) for part in parts]
     for consumer in [orchestrator.consumer, *participants]:
-        while consumer._subscription is None:
+        while consumer._subscription is None:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

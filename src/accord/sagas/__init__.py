@@ -20,7 +20,9 @@ choreographed (services chain through events), with a flow tracker.
 """
 
 from accord.sagas._admin import SagaAdmin, StepLogEntry
+from accord.sagas._choreography import Choreography, FlowHandler
 from accord.sagas._definition import Command, Retry, Saga, Step, StepContext, StepKind, command
+from accord.sagas._flows import FlowEntry, Flows, FlowTracker, StalledFlow
 from accord.sagas._orchestrator import Orchestrator
 from accord.sagas._participant import CommandContext, StepFailed, participant
 from accord.sagas._store import (
@@ -42,13 +44,19 @@ __all__ = [
     "RUNNING",
     "STATUSES",
     "STUCK",
+    "Choreography",
     "Command",
     "CommandContext",
+    "FlowEntry",
+    "FlowHandler",
+    "FlowTracker",
+    "Flows",
     "Orchestrator",
     "Retry",
     "Saga",
     "SagaAdmin",
     "SagaState",
+    "StalledFlow",
     "Step",
     "StepContext",
     "StepFailed",

@@ -177,16 +177,17 @@ class Orchestrator:
 
     async def _fire(self, saga_id: str, moment: datetime) -> int:
         async with self.database.transaction() as conn:
+            # Lock the instance before its deadline, in the order a reply's transition
+            # takes them (saga row, then deadline): a timer and a reply racing on one
+            # saga queue up instead of deadlocking. A second orchestrator's timer waits
+            # here, then finds the deadline gone or superseded.
+            state = await load(conn, saga_id, for_update=True)
             query = sa.select(deadlines).where(
                 deadlines.c.saga_id == saga_id, deadlines.c.due_at <= moment
             )
-            if conn.dialect.name == "postgresql":
-                # Several orchestrators: each deadline is fired by one of them.
-                query = query.with_for_update(skip_locked=True)
             deadline = (await conn.execute(query)).first()
             if deadline is None:
                 return 0
-            state = await load(conn, saga_id)
             d = deadline._mapping
             if state is None or not _matches(state, d):
                 await conn.execute(deadlines.delete().where(deadlines.c.saga_id == saga_id))

@@ -109,9 +109,15 @@ class SagaState:
         }
 
 
-async def load(conn: AsyncConnection, saga_id: str) -> SagaState | None:
-    """The saga ``saga_id`` as of ``conn``'s transaction, or None."""
-    row = (await conn.execute(sa.select(sagas).where(sagas.c.id == saga_id))).first()
+async def load(
+    conn: AsyncConnection, saga_id: str, *, for_update: bool = False
+) -> SagaState | None:
+    """The saga ``saga_id`` as of ``conn``'s transaction, or None. ``for_update`` locks
+    the row until the transaction ends (PostgreSQL; SQLite transactions are serial)."""
+    query = sa.select(sagas).where(sagas.c.id == saga_id)
+    if for_update and conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    row = (await conn.execute(query)).first()
     return None if row is None else SagaState.from_row(row)
 
 

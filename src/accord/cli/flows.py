@@ -1,0 +1,91 @@
+"""``accord flows``: the timeline of a flow across services, and stalled flows."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from accord.cli.app import DbOption, JsonOption, app, console, print_json, run
+from accord.db import Database
+from accord.errors import NotFoundError
+from accord.sagas import Flows
+
+flows_app = typer.Typer(
+    help="Flows recorded by a flow tracker: a timeline per correlation id, stalled flows.",
+    no_args_is_help=True,
+)
+app.add_typer(flows_app, name="flows")
+
+_OUTCOME_STYLES = {"failed": "red", "compensating": "magenta", "compensated": "yellow"}
+
+
+@flows_app.command("show")
+def show(
+    correlation_id: Annotated[str, typer.Argument(help="The flow's correlation id.")],
+    db: DbOption,
+    as_json: JsonOption = False,
+) -> None:
+    """Every message of the flow: which step ran where, when, and what failed."""
+
+    async def go() -> list[dict[str, Any]]:
+        async with Database(db) as database:
+            entries = await Flows(database).timeline(correlation_id)
+        if not entries:
+            raise NotFoundError(
+                f"no messages recorded for correlation id {correlation_id!r}: is a "
+                "FlowTracker consuming this flow's messages into this database?"
+            )
+        return [e.as_dict() for e in entries]
+
+    entries = run(go())
+    if as_json:
+        print_json({"correlation_id": correlation_id, "messages": entries})
+        return
+    table = Table(title=f"Flow {correlation_id}")
+    for column in ("time", "service", "step", "message", "outcome", "error"):
+        table.add_column(column)
+    for e in entries:
+        outcome = e["outcome"] or ""
+        style = _OUTCOME_STYLES.get(outcome, "green" if outcome == "completed" else "white")
+        table.add_row(
+            e["time"],
+            e["source"],
+            e["step"] or "",
+            e["type"],
+            f"[{style}]{outcome}[/]",
+            e["error"] or "",
+        )
+    console.print(table)
+
+
+@flows_app.command("stalled")
+def stalled(
+    db: DbOption,
+    as_json: JsonOption = False,
+    older_than: Annotated[
+        float, typer.Option("--older-than", help="Seconds without progress.")
+    ] = 300.0,
+) -> None:
+    """Flows that did not end and had no new message for --older-than seconds."""
+
+    async def go() -> list[dict[str, Any]]:
+        async with Database(db) as database:
+            found = await Flows(database).stalled(timedelta(seconds=older_than))
+        return [f.as_dict() for f in found]
+
+    found = run(go())
+    if as_json:
+        print_json({"older_than": older_than, "stalled": found})
+        return
+    if not found:
+        console.print(f"No flow stalled for more than {older_than:g}s.")
+        return
+    table = Table(title=f"Flows without progress for more than {older_than:g}s")
+    for column in ("correlation id", "last message", "at", "messages"):
+        table.add_column(column)
+    for f in found:
+        table.add_row(f["correlation_id"], f["last_type"], f["last_at"], str(f["messages"]))
+    console.print(table)

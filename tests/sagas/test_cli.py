@@ -1,0 +1,135 @@
+"""``accord sagas list|show|retry|abort`` and ``accord flows show|stalled``, on both databases."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from typer.testing import CliRunner
+
+from accord.cli.app import _register_subcommands, app
+from accord.db import Database
+from accord.messages import Message
+from accord.sagas import Orchestrator
+from accord.sagas._flows import FlowTracker
+from accord.transports.sql import SqlTransport
+from tests.sagas import app as trip_app
+from tests.sagas.test_replies import Captured, reply
+
+_register_subcommands()
+runner = CliRunner()
+LATER = datetime.now(UTC) + timedelta(days=1)
+
+
+def accord(*args: str) -> Any:
+    result = runner.invoke(app, list(args))
+    return result
+
+
+def orchestrator(database: Database) -> Orchestrator:
+    transport = SqlTransport(database.url, channel=f"cli-{uuid.uuid4().hex[:8]}")
+    return Orchestrator(database, transport, [trip_app.make_trip()], name="orch")
+
+
+async def make_stuck(url: str) -> tuple[str, str]:
+    """A saga STUCK compensating its local step 0, and one waiting at step 1."""
+    async with Database(url) as database:
+        await trip_app.create_tables(database)
+        orch = orchestrator(database)
+        await trip_app.set_outage(database, 0, True)
+        stuck = await orch.start("trip", {})
+        await orch.consumer.handle(Captured(reply(stuck, 1, ok=False)))
+        for _ in range(4):
+            await orch.fire_due(LATER)
+        running = await orch.start("trip", {})
+        await trip_app.set_outage(database, 0, False)
+    return stuck, running
+
+
+async def drive(url: str) -> None:
+    """One timer round far in the future: the orchestrator carries out operators' requests."""
+    async with Database(url) as database:
+        await orchestrator(database).fire_due(LATER)
+
+
+def test_list_show_retry_abort(db_url: str) -> None:
+    stuck, running = asyncio.run(make_stuck(db_url))
+
+    listed = accord("sagas", "list", "--db", db_url, "--status", "STUCK", "--json")
+    assert listed.exit_code == 0, listed.output
+    document = json.loads(listed.output)
+    assert [s["id"] for s in document["sagas"]] == [stuck]
+    assert document["counts"] == {"STUCK": 1, "RUNNING": 1}
+    table = accord("sagas", "list", "--db", db_url)
+    assert table.exit_code == 0 and "STUCK" in table.output and running[:8] in table.output
+
+    shown = accord("sagas", "show", stuck, "--db", db_url, "--json")
+    steps = json.loads(shown.output)["steps"]
+    assert [e["event"] for e in steps][-2:] == ["failed", "stuck"]
+    assert "release_seat" not in shown.output  # the reason is the error, not a traceback
+    assert "seat service flaky" in json.loads(shown.output)["error"]
+    timeline = accord("sagas", "show", stuck, "--db", db_url)
+    assert timeline.exit_code == 0 and "Timeline" in timeline.output and "stuck" in timeline.output
+
+    assert accord("sagas", "retry", running, "--db", db_url).exit_code == 1  # not STUCK
+    retried = accord("sagas", "retry", stuck, "--db", db_url, "--json")
+    assert retried.exit_code == 0 and json.loads(retried.output)["status"] == "COMPENSATING"
+    aborted = accord("sagas", "abort", running, "--db", db_url, "--reason", "fraud")
+    assert aborted.exit_code == 0, aborted.output
+    asyncio.run(drive(db_url))
+
+    after = json.loads(accord("sagas", "list", "--db", db_url, "--json").output)
+    assert after["counts"] == {"COMPENSATED": 1, "COMPENSATING": 1}
+    events = [
+        e["event"]
+        for e in json.loads(accord("sagas", "show", running, "--db", db_url, "--json").output)[
+            "steps"
+        ]
+    ]
+    assert "abort_requested" in events and "aborted" in events
+    missing = accord("sagas", "show", "nope", "--db", db_url)
+    assert missing.exit_code == 1 and "no saga 'nope'" in missing.output
+
+
+async def record_flow(url: str) -> str:
+    async with Database(url) as database:
+        tracker = FlowTracker(database, SqlTransport(url, channel="unused"))
+        correlation = str(uuid.uuid4())
+        first = Message(
+            type="trip.requested",
+            correlationid=correlation,
+            source="web",
+            extensions={"flowstep": "trip.start", "flowoutcome": "next"},
+        )
+        failed = first.caused(
+            "car.failed",
+            {"error": "no cars"},
+            source="cars",
+            extensions={"flowstep": "rent_car", "flowoutcome": "failed"},
+        )
+        for message in (first, failed):
+            await tracker.consumer.handle(Captured(message))
+    return correlation
+
+
+def test_flows_show_and_stalled(db_url: str) -> None:
+    correlation = asyncio.run(record_flow(db_url))
+    shown = accord("flows", "show", correlation, "--db", db_url, "--json")
+    assert shown.exit_code == 0, shown.output
+    messages = json.loads(shown.output)["messages"]
+    assert [(m["type"], m["source"], m["outcome"]) for m in messages] == [
+        ("trip.requested", "web", "next"),
+        ("car.failed", "cars", "failed"),
+    ]
+    assert messages[1]["error"] == "no cars"
+    table = accord("flows", "show", correlation, "--db", db_url)
+    assert "rent_car" in table.output and "no cars" in table.output
+    stalled = json.loads(
+        accord("flows", "stalled", "--db", db_url, "--older-than", "0", "--json").output
+    )
+    assert [f["correlation_id"] for f in stalled["stalled"]] == [correlation]
+    assert "No flow stalled" in accord("flows", "stalled", "--db", db_url).output
+    assert accord("flows", "show", "nope", "--db", db_url).exit_code == 1
