@@ -80,7 +80,7 @@ class Projection:
         self.handlers: dict[str, tuple[Handler, bool]] = {}
         self._templates = sa.MetaData()
         self._versions: dict[int, sa.MetaData] = {}
-        self._statements: dict[tuple[Any, ...], Any] = {}
+        self._statements: dict[tuple[str, int], dict[tuple[Any, ...], Any]] = {}
 
     # --- declaring ---------------------------------------------------------
 
@@ -196,8 +196,12 @@ class ProjectionContext:
         self.version = version
         self.replaying = replaying
         self._tables = projection.tables(version)
+        self._dialect = conn.dialect.name
+        # Statements built for this version and dialect, reused batch after batch.
+        self._statements = projection._statements.setdefault((self._dialect, version), {})
         self._pending: list[tuple[Any, list[dict[str, Any]]]] = []
         self._last: dict[sa.Table, tuple[Any, list[dict[str, Any]]]] = {}
+        self._merged: dict[int, dict[tuple[Any, ...], dict[str, Any]]] = {}
 
     @property
     def conn(self) -> AsyncConnection:
@@ -241,8 +245,8 @@ class ProjectionContext:
         """Defer an insert of ``values`` into ``table``; consecutive inserts of one shape
         batch together."""
         target = self.table(table) if isinstance(table, str) else table
-        shape = ("insert", target.name, tuple(values))
-        cache = self.projection._statements
+        shape = ("insert", target.name, *values)
+        cache = self._statements
         statement = cache.get(shape)
         if statement is None:
             statement = cache[shape] = target.insert()
@@ -258,20 +262,42 @@ class ProjectionContext:
     ) -> None:
         """Defer an insert-or-update of ``values`` keyed on the ``key`` columns: on
         conflict the ``add`` columns are incremented by the new values and every other
-        non-key column is replaced. Consecutive upserts of one shape batch together."""
-        target = self.table(table) if isinstance(table, str) else table
-        shape = (self._conn.dialect.name, target.name, tuple(key), tuple(add), tuple(values))
-        cache = self.projection._statements
-        statement = cache.get(shape)
+        non-key column is replaced.
+
+        Upserts of one shape batch together, and upserts of the same key within a
+        run are merged before they reach the database (``add`` columns summed, the
+        others last-wins), which is exactly what applying them one by one gives."""
+        key = tuple(key)
+        add = tuple(add)
+        shape = (table if isinstance(table, str) else table.name, key, add, *values)
+        statement = self._statements.get(shape)
         if statement is None:
-            statement = _upsert(self._conn.dialect.name, target, values, key, add)
-            cache[shape] = statement
-        self.defer(statement, values)
+            target = self.table(table) if isinstance(table, str) else table
+            statement = _upsert(self._dialect, target, values, key, add)
+            self._statements[shape] = statement
+        else:
+            target = statement.table
+        row = tuple([values[c] for c in key])
+        entry = self._last.get(target)
+        if entry is not None and entry[0] is statement:
+            merged = self._merged[id(entry[1])]
+            existing = merged.get(row)
+            if existing is None:
+                merged[row] = fresh = dict(values)
+                entry[1].append(fresh)
+            else:
+                for column, value in values.items():
+                    existing[column] = existing[column] + value if column in add else value
+            return
+        fresh = dict(values)
+        self.defer(statement, fresh)
+        self._merged[id(self._last[target][1])] = {row: fresh}
 
     async def flush(self) -> None:
         """Run the queued writes now (in order)."""
         pending, self._pending = self._pending, []
         self._last = {}
+        self._merged = {}
         for statement, params in pending:
             await self._conn.execute(statement, params)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from accord.db.database import Database
 from accord.errors import AccordError, ConfigurationError, DatabaseError
-from accord.eventstore import NOTIFY_CHANNEL, EventStore
+from accord.eventstore import NOTIFY_CHANNEL, EventStore, RecordedEvent
 from accord.projections import _state
 from accord.projections._driver import (
     BatchDriver,
@@ -33,6 +33,18 @@ log = logging.getLogger("accord.projections")
 
 class WaitTimeout(AccordError, TimeoutError):
     """:meth:`ProjectionRunner.wait_until` ran out of time."""
+
+
+def _cancel(ahead: tuple[int, asyncio.Task[Any]] | None) -> None:
+    """Drop a read-ahead that is no longer wanted."""
+    if ahead is None:
+        return
+    task = ahead[1]
+    if task.done():
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed read-ahead is simply read again
+    else:
+        task.cancel()
 
 
 def default_owner() -> str:
@@ -80,6 +92,7 @@ class ProjectionRunner:
         self._tasks: list[asyncio.Task[None]] = []
         self._unlisten: Callable[[], Any] | None = None
         self.errors: dict[str, str] = {}
+        self._drivers: dict[str, BatchDriver] = {}
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -147,6 +160,7 @@ class ProjectionRunner:
         driver: BatchDriver | None = None
         renew_at = 0.0
         types = projection.event_types
+        ahead: tuple[int, asyncio.Task[list[RecordedEvent]]] | None = None
         while not self._stopping.is_set():
             try:
                 if driver is None or time.monotonic() >= renew_at:
@@ -158,9 +172,18 @@ class ProjectionRunner:
                         continue
                     if driver is None:
                         driver = await self._take_over(projection)
-                events = await self.store.read_all(
-                    driver.position, limit=projection.batch_size, types=types
-                )
+                if ahead is not None and ahead[0] == driver.position:
+                    events = await ahead[1]
+                else:
+                    events = await self.store.read_all(
+                        driver.position, limit=projection.batch_size, types=types
+                    )
+                _cancel(ahead)
+                ahead = None
+                if len(events) == projection.batch_size:
+                    # Read the next batch while this one is applied (catch-up speed).
+                    after = events[-1].position
+                    ahead = (after, asyncio.create_task(self._read(after, projection)))
                 if events:
                     await driver.apply_safely(events)
                     self._progress.set()
@@ -181,13 +204,20 @@ class ProjectionRunner:
                 log.error("%s", exc)
                 self.errors[projection.name] = str(exc)
                 self._progress.set()
+                _cancel(ahead)
                 await self._release(lease)
                 return
             except DatabaseError as exc:
                 log.warning("projection %s: %s; retrying", projection.name, exc)
                 await self._sleep(min(self.poll_interval * 4, self.lease_ttl / 3))
+        _cancel(ahead)
         if driver is not None:
             await self._release(lease)
+
+    async def _read(self, after: int, projection: Projection) -> list[RecordedEvent]:
+        return await self.store.read_all(
+            after, limit=projection.batch_size, types=projection.event_types
+        )
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -219,7 +249,7 @@ class ProjectionRunner:
             checkpoint.position,
             self.owner,
         )
-        return BatchDriver(
+        driver = BatchDriver(
             self.database,
             projection,
             versions.live,
@@ -227,6 +257,8 @@ class ProjectionRunner:
             replaying=False,
             live=True,
         )
+        self._drivers[projection.name] = driver
+        return driver
 
     # --- reading the state -------------------------------------------------
 
@@ -243,9 +275,13 @@ class ProjectionRunner:
             raise ConfigurationError(f"unknown projection in {list(projections)}")
         deadline = time.monotonic() + timeout
         pending = list(wanted)
+        pause = 0.01
         while True:
             still = []
             for p in pending:
+                local = self._drivers.get(p.name)
+                if local is not None and local.position >= position:
+                    continue  # this runner applied it (no need to ask the database)
                 done, stopped = await caught_up(self.database, self.store, p, position)
                 if stopped:
                     raise ProjectionStopped(f"projection {p.name!r} is stopped: {stopped}")
@@ -262,7 +298,8 @@ class ProjectionRunner:
                 )
             self._progress.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), min(left, 0.05))
+                await asyncio.wait_for(self._progress.wait(), min(left, pause))
+            pause = min(pause * 2, 0.2)
 
     async def status(self) -> list[ProjectionStatus]:
         """Position, lag (events and seconds behind), lease and parked events of each."""
