@@ -14,6 +14,8 @@
 - Read-your-writes: ``await runner.wait_until(append_result.position)``.
 - Poison events: retried with backoff, then parked (:func:`list_parked`,
   :func:`replay_parked`) or the projection stops with its error in the status.
+- :class:`TransportProjector` feeds a projection from a transport group instead
+  (exactly once through the inbox table, as messages carry no global position).
 - :func:`rebuild` fills a new version beside the live one from position 0 while
   writes go on, then swaps the version pointer atomically (``ctx.replaying`` is
   True meanwhile, so handlers can skip side effects).
@@ -26,6 +28,7 @@ from accord.projections._rebuild import Progress, RebuildResult, rebuild
 from accord.projections._runner import ProjectionRunner, WaitTimeout
 from accord.projections._state import Checkpoint, ParkedEvent
 from accord.projections._status import ProjectionStatus, projection_status
+from accord.projections._transport import TransportProjector, event_from_message
 
 __all__ = [
     "Checkpoint",
@@ -40,7 +43,9 @@ __all__ = [
     "ProjectionStopped",
     "RebuildResult",
     "ReplayOutcome",
+    "TransportProjector",
     "WaitTimeout",
+    "event_from_message",
     "list_parked",
     "projection_status",
     "rebuild",

@@ -1,0 +1,55 @@
+"""A projection fed from a transport group (the SQL transport on the same database)."""
+
+from __future__ import annotations
+
+import uuid
+
+from accord.db import Database
+from accord.messages import Message
+from accord.projections import TransportProjector
+from accord.testing import wait_for
+from accord.transports import from_url
+from tests.projections import app
+from tests.projections.helpers import read_model
+
+
+async def test_transport_fed_projection_applies_each_message_once(db_url: str) -> None:
+    channel = f"proj-{uuid.uuid4().hex[:8]}"
+    database = Database(db_url)
+    transport = from_url(db_url, channel=channel)
+    scores = app.make_scores("scores_bus")
+    projector = TransportProjector(database, scores, transport)
+    await projector.start()
+    try:
+        messages = [
+            Message(type="score.changed", data={"player": f"p{i % 3}", "points": i}, source="t")
+            for i in range(20)
+        ]
+        await transport.publish(messages)
+        await transport.publish(messages[:5])  # duplicates (same ids): applied once
+
+        async def applied() -> bool:
+            model = await read_model(database, scores)
+            return sum(games for _, games in model["totals"].values()) == 20
+
+        await wait_for(applied, 20)
+        model = await read_model(database, scores)
+        expected: dict[str, tuple[int, int]] = {}
+        for i in range(20):
+            points, games = expected.get(f"p{i % 3}", (0, 0))
+            expected[f"p{i % 3}"] = (points + i, games + 1)
+        assert model["totals"] == expected
+        # The duplicates have been delivered (and skipped) by now too.
+        marker = Message(type="score.changed", data={"player": "end", "points": 0}, source="t")
+        await transport.publish([marker])
+
+        async def ended() -> bool:
+            return "end" in (await read_model(database, scores))["totals"]
+
+        await wait_for(ended, 20)
+        totals = (await read_model(database, scores))["totals"]
+        assert sum(games for _, games in totals.values()) == 21
+    finally:
+        await projector.stop()
+        await transport.close()
+        await database.dispose()
