@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,6 +32,7 @@ from accord.eventstore._types import (
 )
 from accord.eventstore._upcasting import Upcasters
 from accord.messages import Message
+from accord.serialization import loads
 
 __all__ = ["NOTIFY_CHANNEL", "EventStore", "Snapshot"]
 
@@ -357,9 +357,10 @@ class EventStore:
         schema_version, data, metadata, recorded_at)``, upcast to the latest schema."""
         position, stream_id, version, event_id, type_, schema_version, data, meta, at = r
         if not isinstance(data, dict):
-            data = json.loads(data)
+            data = loads(data)
         if not isinstance(meta, dict):
-            meta = json.loads(meta)
+            # Most events carry no metadata: skip the parser on the hot read path.
+            meta = {} if meta == "{}" else loads(meta)
         latest = self.upcasters.latest(type_)
         if schema_version != latest and (schema_version < latest or latest > 1):
             # Lift old payloads; a payload newer than the code raises a clear DecodeError.
