@@ -159,9 +159,10 @@ async def test_sigkill_at_each_kind_of_transition_resumes_every_saga(
 async def run_randomized(world: World, workers: Workers, count: int, seed: int) -> None:
     rng = random.Random(seed)
     started: dict[str, dict[str, Any]] = {}
-    orchestrator = world.orchestrator()
     # Generous timeouts: under a backlog and kills a 10 s step timeout fires (and then
     # compensates), which is correct but makes the expected outcome unpredictable.
+    world.trip = app.make_trip(timeout=300, comp_timeout=300)  # the starter's deadline too
+    orchestrator = world.orchestrator()
     proc = await workers.start(world, "--timeout", "300")
     for _ in range(count):
         data = scenario(rng)

@@ -17,6 +17,19 @@ choreographed (services chain through events), with a flow tracker.
     @participant(seats_consumer, "seats.reserve")
     async def reserve(ctx: CommandContext, data: dict) -> dict:
         ...                                   # raise StepFailed("sold out") to refuse
+
+Semantic lock (Richardson's countermeasure for the missing isolation between sagas):
+a compensatable step writes its resource in a *pending* state owned by the saga
+(``room 7: PENDING, saga_id=...``); other sagas that meet a pending resource refuse
+(``raise StepFailed("room 7 is PENDING")``) or wait; a retriable step after the
+pivot turns it final (``BOOKED``) and the step's compensation deletes it. Since
+every saga ends COMPLETED or COMPENSATED (or STUCK, visible to an operator), no
+lock is left behind silently. ``tests/sagas/test_semantic_lock.py`` is a complete
+example.
+
+Choreography is as short (:class:`Choreography`); a :class:`FlowTracker` records
+every message by correlation id (``accord flows show ID``, ``accord flows stalled``).
+Operators use ``accord sagas list|show|retry|abort``.
 """
 
 from accord.sagas._admin import SagaAdmin, StepLogEntry

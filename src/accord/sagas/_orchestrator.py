@@ -44,7 +44,8 @@ class Orchestrator:
       seconds: step timeouts, retries after backoff, and operators' retry/abort
       requests. Deadlines are rows, so they fire after any restart.
 
-    The outbox relay that publishes the commands is a separate component.
+    ``concurrency`` runs that many competing consumers of the reply group, for
+    throughput. The outbox relay that publishes the commands is a separate component.
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class Orchestrator:
         backoff_base: float = 0.02,
         backoff_cap: float = 2.0,
         prefetch: int = 64,
+        concurrency: int = 1,
     ) -> None:
         self.database = database
         self.name = name
@@ -67,17 +69,24 @@ class Orchestrator:
         self.timer_interval = timer_interval
         self.timer_batch = timer_batch
         # A version conflict is retried through the consumer: hence many quick attempts.
-        self.consumer = Consumer(
-            name,
-            database,
-            transport,
-            max_attempts=max_attempts,
-            backoff_base=backoff_base,
-            backoff_cap=backoff_cap,
-            prefetch=prefetch,
-        )
-        for saga in self.sagas.values():
-            self.consumer.add_handler(saga.reply_type, self._on_reply)
+        # ``concurrency`` competing consumers of one group handle replies in parallel
+        # (a transport subscription handles one delivery at a time).
+        self.consumers = [
+            Consumer(
+                name,
+                database,
+                transport,
+                max_attempts=max_attempts,
+                backoff_base=backoff_base,
+                backoff_cap=backoff_cap,
+                prefetch=prefetch,
+            )
+            for _ in range(max(1, concurrency))
+        ]
+        for consumer in self.consumers:
+            for saga in self.sagas.values():
+                consumer.add_handler(saga.reply_type, self._on_reply)
+        self.consumer = self.consumers[0]
         self._stop = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
 
@@ -213,12 +222,14 @@ class Orchestrator:
     async def run(self) -> None:
         """Consume replies and fire deadlines until :meth:`stop`."""
         self._stop.clear()
-        await self.consumer.start()
+        for consumer in self.consumers:
+            await consumer.start()
         self._timer = asyncio.create_task(self._timer_loop(), name=f"accord-timer-{self.name}")
         try:
             await self._stop.wait()
         finally:
-            await self.consumer.stop()
+            for consumer in self.consumers:
+                await consumer.stop()
             timer, self._timer = self._timer, None
             if timer is not None:
                 await timer

@@ -1,0 +1,284 @@
+"""Saga benchmark: a three-step saga across two participant services, each service with
+its own PostgreSQL database, relay and consumer, in its own process; over RabbitMQ and
+NATS. Baseline in the same run: the raw group-commit rate of that PostgreSQL (many
+connections doing a one-row INSERT + COMMIT), so the report shows transactions per saga
+and the engine's efficiency = saga transactions/s / raw transactions/s.
+
+    .venv/bin/python -m benchmarks.sagas [--quick] [--rate 400] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+import sqlalchemy as sa
+
+from accord.db import Database
+from accord.db.schema_sagas import sagas as sagas_table
+from accord.inbox import Consumer
+from accord.outbox import Relay
+from accord.sagas import CommandContext, Orchestrator, Saga, command, participant
+from accord.transports import from_url
+from benchmarks._common import NATS_URL, RABBIT_URL, ScratchDatabase, console, percentile, report
+
+
+def definition() -> Saga:
+    """reserve (service A) -> rent (service B) -> charge (service B, the pivot)."""
+    return (
+        Saga("bench-trip", compensation_timeout=120)
+        .step(
+            "reserve", command("bench.a.reserve"), compensate=command("bench.a.cancel"), timeout=120
+        )
+        .step("rent", command("bench.b.rent"), compensate=command("bench.b.return"), timeout=120)
+        .pivot("charge", command("bench.b.charge"), timeout=120)
+    )
+
+
+_TABLE = "CREATE TABLE IF NOT EXISTS bench_effects (saga_id text, step text, op text)"
+
+
+CONCURRENCY = 4
+
+
+def service(database: Database, transport: Any, name: str) -> list[Consumer]:
+    return [_service(database, transport, name) for _ in range(CONCURRENCY)]
+
+
+def _service(database: Database, transport: Any, name: str) -> Consumer:
+    consumer = Consumer(name, database, transport, prefetch=32)
+    types = (
+        {"bench.a.reserve": "do", "bench.a.cancel": "undo"}
+        if name == "svc-a"
+        else {"bench.b.rent": "do", "bench.b.return": "undo", "bench.b.charge": "do"}
+    )
+    for type_, op in types.items():
+
+        @participant(consumer, type_)
+        async def handle(ctx: CommandContext, data: Any, _t: str = type_, _op: str = op) -> None:
+            await ctx.conn.execute(
+                sa.text("INSERT INTO bench_effects VALUES (:s, :t, :o)"),
+                {"s": ctx.saga_id, "t": _t, "o": _op},
+            )
+
+    return consumer
+
+
+async def child(role: str, db_url: str, broker: str, channel: str) -> None:
+    """One process: the orchestrator or a participant service, with its own relay."""
+    database = Database(db_url, pool_size=20)
+    await database.upgrade()
+    async with database.transaction() as conn:
+        await conn.execute(sa.text(_TABLE))
+    transport = from_url(broker, channel=channel)
+    await transport.connect()
+    main: Any
+    if role == "orchestrator":
+        orchestrator = Orchestrator(
+            database,
+            transport,
+            [definition()],
+            name="bench-orch",
+            prefetch=32,
+            concurrency=CONCURRENCY,
+        )
+        parts: list[Any] = [orchestrator]
+        consumers = orchestrator.consumers
+    else:
+        consumers = service(database, transport, role)
+        parts = list(consumers)
+    relay = Relay(database, transport, poll_interval=0.02)
+    parts.append(relay)
+    tasks = [asyncio.create_task(part.run()) for part in parts]
+    for consumer in consumers:
+        while consumer._subscription is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    for part in parts:
+        await part.stop()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await transport.close()
+    await database.dispose()
+
+
+async def commits(dsns: list[str]) -> int:
+    """Committed transactions so far in these databases (pg_stat_database)."""
+    total = 0
+    for dsn in dsns:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+            total += int(
+                await conn.fetchval(
+                    "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+                )
+            )
+        finally:
+            await conn.close()
+    return total
+
+
+async def raw_commit_rate(dsn: str, seconds: float, connections: int = 32) -> float:
+    """Transactions/s of many connections each doing one-row INSERT + COMMIT."""
+    setup = await asyncpg.connect(dsn)
+    await setup.execute("CREATE TABLE IF NOT EXISTS bench_raw (id bigserial, v int)")
+    await setup.close()
+    pool = await asyncpg.create_pool(dsn, min_size=connections, max_size=connections)
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        async with pool.acquire() as conn:
+            while time.perf_counter() < deadline:
+                await conn.execute("INSERT INTO bench_raw (v) VALUES (1)")
+                done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    elapsed = time.perf_counter() - started
+    await pool.close()
+    return done / elapsed
+
+
+async def run_sagas(broker: str, rate: float, seconds: float) -> dict[str, Any]:
+    channel = f"bench-sagas-{uuid.uuid4().hex[:8]}"
+    async with (
+        ScratchDatabase("bench_orch") as orch_db,
+        ScratchDatabase("bench_a") as a_db,
+        ScratchDatabase("bench_b") as b_db,
+    ):
+        procs = []
+        try:
+            for role, db in (("orchestrator", orch_db), ("svc-a", a_db), ("svc-b", b_db)):
+                proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.sagas",
+                        "--child",
+                        role,
+                        db.url,
+                        broker,
+                        channel,
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                procs.append(proc)
+                assert proc.stdout is not None
+                line = await asyncio.to_thread(proc.stdout.readline)
+                assert line.strip() == "ready", f"{role} did not start"
+            database = Database(orch_db.url)
+            orchestrator = Orchestrator(
+                database, from_url(broker, channel=channel), [definition()], name="bench-orch"
+            )
+            dsns = [orch_db.dsn, a_db.dsn, b_db.dsn]
+            before = await commits(dsns)
+            total = int(rate * seconds)
+            started = time.perf_counter()
+
+            async def starter(share: int) -> None:
+                for _ in range(share):
+                    await orchestrator.start("bench-trip", {"n": 1})
+
+            # Paced open loop: `rate` sagas/s, spread over 16 starters.
+            for second in range(int(seconds)):
+                tick = time.perf_counter()
+                per = int(rate)
+                await asyncio.gather(*(starter(per // 16 + (i < per % 16)) for i in range(16)))
+                await asyncio.sleep(
+                    max(0.0, second + 1 - (tick - started) - (time.perf_counter() - tick))
+                )
+            async with database.connect() as conn:
+                while True:
+                    ended = await conn.scalar(
+                        sa.select(sa.func.count()).where(sagas_table.c.status == "COMPLETED")
+                    )
+                    await conn.commit()
+                    if ended >= total:
+                        break
+                    await asyncio.sleep(0.2)
+                rows = (
+                    await conn.execute(sa.select(sagas_table.c.created_at, sagas_table.c.ended_at))
+                ).all()
+            after = await commits(dsns)
+            first = min(r[0] for r in rows)
+            last = max(r[1] for r in rows)
+            latencies = [(r[1] - r[0]).total_seconds() * 1000 for r in rows]
+            await database.dispose()
+            throughput = total / (last - first).total_seconds()
+            return {
+                "sagas": total,
+                "sagas_per_s": throughput,
+                "p50_ms": percentile(latencies, 50),
+                "p99_ms": percentile(latencies, 99),
+                "tx_per_saga": (after - before) / total,
+            }
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+async def main(args: argparse.Namespace) -> None:
+    seconds = 3.0 if args.quick else args.seconds
+    async with ScratchDatabase("bench_raw") as raw_db:
+        raw = await raw_commit_rate(raw_db.dsn, 3.0 if args.quick else 8.0)
+    console.print(f"raw PostgreSQL group commit: {raw:,.0f} tx/s")
+    rows: list[dict[str, Any]] = [{"benchmark": "raw INSERT+COMMIT x32 conns", "tx_per_s": raw}]
+    for name, broker in (("RabbitMQ", RABBIT_URL), ("NATS", NATS_URL)):
+        result = await run_sagas(broker, args.rate, seconds)
+        saga_tx = result["sagas_per_s"] * result["tx_per_saga"]
+        rows.append(
+            {
+                "benchmark": f"3-step saga, PostgreSQL + {name}",
+                **result,
+                "tx_per_s": saga_tx,
+                "efficiency_pct": 100 * saga_tx / raw,
+            }
+        )
+        console.print(rows[-1])
+    report(
+        "sagas",
+        "Sagas: 3 steps, 2 participant services, each service its own database and process",
+        rows,
+        [
+            "benchmark",
+            "sagas",
+            "sagas_per_s",
+            "p50_ms",
+            "p99_ms",
+            "tx_per_saga",
+            "tx_per_s",
+            "efficiency_pct",
+        ],
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="3 s runs instead of --seconds.")
+    parser.add_argument("--rate", type=float, default=400.0, help="Sagas started per second.")
+    parser.add_argument("--seconds", type=float, default=10.0, help="How long to start sagas.")
+    parser.add_argument("--child", nargs=4, metavar=("ROLE", "DB", "BROKER", "CHANNEL"))
+    parsed = parser.parse_args()
+    if parsed.child:
+        asyncio.run(child(*parsed.child))
+    else:
+        asyncio.run(main(parsed))
