@@ -79,7 +79,6 @@ async def child(role: str, db_url: str, broker: str, channel: str) -> None:
         await conn.execute(sa.text(_TABLE))
     transport = from_url(broker, channel=channel)
     await transport.connect()
-    main: Any
     if role == "orchestrator":
         orchestrator = Orchestrator(
             database,
@@ -161,7 +160,7 @@ async def run_sagas(broker: str, rate: float, seconds: float) -> dict[str, Any]:
         procs = []
         try:
             for role, db in (("orchestrator", orch_db), ("svc-a", a_db), ("svc-b", b_db)):
-                proc = subprocess.Popen(
+                proc = subprocess.Popen(  # noqa: ASYNC220
                     [
                         sys.executable,
                         "-m",
