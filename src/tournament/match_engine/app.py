@@ -1,0 +1,245 @@
+"""The Match Engine's HTTP API: tournaments, matches, and the sagas that create them."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import FastAPI, HTTPException
+
+from accord.db import Database
+from accord.errors import NotFoundError
+from accord.messages import Message
+from accord.outbox import add as add_to_outbox
+from accord.sagas import Flows, Orchestrator, SagaAdmin
+from accord.transports import from_url
+from tournament.config import StackConfig
+from tournament.contracts import (
+    ACTIVE,
+    CANCELLED,
+    MATCH_RECORDED,
+    Choreo,
+    CreateTournament,
+    RecordMatch,
+)
+from tournament.http import Guard, install_error_handlers
+from tournament.match_engine.flow import (
+    choreography,
+    create_tournament_saga,
+    human_reason,
+    insert_pending,
+)
+from tournament.match_engine.tables import matches, tournaments
+
+__all__ = ["create_app"]
+
+SOURCE = "match-engine"
+
+
+def _not_found(what: str, ident: str) -> HTTPException:
+    return HTTPException(404, f"no {what} with id {ident!r}")
+
+
+def create_app(config: StackConfig) -> FastAPI:
+    """The Match Engine app on ``config.match_db``; POSTs need ``config.api_token``."""
+    config = config.resolved()
+    assert config.match_db is not None and config.broker is not None
+    database = Database(config.match_db)
+    saga = create_tournament_saga()
+    # The API only *starts* sagas (in its own transaction); the orchestrator process
+    # consumes the replies, so this transport is never connected here.
+    orchestrator = Orchestrator(database, from_url(config.broker, channel=config.channel), [saga])
+    flow = choreography()
+    admin = SagaAdmin(database)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await database.dispose()
+
+    app = FastAPI(
+        title="Match Engine",
+        description="Tournaments and match records (the Accord reference system).",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(Guard, token=config.api_token)
+
+    async def load(tournament_id: str) -> dict[str, Any]:
+        async with database.connect() as conn:
+            row = (
+                await conn.execute(sa.select(tournaments).where(tournaments.c.id == tournament_id))
+            ).first()
+        if row is None:
+            raise _not_found("tournament", tournament_id)
+        return dict(row._mapping)
+
+    async def view(row: dict[str, Any]) -> dict[str, Any]:
+        reason = row["reason"]
+        if row["status"] == CANCELLED and reason is None:
+            try:
+                reason = human_reason((await admin.get(row["saga_id"])).error)
+            except NotFoundError:
+                reason = "cancelled"
+        return {
+            "id": row["id"],
+            "name": row["name"],
+            "participants": row["participants"],
+            "status": row["status"],
+            "reason": reason,
+            "saga_id": row["saga_id"],
+            "saga_style": row["saga_style"],
+            "created_at": row["created_at"].isoformat(),
+            "updated_at": row["updated_at"].isoformat(),
+        }
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness: the process answers and its database is reachable."""
+        async with database.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+        return {"status": "ok", "service": SOURCE, "saga_style": config.saga_style}
+
+    @app.post("/tournaments", status_code=202)
+    async def create_tournament(body: CreateTournament) -> dict[str, Any]:
+        """Start the "create tournament" saga; the tournament is PENDING until it ends."""
+        tournament_id = str(uuid.uuid4())
+        saga_id = str(uuid.uuid4())
+        data = {
+            "tournament_id": tournament_id,
+            "name": body.name,
+            "participants": body.participants,
+        }
+        async with database.transaction() as conn:
+            if config.saga_style == "orchestration":
+                await orchestrator.start(saga, data, saga_id=saga_id, conn=conn)
+            else:
+                await insert_pending(conn, data, saga_id, "choreography")
+                await flow.start(
+                    conn, Choreo.REQUESTED, data, correlation_id=saga_id, source=SOURCE
+                )
+        return {"id": tournament_id, "status": "PENDING", "saga_id": saga_id}
+
+    @app.get("/tournaments/{tournament_id}")
+    async def get_tournament(tournament_id: str) -> dict[str, Any]:
+        """The tournament: PENDING, ACTIVE, or CANCELLED with a reason."""
+        return await view(await load(tournament_id))
+
+    @app.post("/tournaments/{tournament_id}/matches", status_code=202)
+    async def record_match(tournament_id: str, body: RecordMatch) -> dict[str, Any]:
+        """Record a match of an ACTIVE tournament; its ``match.recorded`` event commits
+        with it (outbox) and reaches the Score Engine."""
+        match_id = str(uuid.uuid4())
+        now = datetime.now(UTC)
+        async with database.transaction() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(tournaments.c.status, tournaments.c.participants).where(
+                        tournaments.c.id == tournament_id
+                    )
+                )
+            ).first()
+            if row is None:
+                raise _not_found("tournament", tournament_id)
+            if row.status != ACTIVE:
+                raise HTTPException(
+                    409,
+                    f"tournament {tournament_id} is {row.status}: matches are accepted only "
+                    "once it is ACTIVE",
+                )
+            strangers = [p for p in (body.home, body.away) if p not in set(row.participants)]
+            if strangers:
+                raise HTTPException(
+                    422,
+                    f"{', '.join(repr(p) for p in strangers)} "
+                    f"{'is' if len(strangers) == 1 else 'are'} not a participant of "
+                    f"tournament {tournament_id}",
+                )
+            values = {
+                "id": match_id,
+                "tournament_id": tournament_id,
+                "home": body.home,
+                "away": body.away,
+                "winner": body.winner,
+                "played_at": now,
+            }
+            await conn.execute(matches.insert().values(**values))
+            await add_to_outbox(
+                conn,
+                Message(
+                    type=MATCH_RECORDED,
+                    data={**values, "match_id": match_id, "played_at": now.isoformat()},
+                    source=SOURCE,
+                    subject=match_id,
+                    # Per-tournament order: the ledgers see a tournament's matches in order.
+                    key=tournament_id,
+                ),
+            )
+        return {"id": match_id}
+
+    @app.get("/tournaments/{tournament_id}/matches")
+    async def list_matches(tournament_id: str) -> dict[str, Any]:
+        """The matches recorded for the tournament, oldest first."""
+        await load(tournament_id)
+        async with database.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(matches)
+                    .where(matches.c.tournament_id == tournament_id)
+                    .order_by(matches.c.played_at)
+                )
+            ).all()
+        return {
+            "tournament_id": tournament_id,
+            "matches": [{**dict(r._mapping), "played_at": r.played_at.isoformat()} for r in rows],
+        }
+
+    @app.get("/sagas/{saga_id}")
+    async def get_saga(saga_id: str) -> dict[str, Any]:
+        """The saga's state and step timeline (orchestrated), or the flow's events in
+        order (choreographed)."""
+        try:
+            state = await admin.get(saga_id)
+        except NotFoundError:
+            state = None
+        if state is not None:
+            history = await admin.history(saga_id)
+            return {
+                "id": saga_id,
+                "style": "orchestration",
+                "name": state.name,
+                "status": state.status,
+                "error": state.error,
+                "data": state.data,
+                "created_at": state.created_at.isoformat(),
+                "ended_at": state.ended_at.isoformat() if state.ended_at else None,
+                "steps": [entry.as_dict() for entry in history],
+            }
+        timeline = await Flows(database).timeline(saga_id)
+        async with database.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(tournaments.c.status, tournaments.c.reason).where(
+                        tournaments.c.saga_id == saga_id
+                    )
+                )
+            ).first()
+        if row is None and not timeline:
+            raise _not_found("saga", saga_id)
+        # The tournament's record says how the flow ended (the tracker may lag behind).
+        ends = {ACTIVE: "COMPLETED", CANCELLED: "COMPENSATED"}
+        status = ends.get(row.status, "RUNNING") if row is not None else "RUNNING"
+        return {
+            "id": saga_id,
+            "style": "choreography",
+            "name": "create-tournament",
+            "status": status,
+            "error": row.reason if row is not None else None,
+            "steps": [entry.as_dict() for entry in timeline],
+        }
+
+    return app

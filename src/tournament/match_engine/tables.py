@@ -1,0 +1,38 @@
+"""The Match Engine's own tables (beside Accord's, in the Match Engine's database)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from accord.db.types import JSONType, UTCDateTime
+
+__all__ = ["matches", "metadata", "tournaments"]
+
+metadata = sa.MetaData()
+
+# One row per tournament; ``status`` PENDING until its saga ends ACTIVE or CANCELLED.
+tournaments = sa.Table(
+    "match_tournaments",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("participants", JSONType, nullable=False),
+    sa.Column("status", sa.String(10), nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("saga_id", sa.String(36), nullable=False, unique=True),
+    sa.Column("saga_style", sa.String(20), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# One row per match played; written with its ``match.recorded`` event (outbox).
+matches = sa.Table(
+    "match_matches",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("tournament_id", sa.String(36), nullable=False, index=True),
+    sa.Column("home", sa.String(64), nullable=False),
+    sa.Column("away", sa.String(64), nullable=False),
+    sa.Column("winner", sa.String(64), nullable=True),
+    sa.Column("played_at", UTCDateTime, nullable=False),
+)

@@ -1,0 +1,72 @@
+"""One process of the stack: ``python -m tournament.process ROLE CONFIG_JSON``.
+
+The supervisor starts these; the API token comes in the environment
+(:data:`tournament.config.TOKEN_ENV`). API roles serve HTTP with uvicorn, worker
+roles run their components in an :class:`accord.runtime.Worker`; both stop
+cleanly on SIGTERM/SIGINT and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from accord.observability import configure_logging
+from accord.runtime import Worker
+from tournament.config import StackConfig
+from tournament.stack import API_ROLES, WORKER_ROLES, components
+
+__all__ = ["main", "serve_api", "serve_worker"]
+
+
+def serve_api(role: str, config: StackConfig) -> int:
+    """Serve the engine's HTTP API on its port until SIGTERM/SIGINT."""
+    import uvicorn
+
+    if role == "match-api":
+        from tournament.match_engine.app import create_app
+
+        port = config.match_port
+    else:
+        from tournament.score_engine.app import create_app
+
+        port = config.score_port
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config),
+            host=config.host,
+            port=port,
+            log_level=config.log_level.lower(),
+            access_log=False,
+            lifespan="on",
+        )
+    )
+    server.run()
+    return 0 if server.started else 1
+
+
+async def serve_worker(role: str, config: StackConfig) -> int:
+    """Run the role's components until SIGTERM/SIGINT."""
+    return await Worker(components(role, config), stop_timeout=10.0).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``ROLE CONFIG_JSON``."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] not in (*API_ROLES, *WORKER_ROLES):
+        print(
+            f"usage: python -m tournament.process ROLE CONFIG_JSON; "
+            f"ROLE is one of {', '.join((*API_ROLES, *WORKER_ROLES))}",
+            file=sys.stderr,
+        )
+        return 2
+    role, text = args
+    config = StackConfig.from_json(text).resolved()
+    configure_logging(config.log_level, json_logs=False, service=role)
+    if role in API_ROLES:
+        return serve_api(role, config)
+    return asyncio.run(serve_worker(role, config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

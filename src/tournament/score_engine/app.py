@@ -1,0 +1,190 @@
+"""The Score Engine's HTTP API: bans, the leaderboard (live, read-your-writes, time
+travel) and each ledger's audit trail."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import FastAPI, HTTPException, Query, Response
+
+from accord.db import Database
+from accord.eventstore import EventStore
+from accord.projections import ProjectionRunner, ProjectionStopped, WaitTimeout, projection_status
+from tournament.config import StackConfig
+from tournament.contracts import BanRequest
+from tournament.http import Guard, install_error_handlers
+from tournament.score_engine.leaderboard import leaderboard, read_leaderboard
+from tournament.score_engine.ledger import OPEN, fold, ranked, stream_id
+from tournament.score_engine.tables import bans, ledgers
+
+__all__ = ["create_app"]
+
+#: The longest ``min_position`` wait a request may ask for.
+MAX_WAIT = 30.0
+
+
+def _parse_instant(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise HTTPException(
+            422, f"as_of: {text!r} is not an ISO-8601 date-time (e.g. 2024-05-01T12:00:00Z)"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def create_app(config: StackConfig) -> FastAPI:
+    """The Score Engine app on ``config.score_db``; POST/DELETE need ``config.api_token``."""
+    config = config.resolved()
+    assert config.score_db is not None
+    database = Database(config.score_db)
+    store = EventStore(database)
+    # Not started: used only to wait on the projector process's checkpoint.
+    waiter = ProjectionRunner(database, [leaderboard], store=store)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await database.dispose()
+
+    app = FastAPI(
+        title="Score Engine",
+        description="Event-sourced score ledgers and the leaderboard (Accord reference system).",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(Guard, token=config.api_token)
+
+    async def participants_of(tournament_id: str) -> dict[str, str]:
+        async with database.connect() as conn:
+            rows = await conn.execute(
+                sa.select(ledgers.c.participant, ledgers.c.status)
+                .where(ledgers.c.tournament_id == tournament_id)
+                .order_by(ledgers.c.participant)
+            )
+            return {r.participant: r.status for r in rows}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness: the process answers and its database is reachable."""
+        async with database.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+        return {"status": "ok", "service": "score-engine"}
+
+    @app.post("/bans", status_code=201)
+    async def ban(body: BanRequest) -> dict[str, Any]:
+        """Ban a participant: tournaments including them cannot get scores."""
+        now = datetime.now(UTC)
+        async with database.transaction() as conn:
+            found = await conn.scalar(
+                sa.select(bans.c.banned_at).where(bans.c.participant == body.participant)
+            )
+            if found is None:
+                await conn.execute(
+                    bans.insert().values(participant=body.participant, banned_at=now)
+                )
+        return {"participant": body.participant, "banned_at": (found or now).isoformat()}
+
+    @app.delete("/bans/{participant}", status_code=204)
+    async def lift_ban(participant: str) -> Response:
+        """Lift a ban (404 if the participant is not banned)."""
+        async with database.transaction() as conn:
+            done = await conn.execute(bans.delete().where(bans.c.participant == participant))
+        if done.rowcount == 0:
+            raise HTTPException(404, f"participant {participant!r} is not banned")
+        return Response(status_code=204)
+
+    @app.get("/tournaments/{tournament_id}/leaderboard")
+    async def get_leaderboard(
+        tournament_id: str,
+        min_position: Annotated[int | None, Query(ge=0)] = None,
+        as_of: str | None = None,
+        wait: Annotated[float, Query(gt=0, le=MAX_WAIT)] = 10.0,
+    ) -> dict[str, Any]:
+        """The ranked leaderboard from the projection; ``min_position`` waits (at most
+        ``wait`` seconds) until the projection has applied that ledger position;
+        ``as_of`` computes it from the ledger's events as they stood then."""
+        participants = await participants_of(tournament_id)
+        if not participants:
+            raise HTTPException(
+                404, f"the Score Engine has no ledger for tournament {tournament_id!r}"
+            )
+        if as_of is not None:
+            return await time_travel(tournament_id, list(participants), _parse_instant(as_of))
+        if OPEN not in participants.values():
+            raise HTTPException(
+                404, f"the ledgers of tournament {tournament_id!r} were revoked (it was cancelled)"
+            )
+        if min_position is not None:
+            try:
+                await waiter.wait_until(min_position, timeout=wait)
+            except WaitTimeout:
+                raise HTTPException(
+                    504,
+                    f"the leaderboard did not reach position {min_position} within {wait}s; "
+                    "retry, or see `accord projections status` for its lag",
+                ) from None
+            except ProjectionStopped as exc:
+                raise HTTPException(503, f"the leaderboard projection is stopped: {exc}") from None
+        async with database.connect() as conn:
+            entries = await read_leaderboard(conn, tournament_id)
+        [status] = await projection_status(database, [leaderboard], store=store)
+        return {
+            "tournament_id": tournament_id,
+            "entries": entries,
+            "position": status.position,
+            "lag": {"events": status.events_behind, "seconds": round(status.seconds_behind, 3)},
+        }
+
+    async def time_travel(
+        tournament_id: str, participants: list[str], moment: datetime
+    ) -> dict[str, Any]:
+        standings = []
+        position = 0
+        for participant in participants:
+            events = await store.read_stream(stream_id(tournament_id, participant), as_of=moment)
+            position = max([position, *(e.position for e in events)])
+            standing = fold(participant, events)
+            if standing is not None and not standing.revoked:
+                standings.append((participant, standing.points, standing.played))
+        return {
+            "tournament_id": tournament_id,
+            "as_of": moment.isoformat(),
+            "entries": ranked(standings),
+            "position": position,
+            "lag": {"events": 0, "seconds": 0.0},
+        }
+
+    @app.get("/tournaments/{tournament_id}/participants/{participant}/ledger")
+    async def get_ledger(tournament_id: str, participant: str) -> dict[str, Any]:
+        """The participant's ledger events in this tournament, oldest first."""
+        stream = stream_id(tournament_id, participant)
+        events = await store.read_stream(stream)
+        if not events:
+            raise HTTPException(
+                404, f"no ledger for participant {participant!r} in tournament {tournament_id!r}"
+            )
+        standing = fold(participant, events)
+        return {
+            "tournament_id": tournament_id,
+            "participant": participant,
+            "stream_id": stream,
+            "points": standing.points if standing else 0,
+            "revoked": standing.revoked if standing else False,
+            "events": [
+                {
+                    "version": e.version,
+                    "position": e.position,
+                    "type": e.type,
+                    "data": e.data,
+                    "recorded_at": e.recorded_at.isoformat(),
+                }
+                for e in events
+            ],
+        }
+
+    return app

@@ -1,0 +1,167 @@
+"""The processes of the tournament system and what each one runs.
+
+=================  =============================================================
+role               components
+=================  =============================================================
+match-api          the Match Engine's HTTP API (uvicorn)
+match-relay        outbox relay of the Match Engine (``--workers`` of them)
+match-saga         orchestrator, or the choreography consumer + flow tracker
+score-api          the Score Engine's HTTP API (uvicorn)
+score-relay        outbox relay of the Score Engine (``--workers`` of them)
+score-consumer     the Score Engine's inbox consumer (``--workers`` of them)
+score-projector    the leaderboard projection runner
+=================  =============================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+from accord.db import Database
+from accord.eventstore import EventStore
+from accord.inbox import Consumer
+from accord.outbox import Relay
+from accord.projections import ProjectionRunner
+from accord.runtime import Component
+from accord.sagas import FlowTracker, Orchestrator
+from accord.transports import Transport, from_url
+from accord.transports.base import Delivery
+from tournament.config import StackConfig
+from tournament.match_engine import flow as match_flow
+from tournament.match_engine.tables import metadata as match_metadata
+from tournament.score_engine.handlers import register as register_score_handlers
+from tournament.score_engine.leaderboard import leaderboard
+from tournament.score_engine.tables import metadata as score_metadata
+
+__all__ = [
+    "API_ROLES",
+    "SCALED_ROLES",
+    "WORKER_ROLES",
+    "components",
+    "make_transport",
+    "prepare",
+]
+
+API_ROLES = ("match-api", "score-api")
+WORKER_ROLES = (
+    "match-relay",
+    "match-saga",
+    "score-relay",
+    "score-consumer",
+    "score-projector",
+)
+#: Roles run ``--workers`` times.
+SCALED_ROLES = ("match-relay", "match-saga", "score-relay", "score-consumer")
+
+SCORE_CONSUMER = "score-engine"
+MATCH_CONSUMER = "match-engine"
+ORCHESTRATOR = "orchestrator"
+FLOW_TRACKER = "flow-tracker"
+FLOW_TOPICS = ("tournament.#", "scores.#")
+
+
+def make_transport(config: StackConfig) -> Transport:
+    """The transport on ``config.broker`` (the SQL transport polls briskly on SQLite,
+    where no wake-up crosses processes)."""
+    assert config.broker is not None
+    options: dict[str, Any] = {}
+    if config.broker.startswith("sqlite"):
+        options["poll_interval"] = 0.05
+    return from_url(config.broker, channel=config.channel, **options)
+
+
+def _relay(database: Database, transport: Transport) -> Relay:
+    poll = 1.0 if database.is_postgres else 0.05
+    return Relay(database, transport, poll_interval=poll, backoff_base=0.2, backoff_cap=10.0)
+
+
+def score_consumer(database: Database, transport: Transport) -> Consumer:
+    """The Score Engine's consumer with every handler registered."""
+    consumer = Consumer(SCORE_CONSUMER, database, transport, max_attempts=5, backoff_base=0.2)
+    register_score_handlers(consumer, EventStore(database), match_flow.choreography())
+    return consumer
+
+
+def match_consumers(
+    database: Database, transport: Transport, style: str
+) -> list[Consumer | Orchestrator | FlowTracker]:
+    """What consumes on the Match Engine's side for the saga ``style``."""
+    if style == "orchestration":
+        return [
+            Orchestrator(
+                database,
+                transport,
+                [match_flow.create_tournament_saga()],
+                name=ORCHESTRATOR,
+                timer_interval=0.25,
+            )
+        ]
+    consumer = Consumer(MATCH_CONSUMER, database, transport, max_attempts=10, backoff_base=0.1)
+    match_flow.register_choreography(match_flow.choreography(), consumer)
+    tracker = FlowTracker(database, transport, name=FLOW_TRACKER, topics=FLOW_TOPICS)
+    return [consumer, tracker]
+
+
+def components(role: str, config: StackConfig) -> list[Component]:
+    """The worker components of ``role`` (see the table above)."""
+    assert config.match_db is not None and config.score_db is not None
+    database = Database(config.match_db if role.startswith("match-") else config.score_db)
+    transport = make_transport(config)
+    if role in ("match-relay", "score-relay"):
+        return [_relay(database, transport)]
+    if role == "match-saga":
+        return list(match_consumers(database, transport, config.saga_style))
+    if role == "score-consumer":
+        return [score_consumer(database, transport)]
+    if role == "score-projector":
+        return [
+            ProjectionRunner(
+                database, [leaderboard], poll_interval=0.05 if database.is_sqlite else 0.5
+            )
+        ]
+    raise ValueError(f"unknown worker role {role!r}; roles: {', '.join(WORKER_ROLES)}")
+
+
+async def _declare(transport: Transport, groups: Sequence[Consumer]) -> None:
+    """Create each consumer group on the broker before anything is published: a group
+    gets only what is published after it first subscribed."""
+
+    async def hold(_delivery: Delivery) -> None:
+        await asyncio.Event().wait()  # never settled: given back when we stop
+
+    for consumer in groups:
+        subscription = await transport.subscribe(consumer.name, hold, topics=consumer.topics)
+        await subscription.stop()
+
+
+async def prepare(config: StackConfig) -> None:
+    """Create or migrate both engines' databases (Accord's tables, the engines' own,
+    the leaderboard's) and declare every consumer group on the broker. Idempotent."""
+    assert config.match_db is not None and config.score_db is not None
+    for url, metadata in ((config.match_db, match_metadata), (config.score_db, score_metadata)):
+        async with Database(url) as database:
+            await database.upgrade()
+            async with database.transaction() as conn:
+                await conn.run_sync(metadata.create_all)
+                if metadata is score_metadata:
+                    await leaderboard.create_tables(conn, await leaderboard.live_version(conn))
+    transport = make_transport(config)
+    try:
+        await transport.connect()
+        match_db = Database(config.match_db)
+        score_db = Database(config.score_db)
+        try:
+            groups: list[Consumer] = [score_consumer(score_db, transport)]
+            for style in ("orchestration", "choreography"):
+                for item in match_consumers(match_db, transport, style):
+                    groups.append(item if isinstance(item, Consumer) else item.consumer)
+            await _declare(transport, groups)
+        finally:
+            await match_db.dispose()
+            await score_db.dispose()
+    finally:
+        with contextlib.suppress(Exception):
+            await transport.close()
