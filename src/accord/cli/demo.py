@@ -6,11 +6,13 @@ on its reference system): each command imports it inside its function, lazily.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Annotated, Any
 
 import typer
 
 from accord.cli.app import app, console, run
+from accord.errors import ConfigurationError, MissingExtraError
 
 __all__ = ["demo", "up"]
 
@@ -56,9 +58,18 @@ LogLevel = Annotated[str, typer.Option("--log-level", help="Log level of the pro
 
 
 def _config(**options: Any) -> Any:
+    for module in ("fastapi", "uvicorn", "httpx"):
+        if importlib.util.find_spec(module) is None:
+            missing = MissingExtraError("the tournament system", "service", module)
+            console.print(f"[bold red]error:[/] {missing}")
+            raise typer.Exit(1)
     from tournament.config import StackConfig  # lazy: accord does not depend on tournament
 
-    return StackConfig(**options).resolved()
+    try:
+        return StackConfig(**options).resolved()
+    except ConfigurationError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
 
 
 def _token(config: Any, given: str | None) -> str:
