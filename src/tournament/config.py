@@ -25,6 +25,8 @@ class StackConfig:
     Databases and broker default to files under ``data_dir`` (the embedded
     default: one SQLite file per engine, the SQL transport on a third file).
     ``channel`` names the exchange/stream/queue set both engines share.
+    ``instance`` tags one run of the stack (``/health`` answers it), so a supervisor
+    never mistakes another process on its port for its own child.
     """
 
     data_dir: str = "./accord-data"
@@ -38,6 +40,7 @@ class StackConfig:
     score_port: int = 8002
     workers: int = 1
     log_level: str = "WARNING"
+    instance: str = ""
     api_token: str = ""
 
     def resolved(self) -> StackConfig:

@@ -19,8 +19,9 @@ import os
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -65,7 +66,7 @@ class Supervisor:
         healthy_after: float = 30.0,
         stop_grace: float = 15.0,
     ) -> None:
-        self.config = config.resolved()
+        self.config = replace(config.resolved(), instance=uuid.uuid4().hex)
         self.token = token
         self.say = say
         self.restart_base = restart_base
@@ -101,8 +102,9 @@ class Supervisor:
         async with httpx.AsyncClient(timeout=2.0) as client:
             for role, url in urls.items():
                 while True:
-                    with contextlib.suppress(httpx.HTTPError):
-                        if (await client.get(f"{url}/health")).status_code == 200:
+                    with contextlib.suppress(httpx.HTTPError, ValueError):
+                        response = await client.get(f"{url}/health")
+                        if response.json().get("instance") == self.config.instance:
                             break
                     if time.monotonic() > deadline:
                         raise ConfigurationError(

@@ -184,6 +184,10 @@ async def test_bad_requests_are_refused_clearly_and_write_nothing(api: Stack) ->
     assert r.status_code == 404
     r = await post(f"{api.score_url}/bans", json={"participant": "no good"}, headers=api.auth)
     assert r.status_code == 422
+    r = await api.leaderboard(t["id"], as_of="last tuesday")
+    assert r.status_code == 422 and "ISO-8601" in r.json()["detail"]
+    r = await api.leaderboard(t["id"], min_position=-1)
+    assert r.status_code == 422 and "min_position" in r.json()["detail"]
     assert match_db_counts(api) == before
 
 

@@ -102,7 +102,12 @@ def create_app(config: StackConfig) -> FastAPI:
         """Liveness: the process answers and its database is reachable."""
         async with database.connect() as conn:
             await conn.execute(sa.text("SELECT 1"))
-        return {"status": "ok", "service": SOURCE, "saga_style": config.saga_style}
+        return {
+            "status": "ok",
+            "service": SOURCE,
+            "saga_style": config.saga_style,
+            "instance": config.instance,
+        }
 
     @app.post("/tournaments", status_code=202)
     async def create_tournament(body: CreateTournament) -> dict[str, Any]:

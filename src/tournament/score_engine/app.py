@@ -73,7 +73,7 @@ def create_app(config: StackConfig) -> FastAPI:
         """Liveness: the process answers and its database is reachable."""
         async with database.connect() as conn:
             await conn.execute(sa.text("SELECT 1"))
-        return {"status": "ok", "service": "score-engine"}
+        return {"status": "ok", "service": "score-engine", "instance": config.instance}
 
     @app.post("/bans", status_code=201)
     async def ban(body: BanRequest) -> dict[str, Any]:

@@ -1,0 +1,56 @@
+"""The Match Engine's API in process (no workers running), on SQLite and PostgreSQL:
+a PENDING tournament is a semantic lock, and what the saga start wrote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import sqlalchemy as sa
+
+from accord.db import Database
+from accord.db.schema import outbox
+from tournament.config import StackConfig
+from tournament.match_engine.app import create_app
+from tournament.match_engine.tables import tournaments
+from tournament.stack import prepare
+
+TOKEN = "secret-token"
+
+
+async def test_a_pending_tournament_refuses_matches(db_url: str, tmp_path: Path) -> None:
+    config = StackConfig(
+        data_dir=str(tmp_path),
+        match_db=db_url,
+        score_db=f"sqlite+aiosqlite:///{tmp_path / 'score.db'}",
+        api_token=TOKEN,
+    )
+    await prepare(config.resolved())
+    app = create_app(config)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://match"
+    ) as client:
+        r = await client.post(
+            "/tournaments", json={"name": "cup", "participants": ["ann", "ben"]}, headers=auth
+        )
+        assert r.status_code == 202
+        created = r.json()
+        # No worker runs: the saga waits for the Score Engine, the tournament stays PENDING.
+        t = (await client.get(f"/tournaments/{created['id']}")).json()
+        assert t["status"] == "PENDING"
+        r = await client.post(
+            f"/tournaments/{created['id']}/matches",
+            json={"home": "ann", "away": "ben", "winner": None},
+            headers=auth,
+        )
+        assert r.status_code == 409
+        assert "PENDING" in r.json()["detail"] and "ACTIVE" in r.json()["detail"]
+        saga = (await client.get(f"/sagas/{created['saga_id']}")).json()
+        assert saga["status"] == "RUNNING"
+        assert [s["event"] for s in saga["steps"]][-1] == "sent"
+    async with Database(db_url) as db, db.connect() as conn:
+        # The record, the saga and its command committed together; no match was written.
+        assert await conn.scalar(sa.select(sa.func.count()).select_from(tournaments)) == 1
+        types = [r[0] for r in await conn.execute(sa.select(outbox.c.event_type))]
+        assert types == ["scores.initialise"]
