@@ -124,7 +124,14 @@ async def test_operator_abort_compensates_a_running_saga(world: World) -> None:
     await world.wait_status(saga_id, "RUNNING")
     await world.admin.abort(saga_id, "customer cancelled")
     await world.start_participants()
-    assert await world.wait_status(saga_id) == "COMPENSATED"
+    try:
+        status = await world.wait_status(saga_id)
+    except TimeoutError:
+        status = "timeout"
+    assert status == "COMPENSATED", "\n".join(
+        f"{e.at.time()} {e.step} {e.phase} {e.event} {e.attempt} {e.detail}"
+        for e in await world.admin.history(saga_id)
+    )
     state = await world.admin.get(saga_id)
     assert state.error == "customer cancelled"
     assert await saga_ledger(world, saga_id) in (

@@ -223,3 +223,18 @@ async def test_a_message_that_is_not_a_saga_command_is_dead_lettered(
     assert last.outcome == "ack"
     letters = await DeadLetters(database).list()
     assert any("is not a saga command" in letter.reason for letter in letters)
+
+
+async def test_an_abort_is_not_lost_when_a_reply_beats_the_timer(
+    database: Database, orchestrator: Orchestrator
+) -> None:
+    from accord.sagas import SagaAdmin
+
+    saga_id = await orchestrator.start("trip", {})
+    await SagaAdmin(database).abort(saga_id, "customer cancelled")
+    await orchestrator.consumer.handle(Captured(reply(saga_id, 1)))  # before any timer round
+    # Step 1 was applied (its reply says so) and is compensated first.
+    assert await position(database, saga_id) == (1, "compensation", 1, True)
+    log = await events(database, saga_id)
+    assert (1, "action", "aborted") in log and (1, "action", "succeeded") not in log
+    assert await orchestrator.fire_due() == 0  # the abort deadline is gone with it

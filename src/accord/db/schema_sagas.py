@@ -37,6 +37,8 @@ sagas = sa.Table(
     sa.Column("waiting", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("data", JSONType, nullable=False),
     sa.Column("error", sa.Text, nullable=True),
+    # Set by an operator's abort; the next transition of the instance carries it out.
+    sa.Column("abort_reason", sa.Text, nullable=True),
     sa.Column("version", sa.Integer, nullable=False, server_default="1"),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),

@@ -141,7 +141,7 @@ class SagaAdmin:
                 if state.status in ENDED:
                     raise ConfigurationError(f"saga {saga_id} already ended {state.status}")
                 tx = Transition(state, state.version)
-                state.error = reason
+                state.abort_reason = reason
                 tx.log(state.step, "-", state.phase, "abort_requested", reason)
                 tx.deadline = {
                     "saga_id": state.id,

@@ -104,6 +104,7 @@ class Engine:
     async def on_reply(self, reply: Reply) -> bool:
         """Apply a reply; False (and an 'ignored' log entry) if it is not the one awaited."""
         s = self.state
+        self._abort_if_requested()
         awaited = (
             s.status in (RUNNING, COMPENSATING)
             and s.waiting
@@ -119,6 +120,7 @@ class Engine:
                 f"{reply!r} ignored ({why}; saga is at step {s.step} {s.phase} "
                 f"attempt {s.attempt})",
             )
+            await self._run()  # moves on only if an abort was just carried out
             return False
         s.waiting = False
         self.tx.clear_deadline()
@@ -136,14 +138,14 @@ class Engine:
         await self._run()
         return True
 
-    async def on_deadline(self, kind: str, reason: str | None = None) -> None:
+    async def on_deadline(self, kind: str) -> None:
         """A deadline of the current step and attempt is due: ``timeout`` (no reply in
         time), ``retry`` (the backoff after a failure is over, or an operator asked to
         resume a STUCK saga) or ``abort`` (an operator asked to abort)."""
         s = self.state
         self.tx.clear_deadline()
-        if kind == "abort":
-            self._abort(reason or "aborted by an operator")
+        if self._abort_if_requested() or kind == "abort":
+            pass  # an abort supersedes whatever this deadline was for
         elif kind == "timeout":
             step = self.saga.steps[s.step]
             s.waiting = False
@@ -162,6 +164,17 @@ class Engine:
                 self.tx.log(s.step, step.name, s.phase, "timed_out", f"no reply in {timeout}s")
                 self._compensation_failed(step, f"timed out after {timeout}s")
         await self._run()
+
+    def _abort_if_requested(self) -> bool:
+        # An operator's abort is carried out by the instance's next transition, whichever
+        # it is: a reply racing the timer cannot make it get lost.
+        s = self.state
+        if s.abort_reason is None or s.status not in (RUNNING, COMPENSATING, STUCK):
+            return False
+        reason, s.abort_reason = s.abort_reason, None
+        self.tx.clear_deadline()
+        self._abort(reason)
+        return True
 
     def _abort(self, reason: str) -> None:
         s = self.state

@@ -202,7 +202,7 @@ class Orchestrator:
                 await conn.execute(deadlines.delete().where(deadlines.c.saga_id == saga_id))
                 return 0
             engine = Engine(self.definition(state.name), conn, state)
-            await engine.on_deadline(d["kind"], state.error)
+            await engine.on_deadline(d["kind"])
             await engine.save()
             return 1
 

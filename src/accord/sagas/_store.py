@@ -63,6 +63,7 @@ class SagaState:
     updated_at: datetime
     ended_at: datetime | None = None
     attempt_base: int = 0
+    abort_reason: str | None = None
 
     @property
     def tries(self) -> int:
@@ -88,6 +89,7 @@ class SagaState:
             updated_at=m["updated_at"],
             ended_at=m["ended_at"],
             attempt_base=m["attempt_base"],
+            abort_reason=m["abort_reason"],
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -208,6 +210,7 @@ class Transition:
                 waiting=state.waiting,
                 data=state.data,
                 error=state.error,
+                abort_reason=state.abort_reason,
                 version=state.version,
                 updated_at=now,
                 ended_at=state.ended_at,
