@@ -83,6 +83,10 @@ class Scenario:
             self.results.append((title, False, str(exc)))
             self.console.print(f"  [red]step failed:[/] {exc}")
             return
+        except KeyError as exc:  # what an earlier, failed step should have made
+            self.results.append((title, False, f"skipped: needs {exc} from an earlier step"))
+            self.console.print("  [red]skipped:[/] an earlier step failed")
+            return
         self.results.append((title, True, f"{time.monotonic() - started:.1f}s"))
 
     # -- helpers of the story ------------------------------------------------------

@@ -14,7 +14,7 @@ import sys
 from accord.observability import configure_logging
 from accord.runtime import Worker
 from tournament.config import StackConfig
-from tournament.stack import API_ROLES, WORKER_ROLES, components
+from tournament.stack import API_ROLES, WORKER_ROLES, components, make_transport
 
 __all__ = ["main", "serve_api", "serve_worker"]
 
@@ -46,8 +46,14 @@ def serve_api(role: str, config: StackConfig) -> int:
 
 
 async def serve_worker(role: str, config: StackConfig) -> int:
-    """Run the role's components until SIGTERM/SIGINT."""
-    return await Worker(components(role, config), stop_timeout=10.0).run()
+    """Connect to the broker, run the role's components until SIGTERM/SIGINT. A broker
+    that cannot be reached fails the process (the supervisor restarts it with backoff)."""
+    transport = make_transport(config)
+    await transport.connect()
+    try:
+        return await Worker(components(role, config, transport), stop_timeout=10.0).run()
+    finally:
+        await transport.close()
 
 
 def main(argv: list[str] | None = None) -> int:

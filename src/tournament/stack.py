@@ -105,11 +105,11 @@ def match_consumers(
     return [consumer, tracker]
 
 
-def components(role: str, config: StackConfig) -> list[Component]:
-    """The worker components of ``role`` (see the table above)."""
+def components(role: str, config: StackConfig, transport: Transport) -> list[Component]:
+    """The worker components of ``role`` (see the table above), on ``transport`` (which
+    the caller connects: a relay publishes on a connected transport)."""
     assert config.match_db is not None and config.score_db is not None
     database = Database(config.match_db if role.startswith("match-") else config.score_db)
-    transport = make_transport(config)
     if role in ("match-relay", "score-relay"):
         return [_relay(database, transport)]
     if role == "match-saga":
