@@ -238,3 +238,33 @@ async def test_a_row_that_is_not_a_message_is_dead_at_once(
     assert dead["id"] == corrupt.id
     assert dead["retry_count"] == 1
     assert "missing required attribute" in dead["last_error"]
+
+
+@pytest.mark.parametrize(
+    "broker",
+    [
+        "sql",
+        "rabbitmq",
+        pytest.param("nats", marks=pytest.mark.nats),
+        pytest.param("redis", marks=pytest.mark.redis),
+    ],
+)
+async def test_run_connects_a_transport_that_was_never_connected(
+    database: Database, db_url: str, broker: str, make_transport: Any
+) -> None:
+    listener = make_transport(broker_url(broker, db_url))
+    await listener.connect()
+    received = Collector()
+    await listener.subscribe("audit", received)
+    fresh = make_transport(broker_url(broker, db_url))  # not connected: run() must do it
+    message = Message(type="order.placed")
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, message)
+    relay = fast_relay(database, fresh)
+    task = asyncio.create_task(relay.run())
+    try:
+        await received.wait(1)
+        assert received.ids == [message.id]
+    finally:
+        await relay.stop()
+        await task

@@ -250,6 +250,8 @@ class Relay:
         self._stopping = False
         self._running = True
         self._stopped.clear()
+        # connect() is idempotent by the port's contract; a fresh transport needs it.
+        await self.transport.connect()
         stop_listening: Callable[[], Any] | None = None
         if self.database.is_postgres:
             with contextlib.suppress(AccordError, OSError):
