@@ -357,6 +357,7 @@ async def memory(scratch: ScratchDatabase, rows: int, seconds: float) -> dict[st
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--rate", type=int, default=1000, help="latency: messages per second")
     parser.add_argument(
         "--only", nargs="*", default=["rabbitmq", "nats", "latency", "add", "memory"]
     )
@@ -374,7 +375,7 @@ async def main() -> None:
             rows.append(await throughput(scratch, NATS_URL, count, rounds))
             console.print(rows[-1])
         if "latency" in args.only:
-            rows.append(await latency(scratch, 3 if args.quick else 15, 1000))
+            rows.append(await latency(scratch, 3 if args.quick else 15, args.rate))
             console.print(rows[-1])
         if "add" in args.only:
             rows.append(await add_cost(scratch, 500 if args.quick else 3000))
