@@ -219,11 +219,19 @@ class Orchestrator:
 
     # -- lifecycle ----------------------------------------------------------------
 
+    async def connect(self) -> None:
+        """Subscribe the reply group now; idempotent (:meth:`run` does it too).
+
+        A group only receives what is published after it first subscribed, so call
+        this before starting sagas when :meth:`run` may not have begun yet.
+        """
+        for consumer in self.consumers:
+            await consumer.start()
+
     async def run(self) -> None:
         """Consume replies and fire deadlines until :meth:`stop`."""
         self._stop.clear()
-        for consumer in self.consumers:
-            await consumer.start()
+        await self.connect()
         self._timer = asyncio.create_task(self._timer_loop(), name=f"accord-timer-{self.name}")
         try:
             await self._stop.wait()
