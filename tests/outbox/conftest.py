@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
+from accord.testing import Collector
 from accord.transports import Transport, from_url
 from tests.brokers import cleanup
 from tests.conftest import NATS_URL, RABBIT_URL, REDIS_URL
@@ -40,3 +42,18 @@ async def make_transport(channel: str) -> AsyncIterator[Callable[[str], Transpor
 
     yield make
     await cleanup(opened)
+
+
+@pytest.fixture
+def listen(make_transport: Callable[[str], Transport]) -> Callable[..., Any]:
+    """``await listen(url)``: a connected transport on this test's channel and a
+    Collector subscribed to it as group ``audit``."""
+
+    async def start(url: str) -> tuple[Transport, Collector]:
+        transport = make_transport(url)
+        await transport.connect()
+        received = Collector()
+        await transport.subscribe("audit", received)
+        return transport, received
+
+    return start

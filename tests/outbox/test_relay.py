@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from accord import Database, Message, add_to_outbox
 from accord.db.schema import outbox
 from accord.outbox import OutboxAdmin, Relay
-from accord.testing import Collector, FaultyTransport, wait_for
+from accord.testing import FaultyTransport, wait_for
 from accord.transports import from_url
 from tests.outbox.conftest import broker_url
 
@@ -46,12 +46,9 @@ async def statuses(database: Database) -> dict[str, str]:
     ],
 )
 async def test_commit_publishes_once_and_rollback_publishes_nothing(
-    database: Database, db_url: str, broker: str, make_transport: Any
+    database: Database, db_url: str, broker: str, listen: Any
 ) -> None:
-    transport = make_transport(broker_url(broker, db_url))
-    await transport.connect()
-    received = Collector()
-    await transport.subscribe("audit", received)
+    transport, received = await listen(broker_url(broker, db_url))
     committed = Message(type="order.placed", data={"n": 1})
     with pytest.raises(Boom):
         async with database.transaction() as conn:
@@ -70,12 +67,9 @@ async def test_commit_publishes_once_and_rollback_publishes_nothing(
 
 
 async def test_poison_message_goes_dead_while_others_flow_and_replay_delivers(
-    database: Database, make_transport: Any
+    database: Database, listen: Any
 ) -> None:
-    transport = make_transport(broker_url("rabbitmq", ""))
-    await transport.connect()
-    received = Collector()
-    await transport.subscribe("audit", received)
+    transport, received = await listen(broker_url("rabbitmq", ""))
     poison = Message(type="order.placed", data={"poison": True})
     good = [Message(type="order.placed", data={"n": i}) for i in range(20)]
     async with database.transaction() as conn:
@@ -112,12 +106,9 @@ async def test_poison_message_goes_dead_while_others_flow_and_replay_delivers(
 
 
 async def test_a_key_waits_behind_an_earlier_message_in_backoff(
-    database: Database, make_transport: Any
+    database: Database, listen: Any
 ) -> None:
-    transport = make_transport(broker_url("rabbitmq", ""))
-    await transport.connect()
-    received = Collector()
-    await transport.subscribe("audit", received)
+    transport, received = await listen(broker_url("rabbitmq", ""))
     blocked = [Message(type="score.changed", data={"n": i}, key="alice") for i in range(3)]
     free = [Message(type="score.changed", data={"n": i}, key="bob") for i in range(3)]
     async with database.transaction() as conn:
@@ -171,12 +162,9 @@ async def test_old_sent_rows_are_cleaned_up_in_batches(database: Database) -> No
 
 
 @pytest.mark.postgres
-async def test_commit_wakes_the_relay_through_notify(pg_url: str, make_transport: Any) -> None:
+async def test_commit_wakes_the_relay_through_notify(pg_url: str, listen: Any) -> None:
     database = Database(pg_url)
-    transport = make_transport(broker_url("rabbitmq", ""))
-    await transport.connect()
-    received = Collector()
-    await transport.subscribe("audit", received)
+    transport, received = await listen(broker_url("rabbitmq", ""))
     relay = Relay(database, transport, poll_interval=3600)
     task = asyncio.create_task(relay.run())
     try:
@@ -214,13 +202,8 @@ async def test_stop_settles_the_batch_in_flight(database: Database, make_transpo
     assert leased == 0, "stop must not leave rows leased"
 
 
-async def test_a_row_that_is_not_a_message_is_dead_at_once(
-    database: Database, make_transport: Any
-) -> None:
-    transport = make_transport(broker_url("rabbitmq", ""))
-    await transport.connect()
-    received = Collector()
-    await transport.subscribe("audit", received)
+async def test_a_row_that_is_not_a_message_is_dead_at_once(database: Database, listen: Any) -> None:
+    transport, received = await listen(broker_url("rabbitmq", ""))
     corrupt, fine = Message(type="t.corrupt"), Message(type="t.fine")
     async with database.transaction() as conn:
         await add_to_outbox(conn, corrupt, fine)
@@ -250,12 +233,9 @@ async def test_a_row_that_is_not_a_message_is_dead_at_once(
     ],
 )
 async def test_run_connects_a_transport_that_was_never_connected(
-    database: Database, db_url: str, broker: str, make_transport: Any
+    database: Database, db_url: str, broker: str, make_transport: Any, listen: Any
 ) -> None:
-    listener = make_transport(broker_url(broker, db_url))
-    await listener.connect()
-    received = Collector()
-    await listener.subscribe("audit", received)
+    _, received = await listen(broker_url(broker, db_url))
     fresh = make_transport(broker_url(broker, db_url))  # not connected: run() must do it
     message = Message(type="order.placed")
     async with database.transaction() as conn:
