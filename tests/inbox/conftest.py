@@ -13,9 +13,11 @@ from prometheus_client import REGISTRY
 
 from accord.db import Database
 from accord.db.types import BigId
-from accord.messages import Message, encode
-from accord.transports.base import Delivery, Transport
+from accord.messages import Message
+from accord.testing import CapturedDelivery
+from accord.transports.base import Transport
 from accord.transports.sql import SqlTransport
+from tests.brokers import delete_everything
 from tests.conftest import RABBIT_URL
 
 business = sa.MetaData()
@@ -45,21 +47,7 @@ def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-class Captured(Delivery):
-    """A delivery handed straight to ``Consumer.handle``, recording how it was settled."""
-
-    def __init__(self, message: Message, attempt: int = 1) -> None:
-        super().__init__(*encode(message), attempt)
-        self.outcome: str | None = None
-
-    async def _ack(self) -> None:
-        self.outcome = "ack"
-
-    async def _nack(self, delay: float) -> None:
-        self.outcome = "nack"
-
-    async def _reject(self, reason: str) -> None:
-        self.outcome = "reject"
+Captured = CapturedDelivery  # the name these tests grew up with
 
 
 class Broker:
@@ -131,28 +119,7 @@ class Broker:
             with contextlib.suppress(Exception):
                 await transport.close()
         if self.kind == "rabbitmq":
-            await _delete_rabbit(self.channel, groups)
-
-
-async def _delete_rabbit(channel_name: str, groups: set[str]) -> None:
-    import aio_pika
-
-    from accord.transports.rabbitmq import RabbitTopology
-
-    topology = RabbitTopology(channel_name)
-    connection = await aio_pika.connect(RABBIT_URL)
-    try:
-        for group in groups:
-            for queue in topology.queues(group):
-                channel = await connection.channel()
-                await channel.queue_delete(queue)
-                await channel.close()
-        for name in (topology.exchange, topology.dead_exchange):
-            channel = await connection.channel()
-            await channel.exchange_delete(name)
-            await channel.close()
-    finally:
-        await connection.close()
+            await delete_everything({self.channel: set(groups)})
 
 
 @pytest.fixture(params=["sql", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])

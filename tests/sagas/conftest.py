@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -15,6 +15,7 @@ from accord.db import Database
 from accord.sagas import STATUSES, Orchestrator, Saga, SagaAdmin
 from accord.testing import wait_for
 from accord.transports.base import Transport
+from tests.brokers import delete_everything
 from tests.conftest import RABBIT_URL
 from tests.sagas import app
 
@@ -34,27 +35,6 @@ def make_transport(kind: str, db_url: str, channel: str) -> Transport:
 
 def broker_url(kind: str, db_url: str) -> str:
     return db_url if kind == "sql" else RABBIT_URL
-
-
-async def delete_rabbit(channel_name: str, groups: Iterable[str]) -> None:
-    import aio_pika
-
-    from accord.transports.rabbitmq import RabbitTopology
-
-    topology = RabbitTopology(channel_name)
-    connection = await aio_pika.connect(RABBIT_URL)
-    try:
-        for group in groups:
-            for queue in topology.queues(group):
-                ch = await connection.channel()
-                await ch.queue_delete(queue)
-                await ch.close()
-        for name in (topology.exchange, topology.dead_exchange):
-            ch = await connection.channel()
-            await ch.exchange_delete(name)
-            await ch.close()
-    finally:
-        await connection.close()
 
 
 class World:
@@ -144,7 +124,7 @@ class World:
         with contextlib.suppress(Exception):
             await self.transport.close()
         if self.kind == "rabbitmq":
-            await delete_rabbit(self.channel, self.groups)
+            await delete_everything({self.channel: set(self.groups)})
 
 
 @pytest.fixture(params=["sql", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])

@@ -14,29 +14,14 @@ import sqlalchemy as sa
 from accord.db import Database
 from accord.db.schema import outbox
 from accord.errors import ConcurrencyError
-from accord.messages import Message, encode
+from accord.messages import Message
 from accord.sagas import Orchestrator
 from accord.sagas._store import Transition, load
-from accord.transports.base import Delivery
+from accord.testing import CapturedDelivery
 from accord.transports.sql import SqlTransport
 from tests.sagas import app
 
-
-class Captured(Delivery):
-    """A delivery handed straight to a consumer, recording how it was settled."""
-
-    def __init__(self, message: Message, attempt: int = 1) -> None:
-        super().__init__(*encode(message), attempt)
-        self.outcome: str | None = None
-
-    async def _ack(self) -> None:
-        self.outcome = "ack"
-
-    async def _nack(self, delay: float) -> None:
-        self.outcome = "nack"
-
-    async def _reject(self, reason: str) -> None:
-        self.outcome = "reject"
+Captured = CapturedDelivery  # the name these tests grew up with
 
 
 def reply(saga_id: str, step: int, attempt: int = 1, ok: bool = True, **extra: Any) -> Message:

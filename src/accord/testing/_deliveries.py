@@ -1,0 +1,31 @@
+"""A delivery for driving a handler directly in a unit test, without a broker."""
+
+from __future__ import annotations
+
+from accord.messages import Message, encode
+from accord.transports.base import Delivery
+
+__all__ = ["CapturedDelivery"]
+
+
+class CapturedDelivery(Delivery):
+    """A delivery of ``message`` that records how it was settled.
+
+    Hand it to ``await consumer.handle(delivery)`` and check ``outcome``:
+    ``"ack"``, ``"nack"`` (with ``delay``) or ``"reject"`` (with ``reason``).
+    """
+
+    def __init__(self, message: Message, attempt: int = 1) -> None:
+        super().__init__(*encode(message), attempt)
+        self.outcome: str | None = None
+        self.delay: float | None = None
+        self.reason: str | None = None
+
+    async def _ack(self) -> None:
+        self.outcome = "ack"
+
+    async def _nack(self, delay: float) -> None:
+        self.outcome, self.delay = "nack", delay
+
+    async def _reject(self, reason: str) -> None:
+        self.outcome, self.reason = "reject", reason
