@@ -384,3 +384,23 @@ async def test_envelopes_are_stored_as_they_are_and_non_cloudevents_refused(
     await collector.wait(1)
     assert collector.deliveries[0].body == fine.body
     assert collector.ids == [fine.id]
+
+
+@pytest.mark.postgres
+async def test_concurrent_first_subscribes_open_one_listener_and_leak_nothing(
+    pg_url: str, channel: str
+) -> None:
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        transport = SqlTransport(pg_url, channel=channel, poll_interval=30)
+        await transport.connect()
+        await asyncio.gather(*(transport.subscribe(f"g{i}", Collector()) for i in range(4)))
+        await transport.close()
+        gc.collect()
+    # An orphaned LISTEN connection is only reclaimed by the garbage collector,
+    # which SQLAlchemy reports with this warning.
+    leaks = [w for w in caught if "non-checked-in connection" in str(w.message)]
+    assert leaks == []

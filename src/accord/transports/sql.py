@@ -117,6 +117,7 @@ class SqlTransport(Transport):
         self._closed = False
         self._subscriptions: list[SqlSubscription] = []
         self._unlisten: Callable[[], Any] | None = None
+        self._listen_lock = asyncio.Lock()
         self._cleaner: asyncio.Task[None] | None = None
 
     @property
@@ -291,8 +292,11 @@ class SqlTransport(Transport):
                 is_postgres=db.is_postgres,
             )
         if db.is_postgres and self._unlisten is None:
-            with translate("listening for new messages"):
-                self._unlisten = await db.listen(q.NOTIFY_CHANNEL, self._on_notify)
+            # Concurrent first subscribes must not each open a listener (one would leak).
+            async with self._listen_lock:
+                if self._unlisten is None:
+                    with translate("listening for new messages"):
+                        self._unlisten = await db.listen(q.NOTIFY_CHANNEL, self._on_notify)
         subscription = SqlSubscription(
             database=db,
             channel=self.channel,
