@@ -248,3 +248,56 @@ async def test_run_connects_a_transport_that_was_never_connected(
     finally:
         await relay.stop()
         await task
+
+
+async def test_a_broker_lost_mid_batch_spends_no_attempts(database: Database, listen: Any) -> None:
+    transport, received = await listen(broker_url("rabbitmq", ""))
+    cut_off, delivered = Message(type="order.placed"), Message(type="order.placed")
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, cut_off, delivered)
+    faulty = FaultyTransport(transport, unavailable_ids={cut_off.id})
+    relay = fast_relay(database, faulty, max_attempts=1)
+    assert await relay.run_once() == 1
+    await received.wait(1)
+    async with database.connect() as conn:
+        row = (await conn.execute(sa.select(outbox).where(outbox.c.event_type != ""))).all()
+    by_id = {str(r.id): r for r in row}
+    assert by_id[delivered.id].status == "SENT"
+    assert by_id[cut_off.id].status == "PENDING", "an outage must never make a message DEAD"
+    assert by_id[cut_off.id].retry_count == 0
+    assert "unavailable" in by_id[cut_off.id].last_error
+
+
+class ExplodesOnce(FaultyTransport):
+    """A transport whose first publish raises something that is not an AccordError."""
+
+    exploded = False
+
+    async def publish_envelopes(self, envelopes: Any) -> None:
+        if not self.exploded:
+            self.exploded = True
+            raise RuntimeError("a bug in somebody's transport")
+        await super().publish_envelopes(envelopes)
+
+
+async def test_an_unexpected_error_neither_kills_the_relay_nor_leaves_ghost_rounds(
+    database: Database, listen: Any
+) -> None:
+    transport, received = await listen(broker_url("rabbitmq", ""))
+    message = Message(type="order.placed")
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, message)
+    relay = fast_relay(database, ExplodesOnce(transport), lease=0.5, concurrency=2)
+    task = asyncio.create_task(relay.run())
+    await received.wait(1)  # the leased row came back after the lease and went out
+    assert received.ids == [message.id]
+    await relay.stop()
+    await asyncio.wait_for(task, 5)
+    rounds = [t for t in asyncio.all_tasks() if t.get_name().startswith(relay.name)]
+    assert rounds == [], "a relay round outlived run()"
+
+
+async def test_stop_before_run_is_not_forgotten(database: Database) -> None:
+    relay = Relay(database, from_url("memory://"), poll_interval=3600)
+    await relay.stop()
+    await asyncio.wait_for(relay.run(), 5)

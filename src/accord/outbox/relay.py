@@ -173,6 +173,10 @@ class Relay:
                 error = failed.get(envelope.id)
                 if error is None:
                     sent.append(row.seq)
+                elif isinstance(error, TransportUnavailable):
+                    # The broker went away mid-batch: an outage, not this message's fault.
+                    unavailable = f"broker unavailable: {error}"
+                    others.append(self._release(row, unavailable))
                 elif isinstance(error, DecodeError):
                     # A row that is not a valid message will never publish: DEAD now.
                     others.append(self._dead(row, f"not a valid message: {error}"))
@@ -247,7 +251,6 @@ class Relay:
         still holds: a claimed row stays PENDING until settled, and no round claims
         a row behind a PENDING row of its key.
         """
-        self._stopping = False
         self._running = True
         self._stopped.clear()
         # connect() is idempotent by the port's contract; a fresh transport needs it.
@@ -258,11 +261,17 @@ class Relay:
                 stop_listening = await self.database.listen(NOTIFY_CHANNEL, lambda _: self.wake())
         log.info("relay %s started on %s -> %s", self.name, self.database, self.transport.name)
         try:
-            await asyncio.gather(*(self._loop(i) for i in range(self.concurrency)))
+            # A task group: if one loop ever dies, its siblings are cancelled with it
+            # rather than left relaying where stop() cannot reach them.
+            async with asyncio.TaskGroup() as group:
+                for index in range(self.concurrency):
+                    group.create_task(self._loop(index), name=f"{self.name}-round-{index}")
         finally:
             if stop_listening is not None:
                 await stop_listening()
             self._running = False
+            # Reset here, not at the start: a stop() that came before run() must hold.
+            self._stopping = False
             self._stopped.set()
             log.info("relay %s stopped", self.name)
 
@@ -278,6 +287,12 @@ class Relay:
                     await self.cleanup()
             except AccordError as exc:
                 log.error("relay round failed, retrying: %s", exc)
+                published = 0
+                self._outage += 1
+            except Exception:
+                # Not ours to translate (a bug, a transport's stray error): never let
+                # the relay die of it; the rows it leased come back after the lease.
+                log.exception("relay round failed unexpectedly, retrying")
                 published = 0
                 self._outage += 1
             if published >= self.batch_size and not self._outage:
@@ -302,6 +317,12 @@ class Relay:
         self._stopping = True
         self._wake.set()
         if self._running:
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout(self.lease):
                     await self._stopped.wait()
+            except TimeoutError:
+                log.warning(
+                    "relay %s did not stop within %.0fs; its leased rows return after the lease",
+                    self.name,
+                    self.lease,
+                )

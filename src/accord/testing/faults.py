@@ -7,7 +7,7 @@ import random
 import signal
 from collections.abc import Collection, Sequence
 
-from accord.errors import PublishError, TransportError
+from accord.errors import PublishError, TransportError, TransportUnavailable
 from accord.messages import Message
 from accord.transports.base import Envelope, Handler, Subscription, Transport
 
@@ -19,7 +19,9 @@ class FaultyTransport(Transport):
 
     ``fail_rate``: each message of a batch is, with this probability, not sent
     and reported unconfirmed. ``fail_ids``: these ids always fail (a poison
-    message). ``kill_after``: SIGKILL this process right after the n-th
+    message). ``unavailable_ids``: these are reported unconfirmed because the broker
+    became unreachable mid-batch (``TransportUnavailable`` in ``PublishError``).
+    ``kill_after``: SIGKILL this process right after the n-th
     successful publish call returns (the broker confirmed, the caller has not
     yet recorded it), standing in for a crash at the worst moment.
     """
@@ -30,6 +32,7 @@ class FaultyTransport(Transport):
         *,
         fail_rate: float = 0.0,
         fail_ids: Collection[str] = (),
+        unavailable_ids: Collection[str] = (),
         kill_after: int | None = None,
         seed: int | None = None,
     ) -> None:
@@ -37,6 +40,7 @@ class FaultyTransport(Transport):
         self.name = inner.name
         self.fail_rate = fail_rate
         self.fail_ids = set(fail_ids)
+        self.unavailable_ids = set(unavailable_ids)
         self.kill_after = kill_after
         self.publishes = 0
         self._random = random.Random(seed)
@@ -65,7 +69,9 @@ class FaultyTransport(Transport):
         failed: dict[str, BaseException] = {}
         passing = []
         for envelope in envelopes:
-            if envelope.id in self.fail_ids or self._random.random() < self.fail_rate:
+            if envelope.id in self.unavailable_ids:
+                failed[envelope.id] = TransportUnavailable("connection lost (injected)")
+            elif envelope.id in self.fail_ids or self._random.random() < self.fail_rate:
                 failed[envelope.id] = TransportError("broker refused the message (injected)")
             else:
                 passing.append(envelope)
