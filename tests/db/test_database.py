@@ -9,6 +9,7 @@ from accord.db import Database
 from accord.db.migrations import MIGRATIONS
 from accord.db.schema import schema_version
 from accord.errors import ConfigurationError, DatabaseError
+from accord.testing import wait_for
 
 
 async def test_upgrade_is_idempotent_and_versioned(database: Database) -> None:
@@ -49,3 +50,25 @@ async def test_timestamps_come_back_timezone_aware(database: Database) -> None:
         applied = await conn.scalar(sa.select(schema_version.c.applied_at))
     assert applied.tzinfo is not None
     assert abs((datetime.now(UTC) - applied).total_seconds()) < 600
+
+
+@pytest.mark.postgres
+async def test_listen_on_an_unreachable_server_is_a_database_error() -> None:
+    db = Database("postgresql+asyncpg://postgres@127.0.0.1:1/nowhere")
+    with pytest.raises(DatabaseError, match="listening on 'accord_outbox' failed"):
+        await db.listen("accord_outbox", lambda _payload: None)
+    await db.dispose()
+
+
+@pytest.mark.postgres
+async def test_listen_delivers_notifications_and_stop_releases_the_connection(pg_url: str) -> None:
+    db = Database(pg_url)
+    got: list[str] = []
+    stop = await db.listen("accord_test_channel", got.append)
+    async with db.transaction() as conn:
+        await conn.execute(sa.text("SELECT pg_notify('accord_test_channel', 'hello')"))
+    await wait_for(lambda: got, 5)
+    assert got == ["hello"]
+    await stop()
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    await db.dispose()

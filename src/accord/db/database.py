@@ -33,6 +33,10 @@ def translate_errors(what: str) -> Any:
         raise DatabaseError(f"{what} failed: {exc.__class__.__name__}: {exc}") from exc
     except OSError as exc:
         raise DatabaseError(f"{what} failed: cannot reach the database ({exc})") from exc
+    except Exception as exc:
+        if type(exc).__module__.startswith("asyncpg"):  # the driver used directly
+            raise DatabaseError(f"{what} failed: {exc.__class__.__name__}: {exc}") from exc
+        raise
 
 
 class Database:
@@ -106,15 +110,19 @@ class Database:
         """
         if not self.is_postgres:
             raise ConfigurationError("LISTEN/NOTIFY needs PostgreSQL")
-        conn = await self.engine.connect()
-        raw = await conn.get_raw_connection()
-        driver = raw.driver_connection
-        assert driver is not None
-
         def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
             callback(payload)
 
-        await driver.add_listener(channel, on_notify)
+        with translate_errors(f"listening on {channel!r}"):
+            conn = await self.engine.connect()
+            try:
+                raw = await conn.get_raw_connection()
+                driver = raw.driver_connection
+                assert driver is not None
+                await driver.add_listener(channel, on_notify)
+            except BaseException:
+                await conn.close()  # never leave the held connection behind
+                raise
 
         async def stop() -> None:
             with contextlib.suppress(Exception):
