@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from accord.db import Database
+from accord.errors import ConcurrencyError
 from accord.eventstore import EventStore, NewEvent, RecordedEvent
 from accord.testing import wait_for
 
@@ -103,3 +104,17 @@ async def test_concurrent_writers_with_a_live_subscriber_get_every_event_once(
     assert len(set(got)) == total
     assert got == sorted(got)
     assert await store.count(0) == total
+
+
+async def test_version_conflicts_keep_the_stores_connections(pg_url: str) -> None:
+    database = Database(pg_url)
+    async with EventStore(database) as store:
+        await store.append("s-1", [NewEvent("Happened", {"n": 0})])
+        kept = list(store._idle)  # the store's own hot connections
+        assert kept
+        for _ in range(5):
+            with pytest.raises(ConcurrencyError):
+                await store.append("s-1", [NewEvent("Happened", {"n": 1})], expected_version=0)
+        assert all(conn in store._idle for conn in kept), "a conflict threw a connection away"
+        assert not any(conn.is_closed() for conn in store._idle)
+    await database.dispose()

@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db.database import translate_errors
-from accord.errors import ConfigurationError, DatabaseError
+from accord.errors import AccordError, ConfigurationError, DatabaseError
 from accord.eventstore._store import NOTIFY_CHANNEL, EventStore, _Row
 from accord.eventstore._types import (
     ANY,
@@ -143,6 +143,10 @@ class PostgresEventStore(EventStore):
                 conn.terminate()
                 conn = None
             raise DatabaseError(f"{what} failed: {exc.__class__.__name__}: {exc}") from exc
+        except AccordError:
+            # Our own verdict on a finished statement (a version conflict...): the
+            # connection is clean; keep it - conflicts come in bursts under contention.
+            raise
         except BaseException:
             if conn is not None:
                 conn.terminate()  # it may be mid-statement (cancelled): never reuse it
