@@ -404,3 +404,29 @@ async def test_concurrent_first_subscribes_open_one_listener_and_leak_nothing(
     # which SQLAlchemy reports with this warning.
     leaks = [w for w in caught if "non-checked-in connection" in str(w.message)]
     assert leaks == []
+
+
+async def test_a_failed_ack_flush_does_not_stop_the_consumer(sqlite_url: str, channel: str) -> None:
+    from accord.errors import TransportError
+
+    transport = SqlTransport(sqlite_url, channel=channel, poll_interval=0.05)
+    await transport.connect()
+    received = Collector()
+    subscription = await transport.subscribe("g", received)
+    assert isinstance(subscription, SqlSubscription)
+    flush = subscription._flush_acks
+    failures = []
+
+    async def flaky_flush() -> None:
+        if not failures:  # the database hiccups once while acks are committed
+            failures.append(1)
+            raise TransportError("committing acks failed (injected)")
+        await flush()
+
+    subscription._flush_acks = flaky_flush  # type: ignore[method-assign]
+    await transport.publish([Message(type="t.one")])
+    await received.wait(1)
+    await transport.publish([Message(type="t.two")])
+    await received.wait(2)
+    assert failures == [1]
+    await transport.close()

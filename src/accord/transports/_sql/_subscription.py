@@ -112,11 +112,11 @@ class SqlSubscription(Subscription):
 
     async def _run(self) -> None:
         while True:
-            # Earlier acks must be visible before claiming: a later delivery with
-            # the same key is held back while an earlier one still exists.
-            await self._flush_acks()
-            self._wake.clear()
             try:
+                # Earlier acks must be visible before claiming: a later delivery with
+                # the same key is held back while an earlier one still exists.
+                await self._flush_acks()
+                self._wake.clear()
                 async with transaction(self._db, "claiming deliveries") as conn:
                     now = _now()
                     claimed = await q.claim(
@@ -131,6 +131,12 @@ class SqlSubscription(Subscription):
                     )
             except TransportError as exc:
                 log.warning("group %r: %s; retrying in %ss", self.group, exc, _CLAIM_RETRY_DELAY)
+                await self._sleep(_CLAIM_RETRY_DELAY)
+                continue
+            except Exception:
+                # Whatever it was, a consumer must not stop consuming without a word;
+                # unsettled deliveries come back when their lease runs out.
+                log.exception("group %r: claim round failed; retrying", self.group)
                 await self._sleep(_CLAIM_RETRY_DELAY)
                 continue
             if not claimed:
