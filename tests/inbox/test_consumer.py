@@ -372,3 +372,16 @@ async def test_publish_from_a_handler_goes_to_the_outbox_with_correlation(
     assert headers["ce-correlationid"] == "corr-1"
     assert headers["ce-causationid"] == asked.id
     assert headers["ce-traceparent"].split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
+
+
+async def test_stop_before_run_is_not_forgotten(sqlite_url: str) -> None:
+    database = Database(sqlite_url)
+    consumer = Consumer("early-stop", database, SqlTransport(database=database))
+
+    @consumer.handler("t.any")
+    async def handle(ctx: HandlerContext, data: Any) -> None:
+        pass
+
+    await consumer.stop()
+    await asyncio.wait_for(consumer.run(), 5)
+    await database.dispose()

@@ -3,12 +3,16 @@ failure at each step, compensations that fail, timeouts, STUCK and the operator.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from prometheus_client import REGISTRY
 
+from accord.db import Database
 from accord.errors import NotFoundError
-from accord.sagas import SagaAdmin
+from accord.sagas import Orchestrator, SagaAdmin
 from accord.testing import wait_for
+from accord.transports.sql import SqlTransport
 from tests.sagas import app
 from tests.sagas.conftest import World
 
@@ -154,3 +158,11 @@ async def test_starting_the_same_saga_id_twice_makes_one_instance(world: World) 
 async def test_unknown_saga_gives_a_clear_error(world: World) -> None:
     with pytest.raises(NotFoundError, match="no saga 'nope'"):
         await SagaAdmin(world.database).get("nope")
+
+
+async def test_orchestrator_stop_before_run_is_not_forgotten(sqlite_url: str) -> None:
+    database = Database(sqlite_url)
+    orchestrator = Orchestrator(database, SqlTransport(database=database), [app.make_trip()])
+    await orchestrator.stop()
+    await asyncio.wait_for(orchestrator.run(), 5)
+    await database.dispose()

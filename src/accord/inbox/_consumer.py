@@ -186,12 +186,13 @@ class Consumer:
 
     async def run(self) -> None:
         """Start, then consume until :meth:`stop` is called (a worker component)."""
-        self._stop_event.clear()
         try:
             await self.start()
             await self._stop_event.wait()
         finally:
             await self.stop()
+            # Reset here, not at the start: a stop() that came before run() must hold.
+            self._stop_event.clear()
 
     # -- handling -----------------------------------------------------------------
 

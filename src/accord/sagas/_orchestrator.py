@@ -230,7 +230,6 @@ class Orchestrator:
 
     async def run(self) -> None:
         """Consume replies and fire deadlines until :meth:`stop`."""
-        self._stop.clear()
         await self.connect()
         self._timer = asyncio.create_task(self._timer_loop(), name=f"accord-timer-{self.name}")
         try:
@@ -241,6 +240,8 @@ class Orchestrator:
             timer, self._timer = self._timer, None
             if timer is not None:
                 await timer
+            # Reset here, not at the start: a stop() that came before run() must hold.
+            self._stop.clear()
 
     async def stop(self) -> None:
         """Stop consuming and firing; what is in flight finishes."""
