@@ -165,19 +165,37 @@ async def test_old_sent_rows_are_cleaned_up_in_batches(database: Database) -> No
 async def test_commit_wakes_the_relay_through_notify(pg_url: str, listen: Any) -> None:
     database = Database(pg_url)
     transport, received = await listen(broker_url("rabbitmq", ""))
-    relay = Relay(database, transport, poll_interval=3600)
+    first, second = Message(type="order.placed"), Message(type="order.placed")
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, first)
+    # One round at a time and an hour between polls: once the first message is out,
+    # the relay sleeps, and only a NOTIFY can bring the second one out in time.
+    relay = Relay(database, transport, poll_interval=3600, concurrency=1)
     task = asyncio.create_task(relay.run())
     try:
-        await asyncio.sleep(0.5)  # the relay has made its first, empty round and sleeps
-        message = Message(type="order.placed")
+        await received.wait(1)
         async with database.transaction() as conn:
-            await add_to_outbox(conn, message)
-        await received.wait(1, timeout=5)
-        assert received.ids == [message.id]
+            await add_to_outbox(conn, second)
+        await received.wait(2, timeout=5)
+        assert received.ids == [first.id, second.id]
     finally:
         await relay.stop()
         await task
         await database.dispose()
+
+
+class HeldAtPublish(FaultyTransport):
+    """Holds every publish until the test releases it, so a batch is surely in flight."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.publishing = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def publish_envelopes(self, envelopes: Any) -> None:
+        self.publishing.set()
+        await self.release.wait()
+        await super().publish_envelopes(envelopes)
 
 
 async def test_stop_settles_the_batch_in_flight(database: Database, make_transport: Any) -> None:
@@ -185,14 +203,18 @@ async def test_stop_settles_the_batch_in_flight(database: Database, make_transpo
     await transport.connect()
     async with database.transaction() as conn:
         await add_to_outbox(conn, *[Message(type="t.flight") for _ in range(200)])
-    relay = fast_relay(database, transport, batch_size=50)
+    held = HeldAtPublish(transport)
+    relay = fast_relay(database, held, batch_size=50, concurrency=1)
     task = asyncio.create_task(relay.run())
-    await asyncio.sleep(0.05)
-    await relay.stop()
-    await task
+    await asyncio.wait_for(held.publishing.wait(), 10)  # a batch of 50 is in flight
+    stopping = asyncio.create_task(relay.stop())
+    await asyncio.sleep(0)
+    held.release.set()
+    await asyncio.wait_for(stopping, 10)
+    await asyncio.wait_for(task, 10)
     counts = list((await statuses(database)).values())
-    sent = counts.count("SENT")
-    assert sent % 50 == 0 and counts.count("PENDING") == 200 - sent
+    assert counts.count("SENT") == 50, "the batch in flight is published and settled, no more"
+    assert counts.count("PENDING") == 150
     async with database.connect() as conn:
         leased = await conn.scalar(
             sa.select(sa.func.count()).where(
