@@ -11,11 +11,13 @@ from typing import Any
 
 from accord.errors import ConfigurationError
 
-__all__ = ["SAGA_STYLES", "TOKEN_ENV", "StackConfig", "ensure_token"]
+__all__ = ["SAGA_STYLES", "SUPERVISOR_ENV", "TOKEN_ENV", "StackConfig", "ensure_token"]
 
 SAGA_STYLES = ("orchestration", "choreography")
 #: Child processes get the API token from this variable (never on a command line).
 TOKEN_ENV = "TOURNAMENT_API_TOKEN"
+#: The supervisor's pid in its children's environment: they stop once it is gone.
+SUPERVISOR_ENV = "TOURNAMENT_SUPERVISOR_PID"
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,34 @@ cleanly on SIGTERM/SIGINT and exit 0.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
+import threading
+import time
 
 from accord.observability import configure_logging
 from accord.runtime import Worker
-from tournament.config import StackConfig
+from tournament.config import SUPERVISOR_ENV, StackConfig
 from tournament.stack import API_ROLES, WORKER_ROLES, components, make_transport
 
-__all__ = ["main", "serve_api", "serve_worker"]
+__all__ = ["main", "serve_api", "serve_worker", "stop_with_supervisor"]
+
+
+def stop_with_supervisor() -> None:
+    """Stop this process (SIGTERM to itself: the graceful path) once the supervisor
+    that started it is gone, so a killed ``accord up`` never leaves children holding
+    its ports. Our children run in their own session, so nothing else tells them."""
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if not supervisor:
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(supervisor):
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
 def serve_api(role: str, config: StackConfig) -> int:
@@ -67,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     role, text = args
+    stop_with_supervisor()
     config = StackConfig.from_json(text).resolved()
     configure_logging(config.log_level, json_logs=False, service=role)
     if role in API_ROLES:

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from accord.errors import ConfigurationError
-from tournament.config import TOKEN_ENV, StackConfig
+from tournament.config import SUPERVISOR_ENV, TOKEN_ENV, StackConfig
 from tournament.stack import API_ROLES, SCALED_ROLES, WORKER_ROLES
 
 __all__ = ["Child", "Supervisor"]
@@ -168,7 +168,7 @@ class Supervisor:
                 "tournament.process",
                 child.role,
                 self.config.to_json(),
-                env={**os.environ, TOKEN_ENV: self.token},
+                env={**os.environ, TOKEN_ENV: self.token, SUPERVISOR_ENV: str(os.getpid())},
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
