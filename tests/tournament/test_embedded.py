@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import pytest
 
 from accord.testing import wait_for
@@ -120,10 +119,19 @@ def match_db_counts(stack: Stack) -> tuple[int, int, int]:
         )
 
 
+def score_db_counts(stack: Stack) -> tuple[int, int, int]:
+    with sqlite3.connect(stack.data_dir / "score-engine.db") as conn:
+        return (
+            conn.execute("SELECT count(*) FROM score_bans").fetchone()[0],
+            conn.execute("SELECT count(*) FROM score_ledgers").fetchone()[0],
+            conn.execute("SELECT count(*) FROM accord_events").fetchone()[0],
+        )
+
+
 async def test_bad_requests_are_refused_clearly_and_write_nothing(api: Stack) -> None:
     a, b = names(2)
     t = await api.settled((await api.create([a, b]))["id"])
-    before = match_db_counts(api)
+    before, score_before = match_db_counts(api), score_db_counts(api)
     url = f"{api.match_url}/tournaments"
     post = api.client.post
     good = {"name": "x", "participants": [a, b]}
@@ -184,11 +192,18 @@ async def test_bad_requests_are_refused_clearly_and_write_nothing(api: Stack) ->
     assert r.status_code == 404
     r = await post(f"{api.score_url}/bans", json={"participant": "no good"}, headers=api.auth)
     assert r.status_code == 422
+    r = await post(
+        f"{api.score_url}/bans",
+        content=b'{"participant": "' + b"x" * (1024 * 1024 + 10) + b'"}',
+        headers={**api.auth, "content-type": "application/json"},
+    )
+    assert r.status_code == 413
     r = await api.leaderboard(t["id"], as_of="last tuesday")
     assert r.status_code == 422 and "ISO-8601" in r.json()["detail"]
     r = await api.leaderboard(t["id"], min_position=-1)
     assert r.status_code == 422 and "min_position" in r.json()["detail"]
     assert match_db_counts(api) == before
+    assert score_db_counts(api) == score_before
 
 
 async def test_unknown_ids_get_404(api: Stack) -> None:
@@ -223,6 +238,7 @@ async def test_a_dead_worker_is_restarted_and_the_restart_logged(api: Stack) -> 
 
 
 async def test_health_answers(api: Stack) -> None:
-    r = await api.client.get(f"{api.match_url}/health")
-    assert r.json()["status"] == "ok"
-    assert isinstance(httpx.URL(api.match_url).port, int)
+    for url, service in ((api.match_url, "match-engine"), (api.score_url, "score-engine")):
+        r = await api.client.get(f"{url}/health")
+        assert r.status_code == 200
+        assert (r.json()["status"], r.json()["service"]) == ("ok", service)

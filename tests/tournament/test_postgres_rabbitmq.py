@@ -76,6 +76,7 @@ async def test_activation_compensation_points_time_travel(api: Stack) -> None:
     cancelled = await api.settled((await api.create([a, c]))["id"])
     assert cancelled["status"] == "CANCELLED" and c in cancelled["reason"]
     assert (await api.ledger(cancelled["id"], a)).status_code == 404
+    assert (await api.ledger(cancelled["id"], c)).status_code == 404
 
 
 @pytest.mark.fault
@@ -84,13 +85,16 @@ async def test_workers_killed_while_creating_50_tournaments(api: Stack) -> None:
     await api.ban(banned)
     kills = {10: "score-consumer-1", 25: "match-saga-1", 40: "match-relay-1"}
     created: list[tuple[str, list[str]]] = []
+    killed: dict[str, int] = {}
     for i in range(50):
         players = names(3)
         if i % 5 == 0:
             players[1] = banned
         created.append(((await api.create(players))["id"], players))
         if i in kills:
-            os.kill(api.pids()[kills[i]], signal.SIGKILL)
+            victim = api.pids()[kills[i]]
+            killed[kills[i]] = victim
+            os.kill(victim, signal.SIGKILL)
     final = [await api.settled(tid, timeout=90.0) for tid, _ in created]
     for (tid, players), t in zip(created, final, strict=True):
         codes = [(await api.ledger(tid, p)).status_code for p in players]
@@ -105,5 +109,6 @@ async def test_workers_killed_while_creating_50_tournaments(api: Stack) -> None:
         # Only the tournaments with the banned player are cancelled.
         assert (t["status"] == "CANCELLED") == (banned in players), (tid, t)
     out = api.output()
-    for name in kills.values():
-        assert f"{name} (pid" in out and "restarting" in out
+    for name, pid in killed.items():  # each killed child was seen to die and came back
+        assert f"{name} (pid {pid}) exited" in out, (name, pid)
+        assert f"{name} restarted" in out, name
