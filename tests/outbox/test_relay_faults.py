@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from accord.db.schema import outbox
 from accord.testing import Collector, wait_for
 from tests.outbox.conftest import broker_url
 
-pytestmark = [pytest.mark.fault, pytest.mark.postgres, pytest.mark.rabbitmq]
+pytestmark = [pytest.mark.fault, pytest.mark.rabbitmq]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -56,17 +57,17 @@ async def pending(database: Database) -> int:
 
 
 async def test_two_relays_keep_every_keys_commit_order_under_random_failures(
-    pg_url: str, channel: str, make_transport: Any, spawn: Any
+    db_url: str, channel: str, make_transport: Any, spawn: Any
 ) -> None:
-    database = Database(pg_url)
-    broker = broker_url("rabbitmq", pg_url)
+    database = Database(db_url)
+    broker = broker_url("rabbitmq", db_url)
     consumer = make_transport(broker)
     await consumer.connect()
     received = Collector()
     await consumer.subscribe("scores", received, prefetch=500)
 
     relays = [
-        spawn(pg_url, broker, channel, "--fail-rate", "0.05", "--seed", str(seed))
+        spawn(db_url, broker, channel, "--fail-rate", "0.05", "--seed", str(seed))
         for seed in (1, 2)
     ]
     counters: dict[str, int] = defaultdict(int)
@@ -100,13 +101,14 @@ async def test_two_relays_keep_every_keys_commit_order_under_random_failures(
 
 
 async def test_relay_killed_between_publish_and_mark_sent_publishes_again_and_inbox_applies_once(
-    pg_url: str, sqlite_url: str, channel: str, make_transport: Any, spawn: Any
+    db_url: str, tmp_path: Path, channel: str, make_transport: Any, spawn: Any
 ) -> None:
-    database = Database(pg_url)
-    receiver = Database(sqlite_url)  # the receiving service has its own database
+    database = Database(db_url)
+    receiver = Database(f"sqlite+aiosqlite:///{tmp_path / 'receiver.db'}")  # its own database
+    await receiver.upgrade()
     async with receiver.transaction() as conn:
         await conn.execute(sa.text("CREATE TABLE effects (message_id TEXT, n INT)"))
-    broker = broker_url("rabbitmq", pg_url)
+    broker = broker_url("rabbitmq", db_url)
     consumer_transport = make_transport(broker)
     await consumer_transport.connect()
     deliveries = Collector()
@@ -124,12 +126,12 @@ async def test_relay_killed_between_publish_and_mark_sent_publishes_again_and_in
     async with database.transaction() as conn:
         await add_to_outbox(conn, *messages)
 
-    doomed = spawn(pg_url, broker, channel, "--kill-after", "1", "--lease", "1")
+    doomed = spawn(db_url, broker, channel, "--kill-after", "1", "--lease", "1")
     assert doomed.wait(20) == -signal.SIGKILL
     await deliveries.wait(5)
     assert await pending(database) == 5, "the killed relay must not have marked anything SENT"
 
-    survivor = spawn(pg_url, broker, channel, "--lease", "1")
+    survivor = spawn(db_url, broker, channel, "--lease", "1")
     await deliveries.wait(10, timeout=30)
 
     async def all_sent() -> bool:
@@ -161,6 +163,7 @@ def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
 
 
+@pytest.mark.postgres
 async def test_broker_restart_loses_nothing_and_the_backlog_drains(
     pg_url: str, channel: str, make_transport: Any, spawn: Any
 ) -> None:
