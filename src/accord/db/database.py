@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -110,6 +109,7 @@ class Database:
         """
         if not self.is_postgres:
             raise ConfigurationError("LISTEN/NOTIFY needs PostgreSQL")
+
         def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
             callback(payload)
 
@@ -174,8 +174,3 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
         # once (lock upgrade deadlock) instead of waiting: take the write lock
         # up front so writers queue on the busy timeout.
         conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-async def sleep_backoff(attempt: int, base: float = 0.05, cap: float = 2.0) -> None:
-    """Sleep an exponential backoff for a retry loop."""
-    await asyncio.sleep(min(cap, base * (2**attempt)))

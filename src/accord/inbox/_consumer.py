@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -14,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from accord._backoff import backoff_delay
 from accord.db import Database
 from accord.errors import ConfigurationError
 from accord.inbox._context import (
@@ -199,8 +199,7 @@ class Consumer:
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before attempt ``attempt + 1``: exponential, capped, with
         jitter in the upper half so retries of many messages spread out."""
-        delay = min(self.backoff_cap, self.backoff_base * 2.0 ** (attempt - 1))
-        return delay / 2 + random.uniform(0, delay / 2)
+        return backoff_delay(attempt, self.backoff_base, self.backoff_cap)
 
     async def handle(self, delivery: Delivery) -> None:
         """Handle one delivery and settle it (the transport's handler callback)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -15,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from prometheus_client import Counter, Histogram
 
+from accord._backoff import backoff_delay
 from accord.db.database import Database
 from accord.errors import (
     AccordError,
@@ -35,12 +35,6 @@ PUBLISHED = Counter("accord_outbox_published", "Outbox messages confirmed by the
 FAILED = Counter("accord_outbox_publish_failures", "Outbox publish attempts that failed")
 DEAD = Counter("accord_outbox_dead", "Outbox messages marked DEAD after their last attempt")
 BATCH_SECONDS = Histogram("accord_outbox_batch_seconds", "Claim, publish and settle one batch")
-
-
-def backoff_delay(attempt: int, base: float, cap: float) -> float:
-    """Exponential backoff with jitter: between half and all of ``base * 2**(attempt-1)``."""
-    ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
-    return random.uniform(ceiling / 2, ceiling)
 
 
 def _waves(rows: Sequence[ClaimedRow]) -> list[list[ClaimedRow]]:

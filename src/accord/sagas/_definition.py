@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import enum
-import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from accord._backoff import backoff_delay
 from accord.errors import ConfigurationError
 
 __all__ = [
@@ -89,8 +89,7 @@ class Retry:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt``."""
-        ceiling = min(self.cap, self.base * 2.0 ** max(0, attempt - 1))
-        return random.uniform(ceiling / 2, ceiling)
+        return backoff_delay(attempt, self.base, self.cap)
 
     def exhausted(self, attempt: int) -> bool:
         """Whether ``attempt`` attempts used up the policy."""
