@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 
 import nats.errors
 import nats.js.errors
@@ -16,8 +17,8 @@ from accord.errors import TransportError, TransportUnavailable
 from accord.transports._naming import safe_name
 from accord.transports.base import (
     DEFAULT_REDELIVERY_DELAY,
+    BatchHandler,
     Delivery,
-    Handler,
     Subscription,
     topic_matches,
 )
@@ -107,20 +108,22 @@ class _NatsDelivery(Delivery):
 
 
 class NatsSubscription(Subscription):
-    """Pulls batches from a durable consumer and hands them to the handler one by one."""
+    """Pulls batches from a durable consumer and hands them to the handler in chunks of
+    at most ``max_batch``, one call at a time."""
 
     def __init__(
         self,
         nc: _NatsClient,
         js: JetStreamContext,
         psub: JetStreamContext.PullSubscription,
-        handler: Handler,
+        handler: BatchHandler,
         *,
         channel: str,
         group: str,
         topics: tuple[str, ...],
         exact: bool,
         prefetch: int,
+        max_batch: int,
         ack_wait: float,
         publish_timeout: float,
     ) -> None:
@@ -135,6 +138,7 @@ class NatsSubscription(Subscription):
         self._topics = topics
         self._exact = exact
         self._prefetch = prefetch
+        self._max_batch = max_batch
         self._ack_wait = ack_wait
         self._dead_prefix = f"{channel}._dead."
         self._held: list[_NatsDelivery] = []
@@ -167,32 +171,48 @@ class NatsSubscription(Subscription):
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.05
-            batch = [_NatsDelivery(self, msg) for msg in msgs]
-            self._held = batch
-            for delivery in batch:
+            received = [_NatsDelivery(self, msg) for msg in msgs]
+            self._held = received
+            wanted: list[_NatsDelivery] = []
+            unwanted: list[_NatsDelivery] = []
+            for delivery in received:
+                (wanted if self._wanted(delivery._msg) else unwanted).append(delivery)
+            # Types the filter subject could not exclude are done: acked at once.
+            await self._settle(unwanted, None)
+            for start in range(0, len(wanted), self._max_batch):
                 if self._stopped:
                     break  # stop() gives the rest back
-                await self._dispatch(delivery)
+                await self._dispatch(wanted[start : start + self._max_batch])
             if not self._stopped:
                 self._held = []
 
-    async def _dispatch(self, delivery: _NatsDelivery) -> None:
+    async def _dispatch(self, batch: Sequence[_NatsDelivery]) -> None:
         try:
-            if not self._wanted(delivery._msg):
-                await delivery.ack()
-                return
+            await self._handler(batch)
+        except asyncio.CancelledError:
+            raise  # stop() gives the deliveries back
+        except Exception:
+            log.exception("handler of group %r failed; redelivering", self.group)
+            await self._settle(batch, DEFAULT_REDELIVERY_DELAY)
+        else:
+            await self._settle(batch, None)
+
+    async def _settle(self, batch: Sequence[_NatsDelivery], nack_delay: float | None) -> None:
+        """Ack (or nack after ``nack_delay``) what the handler left unsettled. Each is one
+        buffered publish on the connection, no round trip: they leave together with the
+        next pull request, in order before it."""
+        failure: TransportError | None = None
+        for delivery in batch:
             try:
-                await self._handler(delivery)
-            except asyncio.CancelledError:
-                raise  # stop() gives the delivery back
-            except Exception:
-                log.exception("handler of group %r failed; redelivering", self.group)
-                await delivery.nack(DEFAULT_REDELIVERY_DELAY)
-            else:
-                await delivery.ack()
-        except TransportError as exc:
+                if nack_delay is None:
+                    await delivery.ack()
+                else:
+                    await delivery.nack(nack_delay)
+            except TransportError as exc:
+                failure = exc
+        if failure is not None:
             # Settling failed (connection lost): JetStream redelivers after ack_wait.
-            log.warning("settling a delivery of group %r failed: %s", self.group, exc)
+            log.warning("settling deliveries of group %r failed: %s", self.group, failure)
 
     async def _keep_alive(self) -> None:
         # Deliveries held longer than ack_wait (slow handler, large batch) would be

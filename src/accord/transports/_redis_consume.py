@@ -9,7 +9,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +21,8 @@ from redis.typing import StreamIdT
 from accord.errors import TransportError, TransportUnavailable
 from accord.transports.base import (
     DEFAULT_REDELIVERY_DELAY,
+    BatchHandler,
     Delivery,
-    Handler,
     Subscription,
     topic_matches,
 )
@@ -152,7 +152,9 @@ class _RedisDelivery(Delivery):
 
 class RedisSubscription(Subscription):
     """One consumer of a group: moves due delayed entries, takes over abandoned ones
-    (XAUTOCLAIM), reads new ones (XREADGROUP) and hands them to the handler one by one.
+    (XAUTOCLAIM), reads new ones (XREADGROUP) and hands them to the handler in chunks of
+    at most ``max_batch``, one call at a time; what it leaves unsettled is acked with the
+    rest of the read in one round trip.
 
     redis-py (8.x) can swallow a task cancellation that lands inside a command and leave
     the connection half-read, so no Redis call here is ever cancelled: stop() signals
@@ -165,11 +167,12 @@ class RedisSubscription(Subscription):
         reader: aioredis.Redis,
         scripts: Mapping[str, AsyncScript],
         keys: GroupKeys,
-        handler: Handler,
+        handler: BatchHandler,
         *,
         group: str,
         topics: tuple[str, ...],
         prefetch: int,
+        max_batch: int,
         claim_idle: float,
         stop_timeout: float,
     ) -> None:
@@ -183,6 +186,7 @@ class RedisSubscription(Subscription):
         self._handler = handler
         self._topics = topics
         self._prefetch = prefetch
+        self._max_batch = max_batch
         self._claim_idle_ms = max(1, int(claim_idle * 1000))
         self._claim_every = max(0.05, min(claim_idle / 2, 5.0))
         self._stop_timeout = stop_timeout
@@ -243,10 +247,17 @@ class RedisSubscription(Subscription):
                 continue
             backoff = 0.05
             self._held = batch
+            wanted: list[_RedisDelivery] = []
             for delivery in batch:
+                if self._wanted(delivery):
+                    wanted.append(delivery)
+                else:
+                    self._ack_later(delivery)
+            for start in range(0, len(wanted), self._max_batch):
                 if self._stopping.is_set():
                     break  # the rest is given back by stop()
-                self._handling = asyncio.create_task(self._dispatch(delivery))
+                chunk = wanted[start : start + self._max_batch]
+                self._handling = asyncio.create_task(self._dispatch(chunk))
                 await asyncio.wait({self._handling})
                 self._handling = None
             await self._flush_acks()
@@ -292,36 +303,41 @@ class RedisSubscription(Subscription):
             log.info("group %r took over %d abandoned entries", self.group, len(batch))
         return batch
 
-    async def _dispatch(self, delivery: _RedisDelivery) -> None:
+    async def _dispatch(self, batch: Sequence[_RedisDelivery]) -> None:
         try:
-            if not self._wanted(delivery):
-                await delivery.ack()
-                return
-            try:
-                await self._handler(delivery)
-            except asyncio.CancelledError:
-                raise  # stop() gives the entry back
-            except Exception:
-                log.exception("handler of group %r failed; redelivering", self.group)
-                await delivery.nack(DEFAULT_REDELIVERY_DELAY)
-            else:
-                if not delivery.settled:
-                    # Acked together with the rest of the batch (one round trip).
-                    delivery.settled = True
-                    self._acks.append(delivery)
-        except TransportError as exc:
-            # Settling failed: the entry stays pending and is given back or claimed.
-            log.warning("settling a delivery of group %r failed: %s", self.group, exc)
+            await self._handler(batch)
+        except asyncio.CancelledError:
+            raise  # stop() gives the entries back
+        except Exception:
+            log.exception("handler of group %r failed; redelivering", self.group)
+            failure: TransportError | None = None
+            for delivery in batch:
+                try:
+                    await delivery.nack(DEFAULT_REDELIVERY_DELAY)
+                except TransportError as exc:
+                    failure = exc
+            if failure is not None:
+                # Settling failed: the entries stay pending and are given back or claimed.
+                log.warning("nacking deliveries of group %r failed: %s", self.group, failure)
+        else:
+            for delivery in batch:
+                self._ack_later(delivery)
+
+    def _ack_later(self, delivery: _RedisDelivery) -> None:
+        if not delivery.settled:
+            # Acked together with the rest of the read (one round trip).
+            delivery.settled = True
+            self._acks.append(delivery)
 
     async def _keep_alive(self) -> None:
         # Entries held longer than claim_idle (slow handler, large batch) would be taken
         # over by another consumer; re-claiming them to ourselves resets their idle time.
         while not self._stopping.is_set():
             await self._pause(self._claim_idle_ms / 3000)
+            # Acks not flushed yet are still pending in Redis: keep those alive too.
+            pending = [d for d in self._held if not d.settled] + self._acks
             for key in (self.keys.stream, self.keys.retry):
-                ids: list[StreamIdT] = [
-                    d.entry_id for d in self._held if d.key == key and not d.settled
-                ]
+                ids: list[StreamIdT] = [d.entry_id for d in pending if d.key == key]
                 if ids and not self._stopping.is_set():
                     with contextlib.suppress(Exception):
                         await self.client.xclaim(

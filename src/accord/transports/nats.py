@@ -48,7 +48,7 @@ from accord.errors import ConfigurationError, PublishError, TransportError, Tran
 from accord.messages import Message
 from accord.transports._naming import safe_name
 from accord.transports._nats_consume import NatsSubscription, translate_nats_error
-from accord.transports.base import Envelope, Handler, Subscription, Transport
+from accord.transports.base import BatchHandler, Envelope, Subscription, Transport
 
 __all__ = ["NatsTransport", "durable_name", "stream_name", "subject_filter"]
 
@@ -273,18 +273,21 @@ class NatsTransport(Transport):
 
     # -- consuming ----------------------------------------------------------------
 
-    async def subscribe(
+    async def subscribe_batches(
         self,
         group: str,
-        handler: Handler,
+        handler: BatchHandler,
         *,
         topics: Sequence[str] = ("#",),
         prefetch: int = 64,
+        max_batch: int = 64,
     ) -> Subscription:
-        """Create (or reuse) the group's durable pull consumer and start pulling from it."""
+        """Create (or reuse) the group's durable pull consumer and start pulling from it:
+        each pull of up to ``prefetch`` messages is handed over in chunks of at most
+        ``max_batch``."""
         nc, js = self._connected()
         if not topics:
-            raise ConfigurationError("subscribe() needs at least one topic pattern")
+            raise ConfigurationError("subscribing needs at least one topic pattern")
         filter_subject, exact = subject_filter(self.channel, topics)
         durable = durable_name(group)
         config = ConsumerConfig(
@@ -313,6 +316,7 @@ class NatsTransport(Transport):
             topics=tuple(topics),
             exact=exact,
             prefetch=max(1, prefetch),
+            max_batch=max(1, min(max_batch, prefetch)),
             ack_wait=self.ack_wait,
             publish_timeout=self.publish_timeout,
         )

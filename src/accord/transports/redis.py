@@ -49,7 +49,7 @@ from accord.transports._redis_consume import (
     describe,
     translate_redis_error,
 )
-from accord.transports.base import Handler, Subscription, Transport
+from accord.transports.base import BatchHandler, Subscription, Transport
 
 __all__ = ["RedisTransport"]
 
@@ -187,19 +187,21 @@ class RedisTransport(Transport):
 
     # -- consuming ----------------------------------------------------------------
 
-    async def subscribe(
+    async def subscribe_batches(
         self,
         group: str,
-        handler: Handler,
+        handler: BatchHandler,
         *,
         topics: Sequence[str] = ("#",),
         prefetch: int = 64,
+        max_batch: int = 64,
     ) -> Subscription:
         """Create the group (at ``$`` on the channel stream, durable from now on) and
-        start reading as a new, uniquely named consumer of it."""
+        start reading as a new, uniquely named consumer of it: what each read returns is
+        handed over in chunks of at most ``max_batch`` (and ``prefetch``)."""
         client = self._client()
         if not topics:
-            raise ConfigurationError("subscribe() needs at least one topic pattern")
+            raise ConfigurationError("subscribing needs at least one topic pattern")
         keys = self.group_keys(group)
         for key, start in ((keys.stream, "$"), (keys.retry, "0")):
             try:
@@ -220,6 +222,7 @@ class RedisTransport(Transport):
             group=group,
             topics=tuple(topics),
             prefetch=max(1, prefetch),
+            max_batch=max(1, min(max_batch, prefetch)),
             claim_idle=self.claim_idle,
             stop_timeout=self.publish_timeout + BLOCK_MS / 1000,
         )
