@@ -7,7 +7,7 @@ import random
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -430,3 +430,60 @@ async def test_a_failed_ack_flush_does_not_stop_the_consumer(sqlite_url: str, ch
     await received.wait(2)
     assert failures == [1]
     await transport.close()
+
+
+async def test_a_nack_in_a_batch_gives_back_the_later_deliveries_with_its_key(
+    transports: Callable[..., SqlTransport],
+) -> None:
+    transport = transports()
+    batches: list[list[tuple[str, int]]] = []
+
+    async def handle(deliveries: Sequence[Delivery]) -> None:
+        batches.append([(d.message.data, d.attempt) for d in deliveries if d.message])
+        for delivery in deliveries:
+            assert delivery.message is not None
+            if delivery.message.data == "a1" and delivery.attempt == 1:
+                await delivery.nack(0.05)
+
+    await transport.subscribe_batches("g", handle, prefetch=10, max_batch=2)
+    names = ["a1", "b1", "a2", "b2", "a3", "b3"]
+    await transport.publish([Message(type="t.x", data=n, key=n[0]) for n in names])
+
+    def all_handled() -> bool:
+        return sum(len(b) for b in batches) >= len(names) + 1
+
+    await wait_for(all_handled, 10)
+    assert batches == [
+        [("a1", 1), ("b1", 1)],
+        [("b2", 1), ("b3", 1)],  # a2 and a3 went back: they wait for a1
+        [("a1", 2), ("a2", 1)],  # given back unhandled: not an attempt
+        [("a3", 1)],
+    ]
+
+
+async def test_a_slow_batch_keeps_the_lease_of_every_delivery_in_it(
+    transports: Callable[..., SqlTransport],
+) -> None:
+    a, b = transports(lease=0.6), transports(lease=0.6)
+    started, finished = asyncio.Event(), asyncio.Event()
+    sizes: list[int] = []
+
+    async def slow(deliveries: Sequence[Delivery]) -> None:
+        sizes.append(len(deliveries))
+        started.set()
+        await asyncio.sleep(1.5)  # well past the lease: extending it must keep them all here
+        finished.set()
+
+    await a.subscribe_batches("g", slow, max_batch=3)
+    await a.publish([Message(type="t.slow", data=n) for n in range(3)])
+    await asyncio.wait_for(started.wait(), 10)
+    other = Collector()
+    await b.subscribe("g", other)
+    await asyncio.wait_for(finished.wait(), 10)
+
+    async def settled() -> bool:
+        return await _count(a, queue_deliveries) == 0
+
+    await wait_for(settled, 10)
+    assert sizes == [3]
+    assert other.received == [], "a delivery of the batch was handed to a second consumer"

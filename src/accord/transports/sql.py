@@ -18,6 +18,11 @@ What it promises, beyond :class:`~accord.transports.base.Transport`:
   A delivery is handed out in publish order, and never while an earlier
   delivery with the same ``key`` in the group is out (leased or waiting out a
   nack delay): per-key order holds with any number of competing consumers.
+* :meth:`SqlTransport.subscribe_batches` hands each call up to ``max_batch`` of
+  the deliveries a claim leased (a claim leases up to ``prefetch``). Once a
+  delivery is nacked, the later ones with its key that the consumer still holds
+  go back to the group, so no later call gets them before it; inside one call,
+  not handling a delivery after a nacked one of its key is the handler's job.
 * A lease (``lease`` seconds, extended while the consumer lives) ends when the
   consumer settles the delivery; a consumer that dies without settling has its
   deliveries offered again once the lease runs out. ``attempt`` counts every
@@ -55,7 +60,13 @@ from accord.messages import Message, decode, encode
 from accord.transports._sql import _queries as q
 from accord.transports._sql._errors import transaction, translate
 from accord.transports._sql._subscription import SqlDelivery, SqlSubscription
-from accord.transports.base import Envelope, Handler, Subscription, Transport, topic_matches
+from accord.transports.base import (
+    BatchHandler,
+    Envelope,
+    Subscription,
+    Transport,
+    topic_matches,
+)
 
 __all__ = ["SqlDelivery", "SqlSubscription", "SqlTransport"]
 
@@ -265,22 +276,26 @@ class SqlTransport(Transport):
 
     # -- consuming ------------------------------------------------------------------
 
-    async def subscribe(
+    async def subscribe_batches(
         self,
         group: str,
-        handler: Handler,
+        handler: BatchHandler,
         *,
         topics: Sequence[str] = ("#",),
         prefetch: int = 64,
+        max_batch: int = 64,
     ) -> Subscription:
         """Register ``group`` durably (widening its patterns with ``topics``) and start
-        a consumer of it. ``prefetch`` is how many deliveries one claim leases."""
+        a consumer of it. ``prefetch`` is how many deliveries one claim leases; each
+        handler call gets up to ``max_batch`` of those already claimed."""
         if not group:
             raise ConfigurationError("subscribe: group must be a non-empty name")
         if isinstance(topics, str) or not topics:
             raise ConfigurationError(
                 "subscribe: topics must be a non-empty list of patterns, e.g. ['match.*']"
             )
+        if max_batch < 1:
+            raise ConfigurationError("subscribe_batches: max_batch must be >= 1")
         db = await self._ensure_open()
         async with transaction(db, f"registering group {group!r}") as conn:
             await q.register_group(
@@ -303,6 +318,7 @@ class SqlTransport(Transport):
             group=group,
             handler=handler,
             prefetch=prefetch,
+            max_batch=max_batch,
             poll_interval=self.poll_interval,
             lease=self.lease,
             on_settle=self._wake_group,

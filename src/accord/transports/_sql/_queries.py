@@ -223,18 +223,23 @@ async def delete_deliveries(conn: AsyncConnection, group: str, seqs: Sequence[in
 
 
 async def nack(
-    conn: AsyncConnection, group: str, seq: int, consumer: str, available_at: datetime
+    conn: AsyncConnection,
+    group: str,
+    seqs: Sequence[int],
+    consumer: str,
+    available_at: datetime,
 ) -> None:
-    """Give a delivery back, offered again from ``available_at``.
+    """Give deliveries back, offered again from ``available_at``.
 
-    Only while ``consumer`` still holds it: once its lease ran out and someone
-    else took it, the other consumer's lease wins.
+    Only those ``consumer`` still holds: once a lease ran out and someone else
+    took the delivery, the other consumer's lease wins.
     """
-    await conn.execute(
-        sa.update(_d)
-        .where(_d.c.group_name == group, _d.c.seq == seq, _d.c.locked_by == consumer)
-        .values(available_at=available_at, locked_until=None, locked_by=None)
-    )
+    if seqs:
+        await conn.execute(
+            sa.update(_d)
+            .where(_d.c.group_name == group, _d.c.seq.in_(list(seqs)), _d.c.locked_by == consumer)
+            .values(available_at=available_at, locked_until=None, locked_by=None)
+        )
 
 
 async def release(

@@ -1,4 +1,4 @@
-"""One consumer of a group on the SQL transport: claim, handle in order, settle."""
+"""One consumer of a group on the SQL transport: claim, handle in batches in order, settle."""
 
 from __future__ import annotations
 
@@ -9,14 +9,19 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from accord.db import Database
 from accord.errors import TransportError
 from accord.transports._sql import _queries as q
 from accord.transports._sql._errors import transaction
-from accord.transports.base import DEFAULT_REDELIVERY_DELAY, Delivery, Handler, Subscription
+from accord.transports.base import (
+    DEFAULT_REDELIVERY_DELAY,
+    BatchHandler,
+    Delivery,
+    Subscription,
+)
 
 __all__ = ["SqlDelivery", "SqlSubscription"]
 
@@ -28,6 +33,17 @@ _CLAIM_RETRY_DELAY = 1.0
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _describe(batch: Sequence[Delivery]) -> str:
+    def name(delivery: Delivery) -> str:
+        if delivery.message is not None:
+            return delivery.message.id
+        return delivery.headers.get("ce-id", "<undecodable>")
+
+    if len(batch) == 1:
+        return f"message {name(batch[0])} (attempt {batch[0].attempt})"
+    return f"a batch of {len(batch)} messages ({name(batch[0])} .. {name(batch[-1])})"
 
 
 def consumer_id() -> str:
@@ -50,14 +66,15 @@ class SqlDelivery(Delivery):
 
     async def _nack(self, delay: float) -> None:
         self.nacked = True
-        await self._subscription.nack(self, delay)
+        await self._subscription.nack([self], delay)
 
     async def _reject(self, reason: str) -> None:
         await self._subscription.reject(self, reason)
 
 
 class SqlSubscription(Subscription):
-    """Claims batches of up to ``prefetch`` deliveries and hands them to ``handler`` in order.
+    """Claims up to ``prefetch`` deliveries at a time and hands them to ``handler`` in
+    order, up to ``max_batch`` per call.
 
     Acks are committed in the background, many per transaction (a consumer that
     dies before the commit gets the delivery again: at-least-once), but always
@@ -72,8 +89,9 @@ class SqlSubscription(Subscription):
         database: Database,
         channel: str,
         group: str,
-        handler: Handler,
+        handler: BatchHandler,
         prefetch: int,
+        max_batch: int,
         poll_interval: float,
         lease: float,
         on_settle: Callable[[SqlSubscription], None],
@@ -85,13 +103,14 @@ class SqlSubscription(Subscription):
         self._db = database
         self._handler = handler
         self._prefetch = max(1, prefetch)
+        self._max_batch = max(1, min(max_batch, self._prefetch))
         self._poll_interval = poll_interval
         self._lease = lease
         self._on_settle = on_settle
         self._on_stop = on_stop
         self._wake = asyncio.Event()
         self._buffer: collections.deque[SqlDelivery] = collections.deque()
-        self._current: SqlDelivery | None = None
+        self._batch: list[SqlDelivery] = []  # handed to the handler, call in progress
         self._pending_acks: list[int] = []
         self._flusher: asyncio.Task[None] | None = None
         self._idle = False
@@ -148,30 +167,38 @@ class SqlSubscription(Subscription):
                 continue
             self._buffer.extend(SqlDelivery(self, item) for item in claimed)
             while self._buffer:
-                delivery = self._current = self._buffer.popleft()
-                await self._handle(delivery)
-                self._current = None
+                size = min(self._max_batch, len(self._buffer))
+                self._batch = [self._buffer.popleft() for _ in range(size)]
+                await self._handle(self._batch)
+                self._batch = []
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
 
-    async def _handle(self, delivery: SqlDelivery) -> None:
+    async def _handle(self, batch: list[SqlDelivery]) -> None:
         try:
-            await self._handler(delivery)
+            # A copy: whatever the handler does to its list, the whole batch is settled after.
+            await self._handler(list(batch))
         except Exception:
+            unsettled = [d for d in batch if not d.settled]
             log.exception(
-                "group %r: handler failed on message %s (attempt %d); redelivering in %ss",
+                "group %r: handler failed on %s; redelivering %d unsettled in %ss",
                 self.group,
-                delivery.message.id if delivery.message else "<undecodable>",
-                delivery.attempt,
+                _describe(batch),
+                len(unsettled),
                 DEFAULT_REDELIVERY_DELAY,
             )
-            await self._settle_safely(delivery.nack(DEFAULT_REDELIVERY_DELAY))
+            for delivery in unsettled:
+                # Settled here and nacked below in one transaction, not one each.
+                delivery.settled = delivery.nacked = True
+            await self._settle_safely(self.nack(unsettled, DEFAULT_REDELIVERY_DELAY))
         else:
-            await self._settle_safely(delivery.ack())
-        if delivery.nacked and delivery.key is not None:
-            await self._give_back_key(delivery.key)
+            for delivery in batch:
+                await delivery.ack()  # only queued: committed with others in the background
+        nacked_keys = {d.key for d in batch if d.nacked and d.key is not None}
+        if nacked_keys:
+            await self._give_back_keys(nacked_keys)
 
     async def _settle_safely(self, settling: Awaitable[None]) -> None:
         try:
@@ -179,15 +206,15 @@ class SqlSubscription(Subscription):
         except TransportError as exc:
             # Not settled: the lease runs out (we stop extending it) and the
             # delivery is offered again, so nothing is lost.
-            log.warning("group %r: settling a delivery failed: %s", self.group, exc)
+            log.warning("group %r: settling deliveries failed: %s", self.group, exc)
 
-    async def _give_back_key(self, key: str) -> None:
+    async def _give_back_keys(self, keys: set[str]) -> None:
         """A nacked delivery must not be overtaken by the later ones with its key that
         this consumer already holds: hand those back until it is done."""
-        later = [d for d in self._buffer if d.key == key]
+        later = [d for d in self._buffer if d.key in keys]
         if not later:
             return
-        self._buffer = collections.deque(d for d in self._buffer if d.key != key)
+        self._buffer = collections.deque(d for d in self._buffer if d.key not in keys)
         try:
             async with transaction(self._db, "releasing deliveries") as conn:
                 await q.release_unstarted(
@@ -225,11 +252,13 @@ class SqlSubscription(Subscription):
         if self._pending_acks:
             await self._flush_loop()
 
-    async def nack(self, delivery: SqlDelivery, delay: float) -> None:
-        """Offer ``delivery`` again after ``delay`` seconds."""
-        async with transaction(self._db, "nacking a delivery") as conn:
+    async def nack(self, deliveries: Sequence[SqlDelivery], delay: float) -> None:
+        """Offer ``deliveries`` again after ``delay`` seconds."""
+        if not deliveries:
+            return
+        async with transaction(self._db, "nacking deliveries") as conn:
             available_at = _now() + timedelta(seconds=max(0.0, delay))
-            await q.nack(conn, self.group, delivery.seq, self.consumer, available_at)
+            await q.nack(conn, self.group, [d.seq for d in deliveries], self.consumer, available_at)
         # A little late rather than early: the claim compares against available_at.
         asyncio.get_running_loop().call_later(max(0.0, delay) + 0.01, self._wake.set)
         self._on_settle(self)
@@ -251,10 +280,9 @@ class SqlSubscription(Subscription):
     # -- leases -----------------------------------------------------------------
 
     def _held(self) -> list[int]:
-        held = [d.seq for d in self._buffer] + list(self._pending_acks)
-        if self._current is not None and not self._current.settled:
-            held.append(self._current.seq)
-        return held
+        # The whole batch in the handler's hands is held, not only the one it is at.
+        held = [d.seq for d in self._batch if not d.settled]
+        return held + [d.seq for d in self._buffer] + list(self._pending_acks)
 
     async def _extend_leases(self) -> None:
         while True:
@@ -288,7 +316,7 @@ class SqlSubscription(Subscription):
         await self._flush_acks()
         unstarted = [d.seq for d in self._buffer]
         self._buffer.clear()
-        self._current = None
+        self._batch = []
         try:
             async with transaction(self._db, "releasing deliveries") as conn:
                 await q.delete_deliveries(conn, self.group, self._pending_acks)
