@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -54,6 +54,44 @@ class Collector:
             return len(self.received) >= count
 
         await wait_for(enough, timeout)
+
+
+class _Batches:
+    """A batch handler that records every call, then lets ``react`` (if given) act on
+    the batch: ``react(batch, call_number)``. Notes if two calls ever overlap."""
+
+    def __init__(self, react: Callable[[list[Delivery], int], Awaitable[None]] | None = None):
+        self.calls: list[list[Delivery]] = []
+        self.react = react
+        self.running = 0
+        self.overlapped = False
+
+    async def __call__(self, deliveries: Sequence[Delivery]) -> None:
+        batch = list(deliveries)
+        self.calls.append(batch)
+        self.running += 1
+        self.overlapped |= self.running > 1
+        try:
+            if self.react is not None:
+                await self.react(batch, len(self.calls))
+            await asyncio.sleep(0)  # a concurrent call would start here
+        finally:
+            self.running -= 1
+
+    @property
+    def received(self) -> list[tuple[str, int]]:
+        """(message id, attempt) of every delivery, in the order of the calls."""
+        return [(d.message.id, d.attempt) for b in self.calls for d in b if d.message is not None]
+
+    @property
+    def ids(self) -> list[str]:
+        return [i for i, _ in self.received]
+
+    async def wait(self, message: Message, timeout: float, attempt: int = 1) -> None:
+        def arrived() -> bool:
+            return (message.id, attempt) in self.received
+
+        await wait_for(arrived, timeout)
 
 
 def _messages(n: int, type: str = "test.happened", key: str | None = None) -> list[Message]:
@@ -296,3 +334,157 @@ class TransportContract:
         await transport.close()
         with pytest.raises(TransportError):
             await transport.publish([Message(type="test.closed")])
+
+    # subscribe_batches: subscribe() is its max_batch=1 case, so every test above
+    # covers it too; these check what only batches can show.
+
+    async def _waiting_messages(self, transport: Transport, group: str, n: int) -> list[Message]:
+        """Create ``group`` with a first subscribe, stop it, then publish ``n`` messages:
+        they wait at the broker for the next consumer, so it can take several at once."""
+        await (await transport.subscribe_batches(group, _Batches())).stop()
+        sent = _messages(n)
+        await transport.publish(sent)
+        return sent
+
+    async def _publish_marker(self, transport: Transport, batches: _Batches) -> Message:
+        """Publish a message behind the others and wait until ``batches`` got it."""
+        marker = Message(type="test.marker")
+        await transport.publish([marker])
+        await batches.wait(marker, self.timeout)
+        return marker
+
+    @pytest.mark.parametrize(("max_batch", "prefetch"), [(8, 64), (64, 5)])
+    async def test_batches_keep_broker_order_each_message_once_bounded_one_call_at_a_time(
+        self, open_transport: Any, max_batch: int, prefetch: int
+    ) -> None:
+        transport = await open_transport()
+        sent = await self._waiting_messages(transport, "batched", 40)
+
+        async def dawdle_first(batch: list[Delivery], call: int) -> None:
+            if call == 1:
+                await asyncio.sleep(0.2)  # more pile up behind the first call
+
+        batches = _Batches(dawdle_first)
+        await transport.subscribe_batches(
+            "batched", batches, prefetch=prefetch, max_batch=max_batch
+        )
+        await batches.wait(sent[-1], self.timeout)
+        marker = await self._publish_marker(transport, batches)
+        assert batches.received == [(m.id, 1) for m in [*sent, marker]]
+        sizes = [len(batch) for batch in batches.calls]
+        assert all(1 <= size <= min(max_batch, prefetch) for size in sizes), sizes
+        assert any(size > 1 for size in sizes), f"waiting messages never came batched: {sizes}"
+        assert not batches.overlapped, "two handler calls of one subscription overlapped"
+
+    async def test_deliveries_a_returning_batch_handler_left_unsettled_are_acked(
+        self, open_transport: Any
+    ) -> None:
+        transport = await open_transport()
+        first = _Batches()
+        subscription = await transport.subscribe_batches("returns", first, prefetch=4)
+        sent = _messages(10)
+        await transport.publish(sent)
+        # Where the broker bounds unacked deliveries by prefetch, the last ones arrive
+        # only if the earlier ones were acked.
+        await first.wait(sent[-1], self.timeout)
+        # The call that gets the marker starts after every call holding `sent` returned.
+        await self._publish_marker(transport, first)
+        await subscription.stop()  # anything still unacked goes back to the group now
+        second = _Batches()
+        await transport.subscribe_batches("returns", second)
+        await self._publish_marker(transport, second)  # the group is live again
+        await asyncio.sleep(0.5)  # a given-back delivery could still be on its way
+        assert [i for i in first.ids if i in {m.id for m in sent}] == [m.id for m in sent]
+        assert not {m.id for m in sent} & set(second.ids), "an unsettled delivery came back"
+
+    async def test_raising_batch_handler_gets_back_what_it_left_unsettled_not_what_it_acked(
+        self, open_transport: Any
+    ) -> None:
+        transport = await open_transport()
+        sent = await self._waiting_messages(transport, "raises", 6)
+        failed: list[Delivery] = []
+
+        async def ack_one_then_raise(batch: list[Delivery], call: int) -> None:
+            if not failed and len(batch) > 1:
+                failed.extend(batch)
+                await batch[0].ack()
+                raise RuntimeError("handler failure requested by the test")
+            if call == 1:
+                await asyncio.sleep(0.2)  # more pile up behind the first call
+
+        batches = _Batches(ack_one_then_raise)
+        await transport.subscribe_batches("raises", batches)
+
+        def a_batch_of_several_failed() -> bool:
+            return bool(failed)
+
+        await wait_for(a_batch_of_several_failed, self.timeout)
+        acked, *unsettled = [d.message for d in failed if d.message is not None]
+        for message in unsettled:
+            await batches.wait(message, self.timeout, attempt=2)
+        marker = await self._publish_marker(transport, batches)
+
+        def attempts(message: Message) -> list[int]:
+            return [attempt for i, attempt in batches.received if i == message.id]
+
+        assert attempts(acked) == [1], "the delivery the handler acked came back"
+        assert {m.id: attempts(m) for m in unsettled} == {m.id: [1, 2] for m in unsettled}
+        others = [m for m in [*sent, marker] if m.id not in {d.id for d in unsettled}]
+        assert {m.id: attempts(m) for m in others} == {m.id: [1] for m in others}
+
+    async def test_nacking_one_delivery_of_a_batch_brings_back_only_that_one(
+        self, open_transport: Any
+    ) -> None:
+        transport = await open_transport()
+        sent = await self._waiting_messages(transport, "nacks-one", 6)
+        nacked: list[Message] = []
+
+        async def nack_the_second(batch: list[Delivery], call: int) -> None:
+            if not nacked and len(batch) > 1:
+                assert batch[1].message is not None
+                nacked.append(batch[1].message)
+                await batch[1].nack(0.2)
+            elif call == 1:
+                await asyncio.sleep(0.2)  # more pile up behind the first call
+
+        batches = _Batches(nack_the_second)
+        await transport.subscribe_batches("nacks-one", batches)
+
+        def a_batch_of_several_came() -> bool:
+            return bool(nacked)
+
+        await wait_for(a_batch_of_several_came, self.timeout)
+        await batches.wait(nacked[0], self.timeout, attempt=2)
+        marker = await self._publish_marker(transport, batches)
+        expected = {m.id: [1] for m in [*sent, marker]}
+        expected[nacked[0].id] = [1, 2]
+        got: dict[str, list[int]] = {}
+        for i, attempt in batches.received:
+            got.setdefault(i, []).append(attempt)
+        assert got == expected
+
+    async def test_topics_filter_batches_too(self, open_transport: Any) -> None:
+        transport = await open_transport()
+        matches, several = _Batches(), _Batches()
+        await transport.subscribe_batches("matches", matches, topics=["match.*"])
+        await transport.subscribe_batches("several", several, topics=["match.recorded", "score.*"])
+        types = [
+            "match.recorded",
+            "score.awarded",
+            "match.deep.nested",
+            "other.thing",
+            "match.cancelled",
+        ]
+        await transport.publish([Message(type=t) for t in types])
+        # Markers behind the rest: once a group has its marker, it has had the rest too.
+        match_end, score_end = Message(type="match.end"), Message(type="score.end")
+        await transport.publish([match_end, score_end])
+        await matches.wait(match_end, self.timeout)
+        await several.wait(score_end, self.timeout)
+
+        def types_of(batches: _Batches) -> list[str]:
+            return [d.message.type for b in batches.calls for d in b if d.message is not None]
+
+        assert types_of(matches) == ["match.recorded", "match.cancelled", "match.end"]
+        assert types_of(several) == ["match.recorded", "score.awarded", "score.end"]
+        assert all(matches.calls) and all(several.calls), "a handler got an empty batch"

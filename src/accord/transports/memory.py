@@ -15,8 +15,8 @@ from accord.errors import TransportUnavailable
 from accord.messages import Message, encode
 from accord.transports.base import (
     DEFAULT_REDELIVERY_DELAY,
+    BatchHandler,
     Delivery,
-    Handler,
     Subscription,
     Transport,
     topic_matches,
@@ -66,24 +66,34 @@ class _MemoryDelivery(Delivery):
 
 
 class _MemorySubscription(Subscription):
-    def __init__(self, group: _Group, handler: Handler) -> None:
+    def __init__(self, group: _Group, handler: BatchHandler, max_batch: int) -> None:
         self._group = group
         self._handler = handler
+        self._max_batch = max_batch
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
+        queue = self._group.queue
         while True:
-            delivery = _MemoryDelivery(self._group, await self._group.queue.get())
+            # Wait for one message, then take what else is already queued: a batch
+            # never waits to fill up.
+            items = [await queue.get()]
+            while len(items) < self._max_batch and not queue.empty():
+                items.append(queue.get_nowait())
+            batch = [_MemoryDelivery(self._group, item) for item in items]
             try:
-                await self._handler(delivery)
+                await self._handler(batch)
             except asyncio.CancelledError:
-                # The consumer went away mid-delivery: give the message back at once.
-                await delivery.nack(0)
+                # The consumer went away mid-call: give the messages back at once.
+                for delivery in batch:
+                    await delivery.nack(0)
                 raise
             except Exception:
-                await delivery.nack(DEFAULT_REDELIVERY_DELAY)
+                for delivery in batch:
+                    await delivery.nack(DEFAULT_REDELIVERY_DELAY)
             else:
-                await delivery.ack()
+                for delivery in batch:
+                    await delivery.ack()
 
     async def stop(self) -> None:
         self._task.cancel()
@@ -118,18 +128,24 @@ class MemoryTransport(Transport):
         for group in self.broker.groups.values():
             group.queue.put_nowait((dict(headers), body, 1))
 
-    async def subscribe(
+    async def subscribe_batches(
         self,
         group: str,
-        handler: Handler,
+        handler: BatchHandler,
         *,
         topics: Sequence[str] = ("#",),
         prefetch: int = 64,
+        max_batch: int = 64,
     ) -> Subscription:
+        """Consume ``group`` in batches (see :class:`~accord.transports.base.Transport`).
+
+        A group's topics are those of its first subscribe. Each call gets what is
+        queued, up to ``max_batch`` and ``prefetch``.
+        """
         if self._closed:
             raise TransportUnavailable("the memory transport is closed")
         state = self.broker.groups.setdefault(group, _Group(tuple(topics)))
-        subscription = _MemorySubscription(state, handler)
+        subscription = _MemorySubscription(state, handler, max(1, min(max_batch, prefetch)))
         self._subscriptions.append(subscription)
         return subscription
 
