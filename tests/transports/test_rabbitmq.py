@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import aio_pika
@@ -46,6 +46,17 @@ async def rabbit() -> AsyncIterator[Callable[..., RabbitTransport]]:
             await transport.close()
         channels.setdefault(transport.channel, set()).update(transport.groups)
     await delete_everything(channels)
+
+
+async def ready_count(queue: str) -> int:
+    """How many messages of a queue wait to be delivered (not those held unacked)."""
+    connection = await aio_pika.connect(RABBIT_URL)
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0
+    finally:
+        await connection.close()
 
 
 async def raw_publish(
@@ -248,6 +259,60 @@ class TestRabbitSpecifics:
             await transport.publish([fine, too_long])
         assert list(caught.value.failed) == [too_long.id]
         assert type(caught.value.failed[too_long.id]) is TransportError
+
+    async def test_batch_ack_covers_the_leftovers_but_no_settlement_under_way(
+        self, rabbit: Callable[..., RabbitTransport]
+    ) -> None:
+        # What a batch handler leaves unsettled is acked with one basic.ack (multiple),
+        # which settles every lower tag of the channel. It must cover every leftover
+        # (else they come back on stop), skip over ones already settled, and never
+        # cover a nack still under way when the handler returns (started from a task of
+        # its own): its own ack would be a double ack, and the broker closes the channel.
+        transport = rabbit()
+        await transport.connect()
+        queue = transport.topology.queue("in-flight")
+        released = [asyncio.Event(), asyncio.Event()]
+        batches: list[list[Delivery]] = []
+
+        async def handler(deliveries: Sequence[Delivery]) -> None:
+            batches.append(list(deliveries))
+            if len(batches) == 1:
+                await released[0].wait()  # the next ones arrive meanwhile
+            elif len(batches) == 2:
+                await deliveries[1].reject("settled before the batch ack")
+                await released[1].wait()
+            elif len(batches) == 3:
+                asyncio.create_task(deliveries[0].nack(0.3))  # noqa: RUF006 - done by its ack
+                await asyncio.sleep(0)  # started: settled, not yet at the broker
+
+        async def all_handed_to_the_consumer() -> bool:
+            return await ready_count(queue) == 0
+
+        subscription = await transport.subscribe_batches(
+            "in-flight", handler, prefetch=20, max_batch=20
+        )
+        await transport.publish([Message(type="batch.first")])
+        await wait_for(lambda: batches, 10)
+        await transport.publish([Message(type="batch.item", data=i) for i in range(9)])
+        await wait_for(all_handed_to_the_consumer, 10)
+        released[0].set()
+        await wait_for(lambda: len(batches) == 2, 10)  # held: the next nine queue up
+        await transport.publish([Message(type="batch.item", data=i) for i in range(9)])
+        await wait_for(all_handed_to_the_consumer, 10)
+        released[1].set()
+        await wait_for(lambda: len(batches) >= 4, 10)
+        assert [len(b) for b in batches[:3]] == [1, 9, 9]
+        nacked = batches[2][0]
+        assert nacked.message is not None
+        assert [(d.message.id if d.message else None, d.attempt) for d in batches[3]] == [
+            (nacked.message.id, 2)
+        ]
+        # Every delivery came on one channel, still open: the broker never closed it.
+        assert len({id(d._incoming.channel) for b in batches for d in b}) == 1  # type: ignore[attr-defined]
+        await subscription.stop()
+        # Nothing went back to the queue on stop: the batch acks covered every leftover.
+        assert await ready_count(queue) == 0
+        assert await ready_count(transport.topology.dead_queue("in-flight")) == 1
 
 
 async def rabbitmqctl(*args: str) -> None:

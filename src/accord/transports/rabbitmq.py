@@ -9,6 +9,10 @@ group; and delay queues ``{channel}.{group}.retry.*`` for ``nack(delay)``.
 * Messages are persistent and travel in CloudEvents binary mode: ``ce-*`` AMQP
   headers, ``content_type`` = ``datacontenttype``, ``message_id`` = ``id`` (the
   CloudEvents RabbitMQ binding).
+* :meth:`RabbitTransport.subscribe_batches` hands the handler what has arrived (up
+  to ``max_batch``) and acks what it left unsettled with one ``basic.ack`` covering
+  the highest delivery tag (``multiple``), falling back to one ack each when a lower
+  tag of the channel might still be unsettled.
 * :meth:`RabbitTransport.publish` sends a whole batch on one channel with publisher
   confirms, all messages in flight at once (so the broker keeps batch order), then
   waits for every confirm.
@@ -60,7 +64,7 @@ from accord.transports._rabbitmq_support import (
     translate,
     translated,
 )
-from accord.transports.base import Envelope, Handler, Subscription, Transport
+from accord.transports.base import BatchHandler, Envelope, Subscription, Transport
 
 __all__ = ["RabbitTopology", "RabbitTransport"]
 
@@ -204,18 +208,23 @@ class RabbitTransport(Transport):
             ) from first.__cause__
         raise PublishError(failed)
 
-    async def subscribe(
+    async def subscribe_batches(
         self,
         group: str,
-        handler: Handler,
+        handler: BatchHandler,
         *,
         topics: Sequence[str] = ("#",),
         prefetch: int = 64,
+        max_batch: int = 64,
     ) -> Subscription:
         """Declare the group's queues and bindings durably, then consume on a channel of
-        its own with ``basic_qos(prefetch)``; the handler runs one delivery at a time."""
+        its own with ``basic_qos(prefetch)``; each handler call gets what has arrived, up
+        to ``max_batch``, and the deliveries it leaves unsettled are acked in one
+        ``basic.ack`` (``multiple``) where that is safe."""
         if not group:
             raise ConfigurationError("subscribe() needs a non-empty group name")
+        if max_batch < 1:
+            raise ConfigurationError("subscribe_batches: max_batch must be >= 1")
         if self._closed:
             raise TransportUnavailable("this RabbitTransport is closed; call connect() again")
         await self.connect()
@@ -254,6 +263,7 @@ class RabbitTransport(Transport):
             channel,
             queue,
             self.stop_timeout,
+            max_batch=max_batch if prefetch < 1 else min(max_batch, prefetch),
         )
         await subscription.start()
         self._subscriptions.append(subscription)
