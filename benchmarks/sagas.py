@@ -5,6 +5,11 @@ connections doing a one-row INSERT + COMMIT), so the report shows transactions p
 and the engine's efficiency = saga transactions/s / raw transactions/s.
 
     .venv/bin/python -m benchmarks.sagas [--quick] [--rate 400] [--seconds 10]
+        [--batch 64] [--concurrency 2] [--only rabbitmq|nats]
+
+Each service consumes in batch mode (``Consumer(batch_size=--batch)``, the orchestrator
+``Orchestrator(batch_size=...)``) with ``--concurrency`` competing consumers; the
+report names both. ``--batch 1`` measures the one-message-per-transaction path.
 """
 
 from __future__ import annotations
@@ -45,15 +50,14 @@ def definition() -> Saga:
 _TABLE = "CREATE TABLE IF NOT EXISTS bench_effects (saga_id text, step text, op text)"
 
 
-CONCURRENCY = 4
+def service(
+    database: Database, transport: Any, name: str, batch: int, concurrency: int
+) -> list[Consumer]:
+    return [_service(database, transport, name, batch) for _ in range(concurrency)]
 
 
-def service(database: Database, transport: Any, name: str) -> list[Consumer]:
-    return [_service(database, transport, name) for _ in range(CONCURRENCY)]
-
-
-def _service(database: Database, transport: Any, name: str) -> Consumer:
-    consumer = Consumer(name, database, transport, prefetch=32)
+def _service(database: Database, transport: Any, name: str, batch: int) -> Consumer:
+    consumer = Consumer(name, database, transport, prefetch=max(32, batch), batch_size=batch)
     types = (
         {"bench.a.reserve": "do", "bench.a.cancel": "undo"}
         if name == "svc-a"
@@ -71,7 +75,9 @@ def _service(database: Database, transport: Any, name: str) -> Consumer:
     return consumer
 
 
-async def child(role: str, db_url: str, broker: str, channel: str) -> None:
+async def child(
+    role: str, db_url: str, broker: str, channel: str, batch: str, concurrency: str
+) -> None:
     """One process: the orchestrator or a participant service, with its own relay."""
     database = Database(db_url, pool_size=20)
     await database.upgrade()
@@ -85,13 +91,14 @@ async def child(role: str, db_url: str, broker: str, channel: str) -> None:
             transport,
             [definition()],
             name="bench-orch",
-            prefetch=32,
-            concurrency=CONCURRENCY,
+            prefetch=max(32, int(batch)),
+            concurrency=int(concurrency),
+            batch_size=int(batch),
         )
         parts: list[Any] = [orchestrator]
         consumers = orchestrator.consumers
     else:
-        consumers = service(database, transport, role)
+        consumers = service(database, transport, role, int(batch), int(concurrency))
         parts = list(consumers)
     relay = Relay(database, transport, poll_interval=0.02)
     parts.append(relay)
@@ -150,7 +157,9 @@ async def raw_commit_rate(dsn: str, seconds: float, connections: int = 32) -> fl
     return done / elapsed
 
 
-async def run_sagas(broker: str, rate: float, seconds: float) -> dict[str, Any]:
+async def run_sagas(
+    broker: str, rate: float, seconds: float, batch: int, concurrency: int
+) -> dict[str, Any]:
     channel = f"bench-sagas-{uuid.uuid4().hex[:8]}"
     async with (
         ScratchDatabase("bench_orch") as orch_db,
@@ -170,6 +179,8 @@ async def run_sagas(broker: str, rate: float, seconds: float) -> dict[str, Any]:
                         db.url,
                         broker,
                         channel,
+                        str(batch),
+                        str(concurrency),
                     ],
                     stdout=subprocess.PIPE,
                     text=True,
@@ -241,12 +252,16 @@ async def main(args: argparse.Namespace) -> None:
         raw = await raw_commit_rate(raw_db.dsn, 3.0 if args.quick else 8.0)
     console.print(f"raw PostgreSQL group commit: {raw:,.0f} tx/s")
     rows: list[dict[str, Any]] = [{"benchmark": "raw INSERT+COMMIT x32 conns", "tx_per_s": raw}]
-    for name, broker in (("RabbitMQ", RABBIT_URL), ("NATS", NATS_URL)):
-        result = await run_sagas(broker, args.rate, seconds)
+    brokers = {"rabbitmq": ("RabbitMQ", RABBIT_URL), "nats": ("NATS", NATS_URL)}
+    for key, (name, broker) in brokers.items():
+        if args.only and key != args.only:
+            continue
+        result = await run_sagas(broker, args.rate, seconds, args.batch, args.concurrency)
         saga_tx = result["sagas_per_s"] * result["tx_per_saga"]
         rows.append(
             {
-                "benchmark": f"3-step saga, PostgreSQL + {name}",
+                "benchmark": f"3-step saga, PostgreSQL + {name}, batch {args.batch}"
+                f" x{args.concurrency}",
                 **result,
                 "tx_per_s": saga_tx,
                 "efficiency_pct": 100 * saga_tx / raw,
@@ -275,7 +290,12 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="3 s runs instead of --seconds.")
     parser.add_argument("--rate", type=float, default=400.0, help="Sagas started per second.")
     parser.add_argument("--seconds", type=float, default=10.0, help="How long to start sagas.")
-    parser.add_argument("--child", nargs=4, metavar=("ROLE", "DB", "BROKER", "CHANNEL"))
+    parser.add_argument("--batch", type=int, default=64, help="Consumer batch_size.")
+    parser.add_argument("--concurrency", type=int, default=2, help="Consumers per service.")
+    parser.add_argument("--only", choices=["rabbitmq", "nats"], help="Run one broker only.")
+    parser.add_argument(
+        "--child", nargs=6, metavar=("ROLE", "DB", "BROKER", "CHANNEL", "BATCH", "CONCURRENCY")
+    )
     parsed = parser.parse_args()
     if parsed.child:
         asyncio.run(child(*parsed.child))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -14,7 +15,7 @@ from prometheus_client import REGISTRY
 from accord.db import Database
 from accord.db.types import BigId
 from accord.messages import Message
-from accord.testing import CapturedDelivery
+from accord.testing import CapturedDelivery, wait_for
 from accord.transports.base import Transport
 from accord.transports.sql import SqlTransport
 from tests.brokers import delete_everything
@@ -139,3 +140,18 @@ async def app_db(database: Database) -> Database:
 
 def unique(prefix: str = "consumer") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def settled_and_cleaned(transport: Any, count: int) -> None:
+    """On the SQL transport, wait until ``count`` settled messages were cleaned up, so that
+    publishing their ids again delivers them again (it drops ids it still holds)."""
+    if not isinstance(transport, SqlTransport):
+        return
+    cleaned = 0
+
+    async def all_cleaned() -> bool:
+        nonlocal cleaned
+        cleaned += await transport.cleanup()
+        return cleaned >= count
+
+    await wait_for(all_cleaned)

@@ -17,7 +17,15 @@ from accord.inbox import Consumer, DeadLetters, HandlerContext, Inbox
 from accord.messages import Message, encode
 from accord.testing import assert_eventually, wait_for
 from accord.transports.sql import SqlTransport
-from tests.inbox.conftest import Broker, Captured, effect_counts, effects, metric, unique
+from tests.inbox.conftest import (
+    Broker,
+    Captured,
+    effect_counts,
+    effects,
+    metric,
+    settled_and_cleaned,
+    unique,
+)
 
 
 class Scored(BaseModel):
@@ -53,21 +61,6 @@ def recording(consumer: Consumer, type: str = "test.scored", schema: Any = Score
         await ctx.conn.execute(effects.insert().values(message_id=ctx.message.id, value=value))
 
     return calls
-
-
-async def settled_and_cleaned(transport: Any, count: int) -> None:
-    """On the SQL transport, wait until ``count`` settled messages were cleaned up, so that
-    publishing their ids again delivers them again (it drops ids it still holds)."""
-    if not isinstance(transport, SqlTransport):
-        return
-    cleaned = 0
-
-    async def all_cleaned() -> bool:
-        nonlocal cleaned
-        cleaned += await transport.cleanup()
-        return cleaned >= count
-
-    await wait_for(all_cleaned)
 
 
 async def dead_letters(database: Database, consumer: str) -> list[Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +13,13 @@ from accord.messages import Message
 from accord.observability import current_traceparent
 from accord.outbox import add as add_to_outbox
 
-__all__ = ["HandlerContext", "HandlerFunc", "Registration", "describe_validation_error"]
+__all__ = [
+    "BatchFunc",
+    "HandlerContext",
+    "HandlerFunc",
+    "Registration",
+    "describe_validation_error",
+]
 
 
 @dataclass
@@ -55,6 +61,10 @@ class HandlerContext:
 
 HandlerFunc = Callable[[HandlerContext, Any], Awaitable[None]]
 
+#: Handles several messages in one call: ``[(ctx, data), ...]`` in arrival order, all
+#: in one transaction (every ``ctx.conn`` is the same connection).
+BatchFunc = Callable[[Sequence[tuple[HandlerContext, Any]]], Awaitable[None]]
+
 
 @dataclass
 class Registration:
@@ -63,6 +73,7 @@ class Registration:
     pattern: str
     func: HandlerFunc
     schema: Any = None
+    batch: BatchFunc | None = None
     _adapter: TypeAdapter[Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
@@ -14,7 +15,34 @@ from accord.db.database import translate_errors
 from accord.db.schema import inbox
 from accord.messages import Message
 
-__all__ = ["Inbox", "record"]
+__all__ = ["Inbox", "record", "record_many"]
+
+
+async def record_many(
+    conn: AsyncConnection, consumer: str, messages: Sequence[Message]
+) -> set[str]:
+    """Insert the inbox rows of ``messages`` in one statement; return the ids that were
+    new (the others are duplicates). Same waiting rule as :func:`record`."""
+    now = datetime.now(UTC)
+    rows = {
+        m.id: {
+            "consumer": consumer,
+            "message_id": m.id,
+            "message_type": m.type,
+            "processed_at": now,
+        }
+        for m in messages
+    }
+    if not rows:
+        return set()
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    statement = (
+        insert(inbox)
+        .values(list(rows.values()))
+        .on_conflict_do_nothing(index_elements=[inbox.c.consumer, inbox.c.message_id])
+        .returning(inbox.c.message_id)
+    )
+    return {str(row[0]) for row in (await conn.execute(statement)).all()}
 
 
 async def record(conn: AsyncConnection, consumer: str, message: Message) -> bool:
@@ -25,21 +53,7 @@ async def record(conn: AsyncConnection, consumer: str, message: Message) -> bool
     the first transaction: if that one commits this returns ``False``; if it rolls
     back this one inserts and the handler runs once.
     """
-    values = {
-        "consumer": consumer,
-        "message_id": message.id,
-        "message_type": message.type,
-        "processed_at": datetime.now(UTC),
-    }
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    statement = (
-        insert(inbox)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=[inbox.c.consumer, inbox.c.message_id])
-        .returning(inbox.c.message_id)
-    )
-    result = await conn.execute(statement)
-    return result.first() is not None
+    return message.id in await record_many(conn, consumer, [message])
 
 
 class Inbox:

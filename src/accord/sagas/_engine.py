@@ -102,8 +102,11 @@ class Engine:
         await self._run()
 
     async def on_reply(self, reply: Reply) -> bool:
-        """Apply a reply; False (and an 'ignored' log entry) if it is not the one awaited."""
+        """Apply a reply; False (and an 'ignored' log entry) if it is not the one awaited.
+        An engine may take several replies in turn (a batch): its transition then
+        covers them all."""
         s = self.state
+        self._paused = False
         self._abort_if_requested()
         awaited = (
             s.status in (RUNNING, COMPENSATING)

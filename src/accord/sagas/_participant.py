@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +26,7 @@ __all__ = ["CommandContext", "StepFailed", "participant"]
 
 log = logging.getLogger("accord.sagas.participant")
 
+_REFUSED = "refused: this step was compensated before its command arrived"
 _REPLY_IDS = uuid.UUID("0b8f3c52-8f0e-4a57-b3b1-7d1f6f0f9a44")
 
 
@@ -71,121 +73,201 @@ def participant(
     * A compensation for a step never applied here (its command was lost, or is
       still on its way after a timeout) succeeds without calling the function,
       and the late command, if it comes, is refused: nothing is left half-done.
+    * With a consumer in batch mode (``Consumer(batch_size=...)``) the commands of
+      a batch share their bookkeeping: one lock statement, one read of the records,
+      one write of records and one of replies. A function that raises there fails
+      the batch, which the consumer then handles one command at a time as above.
     """
 
     def register(func: CommandFunc) -> CommandFunc:
-        async def handle(ctx: HandlerContext, data: Any) -> None:
-            await _handle(consumer.name, func, ctx, data)
+        batch = _Participant.of(consumer)
+        batch.funcs[type] = func
 
-        consumer.add_handler(type, handle, schema=schema)
+        async def handle(ctx: HandlerContext, data: Any) -> None:
+            await batch.handle_one(ctx, data)
+
+        consumer.add_handler(type, handle, schema=schema, batch=batch.handle_batch)
         return func
 
     return register
 
 
-async def _handle(name: str, func: CommandFunc, ctx: HandlerContext, data: Any) -> None:
-    message = ctx.message
-    ext = message.extensions
-    try:
-        saga_id = ext["sagaid"]
-        step = int(ext["sagastep"])
-        phase = ext["sagaphase"]
-        attempt = int(ext["sagaattempt"])
-        reply_type = ext["sagareply"]
-    except (KeyError, ValueError) as exc:
-        raise DecodeError(
-            f"{message.type} {message.id} is not a saga command (missing or bad extension "
-            f"{exc}); send it from an Orchestrator"
-        ) from None
-    conn = ctx.conn
-    await _lock(conn, name, saga_id, step)
-    done = await _records(conn, name, saga_id, step)
-    mine = done.get(phase)
-    ok: bool
-    result: Any = None
-    error: str | None = None
-    if phase == ACTION and COMPENSATION in done:
-        ok, error = False, "refused: this step was compensated before its command arrived"
-        log.info("saga %s step %d: late command %s refused", saga_id, step, message.type)
-        await _reply(ctx, reply_type, saga_id, step, phase, attempt, ok, None, error)
-        return
-    if mine is not None and (mine["ok"] or mine["attempt"] == attempt):
-        await _reply(
-            ctx,
-            reply_type,
-            saga_id,
-            step,
-            phase,
-            attempt,
-            mine["ok"],
-            mine["result"],
-            mine["error"],
-        )
-        return
-    action = done.get(ACTION)
-    if phase == COMPENSATION and (action is None or not action["ok"]):
-        ok, result = True, None  # nothing was applied here: nothing to undo
-    else:
-        cctx = CommandContext(conn, message, saga_id, step, phase, attempt)
-        nested = await conn.begin_nested()
+@dataclass(frozen=True)
+class _Command:
+    """The saga step a command message is for (its ``saga*`` extensions)."""
+
+    saga_id: str
+    step: int
+    phase: str
+    attempt: int
+    reply_type: str
+
+    @classmethod
+    def of(cls, message: Message) -> _Command:
+        ext = message.extensions
         try:
-            result = await func(cctx, data)
-        except Exception as exc:
-            await nested.rollback()
-            ok, error = False, f"{type(exc).__name__}: {exc}"
-        else:
-            await nested.commit()
-            ok = True
-    await _record(conn, name, saga_id, step, phase, attempt, ok, result, error)
-    await _reply(ctx, reply_type, saga_id, step, phase, attempt, ok, result, error)
+            return cls(
+                ext["sagaid"],
+                int(ext["sagastep"]),
+                ext["sagaphase"],
+                int(ext["sagaattempt"]),
+                ext["sagareply"],
+            )
+        except (KeyError, ValueError) as exc:
+            raise DecodeError(
+                f"{message.type} {message.id} is not a saga command (missing or bad extension "
+                f"{exc}); send it from an Orchestrator"
+            ) from None
+
+    @property
+    def lock_key(self) -> tuple[str, int]:
+        return self.saga_id, self.step
 
 
-async def _lock(conn: AsyncConnection, name: str, saga_id: str, step: int) -> None:
+_Records = dict[str, dict[str, Any]]  # phase -> the participant's record of it
+
+
+class _Participant:
+    """The participant handlers of one consumer: their functions by command type."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.funcs: dict[str, CommandFunc] = {}
+
+    @classmethod
+    def of(cls, consumer: Consumer) -> _Participant:
+        found = _PARTICIPANTS.get(consumer)
+        if found is None:
+            found = _PARTICIPANTS[consumer] = cls(consumer.name)
+        return found
+
+    async def handle_one(self, ctx: HandlerContext, data: Any) -> None:
+        command = _Command.of(ctx.message)
+        conn = ctx.conn
+        await _lock(conn, self.name, [command.lock_key])
+        done = (await _records(conn, self.name, [command.lock_key])).get(command.lock_key, {})
+        ok, result, error, record = await self._outcome(ctx, data, command, done, savepoint=True)
+        if record is not None:
+            await _write_records(conn, [record])
+        await add_to_outbox(conn, _reply(ctx, command, ok, result, error))
+
+    async def handle_batch(self, items: Sequence[tuple[HandlerContext, Any]]) -> None:
+        commands = [_Command.of(ctx.message) for ctx, _ in items]
+        conn = items[0][0].conn
+        keys = sorted({c.lock_key for c in commands})
+        await _lock(conn, self.name, keys)
+        done = await _records(conn, self.name, keys)
+        records: dict[tuple[str, int, str], dict[str, Any]] = {}
+        replies = []
+        for (ctx, data), command in zip(items, commands, strict=True):
+            mine = done.setdefault(command.lock_key, {})
+            ok, result, error, record = await self._outcome(
+                ctx, data, command, mine, savepoint=False
+            )
+            if record is not None:
+                mine[command.phase] = records[(*command.lock_key, command.phase)] = record
+            replies.append(_reply(ctx, command, ok, result, error))
+        await _write_records(conn, list(records.values()))
+        await add_to_outbox(conn, *replies)
+
+    async def _outcome(
+        self,
+        ctx: HandlerContext,
+        data: Any,
+        command: _Command,
+        done: _Records,
+        *,
+        savepoint: bool,
+    ) -> tuple[bool, Any, str | None, dict[str, Any] | None]:
+        """(ok, result, error, the record to write or None) of ``command``, given what
+        was ``done`` for its step here. Without ``savepoint`` a failing function raises."""
+        phase = command.phase
+        mine = done.get(phase)
+        if phase == ACTION and COMPENSATION in done:
+            log.info(
+                "saga %s step %d: late command %s refused",
+                command.saga_id,
+                command.step,
+                ctx.message.type,
+            )
+            return (
+                False,
+                None,
+                "refused: this step was compensated before its command arrived",
+                None,
+            )
+        if mine is not None and (mine["ok"] or mine["attempt"] == command.attempt):
+            return mine["ok"], mine["result"], mine["error"], None
+        action = done.get(ACTION)
+        ok, result, error = True, None, None
+        if phase == ACTION or (action is not None and action["ok"]):
+            func = self.funcs[ctx.message.type]
+            cctx = CommandContext(
+                ctx.conn, ctx.message, command.saga_id, command.step, phase, command.attempt
+            )
+            if not savepoint:
+                result = await func(cctx, data)
+            else:
+                nested = await ctx.conn.begin_nested()
+                try:
+                    result = await func(cctx, data)
+                except Exception as exc:
+                    await nested.rollback()
+                    ok, error = False, f"{type(exc).__name__}: {exc}"
+                else:
+                    await nested.commit()
+        # else: a compensation of a step never applied here: nothing to undo.
+        record = {
+            "participant": self.name,
+            "saga_id": command.saga_id,
+            "step": command.step,
+            "phase": phase,
+            "attempt": command.attempt,
+            "ok": ok,
+            "result": result,
+            "error": error,
+            "at": datetime.now(UTC),
+        }
+        return ok, result, error, record
+
+
+_PARTICIPANTS: weakref.WeakKeyDictionary[Consumer, _Participant] = weakref.WeakKeyDictionary()
+
+
+async def _lock(conn: AsyncConnection, name: str, keys: Sequence[tuple[str, int]]) -> None:
     # A compensation and a late command of one step may be handled at the same time
-    # by two consumers: serialise them, so one sees the other's record. (SQLite
-    # transactions are serial already.)
+    # by two consumers: serialise them, so one sees the other's record. Keys are
+    # taken in sorted order, so two batches cannot deadlock. (SQLite transactions
+    # are serial already.)
     if conn.dialect.name == "postgresql":
         await conn.execute(
-            sa.text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
-            {"k": f"accord-saga/{name}/{saga_id}/{step}"},
+            sa.text(
+                "SELECT pg_advisory_xact_lock(hashtext(k)) FROM unnest(CAST(:keys AS text[])) k"
+            ),
+            {"keys": [f"accord-saga/{name}/{saga_id}/{step}" for saga_id, step in keys]},
         )
 
 
 async def _records(
-    conn: AsyncConnection, name: str, saga_id: str, step: int
-) -> dict[str, dict[str, Any]]:
+    conn: AsyncConnection, name: str, keys: Sequence[tuple[str, int]]
+) -> dict[tuple[str, int], _Records]:
+    wanted = set(keys)
     query = sa.select(participations).where(
         participations.c.participant == name,
-        participations.c.saga_id == saga_id,
-        participations.c.step == step,
+        participations.c.saga_id.in_(sorted({saga_id for saga_id, _ in keys})),
     )
-    return {r.phase: dict(r._mapping) for r in (await conn.execute(query)).all()}
+    found: dict[tuple[str, int], _Records] = {}
+    for row in (await conn.execute(query)).all():
+        if (row.saga_id, row.step) in wanted:
+            found.setdefault((row.saga_id, row.step), {})[row.phase] = dict(row._mapping)
+    return found
 
 
-async def _record(
-    conn: AsyncConnection,
-    name: str,
-    saga_id: str,
-    step: int,
-    phase: str,
-    attempt: int,
-    ok: bool,
-    result: Any,
-    error: str | None,
-) -> None:
+async def _write_records(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
     insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    values = {
-        "participant": name,
-        "saga_id": saga_id,
-        "step": step,
-        "phase": phase,
-        "attempt": attempt,
-        "ok": ok,
-        "result": result,
-        "error": error,
-        "at": datetime.now(UTC),
-    }
-    statement = insert(participations).values(**values)
+    statement = insert(participations).values(rows)
     statement = statement.on_conflict_do_update(
         index_elements=[
             participations.c.participant,
@@ -198,36 +280,27 @@ async def _record(
     await conn.execute(statement)
 
 
-async def _reply(
-    ctx: HandlerContext,
-    reply_type: str,
-    saga_id: str,
-    step: int,
-    phase: str,
-    attempt: int,
-    ok: bool,
-    result: Any,
-    error: str | None,
-) -> None:
-    command = ctx.message
-    reply = Message(
-        type=reply_type,
+def _reply(
+    ctx: HandlerContext, command: _Command, ok: bool, result: Any, error: str | None
+) -> Message:
+    message = ctx.message
+    return Message(
+        type=command.reply_type,
         # The same command always gets a reply with the same id: the orchestrator's
         # inbox drops the copies a redelivered command makes.
-        id=str(uuid.uuid5(_REPLY_IDS, f"{command.id}/{ok}")),
+        id=str(uuid.uuid5(_REPLY_IDS, f"{message.id}/{ok}")),
         source=ctx.consumer,
-        key=saga_id,
+        key=command.saga_id,
         data={
-            "saga_id": saga_id,
-            "step": step,
-            "phase": phase,
-            "attempt": attempt,
+            "saga_id": command.saga_id,
+            "step": command.step,
+            "phase": command.phase,
+            "attempt": command.attempt,
             "ok": ok,
             "result": result,
             "error": error,
         },
-        correlationid=command.correlationid or saga_id,
-        causationid=command.id,
-        subject=command.subject,
+        correlationid=message.correlationid or command.saga_id,
+        causationid=message.id,
+        subject=message.subject,
     )
-    await add_to_outbox(ctx.conn, reply)

@@ -3,6 +3,7 @@ log and the deadline of an instance."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,6 +30,8 @@ __all__ = [
     "Transition",
     "insert_instance",
     "load",
+    "load_locked",
+    "save_locked",
 ]
 
 RUNNING = "RUNNING"
@@ -123,6 +126,16 @@ async def load(
     return None if row is None else SagaState.from_row(row)
 
 
+async def load_locked(conn: AsyncConnection, saga_ids: Sequence[str]) -> dict[str, SagaState]:
+    """The sagas ``saga_ids`` (those that exist), each row locked until the transaction
+    ends, taken in id order so that two such transactions cannot deadlock. Save their
+    transitions with :func:`save_locked`."""
+    query = sa.select(sagas).where(sagas.c.id.in_(sorted(set(saga_ids)))).order_by(sagas.c.id)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    return {row.id: SagaState.from_row(row) for row in (await conn.execute(query)).all()}
+
+
 async def insert_instance(conn: AsyncConnection, state: SagaState) -> bool:
     """Insert a new instance; False if one with that id exists already."""
     insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
@@ -196,25 +209,10 @@ class Transition:
         changed the instance since it was read: retry from a fresh read."""
         state = self.state
         now = datetime.now(UTC)
-        state.updated_at = now
-        state.version = self.read_version + 1
         result = await conn.execute(
             sagas.update()
             .where(sagas.c.id == state.id, sagas.c.version == self.read_version)
-            .values(
-                status=state.status,
-                phase=state.phase,
-                step=state.step,
-                attempt=state.attempt,
-                attempt_base=state.attempt_base,
-                waiting=state.waiting,
-                data=state.data,
-                error=state.error,
-                abort_reason=state.abort_reason,
-                version=state.version,
-                updated_at=now,
-                ended_at=state.ended_at,
-            )
+            .values(**self._row(now))
         )
         if result.rowcount != 1:
             raise ConcurrencyError(
@@ -223,16 +221,85 @@ class Transition:
                 expected=self.read_version,
                 actual=None,
             )
-        if self.logs:
-            await conn.execute(saga_steps.insert(), self.logs)
-        if self.deadline is None:
-            await conn.execute(deadlines.delete().where(deadlines.c.saga_id == state.id))
-        elif self.deadline is not _NO_CHANGE:
-            insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-            values = dict(self.deadline)
-            statement = insert(deadlines).values(**values)
-            statement = statement.on_conflict_do_update(
-                index_elements=[deadlines.c.saga_id],
-                set_={k: statement.excluded[k] for k in values if k != "saga_id"},
-            )
-            await conn.execute(statement)
+        await _write_logs_and_deadlines(conn, [self])
+
+    def _row(self, now: datetime) -> dict[str, Any]:
+        state = self.state
+        state.updated_at = now
+        state.version = self.read_version + 1
+        return {
+            "status": state.status,
+            "phase": state.phase,
+            "step": state.step,
+            "attempt": state.attempt,
+            "attempt_base": state.attempt_base,
+            "waiting": state.waiting,
+            "data": state.data,
+            "error": state.error,
+            "abort_reason": state.abort_reason,
+            "version": state.version,
+            "updated_at": now,
+            "ended_at": state.ended_at,
+        }
+
+
+#: The columns a transition changes (see Transition._row).
+_CHANGED = (
+    "status",
+    "phase",
+    "step",
+    "attempt",
+    "attempt_base",
+    "waiting",
+    "data",
+    "error",
+    "abort_reason",
+    "version",
+    "updated_at",
+    "ended_at",
+)
+_UPDATE_LOCKED = (
+    sagas.update()
+    .where(sagas.c.id == sa.bindparam("b_id"), sagas.c.version == sa.bindparam("b_version"))
+    .values({column: sa.bindparam(f"b_{column}") for column in _CHANGED})
+)
+
+
+async def save_locked(conn: AsyncConnection, transitions: Sequence[Transition]) -> None:
+    """Write transitions of instances read with :func:`load_locked` in this transaction:
+    their rows are locked, so no version can have moved; a few statements for all."""
+    if not transitions:
+        return
+    now = datetime.now(UTC)
+    params = []
+    for tx in transitions:
+        row = {f"b_{k}": v for k, v in tx._row(now).items()}
+        params.append({**row, "b_id": tx.state.id, "b_version": tx.read_version})
+    result = await conn.execute(_UPDATE_LOCKED, params)
+    if conn.dialect.supports_sane_multi_rowcount and result.rowcount != len(params):
+        raise ConcurrencyError(
+            f"{len(params) - result.rowcount} of {len(params)} sagas changed while locked",
+            expected=None,
+            actual=None,
+        )
+    await _write_logs_and_deadlines(conn, transitions)
+
+
+async def _write_logs_and_deadlines(
+    conn: AsyncConnection, transitions: Sequence[Transition]
+) -> None:
+    logs = [entry for tx in transitions for entry in tx.logs]
+    if logs:
+        await conn.execute(saga_steps.insert(), logs)
+    cleared = [tx.state.id for tx in transitions if tx.deadline is None]
+    if cleared:
+        await conn.execute(deadlines.delete().where(deadlines.c.saga_id.in_(cleared)))
+    rows = [dict(tx.deadline) for tx in transitions if isinstance(tx.deadline, dict)]
+    if rows:
+        insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+        statement = insert(deadlines).values(rows)
+        statement = statement.on_conflict_do_update(
+            index_elements=[deadlines.c.saga_id],
+            set_={k: statement.excluded[k] for k in rows[0] if k != "saga_id"},
+        )
+        await conn.execute(statement)

@@ -9,7 +9,7 @@ from collections.abc import Collection, Sequence
 
 from accord.errors import PublishError, TransportError, TransportUnavailable
 from accord.messages import Message
-from accord.transports.base import Envelope, Handler, Subscription, Transport
+from accord.transports.base import BatchHandler, Envelope, Subscription, Transport
 
 __all__ = ["FaultyTransport"]
 
@@ -89,10 +89,18 @@ class FaultyTransport(Transport):
         if self.kill_after is not None and self.publishes >= self.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    async def subscribe(
-        self, group: str, handler: Handler, *, topics: Sequence[str] = ("#",), prefetch: int = 64
+    async def subscribe_batches(
+        self,
+        group: str,
+        handler: BatchHandler,
+        *,
+        topics: Sequence[str] = ("#",),
+        prefetch: int = 64,
+        max_batch: int = 64,
     ) -> Subscription:
-        return await self.inner.subscribe(group, handler, topics=topics, prefetch=prefetch)
+        return await self.inner.subscribe_batches(
+            group, handler, topics=topics, prefetch=prefetch, max_batch=max_batch
+        )
 
     async def close(self) -> None:
         await self.inner.close()

@@ -28,6 +28,7 @@ from accord.messages import SPECVERSION, Message, decode, encode
 
 __all__ = [
     "DEFAULT_REDELIVERY_DELAY",
+    "BatchHandler",
     "Delivery",
     "Envelope",
     "Handler",
@@ -159,6 +160,9 @@ class Delivery(abc.ABC):
 
 Handler = Callable[[Delivery], Awaitable[None]]
 
+#: A handler of several deliveries at once (see :meth:`Transport.subscribe_batches`).
+BatchHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
+
 
 class Subscription(abc.ABC):
     """A running consumer of one group. Stop it to stop receiving."""
@@ -191,6 +195,11 @@ class Transport(abc.ABC):
       :data:`DEFAULT_REDELIVERY_DELAY`. A delivery that is never settled (the
       process died) is redelivered. Redelivery is at-least-once: consumers
       deduplicate by message id (the inbox does).
+    * :meth:`subscribe_batches` is the same with a handler of lists: each call gets
+      the deliveries that have arrived (1 to ``max_batch``, in broker order; it never
+      waits to fill a batch), one call at a time per subscription. After the call
+      every delivery it left unsettled is acked; if it raised, every one it left
+      unsettled is nacked with :data:`DEFAULT_REDELIVERY_DELAY`.
     * Broker errors are raised as :class:`~accord.errors.TransportError`
       subclasses, never as the client library's own exceptions.
     """
@@ -229,7 +238,6 @@ class Transport(abc.ABC):
         if failed:
             raise PublishError(failed)
 
-    @abc.abstractmethod
     async def subscribe(
         self,
         group: str,
@@ -242,6 +250,29 @@ class Transport(abc.ABC):
 
         Declares the group durably first, so messages published after this call
         are kept for the group. ``prefetch`` bounds the unacked deliveries held.
+        """
+
+        async def one(deliveries: Sequence[Delivery]) -> None:
+            await handler(deliveries[0])
+
+        return await self.subscribe_batches(
+            group, one, topics=topics, prefetch=prefetch, max_batch=1
+        )
+
+    @abc.abstractmethod
+    async def subscribe_batches(
+        self,
+        group: str,
+        handler: BatchHandler,
+        *,
+        topics: Sequence[str] = ("#",),
+        prefetch: int = 64,
+        max_batch: int = 64,
+    ) -> Subscription:
+        """Like :meth:`subscribe`, but ``handler`` gets lists of deliveries: what has
+        arrived, up to ``max_batch`` (at most ``prefetch``), in broker order, one call
+        at a time. Unsettled deliveries are acked after the call, or nacked if it
+        raised. Consumers use it to handle many messages in one transaction.
         """
 
     @abc.abstractmethod

@@ -1,0 +1,176 @@
+"""Consumer batch mode (``batch_size`` > 1): many deliveries in one transaction, on the
+SQL transport (SQLite, PostgreSQL) and RabbitMQ."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import pytest
+
+from accord.db import Database
+from accord.errors import ConfigurationError
+from accord.inbox import Consumer, DeadLetters, HandlerContext, Inbox
+from accord.messages import Message
+from accord.testing import assert_eventually, wait_for
+from tests.inbox.conftest import (
+    Broker,
+    effect_counts,
+    effects,
+    metric,
+    settled_and_cleaned,
+    unique,
+)
+
+
+@pytest.fixture
+async def consumers() -> AsyncIterator[Callable[..., Consumer]]:
+    made: list[Consumer] = []
+
+    def make(*args: Any, **kwargs: Any) -> Consumer:
+        kwargs.setdefault("backoff_base", 0.02)
+        kwargs.setdefault("backoff_cap", 0.2)
+        kwargs.setdefault("batch_size", 32)
+        consumer = Consumer(*args, **kwargs)
+        made.append(consumer)
+        return consumer
+
+    yield make
+    for consumer in made:
+        await consumer.stop()
+
+
+async def backlog(broker: Broker, consumer: Consumer, messages: Sequence[Message]) -> None:
+    """Create the group, then publish ``messages`` while nobody consumes: the next start
+    finds them waiting, so they arrive in batches."""
+    await consumer.start()
+    await consumer.stop()
+    await broker.publish(*messages)
+
+
+async def _effects_are(database: Database, expected: dict[str, int]) -> None:
+    assert await effect_counts(database) == expected
+
+
+def test_batch_size_must_be_positive(sqlite_url: str) -> None:
+    with pytest.raises(ConfigurationError, match="batch_size must be at least 1, got 0"):
+        Consumer("c", Database(sqlite_url), None, batch_size=0)  # type: ignore[arg-type]
+
+
+async def test_a_backlog_is_applied_in_batches_once_each_in_order(
+    app_db: Database, broker: Broker, consumers: Callable[..., Consumer]
+) -> None:
+    name = unique()
+    consumer = consumers(name, app_db, broker.transport(), prefetch=64)
+    sizes: list[int] = []
+    order: list[int] = []
+
+    async def one(ctx: HandlerContext, data: Any) -> None:
+        raise AssertionError("batch mode must use the batch function")
+
+    async def many(items: Sequence[tuple[HandlerContext, Any]]) -> None:
+        sizes.append(len(items))
+        conns = {id(ctx.conn) for ctx, _ in items}
+        assert len(conns) == 1, "one transaction per batch"
+        for ctx, data in items:
+            order.append(data["n"])
+            await ctx.conn.execute(effects.insert().values(message_id=ctx.message.id))
+
+    consumer.add_handler("test.scored", one, batch=many)
+    messages = [Message(type="test.scored", data={"n": i}) for i in range(200)]
+    await backlog(broker, consumer, messages)
+    await consumer.start()
+
+    await assert_eventually(lambda: _effects_are(app_db, {m.id: 1 for m in messages}))
+    assert order == list(range(200))
+    assert max(sizes) > 1 and max(sizes) <= 32
+    assert len(sizes) < 200
+    assert await Inbox(app_db).count(name) == {name: 200}
+    handled = metric("accord_consumer_handled_total", consumer=name, type="test.scored")
+    assert handled == 200
+
+
+async def test_handlers_without_a_batch_function_share_the_transaction_and_skip_duplicates(
+    app_db: Database, broker: Broker, consumers: Callable[..., Consumer]
+) -> None:
+    name = unique()
+    consumer = consumers(name, app_db, broker.transport())
+    seen: list[str] = []
+
+    @consumer.handler("test.scored")
+    async def on_scored(ctx: HandlerContext, data: Any) -> None:
+        seen.append(ctx.message.id)
+        await ctx.conn.execute(effects.insert().values(message_id=ctx.message.id))
+
+    first = [Message(type="test.scored", data={"n": i}) for i in range(20)]
+    await backlog(broker, consumer, first)
+    await consumer.start()
+    await assert_eventually(lambda: _effects_are(app_db, {m.id: 1 for m in first}))
+    # The same ids again, in a later backlog: every one is a duplicate now.
+    await consumer.stop()
+    seen.clear()
+    await settled_and_cleaned(await broker.publisher(), 20)  # the SQL transport drops held ids
+    await broker.publish(*first[:10])
+    await consumer.start()
+    await wait_for(
+        lambda: metric("accord_consumer_duplicates_total", consumer=name, type="test.scored") >= 10
+    )
+    assert seen == []
+    assert await effect_counts(app_db) == {m.id: 1 for m in first}
+
+
+async def test_a_poison_message_fails_only_itself(
+    app_db: Database, broker: Broker, consumers: Callable[..., Consumer]
+) -> None:
+    name = unique()
+    consumer = consumers(name, app_db, broker.transport(), max_attempts=2)
+
+    @consumer.handler("test.scored")
+    async def on_scored(ctx: HandlerContext, data: Any) -> None:
+        await ctx.conn.execute(effects.insert().values(message_id=ctx.message.id))
+        if data["n"] == 7:
+            raise ValueError("seven is poison")
+
+    messages = [Message(type="test.scored", data={"n": i}) for i in range(30)]
+    await backlog(broker, consumer, messages)
+    await consumer.start()
+
+    [letter] = await wait_for(lambda: DeadLetters(app_db).list(name))
+    assert letter.message_id == messages[7].id
+    assert "ValueError: seven is poison" in letter.reason
+    expected = {m.id: 1 for i, m in enumerate(messages) if i != 7}
+    await assert_eventually(lambda: _effects_are(app_db, expected))
+    assert not await Inbox(app_db).processed(name, messages[7].id)
+
+
+@pytest.fixture
+async def sql_broker(db_url: str) -> AsyncIterator[Broker]:
+    made = Broker("sql", db_url)
+    yield made
+    await made.close()
+
+
+async def test_a_failed_message_is_not_overtaken_by_a_later_one_with_its_key(
+    app_db: Database, sql_broker: Broker, consumers: Callable[..., Consumer]
+) -> None:
+    # The SQL transport keeps per-key order within a group; batch mode must too.
+    broker = sql_broker
+    name = unique()
+    consumer = consumers(name, app_db, broker.transport(), max_attempts=5)
+    applied: list[str] = []
+
+    @consumer.handler("test.scored")
+    async def on_scored(ctx: HandlerContext, data: Any) -> None:
+        if data["n"] == 0 and ctx.attempt < 3:
+            raise RuntimeError("not yet")
+        await ctx.conn.execute(effects.insert().values(message_id=ctx.message.id))
+        applied.append(f"{ctx.message.key}:{data['n']}")
+
+    keyed = [Message(type="test.scored", data={"n": i}, key="k") for i in range(3)]
+    others = [Message(type="test.scored", data={"n": 10 + i}, key=f"o{i}") for i in range(5)]
+    await backlog(broker, consumer, [keyed[0], *others[:2], keyed[1], *others[2:], keyed[2]])
+    await consumer.start()
+
+    everything = {m.id: 1 for m in [*keyed, *others]}
+    await assert_eventually(lambda: _effects_are(app_db, everything), timeout=20)
+    assert [a for a in applied if a.startswith("k:")] == ["k:0", "k:1", "k:2"]
