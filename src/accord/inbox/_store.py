@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -35,14 +37,19 @@ async def record_many(
     }
     if not rows:
         return set()
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    statement = (
+    # Executed with many parameter sets: SQLAlchemy sends one multi-row INSERT.
+    statement = _record_statement(conn.dialect.name)
+    return {str(row[0]) for row in (await conn.execute(statement, list(rows.values()))).all()}
+
+
+@functools.cache
+def _record_statement(dialect: str) -> Any:
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    return (
         insert(inbox)
-        .values(list(rows.values()))
         .on_conflict_do_nothing(index_elements=[inbox.c.consumer, inbox.c.message_id])
         .returning(inbox.c.message_id)
     )
-    return {str(row[0]) for row in (await conn.execute(statement)).all()}
 
 
 async def record(conn: AsyncConnection, consumer: str, message: Message) -> bool:

@@ -206,6 +206,15 @@ class Engine:
         if self.outbox:
             await add_to_outbox(self.conn, *self.outbox)
 
+    async def save_new(self) -> bool:
+        """Insert the new instance as this transition leaves it, with its log, deadline
+        and commands; False, writing nothing, if an instance with its id exists."""
+        if not await self.tx.insert(self.conn):
+            return False
+        if self.outbox:
+            await add_to_outbox(self.conn, *self.outbox)
+        return True
+
     # -- the machine --------------------------------------------------------------
 
     async def _run(self) -> None:

@@ -19,7 +19,7 @@ from accord.db.schema_sagas import deadlines
 from accord.errors import ConcurrencyError, ConfigurationError
 from accord.inbox import Consumer, HandlerContext
 from accord.outbox import add as add_to_outbox
-from accord.sagas._definition import Saga, registry
+from accord.sagas._definition import Command, Saga, registry
 from accord.sagas._engine import Engine, Reply
 from accord.sagas._metrics import SAGAS_STARTED
 from accord.sagas._store import (
@@ -155,11 +155,18 @@ class Orchestrator:
             created_at=now,
             updated_at=now,
         )
-        if not await insert_instance(conn, state):
-            return state.id
         engine = Engine(saga, conn, state)
-        await engine.start()
-        await engine.save()
+        if saga.steps and isinstance(saga.steps[0].action, Command):
+            # Nothing runs here before the first command: the row goes in as that
+            # transition leaves it (one INSERT rather than an INSERT and an UPDATE).
+            await engine.start()
+            if not await engine.save_new():
+                return state.id
+        else:
+            if not await insert_instance(conn, state):
+                return state.id
+            await engine.start()
+            await engine.save()
         SAGAS_STARTED.labels(saga.name).inc()
         return state.id
 

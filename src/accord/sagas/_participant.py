@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 import weakref
@@ -241,23 +242,20 @@ async def _lock(conn: AsyncConnection, name: str, keys: Sequence[tuple[str, int]
     # are serial already.)
     if conn.dialect.name == "postgresql":
         await conn.execute(
-            sa.text(
-                "SELECT pg_advisory_xact_lock(hashtext(k)) FROM unnest(CAST(:keys AS text[])) k"
-            ),
-            {"keys": [f"accord-saga/{name}/{saga_id}/{step}" for saga_id, step in keys]},
+            _LOCK, {"keys": [f"accord-saga/{name}/{saga_id}/{step}" for saga_id, step in keys]}
         )
+
+
+_LOCK = sa.text("SELECT pg_advisory_xact_lock(hashtext(k)) FROM unnest(CAST(:keys AS text[])) k")
 
 
 async def _records(
     conn: AsyncConnection, name: str, keys: Sequence[tuple[str, int]]
 ) -> dict[tuple[str, int], _Records]:
     wanted = set(keys)
-    query = sa.select(participations).where(
-        participations.c.participant == name,
-        participations.c.saga_id.in_(sorted({saga_id for saga_id, _ in keys})),
-    )
+    params = {"name": name, "ids": sorted({saga_id for saga_id, _ in keys})}
     found: dict[tuple[str, int], _Records] = {}
-    for row in (await conn.execute(query)).all():
+    for row in (await conn.execute(_RECORDS, params)).all():
         if (row.saga_id, row.step) in wanted:
             found.setdefault((row.saga_id, row.step), {})[row.phase] = dict(row._mapping)
     return found
@@ -266,9 +264,22 @@ async def _records(
 async def _write_records(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    statement = insert(participations).values(rows)
-    statement = statement.on_conflict_do_update(
+    # One key per row (the batch keeps the last record of each): an upsert of many
+    # rows never meets itself.
+    await conn.execute(_upsert_record(conn.dialect.name), rows)
+
+
+_RECORDS = sa.select(participations).where(
+    participations.c.participant == sa.bindparam("name"),
+    participations.c.saga_id.in_(sa.bindparam("ids", expanding=True)),
+)
+
+
+@functools.cache
+def _upsert_record(dialect: str) -> Any:
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    statement = insert(participations)
+    return statement.on_conflict_do_update(
         index_elements=[
             participations.c.participant,
             participations.c.saga_id,
@@ -277,7 +288,6 @@ async def _write_records(conn: AsyncConnection, rows: list[dict[str, Any]]) -> N
         ],
         set_={k: statement.excluded[k] for k in ("attempt", "ok", "result", "error", "at")},
     )
-    await conn.execute(statement)
 
 
 def _reply(

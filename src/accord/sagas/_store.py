@@ -3,6 +3,7 @@ log and the deadline of an instance."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -119,10 +120,8 @@ async def load(
 ) -> SagaState | None:
     """The saga ``saga_id`` as of ``conn``'s transaction, or None. ``for_update`` locks
     the row until the transaction ends (PostgreSQL; SQLite transactions are serial)."""
-    query = sa.select(sagas).where(sagas.c.id == saga_id)
-    if for_update and conn.dialect.name == "postgresql":
-        query = query.with_for_update()
-    row = (await conn.execute(query)).first()
+    lock = for_update and conn.dialect.name == "postgresql"
+    row = (await conn.execute(_LOAD_FOR_UPDATE if lock else _LOAD, {"id": saga_id})).first()
     return None if row is None else SagaState.from_row(row)
 
 
@@ -130,15 +129,13 @@ async def load_locked(conn: AsyncConnection, saga_ids: Sequence[str]) -> dict[st
     """The sagas ``saga_ids`` (those that exist), each row locked until the transaction
     ends, taken in id order so that two such transactions cannot deadlock. Save their
     transitions with :func:`save_locked`."""
-    query = sa.select(sagas).where(sagas.c.id.in_(sorted(set(saga_ids)))).order_by(sagas.c.id)
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update()
-    return {row.id: SagaState.from_row(row) for row in (await conn.execute(query)).all()}
+    query = _statements(conn.dialect.name).load_locked
+    rows = (await conn.execute(query, {"ids": sorted(set(saga_ids))})).all()
+    return {row.id: SagaState.from_row(row) for row in rows}
 
 
 async def insert_instance(conn: AsyncConnection, state: SagaState) -> bool:
     """Insert a new instance; False if one with that id exists already."""
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     values = {
         "id": state.id,
         "name": state.name,
@@ -154,10 +151,8 @@ async def insert_instance(conn: AsyncConnection, state: SagaState) -> bool:
         "created_at": state.created_at,
         "updated_at": state.updated_at,
     }
-    statement = (
-        insert(sagas).values(**values).on_conflict_do_nothing(index_elements=[sagas.c.id])
-    ).returning(sagas.c.id)
-    return (await conn.execute(statement)).first() is not None
+    statement = _statements(conn.dialect.name).insert_instance
+    return (await conn.execute(statement, values)).first() is not None
 
 
 _NO_CHANGE = object()
@@ -209,11 +204,7 @@ class Transition:
         changed the instance since it was read: retry from a fresh read."""
         state = self.state
         now = datetime.now(UTC)
-        result = await conn.execute(
-            sagas.update()
-            .where(sagas.c.id == state.id, sagas.c.version == self.read_version)
-            .values(**self._row(now))
-        )
+        result = await conn.execute(_UPDATE, self._params(now))
         if result.rowcount != 1:
             raise ConcurrencyError(
                 f"saga {state.id} changed while this transition was computed; "
@@ -223,23 +214,27 @@ class Transition:
             )
         await _write_logs_and_deadlines(conn, [self])
 
-    def _row(self, now: datetime) -> dict[str, Any]:
+    async def insert(self, conn: AsyncConnection) -> bool:
+        """Write the transition of an instance not stored yet: its row as the transition
+        leaves it. False, writing nothing, if an instance with that id exists."""
+        self._advance(datetime.now(UTC))
+        if not await insert_instance(conn, self.state):
+            return False
+        await _write_logs_and_deadlines(conn, [self])
+        return True
+
+    def _advance(self, now: datetime) -> None:
+        self.state.updated_at = now
+        self.state.version = self.read_version + 1
+
+    def _params(self, now: datetime) -> dict[str, Any]:
+        """Parameters of ``_UPDATE``, once the state is advanced to its next version."""
+        self._advance(now)
         state = self.state
-        state.updated_at = now
-        state.version = self.read_version + 1
         return {
-            "status": state.status,
-            "phase": state.phase,
-            "step": state.step,
-            "attempt": state.attempt,
-            "attempt_base": state.attempt_base,
-            "waiting": state.waiting,
-            "data": state.data,
-            "error": state.error,
-            "abort_reason": state.abort_reason,
-            "version": state.version,
-            "updated_at": now,
-            "ended_at": state.ended_at,
+            "b_id": state.id,
+            "b_read_version": self.read_version,
+            **{f"b_{column}": getattr(state, column) for column in _CHANGED},
         }
 
 
@@ -258,9 +253,9 @@ _CHANGED = (
     "updated_at",
     "ended_at",
 )
-_UPDATE_LOCKED = (
+_UPDATE = (
     sagas.update()
-    .where(sagas.c.id == sa.bindparam("b_id"), sagas.c.version == sa.bindparam("b_version"))
+    .where(sagas.c.id == sa.bindparam("b_id"), sagas.c.version == sa.bindparam("b_read_version"))
     .values({column: sa.bindparam(f"b_{column}") for column in _CHANGED})
 )
 
@@ -271,11 +266,8 @@ async def save_locked(conn: AsyncConnection, transitions: Sequence[Transition]) 
     if not transitions:
         return
     now = datetime.now(UTC)
-    params = []
-    for tx in transitions:
-        row = {f"b_{k}": v for k, v in tx._row(now).items()}
-        params.append({**row, "b_id": tx.state.id, "b_version": tx.read_version})
-    result = await conn.execute(_UPDATE_LOCKED, params)
+    params = [tx._params(now) for tx in transitions]
+    result = await conn.execute(_UPDATE, params)
     if conn.dialect.supports_sane_multi_rowcount and result.rowcount != len(params):
         raise ConcurrencyError(
             f"{len(params) - result.rowcount} of {len(params)} sagas changed while locked",
@@ -293,13 +285,42 @@ async def _write_logs_and_deadlines(
         await conn.execute(saga_steps.insert(), logs)
     cleared = [tx.state.id for tx in transitions if tx.deadline is None]
     if cleared:
-        await conn.execute(deadlines.delete().where(deadlines.c.saga_id.in_(cleared)))
-    rows = [dict(tx.deadline) for tx in transitions if isinstance(tx.deadline, dict)]
+        await conn.execute(_DELETE_DEADLINES, {"ids": cleared})
+    rows = [tx.deadline for tx in transitions if isinstance(tx.deadline, dict)]
     if rows:
-        insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-        statement = insert(deadlines).values(rows)
-        statement = statement.on_conflict_do_update(
-            index_elements=[deadlines.c.saga_id],
-            set_={k: statement.excluded[k] for k in rows[0] if k != "saga_id"},
+        await conn.execute(_statements(conn.dialect.name).upsert_deadline, rows)
+
+
+_LOAD = sa.select(sagas).where(sagas.c.id == sa.bindparam("id"))
+_LOAD_FOR_UPDATE = _LOAD.with_for_update()
+_DELETE_DEADLINES = deadlines.delete().where(
+    deadlines.c.saga_id.in_(sa.bindparam("ids", expanding=True))
+)
+
+
+class _Statements:
+    """The dialect-specific hot statements, built once (SQLAlchemy caches their SQL)."""
+
+    def __init__(self, dialect: str) -> None:
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        load = (
+            sa.select(sagas)
+            .where(sagas.c.id.in_(sa.bindparam("ids", expanding=True)))
+            .order_by(sagas.c.id)
         )
-        await conn.execute(statement)
+        self.load_locked = load.with_for_update() if dialect == "postgresql" else load
+        self.insert_instance = (
+            insert(sagas).on_conflict_do_nothing(index_elements=[sagas.c.id]).returning(sagas.c.id)
+        )
+        upsert = insert(deadlines)
+        self.upsert_deadline = upsert.on_conflict_do_update(
+            index_elements=[deadlines.c.saga_id],
+            set_={
+                c.name: upsert.excluded[c.name] for c in deadlines.columns if c.name != "saga_id"
+            },
+        )
+
+
+@functools.cache
+def _statements(dialect: str) -> _Statements:
+    return _Statements(dialect)
