@@ -65,14 +65,13 @@ LIMIT :limit
 """
 
 
-def _claim_statement(lock: str, payload: str) -> sa.TextualSelect:
-    # The payload comes back as JSON text: it is published as it is, never parsed.
-    eligible = _ELIGIBLE.replace("{payload}", payload)
-    sql = f"WITH candidates AS ({_CANDIDATES}{lock}) {eligible}"
+def _claimed(sql: str, *params: sa.BindParameter[Any]) -> sa.TextualSelect:
+    """``sql`` returning claimed rows; the payload comes back as JSON text: it is
+    published as it is, never parsed."""
     json_type: Any = JSONType
     return (
         sa.text(sql)
-        .bindparams(sa.bindparam("now", type_=UTCDateTime()))
+        .bindparams(sa.bindparam("now", type_=UTCDateTime()), *params)
         .columns(
             sa.column("seq", sa.BigInteger()),
             sa.column("id", sa.Uuid()),
@@ -85,8 +84,21 @@ def _claim_statement(lock: str, payload: str) -> sa.TextualSelect:
     )
 
 
-_CLAIM_POSTGRES = _claim_statement(" FOR UPDATE SKIP LOCKED", "o.payload::text")
-_CLAIM_SQLITE = _claim_statement("", "o.payload")  # one writer at a time: nothing to skip
+# SQLite: one writer at a time, nothing to skip; the lease is a second statement.
+_CLAIM_SQLITE = _claimed(
+    f"WITH candidates AS ({_CANDIDATES}) {_ELIGIBLE.replace('{payload}', 'o.payload')}"
+)
+
+# PostgreSQL: choose, lock and lease in one statement, so a claim is one round trip
+# and needs no transaction of its own (the statement is atomic).
+_CLAIM_AND_LEASE_POSTGRES = _claimed(
+    f"WITH candidates AS ({_CANDIDATES} FOR UPDATE SKIP LOCKED), "
+    f"eligible AS ({_ELIGIBLE.replace('{payload}', 'NULL')}) "
+    "UPDATE accord_outbox o SET available_at = :until FROM eligible e WHERE o.seq = e.seq "
+    "RETURNING o.seq, o.id, o.event_type, o.key, o.headers, o.payload::text AS payload, "
+    "o.retry_count",
+    sa.bindparam("until", type_=UTCDateTime()),
+)
 
 _LEASE = sa.text("UPDATE accord_outbox SET available_at = :until WHERE seq IN :seqs").bindparams(
     sa.bindparam("seqs", expanding=True), sa.bindparam("until", type_=UTCDateTime())
@@ -103,13 +115,18 @@ _RESCHEDULE = sa.text(
 async def claim(
     conn: AsyncConnection, *, now: datetime, lease_until: datetime, limit: int
 ) -> list[ClaimedRow]:
-    """Lease up to ``limit`` rows that may be published now, in ``seq`` order."""
-    query = _CLAIM_POSTGRES if conn.dialect.name == "postgresql" else _CLAIM_SQLITE
-    result = await conn.execute(query, {"now": now, "limit": limit})
-    rows = result.all()
-    if not rows:
-        return []
-    await conn.execute(_LEASE, {"until": lease_until, "seqs": [r.seq for r in rows]})
+    """Lease up to ``limit`` rows that may be published now, in ``seq`` order.
+
+    On PostgreSQL this is one atomic statement (``conn`` may be in autocommit); on
+    SQLite two, in ``conn``'s transaction.
+    """
+    if conn.dialect.name == "postgresql":
+        params = {"now": now, "until": lease_until, "limit": limit}
+        rows = sorted((await conn.execute(_CLAIM_AND_LEASE_POSTGRES, params)).all(), key=_seq)
+    else:
+        rows = list((await conn.execute(_CLAIM_SQLITE, {"now": now, "limit": limit})).all())
+        if rows:
+            await conn.execute(_LEASE, {"until": lease_until, "seqs": [r.seq for r in rows]})
     return [
         ClaimedRow(
             seq=r.seq,
@@ -122,6 +139,10 @@ async def claim(
         )
         for r in rows
     ]
+
+
+def _seq(row: Any) -> int:
+    return int(row.seq)
 
 
 async def settle(

@@ -7,12 +7,13 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from prometheus_client import Counter, Histogram
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord._backoff import backoff_delay
 from accord.db.database import Database
@@ -112,7 +113,7 @@ class Relay:
     async def run_once(self) -> int:
         """Claim one batch, publish it and settle every row. Returns how many were SENT."""
         now = datetime.now(UTC)
-        async with self.database.transaction() as conn:
+        async with self._statements() as conn:
             rows = await claim(
                 conn,
                 now=now,
@@ -123,11 +124,22 @@ class Relay:
             return 0
         started = time.perf_counter()
         sent, others = await self._publish(rows)
-        async with self.database.transaction() as conn:
+        async with self._statements() as conn:
             await settle(conn, now=datetime.now(UTC), sent=sent, others=others)
         BATCH_SECONDS.observe(time.perf_counter() - started)
         PUBLISHED.inc(len(sent))
         return len(sent)
+
+    @contextlib.asynccontextmanager
+    async def _statements(self) -> AsyncIterator[AsyncConnection]:
+        """Where claims and settlements run. On PostgreSQL each is atomic on its own,
+        so they run in autocommit: no BEGIN and COMMIT round trips around them."""
+        if not self.database.is_postgres:
+            async with self.database.transaction() as conn:
+                yield conn
+            return
+        async with self.database.connect() as conn:
+            yield await conn.execution_options(isolation_level="AUTOCOMMIT")
 
     async def _publish(self, rows: Sequence[ClaimedRow]) -> tuple[list[int], list[Settlement]]:
         sent: list[int] = []
