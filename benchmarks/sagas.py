@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 
 import asyncpg
 import sqlalchemy as sa
+from tests.brokers import delete_everything
 
 from accord.db import Database
 from accord.db.schema_sagas import sagas as sagas_table
@@ -57,7 +59,7 @@ def service(
 
 
 def _service(database: Database, transport: Any, name: str, batch: int) -> Consumer:
-    consumer = Consumer(name, database, transport, prefetch=max(32, batch), batch_size=batch)
+    consumer = Consumer(name, database, transport, batch_size=batch)
     types = (
         {"bench.a.reserve": "do", "bench.a.cancel": "undo"}
         if name == "svc-a"
@@ -79,7 +81,7 @@ async def child(
     role: str, db_url: str, broker: str, channel: str, batch: str, concurrency: str
 ) -> None:
     """One process: the orchestrator or a participant service, with its own relay."""
-    database = Database(db_url, pool_size=20)
+    database = Database(db_url, pool_size=8)
     await database.upgrade()
     async with database.transaction() as conn:
         await conn.execute(sa.text(_TABLE))
@@ -91,7 +93,6 @@ async def child(
             transport,
             [definition()],
             name="bench-orch",
-            prefetch=max(32, int(batch)),
             concurrency=int(concurrency),
             batch_size=int(batch),
         )
@@ -102,6 +103,9 @@ async def child(
         parts = list(consumers)
     relay = Relay(database, transport, poll_interval=0.02)
     parts.append(relay)
+    sizes: list[int] = []
+    for consumer in consumers:
+        consumer.handle_batch = _counting(consumer.handle_batch, sizes)  # type: ignore[method-assign]
     tasks = [asyncio.create_task(part.run()) for part in parts]
     for consumer in consumers:
         while consumer._subscription is None:  # noqa: ASYNC110
@@ -110,11 +114,22 @@ async def child(
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     print("ready", flush=True)
     await stop.wait()
+    print(json.dumps({"role": role, "batches": len(sizes), "messages": sum(sizes)}), flush=True)
     for part in parts:
         await part.stop()
     await asyncio.gather(*tasks, return_exceptions=True)
     await transport.close()
     await database.dispose()
+
+
+def _counting(handle: Any, sizes: list[int]) -> Any:
+    """``handle`` (a consumer's batch callback), recording the size of each batch."""
+
+    async def counted(deliveries: Any) -> None:
+        sizes.append(len(deliveries))
+        await handle(deliveries)
+
+    return counted
 
 
 async def commits(dsns: list[str]) -> int:
@@ -223,6 +238,7 @@ async def run_sagas(
                     await conn.execute(sa.select(sagas_table.c.created_at, sagas_table.c.ended_at))
                 ).all()
             after = await commits(dsns)
+            batch_sizes = await _mean_batches(procs)
             first = min(r[0] for r in rows)
             last = max(r[1] for r in rows)
             latencies = [(r[1] - r[0]).total_seconds() * 1000 for r in rows]
@@ -234,6 +250,7 @@ async def run_sagas(
                 "p50_ms": percentile(latencies, 50),
                 "p99_ms": percentile(latencies, 99),
                 "tx_per_saga": (after - before) / total,
+                "mean_batch": batch_sizes,
             }
         finally:
             for proc in procs:
@@ -244,6 +261,30 @@ async def run_sagas(
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+            await _delete_channel(broker, channel)
+
+
+async def _delete_channel(broker: str, channel: str) -> None:
+    """Remove what the run declared on the broker (queues and exchanges, or the stream)."""
+    if broker.startswith("amqp"):
+        await delete_everything({channel: {"bench-orch", "svc-a", "svc-b"}})
+    else:
+        transport = from_url(broker, channel=channel)
+        await transport.connect()
+        await transport.delete_stream()  # type: ignore[attr-defined]
+        await transport.close()
+
+
+async def _mean_batches(procs: list[subprocess.Popen[str]]) -> str:
+    """Stop the services; the mean batch size each consumed with, "orch/a/b"."""
+    means = []
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout is not None
+        line = await asyncio.to_thread(proc.stdout.readline)
+        stats = json.loads(line)
+        means.append(f"{stats['messages'] / max(1, stats['batches']):.1f}")
+    return "/".join(means)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -279,6 +320,7 @@ async def main(args: argparse.Namespace) -> None:
             "p50_ms",
             "p99_ms",
             "tx_per_saga",
+            "mean_batch",
             "tx_per_s",
             "efficiency_pct",
         ],

@@ -81,7 +81,9 @@ class Consumer:
       to it in one call, so it can read and write set-wise. If anything in a batch
       fails, the batch rolls back and its messages are handled one at a time as
       above (a later message with the key of one that failed is given back after
-      it), so a poison message is retried and dead-lettered on its own.
+      it), so a poison message is retried and dead-lettered on its own. The
+      prefetch is raised to at least twice ``batch_size`` so that the next batch
+      arrives while one is handled.
 
     Use it as a worker component: :meth:`run` until :meth:`stop`.
     """
@@ -110,10 +112,12 @@ class Consumer:
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
-        self.prefetch = prefetch
         self.replay_interval = replay_interval
         self.replay_lease = replay_lease
         self.batch_size = batch_size
+        # The next batch should be waiting while one is handled: its deliveries are
+        # only settled after it, so a window of one batch would run dry each time.
+        self.prefetch = max(prefetch, 2 * batch_size) if batch_size > 1 else prefetch
         self._exact: dict[str, Registration] = {}
         self._patterns: list[Registration] = []
         self._subscription: Subscription | None = None
@@ -190,7 +194,7 @@ class Consumer:
                 self.handle_batch,
                 topics=self.topics,
                 prefetch=self.prefetch,
-                max_batch=min(self.batch_size, self.prefetch),
+                max_batch=self.batch_size,
             )
             self._replay_task = asyncio.create_task(
                 self._replay_loop(), name=f"accord-replay-{self.name}"
