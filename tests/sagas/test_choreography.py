@@ -267,20 +267,15 @@ async def test_two_services_on_their_own_databases_complete_or_compensate_togeth
 
 @pytest.mark.postgres
 @pytest.mark.rabbitmq
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library gap: Choreography keeps no per-flow record at a service, so a step "
-    "event handled after its flow's compensation there is applied and never undone "
-    "(the orchestrated participant() refuses such a late command)",
-)
 async def test_a_step_event_that_arrives_after_its_compensation_is_not_applied(
     deployment: Deployment,
 ) -> None:
     """Hotels and cars both react to ``trip.requested`` (parallel branches); a refused
     car compensates the hotel. Hotels runs two competing workers and its reservation is
-    slow: the other worker takes ``car.failed`` and compensates first (nothing to cancel
-    yet), then the late reservation commits. The trip ends cancelled, holding a hotel."""
+    slow: the other worker takes ``car.failed`` while the reservation is in flight. The
+    compensation waits for it and undoes it: the trip ends cancelled, holding nothing.
+    (Without the per-flow record the compensation ran first, found nothing to cancel,
+    and the late reservation stayed.)"""
     for database in (deployment.hotels, deployment.cars):
         await choreo_app.create_state(database)
     entered, release = asyncio.Event(), asyncio.Event()
@@ -316,10 +311,12 @@ async def test_a_step_event_that_arrives_after_its_compensation_is_not_applied(
     try:
         flow_id = await choreo_app.start(deployment.hotels, {})
         await wait_for(entered.is_set, 10)
-        # While one worker holds the reservation, the other one compensates.
-        await wait_for(lambda: end_of(tracked, flow_id), 10)
+        # While one worker holds the reservation, car.failed reaches the other one.
+        await wait_for(lambda: _delivered(tracked, flow_id, "car.failed"), 10)
+        await asyncio.sleep(0.3)
     finally:
         release.set()
+    await wait_for(lambda: end_of(tracked, flow_id), 10)
     request = (await tracked.timeline(flow_id))[0]
     await wait_for(
         lambda: Inbox(deployment.hotels).processed(
@@ -330,3 +327,7 @@ async def test_a_step_event_that_arrives_after_its_compensation_is_not_applied(
     timeline = steps(await tracked.timeline(flow_id))
     held = (await choreo_app.holdings_of(deployment.hotels)).get(flow_id, [])
     assert ("hotel", "RESERVED") not in held, (held, timeline)
+
+
+async def _delivered(tracked: Flows, flow_id: str, message_type: str) -> bool:
+    return any(entry.type == message_type for entry in await tracked.timeline(flow_id))

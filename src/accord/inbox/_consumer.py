@@ -398,8 +398,7 @@ class Consumer:
                 self.max_attempts,
                 exc_info=exc,
             )
-            await self._dead_letter(delivery, "handler_failed", _error_reason(exc, attempt))
-            return False
+            return await self._dead_letter(delivery, "handler_failed", _error_reason(exc, attempt))
         delay = self.backoff(attempt)
         log.warning(
             "handler failed on attempt %d of %d (%s: %s); retrying in %.2fs",
@@ -412,7 +411,8 @@ class Consumer:
         await delivery.nack(delay)
         return True
 
-    async def _dead_letter(self, delivery: Delivery, kind: str, reason: str) -> None:
+    async def _dead_letter(self, delivery: Delivery, kind: str, reason: str) -> bool:
+        """Dead-letter and ack; True if that failed and the delivery comes back."""
         try:
             async with self.database.transaction() as conn:
                 await write_dead_letter(
@@ -423,10 +423,11 @@ class Consumer:
             delay = self.backoff(delivery.attempt)
             log.exception("could not write a dead letter; redelivering in %.2fs", delay)
             await delivery.nack(delay)
-            return
+            return True
         CONSUMER_DEAD_LETTERED.labels(self.name, kind).inc()
         log.error("dead-lettered (%s): %s", kind, reason.splitlines()[0])
         await delivery.ack()
+        return False
 
     # -- replay -------------------------------------------------------------------
 

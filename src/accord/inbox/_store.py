@@ -39,7 +39,9 @@ async def record_many(
         return set()
     # Executed with many parameter sets: SQLAlchemy sends one multi-row INSERT.
     statement = _record_statement(conn.dialect.name)
-    return {str(row[0]) for row in (await conn.execute(statement, list(rows.values()))).all()}
+    # In id order: two batches holding some of the same ids cannot deadlock.
+    params = [rows[key] for key in sorted(rows)]
+    return {str(row[0]) for row in (await conn.execute(statement, params)).all()}
 
 
 @functools.cache

@@ -6,10 +6,15 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from accord.db.schema_sagas import participations
 from accord.errors import ConfigurationError
 from accord.inbox import Consumer, HandlerContext
 from accord.messages import Message
@@ -54,6 +59,11 @@ class Choreography:
     (past the consumer's attempts it is dead-lettered and the flow tracker reports
     the flow as stalled). Every event carries the correlation id given by
     :meth:`start`, the step name and its outcome, for the flow tracker.
+
+    A service that compensated a flow records it (in its transaction), and a step
+    event of that flow reaching the service afterwards — it can, with parallel
+    branches or a redelivery that waits while later messages go ahead — is not
+    applied: nothing is left behind that no compensation will undo.
     """
 
     def __init__(self, name: str, *, completed: str, compensated: str) -> None:
@@ -100,6 +110,14 @@ class Choreography:
             step = func.__name__
 
             async def handle(ctx: HandlerContext, data: Any) -> None:
+                if await _compensated_here(ctx):
+                    log.info(
+                        "flow %s was compensated at %s: late %s not applied",
+                        _flow_id(ctx),
+                        ctx.consumer,
+                        ctx.message.type,
+                    )
+                    return
                 incoming = dict(ctx.message.data or {})
                 nested = await ctx.conn.begin_nested()
                 try:
@@ -132,6 +150,7 @@ class Choreography:
             step = func.__name__
 
             async def handle(ctx: HandlerContext, data: Any) -> None:
+                await _mark_compensated_here(ctx)
                 await func(ctx, data)
                 payload = dict(ctx.message.data or {})
                 outcome = self._outcome(emits, COMPENSATING)
@@ -156,3 +175,50 @@ class Choreography:
                 extensions={"flowstep": step, "flowoutcome": outcome},
             )
         )
+
+
+# A flow compensated at a service is a participations row of that service's consumer
+# with step -1 (orchestrated steps are numbered from 0).
+_FLOW_STEP = -1
+
+
+def _flow_id(ctx: HandlerContext) -> str:
+    return ctx.message.correlationid or ctx.message.key or ctx.message.id
+
+
+async def _lock_flow(ctx: HandlerContext) -> None:
+    # A step event and a compensation of one flow handled at once by two consumers of
+    # the service: serialise them, so one sees the other's record (SQLite is serial).
+    if ctx.conn.dialect.name == "postgresql":
+        await ctx.conn.execute(
+            sa.text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
+            {"k": f"accord-flow/{ctx.consumer}/{_flow_id(ctx)}"},
+        )
+
+
+async def _compensated_here(ctx: HandlerContext) -> bool:
+    await _lock_flow(ctx)
+    query = sa.select(sa.literal(1)).where(
+        participations.c.participant == ctx.consumer,
+        participations.c.saga_id == _flow_id(ctx),
+        participations.c.step == _FLOW_STEP,
+    )
+    return (await ctx.conn.scalar(query)) is not None
+
+
+async def _mark_compensated_here(ctx: HandlerContext) -> None:
+    await _lock_flow(ctx)
+    insert = pg_insert if ctx.conn.dialect.name == "postgresql" else sqlite_insert
+    await ctx.conn.execute(
+        insert(participations)
+        .values(
+            participant=ctx.consumer,
+            saga_id=_flow_id(ctx),
+            step=_FLOW_STEP,
+            phase="compensation",
+            attempt=ctx.attempt,
+            ok=True,
+            at=datetime.now(UTC),
+        )
+        .on_conflict_do_nothing()
+    )

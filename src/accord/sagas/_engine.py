@@ -107,7 +107,7 @@ class Engine:
         covers them all."""
         s = self.state
         self._paused = False
-        self._abort_if_requested()
+        aborted = self._abort_if_requested()
         awaited = (
             s.status in (RUNNING, COMPENSATING)
             and s.waiting
@@ -123,7 +123,9 @@ class Engine:
                 f"{reply!r} ignored ({why}; saga is at step {s.step} {s.phase} "
                 f"attempt {s.attempt})",
             )
-            await self._run()  # moves on only if an abort was just carried out
+            if aborted:
+                await self._run()  # carry the abort out (compensate or end)
+            # Otherwise nothing moves: a saga waiting out a retry backoff keeps waiting.
             return False
         s.waiting = False
         self.tx.clear_deadline()

@@ -22,6 +22,7 @@ from accord.inbox import Consumer, HandlerContext
 from accord.messages import Message
 from accord.outbox import add as add_to_outbox
 from accord.sagas._store import ACTION, COMPENSATION
+from accord.transports.base import topic_matches
 
 __all__ = ["CommandContext", "StepFailed", "participant"]
 
@@ -76,18 +77,22 @@ def participant(
       and the late command, if it comes, is refused: nothing is left half-done.
     * With a consumer in batch mode (``Consumer(batch_size=...)``) the commands of
       a batch share their bookkeeping: one lock statement, one read of the records,
-      one write of records and one of replies. A function that raises there fails
-      the batch, which the consumer then handles one command at a time as above.
+      one write of records and one of replies. Functions run without a savepoint
+      there, so one that raises fails the batch, which the consumer then handles
+      one command at a time as above — the functions before it run again (keep
+      effects outside the transaction idempotent). After such a failure the next
+      batches give each function a savepoint for a while, so a run of refusals
+      costs two round trips a command instead of replayed batches.
     """
 
     def register(func: CommandFunc) -> CommandFunc:
         batch = _Participant.of(consumer)
-        batch.funcs[type] = func
 
         async def handle(ctx: HandlerContext, data: Any) -> None:
             await batch.handle_one(ctx, data)
 
         consumer.add_handler(type, handle, schema=schema, batch=batch.handle_batch)
+        batch.funcs[type] = func  # after add_handler: a refused duplicate changes nothing
         return func
 
     return register
@@ -131,9 +136,19 @@ _Records = dict[str, dict[str, Any]]  # phase -> the participant's record of it
 class _Participant:
     """The participant handlers of one consumer: their functions by command type."""
 
+    #: Commands given a savepoint each after a function raised inside a batch.
+    CAREFUL_FOR = 256
+
     def __init__(self, name: str) -> None:
         self.name = name
-        self.funcs: dict[str, CommandFunc] = {}
+        self.funcs: dict[str, CommandFunc] = {}  # by registered type or pattern
+        self._careful = 0
+
+    def _func(self, message_type: str) -> CommandFunc:
+        found = self.funcs.get(message_type)
+        if found is None:
+            found = next(f for t, f in self.funcs.items() if topic_matches(t, message_type))
+        return found
 
     @classmethod
     def of(cls, consumer: Consumer) -> _Participant:
@@ -160,11 +175,17 @@ class _Participant:
         done = await _records(conn, self.name, keys)
         records: dict[tuple[str, int, str], dict[str, Any]] = {}
         replies = []
+        careful = self._careful > 0
+        self._careful = max(0, self._careful - len(items))
         for (ctx, data), command in zip(items, commands, strict=True):
             mine = done.setdefault(command.lock_key, {})
-            ok, result, error, record = await self._outcome(
-                ctx, data, command, mine, savepoint=False
-            )
+            try:
+                ok, result, error, record = await self._outcome(
+                    ctx, data, command, mine, savepoint=careful
+                )
+            except Exception:
+                self._careful = self.CAREFUL_FOR
+                raise
             if record is not None:
                 mine[command.phase] = records[(*command.lock_key, command.phase)] = record
             replies.append(_reply(ctx, command, ok, result, error))
@@ -191,18 +212,13 @@ class _Participant:
                 command.step,
                 ctx.message.type,
             )
-            return (
-                False,
-                None,
-                "refused: this step was compensated before its command arrived",
-                None,
-            )
+            return False, None, _REFUSED, None
         if mine is not None and (mine["ok"] or mine["attempt"] == command.attempt):
             return mine["ok"], mine["result"], mine["error"], None
         action = done.get(ACTION)
         ok, result, error = True, None, None
         if phase == ACTION or (action is not None and action["ok"]):
-            func = self.funcs[ctx.message.type]
+            func = self._func(ctx.message.type)
             cctx = CommandContext(
                 ctx.conn, ctx.message, command.saga_id, command.step, phase, command.attempt
             )

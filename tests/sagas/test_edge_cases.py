@@ -1,0 +1,204 @@
+"""Edge cases driven straight through the consumers (real database, no broker): a
+participant registered for a topic pattern, a late reply while a step waits out its
+retry backoff, a refusal inside a participant's batch, and a choreographed step event
+that arrives after its flow was compensated."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import pytest
+import sqlalchemy as sa
+
+from accord.db import Database
+from accord.db.schema import outbox
+from accord.inbox import Consumer, HandlerContext
+from accord.messages import Message
+from accord.sagas import (
+    Choreography,
+    CommandContext,
+    Orchestrator,
+    Retry,
+    Saga,
+    StepFailed,
+    command,
+)
+from accord.sagas import participant as participant_of
+from accord.sagas._definition import Command
+from accord.sagas._engine import command_message
+from accord.sagas._store import SagaState, load
+from accord.testing import CapturedDelivery
+from accord.transports.sql import SqlTransport
+
+
+def commands(saga: Saga, step: int, count: int) -> list[CapturedDelivery]:
+    """``count`` commands for step ``step`` of new instances of ``saga``, as an
+    orchestrator sends them."""
+    made = []
+    for _ in range(count):
+        now = datetime.now(UTC)
+        state = SagaState(
+            str(uuid.uuid4()), saga.name, "RUNNING", "action", step, 1, True, {}, None, 1, now, now
+        )
+        action = cast(Command, saga.steps[step].action)
+        made.append(CapturedDelivery(command_message(saga, state, action)))
+    return made
+
+
+async def replies(database: Database) -> list[dict[str, Any]]:
+    async with database.connect() as conn:
+        rows = (await conn.execute(sa.select(outbox.c.payload))).all()
+    return [row[0] for row in rows]
+
+
+def transport(database: Database) -> SqlTransport:
+    return SqlTransport(database.url, channel=f"edge-{uuid.uuid4().hex[:8]}")
+
+
+BOOKING = (
+    Saga("booking")
+    .step("reserve", command("booking.reserve"), compensate=command("booking.release"))
+    .pivot("confirm", command("booking.confirm"))
+)
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+async def test_a_participant_registered_for_a_pattern_handles_every_matching_command(
+    database: Database, batch_size: int
+) -> None:
+    await database.upgrade()
+    consumer = Consumer("hotel", database, transport(database), batch_size=batch_size)
+    calls: list[str] = []
+
+    @participant_of(consumer, "booking.*")
+    async def any_booking(ctx: CommandContext, data: Any) -> dict[str, str]:
+        calls.append(ctx.message.type)
+        return {"seen": ctx.message.type}
+
+    reserve = commands(BOOKING, 0, 3)
+    confirm = commands(BOOKING, 1, 2)
+    await consumer.handle_batch([*reserve, *confirm])
+
+    assert sorted(calls) == ["booking.confirm"] * 2 + ["booking.reserve"] * 3
+    sent = await replies(database)
+    assert len(sent) == 5 and all(r["ok"] for r in sent)
+    assert {r["result"]["seen"] for r in sent} == {"booking.reserve", "booking.confirm"}
+    assert all(d.outcome in (None, "ack") for d in [*reserve, *confirm])
+
+
+async def test_a_refusal_in_a_batch_fails_only_its_saga_and_later_batches_use_savepoints(
+    database: Database,
+) -> None:
+    await database.upgrade()
+    async with database.transaction() as conn:
+        await conn.execute(sa.text("CREATE TABLE edge_effects (saga_id varchar(64))"))
+    consumer = Consumer("hotel", database, transport(database), batch_size=16)
+    calls: list[int] = []
+
+    @participant_of(consumer, "booking.reserve")
+    async def reserve(ctx: CommandContext, data: Any) -> None:
+        calls.append(ctx.step)
+        await ctx.conn.execute(sa.text("INSERT INTO edge_effects VALUES (:s)"), {"s": ctx.saga_id})
+        if ctx.saga_id == refused:
+            raise StepFailed("no rooms left")
+
+    batch = commands(BOOKING, 0, 6)
+    refused = batch[3].message.extensions["sagaid"]  # type: ignore[union-attr]
+    await consumer.handle_batch(batch)
+
+    # The batch rolled back and was handled one at a time: 4 calls, then 6.
+    assert len(calls) == 4 + 6
+    by_saga = {r["saga_id"]: r for r in await replies(database)}
+    assert len(by_saga) == 6
+    assert by_saga[refused]["ok"] is False and "no rooms left" in by_saga[refused]["error"]
+    assert all(r["ok"] for saga_id, r in by_saga.items() if saga_id != refused)
+    async with database.connect() as conn:
+        effects = await conn.scalar(sa.text("SELECT count(*) FROM edge_effects"))
+    assert effects == 5  # the refused one's write was rolled back
+
+    # The next batch, with another refusal, is not replayed: savepoints isolate it.
+    calls.clear()
+    again = commands(BOOKING, 0, 6)
+    refused = again[0].message.extensions["sagaid"]  # type: ignore[union-attr]
+    await consumer.handle_batch(again)
+    assert len(calls) == 6
+    by_saga = {r["saga_id"]: r for r in await replies(database)}
+    assert by_saga[refused]["ok"] is False
+    assert sum(1 for r in by_saga.values() if r["ok"]) == 10
+
+
+async def test_a_late_reply_while_a_step_waits_out_its_retry_backoff_changes_nothing(
+    database: Database,
+) -> None:
+    await database.upgrade()
+    saga = Saga("flaky").step(
+        "call", command("flaky.call"), retry=Retry(max_attempts=3, base=600, cap=600)
+    )
+    orchestrator = Orchestrator(database, transport(database), [saga], name="orch")
+    saga_id = await orchestrator.start("flaky", {})
+
+    def reply(attempt: int, ok: bool) -> Message:
+        return Message(
+            type=saga.reply_type,
+            data={
+                "saga_id": saga_id,
+                "step": 0,
+                "phase": "action",
+                "attempt": attempt,
+                "ok": ok,
+                "result": None,
+                "error": None if ok else "busy",
+            },
+        )
+
+    await orchestrator.consumer.handle(CapturedDelivery(reply(1, False)))  # -> backoff
+    async with database.connect() as conn:
+        state = await load(conn, saga_id)
+    assert state is not None and (state.attempt, state.waiting) == (1, False)
+    sent_before = len(await replies(database))
+
+    await orchestrator.consumer.handle(CapturedDelivery(reply(1, True)))  # late, ignored
+
+    async with database.connect() as conn:
+        state = await load(conn, saga_id)
+    assert state is not None
+    assert (state.status, state.attempt, state.waiting) == ("RUNNING", 1, False)
+    assert len(await replies(database)) == sent_before  # no second attempt sent early
+
+
+async def test_a_step_event_that_reaches_a_service_after_it_compensated_the_flow_is_not_applied(
+    database: Database,
+) -> None:
+    await database.upgrade()
+    trip = Choreography("trip", completed="trip.booked", compensated="trip.cancelled")
+    hotels = Consumer("hotels", database, transport(database))
+    applied: list[str] = []
+
+    @trip.on(hotels, "trip.requested", emits="hotel.reserved", fails="trip.cancelled")
+    async def reserve_hotel(ctx: HandlerContext, data: Any) -> None:
+        applied.append("reserve")
+
+    @trip.compensate(hotels, "car.failed", emits="trip.cancelled")
+    async def cancel_hotel(ctx: HandlerContext, data: Any) -> None:
+        applied.append("cancel")
+
+    def event(type: str, flow: str) -> CapturedDelivery:
+        return CapturedDelivery(Message(type=type, data={}, key=flow, correlationid=flow))
+
+    # The compensation overtakes the step event (parallel branch, delayed redelivery).
+    await hotels.handle(event("car.failed", "flow-1"))
+    await hotels.handle(event("trip.requested", "flow-1"))
+    # Another flow is not affected.
+    await hotels.handle(event("trip.requested", "flow-2"))
+
+    assert applied == ["cancel", "reserve"]
+    emitted = [m["type"] for m in await emitted_types(database)]
+    assert emitted == ["trip.cancelled", "hotel.reserved"]
+
+
+async def emitted_types(database: Database) -> list[dict[str, Any]]:
+    async with database.connect() as conn:
+        rows = (await conn.execute(sa.select(outbox.c.event_type).order_by(outbox.c.seq))).all()
+    return [{"type": row[0]} for row in rows]
