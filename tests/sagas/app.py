@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from accord.db import Database
+from accord.db.schema import inbox
 from accord.db.types import BigId
 from accord.inbox import Consumer
 from accord.outbox import Relay
@@ -152,9 +153,11 @@ def components(
     orchestrator: bool = True,
     participants: bool = True,
     relay: bool = True,
+    batch_size: int = 1,
 ) -> list[Any]:
     """The relay, the orchestrator and the participants' consumers, all on one database
-    (each service could have its own; sharing one keeps the tests quick)."""
+    (each service could have its own; sharing one keeps the tests quick). ``batch_size``
+    > 1 runs the orchestrator and the participants' consumers in batch mode."""
     made: list[Any] = []
     if relay:
         made.append(
@@ -170,17 +173,28 @@ def components(
         )
     if orchestrator:
         made.append(
-            Orchestrator(database, transport, [trip], name=f"{prefix}-orch", timer_interval=0.05)
+            Orchestrator(
+                database,
+                transport,
+                [trip],
+                name=f"{prefix}-orch",
+                timer_interval=0.05,
+                batch_size=batch_size,
+            )
         )
     if participants:
-        made += participant_consumers(database, transport, prefix)
+        made += participant_consumers(database, transport, prefix, batch_size=batch_size)
     return made
 
 
-def participant_consumers(database: Database, transport: Transport, prefix: str) -> list[Any]:
+def participant_consumers(
+    database: Database, transport: Transport, prefix: str, *, batch_size: int = 1
+) -> list[Any]:
     """The hotels and cars services' consumers, with their saga command handlers."""
-    hotels = Consumer(f"{prefix}-hotels", database, transport, backoff_base=0.02)
-    cars = Consumer(f"{prefix}-cars", database, transport, backoff_base=0.02)
+    hotels = Consumer(
+        f"{prefix}-hotels", database, transport, backoff_base=0.02, batch_size=batch_size
+    )
+    cars = Consumer(f"{prefix}-cars", database, transport, backoff_base=0.02, batch_size=batch_size)
     register_participants(hotels, cars)
     return [hotels, cars]
 
@@ -203,3 +217,17 @@ def expected_ops(outcome: str, reached: int) -> list[tuple[int, str]]:
         return [(i, "do") for i in range(5)]
     done = [(i, "do") for i in range(reached)]
     return done + [(i, "undo") for i in reversed(range(min(reached, COMPENSATABLE)))]
+
+
+async def transaction_sizes(database: Database, consumer: str) -> list[int]:
+    """How many messages ``consumer`` applied in each of its transactions, largest first:
+    its inbox rows grouped by the transaction that wrote them (``xmin``) on PostgreSQL;
+    SQLite has no transaction ids, so by ``processed_at``, one stamp per inbox insert."""
+    if database.engine.dialect.name == "postgresql":
+        written_by: Any = sa.cast(sa.literal_column("xmin"), sa.Text)
+    else:
+        written_by = inbox.c.processed_at
+    query = sa.select(sa.func.count()).where(inbox.c.consumer == consumer).group_by(written_by)
+    async with database.connect() as conn:
+        sizes = [int(n) for (n,) in (await conn.execute(query)).all()]
+    return sorted(sizes, reverse=True)

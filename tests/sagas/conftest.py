@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from accord.db import Database
+from accord.db.schema import outbox
 from accord.sagas import STATUSES, Orchestrator, Saga, SagaAdmin
 from accord.testing import wait_for
 from accord.transports.base import Transport
@@ -38,11 +41,13 @@ def broker_url(kind: str, db_url: str) -> str:
 
 
 class World:
-    """The trip saga's whole system in this process (some parts may run elsewhere)."""
+    """The trip saga's whole system in this process (some parts may run elsewhere);
+    ``batch_size`` > 1 runs the orchestrator and the participants in batch mode."""
 
-    def __init__(self, database: Database, kind: str) -> None:
+    def __init__(self, database: Database, kind: str, batch_size: int = 1) -> None:
         self.database = database
         self.kind = kind
+        self.batch_size = batch_size
         self.prefix = f"t{uuid.uuid4().hex[:8]}"
         self.channel = f"sagas-{self.prefix}"
         self.transport = make_transport(kind, database.url, self.channel)
@@ -62,7 +67,12 @@ class World:
         await app.create_tables(self.database)
         await self.transport.connect()
         parts = app.components(
-            self.database, self.transport, prefix=self.prefix, trip=self.trip, **which
+            self.database,
+            self.transport,
+            prefix=self.prefix,
+            trip=self.trip,
+            batch_size=self.batch_size,
+            **which,
         )
         await self.run_parts(parts)
 
@@ -74,7 +84,11 @@ class World:
                 self.parts.remove(part)
 
     async def start_participants(self) -> None:
-        await self.run_parts(app.participant_consumers(self.database, self.transport, self.prefix))
+        await self.run_parts(
+            app.participant_consumers(
+                self.database, self.transport, self.prefix, batch_size=self.batch_size
+            )
+        )
 
     async def run_parts(self, parts: list[Any]) -> None:
         for part in parts:
@@ -106,6 +120,37 @@ class World:
 
         return await wait_for(reached, timeout, interval=0.05)
 
+    async def ended(self, count: int) -> bool:
+        """Whether there are ``count`` sagas and none is running or compensating."""
+        counts = await self.admin.counts()
+        active = counts.get("RUNNING", 0) + counts.get("COMPENSATING", 0)
+        return active == 0 and sum(counts.values()) == count
+
+    async def published(self) -> bool:
+        """Whether the relay has published everything in the outbox."""
+        query = sa.select(sa.func.count()).where(outbox.c.status == "PENDING")
+        async with self.database.connect() as conn:
+            return await conn.scalar(query) == 0
+
+    async def check_outcomes(self, started: dict[str, dict[str, Any]]) -> None:
+        """Every saga ended as its data says it must (COMPENSATED if a step refuses,
+        ``fail_at``, else COMPLETED), and the participants' ledger agrees: each step
+        applied once, and if compensated the applied ones undone once, in reverse."""
+        ops: dict[str, list[tuple[int, str]]] = defaultdict(list)
+        for saga_id, step, op in await app.ledger_rows(self.database):
+            ops[saga_id].append((step, op))
+        assert set(ops) <= set(started)
+        for saga_id, data in started.items():
+            state = await self.admin.get(saga_id)
+            reached = data.get("fail_at", 5)
+            outcome = "COMPLETED" if reached == 5 else "COMPENSATED"
+            assert state.status == outcome, (saga_id, data, await self.events(saga_id))
+            assert ops[saga_id] == app.expected_ops(outcome, reached), (saga_id, data)
+
+    async def transaction_sizes(self, service: str) -> list[int]:
+        """Messages per transaction of ``service``'s consumer ("orch", "hotels", "cars")."""
+        return await app.transaction_sizes(self.database, f"{self.prefix}-{service}")
+
     async def events(self, saga_id: str) -> list[tuple[int, str, str]]:
         return [(e.step, e.phase, e.event) for e in await self.admin.history(saga_id)]
 
@@ -133,7 +178,13 @@ def broker_kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def world(database: Database, broker_kind: str) -> AsyncIterator[World]:
-    made = World(database, broker_kind)
+def batch_size() -> int:
+    """1: one message per transaction. Tests parametrize it to run in batch mode too."""
+    return 1
+
+
+@pytest.fixture
+async def world(database: Database, broker_kind: str, batch_size: int) -> AsyncIterator[World]:
+    made = World(database, broker_kind, batch_size)
     yield made
     await made.close()

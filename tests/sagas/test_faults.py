@@ -10,14 +10,12 @@ import random
 import signal
 import subprocess
 import sys
-from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from accord.db import Database
-from accord.sagas import SagaAdmin
 from accord.testing import wait_for
 from tests.sagas import app
 from tests.sagas.conftest import World, broker_url
@@ -105,24 +103,8 @@ def scenario(rng: random.Random) -> dict[str, Any]:
     return data
 
 
-async def check_consistent(world: World, started: dict[str, dict[str, Any]]) -> None:
-    """Every saga ended as its data says it must, and the ledgers agree with it."""
-    admin = SagaAdmin(world.database)
-    ops: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for saga_id, step, op in await app.ledger_rows(world.database):
-        ops[saga_id].append((step, op))
-    for saga_id, data in started.items():
-        state = await admin.get(saga_id)
-        reached = data.get("fail_at", 5)
-        outcome = "COMPLETED" if reached == 5 else "COMPENSATED"
-        assert state.status == outcome, (saga_id, data, await world.events(saga_id))
-        assert ops[saga_id] == app.expected_ops(outcome, reached), (saga_id, data)
-
-
 async def all_terminal(world: World, ids: list[str]) -> bool:
-    counts = await world.admin.counts()
-    active = counts.get("RUNNING", 0) + counts.get("COMPENSATING", 0)
-    return active == 0 and sum(counts.values()) == len(ids)
+    return await world.ended(len(ids))
 
 
 KILL_POINTS = [
@@ -151,7 +133,35 @@ async def test_sigkill_at_each_kind_of_transition_resumes_every_saga(
 
     survivor = await workers.start(world)
     await wait_for(lambda: all_terminal(world, list(started)), 60, interval=0.1)
-    await check_consistent(world, started)
+    await world.check_outcomes(started)
+    survivor.send_signal(signal.SIGTERM)
+    assert await workers.exited(survivor, 30) == 0
+
+
+async def test_sigkill_between_a_batch_commit_and_its_acks_resumes_every_saga(
+    setup: World, workers: Workers
+) -> None:
+    """Orchestrator and participants in batch mode, SIGKILLed right after their fifth
+    batch of several messages committed (none of it acked) while sixty sagas are in flight;
+    restarted in batch mode, every saga ends as its data says, each step applied once."""
+    world = setup
+    rng = random.Random("batches")
+    world.trip = app.make_trip(timeout=300, comp_timeout=300)  # see run_randomized
+    batch = ("--batch-size", "16", "--timeout", "300")
+    doomed = await workers.start(
+        world, *batch, "--kill-at", "batch_after_commit", "--kill-after", "5"
+    )
+    orchestrator = world.orchestrator()
+    datas = [scenario(rng) for _ in range(60)]
+    ids = await asyncio.gather(*(orchestrator.start(world.trip, data) for data in datas))
+    started = dict(zip(ids, datas, strict=True))
+    assert await workers.exited(doomed, 30) == -signal.SIGKILL
+    assert not await all_terminal(world, ids), "the kill came too late to test anything"
+
+    survivor = await workers.start(world, *batch)
+    await wait_for(lambda: all_terminal(world, ids), 60, interval=0.1)
+    await world.check_outcomes(started)
+    assert max(await world.transaction_sizes("orch")) > 1
     survivor.send_signal(signal.SIGTERM)
     assert await workers.exited(survivor, 30) == 0
 
@@ -176,7 +186,7 @@ async def run_randomized(world: World, workers: Workers, count: int, seed: int) 
             kills += 1
             proc = await workers.start(world, "--timeout", "300")
     assert kills >= 1, "the run ended before any process was killed: raise the count"
-    await check_consistent(world, started)
+    await world.check_outcomes(started)
     proc.send_signal(signal.SIGTERM)
     assert await workers.exited(proc, 30) == 0
 

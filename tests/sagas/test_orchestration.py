@@ -1,9 +1,14 @@
 """Orchestrated sagas end to end on a real database and broker: the happy path, a
-failure at each step, compensations that fail, timeouts, STUCK and the operator."""
+failure at each step, compensations that fail, timeouts, STUCK and the operator; many
+sagas at once, one message per transaction and in batch mode."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
+from collections import defaultdict
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -166,3 +171,94 @@ async def test_orchestrator_stop_before_run_is_not_forgotten(sqlite_url: str) ->
     await orchestrator.stop()
     await asyncio.wait_for(orchestrator.run(), 5)
     await database.dispose()
+
+
+# -- many sagas at once, one message per transaction and in batches ---------------------
+
+
+def mixed(i: int) -> dict[str, Any]:
+    """Saga ``i``'s data: a third refused at some step (0 to 3 in turn), a sixth refused at
+    step 3 with compensations failing once, a sixth with a flaky ticket, the rest plain."""
+    if i % 3 == 0:
+        return {"fail_at": (i // 3) % 4}
+    if i % 6 == 1:
+        return {"fail_at": 3, "comp_fail": {"2": 1, "1": 1}}
+    if i % 6 == 5:
+        return {"flaky_ticket": 1}
+    return {}
+
+
+def fallbacks(caplog: pytest.LogCaptureFixture, error: str) -> list[int]:
+    """The sizes of the batches that failed with ``error`` and were then handled one
+    message at a time (the consumer reports each)."""
+    found = (re.match(r"batch of (\d+) failed \((.*)\)", r.getMessage()) for r in caplog.records)
+    return [int(m[1]) for m in found if m and m[2] == error]
+
+
+@pytest.mark.parametrize("batch_size", [1, 16])
+async def test_fifty_sagas_at_once_each_end_as_their_data_says(
+    world: World, batch_size: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The participants start on a backlog of commands, so in batch mode their batches
+    hold refusals (StepFailed) and failing compensations: the first such batch rolls back
+    and is handled one message at a time (later ones give each command a savepoint);
+    only the sagas that were refused compensate, the others of their batches complete."""
+    caplog.set_level(logging.INFO, logger="accord.inbox")
+    await world.start()
+    await world.stop_participants()
+    # Those that fail first, then plain ones: batches of the backlog's tail commit whole.
+    datas = [mixed(i) for i in range(24)] + [{} for _ in range(26)]
+    ids = await asyncio.gather(*(world.begin(**data) for data in datas[:24]))
+    ids += await asyncio.gather(*(world.begin(**data) for data in datas[24:]))
+    started = dict(zip(ids, datas, strict=True))
+    await wait_for(world.published, 20)
+    await world.start_participants()
+    await wait_for(lambda: world.ended(len(started)), 60, interval=0.1)
+    await world.check_outcomes(started)
+
+    sizes = {s: await world.transaction_sizes(s) for s in ("orch", "hotels", "cars")}
+    refused = fallbacks(caplog, "StepFailed: hotels.reserve refused")
+    if batch_size == 1:
+        assert all(size == 1 for found in sizes.values() for size in found), sizes
+        assert refused == []
+    else:
+        assert max(sizes["orch"]) > 1 and max(sizes["hotels"]) > 1, sizes
+        assert refused and min(refused) > 1
+
+
+@pytest.mark.parametrize("batch_size", [1, 16])
+async def test_timed_out_steps_of_many_sagas_are_compensated_and_late_replies_ignored(
+    world: World, batch_size: int
+) -> None:
+    # The participants are down: every hotel reservation times out, then the late
+    # command and its compensation reach the hotel together (in one batch, often).
+    await world.start(trip=app.make_trip(timeout=0.3))
+    await world.stop_participants()
+    ids = await asyncio.gather(*(world.begin() for _ in range(20)))
+    for saga_id in ids:
+        await world.wait_status(saga_id, "COMPENSATING")
+    await wait_for(world.published, 20)
+    await world.start_participants()
+    for saga_id in ids:
+        assert await world.wait_status(saga_id) == "COMPENSATED"
+
+    async def late_replies_ignored() -> bool:
+        for saga_id in ids:
+            if (1, "action", "ignored") not in await world.events(saga_id):
+                return False
+        return True
+
+    await wait_for(late_replies_ignored, 20)
+    ops: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for saga_id, step, op in await app.ledger_rows(world.database):
+        ops[saga_id].append((step, op))
+    for saga_id in ids:
+        events = await world.events(saga_id)
+        assert (1, "action", "timed_out") in events
+        assert (1, "action", "succeeded") not in events
+        assert ops[saga_id] in (
+            [(0, "do"), (1, "do"), (1, "undo"), (0, "undo")],
+            [(0, "do"), (0, "undo")],
+        )
+    hotels = await world.transaction_sizes("hotels")
+    assert max(hotels) > 1 if batch_size > 1 else set(hotels) == {1}

@@ -1,11 +1,13 @@
 """Replies and commands handed straight to the orchestrator's and participants' consumers
 (real database, no broker): duplicates, reordering, late replies, racing replies, and a
-compensation that overtakes its command."""
+compensation that overtakes its command; one at a time, and many in one batch."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -15,7 +17,7 @@ from accord.db import Database
 from accord.db.schema import outbox
 from accord.errors import ConcurrencyError
 from accord.messages import Message
-from accord.sagas import Orchestrator
+from accord.sagas import Orchestrator, SagaAdmin
 from accord.sagas._store import Transition, load
 from accord.testing import CapturedDelivery
 from accord.transports.sql import SqlTransport
@@ -134,10 +136,12 @@ async def test_a_transition_from_a_stale_read_is_refused(pg_url: str) -> None:
     await database.dispose()
 
 
-def command(saga_id: str, type: str, step: int, phase: str, attempt: int = 1) -> Message:
+def command(
+    saga_id: str, type: str, step: int, phase: str, attempt: int = 1, **data: Any
+) -> Message:
     return Message(
         type=type,
-        data={},
+        data=data,
         key=saga_id,
         correlationid=saga_id,
         extensions={
@@ -223,3 +227,178 @@ async def test_an_abort_is_not_lost_when_a_reply_beats_the_timer(
     log = await events(database, saga_id)
     assert (1, "action", "aborted") in log and (1, "action", "succeeded") not in log
     assert await orchestrator.fire_due() == 0  # the abort deadline is gone with it
+
+
+# -- many in one batch (Orchestrator / Consumer with batch_size > 1) ----------------------
+
+
+@pytest.fixture
+async def batched(database: Database) -> Orchestrator:
+    await app.create_tables(database)
+    transport = SqlTransport(database.url, channel=f"r-{uuid.uuid4().hex[:8]}")
+    return Orchestrator(database, transport, [app.make_trip()], name="orch", batch_size=16)
+
+
+async def commands_sent(database: Database, saga_id: str) -> list[str]:
+    query = sa.select(outbox.c.event_type).where(
+        outbox.c.key == saga_id, outbox.c.event_type != "accord.saga.trip.reply"
+    )
+    async with database.connect() as conn:
+        return list((await conn.scalars(query.order_by(outbox.c.seq))).all())
+
+
+async def outcomes(database: Database, saga_id: str) -> list[tuple[str, bool]]:
+    """(phase, ok) of each reply the participant sent for ``saga_id``."""
+    return [(r["phase"], r["ok"]) for r in await replies(database, saga_id)]
+
+
+def unrefused(deliveries: list[Captured]) -> bool:
+    """Whether every delivery was acked (or left for the transport to ack)."""
+    return all(d.outcome in (None, "ack") for d in deliveries)
+
+
+async def test_one_batch_of_duplicate_reordered_and_stale_replies_changes_nothing_twice(
+    database: Database, batched: Orchestrator
+) -> None:
+    a = await batched.start("trip", {})
+    b = await batched.start("trip", {})
+    first = reply(a, 1)
+    batch = [
+        Captured(reply(b, 2)),  # ahead of B, which waits for step 1
+        Captured(first),
+        Captured(first),  # the same message twice in one batch
+        Captured(reply(a, 1)),  # the same reply under another id
+        Captured(reply(a, 2)),  # A's next step, in the same batch as its previous one
+        Captured(reply(a, 3, attempt=2)),  # an attempt never sent
+        Captured(reply(b, 1)),  # B's reply, after the one that overtook it
+    ]
+    await batched.consumer.handle_batch(batch)
+    assert unrefused(batch)
+    # One transaction for the six distinct messages.
+    assert await app.transaction_sizes(database, "orch") == [6]
+    assert await position(database, a) == (3, "action", 1, True)
+    assert await position(database, b) == (2, "action", 1, True)
+    log_a, log_b = await events(database, a), await events(database, b)
+    assert log_a.count((1, "action", "succeeded")) == 1
+    assert log_a.count((1, "action", "ignored")) == 1
+    assert log_a.count((2, "action", "succeeded")) == 1
+    assert log_a.count((3, "action", "ignored")) == 1
+    assert log_b.count((2, "action", "ignored")) == 1
+    assert log_b.count((1, "action", "succeeded")) == 1
+    assert await commands_sent(database, a) == ["hotels.reserve", "cars.rent", "payments.charge"]
+    assert await commands_sent(database, b) == ["hotels.reserve", "cars.rent"]
+
+    again = [Captured(d.message, attempt=2) for d in batch]  # the broker redelivers it all
+    await batched.consumer.handle_batch(again)
+    assert unrefused(again)
+    assert await position(database, a) == (3, "action", 1, True)
+    assert await position(database, b) == (2, "action", 1, True)
+    assert (await events(database, a), await events(database, b)) == (log_a, log_b)
+
+
+async def test_a_late_reply_after_a_timeout_is_ignored_in_a_batch(
+    database: Database, batched: Orchestrator
+) -> None:
+    late = await batched.start("trip", {})
+    other = await batched.start("trip", {})
+    assert await batched.fire_due(datetime.now(UTC) + timedelta(minutes=1)) == 2
+    # Both timed out at step 1; the hotel is asked to cancel, in case it did reserve.
+    assert await position(database, late) == (1, "compensation", 1, True)
+    batch = [
+        Captured(reply(late, 1, result={"ref1": "too late"})),
+        Captured(reply(other, 1, result={"ref1": "too late"})),
+        Captured(reply(late, 1, phase="compensation")),
+    ]
+    await batched.consumer.handle_batch(batch)
+    assert unrefused(batch)
+    state = await SagaAdmin(database).get(late)
+    assert state.status == "COMPENSATED" and "ref1" not in state.data
+    log = await events(database, late)
+    assert (1, "action", "timed_out") in log and (1, "action", "ignored") in log
+    assert (1, "action", "succeeded") not in log
+    assert [r[1:] for r in await app.ledger_rows(database) if r[0] == late] == [
+        (0, "do"),
+        (0, "undo"),
+    ]
+    assert await position(database, other) == (1, "compensation", 1, True)
+    assert (1, "action", "ignored") in await events(database, other)
+
+
+@pytest.fixture
+async def batched_hotels(database: Database) -> Any:
+    await app.create_tables(database)
+    transport = SqlTransport(database.url, channel=f"p-{uuid.uuid4().hex[:8]}")
+    return app.participant_consumers(database, transport, "pb", batch_size=16)[0]
+
+
+async def test_a_participant_batch_applies_each_step_once_and_refuses_an_overtaken_command(
+    database: Database, batched_hotels: Any
+) -> None:
+    s1, s2, s3 = (str(uuid.uuid4()) for _ in range(3))
+    original = command(s1, "hotels.reserve", 1, "action")
+    batch = [
+        Captured(original),
+        Captured(original),  # the same message twice in one batch
+        Captured(command(s1, "hotels.reserve", 1, "action")),  # re-sent under another id
+        Captured(command(s2, "hotels.cancel", 1, "compensation")),
+        Captured(command(s2, "hotels.reserve", 1, "action")),  # overtaken by its compensation
+        Captured(command(s3, "hotels.reserve", 1, "action")),
+    ]
+    await batched_hotels.handle_batch(batch)
+    assert unrefused(batch)
+    assert await app.transaction_sizes(database, "pb-hotels") == [5]
+    assert await app.ledger_rows(database) == [(s1, 1, "do"), (s3, 1, "do")]
+    sent = await replies(database, s1)
+    assert [r["ok"] for r in sent] == [True, True]
+    assert sent[0]["result"] == sent[1]["result"] == {"ref1": f"hotels.reserve-{s1[:8]}"}
+    sent = await replies(database, s2)
+    assert [(r["phase"], r["ok"]) for r in sent] == [("compensation", True), ("action", False)]
+    assert "compensated before" in sent[1]["error"]
+    assert [r["ok"] for r in await replies(database, s3)] == [True]
+
+
+async def test_a_refusal_inside_a_participant_batch_fails_only_its_own_step(
+    database: Database, batched_hotels: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="accord.inbox")
+    s1, s2, s3, s4, s5 = (str(uuid.uuid4()) for _ in range(5))
+    cancel = command(s4, "hotels.cancel", 1, "compensation", comp_fail={"1": 1})
+    batch = [
+        Captured(command(s1, "hotels.reserve", 1, "action")),
+        Captured(command(s2, "hotels.reserve", 1, "action", fail_at=1)),  # StepFailed
+        Captured(command(s3, "hotels.reserve", 1, "action")),
+        Captured(command(s4, "hotels.reserve", 1, "action")),
+        Captured(cancel),  # its first attempt raises
+    ]
+    await batched_hotels.handle_batch(batch)
+    # The batch rolled back and its commands were handled one at a time, each acked.
+    assert any(
+        r.getMessage().startswith("batch of 5 failed (StepFailed: hotels.reserve refused)")
+        for r in caplog.records
+    )
+    assert [d.outcome for d in batch] == ["ack"] * 5
+    assert await app.transaction_sizes(database, "pb-hotels") == [1] * 5
+    assert await app.ledger_rows(database) == [(s1, 1, "do"), (s3, 1, "do"), (s4, 1, "do")]
+    assert await outcomes(database, s1) == await outcomes(database, s3) == [("action", True)]
+    [refused] = await replies(database, s2)
+    assert not refused["ok"] and refused["error"] == "StepFailed: hotels.reserve refused"
+    assert await outcomes(database, s4) == [("action", True), ("compensation", False)]
+
+    # The orchestrator retries the compensation. The next batch, refusal and all, commits
+    # whole: after a failed batch the participant gives each function a savepoint.
+    caplog.clear()
+    s6 = str(uuid.uuid4())
+    retry = [
+        Captured(command(s4, "hotels.cancel", 1, "compensation", attempt=2, comp_fail={"1": 1})),
+        Captured(command(s5, "hotels.reserve", 1, "action")),
+        Captured(command(s6, "hotels.reserve", 1, "action", fail_at=1)),
+    ]
+    await batched_hotels.handle_batch(retry)
+    assert unrefused(retry)
+    assert not any(r.getMessage().startswith("batch of") for r in caplog.records)
+    assert await app.transaction_sizes(database, "pb-hotels") == [3] + [1] * 5
+    rows = await app.ledger_rows(database)
+    assert rows[3:] == [(s4, 1, "undo"), (s5, 1, "do")]
+    assert (await outcomes(database, s4))[2:] == [("compensation", True)]
+    assert await outcomes(database, s5) == [("action", True)]
+    assert await outcomes(database, s6) == [("action", False)]

@@ -1,5 +1,6 @@
 """The trip saga's relay, orchestrator and participants in one process, for fault tests:
-``python -m tests.sagas.worker DB BROKER CHANNEL PREFIX [--kill-at POINT --kill-after N]``.
+``python -m tests.sagas.worker DB BROKER CHANNEL PREFIX [--kill-at POINT --kill-after N]
+[--batch-size N]`` (``--batch-size`` > 1: the orchestrator and participants in batch mode).
 
 ``--kill-at`` makes the process SIGKILL itself at the N-th passage through POINT:
   save_before_commit   an orchestrator transition written, its transaction not committed
@@ -7,6 +8,7 @@
   timer_after_commit   a deadline fired and committed
   participant_after_commit  a participant's step committed, the command not yet acked
   relay_after_publish  commands/replies confirmed by the broker, not yet marked SENT
+  batch_after_commit   a batch of several replies or commands committed whole, none acked
 Prints "ready" once every consumer is subscribed; SIGTERM stops it cleanly.
 """
 
@@ -16,6 +18,7 @@ import argparse
 import asyncio
 import os
 import signal
+from collections.abc import Sequence
 from typing import Any
 
 from accord.db import Database
@@ -59,6 +62,19 @@ def kill_before_ack(consumer: Consumer, killer: Killer, point: str) -> None:
     consumer.handle = wrapped  # type: ignore[method-assign]
 
 
+def kill_after_batch(consumer: Consumer, killer: Killer, point: str) -> None:
+    handle_batch = consumer.handle_batch
+
+    async def wrapped(deliveries: Sequence[Delivery]) -> None:
+        await handle_batch(deliveries)
+        # A batch applied whole left its deliveries for the transport to ack, once this
+        # returns (one that fell back to one at a time settled each itself).
+        if len(deliveries) > 1 and not any(d.settled for d in deliveries):
+            killer.passed(point)
+
+    consumer.handle_batch = wrapped  # type: ignore[method-assign]
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("db")
@@ -68,6 +84,7 @@ async def main() -> None:
     parser.add_argument("--kill-at", default=None)
     parser.add_argument("--kill-after", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--batch-size", type=int, default=1)
     args = parser.parse_args()
     killer = Killer(args.kill_at, args.kill_after)
 
@@ -105,12 +122,21 @@ async def main() -> None:
         max_attempts=1000,
     )
     orchestrator = KillingOrchestrator(
-        database, transport, [trip], name=f"{args.prefix}-orch", timer_interval=0.05
+        database,
+        transport,
+        [trip],
+        name=f"{args.prefix}-orch",
+        timer_interval=0.05,
+        batch_size=args.batch_size,
     )
     kill_before_ack(orchestrator.consumer, killer, "reply_after_commit")
-    participants = app.participant_consumers(database, transport, args.prefix)
+    participants = app.participant_consumers(
+        database, transport, args.prefix, batch_size=args.batch_size
+    )
     for consumer in participants:
         kill_before_ack(consumer, killer, "participant_after_commit")
+    for consumer in [orchestrator.consumer, *participants]:
+        kill_after_batch(consumer, killer, "batch_after_commit")
 
     parts: list[Any] = [relay, orchestrator, *participants]
     tasks = [asyncio.create_task(part.run()) for part in parts]
