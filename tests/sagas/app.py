@@ -6,7 +6,8 @@ worker processes they kill (``python -m tests.sagas.worker``).
 = service cars) -> 4 "issue ticket" (retriable, local).
 
 Saga data steers failures: ``fail_at`` (step index whose action refuses),
-``comp_fail`` ({step: n} compensation fails its first n attempts; -1 = always),
+``comp_fail`` ({step: n} compensation fails its first n attempts; for always, see
+``set_outage``),
 ``flaky_ticket`` (the retriable step fails its first n attempts).
 Every applied action / compensation writes a ``ledger`` row, so tests can check
 that nothing ran twice and that compensations ran in reverse.
