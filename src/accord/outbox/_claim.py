@@ -89,15 +89,11 @@ _CLAIM_SQLITE = _claimed(
     f"WITH candidates AS ({_CANDIDATES}) {_ELIGIBLE.replace('{payload}', 'o.payload')}"
 )
 
-# PostgreSQL: choose, lock and lease in one statement, so a claim is one round trip
-# and needs no transaction of its own (the statement is atomic).
-_CLAIM_AND_LEASE_POSTGRES = _claimed(
-    f"WITH candidates AS ({_CANDIDATES} FOR UPDATE SKIP LOCKED), "
-    f"eligible AS ({_ELIGIBLE.replace('{payload}', 'NULL')}) "
-    "UPDATE accord_outbox o SET available_at = :until FROM eligible e WHERE o.seq = e.seq "
-    "RETURNING o.seq, o.id, o.event_type, o.key, o.headers, o.payload::text AS payload, "
-    "o.retry_count",
-    sa.bindparam("until", type_=UTCDateTime()),
+# PostgreSQL: the rows stay locked until the caller's transaction ends; the relay keeps
+# it open while it publishes them, so no lease needs writing.
+_CLAIM_POSTGRES = _claimed(
+    f"WITH candidates AS ({_CANDIDATES} FOR UPDATE SKIP LOCKED) "
+    f"{_ELIGIBLE.replace('{payload}', 'o.payload::text')}"
 )
 
 _LEASE = sa.text("UPDATE accord_outbox SET available_at = :until WHERE seq IN :seqs").bindparams(
@@ -115,14 +111,14 @@ _RESCHEDULE = sa.text(
 async def claim(
     conn: AsyncConnection, *, now: datetime, lease_until: datetime, limit: int
 ) -> list[ClaimedRow]:
-    """Lease up to ``limit`` rows that may be published now, in ``seq`` order.
+    """Claim up to ``limit`` rows that may be published now, in ``seq`` order.
 
-    On PostgreSQL this is one atomic statement (``conn`` may be in autocommit); on
-    SQLite two, in ``conn``'s transaction.
+    PostgreSQL: the rows are locked (``FOR UPDATE SKIP LOCKED``) until ``conn``'s
+    transaction ends — keep it open until they are settled; nothing else is written.
+    SQLite (one writer at a time): the rows are leased until ``lease_until``.
     """
     if conn.dialect.name == "postgresql":
-        params = {"now": now, "until": lease_until, "limit": limit}
-        rows = sorted((await conn.execute(_CLAIM_AND_LEASE_POSTGRES, params)).all(), key=_seq)
+        rows = list((await conn.execute(_CLAIM_POSTGRES, {"now": now, "limit": limit})).all())
     else:
         rows = list((await conn.execute(_CLAIM_SQLITE, {"now": now, "limit": limit})).all())
         if rows:
@@ -139,10 +135,6 @@ async def claim(
         )
         for r in rows
     ]
-
-
-def _seq(row: Any) -> int:
-    return int(row.seq)
 
 
 async def settle(

@@ -7,13 +7,12 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from prometheus_client import Counter, Histogram
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord._backoff import backoff_delay
 from accord.db.database import Database
@@ -111,35 +110,36 @@ class Relay:
         self._outage = 0
 
     async def run_once(self) -> int:
-        """Claim one batch, publish it and settle every row. Returns how many were SENT."""
+        """Claim one batch, publish it and settle every row. Returns how many were SENT.
+
+        On PostgreSQL the round is one transaction: the claimed rows stay locked while
+        they are published (other relays and rounds skip them), then are settled and
+        committed; a relay that dies mid-round leaves them to the next round at once.
+        On SQLite, whose single writer cannot wait on a broker, the rows are leased
+        for ``lease`` seconds in one transaction and settled in another.
+        """
         now = datetime.now(UTC)
-        async with self._statements() as conn:
-            rows = await claim(
-                conn,
-                now=now,
-                lease_until=now + timedelta(seconds=self.lease),
-                limit=self.batch_size,
-            )
-        if not rows:
-            return 0
-        started = time.perf_counter()
-        sent, others = await self._publish(rows)
-        async with self._statements() as conn:
-            await settle(conn, now=datetime.now(UTC), sent=sent, others=others)
+        lease_until = now + timedelta(seconds=self.lease)
+        if self.database.is_postgres:
+            async with self.database.transaction() as conn:
+                rows = await claim(conn, now=now, lease_until=lease_until, limit=self.batch_size)
+                if not rows:
+                    return 0
+                started = time.perf_counter()
+                sent, others = await self._publish(rows)
+                await settle(conn, now=datetime.now(UTC), sent=sent, others=others)
+        else:
+            async with self.database.transaction() as conn:
+                rows = await claim(conn, now=now, lease_until=lease_until, limit=self.batch_size)
+            if not rows:
+                return 0
+            started = time.perf_counter()
+            sent, others = await self._publish(rows)
+            async with self.database.transaction() as conn:
+                await settle(conn, now=datetime.now(UTC), sent=sent, others=others)
         BATCH_SECONDS.observe(time.perf_counter() - started)
         PUBLISHED.inc(len(sent))
         return len(sent)
-
-    @contextlib.asynccontextmanager
-    async def _statements(self) -> AsyncIterator[AsyncConnection]:
-        """Where claims and settlements run. On PostgreSQL each is atomic on its own,
-        so they run in autocommit: no BEGIN and COMMIT round trips around them."""
-        if not self.database.is_postgres:
-            async with self.database.transaction() as conn:
-                yield conn
-            return
-        async with self.database.connect() as conn:
-            yield await conn.execution_options(isolation_level="AUTOCOMMIT")
 
     async def _publish(self, rows: Sequence[ClaimedRow]) -> tuple[list[int], list[Settlement]]:
         sent: list[int] = []
