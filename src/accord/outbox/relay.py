@@ -67,9 +67,10 @@ class Relay:
     waits in backoff and with several relays on one database. A broker outage
     does not count against attempts: the relay waits and resumes.
 
-    Several relays may run against one database: each claims a batch under a
-    lease (``lease`` seconds); a relay that dies leaves its rows to the others
-    when the lease runs out.
+    Several relays may run against one database. On PostgreSQL a batch stays
+    locked in the transaction that publishes and settles it, so a relay that dies
+    leaves its rows to the others at once; on SQLite a batch is leased for
+    ``lease`` seconds and comes back when the lease runs out.
     """
 
     def __init__(
