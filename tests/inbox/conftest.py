@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import pytest
@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 
 from accord.db import Database
 from accord.db.types import BigId
+from accord.inbox import Consumer
 from accord.messages import Message
 from accord.testing import CapturedDelivery, wait_for
 from accord.transports.base import Transport
@@ -155,3 +156,26 @@ async def settled_and_cleaned(transport: Any, count: int) -> None:
         return cleaned >= count
 
     await wait_for(all_cleaned)
+
+
+@pytest.fixture
+def consumer_defaults() -> dict[str, Any]:
+    """Keyword arguments every consumer made by ``consumers`` gets unless given."""
+    return {"backoff_base": 0.02, "backoff_cap": 0.2, "replay_interval": 0.05}
+
+
+@pytest.fixture
+async def consumers(
+    consumer_defaults: dict[str, Any],
+) -> AsyncIterator[Callable[..., Consumer]]:
+    """Make consumers; stop them after the test."""
+    made: list[Consumer] = []
+
+    def make(*args: Any, **kwargs: Any) -> Consumer:
+        consumer = Consumer(*args, **{**consumer_defaults, **kwargs})
+        made.append(consumer)
+        return consumer
+
+    yield make
+    for consumer in made:
+        await consumer.stop()

@@ -24,20 +24,8 @@ from tests.inbox.conftest import (
 
 
 @pytest.fixture
-async def consumers() -> AsyncIterator[Callable[..., Consumer]]:
-    made: list[Consumer] = []
-
-    def make(*args: Any, **kwargs: Any) -> Consumer:
-        kwargs.setdefault("backoff_base", 0.02)
-        kwargs.setdefault("backoff_cap", 0.2)
-        kwargs.setdefault("batch_size", 32)
-        consumer = Consumer(*args, **kwargs)
-        made.append(consumer)
-        return consumer
-
-    yield make
-    for consumer in made:
-        await consumer.stop()
+def consumer_defaults(consumer_defaults: dict[str, Any]) -> dict[str, Any]:
+    return {**consumer_defaults, "batch_size": 32}
 
 
 async def backlog(broker: Broker, consumer: Consumer, messages: Sequence[Message]) -> None:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 from pydantic import BaseModel
 
@@ -30,24 +29,6 @@ from tests.inbox.conftest import (
 
 class Scored(BaseModel):
     n: int
-
-
-@pytest.fixture
-async def consumers() -> AsyncIterator[Callable[..., Consumer]]:
-    """Make consumers; stop them after the test."""
-    made: list[Consumer] = []
-
-    def make(*args: Any, **kwargs: Any) -> Consumer:
-        kwargs.setdefault("backoff_base", 0.02)
-        kwargs.setdefault("backoff_cap", 0.2)
-        kwargs.setdefault("replay_interval", 0.05)
-        consumer = Consumer(*args, **kwargs)
-        made.append(consumer)
-        return consumer
-
-    yield make
-    for consumer in made:
-        await consumer.stop()
 
 
 def recording(consumer: Consumer, type: str = "test.scored", schema: Any = Scored) -> list[Any]:

@@ -120,21 +120,21 @@ class Relay:
         for ``lease`` seconds in one transaction and settled in another.
         """
         now = datetime.now(UTC)
-        lease_until = now + timedelta(seconds=self.lease)
-        if self.database.is_postgres:
-            async with self.database.transaction() as conn:
-                rows = await claim(conn, now=now, lease_until=lease_until, limit=self.batch_size)
-                if not rows:
-                    return 0
-                started = time.perf_counter()
-                sent, others = await self._publish(rows)
-                await settle(conn, now=datetime.now(UTC), sent=sent, others=others)
-        else:
-            async with self.database.transaction() as conn:
-                rows = await claim(conn, now=now, lease_until=lease_until, limit=self.batch_size)
+        held = self.database.is_postgres  # the rows stay locked in the claiming transaction
+        async with self.database.transaction() as conn:
+            rows = await claim(
+                conn,
+                now=now,
+                lease_until=now + timedelta(seconds=self.lease),
+                limit=self.batch_size,
+            )
             if not rows:
                 return 0
             started = time.perf_counter()
+            if held:
+                sent, others = await self._publish(rows)
+                await settle(conn, now=datetime.now(UTC), sent=sent, others=others)
+        if not held:
             sent, others = await self._publish(rows)
             async with self.database.transaction() as conn:
                 await settle(conn, now=datetime.now(UTC), sent=sent, others=others)
