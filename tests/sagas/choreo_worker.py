@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
-from typing import Any
 
 from accord.db import Database
 from accord.testing import FaultyTransport
 from accord.transports.base import Transport
+from tests.processes import serve
 from tests.sagas import choreo_app
 from tests.sagas.worker import Killer, kill_before_ack
 
@@ -59,19 +58,7 @@ async def main() -> None:
     else:
         consumer = choreo_app.cars_consumer(database, transport, args.prefix)
     kill_before_ack(consumer, killer, "after_commit")
-    parts: list[Any] = [choreo_app.relay(database, transport), consumer]
-    tasks = [asyncio.create_task(part.run()) for part in parts]
-    while consumer._subscription is None:  # noqa: ASYNC110
-        await asyncio.sleep(0.01)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    print("ready", flush=True)
-    await stop.wait()
-    for part in parts:
-        await part.stop()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await transport.close()
-    await database.dispose()
+    await serve([choreo_app.relay(database, transport), consumer], [consumer], transport, database)
 
 
 if __name__ == "__main__":

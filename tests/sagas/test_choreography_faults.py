@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,12 +21,12 @@ from accord.sagas import Flows, FlowTracker
 from accord.testing import wait_for
 from tests.brokers import delete_everything
 from tests.conftest import RABBIT_URL
+from tests.processes import Processes
 from tests.sagas import choreo_app
 from tests.sagas.choreo_worker import transport_for
 
 pytestmark = [pytest.mark.fault, pytest.mark.postgres]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLOWS = 30
 
 
@@ -38,48 +36,26 @@ async def cars_url(pg_template: str) -> AsyncIterator[str]:
         yield url
 
 
-class Services:
+class Services(Processes):
     """The two services' processes: ``python -m tests.sagas.choreo_worker``."""
 
     def __init__(self, hotels_url: str, cars_url: str, broker: str) -> None:
+        super().__init__()
         self.urls = {choreo_app.HOTELS: hotels_url, choreo_app.CARS: cars_url}
         self.broker = broker
         self.prefix = f"t{uuid.uuid4().hex[:8]}"
         self.channel = f"choreo-{self.prefix}"
-        self.procs: list[subprocess.Popen[str]] = []
 
     async def start(self, service: str, *extra: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-            [
-                sys.executable,
-                "-m",
-                "tests.sagas.choreo_worker",
-                service,
-                self.urls[service],
-                self.broker,
-                self.channel,
-                self.prefix,
-                *extra,
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
+        return await self.spawn(
+            "tests.sagas.choreo_worker",
+            service,
+            self.urls[service],
+            self.broker,
+            self.channel,
+            self.prefix,
+            *extra,
         )
-        self.procs.append(proc)
-        assert proc.stdout is not None
-        line = await asyncio.to_thread(proc.stdout.readline)
-        assert line.strip() == "ready", f"{service} did not start (exit {proc.poll()})"
-        return proc
-
-    async def exited(self, proc: subprocess.Popen[str], timeout: float) -> int:
-        await wait_for(lambda: proc.poll() is not None, timeout)
-        return proc.returncode
-
-    def kill_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
 
 
 @pytest.fixture
@@ -92,9 +68,9 @@ def broker(request: pytest.FixtureRequest, pg_url: str) -> str:
 async def services(pg_url: str, cars_url: str, broker: str) -> AsyncIterator[Services]:
     made = Services(pg_url, cars_url, broker)
     try:
-        yield made
+        async with made:  # kills what is still running before the queues are deleted
+            yield made
     finally:
-        made.kill_all()
         if broker == RABBIT_URL:
             groups = {f"{made.prefix}-{g}" for g in (choreo_app.HOTELS, choreo_app.CARS, "tracker")}
             await delete_everything({made.channel: groups})

@@ -5,24 +5,21 @@ applied twice, and each participant's ledger matches its saga's outcome."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from accord.db import Database
 from accord.testing import wait_for
+from tests.processes import Processes
 from tests.sagas import app
 from tests.sagas.conftest import World, broker_url
 
 pytestmark = [pytest.mark.fault]
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(
@@ -48,47 +45,24 @@ async def setup(combo: tuple[str, str]) -> Any:
     await database.dispose()
 
 
-class Workers:
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[str]] = []
+class Workers(Processes):
+    """The processes of ``python -m tests.sagas.worker``, for one world."""
 
     async def start(self, world: World, *extra: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-            [
-                sys.executable,
-                "-m",
-                "tests.sagas.worker",
-                world.database.url,
-                broker_url(world.kind, world.database.url),
-                world.channel,
-                world.prefix,
-                *extra,
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
+        return await self.spawn(
+            "tests.sagas.worker",
+            world.database.url,
+            broker_url(world.kind, world.database.url),
+            world.channel,
+            world.prefix,
+            *extra,
         )
-        self.procs.append(proc)
-        assert proc.stdout is not None
-        line = await asyncio.to_thread(proc.stdout.readline)
-        assert line.strip() == "ready", f"worker did not start (exit {proc.poll()})"
-        return proc
-
-    async def exited(self, proc: subprocess.Popen[str], timeout: float) -> int:
-        return await wait_for(lambda: proc.poll() is not None, timeout) and proc.returncode
-
-    def kill_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
 
 
 @pytest.fixture
-def workers() -> Iterator[Workers]:
-    made = Workers()
-    yield made
-    made.kill_all()
+async def workers() -> AsyncIterator[Workers]:
+    async with Workers() as made:
+        yield made
 
 
 def scenario(rng: random.Random) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from accord.sagas import Orchestrator
 from accord.sagas import _engine as engine_module
 from accord.testing import FaultyTransport
 from accord.transports.base import Delivery
+from tests.processes import serve
 from tests.sagas import app
 from tests.sagas.conftest import make_transport
 
@@ -138,20 +139,12 @@ async def main() -> None:
     for consumer in [orchestrator.consumer, *participants]:
         kill_after_batch(consumer, killer, "batch_after_commit")
 
-    parts: list[Any] = [relay, orchestrator, *participants]
-    tasks = [asyncio.create_task(part.run()) for part in parts]
-    for consumer in [orchestrator.consumer, *participants]:
-        while consumer._subscription is None:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    print("ready", flush=True)
-    await stop.wait()
-    for part in parts:
-        await part.stop()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await transport.close()
-    await database.dispose()
+    await serve(
+        [relay, orchestrator, *participants],
+        [orchestrator.consumer, *participants],
+        transport,
+        database,
+    )
 
 
 if __name__ == "__main__":

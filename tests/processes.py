@@ -1,0 +1,105 @@
+"""Worker processes for fault tests, both sides of them.
+
+In the worker: ``serve`` runs its parts, prints "ready" once they can receive, and stops
+them cleanly on SIGTERM. In the test: ``Processes`` starts such workers
+(``python -m MODULE ARGS``), returns each once it printed "ready", waits for them to exit
+and kills whatever is still running at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Protocol, Self
+
+from accord.db import Database
+from accord.inbox import Consumer
+from accord.testing import wait_for
+from accord.transports.base import Transport
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Part(Protocol):
+    """What a worker runs: a relay, an orchestrator, a consumer."""
+
+    async def run(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def serve(
+    parts: Sequence[Part],
+    consumers: Sequence[Consumer],
+    transport: Transport,
+    database: Database,
+) -> None:
+    """Run ``parts`` until SIGTERM, then stop them, close ``transport`` and dispose of
+    ``database``. Prints "ready" once each of ``consumers`` is subscribed: from then on
+    what is published for them reaches them, so a test may start its work."""
+    tasks = [asyncio.create_task(part.run()) for part in parts]
+    for consumer in consumers:
+        while consumer._subscription is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    for part in parts:
+        await part.stop()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await transport.close()
+    await database.dispose()
+
+
+class Processes:
+    """The worker processes a test started; as an async context manager, kills those
+    still running when it exits."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+
+    async def spawn(self, module: str, *args: str) -> subprocess.Popen[str]:
+        """Start ``python -m module *args`` from the repository root; return it once it
+        printed "ready" (fail if it printed anything else or exited first)."""
+        proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+            [sys.executable, "-m", module, *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        line = await asyncio.to_thread(proc.stdout.readline)
+        command = " ".join(["python -m", module, *args])
+        assert line.strip() == "ready", f"{command} did not start (exit {proc.poll()})"
+        return proc
+
+    async def exited(self, proc: subprocess.Popen[str], timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for ``proc`` to exit; its return code
+        (``-signal.SIGKILL`` for a process killed that way)."""
+        await wait_for(lambda: proc.poll() is not None, timeout)
+        return proc.returncode
+
+    def kill_all(self) -> None:
+        """SIGKILL every process still running, and reap them all."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.kill_all)
