@@ -52,3 +52,13 @@ async def test_non_uuid_id_is_refused_with_the_fix(database: Database) -> None:
     async with database.transaction() as conn:
         with pytest.raises(ConfigurationError, match="uuid5"):
             await add_to_outbox(conn, Message(type="t.bad", id="not-a-uuid"))
+
+
+async def test_a_message_id_already_in_the_outbox_is_not_added_again(database: Database) -> None:
+    retried = Message(type="t.retried", id=str(uuid.uuid5(uuid.NAMESPACE_URL, "order/42")))
+    for _ in range(2):  # a client retries the operation that adds it
+        async with database.transaction() as conn:
+            await add_to_outbox(conn, retried)
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, retried, Message(type="t.other"), retried)
+    assert [r.event_type for r in await _rows(database)] == ["t.retried", "t.other"]

@@ -202,3 +202,15 @@ async def emitted_types(database: Database) -> list[dict[str, Any]]:
     async with database.connect() as conn:
         rows = (await conn.execute(sa.select(outbox.c.event_type).order_by(outbox.c.seq))).all()
     return [{"type": row[0]} for row in rows]
+
+
+async def test_starting_a_choreographed_flow_twice_with_one_correlation_id_starts_it_once(
+    database: Database,
+) -> None:
+    await database.upgrade()
+    trip = Choreography("trip", completed="trip.booked", compensated="trip.cancelled")
+    for _ in range(2):  # the client retries its request
+        async with database.transaction() as conn:
+            flow = await trip.start(conn, "trip.requested", {}, correlation_id="trip-42")
+    assert flow == "trip-42"
+    assert [m["type"] for m in await emitted_types(database)] == ["trip.requested"]

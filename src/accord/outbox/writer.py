@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from accord.db.database import translate_errors
@@ -55,7 +58,7 @@ def message_from_row(headers: dict[str, str], payload: Any) -> Message:
 _PG_ADD = (
     "WITH added AS (INSERT INTO accord_outbox (id, event_type, key, payload, headers, status, "
     "retry_count, available_at, created_at) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, "
-    "'PENDING', 0, $6, $6) RETURNING 1) "
+    "'PENDING', 0, $6, $6) ON CONFLICT (id) DO NOTHING RETURNING 1) "
     f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
 )
 
@@ -66,6 +69,8 @@ async def add(conn: AsyncConnection | AsyncSession, *messages: Message) -> None:
     Nothing is published unless that transaction commits; once it commits, the
     relay publishes each message at least once, with its id unchanged.
     Messages with the same ``key`` are published in the order they were added.
+    A message whose id is in the outbox already is not added again: give a retried
+    operation a deterministic id (``uuid.uuid5``) and it stays one message.
     """
     if not messages:
         return
@@ -75,7 +80,7 @@ async def add(conn: AsyncConnection | AsyncSession, *messages: Message) -> None:
     with translate_errors("adding to the outbox"):
         if connection.dialect.name == "postgresql" and await _add_on_driver(connection, rows):
             return
-        await connection.execute(outbox.insert(), rows)
+        await connection.execute(_insert_ignoring_duplicates(connection.dialect.name), rows)
         if connection.dialect.name == "postgresql":
             await connection.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"))
 
@@ -108,3 +113,9 @@ async def _add_on_driver(connection: AsyncConnection, rows: list[dict[str, Any]]
             f"adding to the outbox failed: {exc.__class__.__name__}: {exc}"
         ) from exc
     return True
+
+
+@functools.cache
+def _insert_ignoring_duplicates(dialect: str) -> Any:
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    return insert(outbox).on_conflict_do_nothing(index_elements=[outbox.c.id])

@@ -81,9 +81,15 @@ class Choreography:
         source: str = "accord",
     ) -> str:
         """Publish the first event in ``conn``'s transaction; return the correlation id
-        that every event of this flow will carry."""
+        that every event of this flow will carry.
+
+        Idempotent per ``correlation_id``: the first event's id is derived from it, so
+        a retried start adds nothing to the outbox while the first is there, and the
+        services' inboxes drop it after that (as ``Orchestrator.start`` per saga id).
+        """
         correlation = correlation_id or str(uuid.uuid4())
         message = Message(
+            id=str(uuid.uuid5(_START_IDS, f"{self.name}/{correlation}")),
             type=type,
             data=data,
             source=source,
@@ -176,6 +182,8 @@ class Choreography:
             )
         )
 
+
+_START_IDS = uuid.UUID("3d6c1f0a-7b2e-4c55-9a0e-5f1d2b8c7e44")
 
 # A flow compensated at a service is a participations row of that service's consumer
 # with step -1 (orchestrated steps are numbered from 0).
