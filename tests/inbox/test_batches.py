@@ -162,3 +162,27 @@ async def test_a_failed_message_is_not_overtaken_by_a_later_one_with_its_key(
     everything = {m.id: 1 for m in [*keyed, *others]}
     await assert_eventually(lambda: _effects_are(app_db, everything), timeout=20)
     assert [a for a in applied if a.startswith("k:")] == ["k:0", "k:1", "k:2"]
+
+
+async def test_bad_input_in_a_batch_is_dead_lettered_and_the_rest_of_the_batch_applied(
+    app_db: Database, broker: Broker, consumers: Callable[..., Consumer]
+) -> None:
+    name = unique()
+    consumer = consumers(name, app_db, broker.transport())
+
+    @consumer.handler("test.scored")
+    async def on_scored(ctx: HandlerContext, data: Any) -> None:
+        await ctx.conn.execute(effects.insert().values(message_id=ctx.message.id))
+
+    good = [Message(type="test.scored", data={"n": i}) for i in range(4)]
+    await consumer.start()
+    await consumer.stop()
+    await broker.publish(good[0], good[1])
+    await broker.publish_raw({"ce-type": "test.scored", "content-type": "application/json"}, b"{}")
+    await broker.publish(good[2], good[3])
+    await consumer.start()
+
+    await assert_eventually(lambda: _effects_are(app_db, {m.id: 1 for m in good}))
+    [letter] = await wait_for(lambda: DeadLetters(app_db).list(name))
+    assert letter.kind == "undecodable" and "not a CloudEvent" in letter.reason
+    assert await Inbox(app_db).count(name) == {name: 4}
