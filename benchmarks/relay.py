@@ -20,11 +20,13 @@ import uuid
 from typing import Any
 
 import asyncpg
+from tests.brokers import delete_everything
 
 from accord import Database, Message, add_to_outbox
 from accord.outbox import OutboxAdmin, Relay
 from accord.testing import wait_for
 from accord.transports import from_url
+from accord.transports.rabbitmq import RabbitTopology
 from benchmarks._common import (
     NATS_URL,
     RABBIT_URL,
@@ -202,8 +204,19 @@ async def throughput(
     }
 
 
-async def latency(scratch: ScratchDatabase, seconds: float, rate: int) -> dict[str, Any]:
-    """Commit-to-consumer latency with the relay woken by LISTEN/NOTIFY."""
+async def latency(
+    scratch: ScratchDatabase, seconds: float, rate: int, consume: bool
+) -> dict[str, Any]:
+    """Commit-to-broker latency with the relay woken by LISTEN/NOTIFY.
+
+    With ``consume``, a consumer in this process also takes every message off the
+    queue and the commit-to-consumer latency is reported too; without, the
+    messages stay in a bound durable queue (the broker still persists each one
+    before confirming) and the CPU goes to the producer, PostgreSQL, the relay
+    and the broker alone.
+    """
+    import aio_pika
+
     channel = f"bench-lat-{uuid.uuid4().hex[:6]}"
     consumer = from_url(RABBIT_URL, channel=channel)
     await consumer.connect()
@@ -212,7 +225,14 @@ async def latency(scratch: ScratchDatabase, seconds: float, rate: int) -> dict[s
     async def on_message(delivery: Any) -> None:
         samples.append(time.time() - delivery.message.data["t"])
 
-    await consumer.subscribe("latency", on_message, prefetch=500)
+    if consume:
+        await consumer.subscribe("latency", on_message, prefetch=500)
+    else:
+        held = await aio_pika.connect(RABBIT_URL)
+        declare = await held.channel()
+        queue = await declare.declare_queue(RabbitTopology(channel).queue("latency"), durable=True)
+        await queue.bind(channel, "#")
+        await held.close()
     database = Database(scratch.url)
     await fill(scratch.dsn, 0)
     relay = await asyncio.create_subprocess_exec(
@@ -222,6 +242,8 @@ async def latency(scratch: ScratchDatabase, seconds: float, rate: int) -> dict[s
         scratch.url,
         RABBIT_URL,
         channel,
+        "--concurrency",
+        os.environ.get("RELAY_CONCURRENCY", "2"),
         stdout=asyncio.subprocess.PIPE,
     )
     assert relay.stdout is not None
@@ -240,16 +262,18 @@ async def latency(scratch: ScratchDatabase, seconds: float, rate: int) -> dict[s
     )
     out, _ = await producer.communicate()
     achieved = float(out.decode().strip() or 0)
-    with contextlib.suppress(TimeoutError):
-        await wait_for(lambda: len(samples) >= total, 30)
+    if consume:
+        with contextlib.suppress(TimeoutError):
+            await wait_for(lambda: len(samples) >= total, 30)
     relay.send_signal(signal.SIGTERM)
     await relay.wait()
     await consumer.close()
+    await delete_everything({channel: {"latency"}})
     await database.dispose()
     conn = await asyncpg.connect(scratch.dsn)
     # created_at is taken before the commit, sent_at after the broker's confirm.
     broker_ms = [
-        r["ms"]
+        float(r["ms"])
         for r in await conn.fetch(
             "SELECT EXTRACT(EPOCH FROM (sent_at - created_at)) * 1000 AS ms "
             "FROM accord_outbox WHERE status = 'SENT'"
@@ -258,13 +282,15 @@ async def latency(scratch: ScratchDatabase, seconds: float, rate: int) -> dict[s
     await conn.close()
     consumer_ms = [s * 1000 for s in samples]
     return {
-        "benchmark": f"commit-to-broker latency @ {rate} msg/s (ms)",
+        "benchmark": f"commit-to-broker latency @ {rate} msg/s, "
+        f"{'with' if consume else 'no'} consumer (ms)",
         "accord": percentile(broker_ms, 99),
         "p50": percentile(broker_ms, 50),
         "p99": percentile(broker_ms, 99),
-        "consumer_p50": percentile(consumer_ms, 50),
-        "consumer_p99": percentile(consumer_ms, 99),
-        "received": len(samples),
+        "consumer_p50": percentile(consumer_ms, 50) if consume else None,
+        "consumer_p99": percentile(consumer_ms, 99) if consume else None,
+        "sent": len(broker_ms),
+        "received": len(samples) if consume else None,
         "rate": achieved,
         "goal": "p99 < 20",
     }
@@ -375,8 +401,9 @@ async def main() -> None:
             rows.append(await throughput(scratch, NATS_URL, count, rounds))
             console.print(rows[-1])
         if "latency" in args.only:
-            rows.append(await latency(scratch, 3 if args.quick else 15, args.rate))
-            console.print(rows[-1])
+            for consume in (False, True):
+                rows.append(await latency(scratch, 3 if args.quick else 15, args.rate, consume))
+                console.print(rows[-1])
         if "add" in args.only:
             rows.append(await add_cost(scratch, 500 if args.quick else 3000))
             console.print(rows[-1])

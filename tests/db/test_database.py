@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import pytest
@@ -71,4 +72,22 @@ async def test_listen_delivers_notifications_and_stop_releases_the_connection(pg
     assert got == ["hello"]
     await stop()
     assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    await db.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_pooled_connection_the_server_closed_is_replaced(pg_url: str) -> None:
+    db = Database(pg_url)
+    async with db.transaction() as conn:
+        pid = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+    async with db.transaction() as conn:  # the same pooled connection is reused
+        assert (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one() == pid
+    admin = Database(pg_url)
+    async with admin.transaction() as conn:
+        await conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    await admin.dispose()
+    await wait_for(lambda: db.engine.pool.checkedin() == 1, 5)  # type: ignore[attr-defined]
+    await asyncio.sleep(0.2)  # the event loop sees the server close the socket
+    async with db.transaction() as conn:  # no error: a fresh connection is used
+        assert (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one() != pid
     await db.dispose()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import uuid
 
 import pytest
@@ -62,3 +63,23 @@ async def test_a_message_id_already_in_the_outbox_is_not_added_again(database: D
     async with database.transaction() as conn:
         await add_to_outbox(conn, retried, Message(type="t.other"), retried)
     assert [r.event_type for r in await _rows(database)] == ["t.retried", "t.other"]
+
+
+@pytest.mark.parametrize("commit", [True, False])
+async def test_add_as_the_first_statement_shares_the_callers_transaction(
+    database: Database, commit: bool
+) -> None:
+    # On PostgreSQL ``add`` begins SQLAlchemy's pending transaction on the driver
+    # itself; the caller's later statements must land in that same transaction.
+    async with database.transaction() as conn:
+        await conn.execute(sa.text("CREATE TABLE IF NOT EXISTS t_orders (id text PRIMARY KEY)"))
+    with contextlib.suppress(Boom):
+        async with database.transaction() as conn:
+            await add_to_outbox(conn, Message(type="t.first"))
+            await conn.execute(sa.text("INSERT INTO t_orders (id) VALUES ('o-1')"))
+            if not commit:
+                raise Boom
+    async with database.transaction() as conn:
+        orders = (await conn.execute(sa.text("SELECT id FROM t_orders"))).scalars().all()
+    assert orders == (["o-1"] if commit else [])
+    assert [r.event_type for r in await _rows(database)] == (["t.first"] if commit else [])

@@ -91,7 +91,9 @@ async def _add_on_driver(connection: AsyncConnection, rows: list[dict[str, Any]]
     caller's statements and ours can never end up in different transactions."""
     raw = await connection.get_raw_connection()
     driver: Any = raw.driver_connection
-    if driver is None or not driver.is_in_transaction():
+    if driver is None:
+        return False
+    if not driver.is_in_transaction() and not await _begin_on_driver(raw.dbapi_connection):
         return False
     try:
         await driver.executemany(
@@ -113,6 +115,19 @@ async def _add_on_driver(connection: AsyncConnection, rows: list[dict[str, Any]]
             f"adding to the outbox failed: {exc.__class__.__name__}: {exc}"
         ) from exc
     return True
+
+
+async def _begin_on_driver(adapter: Any) -> bool:
+    """Begin SQLAlchemy's pending transaction on the driver, as its own first
+    statement would (a transaction whose first statement is ``add`` then takes the
+    hot path too). False when the adapter is not the asyncpg one this relies on."""
+    start = getattr(adapter, "_start_transaction", None)
+    mutex = getattr(adapter, "_execute_mutex", None)
+    if start is None or mutex is None or getattr(adapter, "_transaction", False) is not None:
+        return False
+    async with mutex:
+        await start()
+    return adapter._transaction is not None
 
 
 @functools.cache
