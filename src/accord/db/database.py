@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from accord.errors import ConfigurationError, DatabaseError, MissingExtraError
 
-__all__ = ["Database", "translate_errors"]
+__all__ = ["Database", "driver_in_transaction", "translate_errors"]
 
 log = logging.getLogger("accord.db")
 
@@ -36,6 +36,34 @@ def translate_errors(what: str) -> Any:
         if type(exc).__module__.startswith("asyncpg"):  # the driver used directly
             raise DatabaseError(f"{what} failed: {exc.__class__.__name__}: {exc}") from exc
         raise
+
+
+async def driver_in_transaction(conn: AsyncConnection) -> Any | None:
+    """The asyncpg connection under ``conn``, inside the transaction ``conn`` is in.
+
+    For hot paths that send a prepared statement straight to the driver: one
+    round trip and no SQLAlchemy statement overhead, in the caller's own
+    transaction. SQLAlchemy sends ``BEGIN`` with its first statement; if none went
+    yet it is sent now, by SQLAlchemy's own adapter, so the transaction stays
+    SQLAlchemy's to commit or roll back. None (use SQLAlchemy) for another
+    driver, outside a transaction, or with an adapter this does not know.
+    """
+    if conn.dialect.name != "postgresql" or not conn.in_transaction():
+        return None
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    if driver is None or not hasattr(driver, "is_in_transaction"):
+        return None
+    if driver.is_in_transaction():
+        return driver
+    adapter: Any = raw.dbapi_connection
+    start = getattr(adapter, "_start_transaction", None)
+    mutex = getattr(adapter, "_execute_mutex", None)
+    if start is None or mutex is None or getattr(adapter, "_transaction", False) is not None:
+        return None
+    async with mutex:
+        await start()
+    return driver if adapter._transaction is not None else None
 
 
 class Database:

@@ -7,6 +7,7 @@ dies mid-publish leaves its rows to be claimed again when the lease runs out.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from accord.db.database import driver_in_transaction
 from accord.db.types import JSONType, UTCDateTime
 
 __all__ = ["ClaimedRow", "Settlement", "claim", "settle"]
@@ -96,6 +98,20 @@ _CLAIM_POSTGRES = _claimed(
     f"{_ELIGIBLE.replace('{payload}', 'o.payload::text')}"
 )
 
+# The same claim sent to asyncpg as it is ($1 = now, $2 = limit): the relay's hot path.
+_CLAIM_POSTGRES_DRIVER = (
+    f"WITH candidates AS ({_CANDIDATES.replace(':now', '$1').replace(':limit', '$2')} "
+    f"FOR UPDATE SKIP LOCKED) {_ELIGIBLE.replace('{payload}', 'o.payload::text')}"
+)
+_MARK_SENT_DRIVER = (
+    "UPDATE accord_outbox SET status = 'SENT', sent_at = $1, last_error = NULL "
+    "WHERE seq = ANY($2::bigint[])"
+)
+_RESCHEDULE_DRIVER = (
+    "UPDATE accord_outbox SET status = $2, available_at = $3, retry_count = $4, "
+    "last_error = $5 WHERE seq = $1"
+)
+
 _LEASE = sa.text("UPDATE accord_outbox SET available_at = :until WHERE seq IN :seqs").bindparams(
     sa.bindparam("seqs", expanding=True), sa.bindparam("until", type_=UTCDateTime())
 )
@@ -108,6 +124,12 @@ _RESCHEDULE = sa.text(
 ).bindparams(sa.bindparam("available_at", type_=UTCDateTime()))
 
 
+def _json(value: Any) -> Any:
+    # SQLAlchemy's asyncpg dialect registers a codec that decodes JSON; plain asyncpg
+    # hands back the text.
+    return json.loads(value) if isinstance(value, str) else value
+
+
 async def claim(
     conn: AsyncConnection, *, now: datetime, lease_until: datetime, limit: int
 ) -> list[ClaimedRow]:
@@ -117,6 +139,20 @@ async def claim(
     transaction ends — keep it open until they are settled; nothing else is written.
     SQLite (one writer at a time): the rows are leased until ``lease_until``.
     """
+    driver = await driver_in_transaction(conn)
+    if driver is not None:
+        return [
+            ClaimedRow(
+                seq=r["seq"],
+                id=str(r["id"]),
+                event_type=r["event_type"],
+                key=r["key"],
+                headers=_json(r["headers"]),
+                payload=(r["payload"] or "null").encode(),
+                retry_count=r["retry_count"],
+            )
+            for r in await driver.fetch(_CLAIM_POSTGRES_DRIVER, now, limit)
+        ]
     if conn.dialect.name == "postgresql":
         rows = list((await conn.execute(_CLAIM_POSTGRES, {"now": now, "limit": limit})).all())
     else:
@@ -141,6 +177,16 @@ async def settle(
     conn: AsyncConnection, *, now: datetime, sent: Sequence[int], others: Sequence[Settlement]
 ) -> None:
     """Mark ``sent`` rows SENT and apply every other settlement."""
+    driver = await driver_in_transaction(conn)
+    if driver is not None:
+        if sent:
+            await driver.execute(_MARK_SENT_DRIVER, now, list(sent))
+        if others:
+            await driver.executemany(
+                _RESCHEDULE_DRIVER,
+                [(s.seq, s.status, s.available_at, s.retry_count, s.last_error) for s in others],
+            )
+        return
     if sent:
         await conn.execute(_MARK_SENT, {"now": now, "seqs": list(sent)})
     if others:

@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from accord.db.database import translate_errors
+from accord.db.database import driver_in_transaction, translate_errors
 from accord.db.schema import outbox
 from accord.errors import ConfigurationError, DatabaseError
 from accord.messages import Message, decode, encode
@@ -87,13 +87,10 @@ async def add(conn: AsyncConnection | AsyncSession, *messages: Message) -> None:
 
 async def _add_on_driver(connection: AsyncConnection, rows: list[dict[str, Any]]) -> bool:
     """The hot path: asyncpg underneath SQLAlchemy's own transaction. Returns False
-    (nothing done) when that transaction has not begun yet on the driver, so the
+    (nothing done) when the driver cannot be had in that transaction, so the
     caller's statements and ours can never end up in different transactions."""
-    raw = await connection.get_raw_connection()
-    driver: Any = raw.driver_connection
+    driver = await driver_in_transaction(connection)
     if driver is None:
-        return False
-    if not driver.is_in_transaction() and not await _begin_on_driver(raw.dbapi_connection):
         return False
     try:
         await driver.executemany(
@@ -115,19 +112,6 @@ async def _add_on_driver(connection: AsyncConnection, rows: list[dict[str, Any]]
             f"adding to the outbox failed: {exc.__class__.__name__}: {exc}"
         ) from exc
     return True
-
-
-async def _begin_on_driver(adapter: Any) -> bool:
-    """Begin SQLAlchemy's pending transaction on the driver, as its own first
-    statement would (a transaction whose first statement is ``add`` then takes the
-    hot path too). False when the adapter is not the asyncpg one this relies on."""
-    start = getattr(adapter, "_start_transaction", None)
-    mutex = getattr(adapter, "_execute_mutex", None)
-    if start is None or mutex is None or getattr(adapter, "_transaction", False) is not None:
-        return False
-    async with mutex:
-        await start()
-    return adapter._transaction is not None
 
 
 @functools.cache
