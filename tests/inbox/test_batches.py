@@ -131,6 +131,32 @@ async def test_a_poison_message_fails_only_itself(
     assert not await Inbox(app_db).processed(name, messages[7].id)
 
 
+async def test_after_commit_runs_once_per_committed_message_through_a_replayed_batch(
+    app_db: Database, broker: Broker, consumers: Callable[..., Consumer]
+) -> None:
+    # The poison message rolls its first batch back; that batch is then replayed one
+    # message at a time. A callback registered in the rolled-back batch must not run.
+    name = unique()
+    consumer = consumers(name, app_db, broker.transport(), max_attempts=1)
+    called: list[int] = []
+
+    @consumer.handler("test.scored")
+    async def on_scored(ctx: HandlerContext, data: Any) -> None:
+        await ctx.conn.execute(effects.insert().values(message_id=ctx.message.id))
+        ctx.after_commit(lambda: called.append(data["n"]))
+        if data["n"] == 7:
+            raise ValueError("seven is poison")
+
+    messages = [Message(type="test.scored", data={"n": i}) for i in range(30)]
+    await backlog(broker, consumer, messages)
+    await consumer.start()
+
+    await wait_for(lambda: DeadLetters(app_db).list(name))
+    expected = {m.id: 1 for i, m in enumerate(messages) if i != 7}
+    await assert_eventually(lambda: _effects_are(app_db, expected))
+    assert sorted(called) == [i for i in range(30) if i != 7]
+
+
 @pytest.fixture
 async def sql_broker(db_url: str) -> AsyncIterator[Broker]:
     made = Broker("sql", db_url)

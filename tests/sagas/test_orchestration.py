@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import pytest
@@ -73,8 +73,14 @@ async def test_transiently_failing_compensations_are_retried_until_done(world: W
     assert await saga_ledger(world, saga_id) == app.expected_ops("COMPENSATED", 3)
 
 
+def saga_metric(name: str, **labels: str) -> float:
+    """The counter ``accord_sagas_<name>_total`` of the test saga."""
+    sample = REGISTRY.get_sample_value(f"accord_sagas_{name}_total", {"saga": "trip", **labels})
+    return sample or 0.0
+
+
 def stuck_count() -> float:
-    return REGISTRY.get_sample_value("accord_sagas_stuck_total", {"saga": "trip"}) or 0.0
+    return saga_metric("stuck")
 
 
 async def test_permanently_failing_compensation_is_stuck_then_operator_retry_completes_it(
@@ -89,8 +95,9 @@ async def test_permanently_failing_compensation_is_stuck_then_operator_retry_com
     assert state.phase == "compensation" and state.step == 1
     assert "compensation of step 'reserve hotel' failed 4 times" in (state.error or "")
     assert "hotels.cancel failed (injected)" in (state.error or "")
-    assert stuck_count() == before + 1
-    assert any("is STUCK" in r.getMessage() for r in caplog.records)
+    # Counted and logged once the STUCK transition has committed.
+    await wait_for(lambda: stuck_count() == before + 1, 5)
+    await wait_for(lambda: any("is STUCK" in r.getMessage() for r in caplog.records), 5)
     assert [s.id for s in await world.admin.list(status="STUCK")] == [saga_id]
     # Step 0 was not compensated while step 1 is stuck: reverse order holds.
     assert await saga_ledger(world, saga_id) == [(0, "do"), (1, "do")]
@@ -204,6 +211,8 @@ async def test_fifty_sagas_at_once_each_end_as_their_data_says(
     and is handled one message at a time (later ones give each command a savepoint);
     only the sagas that were refused compensate, the others of their batches complete."""
     caplog.set_level(logging.INFO, logger="accord.inbox")
+    ended_before = {s: saga_metric("ended", status=s) for s in ("COMPLETED", "COMPENSATED")}
+    started_before = saga_metric("started")
     await world.start()
     await world.stop_participants()
     # Those that fail first, then plain ones: batches of the backlog's tail commit whole.
@@ -215,6 +224,13 @@ async def test_fifty_sagas_at_once_each_end_as_their_data_says(
     await world.start_participants()
     await wait_for(lambda: world.ended(len(started)), 60, interval=0.1)
     await world.check_outcomes(started)
+    # Every start and every end is counted once, batches replayed or not.
+    statuses = Counter([(await world.admin.get(saga_id)).status for saga_id in ids])
+    await wait_for(
+        lambda: {s: saga_metric("ended", status=s) - ended_before[s] for s in statuses} == statuses,
+        5,
+    )
+    assert saga_metric("started") - started_before == len(ids)
 
     sizes = {s: await world.transaction_sizes(s) for s in ("orch", "hotels", "cars")}
     refused = fallbacks(caplog, "StepFailed: hotels.reserve refused")

@@ -315,6 +315,7 @@ class Consumer:
 
     async def _apply_batch(self, ready: Sequence[_Ready]) -> set[str]:
         """Inbox rows + handlers of ``ready`` in one transaction; the ids applied."""
+        handled: list[HandlerContext] = []
         async with self.database.engine.begin() as conn:
             fresh = await record_many(conn, self.name, [message for _, message, _, _ in ready])
             todo: list[_Ready] = []
@@ -329,6 +330,7 @@ class Consumer:
                     (HandlerContext(conn, message, self.name, delivery.attempt), data)
                     for delivery, message, _, data in run
                 ]
+                handled.extend(ctx for ctx, _ in contexts)
                 if batch is not None:
                     await batch(contexts)
                     continue
@@ -337,6 +339,7 @@ class Consumer:
                 ):
                     with log_context(**self._fields(delivery)), consumer_span(self.name, message):
                         await registration.func(ctx, data)
+        _run_committed(handled)
         return applied
 
     async def _one_at_a_time(self, ready: Sequence[_Ready]) -> None:
@@ -386,6 +389,7 @@ class Consumer:
             ctx = HandlerContext(conn, message, self.name, delivery.attempt)
             with consumer_span(self.name, message):
                 await registration.func(ctx, data)
+        _run_committed([ctx])
         return True
 
     async def _failed(self, delivery: Delivery, exc: Exception) -> bool:
@@ -460,3 +464,13 @@ def _runs(items: Sequence[_Ready]) -> list[list[_Ready]]:
         else:
             runs.append([item])
     return runs
+
+
+def _run_committed(contexts: Sequence[HandlerContext]) -> None:
+    """The after-commit callbacks of handlers whose transaction just committed."""
+    for ctx in contexts:
+        for callback in ctx.committed:
+            try:
+                callback()
+            except Exception:
+                log.exception("an after-commit callback of %s failed", ctx.message.type)

@@ -34,6 +34,15 @@ class HandlerContext:
     message: Message
     consumer: str
     attempt: int = 1
+    committed: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once this handler's transaction has committed; never if
+        it rolls back (a batch that fails and is replayed one message at a time runs
+        it once, for the commit that counts). For effects outside the database:
+        metrics, in-process caches, notifications. Exceptions are logged, not raised.
+        """
+        self.committed.append(callback)
 
     @property
     def redelivered(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import traceback
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -92,6 +93,9 @@ class Engine:
         self.state = state
         self.tx = Transition(state, state.version)
         self.outbox: list[Message] = []
+        #: What to do once the transition has committed (metrics, the STUCK log line):
+        #: not before, so a rolled-back or replayed transition is not counted twice.
+        self.committed: list[Callable[[], None]] = []
         self._paused = False  # a retry deadline was set: stop until it fires
 
     # -- inputs -------------------------------------------------------------------
@@ -200,7 +204,7 @@ class Engine:
         s.waiting = False
         s.error = reason
         s.ended_at = datetime.now(UTC)
-        SAGAS_ENDED.labels(self.saga.name, ABORTED).inc()
+        self.committed.append(SAGAS_ENDED.labels(self.saga.name, ABORTED).inc)
 
     async def save(self) -> None:
         """Write the transition and its commands (raises ConcurrencyError on a race)."""
@@ -348,8 +352,13 @@ class Engine:
         s.error = reason
         self.tx.clear_deadline()
         self.tx.log(s.step, self._step_name(s.step), s.phase, "stuck", reason)
-        SAGAS_STUCK.labels(self.saga.name).inc()
-        log.error("saga %s (%s) is STUCK: %s", s.id, self.saga.name, reason)
+        name, saga_id = self.saga.name, s.id
+
+        def counted() -> None:
+            SAGAS_STUCK.labels(name).inc()
+            log.error("saga %s (%s) is STUCK: %s", saga_id, name, reason)
+
+        self.committed.append(counted)
 
     def _end(self, status: str, error: str | None) -> None:
         s = self.state
@@ -359,10 +368,13 @@ class Engine:
         self.tx.clear_deadline()
         step = max(0, min(s.step, len(self.saga.steps) - 1))
         self.tx.log(step, self._step_name(step), s.phase, f"saga_{status.lower()}", error)
-        SAGAS_ENDED.labels(self.saga.name, status).inc()
-        SAGA_DURATION.labels(self.saga.name, status).observe(
-            (s.ended_at - s.created_at).total_seconds()
-        )
+        name, seconds = self.saga.name, (s.ended_at - s.created_at).total_seconds()
+
+        def counted() -> None:
+            SAGAS_ENDED.labels(name, status).inc()
+            SAGA_DURATION.labels(name, status).observe(seconds)
+
+        self.committed.append(counted)
 
     def _step_name(self, index: int) -> str:
         steps = self.saga.steps

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -132,13 +132,22 @@ class Orchestrator:
         the start commits with the caller's transaction.
         """
         definition = self.definition(saga if isinstance(saga, str) else saga.name)
+        committed: list[Callable[[], None]] = []
         if conn is None:
             async with self.database.transaction() as own:
-                return await self._start(own, definition, data or {}, saga_id)
-        return await self._start(conn, definition, data or {}, saga_id)
+                started = await self._start(own, definition, data or {}, saga_id, committed)
+        else:  # the caller commits: counted now
+            started = await self._start(conn, definition, data or {}, saga_id, committed)
+        _run(committed)
+        return started
 
     async def _start(
-        self, conn: AsyncConnection, saga: Saga, data: dict[str, Any], saga_id: str | None
+        self,
+        conn: AsyncConnection,
+        saga: Saga,
+        data: dict[str, Any],
+        saga_id: str | None,
+        committed: list[Callable[[], None]],
     ) -> str:
         now = datetime.now(UTC)
         state = SagaState(
@@ -167,7 +176,8 @@ class Orchestrator:
                 return state.id
             await engine.start()
             await engine.save()
-        SAGAS_STARTED.labels(saga.name).inc()
+        committed.append(SAGAS_STARTED.labels(saga.name).inc)
+        committed.extend(engine.committed)
         return state.id
 
     # -- replies ------------------------------------------------------------------
@@ -182,6 +192,8 @@ class Orchestrator:
         await engine.on_reply(reply)
         # A ConcurrencyError here rolls the handler back; the consumer retries it.
         await engine.save()
+        for callback in engine.committed:
+            ctx.after_commit(callback)
 
     async def _on_replies(self, items: Sequence[tuple[HandlerContext, Any]]) -> None:
         # Locked up front (in id order), so the versions cannot move under the batch;
@@ -201,6 +213,9 @@ class Orchestrator:
             await engine.on_reply(reply)
         await save_locked(conn, [engine.tx for engine in engines.values()])
         await add_to_outbox(conn, *(m for engine in engines.values() for m in engine.outbox))
+        for engine in engines.values():
+            for callback in engine.committed:
+                items[0][0].after_commit(callback)
 
     # -- the timer ----------------------------------------------------------------
 
@@ -226,6 +241,14 @@ class Orchestrator:
         return fired
 
     async def _fire(self, saga_id: str, moment: datetime) -> int:
+        committed: list[Callable[[], None]] = []
+        fired = await self._fire_in(saga_id, moment, committed)
+        _run(committed)
+        return fired
+
+    async def _fire_in(
+        self, saga_id: str, moment: datetime, committed: list[Callable[[], None]]
+    ) -> int:
         async with self.database.transaction() as conn:
             # Lock the instance before its deadline, in the order a reply's transition
             # takes them (saga row, then deadline): a timer and a reply racing on one
@@ -245,7 +268,8 @@ class Orchestrator:
             engine = Engine(self.definition(state.name), conn, state)
             await engine.on_deadline(d["kind"])
             await engine.save()
-            return 1
+            committed.extend(engine.committed)
+        return 1
 
     async def _timer_loop(self) -> None:
         while not self._stop.is_set():
@@ -287,6 +311,15 @@ class Orchestrator:
     async def stop(self) -> None:
         """Stop consuming and firing; what is in flight finishes."""
         self._stop.set()
+
+
+def _run(callbacks: Sequence[Callable[[], None]]) -> None:
+    """What transitions that just committed left to do (metrics, log lines)."""
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            log.exception("an after-commit step of a saga transition failed")
 
 
 def _matches(state: SagaState, deadline: Any) -> bool:
