@@ -214,3 +214,74 @@ async def test_starting_a_choreographed_flow_twice_with_one_correlation_id_start
             flow = await trip.start(conn, "trip.requested", {}, correlation_id="trip-42")
     assert flow == "trip-42"
     assert [m["type"] for m in await emitted_types(database)] == ["trip.requested"]
+
+
+@pytest.mark.postgres
+async def test_a_start_in_one_statement_writes_what_the_statement_by_statement_start_writes(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On PostgreSQL a start whose first step is remote is one statement sent to asyncpg;
+    # the other path (SQLite, or no driver at hand) is SQLAlchemy statement by statement.
+    database = Database(pg_url)
+    await database.upgrade()
+    saga = Saga("pair").step(
+        "reserve", command("pair.reserve"), compensate=command("pair.cancel"), timeout=60
+    )
+    orchestrator = Orchestrator(database, transport(database), [saga], name="orch")
+    data = {"who": "ada", "seats": [1, 2], "note": "é"}
+    fast = await orchestrator.start("pair", data)
+    assert await orchestrator.start("pair", data, saga_id=fast) == fast  # idempotent
+    monkeypatch.setattr("accord.sagas._store.driver_in_transaction", _no_driver)
+    slow = await orchestrator.start("pair", data)
+
+    async def written(saga_id: str) -> list[Any]:
+        async with database.transaction() as conn:
+            row = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT name, status, phase, step, attempt, waiting, data, version "
+                        "FROM accord_sagas WHERE id = :id"
+                    ),
+                    {"id": saga_id},
+                )
+            ).all()
+            logs = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT step, step_name, phase, event, attempt, detail "
+                        "FROM accord_saga_steps WHERE saga_id = :id ORDER BY id"
+                    ),
+                    {"id": saga_id},
+                )
+            ).all()
+            due = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT kind, phase, step, attempt, due_at > now() + interval '50 seconds' "
+                        "FROM accord_deadlines WHERE saga_id = :id"
+                    ),
+                    {"id": saga_id},
+                )
+            ).all()
+            sent = (
+                await conn.execute(
+                    sa.select(
+                        outbox.c.event_type, outbox.c.key, outbox.c.payload, outbox.c.status
+                    ).where(outbox.c.key == saga_id)
+                )
+            ).all()
+        return [row, logs, due, sent]
+
+    fast_rows, slow_rows = await written(fast), await written(slow)
+    assert fast_rows[0] and fast_rows[1] and fast_rows[2] and fast_rows[3]
+    assert [len(rows) for rows in fast_rows] == [1, len(slow_rows[1]), 1, 1]
+    assert fast_rows[:3] == slow_rows[:3]
+    # The command of each is keyed by its saga id (the query) and otherwise alike.
+    assert [(t, p, st) for t, _, p, st in fast_rows[3]] == [
+        (t, p, st) for t, _, p, st in slow_rows[3]
+    ]
+    await database.dispose()
+
+
+async def _no_driver(_conn: Any) -> None:
+    return None

@@ -18,7 +18,7 @@ from accord.db.schema import outbox
 from accord.errors import ConfigurationError, DatabaseError
 from accord.messages import Message, decode, encode
 
-__all__ = ["NOTIFY_CHANNEL", "add", "message_from_row", "row_from_message"]
+__all__ = ["NOTIFY_CHANNEL", "add", "driver_row", "message_from_row", "row_from_message"]
 
 #: The PostgreSQL channel a commit that added outbox rows notifies; relays LISTEN on it.
 NOTIFY_CHANNEL = "accord_outbox"
@@ -85,6 +85,18 @@ async def add(conn: AsyncConnection | AsyncSession, *messages: Message) -> None:
             await connection.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"))
 
 
+def driver_row(row: dict[str, Any]) -> tuple[uuid.UUID, str, str | None, str, str]:
+    """``(id, event_type, key, payload JSON, headers JSON)`` of an outbox row, as the
+    statements sent straight to asyncpg take them."""
+    return (
+        row["id"],
+        row["event_type"],
+        row["key"],
+        json.dumps(row["payload"], separators=(",", ":"), default=str),
+        json.dumps(row["headers"], separators=(",", ":")),
+    )
+
+
 async def _add_on_driver(connection: AsyncConnection, rows: list[dict[str, Any]]) -> bool:
     """The hot path: asyncpg underneath SQLAlchemy's own transaction. Returns False
     (nothing done) when the driver cannot be had in that transaction, so the
@@ -93,20 +105,7 @@ async def _add_on_driver(connection: AsyncConnection, rows: list[dict[str, Any]]
     if driver is None:
         return False
     try:
-        await driver.executemany(
-            _PG_ADD,
-            [
-                (
-                    r["id"],
-                    r["event_type"],
-                    r["key"],
-                    json.dumps(r["payload"], separators=(",", ":"), default=str),
-                    json.dumps(r["headers"], separators=(",", ":")),
-                    r["created_at"],
-                )
-                for r in rows
-            ],
-        )
+        await driver.executemany(_PG_ADD, [(*driver_row(r), r["created_at"]) for r in rows])
     except Exception as exc:  # asyncpg's own errors: translate like SQLAlchemy's
         raise DatabaseError(
             f"adding to the outbox failed: {exc.__class__.__name__}: {exc}"

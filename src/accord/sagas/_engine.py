@@ -215,6 +215,9 @@ class Engine:
     async def save_new(self) -> bool:
         """Insert the new instance as this transition leaves it, with its log, deadline
         and commands; False, writing nothing, if an instance with its id exists."""
+        inserted = await self.tx.insert_with(self.conn, self.outbox)
+        if inserted is not None:
+            return inserted
         if not await self.tx.insert(self.conn):
             return False
         if self.outbox:

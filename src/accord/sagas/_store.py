@@ -4,6 +4,7 @@ log and the deadline of an instance."""
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -14,8 +15,11 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from accord.db.database import driver_in_transaction
 from accord.db.schema_sagas import deadlines, saga_steps, sagas
-from accord.errors import ConcurrencyError
+from accord.errors import ConcurrencyError, DatabaseError
+from accord.messages import Message
+from accord.outbox.writer import NOTIFY_CHANNEL, driver_row, row_from_message
 
 __all__ = [
     "ABORTED",
@@ -214,6 +218,52 @@ class Transition:
             )
         await _write_logs_and_deadlines(conn, [self])
 
+    async def insert_with(self, conn: AsyncConnection, messages: Sequence[Message]) -> bool | None:
+        """:meth:`insert` and ``add_to_outbox(conn, *messages)`` in one statement sent
+        straight to asyncpg (one round trip); None, having done nothing, where that
+        path is not available (SQLite, or data the driver path cannot encode)."""
+        driver = await driver_in_transaction(conn)
+        if driver is None:
+            return None
+        s = self.state
+        try:
+            data = json.dumps(s.data, separators=(",", ":"))
+        except (TypeError, ValueError):
+            return None  # the SQLAlchemy path reports it
+        now = datetime.now(UTC)
+        self._advance(now)
+        logs = self.logs
+        deadline = self.deadline if isinstance(self.deadline, dict) else None
+        rows = [driver_row(row_from_message(m, now)) for m in messages]
+        try:
+            inserted = await driver.fetchval(
+                _INSERT_NEW,
+                s.id,
+                s.name,
+                s.status,
+                s.phase,
+                s.step,
+                s.attempt,
+                s.attempt_base,
+                s.waiting,
+                data,
+                s.error,
+                s.abort_reason,
+                s.version,
+                s.created_at,
+                s.updated_at,
+                s.ended_at,
+                *([entry[column] for entry in logs] for column in _LOG_COLUMNS),
+                *(deadline[c] if deadline else None for c in _DEADLINE_COLUMNS),
+                now,
+                *([row[i] for row in rows] for i in range(5)),
+            )
+        except Exception as exc:  # asyncpg's own errors: translate like SQLAlchemy's
+            raise DatabaseError(
+                f"starting saga {s.id} failed: {exc.__class__.__name__}: {exc}"
+            ) from exc
+        return bool(inserted)
+
     async def insert(self, conn: AsyncConnection) -> bool:
         """Write the transition of an instance not stored yet: its row as the transition
         leaves it. False, writing nothing, if an instance with that id exists."""
@@ -237,6 +287,46 @@ class Transition:
             **{f"b_{column}": getattr(state, column) for column in _CHANGED},
         }
 
+
+_LOG_COLUMNS = ("step", "step_name", "phase", "event", "attempt", "detail", "at")
+_DEADLINE_COLUMNS = ("kind", "phase", "step", "attempt", "due_at")
+
+# A new instance as its first transition leaves it: the row, its step log, its
+# deadline and its commands (with the relays' wake-up), in one statement. Nothing
+# but the row's conflict check runs if the id exists (the other inserts read ``s``).
+_INSERT_NEW = f"""
+WITH s AS (
+    INSERT INTO accord_sagas (id, name, status, phase, step, attempt, attempt_base, waiting,
+                              data, error, abort_reason, version, created_at, updated_at,
+                              ended_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12, $13, $14, $15)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+), logged AS (
+    INSERT INTO accord_saga_steps (saga_id, step, step_name, phase, event, attempt, detail, at)
+    SELECT s.id, x.step, x.step_name, x.phase, x.event, x.attempt, x.detail, x.at
+    FROM s, unnest($16::int[], $17::text[], $18::text[], $19::text[], $20::int[],
+                   $21::text[], $22::timestamptz[])
+         WITH ORDINALITY AS x(step, step_name, phase, event, attempt, detail, at, n)
+    ORDER BY x.n
+), due AS (
+    INSERT INTO accord_deadlines (saga_id, kind, phase, step, attempt, due_at)
+    SELECT s.id, $23::text, $24::text, $25::int, $26::int, $27::timestamptz
+    FROM s WHERE $23::text IS NOT NULL
+    ON CONFLICT (saga_id) DO UPDATE SET kind = excluded.kind, phase = excluded.phase,
+        step = excluded.step, attempt = excluded.attempt, due_at = excluded.due_at
+), sent AS (
+    INSERT INTO accord_outbox (id, event_type, key, payload, headers, status, retry_count,
+                               available_at, created_at)
+    SELECT x.id, x.event_type, x.key, x.payload::jsonb, x.headers::jsonb, 'PENDING', 0,
+           $28::timestamptz, $28::timestamptz
+    FROM s, unnest($29::uuid[], $30::text[], $31::text[], $32::text[], $33::text[])
+         WITH ORDINALITY AS x(id, event_type, key, payload, headers, n)
+    ORDER BY x.n
+    ON CONFLICT (id) DO NOTHING
+)
+SELECT (SELECT count(*) FROM s), pg_notify('{NOTIFY_CHANNEL}', '')
+"""
 
 #: The columns a transition changes (see Transition._row).
 _CHANGED = (
