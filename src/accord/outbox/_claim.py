@@ -7,7 +7,6 @@ dies mid-publish leaves its rows to be claimed again when the lease runs out.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -124,12 +123,6 @@ _RESCHEDULE = sa.text(
 ).bindparams(sa.bindparam("available_at", type_=UTCDateTime()))
 
 
-def _json(value: Any) -> Any:
-    # SQLAlchemy's asyncpg dialect registers a codec that decodes JSON; plain asyncpg
-    # hands back the text.
-    return json.loads(value) if isinstance(value, str) else value
-
-
 async def claim(
     conn: AsyncConnection, *, now: datetime, lease_until: datetime, limit: int
 ) -> list[ClaimedRow]:
@@ -147,7 +140,8 @@ async def claim(
                 id=str(r["id"]),
                 event_type=r["event_type"],
                 key=r["key"],
-                headers=_json(r["headers"]),
+                # Decoded already: SQLAlchemy's asyncpg dialect registers a JSON codec.
+                headers=r["headers"],
                 payload=(r["payload"] or "null").encode(),
                 retry_count=r["retry_count"],
             )
