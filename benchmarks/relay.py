@@ -168,6 +168,8 @@ async def accord_relay(url: str, broker: str, batch: int) -> tuple[int, Any]:
     async def cleanup() -> None:
         await transport.close()
         await database.dispose()
+        if broker.startswith("amqp"):  # the sink holds every message published
+            await delete_everything({channel: {"sink"}})
 
     return total, cleanup
 
