@@ -22,14 +22,11 @@ async def main() -> None:
     parser.add_argument("broker")
     parser.add_argument("channel")
     parser.add_argument("--drain-for", type=float, default=None)
-    parser.add_argument("--concurrency", type=int, default=2)
     args = parser.parse_args()
     transport = from_url(args.broker, channel=args.channel)
     await transport.connect()
     database = Database(args.db)
-    relay = Relay(
-        database, transport, batch_size=500, poll_interval=5.0, concurrency=args.concurrency
-    )
+    relay = Relay(database, transport, batch_size=500, poll_interval=5.0)
     print("ready", flush=True)
     if args.drain_for is not None:
         end = time.monotonic() + args.drain_for

@@ -244,8 +244,6 @@ async def latency(
         scratch.url,
         RABBIT_URL,
         channel,
-        "--concurrency",
-        os.environ.get("RELAY_CONCURRENCY", "2"),
         stdout=asyncio.subprocess.PIPE,
     )
     assert relay.stdout is not None

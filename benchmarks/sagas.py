@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 import sqlalchemy as sa
 from tests.brokers import delete_everything
+from tests.processes import serve
 
 from accord.db import Database
 from accord.db.schema_sagas import sagas as sagas_table
@@ -106,20 +107,15 @@ async def child(
     sizes: list[int] = []
     for consumer in consumers:
         consumer.handle_batch = _counting(consumer.handle_batch, sizes)  # type: ignore[method-assign]
-    tasks = [asyncio.create_task(part.run()) for part in parts]
-    for consumer in consumers:
-        while consumer._subscription is None:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    print("ready", flush=True)
-    await stop.wait()
-    print(json.dumps({"role": role, "batches": len(sizes), "messages": sum(sizes)}), flush=True)
-    for part in parts:
-        await part.stop()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await transport.close()
-    await database.dispose()
+    await serve(
+        parts,
+        consumers,
+        transport,
+        database,
+        on_sigterm=lambda: print(
+            json.dumps({"role": role, "batches": len(sizes), "messages": sum(sizes)}), flush=True
+        ),
+    )
 
 
 def _counting(handle: Any, sizes: list[int]) -> Any:

@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -38,10 +38,12 @@ async def serve(
     consumers: Sequence[Consumer],
     transport: Transport,
     database: Database,
+    on_sigterm: Callable[[], None] | None = None,
 ) -> None:
     """Run ``parts`` until SIGTERM, then stop them, close ``transport`` and dispose of
     ``database``. Prints "ready" once each of ``consumers`` is subscribed: from then on
-    what is published for them reaches them, so a test may start its work."""
+    what is published for them reaches them, so a test may start its work.
+    ``on_sigterm`` runs when SIGTERM comes, before anything stops."""
     tasks = [asyncio.create_task(part.run()) for part in parts]
     for consumer in consumers:
         while consumer._subscription is None:  # noqa: ASYNC110
@@ -50,6 +52,8 @@ async def serve(
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     print("ready", flush=True)
     await stop.wait()
+    if on_sigterm is not None:
+        on_sigterm()
     for part in parts:
         await part.stop()
     await asyncio.gather(*tasks, return_exceptions=True)

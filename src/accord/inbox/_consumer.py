@@ -22,6 +22,7 @@ from accord.inbox._context import (
     HandlerFunc,
     Registration,
     describe_validation_error,
+    run_after_commit,
 )
 from accord.inbox._dead_letters import ReplayDelivery, claim_replays, write_dead_letter
 from accord.inbox._store import record, record_many
@@ -339,7 +340,7 @@ class Consumer:
                 ):
                     with log_context(**self._fields(delivery)), consumer_span(self.name, message):
                         await registration.func(ctx, data)
-        _run_committed(handled)
+        run_after_commit(c for ctx in handled for c in ctx.committed)
         return applied
 
     async def _one_at_a_time(self, ready: Sequence[_Ready]) -> None:
@@ -389,7 +390,7 @@ class Consumer:
             ctx = HandlerContext(conn, message, self.name, delivery.attempt)
             with consumer_span(self.name, message):
                 await registration.func(ctx, data)
-        _run_committed([ctx])
+        run_after_commit(ctx.committed)
         return True
 
     async def _failed(self, delivery: Delivery, exc: Exception) -> bool:
@@ -464,13 +465,3 @@ def _runs(items: Sequence[_Ready]) -> list[list[_Ready]]:
         else:
             runs.append([item])
     return runs
-
-
-def _run_committed(contexts: Sequence[HandlerContext]) -> None:
-    """The after-commit callbacks of handlers whose transaction just committed."""
-    for ctx in contexts:
-        for callback in ctx.committed:
-            try:
-                callback()
-            except Exception:
-                log.exception("an after-commit callback of %s failed", ctx.message.type)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,12 +14,15 @@ from accord.messages import Message
 from accord.observability import current_traceparent
 from accord.outbox import add as add_to_outbox
 
+log = logging.getLogger("accord.inbox")
+
 __all__ = [
     "BatchFunc",
     "HandlerContext",
     "HandlerFunc",
     "Registration",
     "describe_validation_error",
+    "run_after_commit",
 ]
 
 
@@ -66,6 +70,16 @@ class HandlerContext:
             for m in messages
         ]
         await add_to_outbox(self.conn, *filled)
+
+
+def run_after_commit(callbacks: Iterable[Callable[[], None]]) -> None:
+    """Run what a transaction that just committed left to do; a callback that raises
+    is logged and the others still run (the commit stands either way)."""
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            log.exception("an after-commit callback failed")
 
 
 HandlerFunc = Callable[[HandlerContext, Any], Awaitable[None]]

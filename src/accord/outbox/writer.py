@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from accord.db.database import driver_in_transaction, translate_errors
 from accord.db.schema import outbox
-from accord.errors import ConfigurationError, DatabaseError
+from accord.errors import ConfigurationError
 from accord.messages import Message, decode, encode
 
 __all__ = ["NOTIFY_CHANNEL", "add", "driver_row", "message_from_row", "row_from_message"]
@@ -104,12 +104,8 @@ async def _add_on_driver(connection: AsyncConnection, rows: list[dict[str, Any]]
     driver = await driver_in_transaction(connection)
     if driver is None:
         return False
-    try:
-        await driver.executemany(_PG_ADD, [(*driver_row(r), r["created_at"]) for r in rows])
-    except Exception as exc:  # asyncpg's own errors: translate like SQLAlchemy's
-        raise DatabaseError(
-            f"adding to the outbox failed: {exc.__class__.__name__}: {exc}"
-        ) from exc
+    # add() translates asyncpg's own errors (translate_errors) like SQLAlchemy's.
+    await driver.executemany(_PG_ADD, [(*driver_row(r), r["created_at"]) for r in rows])
     return True
 
 

@@ -18,6 +18,7 @@ from accord.db import Database
 from accord.db.schema_sagas import deadlines
 from accord.errors import ConcurrencyError, ConfigurationError
 from accord.inbox import Consumer, HandlerContext
+from accord.inbox._context import run_after_commit
 from accord.outbox import add as add_to_outbox
 from accord.sagas._definition import Command, Saga, registry
 from accord.sagas._engine import Engine, Reply
@@ -138,7 +139,7 @@ class Orchestrator:
                 started = await self._start(own, definition, data or {}, saga_id, committed)
         else:  # the caller commits: counted now
             started = await self._start(conn, definition, data or {}, saga_id, committed)
-        _run(committed)
+        run_after_commit(committed)
         return started
 
     async def _start(
@@ -241,14 +242,6 @@ class Orchestrator:
         return fired
 
     async def _fire(self, saga_id: str, moment: datetime) -> int:
-        committed: list[Callable[[], None]] = []
-        fired = await self._fire_in(saga_id, moment, committed)
-        _run(committed)
-        return fired
-
-    async def _fire_in(
-        self, saga_id: str, moment: datetime, committed: list[Callable[[], None]]
-    ) -> int:
         async with self.database.transaction() as conn:
             # Lock the instance before its deadline, in the order a reply's transition
             # takes them (saga row, then deadline): a timer and a reply racing on one
@@ -268,7 +261,7 @@ class Orchestrator:
             engine = Engine(self.definition(state.name), conn, state)
             await engine.on_deadline(d["kind"])
             await engine.save()
-            committed.extend(engine.committed)
+        run_after_commit(engine.committed)
         return 1
 
     async def _timer_loop(self) -> None:
@@ -311,15 +304,6 @@ class Orchestrator:
     async def stop(self) -> None:
         """Stop consuming and firing; what is in flight finishes."""
         self._stop.set()
-
-
-def _run(callbacks: Sequence[Callable[[], None]]) -> None:
-    """What transitions that just committed left to do (metrics, log lines)."""
-    for callback in callbacks:
-        try:
-            callback()
-        except Exception:
-            log.exception("an after-commit step of a saga transition failed")
 
 
 def _matches(state: SagaState, deadline: Any) -> bool:

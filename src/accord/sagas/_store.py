@@ -15,9 +15,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from accord.db.database import driver_in_transaction
+from accord.db.database import driver_in_transaction, translate_errors
 from accord.db.schema_sagas import deadlines, saga_steps, sagas
-from accord.errors import ConcurrencyError, DatabaseError
+from accord.errors import ConcurrencyError
 from accord.messages import Message
 from accord.outbox.writer import NOTIFY_CHANNEL, driver_row, row_from_message
 
@@ -235,7 +235,7 @@ class Transition:
         logs = self.logs
         deadline = self.deadline if isinstance(self.deadline, dict) else None
         rows = [driver_row(row_from_message(m, now)) for m in messages]
-        try:
+        with translate_errors(f"starting saga {s.id}"):
             inserted = await driver.fetchval(
                 _INSERT_NEW,
                 s.id,
@@ -258,10 +258,6 @@ class Transition:
                 now,
                 *([row[i] for row in rows] for i in range(5)),
             )
-        except Exception as exc:  # asyncpg's own errors: translate like SQLAlchemy's
-            raise DatabaseError(
-                f"starting saga {s.id} failed: {exc.__class__.__name__}: {exc}"
-            ) from exc
         return bool(inserted)
 
     async def insert(self, conn: AsyncConnection) -> bool:
