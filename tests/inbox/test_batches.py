@@ -13,6 +13,10 @@ from accord.errors import ConfigurationError
 from accord.inbox import Consumer, DeadLetters, HandlerContext, Inbox
 from accord.messages import Message
 from accord.testing import assert_eventually, wait_for
+from accord.transports import from_url
+from accord.transports.base import Transport
+from tests.brokers import cleanup
+from tests.conftest import NATS_URL, REDIS_URL
 from tests.inbox.conftest import (
     Broker,
     effect_counts,
@@ -188,6 +192,61 @@ async def test_a_failed_message_is_not_overtaken_by_a_later_one_with_its_key(
     everything = {m.id: 1 for m in [*keyed, *others]}
     await assert_eventually(lambda: _effects_are(app_db, everything), timeout=20)
     assert [a for a in applied if a.startswith("k:")] == ["k:0", "k:1", "k:2"]
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(NATS_URL, marks=pytest.mark.nats, id="nats"),
+        pytest.param(REDIS_URL, marks=pytest.mark.redis, id="redis"),
+    ]
+)
+async def timer_transports(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Callable[[], Transport]]:
+    """Make transports on one private channel of a broker that redelivers each nacked
+    message on its own timer (no queue order among delayed messages); what they
+    declared is deleted after the test."""
+    channel = unique("held")
+    made: list[Transport] = []
+
+    def make() -> Transport:
+        made.append(from_url(request.param, channel=channel))
+        return made[-1]
+
+    yield make
+    await cleanup(made)
+
+
+async def test_held_back_messages_come_back_after_their_failed_predecessor_in_key_order(
+    app_db: Database,
+    timer_transports: Callable[[], Transport],
+    consumers: Callable[..., Consumer],
+) -> None:
+    # k:0 fails once; k:1..k:4, in the same batch, are held back behind it. Each is
+    # redelivered on its own timer, so only the delays they get keep them in order.
+    consumer = consumers(unique(), app_db, timer_transports(), backoff_base=0.3, backoff_cap=0.3)
+    applied: list[int] = []
+
+    @consumer.handler("test.scored")
+    async def on_scored(ctx: HandlerContext, data: Any) -> None:
+        if data["n"] == 0 and ctx.attempt == 1:
+            raise RuntimeError("not yet")
+        await ctx.conn.execute(effects.insert().values(message_id=ctx.message.id))
+        if ctx.message.key == "k":
+            applied.append(data["n"])
+
+    keyed = [Message(type="test.scored", data={"n": i}, key="k") for i in range(5)]
+    others = [Message(type="test.scored", data={"n": 10 + i}, key=f"o{i}") for i in range(3)]
+    await consumer.start()  # creates the group; the messages then wait as one backlog
+    await consumer.stop()
+    publisher = timer_transports()
+    await publisher.connect()
+    await publisher.publish([*keyed[:3], *others, *keyed[3:]])
+    await consumer.start()
+
+    everything = {m.id: 1 for m in [*keyed, *others]}
+    await assert_eventually(lambda: _effects_are(app_db, everything), timeout=20)
+    assert applied == [0, 1, 2, 3, 4]
 
 
 async def test_bad_input_in_a_batch_is_dead_lettered_and_the_rest_of_the_batch_applied(

@@ -44,6 +44,8 @@ log = logging.getLogger("accord.inbox")
 
 _TRACEBACK_FRAMES = 6
 _REASON_LIMIT = 4000
+# A message held back behind its key's failed predecessor comes back this long after it.
+HELD_BACK_GAP = 0.05
 
 #: A delivery that passed the checks: (delivery, message, registration, parsed data).
 _Ready = tuple[Delivery, Message, Registration, Any]
@@ -344,21 +346,27 @@ class Consumer:
         return applied
 
     async def _one_at_a_time(self, ready: Sequence[_Ready]) -> None:
-        retrying: set[str] = set()
+        # key -> when (seconds from now) its latest held-back message comes back
+        retrying: dict[str, float] = {}
         for delivery, message, registration, data in ready:
             with log_context(**self._fields(delivery)):
-                if message.key is not None and message.key in retrying:
-                    # Its key's earlier message failed: it must not be overtaken.
-                    await delivery.nack(self.backoff(delivery.attempt))
+                key = message.key
+                if key is not None and key in retrying:
+                    # Its key's earlier message failed: it must not be overtaken, so
+                    # it comes back after that one (and after its own predecessors).
+                    delay = max(self.backoff(delivery.attempt), retrying[key] + HELD_BACK_GAP)
+                    retrying[key] = delay
+                    await delivery.nack(delay)
                     continue
                 comes_back = await self._process(delivery, message, registration, data)
-                if comes_back and message.key is not None:
-                    retrying.add(message.key)
+                if comes_back is not None and key is not None:
+                    retrying[key] = comes_back
 
     async def _process(
         self, delivery: Delivery, message: Message, registration: Registration, data: Any
-    ) -> bool:
-        """Apply one message and settle its delivery; True if it failed and comes back."""
+    ) -> float | None:
+        """Apply one message and settle its delivery; if it failed and comes back, in
+        how many seconds."""
         started = time.perf_counter()
         try:
             applied = await self._apply(delivery, message, registration, data)
@@ -376,7 +384,7 @@ class Consumer:
             CONSUMER_DUPLICATES.labels(self.name, message.type).inc()
             log.info("skipped duplicate %s %s", message.type, message.id)
         await delivery.ack()
-        return False
+        return None
 
     async def _apply(
         self, delivery: Delivery, message: Message, registration: Registration, data: Any
@@ -393,8 +401,8 @@ class Consumer:
         run_after_commit(ctx.committed)
         return True
 
-    async def _failed(self, delivery: Delivery, exc: Exception) -> bool:
-        """Retry later or dead-letter; True if the delivery comes back."""
+    async def _failed(self, delivery: Delivery, exc: Exception) -> float | None:
+        """Retry later or dead-letter; if the delivery comes back, in how many seconds."""
         attempt = delivery.attempt
         if attempt >= self.max_attempts:
             log.error(
@@ -414,10 +422,11 @@ class Consumer:
             delay,
         )
         await delivery.nack(delay)
-        return True
+        return delay
 
-    async def _dead_letter(self, delivery: Delivery, kind: str, reason: str) -> bool:
-        """Dead-letter and ack; True if that failed and the delivery comes back."""
+    async def _dead_letter(self, delivery: Delivery, kind: str, reason: str) -> float | None:
+        """Dead-letter and ack; if that failed and the delivery comes back, in how many
+        seconds."""
         try:
             async with self.database.transaction() as conn:
                 await write_dead_letter(
@@ -428,11 +437,11 @@ class Consumer:
             delay = self.backoff(delivery.attempt)
             log.exception("could not write a dead letter; redelivering in %.2fs", delay)
             await delivery.nack(delay)
-            return True
+            return delay
         CONSUMER_DEAD_LETTERED.labels(self.name, kind).inc()
         log.error("dead-lettered (%s): %s", kind, reason.splitlines()[0])
         await delivery.ack()
-        return False
+        return None
 
     # -- replay -------------------------------------------------------------------
 
