@@ -7,6 +7,7 @@ import pytest
 import sqlalchemy as sa
 
 from accord.db import Database
+from accord.db.database import on_commit
 from accord.db.migrations import MIGRATIONS
 from accord.db.schema import schema_version
 from accord.errors import ConfigurationError, DatabaseError
@@ -91,3 +92,21 @@ async def test_a_pooled_connection_the_server_closed_is_replaced(pg_url: str) ->
     async with db.transaction() as conn:  # no error: a fresh connection is used
         assert (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one() != pid
     await db.dispose()
+
+
+async def test_on_commit_runs_once_when_the_transaction_commits_and_never_after_a_rollback(
+    database: Database,
+) -> None:
+    calls: list[str] = []
+    async with database.engine.connect() as conn:
+        await conn.execute(sa.text("SELECT 1"))
+        on_commit(conn, lambda: calls.append("rolled back"))
+        await conn.rollback()
+        await conn.execute(sa.text("SELECT 1"))
+        on_commit(conn, lambda: calls.append("committed"))
+        assert calls == []
+        await conn.commit()
+        assert calls == ["committed"]
+        await conn.execute(sa.text("SELECT 1"))
+        await conn.commit()  # a later transaction on the same connection: nothing more
+    assert calls == ["committed"]

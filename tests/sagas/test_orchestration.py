@@ -11,6 +11,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
 from accord.db import Database
@@ -165,6 +166,29 @@ async def test_starting_the_same_saga_id_twice_makes_one_instance(world: World) 
     assert await world.wait_status("trip-42") == "COMPLETED"
     assert await saga_ledger(world, "trip-42") == app.expected_ops("COMPLETED", 5)
     assert len(await world.admin.list()) == 1
+
+
+async def test_a_start_in_the_callers_transaction_is_counted_only_when_that_commits(
+    world: World,
+) -> None:
+    orchestrator = world.orchestrator()
+    before = saga_metric("started")
+    with pytest.raises(RuntimeError, match="changed its mind"):
+        async with world.database.transaction() as conn:
+            await orchestrator.start(world.trip, {}, saga_id="rolled-back", conn=conn)
+            raise RuntimeError("the caller changed its mind")
+    assert saga_metric("started") == before
+    assert await world.admin.list() == []
+
+    async with world.database.transaction() as conn:
+        await orchestrator.start(world.trip, {}, saga_id="committed", conn=conn)
+        assert saga_metric("started") == before  # not before the caller commits
+    assert saga_metric("started") == before + 1
+    # The rolled-back start left nothing behind to count later.
+    async with world.database.transaction() as conn:
+        await conn.execute(sa.text("SELECT 1"))
+    assert saga_metric("started") == before + 1
+    assert [s.id for s in await world.admin.list()] == ["committed"]
 
 
 async def test_unknown_saga_gives_a_clear_error(world: World) -> None:

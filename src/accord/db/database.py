@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from accord.errors import ConfigurationError, DatabaseError, MissingExtraError
 
-__all__ = ["Database", "driver_in_transaction", "translate_errors"]
+__all__ = ["Database", "driver_in_transaction", "on_commit", "translate_errors"]
 
 log = logging.getLogger("accord.db")
 
@@ -64,6 +64,30 @@ async def driver_in_transaction(conn: AsyncConnection) -> Any | None:
     async with mutex:
         await start()
     return driver if adapter._transaction is not None else None
+
+
+def on_commit(conn: AsyncConnection, callback: Callable[[], None]) -> None:
+    """Call ``callback()`` when the transaction ``conn`` is in commits; forget it if
+    that transaction rolls back. For effects of work done in a caller's transaction
+    that must not happen unless it commits (metrics, say). It runs as the commit is
+    sent, synchronously: keep it small, and it must not raise.
+    """
+    sync = conn.sync_connection
+    if sync is None:
+        raise ConfigurationError("on_commit needs a connection that is open")
+    # Whichever of the two comes first settles it; the other is then a no-op (a
+    # listener cannot be removed while SQLAlchemy dispatches the event).
+    pending = [callback]
+
+    def committed(_conn: Any) -> None:
+        if pending:
+            pending.pop()()
+
+    def rolled_back(_conn: Any) -> None:
+        pending.clear()
+
+    event.listen(sync, "commit", committed, once=True)
+    event.listen(sync, "rollback", rolled_back, once=True)
 
 
 class Database:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -15,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db import Database
+from accord.db.database import on_commit
 from accord.db.schema_sagas import deadlines
 from accord.errors import ConcurrencyError, ConfigurationError
 from accord.inbox import Consumer, HandlerContext
@@ -137,9 +139,11 @@ class Orchestrator:
         if conn is None:
             async with self.database.transaction() as own:
                 started = await self._start(own, definition, data or {}, saga_id, committed)
-        else:  # the caller commits: counted now
+            run_after_commit(committed)
+        else:  # counted when the caller commits, not if it rolls back
             started = await self._start(conn, definition, data or {}, saga_id, committed)
-        run_after_commit(committed)
+            if committed:
+                on_commit(conn, functools.partial(run_after_commit, committed))
         return started
 
     async def _start(
