@@ -70,7 +70,8 @@ def on_commit(conn: AsyncConnection, callback: Callable[[], None]) -> None:
     """Call ``callback()`` when the transaction ``conn`` is in commits; forget it if
     that transaction rolls back. For effects of work done in a caller's transaction
     that must not happen unless it commits (metrics, say). It runs as the commit is
-    sent, synchronously: keep it small, and it must not raise.
+    sent, synchronously: keep it small, and it must not raise. Only the outermost
+    transaction counts: rolling back a savepoint alone does not cancel it.
     """
     sync = conn.sync_connection
     if sync is None:
