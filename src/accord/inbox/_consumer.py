@@ -33,6 +33,7 @@ from accord.observability import (
     CONSUMER_FAILED,
     CONSUMER_HANDLE_SECONDS,
     CONSUMER_HANDLED,
+    batch_spans,
     consumer_span,
     log_context,
 )
@@ -317,31 +318,39 @@ class Consumer:
         return delivery, message, registration, data
 
     async def _apply_batch(self, ready: Sequence[_Ready]) -> set[str]:
-        """Inbox rows + handlers of ``ready`` in one transaction; the ids applied."""
+        """Inbox rows + handlers of ``ready`` in one transaction; the ids applied.
+
+        Each message applied has its own span, ended with the transaction (marked
+        failed if it fails): its ``ctx.span``, so that a batch function, which cannot
+        have one current span for all, still continues each message's trace."""
         handled: list[HandlerContext] = []
-        async with self.database.engine.begin() as conn:
-            fresh = await record_many(conn, self.name, [message for _, message, _, _ in ready])
-            todo: list[_Ready] = []
-            for item in ready:
-                if item[1].id in fresh:
-                    fresh.discard(item[1].id)  # a second copy in this batch is a duplicate
-                    todo.append(item)
-            applied = {message.id for _, message, _, _ in todo}
-            for run in _runs(todo):
-                batch = run[0][2].batch
-                contexts = [
-                    (HandlerContext(conn, message, self.name, delivery.attempt), data)
-                    for delivery, message, _, data in run
-                ]
-                handled.extend(ctx for ctx, _ in contexts)
-                if batch is not None:
-                    await batch(contexts)
-                    continue
-                for (ctx, data), (delivery, message, registration, _) in zip(
-                    contexts, run, strict=True
-                ):
-                    with log_context(**self._fields(delivery)), consumer_span(self.name, message):
-                        await registration.func(ctx, data)
+        with batch_spans(self.name, len(ready)) as spans:
+            async with self.database.engine.begin() as conn:
+                fresh = await record_many(conn, self.name, [m for _, m, _, _ in ready])
+                todo: list[_Ready] = []
+                for item in ready:
+                    if item[1].id in fresh:
+                        fresh.discard(item[1].id)  # a second copy in this batch is a duplicate
+                        todo.append(item)
+                applied = {message.id for _, message, _, _ in todo}
+                for run in _runs(todo):
+                    batch = run[0][2].batch
+                    contexts = [
+                        (HandlerContext(conn, m, self.name, d.attempt, span=spans.start(m)), data)
+                        for d, m, _, data in run
+                    ]
+                    handled.extend(ctx for ctx, _ in contexts)
+                    if batch is not None:
+                        await batch(contexts)
+                        continue
+                    for (ctx, data), (delivery, message, registration, _) in zip(
+                        contexts, run, strict=True
+                    ):
+                        with (
+                            log_context(**self._fields(delivery)),
+                            spans.current(message, ctx.span),
+                        ):
+                            await registration.func(ctx, data)
         run_after_commit(c for ctx in handled for c in ctx.committed)
         return applied
 

@@ -7,11 +7,12 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry.trace import Span
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.messages import Message
-from accord.observability import current_traceparent
+from accord.observability import current_traceparent, traceparent_of
 from accord.outbox import add as add_to_outbox
 
 log = logging.getLogger("accord.inbox")
@@ -39,6 +40,12 @@ class HandlerContext:
     consumer: str
     attempt: int = 1
     committed: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    #: This message's CONSUMER span when the consumer cannot make it the current span:
+    #: in batch mode, where a batch function handles many messages in one call (the
+    #: span ends with the batch's transaction). ``None`` when the handler runs inside
+    #: its message's span, which is then the current one, and in batch mode while no
+    #: tracer provider is configured (no span would record).
+    span: Span | None = field(default=None, repr=False)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` once this handler's transaction has committed; never if
@@ -53,14 +60,22 @@ class HandlerContext:
         """Whether this message was delivered to this consumer before."""
         return self.attempt > 1
 
+    @property
+    def traceparent(self) -> str | None:
+        """The W3C traceparent for a message emitted while handling this one: a child of
+        this message's span (:attr:`span`, else the current span), or, outside any
+        valid span, this message's own traceparent."""
+        own = current_traceparent() if self.span is None else traceparent_of(self.span)
+        return own or self.message.traceparent
+
     async def publish(self, *messages: Message) -> None:
         """Add messages to the outbox in the handler's transaction (sent iff it commits).
 
         A message without a correlation id gets this message's (or its id); without a
-        causation id, this message's id; without a traceparent, the handler span's.
+        causation id, this message's id; without a traceparent, :attr:`traceparent`.
         """
         parent = self.message
-        traceparent = current_traceparent() or parent.traceparent
+        traceparent = self.traceparent
         filled = [
             m.with_(
                 correlationid=m.correlationid or parent.correlationid or parent.id,

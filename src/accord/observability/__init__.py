@@ -15,7 +15,14 @@ from accord.observability._metrics import (
     CONSUMER_HANDLED,
     start_metrics_server,
 )
-from accord.observability._tracing import consumer_span, current_traceparent
+from accord.observability._tracing import (
+    BatchSpans,
+    as_current,
+    batch_spans,
+    consumer_span,
+    current_traceparent,
+    traceparent_of,
+)
 
 __all__ = [
     "CONSUMER_DEAD_LETTERED",
@@ -23,12 +30,16 @@ __all__ = [
     "CONSUMER_FAILED",
     "CONSUMER_HANDLED",
     "CONSUMER_HANDLE_SECONDS",
+    "BatchSpans",
     "ContextFilter",
     "JsonFormatter",
+    "as_current",
+    "batch_spans",
     "configure_logging",
     "consumer_span",
     "current_log_context",
     "current_traceparent",
     "log_context",
     "start_metrics_server",
+    "traceparent_of",
 ]

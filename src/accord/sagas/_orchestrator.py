@@ -21,6 +21,8 @@ from accord.db.schema_sagas import deadlines
 from accord.errors import ConcurrencyError, ConfigurationError
 from accord.inbox import Consumer, HandlerContext
 from accord.inbox._context import run_after_commit
+from accord.messages import Message
+from accord.observability import as_current, current_traceparent
 from accord.outbox import add as add_to_outbox
 from accord.sagas._definition import Command, Saga, registry
 from accord.sagas._engine import Engine, Reply
@@ -174,12 +176,14 @@ class Orchestrator:
             # Nothing runs here before the first command: the row goes in as that
             # transition leaves it (one INSERT rather than an INSERT and an UPDATE).
             await engine.start()
+            _continue_trace(engine.outbox, 0, current_traceparent())
             if not await engine.save_new():
                 return state.id
         else:
             if not await insert_instance(conn, state):
                 return state.id
             await engine.start()
+            _continue_trace(engine.outbox, 0, current_traceparent())
             await engine.save()
         committed.append(SAGAS_STARTED.labels(saga.name).inc)
         committed.extend(engine.committed)
@@ -195,6 +199,7 @@ class Orchestrator:
             return
         engine = Engine(self.definition(state.name), ctx.conn, state)
         await engine.on_reply(reply)
+        _continue_trace(engine.outbox, 0, ctx.traceparent)
         # A ConcurrencyError here rolls the handler back; the consumer retries it.
         await engine.save()
         for callback in engine.committed:
@@ -207,7 +212,7 @@ class Orchestrator:
         replies = [Reply(data) for _, data in items]
         states = await load_locked(conn, [reply.saga_id for reply in replies])
         engines: dict[str, Engine] = {}
-        for reply in replies:
+        for (ctx, _), reply in zip(items, replies, strict=True):
             engine = engines.get(reply.saga_id)
             if engine is None:
                 state = states.get(reply.saga_id)
@@ -215,7 +220,10 @@ class Orchestrator:
                     log.warning("reply for unknown saga %s ignored", reply.saga_id)
                     continue
                 engine = engines[reply.saga_id] = Engine(self.definition(state.name), conn, state)
-            await engine.on_reply(reply)
+            sent = len(engine.outbox)
+            with as_current(ctx.span):
+                await engine.on_reply(reply)
+            _continue_trace(engine.outbox, sent, ctx.traceparent)
         await save_locked(conn, [engine.tx for engine in engines.values()])
         await add_to_outbox(conn, *(m for engine in engines.values() for m in engine.outbox))
         for engine in engines.values():
@@ -308,6 +316,13 @@ class Orchestrator:
     async def stop(self) -> None:
         """Stop consuming and firing; what is in flight finishes."""
         self._stop.set()
+
+
+def _continue_trace(outbox: list[Message], sent: int, traceparent: str | None) -> None:
+    """Give the commands from ``outbox[sent]`` on, emitted for one reply, the trace of that
+    reply (each reply of a batch has its own)."""
+    if traceparent is not None:
+        outbox[sent:] = [m.with_(traceparent=m.traceparent or traceparent) for m in outbox[sent:]]
 
 
 def _matches(state: SagaState, deadline: Any) -> bool:

@@ -20,6 +20,7 @@ from accord.db.schema_sagas import participations
 from accord.errors import AccordError, DecodeError
 from accord.inbox import Consumer, HandlerContext
 from accord.messages import Message
+from accord.observability import as_current
 from accord.outbox import add as add_to_outbox
 from accord.sagas._store import ACTION, COMPENSATION
 from accord.transports.base import topic_matches
@@ -180,9 +181,10 @@ class _Participant:
         for (ctx, data), command in zip(items, commands, strict=True):
             mine = done.setdefault(command.lock_key, {})
             try:
-                ok, result, error, record = await self._outcome(
-                    ctx, data, command, mine, savepoint=careful
-                )
+                with as_current(ctx.span):
+                    ok, result, error, record = await self._outcome(
+                        ctx, data, command, mine, savepoint=careful
+                    )
             except Exception:
                 self._careful = self.CAREFUL_FOR
                 raise
@@ -328,5 +330,6 @@ def _reply(
         },
         correlationid=message.correlationid or command.saga_id,
         causationid=message.id,
+        traceparent=ctx.traceparent,
         subject=message.subject,
     )
