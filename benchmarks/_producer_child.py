@@ -1,7 +1,8 @@
 """A steady producer for benchmarks: ``python -m benchmarks._producer_child DB RATE SECONDS``.
 
 Commits one outbox message per business transaction, paced to RATE per second
-by several concurrent loops, then prints the rate it achieved.
+by several concurrent loops, then prints the rate it achieved and, after it, one
+line per message: its id and the wall-clock time its commit returned.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ LOOPS = 8
 
 async def main() -> None:
     url, rate, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+    commits: list[tuple[str, float]] = []
     database = Database(url)
     per_loop = rate / LOOPS
     total = int(seconds * per_loop)
@@ -28,11 +30,16 @@ async def main() -> None:
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            message = Message(type="bench.tick", data={"t": time.time()})
             async with database.transaction() as conn:
-                await add_to_outbox(conn, Message(type="bench.tick", data={"t": time.time()}))
+                await add_to_outbox(conn, message)
+            commits.append((message.id, time.time()))
 
     await asyncio.gather(*(loop(i) for i in range(LOOPS)))
-    print(f"{total * LOOPS / (time.perf_counter() - start):.1f}", flush=True)
+    achieved = total * LOOPS / (time.perf_counter() - start)
+    print(f"{achieved:.1f}")
+    sys.stdout.writelines(f"{id_} {at}\n" for id_, at in commits)
+    sys.stdout.flush()
     await database.dispose()
 
 
