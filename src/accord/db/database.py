@@ -70,14 +70,18 @@ def on_commit(conn: AsyncConnection, callback: Callable[[], None]) -> None:
     """Call ``callback()`` when the transaction ``conn`` is in commits; forget it if
     that transaction rolls back. For effects of work done in a caller's transaction
     that must not happen unless it commits (metrics, say). It runs as the commit is
-    sent, synchronously: keep it small, and it must not raise. Only the outermost
-    transaction counts: rolling back a savepoint alone does not cancel it.
+    sent, synchronously: keep it small, and it must not raise. Limits: it runs
+    just *before* the COMMIT is sent (SQLAlchemy has no event after a successful
+    commit), so a COMMIT the server refuses (a deferred constraint, a lost
+    connection) still ran it; only the outermost transaction counts (rolling back a
+    savepoint alone does not cancel it); each call adds two listeners to the
+    connection, which live as long as it does (one checkout from the pool).
     """
     sync = conn.sync_connection
     if sync is None:
         raise ConfigurationError("on_commit needs a connection that is open")
-    # Whichever of the two comes first settles it; the other is then a no-op (a
-    # listener cannot be removed while SQLAlchemy dispatches the event).
+    # Whichever of the two comes first settles it; the other is then a no-op
+    # (listeners on a single connection cannot be removed).
     pending = [callback]
 
     def committed(_conn: Any) -> None:
