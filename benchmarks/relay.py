@@ -303,6 +303,7 @@ async def latency(
         "consumer_p50": percentile(consumer_ms, 50) if consume else None,
         "consumer_p99": percentile(consumer_ms, 99) if consume else None,
         "sent": len(broker_ms),
+        "commit_samples": len(from_commit_ms),  # SENT rows matched to a commit time
         "received": len(samples) if consume else None,
         "rate": achieved,
         "goal": "p99 < 20",

@@ -46,7 +46,7 @@ log = logging.getLogger("accord.inbox")
 _TRACEBACK_FRAMES = 6
 _REASON_LIMIT = 4000
 # A message held back behind its key's failed predecessor comes back this long after it.
-HELD_BACK_GAP = 0.05
+_HELD_BACK_GAP = 0.05
 
 #: A delivery that passed the checks: (delivery, message, registration, parsed data).
 _Ready = tuple[Delivery, Message, Registration, Any]
@@ -335,27 +335,32 @@ class Consumer:
                 applied = {message.id for _, message, _, _ in todo}
                 for run in _runs(todo):
                     batch = run[0][2].batch
-                    contexts = [
-                        (HandlerContext(conn, m, self.name, d.attempt, span=spans.start(m)), data)
-                        for d, m, _, data in run
-                    ]
-                    handled.extend(ctx for ctx, _ in contexts)
+                    started = [spans.start(m) for _, m, _, _ in run]
                     if batch is not None:
+                        # A batch function has no one current span: each ctx carries its own.
+                        contexts = [
+                            (HandlerContext(conn, m, self.name, d.attempt, span=span), data)
+                            for (d, m, _, data), span in zip(run, started, strict=True)
+                        ]
+                        handled.extend(ctx for ctx, _ in contexts)
                         await batch(contexts)
                         continue
-                    for (ctx, data), (delivery, message, registration, _) in zip(
-                        contexts, run, strict=True
+                    for (delivery, message, registration, data), span in zip(
+                        run, started, strict=True
                     ):
+                        ctx = HandlerContext(conn, message, self.name, delivery.attempt)
+                        handled.append(ctx)
                         with (
                             log_context(**self._fields(delivery)),
-                            spans.current(message, ctx.span),
+                            spans.current(message, span),
                         ):
                             await registration.func(ctx, data)
         run_after_commit(c for ctx in handled for c in ctx.committed)
         return applied
 
     async def _one_at_a_time(self, ready: Sequence[_Ready]) -> None:
-        # key -> when (seconds from now) its latest held-back message comes back
+        # key -> in how many seconds the last message of that key given back (the failed
+        # one, then each follower held back behind it) comes back
         retrying: dict[str, float] = {}
         for delivery, message, registration, data in ready:
             with log_context(**self._fields(delivery)):
@@ -363,7 +368,7 @@ class Consumer:
                 if key is not None and key in retrying:
                     # Its key's earlier message failed: it must not be overtaken, so
                     # it comes back after that one (and after its own predecessors).
-                    delay = max(self.backoff(delivery.attempt), retrying[key] + HELD_BACK_GAP)
+                    delay = max(self.backoff(delivery.attempt), retrying[key] + _HELD_BACK_GAP)
                     retrying[key] = delay
                     await delivery.nack(delay)
                     continue
