@@ -260,6 +260,29 @@ class TestRabbitSpecifics:
         assert list(caught.value.failed) == [too_long.id]
         assert type(caught.value.failed[too_long.id]) is TransportError
 
+    async def test_a_large_batch_goes_out_whole_in_order_with_a_body_over_the_frame_size(
+        self, rabbit: Callable[..., RabbitTransport]
+    ) -> None:
+        # One write for the whole batch: a body larger than the broker's frame size
+        # (128 KiB by default) is split into frames, and a message that cannot be
+        # encoded between the others fails alone.
+        transport = rabbit()
+        await transport.connect()
+        collector = Collector()
+        await transport.subscribe("large", collector, prefetch=500)
+        big = Message(type="large.big", data={"pad": "x" * 300_000})
+        batch = [Message(type="large.item", data={"n": n}) for n in range(400)]
+        too_long = Message(type="x" * 300)
+        batch[200:200] = [big, too_long]
+        with pytest.raises(PublishError) as caught:
+            await transport.publish(batch)
+        assert list(caught.value.failed) == [too_long.id]
+        sent = [m for m in batch if m is not too_long]
+        await collector.wait(len(sent))
+        assert collector.ids == [m.id for m in sent]
+        [received] = [m for m, _ in collector.received if m is not None and m.id == big.id]
+        assert received.data == big.data
+
     async def test_batch_ack_covers_the_leftovers_but_no_settlement_under_way(
         self, rabbit: Callable[..., RabbitTransport]
     ) -> None:

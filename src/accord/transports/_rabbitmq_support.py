@@ -6,13 +6,19 @@ installed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiormq
 import aiormq.exceptions as amqp_errors
+import pamqp.frame
+from aiormq.abc import ChannelFrame
+from pamqp.body import ContentBody
 from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 from yarl import URL
 
 from accord.errors import TransportError, TransportUnavailable
@@ -27,10 +33,12 @@ __all__ = [
     "RabbitTopology",
     "attempt_of",
     "delivery_headers",
+    "encode_publish",
     "envelope_properties",
     "message_properties",
     "redact",
     "republish_properties",
+    "send_confirmed",
     "translate",
     "translated",
 ]
@@ -108,6 +116,51 @@ def _bucket(delay: float) -> int | None:
         if millis <= bound:
             return bound
     return None
+
+
+def encode_publish(
+    channel: aiormq.Channel, exchange: str, routing_key: str, properties: Any, body: bytes
+) -> bytes:
+    """The frames of one ``basic.publish`` on ``channel``, ready for the socket. Raises
+    if the message cannot be encoded (a routing key over 255 bytes, a bad header)."""
+    limit = channel.max_content_size
+    if limit <= 0:  # the broker set no frame size limit
+        limit = max(1, len(body))
+    frames: list[Any] = [
+        Basic.Publish(exchange=exchange, routing_key=routing_key),
+        ContentHeader(properties=properties, body_size=len(body)),
+        *(ContentBody(body[i : i + limit]) for i in range(0, len(body), limit)),
+    ]
+    return b"".join(pamqp.frame.marshal(frame, channel.number) for frame in frames)
+
+
+async def send_confirmed(
+    channel: aiormq.Channel, publishes: Sequence[bytes], confirms: list[asyncio.Future[Any]]
+) -> None:
+    """Send encoded ``publishes`` (see :func:`encode_publish`) on a confirming channel
+    as one write, in order, appending each one's confirmation future to ``confirms``
+    as it is registered. Hold ``channel.lock``.
+
+    aiormq's ``basic_publish`` writes each message on its own and waits for the
+    socket between them. This registers every delivery tag the way it does (its
+    public ``delivery_tag`` and ``confirmations``, so its reader settles the futures:
+    a ``basic.ack`` with ``multiple`` at once, and every one fails if the channel
+    closes), but only once the frame is in the connection's write queue: waiting for
+    room there (the queue is short and shared) can be cancelled with nothing
+    registered, and nothing yields between the put and the registration. Then it
+    waits until the socket took the frame, as ``basic_publish`` does, so a broker
+    that blocks publishers holds the caller back instead of its memory growing.
+    """
+    drained = channel.create_future()
+    await channel.write_queue.put(
+        ChannelFrame(b"".join(publishes), should_close=False, drain_future=drained)
+    )
+    for _ in publishes:
+        channel.delivery_tag += 1
+        confirm = channel.create_future()
+        channel.confirmations[channel.delivery_tag] = confirm
+        confirms.append(confirm)
+    await drained
 
 
 def message_properties(message: Message) -> tuple[Basic.Properties, bytes]:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from accord.errors import MissingExtraError
 
@@ -46,8 +47,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise MissingExtraError("RabbitMQ", "rabbitmq", "aio-pika") from exc
 
+import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
-from aiormq.abc import AbstractChannel
 from pamqp.commands import Basic
 
 from accord.errors import ConfigurationError, PublishError, TransportError, TransportUnavailable
@@ -58,9 +59,11 @@ from accord.transports._rabbitmq_support import (
     GROUP_HEADER,
     REASON_HEADER,
     RabbitTopology,
+    encode_publish,
     envelope_properties,
     redact,
     republish_properties,
+    send_confirmed,
     translate,
     translated,
 )
@@ -171,30 +174,45 @@ class RabbitTransport(Transport):
                     f"publish_timeout={self.publish_timeout}s; nothing was published"
                 ) from exc
         channel = await self._underlay(deadline, f"publishing {len(envelopes)} message(s)")
-        encoded = [envelope_properties(envelope) for envelope in envelopes]
-        # Created in order and started in order: each takes the channel lock in turn,
-        # so the frames go out in batch order while all confirms are awaited together.
-        tasks = [
-            asyncio.create_task(
-                channel.basic_publish(
-                    body,
-                    exchange=self.topology.exchange,
-                    routing_key=envelope.type,
-                    properties=properties,
-                    mandatory=False,
+        # Encoded one by one: a message that cannot be encoded fails alone.
+        encoded: list[bytes | Exception] = []
+        for envelope in envelopes:
+            try:
+                properties, body = envelope_properties(envelope)
+                encoded.append(
+                    encode_publish(channel, self.topology.exchange, envelope.type, properties, body)
                 )
-            )
-            for envelope, (properties, body) in zip(envelopes, encoded, strict=True)
-        ]
+            except Exception as exc:
+                encoded.append(exc)
+        publishes = [e for e in encoded if isinstance(e, bytes)]
+        confirms: list[asyncio.Future[Any]] = []
         try:
-            await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+            async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                async with channel.lock:
+                    if publishes:
+                        await send_confirmed(channel, publishes, confirms)
+                if confirms:
+                    await asyncio.wait(confirms, timeout=max(0.0, deadline - loop.time()))
+        except TimeoutError as exc:
+            if not confirms:
+                raise TransportUnavailable(
+                    f"RabbitMQ did not take {len(envelopes)} message(s) within "
+                    f"publish_timeout={self.publish_timeout}s; nothing was published"
+                ) from exc
+        except Exception as exc:
+            if not confirms:
+                raise translate(exc, f"publishing {len(envelopes)} message(s)") from exc
+            # Sent: the channel closed under them, and their futures say so.
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for confirm in confirms:
+                confirm.cancel()  # unconfirmed by the deadline (aiormq ignores a late ack)
         failed: dict[str, BaseException] = {}
-        for envelope, task in zip(envelopes, tasks, strict=True):
-            problem = _publish_problem(task, self.publish_timeout)
+        settled = iter(confirms)
+        for envelope, sent in zip(envelopes, encoded, strict=True):
+            if isinstance(sent, Exception):
+                failed[envelope.id] = translate(sent, "publishing")
+                continue
+            problem = _publish_problem(next(settled), self.publish_timeout)
             if problem is not None:
                 failed[envelope.id] = problem
         if not failed:
@@ -350,14 +368,16 @@ class RabbitTransport(Transport):
             raise TransportUnavailable("this RabbitTransport is closed; call connect() again")
         return self._publisher
 
-    async def _underlay(self, deadline: float, what: str) -> AbstractChannel:
+    async def _underlay(self, deadline: float, what: str) -> aiormq.Channel:
         """The live aiormq channel under the publisher channel, waiting (up to the
         deadline) while the robust connection reconnects."""
         publisher = self._require_publisher()
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         try:
             async with asyncio.timeout(remaining):
-                return await publisher.get_underlay_channel()
+                channel = await publisher.get_underlay_channel()
+                assert isinstance(channel, aiormq.Channel)
+                return channel
         except TimeoutError as exc:
             raise TransportUnavailable(
                 f"{what}: RabbitMQ at {redact(self.url)} is not reachable; gave up after "
@@ -367,14 +387,16 @@ class RabbitTransport(Transport):
             raise translate(exc, what) from exc
 
 
-def _publish_problem(task: asyncio.Task[object], timeout: float) -> TransportError | None:
-    """Why a publish task did not end with a broker ack, or None if it did."""
-    if task.cancelled():
+def _publish_problem(confirm: asyncio.Future[Any], timeout: float) -> TransportError | None:
+    """Why a publish did not end with a broker ack, or None if it did."""
+    if confirm.cancelled():
         return TransportUnavailable(f"no confirm from RabbitMQ within {timeout}s")
-    exc = task.exception()
+    exc = confirm.exception()
+    if isinstance(exc, asyncio.CancelledError):  # aiormq closing the channel on its own
+        return TransportUnavailable(f"the channel closed before RabbitMQ confirmed: {exc!r}")
     if exc is not None:
         return translate(exc, "publishing")
-    result = task.result()
+    result = confirm.result()
     if isinstance(result, Basic.Ack):
         return None
     return TransportError(f"RabbitMQ did not accept the message ({result!r})")
