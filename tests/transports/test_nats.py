@@ -103,6 +103,61 @@ async def test_publish_error_names_exactly_the_unconfirmed(nats_transport: NatsT
     assert await _stored(nats_transport) == 1
 
 
+async def test_a_message_jetstream_refuses_fails_alone_with_its_reason(
+    nats_transport: NatsTransport,
+) -> None:
+    nc = await nats.connect(NATS_URL)
+    try:
+        js = nc.jetstream()
+        config = (await js.stream_info(nats_transport.stream)).config
+        config.max_msg_size = 2048
+        await js.update_stream(config)
+    finally:
+        await nc.close()
+    small, big, after = (
+        Message(type="test.small"),
+        Message(type="test.big", data={"pad": "x" * 4096}),
+        Message(type="test.after"),
+    )
+    with pytest.raises(PublishError) as raised:
+        await nats_transport.publish([small, big, after])
+    assert set(raised.value.failed) == {big.id}
+    assert "JetStream refused" in str(raised.value.failed[big.id])
+    assert "maximum" in str(raised.value.failed[big.id])
+    assert await _stored(nats_transport) == 2
+
+
+async def test_publishing_without_the_stream_is_an_outage_not_a_bad_message(
+    nats_transport: NatsTransport,
+) -> None:
+    await _delete_stream(nats_transport.channel)
+    with pytest.raises(TransportUnavailable, match="NoStreamResponse"):
+        await nats_transport.publish([Message(type="test.one"), Message(type="test.two")])
+
+
+async def test_a_batch_not_confirmed_in_time_fails_whole_and_late_acks_are_ignored(
+    nats_transport: NatsTransport,
+) -> None:
+    nats_transport.publish_timeout = 0.0  # no PubAck can beat it
+    first = [Message(type="test.late") for _ in range(3)]
+    with pytest.raises(TransportUnavailable, match="no PubAck"):
+        await nats_transport.publish(first)
+    nats_transport.publish_timeout = 10.0
+    await asyncio.sleep(0.2)  # the late PubAcks of the first batch arrive meanwhile
+    await nats_transport.publish([Message(type="test.next")])
+    assert await _stored(nats_transport) == 4
+    assert nats_transport._acks is not None and not nats_transport._acks._waiting
+
+
+async def test_every_copy_of_a_message_in_one_batch_is_confirmed_and_forgotten(
+    nats_transport: NatsTransport,
+) -> None:
+    message = Message(type="test.twice")
+    await nats_transport.publish([message, Message(type="test.other"), message])
+    assert await _stored(nats_transport) == 2
+    assert nats_transport._acks is not None and not nats_transport._acks._waiting
+
+
 async def test_reject_copies_to_the_dead_subject_with_the_reason(
     nats_transport: NatsTransport,
 ) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ try:
     import nats.errors
     import nats.js.errors
     from nats.aio.client import Client as _NatsClient
+    from nats.aio.msg import Msg
     from nats.js import JetStreamContext
     from nats.js.api import (
         AckPolicy,
@@ -89,6 +91,66 @@ def subject_filter(channel: str, topics: Sequence[str]) -> tuple[str, bool]:
     return f"{channel}.>", False
 
 
+class _PubAcks:
+    """The PubAcks of one connection: replies to ``<inbox>.<n>``, one subscription."""
+
+    def __init__(self, nc: _NatsClient) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox()
+        self._next = 0
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+
+    async def start(self) -> None:
+        # The client subscribes again by itself after a reconnect.
+        await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_reply)
+
+    def expect(self) -> tuple[str, asyncio.Future[None]]:
+        """A fresh reply subject and the future its PubAck settles."""
+        self._next += 1
+        reply = f"{self._prefix}.{self._next}"
+        pub_ack = self._waiting[reply] = asyncio.get_running_loop().create_future()
+        return reply, pub_ack
+
+    def forget(self, reply: str) -> None:
+        self._waiting.pop(reply, None)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        pub_ack = self._waiting.pop(msg.subject, None)
+        if pub_ack is None or pub_ack.done():
+            return  # late: its publish gave up waiting
+        problem = _pub_ack_problem(msg)
+        if problem is None:
+            pub_ack.set_result(None)
+        else:
+            pub_ack.set_exception(problem)
+
+
+def _pub_ack_problem(msg: Msg) -> Exception | None:
+    """Why a reply to a JetStream publish is not a PubAck, or None if it is one."""
+    status = msg.headers.get("Status") if msg.headers else None
+    if status == "503":  # no responders: no stream captures the subject
+        return nats.js.errors.NoStreamResponseError()
+    if status is not None:
+        return nats.js.errors.APIError(
+            code=int(status) if status.isdigit() else None,
+            description=msg.headers.get("Description") if msg.headers else None,
+        )
+    if msg.data.startswith(b'{"stream":') and b'"error"' not in msg.data:
+        return None  # the common case, without parsing it
+    try:
+        reply = json.loads(msg.data)
+    except ValueError:
+        reply = None
+    if isinstance(reply, dict) and isinstance(reply.get("error"), dict):
+        try:
+            nats.js.errors.APIError.from_error(reply["error"])
+        except Exception as exc:  # from_error raises the error it describes
+            return exc
+    if isinstance(reply, dict) and "stream" in reply:
+        return None
+    return nats.js.errors.APIError(description=f"not a PubAck: {msg.data[:200]!r}")
+
+
 class NatsTransport(Transport):
     """A :class:`~accord.transports.base.Transport` on NATS JetStream.
 
@@ -132,6 +194,7 @@ class NatsTransport(Transport):
         self._nc: _NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._subscriptions: list[NatsSubscription] = []
+        self._acks: _PubAcks | None = None
         self._lock = asyncio.Lock()
 
     # -- connection ---------------------------------------------------------------
@@ -162,13 +225,15 @@ class NatsTransport(Transport):
                     "with JetStream enabled (-js)?"
                 ) from exc
             js = nc.jetstream(timeout=self.publish_timeout)
+            acks = _PubAcks(nc)
             try:
                 await self._declare_stream(js)
+                await acks.start()
             except BaseException:
                 with contextlib.suppress(Exception):
                     await nc.close()
                 raise
-            self._nc, self._js = nc, js
+            self._nc, self._js, self._acks = nc, js, acks
 
     async def _declare_stream(self, js: JetStreamContext) -> None:
         try:
@@ -226,31 +291,53 @@ class NatsTransport(Transport):
         """Send every message of the batch at once and wait for each one's PubAck; raise
         PublishError naming those without one.
 
-        Pipelined as concurrent JetStream requests on the one connection: measured on
-        nats-py 2.16 this is about twice as fast as its ``publish_async`` API, and the
-        requests still reach the server in batch order.
+        Pipelined: each message is a plain publish whose reply subject is unique under
+        one inbox this transport subscribed to once, so the whole batch is written in
+        order and the PubAcks are matched as they come. Measured on nats-py 2.16 this
+        costs about 40 % of the CPU of a ``js.publish`` request per message, each with a
+        future and a timer of its own.
         """
-        _, js = self._connected()
+        nc, _ = self._connected()
         if not envelopes:
             return
+        acks = self._acks
+        assert acks is not None  # set up with the connection
         failed: dict[str, BaseException] = {}
-        sending: list[Envelope] = []
-        for envelope in envelopes:
-            if _valid_subject_words(envelope.type):
-                sending.append(envelope)
-            else:
-                failed[envelope.id] = ConfigurationError(
-                    f"message type {envelope.type!r} cannot be a NATS subject: no spaces, "
-                    "'*', '>' or empty words"
+        waiting: list[tuple[str, str, asyncio.Future[None]]] = []  # (id, reply, PubAck)
+        try:
+            for envelope in envelopes:
+                if not _valid_subject_words(envelope.type):
+                    failed[envelope.id] = ConfigurationError(
+                        f"message type {envelope.type!r} cannot be a NATS subject: no spaces, "
+                        "'*', '>' or empty words"
+                    )
+                    continue
+                headers = dict(envelope.headers)
+                headers["Nats-Msg-Id"] = envelope.id
+                reply, pub_ack = acks.expect()
+                waiting.append((envelope.id, reply, pub_ack))
+                try:
+                    await nc.publish(
+                        f"{self.channel}.{envelope.type}",
+                        envelope.body,
+                        reply=reply,
+                        headers=headers,
+                    )
+                except Exception as exc:
+                    pub_ack.set_exception(exc)
+            if waiting:
+                await asyncio.wait([w[2] for w in waiting], timeout=self.publish_timeout)
+        finally:
+            for _, reply, pub_ack in waiting:
+                acks.forget(reply)
+                pub_ack.cancel()  # no-op once settled
+        for message_id, _, pub_ack in waiting:
+            if pub_ack.cancelled():
+                failed[message_id] = TransportUnavailable(
+                    f"no PubAck from JetStream within publish_timeout={self.publish_timeout}s"
                 )
-        results = await asyncio.gather(
-            *(self._publish_one(js, envelope) for envelope in sending), return_exceptions=True
-        )
-        for envelope, result in zip(sending, results, strict=True):
-            if isinstance(result, BaseException):
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
-                failed[envelope.id] = translate_nats_error(result, "publishing")
+            elif (error := pub_ack.exception()) is not None:
+                failed[message_id] = translate_nats_error(error, "publishing")
         if not failed:
             return
         if len(failed) == len(envelopes) and all(
@@ -260,16 +347,6 @@ class NatsTransport(Transport):
                 f"NATS confirmed none of {len(envelopes)} message(s): {next(iter(failed.values()))}"
             )
         raise PublishError(failed)
-
-    async def _publish_one(self, js: JetStreamContext, envelope: Envelope) -> None:
-        headers = dict(envelope.headers)
-        headers["Nats-Msg-Id"] = envelope.id
-        await js.publish(
-            f"{self.channel}.{envelope.type}",
-            envelope.body,
-            timeout=self.publish_timeout,
-            headers=headers,
-        )
 
     # -- consuming ----------------------------------------------------------------
 
@@ -352,7 +429,7 @@ class NatsTransport(Transport):
             for subscription in subscriptions:
                 with contextlib.suppress(Exception):
                     await subscription.stop()
-            nc, self._nc, self._js = self._nc, None, None
+            nc, self._nc, self._js, self._acks = self._nc, None, None, None
             if nc is not None and not nc.is_closed:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(nc.close(), timeout=self.connect_timeout)
