@@ -110,3 +110,20 @@ async def test_on_commit_runs_once_when_the_transaction_commits_and_never_after_
         await conn.execute(sa.text("SELECT 1"))
         await conn.commit()  # a later transaction on the same connection: nothing more
     assert calls == ["committed"]
+
+
+async def test_on_commit_keeps_one_pair_of_listeners_however_many_transactions(
+    database: Database,
+) -> None:
+    calls: list[int] = []
+    async with database.engine.connect() as conn:
+        sync = conn.sync_connection
+        assert sync is not None
+        for n in range(50):
+            await conn.execute(sa.text("SELECT 1"))
+            on_commit(conn, lambda n=n: calls.append(n))
+            on_commit(conn, lambda n=n: calls.append(-n))
+            await (conn.commit() if n % 2 else conn.rollback())
+        listeners = len(sync.dispatch.commit) + len(sync.dispatch.rollback)
+    assert listeners == 2
+    assert calls == [x for n in range(1, 50, 2) for x in (n, -n)]

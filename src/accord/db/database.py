@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from accord.errors import ConfigurationError, DatabaseError, MissingExtraError
@@ -74,25 +76,33 @@ def on_commit(conn: AsyncConnection, callback: Callable[[], None]) -> None:
     just *before* the COMMIT is sent (SQLAlchemy has no event after a successful
     commit), so a COMMIT the server refuses (a deferred constraint, a lost
     connection) still ran it; only the outermost transaction counts (rolling back a
-    savepoint alone does not cancel it); each call adds two listeners to the
-    connection, which live as long as it does (one checkout from the pool).
+    savepoint alone does not cancel it).
     """
     sync = conn.sync_connection
     if sync is None:
         raise ConfigurationError("on_commit needs a connection that is open")
-    # Whichever of the two comes first settles it; the other is then a no-op
-    # (listeners on a single connection cannot be removed).
-    pending = [callback]
+    pending = _ON_COMMIT.get(sync)
+    if pending is None:
+        # One pair of listeners per connection, however many transactions it runs
+        # (listeners on a connection cannot be removed).
+        pending = _ON_COMMIT[sync] = []
+        event.listen(sync, "commit", functools.partial(_committed, pending))
+        event.listen(sync, "rollback", lambda _conn: pending.clear())
+    pending.append(callback)
 
-    def committed(_conn: Any) -> None:
-        if pending:
-            pending.pop()()
 
-    def rolled_back(_conn: Any) -> None:
-        pending.clear()
+def _committed(pending: list[Callable[[], None]], _conn: Any) -> None:
+    callbacks = pending[:]
+    pending.clear()
+    for callback in callbacks:
+        callback()
 
-    event.listen(sync, "commit", committed, once=True)
-    event.listen(sync, "rollback", rolled_back, once=True)
+
+# What each open connection runs when its transaction commits; the lists hold no
+# reference to their connection, so an entry goes with the connection.
+_ON_COMMIT: weakref.WeakKeyDictionary[Connection, list[Callable[[], None]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class Database:
