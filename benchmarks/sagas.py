@@ -5,11 +5,14 @@ connections doing a one-row INSERT + COMMIT), so the report shows transactions p
 and the engine's efficiency = saga transactions/s / raw transactions/s.
 
     .venv/bin/python -m benchmarks.sagas [--quick] [--rate 400] [--seconds 10]
-        [--batch 64] [--concurrency 2] [--only rabbitmq|nats]
+        [--batch 64] [--concurrency 2] [--only rabbitmq|nats] [--functions batch|single]
 
 Each service consumes in batch mode (``Consumer(batch_size=--batch)``, the orchestrator
 ``Orchestrator(batch_size=...)``) with ``--concurrency`` competing consumers; the
 report names both. ``--batch 1`` measures the one-message-per-transaction path.
+Each step records its effect in the participant's database: by default its function
+takes the batch's commands at once (``participant(..., batch=True)``) and writes them
+in one statement; ``--functions single`` calls it once per command, one INSERT each.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -54,12 +58,18 @@ _TABLE = "CREATE TABLE IF NOT EXISTS bench_effects (saga_id text, step text, op 
 
 
 def service(
-    database: Database, transport: Any, name: str, batch: int, concurrency: int
+    database: Database, transport: Any, name: str, batch: int, concurrency: int, functions: str
 ) -> list[Consumer]:
-    return [_service(database, transport, name, batch) for _ in range(concurrency)]
+    return [_service(database, transport, name, batch, functions) for _ in range(concurrency)]
 
 
-def _service(database: Database, transport: Any, name: str, batch: int) -> Consumer:
+_EFFECT = sa.text("INSERT INTO bench_effects VALUES (:s, :t, :o)")
+
+
+def _service(database: Database, transport: Any, name: str, batch: int, functions: str) -> Consumer:
+    """A participant service whose steps each record their effect in a table of its own:
+    one INSERT per command (``functions="single"``), or one statement for all the
+    commands of a batch (``"batch"``: ``participant(..., batch=True)``)."""
     consumer = Consumer(name, database, transport, batch_size=batch)
     types = (
         {"bench.a.reserve": "do", "bench.a.cancel": "undo"}
@@ -67,19 +77,35 @@ def _service(database: Database, transport: Any, name: str, batch: int) -> Consu
         else {"bench.b.rent": "do", "bench.b.return": "undo", "bench.b.charge": "do"}
     )
     for type_, op in types.items():
+        if functions == "batch":
 
-        @participant(consumer, type_)
-        async def handle(ctx: CommandContext, data: Any, _t: str = type_, _op: str = op) -> None:
-            await ctx.conn.execute(
-                sa.text("INSERT INTO bench_effects VALUES (:s, :t, :o)"),
-                {"s": ctx.saga_id, "t": _t, "o": _op},
-            )
+            @participant(consumer, type_, batch=True)
+            async def handle_all(
+                commands: Sequence[tuple[CommandContext, Any]], _t: str = type_, _op: str = op
+            ) -> None:
+                await commands[0][0].conn.execute(
+                    _EFFECT, [{"s": ctx.saga_id, "t": _t, "o": _op} for ctx, _ in commands]
+                )
+
+        else:
+
+            @participant(consumer, type_)
+            async def handle(
+                ctx: CommandContext, data: Any, _t: str = type_, _op: str = op
+            ) -> None:
+                await ctx.conn.execute(_EFFECT, {"s": ctx.saga_id, "t": _t, "o": _op})
 
     return consumer
 
 
 async def child(
-    role: str, db_url: str, broker: str, channel: str, batch: str, concurrency: str
+    role: str,
+    db_url: str,
+    broker: str,
+    channel: str,
+    batch: str,
+    concurrency: str,
+    functions: str,
 ) -> None:
     """One process: the orchestrator or a participant service, with its own relay."""
     database = Database(db_url, pool_size=8)
@@ -100,7 +126,7 @@ async def child(
         parts: list[Any] = [orchestrator]
         consumers = orchestrator.consumers
     else:
-        consumers = service(database, transport, role, int(batch), int(concurrency))
+        consumers = service(database, transport, role, int(batch), int(concurrency), functions)
         parts = list(consumers)
     relay = Relay(database, transport, poll_interval=0.02)
     parts.append(relay)
@@ -169,7 +195,7 @@ async def raw_commit_rate(dsn: str, seconds: float, connections: int = 32) -> fl
 
 
 async def run_sagas(
-    broker: str, rate: float, seconds: float, batch: int, concurrency: int
+    broker: str, rate: float, seconds: float, batch: int, concurrency: int, functions: str
 ) -> dict[str, Any]:
     channel = f"bench-sagas-{uuid.uuid4().hex[:8]}"
     async with (
@@ -192,6 +218,7 @@ async def run_sagas(
                         channel,
                         str(batch),
                         str(concurrency),
+                        functions,
                     ],
                     stdout=subprocess.PIPE,
                     text=True,
@@ -293,12 +320,14 @@ async def main(args: argparse.Namespace) -> None:
     for key, (name, broker) in brokers.items():
         if args.only and key != args.only:
             continue
-        result = await run_sagas(broker, args.rate, seconds, args.batch, args.concurrency)
+        result = await run_sagas(
+            broker, args.rate, seconds, args.batch, args.concurrency, args.functions
+        )
         saga_tx = result["sagas_per_s"] * result["tx_per_saga"]
         rows.append(
             {
                 "benchmark": f"3-step saga, PostgreSQL + {name}, batch {args.batch}"
-                f" x{args.concurrency}",
+                f" x{args.concurrency}, {args.functions} functions",
                 **result,
                 "tx_per_s": saga_tx,
                 "efficiency_pct": 100 * saga_tx / raw,
@@ -332,7 +361,16 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=2, help="Consumers per service.")
     parser.add_argument("--only", choices=["rabbitmq", "nats"], help="Run one broker only.")
     parser.add_argument(
-        "--child", nargs=6, metavar=("ROLE", "DB", "BROKER", "CHANNEL", "BATCH", "CONCURRENCY")
+        "--functions",
+        choices=["batch", "single"],
+        default="batch",
+        help="Participant functions: one call per batch of commands (participant(...,"
+        " batch=True), one INSERT for all) or one call and one INSERT per command.",
+    )
+    parser.add_argument(
+        "--child",
+        nargs=7,
+        metavar=("ROLE", "DB", "BROKER", "CHANNEL", "BATCH", "CONCURRENCY", "FUNCTIONS"),
     )
     parsed = parser.parse_args()
     if parsed.child:

@@ -31,8 +31,17 @@ from accord.inbox import Consumer, HandlerContext
 from accord.messages import Message
 from accord.observability import _tracing, current_traceparent
 from accord.outbox.writer import message_from_row
-from accord.sagas import Orchestrator
-from accord.testing import wait_for
+from accord.sagas import (
+    CommandContext,
+    Orchestrator,
+    Saga,
+    StepContext,
+    StepFailed,
+    participant,
+)
+from accord.sagas import command as command_step
+from accord.testing import CapturedDelivery, wait_for
+from accord.transports.sql import SqlTransport
 from tests.inbox.conftest import Broker, unique
 from tests.inbox.test_batches import backlog
 from tests.sagas import app
@@ -400,6 +409,49 @@ async def test_a_participants_replies_in_a_batch_continue_each_commands_span(
         assert span_context_of(reply.traceparent) == (span.context.trace_id, span.context.span_id)
 
 
+async def test_a_participant_function_runs_under_its_commands_span_in_every_batch_mode(
+    database: Database, tracer: RecordingTracer
+) -> None:
+    """Plain batches, the one-at-a-time replay of a failed one, and the careful batches
+    after it (a savepoint per function): the function always sees its command's span."""
+    await app.create_tables(database)
+    channel = unique("pt")
+    consumer = Consumer(unique("pt"), database, SqlTransport(database.url, channel=channel))
+    consumer.batch_size = 16
+    seen: dict[str, list[str | None]] = {}
+
+    @participant(consumer, "hotels.reserve")
+    async def reserve(ctx: CommandContext, data: dict[str, Any]) -> None:
+        seen.setdefault(ctx.message.id, []).append(current_traceparent())
+        if data.get("refuse"):
+            raise StepFailed("no room")
+
+    def commands(refuse: int | None = None) -> list[Message]:
+        made = [traced(command(str(uuid.uuid4()), "hotels.reserve", 1)) for _ in range(3)]
+        if refuse is not None:
+            made[refuse] = made[refuse].with_(data={"refuse": True})
+        return made
+
+    plain, failing, careful = commands(), commands(refuse=1), commands(refuse=0)
+    for batch in (plain, failing, careful):
+        await consumer.handle_batch([CapturedDelivery(m) for m in batch])
+
+    def contexts(spans: list[RecordedSpan]) -> list[tuple[int, int]]:
+        return [(span.context.trace_id, span.context.span_id) for span in spans]
+
+    for message in plain + failing + careful:
+        spans = tracer.of(message)
+        if message in failing:
+            # Each got a span in the batch that failed, then another alone. Its function
+            # ran in the batch up to the refusal, then alone.
+            assert len(spans) == 2
+            if message is failing[2]:
+                spans = spans[1:]
+        else:
+            assert len(spans) == 1
+        assert [span_context_of(tp) for tp in seen[message.id]] == contexts(spans)
+
+
 async def test_the_orchestrators_commands_in_a_batch_continue_each_replys_span(
     database: Database, broker: Broker, tracer: RecordingTracer
 ) -> None:
@@ -446,6 +498,45 @@ async def test_the_orchestrators_commands_in_a_batch_continue_each_replys_span(
         assert_child_of_its_message(span, reply, name)
         sent = commands[reply.key]
         assert span_context_of(sent.traceparent) == (span.context.trace_id, span.context.span_id)
+
+
+async def test_a_local_step_after_a_reply_in_a_batch_runs_under_that_replys_span(
+    database: Database, tracer: RecordingTracer
+) -> None:
+    seen: dict[str, str | None] = {}
+
+    async def note(ctx: StepContext) -> None:
+        seen[ctx.saga_id] = current_traceparent()
+
+    saga = Saga("traced").step("remote", command_step("t.do")).step("local", note)
+    transport = SqlTransport(database.url, channel=unique("o"))
+    orchestrator = Orchestrator(database, transport, [saga], name=unique("orch"), batch_size=16)
+    saga_ids = [await orchestrator.start("traced", {}) for _ in range(5)]
+    replies = [
+        traced(
+            Message(
+                type="accord.saga.traced.reply",
+                key=saga_id,
+                data={
+                    "saga_id": saga_id,
+                    "step": 0,
+                    "phase": "action",
+                    "attempt": 1,
+                    "ok": True,
+                    "result": None,
+                    "error": None,
+                },
+            )
+        )
+        for saga_id in saga_ids
+    ]
+    await orchestrator.consumer.handle_batch([CapturedDelivery(r) for r in replies])
+    for reply in replies:
+        [span] = tracer.of(reply)
+        assert span_context_of(seen[reply.key or ""]) == (
+            span.context.trace_id,
+            span.context.span_id,
+        )
 
 
 async def test_a_sagas_first_command_continues_the_span_that_started_it(

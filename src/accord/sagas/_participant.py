@@ -9,7 +9,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -56,11 +56,16 @@ class CommandContext:
 
 
 CommandFunc = Callable[[CommandContext, Any], Awaitable[Any]]
+#: ``async def f(commands: Sequence[tuple[CommandContext, Any]]) -> results``: one result
+#: per command, in order (or None: every result None).
+CommandBatchFunc = Callable[[Sequence[tuple[CommandContext, Any]]], Awaitable[Sequence[Any] | None]]
+_Func = Callable[..., Awaitable[Any]]
+_F = TypeVar("_F", bound=_Func)
 
 
 def participant(
-    consumer: Consumer, type: str, *, schema: Any = None
-) -> Callable[[CommandFunc], CommandFunc]:
+    consumer: Consumer, type: str, *, schema: Any = None, batch: bool = False
+) -> Callable[[_F], _F]:
     """Register ``async def f(ctx: CommandContext, data) -> result`` on ``consumer`` as the
     handler of saga command ``type``; it replies to the orchestrator by itself.
 
@@ -84,19 +89,49 @@ def participant(
       effects outside the transaction idempotent). After such a failure the next
       batches give each function a savepoint for a while, so a run of refusals
       costs two round trips a command instead of replayed batches.
+    * ``batch=True`` registers ``async def f(commands) -> results`` instead: it gets
+      the ``(ctx, data)`` of every command of a batch that needs it to run, in
+      order, and returns one result per command, so that it can write set-wise (one
+      statement for a batch, not one round trip a command). It cannot refuse one
+      command alone: raising fails the batch, and in the one-at-a-time handling that
+      follows, and in the careful batches after it, it gets one command at a time in
+      a savepoint, where raising refuses that command. A command already done,
+      refused or with nothing to compensate never reaches it, as above. A saga's
+      commands keep their order (one whose saga already has a command in the pending
+      call waits for that call, so a compensation sees what it undoes); commands of
+      different sagas may run in another order than they came, batch functions after
+      per-command ones.
     """
 
-    def register(func: CommandFunc) -> CommandFunc:
-        batch = _Participant.of(consumer)
+    def register(func: _F) -> _F:
+        handlers = _Participant.of(consumer)
 
         async def handle(ctx: HandlerContext, data: Any) -> None:
-            await batch.handle_one(ctx, data)
+            await handlers.handle_one(ctx, data)
 
-        consumer.add_handler(type, handle, schema=schema, batch=batch.handle_batch)
-        batch.funcs[type] = func  # after add_handler: a refused duplicate changes nothing
+        consumer.add_handler(type, handle, schema=schema, batch=handlers.handle_batch)
+        # After add_handler: a refused duplicate changes nothing.
+        handlers.funcs[type] = _Registered(func, batch)
         return func
 
     return register
+
+
+@dataclass(frozen=True)
+class _Registered:
+    func: _Func
+    batch: bool  # takes every command of a batch at once
+
+
+@dataclass
+class _Call:
+    """A command whose function must run, and what it needs."""
+
+    index: int  # in the batch
+    ctx: HandlerContext
+    cctx: CommandContext
+    data: Any
+    command: _Command
 
 
 @dataclass(frozen=True)
@@ -142,10 +177,10 @@ class _Participant:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.funcs: dict[str, CommandFunc] = {}  # by registered type or pattern
+        self.funcs: dict[str, _Registered] = {}  # by registered type or pattern
         self._careful = 0
 
-    def _func(self, message_type: str) -> CommandFunc:
+    def _func(self, message_type: str) -> _Registered:
         found = self.funcs.get(message_type)
         if found is None:
             found = next(f for t, f in self.funcs.items() if topic_matches(t, message_type))
@@ -163,9 +198,13 @@ class _Participant:
         conn = ctx.conn
         await _lock(conn, self.name, [command.lock_key])
         done = (await _records(conn, self.name, [command.lock_key])).get(command.lock_key, {})
-        ok, result, error, record = await self._outcome(ctx, data, command, done, savepoint=True)
-        if record is not None:
-            await _write_records(conn, [record])
+        outcome = self._settled(ctx, command, done)
+        if outcome is None:
+            call = _Call(0, ctx, _command_context(ctx, command), data, command)
+            outcome = await self._run_careful(call)
+        ok, result, error, write = outcome
+        if write:
+            await _write_records(conn, [self._record(command, ok, result, error)])
         await add_to_outbox(conn, _reply(ctx, command, ok, result, error))
 
     async def handle_batch(self, items: Sequence[tuple[HandlerContext, Any]]) -> None:
@@ -175,36 +214,50 @@ class _Participant:
         await _lock(conn, self.name, keys)
         done = await _records(conn, self.name, keys)
         records: dict[tuple[str, int, str], dict[str, Any]] = {}
-        replies = []
+        outcomes: list[_Outcome | None] = [None] * len(items)
         careful = self._careful > 0
         self._careful = max(0, self._careful - len(items))
-        for (ctx, data), command in zip(items, commands, strict=True):
-            mine = done.setdefault(command.lock_key, {})
+        pending: list[_Call] = []
+
+        def settle(command: _Command, index: int, outcome: _Outcome) -> None:
+            outcomes[index] = outcome
+            ok, result, error, write = outcome
+            if write:
+                record = self._record(command, ok, result, error)
+                done.setdefault(command.lock_key, {})[command.phase] = record
+                records[(*command.lock_key, command.phase)] = record
+
+        async def run_pending() -> None:
             try:
-                with as_current(ctx.span):
-                    ok, result, error, record = await self._outcome(
-                        ctx, data, command, mine, savepoint=careful
-                    )
+                for call, outcome in await self._run(pending, careful):
+                    settle(call.command, call.index, outcome)
             except Exception:
                 self._careful = self.CAREFUL_FOR
                 raise
-            if record is not None:
-                mine[command.phase] = records[(*command.lock_key, command.phase)] = record
-            replies.append(_reply(ctx, command, ok, result, error))
+            pending.clear()
+
+        for index, ((ctx, data), command) in enumerate(zip(items, commands, strict=True)):
+            if any(call.command.saga_id == command.saga_id for call in pending):
+                # A saga's commands run in the order they came: what an earlier one
+                # does decides what this one does (a compensation, a late command).
+                await run_pending()
+            outcome = self._settled(ctx, command, done.get(command.lock_key, {}))
+            if outcome is None:
+                pending.append(_Call(index, ctx, _command_context(ctx, command), data, command))
+            else:
+                settle(command, index, outcome)
+        await run_pending()
         await _write_records(conn, list(records.values()))
+        replies = []
+        for (ctx, _), command, outcome in zip(items, commands, outcomes, strict=True):
+            assert outcome is not None
+            ok, result, error, _ = outcome
+            replies.append(_reply(ctx, command, ok, result, error))
         await add_to_outbox(conn, *replies)
 
-    async def _outcome(
-        self,
-        ctx: HandlerContext,
-        data: Any,
-        command: _Command,
-        done: _Records,
-        *,
-        savepoint: bool,
-    ) -> tuple[bool, Any, str | None, dict[str, Any] | None]:
-        """(ok, result, error, the record to write or None) of ``command``, given what
-        was ``done`` for its step here. Without ``savepoint`` a failing function raises."""
+    def _settled(self, ctx: HandlerContext, command: _Command, done: _Records) -> _Outcome | None:
+        """The outcome of ``command`` that needs no function call, given what was
+        ``done`` for its step here; None if its function must run."""
         phase = command.phase
         mine = done.get(phase)
         if phase == ACTION and COMPENSATION in done:
@@ -214,40 +267,93 @@ class _Participant:
                 command.step,
                 ctx.message.type,
             )
-            return False, None, _REFUSED, None
+            return False, None, _REFUSED, False
         if mine is not None and (mine["ok"] or mine["attempt"] == command.attempt):
-            return mine["ok"], mine["result"], mine["error"], None
+            return mine["ok"], mine["result"], mine["error"], False
         action = done.get(ACTION)
-        ok, result, error = True, None, None
         if phase == ACTION or (action is not None and action["ok"]):
-            func = self._func(ctx.message.type)
-            cctx = CommandContext(
-                ctx.conn, ctx.message, command.saga_id, command.step, phase, command.attempt
-            )
-            if not savepoint:
-                result = await func(cctx, data)
-            else:
-                nested = await ctx.conn.begin_nested()
-                try:
-                    result = await func(cctx, data)
-                except Exception as exc:
-                    await nested.rollback()
-                    ok, error = False, f"{type(exc).__name__}: {exc}"
+            return None
+        return True, None, None, True  # a compensation of a step never applied here
+
+    async def _run(self, calls: Sequence[_Call], careful: bool) -> list[tuple[_Call, _Outcome]]:
+        """Run the functions of ``calls``, each of another saga: a batch function once
+        for all of its commands, after the per-command functions; a function that
+        raises fails the batch. When ``careful``, every command runs alone in a
+        savepoint instead, where raising refuses it."""
+        done: list[tuple[_Call, _Outcome]] = []
+        by_func: dict[int, list[_Call]] = {}
+        for call in calls:
+            registered = self._func(call.ctx.message.type)
+            if registered.batch and not careful:
+                by_func.setdefault(id(registered), []).append(call)
+                continue
+            with as_current(call.ctx.span):
+                if careful:
+                    outcome = await self._run_careful(call)
                 else:
-                    await nested.commit()
-        # else: a compensation of a step never applied here: nothing to undo.
-        record = {
+                    outcome = True, await registered.func(call.cctx, call.data), None, True
+            done.append((call, outcome))
+        for group in by_func.values():
+            results = await self._call_batch(group)
+            done.extend(
+                (call, (True, result, None, True))
+                for call, result in zip(group, results, strict=True)
+            )
+        return done
+
+    async def _run_careful(self, call: _Call) -> _Outcome:
+        """Run one command's function in a savepoint: raising refuses the command."""
+        registered = self._func(call.ctx.message.type)
+        nested = await call.ctx.conn.begin_nested()
+        try:
+            if registered.batch:
+                (result,) = await self._call_batch([call])
+            else:
+                result = await registered.func(call.cctx, call.data)
+        except Exception as exc:
+            await nested.rollback()
+            return False, None, f"{type(exc).__name__}: {exc}", True
+        await nested.commit()
+        return True, result, None, True
+
+    async def _call_batch(self, calls: Sequence[_Call]) -> list[Any]:
+        registered = self._func(calls[0].ctx.message.type)
+        results = await registered.func([(call.cctx, call.data) for call in calls])
+        if results is None:
+            return [None] * len(calls)
+        results = list(results)
+        if len(results) != len(calls):
+            raise TypeError(
+                f"batch participant {getattr(registered.func, '__qualname__', registered.func)}"
+                f" returned {len(results)} result(s) for {len(calls)} command(s); return one "
+                "per command, in order, or None"
+            )
+        return results
+
+    def _record(
+        self, command: _Command, ok: bool, result: Any, error: str | None
+    ) -> dict[str, Any]:
+        return {
             "participant": self.name,
             "saga_id": command.saga_id,
             "step": command.step,
-            "phase": phase,
+            "phase": command.phase,
             "attempt": command.attempt,
             "ok": ok,
             "result": result,
             "error": error,
             "at": datetime.now(UTC),
         }
-        return ok, result, error, record
+
+
+# (ok, result, error, whether to write the participant's record of it)
+_Outcome = tuple[bool, Any, str | None, bool]
+
+
+def _command_context(ctx: HandlerContext, command: _Command) -> CommandContext:
+    return CommandContext(
+        ctx.conn, ctx.message, command.saga_id, command.step, command.phase, command.attempt
+    )
 
 
 _PARTICIPANTS: weakref.WeakKeyDictionary[Consumer, _Participant] = weakref.WeakKeyDictionary()
