@@ -395,3 +395,51 @@ async def test_subscription_and_publishing_survive_a_broker_restart(
         return {m.id for m in before + after} <= set(seen)
 
     await wait_for(everything_confirmed_arrived, 30)
+
+
+@pytest.mark.fault
+@pytest.mark.slow
+async def test_a_broker_that_blocks_publishers_times_a_batch_out_and_confirms_stay_in_step(
+    rabbit: Callable[..., RabbitTransport],
+) -> None:
+    # A memory alarm makes RabbitMQ stop taking publishes: a batch must fail within
+    # publish_timeout (not hang, nothing claimed confirmed), and once the alarm clears
+    # every later confirm must be matched to its own message. A nack reported as an
+    # ack would be a message lost by the relay, so the later batch overfills a
+    # reject-publish queue: exactly its last two must fail.
+    transport = rabbit(publish_timeout=2.0)
+    await transport.connect()
+    limited = f"{transport.channel}.blocked"
+    connection = await aio_pika.connect(RABBIT_URL)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(
+            limited, arguments={"x-max-length": 5, "x-overflow": "reject-publish"}
+        )
+        await queue.bind(transport.channel, routing_key="blocked.#")
+        await rabbitmqctl("set_vm_memory_high_watermark", "0.0000001")
+        try:
+            held = [Message(type="elsewhere.held", data=i) for i in range(50)]
+            with pytest.raises(TransportUnavailable, match="confirm"):
+                await transport.publish(held)
+        finally:
+            await rabbitmqctl("set_vm_memory_high_watermark", "0.4")
+
+        batch = [Message(type="blocked.item", data=i) for i in range(7)]
+
+        async def answered() -> PublishError | None:
+            try:
+                await transport.publish(batch)
+            except PublishError as exc:
+                return exc
+            except TransportUnavailable:
+                return None  # the alarm is still clearing
+            raise AssertionError("the queue holds 5: two of 7 must be refused")
+
+        refused = await wait_for(answered, 30, interval=0.5)
+        assert set(refused.failed) == {batch[5].id, batch[6].id}
+        assert (await queue.declare()).message_count == 5
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.queue_delete(limited)
+        await connection.close()
