@@ -386,6 +386,23 @@ def command(saga_id: str, type: str, step: int) -> Message:
     )
 
 
+def success(saga: str, saga_id: str, step: int) -> Message:
+    """A participant's reply: ``step`` of ``saga_id`` (a ``saga`` saga) succeeded."""
+    return Message(
+        type=f"accord.saga.{saga}.reply",
+        key=saga_id,
+        data={
+            "saga_id": saga_id,
+            "step": step,
+            "phase": "action",
+            "attempt": 1,
+            "ok": True,
+            "result": None,
+            "error": None,
+        },
+    )
+
+
 async def test_a_participants_replies_in_a_batch_continue_each_commands_span(
     database: Database, broker: Broker, tracer: RecordingTracer
 ) -> None:
@@ -463,24 +480,7 @@ async def test_the_orchestrators_commands_in_a_batch_continue_each_replys_span(
     consumer = orchestrator.consumer
     try:
         saga_ids = [await orchestrator.start("trip", {}) for _ in range(20)]
-        replies = [
-            traced(
-                Message(
-                    type="accord.saga.trip.reply",
-                    key=saga_id,
-                    data={
-                        "saga_id": saga_id,
-                        "step": 1,
-                        "phase": "action",
-                        "attempt": 1,
-                        "ok": True,
-                        "result": None,
-                        "error": None,
-                    },
-                )
-            )
-            for saga_id in saga_ids
-        ]
+        replies = [traced(success("trip", saga_id, 1)) for saga_id in saga_ids]
         await backlog(broker, consumer, replies)
         await consumer.start()
 
@@ -512,24 +512,7 @@ async def test_a_local_step_after_a_reply_in_a_batch_runs_under_that_replys_span
     transport = SqlTransport(database.url, channel=unique("o"))
     orchestrator = Orchestrator(database, transport, [saga], name=unique("orch"), batch_size=16)
     saga_ids = [await orchestrator.start("traced", {}) for _ in range(5)]
-    replies = [
-        traced(
-            Message(
-                type="accord.saga.traced.reply",
-                key=saga_id,
-                data={
-                    "saga_id": saga_id,
-                    "step": 0,
-                    "phase": "action",
-                    "attempt": 1,
-                    "ok": True,
-                    "result": None,
-                    "error": None,
-                },
-            )
-        )
-        for saga_id in saga_ids
-    ]
+    replies = [traced(success("traced", saga_id, 0)) for saga_id in saga_ids]
     await orchestrator.consumer.handle_batch([CapturedDelivery(r) for r in replies])
     for reply in replies:
         [span] = tracer.of(reply)

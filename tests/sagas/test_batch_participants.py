@@ -53,6 +53,18 @@ def hotels(database: Database, *, batch_size: int, calls: Calls) -> Consumer:
     return consumer
 
 
+def reserves(**second: Any) -> tuple[list[str], list[CapturedDelivery]]:
+    """Three sagas' reserve commands; the second's data carries ``second``."""
+    saga_ids = [str(uuid.uuid4()) for _ in range(3)]
+    batch = [
+        CapturedDelivery(
+            command(saga_id, "hotels.reserve", 1, "action", **(second if i == 1 else {}))
+        )
+        for i, saga_id in enumerate(saga_ids)
+    ]
+    return saga_ids, batch
+
+
 @pytest.fixture
 async def tables(database: Database) -> Database:
     await app.create_tables(database)
@@ -115,12 +127,7 @@ async def test_a_refusal_fails_the_batch_then_only_its_own_command_one_at_a_time
 ) -> None:
     calls: Calls = []
     consumer = hotels(tables, batch_size=16, calls=calls)
-    s1, s2, s3 = (str(uuid.uuid4()) for _ in range(3))
-    batch = [
-        CapturedDelivery(command(s1, "hotels.reserve", 1, "action")),
-        CapturedDelivery(command(s2, "hotels.reserve", 1, "action", fail_at=1)),
-        CapturedDelivery(command(s3, "hotels.reserve", 1, "action")),
-    ]
+    (s1, s2, s3), batch = reserves(fail_at=1)
     await consumer.handle_batch(batch)
     assert [d.outcome for d in batch] == ["ack"] * 3
     # The whole batch in one call, rolled back; then one command per call.
@@ -169,12 +176,7 @@ async def test_a_wrong_number_of_results_fails_the_batch_then_refuses_only_that_
 ) -> None:
     calls: Calls = []
     consumer = hotels(tables, batch_size=16, calls=calls)
-    s1, s2, s3 = (str(uuid.uuid4()) for _ in range(3))
-    batch = [
-        CapturedDelivery(command(s1, "hotels.reserve", 1, "action")),
-        CapturedDelivery(command(s2, "hotels.reserve", 1, "action", wrong_count=True)),
-        CapturedDelivery(command(s3, "hotels.reserve", 1, "action")),
-    ]
+    (s1, s2, s3), batch = reserves(wrong_count=True)
     await consumer.handle_batch(batch)
     assert [d.outcome for d in batch] == ["ack"] * 3
     assert len(calls) == 4  # the batch, then one command per call
@@ -197,12 +199,7 @@ async def test_after_a_failed_batch_a_batch_function_gets_one_command_at_a_time_
     )
     calls.clear()
     # Careful now: a refusal is one command's failure reply, not another replayed batch.
-    s1, s2, s3 = (str(uuid.uuid4()) for _ in range(3))
-    careful = [
-        CapturedDelivery(command(s1, "hotels.reserve", 1, "action")),
-        CapturedDelivery(command(s2, "hotels.reserve", 1, "action", fail_at=1)),
-        CapturedDelivery(command(s3, "hotels.reserve", 1, "action")),
-    ]
+    (s1, s2, s3), careful = reserves(fail_at=1)
     await consumer.handle_batch(careful)
     assert unrefused(careful)
     assert calls == [[(s, "action")] for s in (s1, s2, s3)]
