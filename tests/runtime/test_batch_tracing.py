@@ -469,6 +469,25 @@ async def test_a_participant_function_runs_under_its_commands_span_in_every_batc
         assert [span_context_of(tp) for tp in seen[message.id]] == contexts(spans)
 
 
+async def test_a_batch_participant_function_gets_each_commands_span(
+    database: Database, tracer: RecordingTracer
+) -> None:
+    await app.create_tables(database)
+    consumer = Consumer(unique("pb"), database, SqlTransport(database.url, channel=unique("c")))
+    consumer.batch_size = 16
+    spans: dict[str, Span | None] = {}
+
+    @participant(consumer, "hotels.reserve", batch=True)
+    async def reserve(commands: Sequence[tuple[CommandContext, Any]]) -> None:
+        spans.update((ctx.message.id, ctx.span) for ctx, _ in commands)
+
+    messages = [traced(command(str(uuid.uuid4()), "hotels.reserve", 1)) for _ in range(4)]
+    await consumer.handle_batch([CapturedDelivery(m) for m in messages])
+    for message in messages:
+        [span] = tracer.of(message)
+        assert spans[message.id] is span
+
+
 async def test_the_orchestrators_commands_in_a_batch_continue_each_replys_span(
     database: Database, broker: Broker, tracer: RecordingTracer
 ) -> None:

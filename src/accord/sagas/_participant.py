@@ -7,11 +7,12 @@ import logging
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from opentelemetry.trace import Span
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -48,6 +49,9 @@ class CommandContext:
     step: int
     phase: str
     attempt: int
+    #: This command's CONSUMER span when it is not the current one: in a batch
+    #: function, which serves many commands in one call (see ``HandlerContext.span``).
+    span: Span | None = field(default=None, repr=False)
 
     @property
     def compensating(self) -> bool:
@@ -352,7 +356,13 @@ _Outcome = tuple[bool, Any, str | None, bool]
 
 def _command_context(ctx: HandlerContext, command: _Command) -> CommandContext:
     return CommandContext(
-        ctx.conn, ctx.message, command.saga_id, command.step, command.phase, command.attempt
+        ctx.conn,
+        ctx.message,
+        command.saga_id,
+        command.step,
+        command.phase,
+        command.attempt,
+        span=ctx.span,
     )
 
 
