@@ -59,10 +59,8 @@ class CommandContext:
         return self.phase == COMPENSATION
 
 
-CommandFunc = Callable[[CommandContext, Any], Awaitable[Any]]
-#: ``async def f(commands: Sequence[tuple[CommandContext, Any]]) -> results``: one result
-#: per command, in order (or None: every result None).
-CommandBatchFunc = Callable[[Sequence[tuple[CommandContext, Any]]], Awaitable[Sequence[Any] | None]]
+# ``async def f(ctx: CommandContext, data) -> result``, or with ``batch=True``
+# ``async def f(commands: Sequence[tuple[CommandContext, Any]]) -> results | None``
 _Func = Callable[..., Awaitable[Any]]
 _F = TypeVar("_F", bound=_Func)
 
@@ -285,11 +283,11 @@ class _Participant:
         raises fails the batch. When ``careful``, every command runs alone in a
         savepoint instead, where raising refuses it."""
         done: list[tuple[_Call, _Outcome]] = []
-        by_func: dict[int, list[_Call]] = {}
+        by_func: dict[int, tuple[_Registered, list[_Call]]] = {}
         for call in calls:
             registered = self._func(call.ctx.message.type)
             if registered.batch and not careful:
-                by_func.setdefault(id(registered), []).append(call)
+                by_func.setdefault(id(registered), (registered, []))[1].append(call)
                 continue
             with as_current(call.ctx.span):
                 if careful:
@@ -297,8 +295,8 @@ class _Participant:
                 else:
                     outcome = True, await registered.func(call.cctx, call.data), None, True
             done.append((call, outcome))
-        for group in by_func.values():
-            results = await self._call_batch(group)
+        for registered, group in by_func.values():
+            results = await _call_batch(registered, group)
             done.extend(
                 (call, (True, result, None, True))
                 for call, result in zip(group, results, strict=True)
@@ -311,7 +309,7 @@ class _Participant:
         nested = await call.ctx.conn.begin_nested()
         try:
             if registered.batch:
-                (result,) = await self._call_batch([call])
+                (result,) = await _call_batch(registered, [call])
             else:
                 result = await registered.func(call.cctx, call.data)
         except Exception as exc:
@@ -319,20 +317,6 @@ class _Participant:
             return False, None, f"{type(exc).__name__}: {exc}", True
         await nested.commit()
         return True, result, None, True
-
-    async def _call_batch(self, calls: Sequence[_Call]) -> list[Any]:
-        registered = self._func(calls[0].ctx.message.type)
-        results = await registered.func([(call.cctx, call.data) for call in calls])
-        if results is None:
-            return [None] * len(calls)
-        results = list(results)
-        if len(results) != len(calls):
-            raise TypeError(
-                f"batch participant {getattr(registered.func, '__qualname__', registered.func)}"
-                f" returned {len(results)} result(s) for {len(calls)} command(s); return one "
-                "per command, in order, or None"
-            )
-        return results
 
     def _record(
         self, command: _Command, ok: bool, result: Any, error: str | None
@@ -352,6 +336,21 @@ class _Participant:
 
 # (ok, result, error, whether to write the participant's record of it)
 _Outcome = tuple[bool, Any, str | None, bool]
+
+
+async def _call_batch(registered: _Registered, calls: Sequence[_Call]) -> list[Any]:
+    """A batch function's results for ``calls``, one per command."""
+    results = await registered.func([(call.cctx, call.data) for call in calls])
+    if results is None:
+        return [None] * len(calls)
+    results = list(results)
+    if len(results) != len(calls):
+        raise TypeError(
+            f"batch participant {getattr(registered.func, '__qualname__', registered.func)}"
+            f" returned {len(results)} result(s) for {len(calls)} command(s); return one "
+            "per command, in order, or None"
+        )
+    return results
 
 
 def _command_context(ctx: HandlerContext, command: _Command) -> CommandContext:
