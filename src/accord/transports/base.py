@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from accord.errors import DecodeError, PublishError
+from accord.errors import DecodeError, PublishError, TransportUnavailable
 from accord.messages import SPECVERSION, Message, decode, encode
 
 __all__ = [
@@ -34,11 +34,27 @@ __all__ = [
     "Handler",
     "Subscription",
     "Transport",
+    "raise_unconfirmed",
     "topic_matches",
 ]
 
 #: Delay before a delivery whose handler raised is offered again, in seconds.
 DEFAULT_REDELIVERY_DELAY = 1.0
+
+
+def raise_unconfirmed(failed: dict[str, BaseException], total: int, broker: str) -> None:
+    """What :meth:`Transport.publish_envelopes` promises once ``failed`` (message id ->
+    error) of a batch of ``total`` are known: nothing if every message was confirmed,
+    :class:`~accord.errors.TransportUnavailable` if none was and only because the
+    broker was out of reach, else :class:`~accord.errors.PublishError` naming them."""
+    if not failed:
+        return
+    if len(failed) == total and all(isinstance(e, TransportUnavailable) for e in failed.values()):
+        first = next(iter(failed.values()))
+        raise TransportUnavailable(
+            f"{broker} confirmed none of {total} message(s): {first}"
+        ) from first.__cause__
+    raise PublishError(failed)
 
 
 @lru_cache(maxsize=1024)

@@ -46,11 +46,17 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
     raise MissingExtraError("The NATS transport", "nats", "nats-py") from exc
 
-from accord.errors import ConfigurationError, PublishError, TransportError, TransportUnavailable
+from accord.errors import ConfigurationError, TransportError, TransportUnavailable
 from accord.messages import Message
 from accord.transports._naming import safe_name
 from accord.transports._nats_consume import NatsSubscription, translate_nats_error
-from accord.transports.base import BatchHandler, Envelope, Subscription, Transport
+from accord.transports.base import (
+    BatchHandler,
+    Envelope,
+    Subscription,
+    Transport,
+    raise_unconfirmed,
+)
 
 __all__ = ["NatsTransport", "durable_name", "stream_name", "subject_filter"]
 
@@ -338,15 +344,7 @@ class NatsTransport(Transport):
                 )
             elif (error := pub_ack.exception()) is not None:
                 failed[message_id] = translate_nats_error(error, "publishing")
-        if not failed:
-            return
-        if len(failed) == len(envelopes) and all(
-            isinstance(e, TransportUnavailable) for e in failed.values()
-        ):
-            raise TransportUnavailable(
-                f"NATS confirmed none of {len(envelopes)} message(s): {next(iter(failed.values()))}"
-            )
-        raise PublishError(failed)
+        raise_unconfirmed(failed, len(envelopes), "NATS")
 
     # -- consuming ----------------------------------------------------------------
 

@@ -51,7 +51,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 from pamqp.commands import Basic
 
-from accord.errors import ConfigurationError, PublishError, TransportError, TransportUnavailable
+from accord.errors import ConfigurationError, TransportError, TransportUnavailable
 from accord.messages import Message
 from accord.transports._rabbitmq_consume import RabbitSubscription
 from accord.transports._rabbitmq_support import (
@@ -67,7 +67,13 @@ from accord.transports._rabbitmq_support import (
     translate,
     translated,
 )
-from accord.transports.base import BatchHandler, Envelope, Subscription, Transport
+from accord.transports.base import (
+    BatchHandler,
+    Envelope,
+    Subscription,
+    Transport,
+    raise_unconfirmed,
+)
 
 __all__ = ["RabbitTopology", "RabbitTransport"]
 
@@ -215,16 +221,7 @@ class RabbitTransport(Transport):
             problem = _publish_problem(next(settled), self.publish_timeout)
             if problem is not None:
                 failed[envelope.id] = problem
-        if not failed:
-            return
-        if len(failed) == len(envelopes) and all(
-            isinstance(e, TransportUnavailable) for e in failed.values()
-        ):
-            first = next(iter(failed.values()))
-            raise TransportUnavailable(
-                f"none of {len(envelopes)} message(s) was confirmed: {first}"
-            ) from first.__cause__
-        raise PublishError(failed)
+        raise_unconfirmed(failed, len(envelopes), "RabbitMQ")
 
     async def subscribe_batches(
         self,
