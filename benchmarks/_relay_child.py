@@ -2,18 +2,73 @@
 
 Prints ``ready`` once connected, relays until SIGTERM (or, with ``--drain-for S``,
 until the outbox is empty or S seconds passed), then exits 0.
+
+With ``--bare`` it is the latency benchmark's baseline instead: the least a relay
+can be, one asyncpg loop woken by the same ``NOTIFY`` that claims pending rows,
+publishes them to the exchange ``CHANNEL`` with plain aio-pika and its publisher
+confirms, and marks them SENT with the time the confirms came back.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import time
+from datetime import UTC, datetime
+from typing import Any
 
 from accord import Database
 from accord.outbox import Relay
+from accord.outbox.writer import NOTIFY_CHANNEL
 from accord.transports import from_url
+
+BARE_CLAIM = """SELECT seq, id, event_type, headers, payload FROM accord_outbox
+WHERE status = 'PENDING' ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED"""
+BARE_MARK = "UPDATE accord_outbox SET status = 'SENT', sent_at = $2 WHERE seq = ANY($1)"
+
+
+async def bare(dsn: str, broker: str, exchange_name: str, stopping: asyncio.Event) -> None:
+    import aio_pika
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    listener = await asyncpg.connect(dsn)
+    wake = asyncio.Event()
+    await listener.add_listener(NOTIFY_CHANNEL, lambda *_: wake.set())
+    amqp = await aio_pika.connect(broker)
+    channel = await amqp.channel(publisher_confirms=True)
+    exchange = await channel.get_exchange(exchange_name)
+
+    def message(row: Any) -> aio_pika.Message:
+        headers = json.loads(row["headers"])
+        return aio_pika.Message(
+            body=row["payload"].encode(),
+            content_type=headers.pop("content-type", None),
+            headers=headers,
+            message_id=str(row["id"]),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+
+    print("ready", flush=True)
+    while not stopping.is_set():
+        wake.clear()
+        async with conn.transaction():
+            rows = await conn.fetch(BARE_CLAIM, 500)
+            if rows:
+                await asyncio.gather(
+                    *(exchange.publish(message(r), routing_key=r["event_type"]) for r in rows)
+                )
+                await conn.execute(BARE_MARK, [r["seq"] for r in rows], datetime.now(UTC))
+        if len(rows) < 500:
+            waits = [asyncio.ensure_future(e.wait()) for e in (wake, stopping)]
+            await asyncio.wait(waits, timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
+    await amqp.close()
+    await listener.close()
+    await conn.close()
 
 
 async def main() -> None:
@@ -22,7 +77,15 @@ async def main() -> None:
     parser.add_argument("broker")
     parser.add_argument("channel")
     parser.add_argument("--drain-for", type=float, default=None)
+    parser.add_argument("--bare", action="store_true")
     args = parser.parse_args()
+    loop = asyncio.get_running_loop()
+    if args.bare:
+        stopping = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stopping.set)
+        dsn = args.db.replace("postgresql+asyncpg://", "postgresql://", 1)
+        await bare(dsn, args.broker, args.channel, stopping)
+        return
     transport = from_url(args.broker, channel=args.channel)
     await transport.connect()
     database = Database(args.db)
@@ -33,7 +96,6 @@ async def main() -> None:
         while time.monotonic() < end and await relay.run_once():
             pass
     else:
-        loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(relay.stop()))
         await relay.run()
     await transport.close()
