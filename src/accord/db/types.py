@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-__all__ = ["BigId", "JSONType", "UTCDateTime"]
+__all__ = ["BigId", "JSONType", "UTCDateTime", "one_of"]
 
 #: JSON on SQLite, JSONB on PostgreSQL.
 JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
@@ -35,3 +35,16 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def one_of(column: sa.ColumnElement[Any], name: str, dialect: str) -> sa.ColumnElement[bool]:
+    """``column`` is one of the values of the list bound as ``name``.
+
+    PostgreSQL: ``column = ANY(:name)``, one SQL text whatever the list's length, so
+    the statement is prepared once per connection; an expanding ``IN`` is new SQL
+    for each length, prepared again (one more round trip) whenever the length is
+    new or fell out of the statement cache. Elsewhere: an expanding ``IN``.
+    """
+    if dialect == "postgresql":
+        return column == sa.any_(sa.bindparam(name, type_=postgresql.ARRAY(column.type)))
+    return column.in_(sa.bindparam(name, expanding=True))

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db import Database
 from accord.db.database import translate_errors
 from accord.db.schema import inbox
+from accord.db.types import UTCDateTime
 from accord.messages import Message
 
 __all__ = ["Inbox", "record", "record_many"]
@@ -26,32 +25,45 @@ async def record_many(
     """Insert the inbox rows of ``messages`` in one statement; return the ids that were
     new (the others are duplicates). Same waiting rule as :func:`record`."""
     now = datetime.now(UTC)
-    rows = {
-        m.id: {
-            "consumer": consumer,
-            "message_id": m.id,
-            "message_type": m.type,
-            "processed_at": now,
-        }
-        for m in messages
-    }
-    if not rows:
+    types = {m.id: m.type for m in messages}
+    if not types:
         return set()
-    # Executed with many parameter sets: SQLAlchemy sends one multi-row INSERT.
-    statement = _record_statement(conn.dialect.name)
     # In id order: two batches holding some of the same ids cannot deadlock.
-    params = [rows[key] for key in sorted(rows)]
+    ids = sorted(types)
+    statement: sa.Executable
+    if conn.dialect.name == "postgresql":
+        params: Any = {
+            "consumer": consumer,
+            "ids": ids,
+            "types": [types[i] for i in ids],
+            "now": now,
+        }
+        statement = _RECORD_POSTGRES
+    else:
+        # Executed with many parameter sets: SQLAlchemy sends one multi-row INSERT.
+        params = [
+            {"consumer": consumer, "message_id": i, "message_type": types[i], "processed_at": now}
+            for i in ids
+        ]
+        statement = _RECORD_SQLITE
     return {str(row[0]) for row in (await conn.execute(statement, params)).all()}
 
 
-@functools.cache
-def _record_statement(dialect: str) -> Any:
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    return (
-        insert(inbox)
-        .on_conflict_do_nothing(index_elements=[inbox.c.consumer, inbox.c.message_id])
-        .returning(inbox.c.message_id)
-    )
+# One SQL text whatever the batch's size, so one prepared statement (a multi-row
+# VALUES is new SQL for each size, prepared again); rows go in in array order.
+_RECORD_POSTGRES = sa.text(
+    "INSERT INTO accord_inbox (consumer, message_id, message_type, processed_at) "
+    "SELECT :consumer, u.id, u.type, :now "
+    "FROM unnest(CAST(:ids AS varchar[]), CAST(:types AS varchar[])) AS u(id, type) "
+    "ON CONFLICT (consumer, message_id) DO NOTHING RETURNING message_id"
+).bindparams(sa.bindparam("now", type_=UTCDateTime()))
+
+
+_RECORD_SQLITE = (
+    sqlite_insert(inbox)
+    .on_conflict_do_nothing(index_elements=[inbox.c.consumer, inbox.c.message_id])
+    .returning(inbox.c.message_id)
+)
 
 
 async def record(conn: AsyncConnection, consumer: str, message: Message) -> bool:

@@ -18,6 +18,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db.schema_sagas import participations
+from accord.db.types import one_of
 from accord.errors import AccordError, DecodeError
 from accord.inbox import Consumer, HandlerContext
 from accord.messages import Message
@@ -388,7 +389,7 @@ async def _records(
     wanted = set(keys)
     params = {"name": name, "ids": sorted({saga_id for saga_id, _ in keys})}
     found: dict[tuple[str, int], _Records] = {}
-    for row in (await conn.execute(_RECORDS, params)).all():
+    for row in (await conn.execute(_records_statement(conn.dialect.name), params)).all():
         if (row.saga_id, row.step) in wanted:
             found.setdefault((row.saga_id, row.step), {})[row.phase] = dict(row._mapping)
     return found
@@ -402,10 +403,12 @@ async def _write_records(conn: AsyncConnection, rows: list[dict[str, Any]]) -> N
     await conn.execute(_upsert_record(conn.dialect.name), rows)
 
 
-_RECORDS = sa.select(participations).where(
-    participations.c.participant == sa.bindparam("name"),
-    participations.c.saga_id.in_(sa.bindparam("ids", expanding=True)),
-)
+@functools.cache
+def _records_statement(dialect: str) -> Any:
+    return sa.select(participations).where(
+        participations.c.participant == sa.bindparam("name"),
+        one_of(participations.c.saga_id, "ids", dialect),
+    )
 
 
 @functools.cache

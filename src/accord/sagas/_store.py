@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db.database import driver_in_transaction, translate_errors
 from accord.db.schema_sagas import deadlines, saga_steps, sagas
+from accord.db.types import one_of
 from accord.errors import ConcurrencyError
 from accord.messages import Message
 from accord.outbox.writer import NOTIFY_CHANNEL, driver_row, row_from_message
@@ -371,7 +372,7 @@ async def _write_logs_and_deadlines(
         await conn.execute(saga_steps.insert(), logs)
     cleared = [tx.state.id for tx in transitions if tx.deadline is None]
     if cleared:
-        await conn.execute(_DELETE_DEADLINES, {"ids": cleared})
+        await conn.execute(_statements(conn.dialect.name).delete_deadlines, {"ids": cleared})
     rows = [tx.deadline for tx in transitions if isinstance(tx.deadline, dict)]
     if rows:
         await conn.execute(_statements(conn.dialect.name).upsert_deadline, rows)
@@ -379,9 +380,6 @@ async def _write_logs_and_deadlines(
 
 _LOAD = sa.select(sagas).where(sagas.c.id == sa.bindparam("id"))
 _LOAD_FOR_UPDATE = _LOAD.with_for_update()
-_DELETE_DEADLINES = deadlines.delete().where(
-    deadlines.c.saga_id.in_(sa.bindparam("ids", expanding=True))
-)
 
 
 class _Statements:
@@ -389,12 +387,11 @@ class _Statements:
 
     def __init__(self, dialect: str) -> None:
         insert = pg_insert if dialect == "postgresql" else sqlite_insert
-        load = (
-            sa.select(sagas)
-            .where(sagas.c.id.in_(sa.bindparam("ids", expanding=True)))
-            .order_by(sagas.c.id)
-        )
+        load = sa.select(sagas).where(one_of(sagas.c.id, "ids", dialect)).order_by(sagas.c.id)
         self.load_locked = load.with_for_update() if dialect == "postgresql" else load
+        self.delete_deadlines = deadlines.delete().where(
+            one_of(deadlines.c.saga_id, "ids", dialect)
+        )
         self.insert_instance = (
             insert(sagas).on_conflict_do_nothing(index_elements=[sagas.c.id]).returning(sagas.c.id)
         )
