@@ -23,6 +23,16 @@ async def test_upgrade_is_idempotent_and_versioned(database: Database) -> None:
     assert versions == [n for n, _, _ in MIGRATIONS]
 
 
+async def test_upgrade_from_version_1_adds_the_inbox_holds_table(database: Database) -> None:
+    await database.upgrade()
+    async with database.transaction() as conn:  # back to what version 1 left
+        await conn.execute(sa.text("DROP TABLE accord_inbox_holds"))
+        await conn.execute(schema_version.delete().where(schema_version.c.version > 1))
+    assert await database.upgrade() == MIGRATIONS[-1][0]
+    async with database.connect() as conn:
+        assert await conn.scalar(sa.text("SELECT count(*) FROM accord_inbox_holds")) == 0
+
+
 async def test_sqlite_runs_in_wal_mode(sqlite_url: str) -> None:
     async with Database(sqlite_url) as db, db.connect() as conn:
         mode = await conn.scalar(sa.text("PRAGMA journal_mode"))

@@ -249,6 +249,41 @@ async def test_held_back_messages_come_back_after_their_failed_predecessor_in_ke
     assert applied == [0, 1, 2, 3, 4]
 
 
+async def test_a_hold_is_not_a_failed_attempt(
+    app_db: Database,
+    timer_transports: Callable[[], Transport],
+    consumers: Callable[..., Consumer],
+) -> None:
+    # max_attempts=2. k:0 fails on its first delivery, so k:1, in the same batch, is
+    # held back behind it (the broker counts that redelivery). k:1 then fails on its
+    # second delivery, its first failure: it must get another try and be applied,
+    # not be dead-lettered as if the hold had been a failure.
+    name = unique()
+    consumer = consumers(name, app_db, timer_transports(), max_attempts=2)
+    attempts: dict[int, list[int]] = {0: [], 1: []}
+
+    @consumer.handler("test.scored")
+    async def on_scored(ctx: HandlerContext, data: Any) -> None:
+        n = data["n"]
+        attempts[n].append(ctx.attempt)
+        if ctx.attempt == n + 1:
+            raise RuntimeError(f"k:{n} fails on delivery {ctx.attempt}")
+        await ctx.conn.execute(effects.insert().values(message_id=ctx.message.id))
+
+    keyed = [Message(type="test.scored", data={"n": i}, key="k") for i in range(2)]
+    await consumer.start()  # creates the group; the messages then wait as one backlog
+    await consumer.stop()
+    publisher = timer_transports()
+    await publisher.connect()
+    await publisher.publish(keyed)
+    await consumer.start()
+
+    await assert_eventually(lambda: _effects_are(app_db, {m.id: 1 for m in keyed}), timeout=20)
+    assert await DeadLetters(app_db).list(name) == []
+    assert 1 not in attempts[1]  # held back, never run, on its first delivery
+    assert attempts[1][-1] == 3
+
+
 async def test_bad_input_in_a_batch_is_dead_lettered_and_the_rest_of_the_batch_applied(
     app_db: Database, broker: Broker, consumers: Callable[..., Consumer]
 ) -> None:

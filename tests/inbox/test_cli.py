@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from accord.cli.app import _register_subcommands, app
 from accord.db import Database
 from accord.inbox import Consumer, HandlerContext
+from accord.inbox._store import holds_of, note_holds
 from accord.messages import Message
 from accord.transports.sql import SqlTransport
 from tests.inbox.conftest import Captured
@@ -92,9 +93,22 @@ def test_list_show_replay_purge(db_url: str) -> None:
     assert [(x["id"], x["status"]) for x in left] == [(first, "REPLAY")]
 
 
-def test_prune_keeps_recent_inbox_rows(db_url: str) -> None:
+async def _holds(url: str, note: bool) -> int:
+    async with Database(url) as database:
+        if note:
+            async with database.transaction() as conn:
+                await note_holds(conn, "alpha", ["m-1", "m-2"])
+                await note_holds(conn, "alpha", ["m-1"])
+        async with database.connect() as conn:
+            return await holds_of(conn, "alpha", "m-1")
+
+
+def test_prune_keeps_recent_inbox_rows_and_holds(db_url: str) -> None:
     asyncio.run(_seed(db_url))
+    assert asyncio.run(_holds(db_url, note=True)) == 2
     kept = invoke("inbox", "prune", "--db", db_url, "--json")
     assert json.loads(kept.output) == {"pruned": 0}
+    assert asyncio.run(_holds(db_url, note=False)) == 2
     pruned = invoke("inbox", "prune", "--db", db_url, "--older-than-days", "-1", "--json")
     assert json.loads(pruned.output) == {"pruned": 1}
+    assert asyncio.run(_holds(db_url, note=False)) == 0

@@ -16,13 +16,14 @@ __all__ = ["MIGRATIONS", "current_version", "upgrade"]
 Migration = Callable[[AsyncConnection], Awaitable[None]]
 
 
-async def _v1_create_all(conn: AsyncConnection) -> None:
+async def _create_missing(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: metadata.create_all(sync, checkfirst=True))
 
 
 #: (version, what it does, the step). Append; never edit a released step.
 MIGRATIONS: list[tuple[int, str, Migration]] = [
-    (1, "create every Accord table", _v1_create_all),
+    (1, "create every Accord table", _create_missing),
+    (2, "add accord_inbox_holds (redeliveries that were not failures)", _create_missing),
 ]
 
 _LOCK_ID = 0x4143_4F52  # "ACOR": serialises concurrent upgrades on PostgreSQL

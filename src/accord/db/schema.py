@@ -15,6 +15,7 @@ from accord.db.types import BigId, JSONType, UTCDateTime
 __all__ = [
     "dead_letters",
     "inbox",
+    "inbox_holds",
     "metadata",
     "outbox",
     "queue",
@@ -81,6 +82,18 @@ inbox = sa.Table(
     sa.Column("message_type", sa.String(200), nullable=True),
     sa.Column("processed_at", UTCDateTime, nullable=False),
     sa.Index("ix_accord_inbox_processed", "consumer", "processed_at"),
+)
+
+# How many times a consumer gave a message back without trying it (held back behind
+# a failed message with its key): redeliveries that were not failures, so they do
+# not count against the message's attempts. Written only on that path.
+inbox_holds = sa.Table(
+    "accord_inbox_holds",
+    metadata,
+    sa.Column("consumer", sa.String(200), primary_key=True),
+    sa.Column("message_id", sa.String(200), primary_key=True),
+    sa.Column("holds", sa.Integer, nullable=False),
+    sa.Column("held_at", UTCDateTime, nullable=False),
 )
 
 # Messages a consumer gave up on, with the reason; replayable. ``status`` is

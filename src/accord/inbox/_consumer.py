@@ -25,7 +25,7 @@ from accord.inbox._context import (
     run_after_commit,
 )
 from accord.inbox._dead_letters import ReplayDelivery, claim_replays, write_dead_letter
-from accord.inbox._store import record, record_many
+from accord.inbox._store import holds_of, note_holds, record, record_many
 from accord.messages import Message
 from accord.observability import (
     CONSUMER_DEAD_LETTERED,
@@ -85,7 +85,8 @@ class Consumer:
       to it in one call, so it can read and write set-wise. If anything in a batch
       fails, the batch rolls back and its messages are handled one at a time as
       above (a later message with the key of one that failed is given back after
-      it), so a poison message is retried and dead-lettered on its own. The
+      it, and that redelivery, not being a failure, does not count against its
+      ``max_attempts``), so a poison message is retried and dead-lettered on its own. The
       prefetch is raised to at least twice ``batch_size`` so that the next batch
       arrives while one is handled.
 
@@ -362,19 +363,52 @@ class Consumer:
         # key -> in how many seconds the last message of that key given back (the failed
         # one, then each follower held back behind it) comes back
         retrying: dict[str, float] = {}
+        held: list[tuple[Delivery, str, float]] = []
         for delivery, message, registration, data in ready:
             with log_context(**self._fields(delivery)):
                 key = message.key
                 if key is not None and key in retrying:
                     # Its key's earlier message failed: it must not be overtaken, so
                     # it comes back after that one (and after its own predecessors).
-                    delay = max(self.backoff(delivery.attempt), retrying[key] + _HELD_BACK_GAP)
-                    retrying[key] = delay
-                    await delivery.nack(delay)
+                    retrying[key] += _HELD_BACK_GAP
+                    held.append((delivery, message.id, retrying[key]))
                     continue
                 comes_back = await self._process(delivery, message, registration, data)
                 if comes_back is not None and key is not None:
                     retrying[key] = comes_back
+        await self._hold(held)
+
+    async def _hold(self, held: Sequence[tuple[Delivery, str, float]]) -> None:
+        """Give back ``(delivery, message id, delay)`` held behind a failed message of
+        their key. Each hold is noted first, so that the redelivery, which the broker
+        counts as one more attempt, does not count against the message's attempts."""
+        if not held:
+            return
+        try:
+            async with self.database.transaction() as conn:
+                await note_holds(conn, self.name, [message_id for _, message_id, _ in held])
+        except Exception:
+            log.warning(
+                "could not note %d held-back message(s); their redelivery counts as an attempt",
+                len(held),
+                exc_info=True,
+            )
+        for delivery, _, delay in held:
+            await delivery.nack(delay)
+
+    async def _attempts(self, delivery: Delivery) -> int:
+        """How many times the handler has now failed on this message: the delivery's
+        attempt, less the redeliveries that were holds (read only when it failed)."""
+        message = delivery.message
+        if delivery.attempt == 1 or message is None:
+            return delivery.attempt
+        try:
+            async with self.database.connect() as conn:
+                holds = await holds_of(conn, self.name, message.id)
+        except Exception:
+            log.warning("could not read the holds of %s; counting every delivery", message.id)
+            return delivery.attempt
+        return max(1, delivery.attempt - holds)
 
     async def _process(
         self, delivery: Delivery, message: Message, registration: Registration, data: Any
@@ -417,7 +451,7 @@ class Consumer:
 
     async def _failed(self, delivery: Delivery, exc: Exception) -> float | None:
         """Retry later or dead-letter; if the delivery comes back, in how many seconds."""
-        attempt = delivery.attempt
+        attempt = await self._attempts(delivery)
         if attempt >= self.max_attempts:
             log.error(
                 "handler failed on attempt %d of %d; dead-lettering",

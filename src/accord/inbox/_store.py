@@ -7,16 +7,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db import Database
 from accord.db.database import translate_errors
-from accord.db.schema import inbox
+from accord.db.schema import inbox, inbox_holds
 from accord.db.types import UTCDateTime
 from accord.messages import Message
 
-__all__ = ["Inbox", "record", "record_many"]
+__all__ = ["Inbox", "holds_of", "note_holds", "record", "record_many"]
 
 
 async def record_many(
@@ -77,6 +78,32 @@ async def record(conn: AsyncConnection, consumer: str, message: Message) -> bool
     return message.id in await record_many(conn, consumer, [message])
 
 
+async def note_holds(conn: AsyncConnection, consumer: str, message_ids: Sequence[str]) -> None:
+    """Count one hold for each of ``message_ids``: ``consumer`` gives it back without
+    trying it, so that redelivery is not a failed attempt (see :func:`holds_of`)."""
+    if not message_ids:
+        return
+    now = datetime.now(UTC)
+    insert = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(inbox_holds)
+    statement = insert.on_conflict_do_update(
+        index_elements=[inbox_holds.c.consumer, inbox_holds.c.message_id],
+        set_={"holds": inbox_holds.c.holds + 1, "held_at": insert.excluded.held_at},
+    )
+    rows = [
+        {"consumer": consumer, "message_id": m, "holds": 1, "held_at": now}
+        for m in sorted(set(message_ids))
+    ]
+    await conn.execute(statement, rows)
+
+
+async def holds_of(conn: AsyncConnection, consumer: str, message_id: str) -> int:
+    """How many of the message's redeliveries to ``consumer`` were holds, not failures."""
+    query = sa.select(inbox_holds.c.holds).where(
+        inbox_holds.c.consumer == consumer, inbox_holds.c.message_id == message_id
+    )
+    return int(await conn.scalar(query) or 0)
+
+
 class Inbox:
     """Read and maintain the inbox table of a database."""
 
@@ -102,15 +129,19 @@ class Inbox:
                 return {str(name): int(n) for name, n in (await conn.execute(query)).all()}
 
     async def prune(self, older_than: timedelta, consumer: str | None = None) -> int:
-        """Delete inbox rows processed more than ``older_than`` ago; return how many.
+        """Delete inbox rows processed more than ``older_than`` ago (and holds noted as
+        long ago); return how many inbox rows.
 
         A message redelivered after its row was pruned is applied again, so keep
         ``older_than`` well above the longest redelivery window of your broker.
         """
         cutoff = datetime.now(UTC) - older_than
         statement = inbox.delete().where(inbox.c.processed_at < cutoff)
+        holds = inbox_holds.delete().where(inbox_holds.c.held_at < cutoff)
         if consumer is not None:
             statement = statement.where(inbox.c.consumer == consumer)
+            holds = holds.where(inbox_holds.c.consumer == consumer)
         with translate_errors("pruning the inbox"):
             async with self.database.transaction() as conn:
+                await conn.execute(holds)
                 return int((await conn.execute(statement)).rowcount)
