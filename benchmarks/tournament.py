@@ -100,7 +100,7 @@ async def workload(
             tag = uuid.uuid4().hex[:6]
             body = {"name": "bench", "participants": [f"a-{tag}", f"b-{tag}", f"c-{tag}"]}
             r = await client.post(f"{config.match_url}/tournaments", json=body, headers=auth)
-            url = f"{config.match_url}/tournaments/{r.json()['id']}"
+            url = f"{config.match_url}/tournaments/{r.json()['id']}?wait=30"
             await until(url, lambda resp: resp.json()["status"] == "ACTIVE")
 
         async def health(_i: int) -> None:

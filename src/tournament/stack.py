@@ -61,6 +61,8 @@ MATCH_CONSUMER = "match-engine"
 ORCHESTRATOR = "orchestrator"
 FLOW_TRACKER = "flow-tracker"
 FLOW_TOPICS = ("tournament.#", "scores.#")
+#: Consumers apply what has arrived, up to this many messages, in one transaction.
+BATCH_SIZE = 32
 
 
 def make_transport(config: StackConfig) -> Transport:
@@ -80,7 +82,14 @@ def _relay(database: Database, transport: Transport) -> Relay:
 
 def score_consumer(database: Database, transport: Transport) -> Consumer:
     """The Score Engine's consumer with every handler registered."""
-    consumer = Consumer(SCORE_CONSUMER, database, transport, max_attempts=5, backoff_base=0.2)
+    consumer = Consumer(
+        SCORE_CONSUMER,
+        database,
+        transport,
+        max_attempts=5,
+        backoff_base=0.2,
+        batch_size=BATCH_SIZE,
+    )
     register_score_handlers(consumer, EventStore(database), match_flow.choreography())
     return consumer
 
@@ -97,9 +106,17 @@ def match_consumers(
                 [match_flow.create_tournament_saga()],
                 name=ORCHESTRATOR,
                 timer_interval=0.25,
+                batch_size=BATCH_SIZE,
             )
         ]
-    consumer = Consumer(MATCH_CONSUMER, database, transport, max_attempts=10, backoff_base=0.1)
+    consumer = Consumer(
+        MATCH_CONSUMER,
+        database,
+        transport,
+        max_attempts=10,
+        backoff_base=0.1,
+        batch_size=BATCH_SIZE,
+    )
     match_flow.register_choreography(match_flow.choreography(), consumer)
     tracker = FlowTracker(database, transport, name=FLOW_TRACKER, topics=FLOW_TOPICS)
     return [consumer, tracker]

@@ -3,6 +3,8 @@ a PENDING tournament is a semantic lock, and what the saga start wrote."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -54,3 +56,61 @@ async def test_a_pending_tournament_refuses_matches(db_url: str, tmp_path: Path)
         assert await conn.scalar(sa.select(sa.func.count()).select_from(tournaments)) == 1
         types = [r[0] for r in await conn.execute(sa.select(outbox.c.event_type))]
         assert types == ["scores.initialise"]
+
+
+async def test_a_get_with_wait_answers_when_the_tournament_settles(
+    db_url: str, tmp_path: Path
+) -> None:
+    config = StackConfig(
+        data_dir=str(tmp_path),
+        match_db=db_url,
+        score_db=f"sqlite+aiosqlite:///{tmp_path / 'score.db'}",
+        api_token=TOKEN,
+    )
+    await prepare(config.resolved())
+    app = create_app(config)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://match") as client,
+        Database(db_url) as db,
+    ):
+        ids = []
+        for name in ("cup", "shield"):
+            r = await client.post(
+                "/tournaments", json={"name": name, "participants": ["ann", "ben"]}, headers=auth
+            )
+            ids.append(r.json()["id"])
+        cup, shield = ids
+
+        # No worker runs: a wait that runs out answers PENDING, after the wait.
+        started = time.perf_counter()
+        r = await client.get(f"/tournaments/{shield}", params={"wait": 0.3})
+        assert r.status_code == 200 and r.json()["status"] == "PENDING"
+        assert time.perf_counter() - started >= 0.3
+
+        async def settle_cup_soon() -> None:
+            await asyncio.sleep(0.3)  # as the saga's last step would
+            async with db.transaction() as conn:
+                await conn.execute(
+                    tournaments.update().where(tournaments.c.id == cup).values(status="ACTIVE")
+                )
+
+        # Two waiters on the cup, one on the shield: the cup's answer as soon as it
+        # settles (well within its 20 s), the shield's when its own wait runs out.
+        started = time.perf_counter()
+        settling = asyncio.create_task(settle_cup_soon())
+        first, second, other = await asyncio.gather(
+            client.get(f"/tournaments/{cup}", params={"wait": 20}),
+            client.get(f"/tournaments/{cup}", params={"wait": 20}),
+            client.get(f"/tournaments/{shield}", params={"wait": 1}),
+        )
+        await settling
+        assert first.json()["status"] == second.json()["status"] == "ACTIVE"
+        assert other.json()["status"] == "PENDING"
+        assert time.perf_counter() - started < 5
+
+        for bad in ("-1", "31", "soon"):
+            r = await client.get(f"/tournaments/{cup}", params={"wait": bad})
+            assert r.status_code == 422, bad
+            assert "wait" in r.text

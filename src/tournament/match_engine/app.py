@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Query
 
 from accord.db import Database
 from accord.errors import NotFoundError
@@ -22,6 +25,7 @@ from tournament.contracts import (
     ACTIVE,
     CANCELLED,
     MATCH_RECORDED,
+    PENDING,
     Choreo,
     CreateTournament,
     RecordMatch,
@@ -39,6 +43,63 @@ __all__ = ["create_app"]
 
 SOURCE = "match-engine"
 
+#: The longest ``wait`` a GET of a tournament may ask for.
+MAX_WAIT = 30.0
+
+log = logging.getLogger("tournament.match_engine")
+
+
+class _Settled:
+    """Wakes the requests waiting for PENDING tournaments to be settled (ACTIVE or
+    CANCELLED): while any request waits, one query every ``interval`` seconds looks
+    at all their tournaments at once, whatever the number of waiters."""
+
+    def __init__(self, database: Database, interval: float = 0.02) -> None:
+        self.database = database
+        self.interval = interval
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+        self._poller: asyncio.Task[None] | None = None
+
+    async def wait(self, tournament_id: str, timeout: float) -> None:
+        """Return once the tournament left PENDING, or after ``timeout`` seconds."""
+        settled = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(tournament_id, []).append(settled)
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll())
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(settled, timeout)
+        finally:
+            waiters = self._waiting.get(tournament_id, [])
+            if settled in waiters:
+                waiters.remove(settled)
+                if not waiters:
+                    del self._waiting[tournament_id]
+
+    async def _poll(self) -> None:
+        while self._waiting:
+            await asyncio.sleep(self.interval)
+            ids = list(self._waiting)
+            query = sa.select(tournaments.c.id).where(
+                tournaments.c.id.in_(ids), tournaments.c.status != PENDING
+            )
+            try:
+                async with self.database.connect() as conn:
+                    settled = (await conn.execute(query)).scalars().all()
+            except Exception:  # the waiters time out; the next tick tries again
+                log.warning("could not read tournament statuses", exc_info=True)
+                continue
+            for tournament_id in settled:
+                for waiter in self._waiting.pop(tournament_id, []):
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+
 
 def _not_found(what: str, ident: str) -> HTTPException:
     return HTTPException(404, f"no {what} with id {ident!r}")
@@ -55,10 +116,12 @@ def create_app(config: StackConfig) -> FastAPI:
     orchestrator = Orchestrator(database, from_url(config.broker, channel=config.channel), [saga])
     flow = choreography()
     admin = SagaAdmin(database)
+    settled = _Settled(database)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        await settled.close()
         await database.dispose()
 
     app = FastAPI(
@@ -130,9 +193,18 @@ def create_app(config: StackConfig) -> FastAPI:
         return {"id": tournament_id, "status": "PENDING", "saga_id": saga_id}
 
     @app.get("/tournaments/{tournament_id}")
-    async def get_tournament(tournament_id: str) -> dict[str, Any]:
-        """The tournament: PENDING, ACTIVE, or CANCELLED with a reason."""
-        return await view(await load(tournament_id))
+    async def get_tournament(
+        tournament_id: str,
+        wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0.0,
+    ) -> dict[str, Any]:
+        """The tournament: PENDING, ACTIVE, or CANCELLED with a reason. With ``wait``
+        (seconds, long polling), a PENDING tournament is answered as soon as its saga
+        settles it, or still PENDING once ``wait`` runs out: no need to poll."""
+        row = await load(tournament_id)
+        if wait > 0 and row["status"] == PENDING:
+            await settled.wait(tournament_id, wait)
+            row = await load(tournament_id)
+        return await view(row)
 
     @app.post("/tournaments/{tournament_id}/matches", status_code=202)
     async def record_match(tournament_id: str, body: RecordMatch) -> dict[str, Any]:
