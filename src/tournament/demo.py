@@ -99,7 +99,8 @@ class Scenario:
         created: dict[str, Any] = response.json()
 
         async def ended() -> Any:
-            t = await self.get_json(f"{self.config.match_url}/tournaments/{created['id']}")
+            url = f"{self.config.match_url}/tournaments/{created['id']}"
+            t = await self.get_json(url, wait=5)  # long polling: answered once it settles
             return t if t["status"] != "PENDING" else None
 
         return dict(await self.until(f"tournament {name!r} leaves PENDING", ended))
