@@ -10,11 +10,11 @@ import logging
 from accord.messages import Message
 from accord.observability import (
     JsonFormatter,
-    consumer_span,
     current_log_context,
     current_traceparent,
     log_context,
 )
+from accord.observability._tracing import consumer_span
 
 
 def test_json_logs_carry_the_log_context_extra_fields_and_exceptions() -> None:

@@ -27,16 +27,15 @@ from accord.inbox._context import (
 from accord.inbox._dead_letters import ReplayDelivery, claim_replays, write_dead_letter
 from accord.inbox._store import holds_of, note_holds, record, record_many
 from accord.messages import Message
-from accord.observability import (
+from accord.observability import log_context
+from accord.observability._metrics import (
     CONSUMER_DEAD_LETTERED,
     CONSUMER_DUPLICATES,
     CONSUMER_FAILED,
     CONSUMER_HANDLE_SECONDS,
     CONSUMER_HANDLED,
-    batch_spans,
-    consumer_span,
-    log_context,
 )
+from accord.observability._tracing import batch_spans, consumer_span
 from accord.transports.base import Delivery, Subscription, Transport, topic_matches
 
 __all__ = ["Consumer"]

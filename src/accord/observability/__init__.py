@@ -1,4 +1,9 @@
-"""Observability: structured logs with message context, Prometheus metrics, tracing."""
+"""Observability: structured logs with message context, Prometheus metrics, tracing.
+
+The metrics themselves are registered with prometheus-client's default registry
+(``accord_*``; ``start_metrics_server`` serves them); the spans Accord makes go to
+the OpenTelemetry tracer provider you configure.
+"""
 
 from accord.observability._logging import (
     ContextFilter,
@@ -7,36 +12,13 @@ from accord.observability._logging import (
     current_log_context,
     log_context,
 )
-from accord.observability._metrics import (
-    CONSUMER_DEAD_LETTERED,
-    CONSUMER_DUPLICATES,
-    CONSUMER_FAILED,
-    CONSUMER_HANDLE_SECONDS,
-    CONSUMER_HANDLED,
-    start_metrics_server,
-)
-from accord.observability._tracing import (
-    BatchSpans,
-    as_current,
-    batch_spans,
-    consumer_span,
-    current_traceparent,
-    traceparent_of,
-)
+from accord.observability._metrics import start_metrics_server
+from accord.observability._tracing import current_traceparent, traceparent_of
 
 __all__ = [
-    "CONSUMER_DEAD_LETTERED",
-    "CONSUMER_DUPLICATES",
-    "CONSUMER_FAILED",
-    "CONSUMER_HANDLED",
-    "CONSUMER_HANDLE_SECONDS",
-    "BatchSpans",
     "ContextFilter",
     "JsonFormatter",
-    "as_current",
-    "batch_spans",
     "configure_logging",
-    "consumer_span",
     "current_log_context",
     "current_traceparent",
     "log_context",

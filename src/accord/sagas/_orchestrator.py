@@ -22,7 +22,8 @@ from accord.errors import ConcurrencyError, ConfigurationError
 from accord.inbox import Consumer, HandlerContext
 from accord.inbox._context import run_after_commit
 from accord.messages import Message
-from accord.observability import as_current, current_traceparent
+from accord.observability import current_traceparent
+from accord.observability._tracing import as_current
 from accord.outbox import add as add_to_outbox
 from accord.sagas._definition import Command, Saga, registry
 from accord.sagas._engine import Engine, Reply

@@ -22,7 +22,7 @@ from accord.db.types import one_of
 from accord.errors import AccordError, DecodeError
 from accord.inbox import Consumer, HandlerContext
 from accord.messages import Message
-from accord.observability import as_current
+from accord.observability._tracing import as_current
 from accord.outbox import add as add_to_outbox
 from accord.sagas._store import ACTION, COMPENSATION
 from accord.transports.base import topic_matches
