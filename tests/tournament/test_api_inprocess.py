@@ -4,7 +4,9 @@ a PENDING tournament is a semantic lock, and what the saga start wrote."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -18,9 +20,12 @@ from tournament.match_engine.tables import tournaments
 from tournament.stack import prepare
 
 TOKEN = "secret-token"
+auth = {"Authorization": f"Bearer {TOKEN}"}
 
 
-async def test_a_pending_tournament_refuses_matches(db_url: str, tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def match_api(db_url: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the Match Engine's app in process on ``db_url``; no worker runs."""
     config = StackConfig(
         data_dir=str(tmp_path),
         match_db=db_url,
@@ -28,11 +33,13 @@ async def test_a_pending_tournament_refuses_matches(db_url: str, tmp_path: Path)
         api_token=TOKEN,
     )
     await prepare(config.resolved())
-    app = create_app(config)
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://match"
-    ) as client:
+    transport = httpx.ASGITransport(app=create_app(config))
+    async with httpx.AsyncClient(transport=transport, base_url="http://match") as client:
+        yield client
+
+
+async def test_a_pending_tournament_refuses_matches(db_url: str, tmp_path: Path) -> None:
+    async with match_api(db_url, tmp_path) as client:
         r = await client.post(
             "/tournaments", json={"name": "cup", "participants": ["ann", "ben"]}, headers=auth
         )
@@ -61,20 +68,7 @@ async def test_a_pending_tournament_refuses_matches(db_url: str, tmp_path: Path)
 async def test_a_get_with_wait_answers_when_the_tournament_settles(
     db_url: str, tmp_path: Path
 ) -> None:
-    config = StackConfig(
-        data_dir=str(tmp_path),
-        match_db=db_url,
-        score_db=f"sqlite+aiosqlite:///{tmp_path / 'score.db'}",
-        api_token=TOKEN,
-    )
-    await prepare(config.resolved())
-    app = create_app(config)
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        httpx.AsyncClient(transport=transport, base_url="http://match") as client,
-        Database(db_url) as db,
-    ):
+    async with match_api(db_url, tmp_path) as client, Database(db_url) as db:
         ids = []
         for name in ("cup", "shield"):
             r = await client.post(
