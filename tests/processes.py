@@ -107,3 +107,56 @@ class Processes:
         traceback: TracebackType | None,
     ) -> None:
         await asyncio.to_thread(self.kill_all)
+
+
+_HOLDER = """
+import asyncio, sys
+{imports}
+
+async def main():
+    transport = {factory}
+    await transport.connect()
+    async def hang(delivery):
+        print("got", delivery.message.id, flush=True)
+        await asyncio.Event().wait()
+    await transport.subscribe("crashy", hang)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def a_killed_consumers_delivery_comes_back(
+    transport: Transport, imports: str, factory: str, url: str, channel: str
+) -> None:
+    """Start a consumer of group "crashy" in a child process (its transport made by
+    ``factory``, which sees the broker ``url`` and ``channel`` as ``sys.argv[1:3]``),
+    publish one message on ``transport``, SIGKILL the child while it holds the
+    delivery, and check that the group gets the message again, as attempt 2."""
+    from accord.messages import Message
+    from accord.testing import Collector
+
+    code = _HOLDER.format(imports=imports, factory=factory)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, url, channel, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        assert (await asyncio.wait_for(child.stdout.readline(), 15)).startswith(b"ready")
+        sent = Message(type="test.crash")
+        await transport.publish([sent])
+        line = await asyncio.wait_for(child.stdout.readline(), 15)
+        assert line.decode().split() == ["got", sent.id]
+        child.send_signal(signal.SIGKILL)
+        await child.wait()
+        survivor = Collector()
+        await transport.subscribe("crashy", survivor)
+        await survivor.wait(1, 15)
+        message, attempt = survivor.received[0][0], survivor.received[0][1]
+        assert message is not None and message.id == sent.id
+        assert attempt == 2
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()

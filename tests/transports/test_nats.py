@@ -17,6 +17,7 @@ import nats
 import nats.js.errors
 import pytest
 from tests.conftest import NATS_URL
+from tests.processes import a_killed_consumers_delivery_comes_back
 
 from accord.errors import PublishError, TransportUnavailable
 from accord.messages import Message
@@ -243,55 +244,17 @@ def test_importing_without_the_driver_names_the_extra() -> None:
     assert "accord[nats]" in out.stdout
 
 
-_DOOMED_CONSUMER = """
-import asyncio, sys
-from accord.transports.nats import NatsTransport
-
-async def main():
-    transport = NatsTransport(sys.argv[1], channel=sys.argv[2], ack_wait=2.0)
-    await transport.connect()
-    async def hang(delivery):
-        print("got", delivery.message.id, flush=True)
-        await asyncio.Event().wait()
-    await transport.subscribe("crashy", hang)
-    print("ready", flush=True)
-    await asyncio.Event().wait()
-
-asyncio.run(main())
-"""
-
-
 @pytest.mark.fault
 async def test_delivery_held_by_a_killed_process_comes_back_after_ack_wait(
     nats_transport: NatsTransport,
 ) -> None:
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _DOOMED_CONSUMER,
+    await a_killed_consumers_delivery_comes_back(
+        nats_transport,
+        "from accord.transports.nats import NatsTransport",
+        "NatsTransport(sys.argv[1], channel=sys.argv[2], ack_wait=2.0)",
         NATS_URL,
         nats_transport.channel,
-        stdout=asyncio.subprocess.PIPE,
     )
-    try:
-        assert child.stdout is not None
-        assert (await asyncio.wait_for(child.stdout.readline(), 15)).startswith(b"ready")
-        sent = Message(type="test.crash")
-        await nats_transport.publish([sent])
-        line = await asyncio.wait_for(child.stdout.readline(), 15)
-        assert line.decode().split() == ["got", sent.id]
-        child.kill()
-        await child.wait()
-        survivor = Collector()
-        await nats_transport.subscribe("crashy", survivor)
-        await survivor.wait(1, 15)
-        assert survivor.received[0][0] is not None
-        assert survivor.received[0][0].id == sent.id
-        assert survivor.received[0][1] == 2
-    finally:
-        if child.returncode is None:
-            child.kill()
-            await child.wait()
 
 
 def _nats_server_pids() -> list[int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import redis.asyncio as aioredis
 from tests.conftest import REDIS_URL
+from tests.processes import a_killed_consumers_delivery_comes_back
 
 from accord.errors import PublishError, TransportUnavailable
 from accord.messages import Message
@@ -184,58 +184,18 @@ async def test_maxlen_trims_the_channel_stream(admin: aioredis.Redis) -> None:
         await transport.close()
 
 
-_DOOMED_CONSUMER = """
-import asyncio, sys
-from accord.transports.redis import RedisTransport
-
-async def main():
-    transport = RedisTransport(sys.argv[1], channel=sys.argv[2], claim_idle=1.0)
-    await transport.connect()
-    async def hang(delivery):
-        print("got", delivery.message.id, flush=True)
-        await asyncio.Event().wait()
-    await transport.subscribe("crashy", hang)
-    print("ready", flush=True)
-    await asyncio.Event().wait()
-
-asyncio.run(main())
-"""
-
-
 @pytest.mark.fault
 async def test_entry_left_pending_by_a_killed_consumer_is_autoclaimed(
     redis_transport: RedisTransport, admin: aioredis.Redis
 ) -> None:
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _DOOMED_CONSUMER,
+    await a_killed_consumers_delivery_comes_back(
+        redis_transport,
+        "from accord.transports.redis import RedisTransport",
+        "RedisTransport(sys.argv[1], channel=sys.argv[2], claim_idle=1.0)",
         REDIS_URL,
         redis_transport.channel,
-        stdout=asyncio.subprocess.PIPE,
     )
-    try:
-        assert child.stdout is not None
-        assert (await asyncio.wait_for(child.stdout.readline(), 15)).startswith(b"ready")
-        sent = Message(type="test.crash")
-        await redis_transport.publish([sent])
-        line = await asyncio.wait_for(child.stdout.readline(), 15)
-        assert line.decode().split() == ["got", sent.id]
-        child.send_signal(signal.SIGKILL)
-        await child.wait()
-        survivor = Collector()
-        await redis_transport.subscribe("crashy", survivor)
-        await survivor.wait(1, 15)
-        assert survivor.received[0][0] is not None
-        assert survivor.received[0][0].id == sent.id
-        assert survivor.received[0][1] == 2
-        await assert_eventually(
-            lambda: _assert_no_pending(admin, redis_transport.stream, "crashy"), 5
-        )
-    finally:
-        if child.returncode is None:
-            child.kill()
-            await child.wait()
+    await assert_eventually(lambda: _assert_no_pending(admin, redis_transport.stream, "crashy"), 5)
 
 
 @pytest.mark.fault
