@@ -284,6 +284,51 @@ async def test_a_hold_is_not_a_failed_attempt(
     assert attempts[1][-1] == 3
 
 
+async def test_a_held_message_dead_lettered_and_replayed_gets_max_attempts_again(
+    app_db: Database,
+    timer_transports: Callable[[], Transport],
+    consumers: Callable[..., Consumer],
+) -> None:
+    # k:1 is held back once behind k:0, then fails every time: it is dead-lettered
+    # after 2 failures of its own (3 deliveries), and its dead letter says 2. Replayed,
+    # it is tried exactly max_attempts times again: the hold does not carry over.
+    name = unique()
+    consumer = consumers(name, app_db, timer_transports(), max_attempts=2, replay_interval=0.1)
+    runs: list[int] = []
+
+    @consumer.handler("test.scored")
+    async def on_scored(ctx: HandlerContext, data: Any) -> None:
+        if data["n"] == 0 and ctx.attempt == 1:
+            raise RuntimeError("k:0 fails once")
+        if data["n"] == 1:
+            runs.append(ctx.attempt)
+            raise RuntimeError("k:1 always fails")
+        await ctx.conn.execute(effects.insert().values(message_id=ctx.message.id))
+
+    keyed = [Message(type="test.scored", data={"n": i}, key="k") for i in range(2)]
+    await consumer.start()  # creates the group; the messages then wait as one backlog
+    await consumer.stop()
+    publisher = timer_transports()
+    await publisher.connect()
+    await publisher.publish(keyed)
+    await consumer.start()
+
+    letters = DeadLetters(app_db)
+    [letter] = await wait_for(lambda: letters.list(name), timeout=20)
+    assert letter.message_id == keyed[1].id
+    assert letter.attempts == 2 and "failed 2 time(s)" in letter.reason
+    assert 1 not in runs  # held back, never run, on its first delivery
+    runs.clear()
+    await letters.replay(letter.id)
+
+    async def dead_again() -> bool:
+        found = await letters.list(name, status="DEAD")
+        return bool(found) and found[0].updated_at != letter.updated_at
+
+    await wait_for(dead_again, timeout=20)
+    assert runs == [1, 2]
+
+
 async def test_bad_input_in_a_batch_is_dead_lettered_and_the_rest_of_the_batch_applied(
     app_db: Database, broker: Broker, consumers: Callable[..., Consumer]
 ) -> None:

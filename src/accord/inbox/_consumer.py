@@ -127,6 +127,7 @@ class Consumer:
         self._subscription: Subscription | None = None
         self._replay_task: asyncio.Task[None] | None = None
         self._stop_event = asyncio.Event()
+        self._replay_stopping = asyncio.Event()
         self._lock = asyncio.Lock()
 
     # -- registration -------------------------------------------------------------
@@ -200,8 +201,10 @@ class Consumer:
                 prefetch=self.prefetch,
                 max_batch=self.batch_size,
             )
+            # Its own stop signal: _stop_event may still be set by an earlier stop().
+            self._replay_stopping = asyncio.Event()
             self._replay_task = asyncio.create_task(
-                self._replay_loop(), name=f"accord-replay-{self.name}"
+                self._replay_loop(self._replay_stopping), name=f"accord-replay-{self.name}"
             )
             log.info(
                 "consumer %s started on %s for %s", self.name, self.transport.name, self.topics
@@ -210,6 +213,7 @@ class Consumer:
     async def stop(self) -> None:
         """Stop consuming; a message being handled finishes first. Idempotent."""
         self._stop_event.set()
+        self._replay_stopping.set()
         async with self._lock:
             subscription, self._subscription = self._subscription, None
             replay_task, self._replay_task = self._replay_task, None
@@ -362,45 +366,41 @@ class Consumer:
         # key -> in how many seconds the last message of that key given back (the failed
         # one, then each follower held back behind it) comes back
         retrying: dict[str, float] = {}
-        held: list[tuple[Delivery, str, float]] = []
         for delivery, message, registration, data in ready:
             with log_context(**self._fields(delivery)):
                 key = message.key
                 if key is not None and key in retrying:
                     # Its key's earlier message failed: it must not be overtaken, so
                     # it comes back after that one (and after its own predecessors).
+                    # Given back at once: left unsettled, a stop would return it now.
                     retrying[key] += _HELD_BACK_GAP
-                    held.append((delivery, message.id, retrying[key]))
+                    await self._hold(delivery, message.id, retrying[key])
                     continue
                 comes_back = await self._process(delivery, message, registration, data)
                 if comes_back is not None and key is not None:
                     retrying[key] = comes_back
-        await self._hold(held)
 
-    async def _hold(self, held: Sequence[tuple[Delivery, str, float]]) -> None:
-        """Give back ``(delivery, message id, delay)`` held behind a failed message of
-        their key. Each hold is noted first, so that the redelivery, which the broker
+    async def _hold(self, delivery: Delivery, message_id: str, delay: float) -> None:
+        """Give back a delivery held behind a failed message of its key, in ``delay``
+        seconds. The hold is noted first, so that the redelivery, which the broker
         counts as one more attempt, does not count against the message's attempts."""
-        if not held:
-            return
         try:
             async with self.database.transaction() as conn:
-                await note_holds(conn, self.name, [message_id for _, message_id, _ in held])
+                await note_holds(conn, self.name, [message_id])
         except Exception:
             log.warning(
-                "could not note %d held-back message(s); their redelivery counts as an attempt",
-                len(held),
+                "could not note the hold of %s; its redelivery counts as an attempt",
+                message_id,
                 exc_info=True,
             )
-        for delivery, _, delay in held:
-            await delivery.nack(delay)
+        await delivery.nack(delay)
 
     async def _attempts(self, delivery: Delivery) -> int:
         """How many times the handler has now failed on this message: the delivery's
         attempt, less the redeliveries that were holds (read only when it failed)."""
         message = delivery.message
-        if delivery.attempt == 1 or message is None:
-            return delivery.attempt
+        if delivery.attempt == 1 or message is None or isinstance(delivery, ReplayDelivery):
+            return delivery.attempt  # a replay counts afresh and is never held back
         try:
             async with self.database.connect() as conn:
                 holds = await holds_of(conn, self.name, message.id)
@@ -458,7 +458,8 @@ class Consumer:
                 self.max_attempts,
                 exc_info=exc,
             )
-            return await self._dead_letter(delivery, "handler_failed", _error_reason(exc, attempt))
+            reason = _error_reason(exc, attempt)
+            return await self._dead_letter(delivery, "handler_failed", reason, attempt)
         delay = self.backoff(attempt)
         log.warning(
             "handler failed on attempt %d of %d (%s: %s); retrying in %.2fs",
@@ -471,13 +472,21 @@ class Consumer:
         await delivery.nack(delay)
         return delay
 
-    async def _dead_letter(self, delivery: Delivery, kind: str, reason: str) -> float | None:
+    async def _dead_letter(
+        self, delivery: Delivery, kind: str, reason: str, attempts: int | None = None
+    ) -> float | None:
         """Dead-letter and ack; if that failed and the delivery comes back, in how many
-        seconds."""
+        seconds. ``attempts``: how many times the handler failed (default: the
+        delivery's attempt)."""
         try:
             async with self.database.transaction() as conn:
                 await write_dead_letter(
-                    conn, consumer=self.name, delivery=delivery, kind=kind, reason=reason
+                    conn,
+                    consumer=self.name,
+                    delivery=delivery,
+                    kind=kind,
+                    reason=reason,
+                    attempts=attempts,
                 )
         except Exception:
             # Never drop a message: if its dead letter cannot be written, give it back.
@@ -492,8 +501,8 @@ class Consumer:
 
     # -- replay -------------------------------------------------------------------
 
-    async def _replay_loop(self) -> None:
-        while not self._stop_event.is_set():
+    async def _replay_loop(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
             claimed: Sequence[Any] = ()
             try:
                 claimed = await claim_replays(
@@ -508,7 +517,7 @@ class Consumer:
                 log.exception("replaying dead letters of %s failed; will retry", self.name)
             if len(claimed) < 20:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop_event.wait(), self.replay_interval)
+                    await asyncio.wait_for(stopping.wait(), self.replay_interval)
 
 
 def _runs(items: Sequence[_Ready]) -> list[list[_Ready]]:

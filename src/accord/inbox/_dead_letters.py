@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db import Database
 from accord.db.database import translate_errors
-from accord.db.schema import dead_letters
+from accord.db.schema import dead_letters, inbox_holds
 from accord.errors import NotFoundError
 from accord.transports.base import Delivery
 
@@ -111,20 +111,29 @@ async def write_dead_letter(
     delivery: Delivery,
     kind: str,
     reason: str,
+    attempts: int | None = None,
 ) -> None:
-    """Record ``delivery`` as dead for ``consumer`` in ``conn``'s transaction.
+    """Record ``delivery`` as dead for ``consumer`` in ``conn``'s transaction, after
+    ``attempts`` tries (default: the delivery's attempt).
 
     A replayed delivery updates its own row back to DEAD. A message already dead
     for this consumer (redelivered after a crash between this write and the ack)
-    updates that row instead of adding a second one.
+    updates that row instead of adding a second one. The message's holds go with
+    it: a replay counts its attempts afresh.
     """
     now = datetime.now(UTC)
     message = delivery.message
     message_id = message.id if message else delivery.headers.get("ce-id")
+    if message_id is not None:
+        await conn.execute(
+            inbox_holds.delete().where(
+                inbox_holds.c.consumer == consumer, inbox_holds.c.message_id == message_id
+            )
+        )
     changes = {
         "kind": kind,
         "reason": reason,
-        "attempts": delivery.attempt,
+        "attempts": delivery.attempt if attempts is None else attempts,
         "status": DEAD,
         "available_at": None,
         "updated_at": now,

@@ -54,8 +54,8 @@ async def record_many(
 # VALUES is new SQL for each size, prepared again); rows go in in array order.
 _RECORD_POSTGRES = sa.text(
     "INSERT INTO accord_inbox (consumer, message_id, message_type, processed_at) "
-    "SELECT :consumer, u.id, u.type, :now "
-    "FROM unnest(CAST(:ids AS varchar[]), CAST(:types AS varchar[])) AS u(id, type) "
+    "SELECT :consumer, u.id, u.type, :now FROM unnest(CAST(:ids AS varchar[]), "
+    "CAST(:types AS varchar[])) WITH ORDINALITY AS u(id, type, n) ORDER BY u.n "
     "ON CONFLICT (consumer, message_id) DO NOTHING RETURNING message_id"
 ).bindparams(sa.bindparam("now", type_=UTCDateTime()))
 

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI, HTTPException, Query
 
 from accord.db import Database
+from accord.db.types import one_of
 from accord.errors import NotFoundError
 from accord.messages import Message
 from accord.outbox import add as add_to_outbox
@@ -54,7 +55,7 @@ class _Settled:
     CANCELLED): while any request waits, one query every ``interval`` seconds looks
     at all their tournaments at once, whatever the number of waiters."""
 
-    def __init__(self, database: Database, interval: float = 0.02) -> None:
+    def __init__(self, database: Database, interval: float = 0.01) -> None:
         self.database = database
         self.interval = interval
         self._waiting: dict[str, list[asyncio.Future[None]]] = {}
@@ -77,18 +78,23 @@ class _Settled:
                     del self._waiting[tournament_id]
 
     async def _poll(self) -> None:
+        query = sa.select(tournaments.c.id).where(
+            one_of(tournaments.c.id, "ids", self.database.dialect),
+            tournaments.c.status != PENDING,
+        )
+        failing = False
         while self._waiting:
-            await asyncio.sleep(self.interval)
-            ids = list(self._waiting)
-            query = sa.select(tournaments.c.id).where(
-                tournaments.c.id.in_(ids), tournaments.c.status != PENDING
-            )
+            await asyncio.sleep(self.interval * (50 if failing else 1))
             try:
                 async with self.database.connect() as conn:
-                    settled = (await conn.execute(query)).scalars().all()
-            except Exception:  # the waiters time out; the next tick tries again
-                log.warning("could not read tournament statuses", exc_info=True)
+                    result = await conn.execute(query, {"ids": list(self._waiting)})
+                    settled = result.scalars().all()
+            except Exception:  # the waiters time out; try again a little later
+                if not failing:
+                    log.warning("could not read tournament statuses", exc_info=True)
+                failing = True
                 continue
+            failing = False
             for tournament_id in settled:
                 for waiter in self._waiting.pop(tournament_id, []):
                     if not waiter.done():
