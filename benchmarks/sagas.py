@@ -130,7 +130,7 @@ async def child(
     else:
         consumers = service(database, transport, role, int(batch), int(concurrency), functions)
         parts = list(consumers)
-    relay = Relay(database, transport, poll_interval=0.02)
+    relay = Relay(database, transport)  # woken by NOTIFY at each commit
     parts.append(relay)
     sizes: list[int] = []
     for consumer in consumers:
