@@ -217,6 +217,18 @@ async def timer_transports(
     await cleanup(made)
 
 
+async def start_on_backlog(
+    consumer: Consumer, publisher: Transport, messages: Sequence[Message]
+) -> None:
+    """Create the consumer's group, publish ``messages`` while nobody consumes, then
+    start it: they arrive as one backlog, in batches."""
+    await consumer.start()
+    await consumer.stop()
+    await publisher.connect()
+    await publisher.publish(list(messages))
+    await consumer.start()
+
+
 async def test_held_back_messages_come_back_after_their_failed_predecessor_in_key_order(
     app_db: Database,
     timer_transports: Callable[[], Transport],
@@ -237,12 +249,7 @@ async def test_held_back_messages_come_back_after_their_failed_predecessor_in_ke
 
     keyed = [Message(type="test.scored", data={"n": i}, key="k") for i in range(5)]
     others = [Message(type="test.scored", data={"n": 10 + i}, key=f"o{i}") for i in range(3)]
-    await consumer.start()  # creates the group; the messages then wait as one backlog
-    await consumer.stop()
-    publisher = timer_transports()
-    await publisher.connect()
-    await publisher.publish([*keyed[:3], *others, *keyed[3:]])
-    await consumer.start()
+    await start_on_backlog(consumer, timer_transports(), [*keyed[:3], *others, *keyed[3:]])
 
     everything = {m.id: 1 for m in [*keyed, *others]}
     await assert_eventually(lambda: _effects_are(app_db, everything), timeout=20)
@@ -271,12 +278,7 @@ async def test_a_hold_is_not_a_failed_attempt(
         await ctx.conn.execute(effects.insert().values(message_id=ctx.message.id))
 
     keyed = [Message(type="test.scored", data={"n": i}, key="k") for i in range(2)]
-    await consumer.start()  # creates the group; the messages then wait as one backlog
-    await consumer.stop()
-    publisher = timer_transports()
-    await publisher.connect()
-    await publisher.publish(keyed)
-    await consumer.start()
+    await start_on_backlog(consumer, timer_transports(), keyed)
 
     await assert_eventually(lambda: _effects_are(app_db, {m.id: 1 for m in keyed}), timeout=20)
     assert await DeadLetters(app_db).list(name) == []
@@ -306,12 +308,7 @@ async def test_a_held_message_dead_lettered_and_replayed_gets_max_attempts_again
         await ctx.conn.execute(effects.insert().values(message_id=ctx.message.id))
 
     keyed = [Message(type="test.scored", data={"n": i}, key="k") for i in range(2)]
-    await consumer.start()  # creates the group; the messages then wait as one backlog
-    await consumer.stop()
-    publisher = timer_transports()
-    await publisher.connect()
-    await publisher.publish(keyed)
-    await consumer.start()
+    await start_on_backlog(consumer, timer_transports(), keyed)
 
     letters = DeadLetters(app_db)
     [letter] = await wait_for(lambda: letters.list(name), timeout=20)
