@@ -195,6 +195,30 @@ async def test_a_failing_handler_is_retried_then_dead_lettered_with_its_error(
     assert not await Inbox(app_db).processed(name, poison.id)
 
 
+async def test_a_database_without_the_holds_table_still_retries_and_dead_letters(
+    app_db: Database, broker: Broker, consumers: Callable[..., Consumer]
+) -> None:
+    # A schema from before migration 2 (no `accord db upgrade` since): counting holds
+    # is best effort; retries and dead letters must work as before.
+    async with app_db.transaction() as conn:
+        await conn.execute(sa.text("DROP TABLE accord_inbox_holds"))
+    name = unique()
+    consumer = consumers(name, app_db, broker.transport(), max_attempts=2)
+    attempts: list[int] = []
+
+    @consumer.handler("test.poison")
+    async def on_poison(ctx: HandlerContext, data: Any) -> None:
+        attempts.append(ctx.attempt)
+        raise ValueError("never")
+
+    await consumer.start()
+    poison = Message(type="test.poison", data={})
+    await broker.publish(poison)
+    [letter] = await wait_for(lambda: dead_letters(app_db, name))
+    assert attempts == [1, 2]
+    assert (letter.message_id, letter.attempts) == (poison.id, 2)
+
+
 async def _equal(value: Any, expected: Any) -> None:
     assert await value == expected
 

@@ -25,7 +25,7 @@ from accord.inbox._context import (
     run_after_commit,
 )
 from accord.inbox._dead_letters import ReplayDelivery, claim_replays, write_dead_letter
-from accord.inbox._store import holds_of, note_holds, record, record_many
+from accord.inbox._store import forget_holds, holds_of, note_holds, record, record_many
 from accord.messages import Message
 from accord.observability import log_context
 from accord.observability._metrics import (
@@ -497,6 +497,14 @@ class Consumer:
         CONSUMER_DEAD_LETTERED.labels(self.name, kind).inc()
         log.error("dead-lettered (%s): %s", kind, reason.splitlines()[0])
         await delivery.ack()
+        if kind == "handler_failed" and delivery.message is not None and delivery.attempt > 1:
+            # Housekeeping, after the fact: a database whose schema predates the
+            # holds table (no `accord db upgrade` yet) must still dead-letter.
+            try:
+                async with self.database.transaction() as conn:
+                    await forget_holds(conn, self.name, delivery.message.id)
+            except Exception:
+                log.debug("could not forget the holds of %s", delivery.message.id, exc_info=True)
         return None
 
     # -- replay -------------------------------------------------------------------

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db import Database
 from accord.db.database import translate_errors
-from accord.db.schema import dead_letters, inbox_holds
+from accord.db.schema import dead_letters
 from accord.errors import NotFoundError
 from accord.transports.base import Delivery
 
@@ -118,18 +118,11 @@ async def write_dead_letter(
 
     A replayed delivery updates its own row back to DEAD. A message already dead
     for this consumer (redelivered after a crash between this write and the ack)
-    updates that row instead of adding a second one. The message's holds go with
-    it: a replay counts its attempts afresh.
+    updates that row instead of adding a second one.
     """
     now = datetime.now(UTC)
     message = delivery.message
     message_id = message.id if message else delivery.headers.get("ce-id")
-    if message_id is not None:
-        await conn.execute(
-            inbox_holds.delete().where(
-                inbox_holds.c.consumer == consumer, inbox_holds.c.message_id == message_id
-            )
-        )
     changes = {
         "kind": kind,
         "reason": reason,

@@ -17,7 +17,7 @@ from accord.db.schema import inbox, inbox_holds
 from accord.db.types import UTCDateTime
 from accord.messages import Message
 
-__all__ = ["Inbox", "holds_of", "note_holds", "record", "record_many"]
+__all__ = ["Inbox", "forget_holds", "holds_of", "note_holds", "record", "record_many"]
 
 
 async def record_many(
@@ -94,6 +94,15 @@ async def note_holds(conn: AsyncConnection, consumer: str, message_ids: Sequence
         for m in sorted(set(message_ids))
     ]
     await conn.execute(statement, rows)
+
+
+async def forget_holds(conn: AsyncConnection, consumer: str, message_id: str) -> None:
+    """Drop the message's holds (it was dead-lettered: a replay counts afresh)."""
+    await conn.execute(
+        inbox_holds.delete().where(
+            inbox_holds.c.consumer == consumer, inbox_holds.c.message_id == message_id
+        )
+    )
 
 
 async def holds_of(conn: AsyncConnection, consumer: str, message_id: str) -> int:
