@@ -2,12 +2,14 @@
 supervisor): tournaments created per second until ACTIVE, and matches recorded per
 second until the leaderboard shows them, with p50/p99 latencies.
 
-Runs on PostgreSQL (one database per engine) + RabbitMQ with two relay/consumer
-processes per engine; baseline in the same run: the same workload on the embedded
-default (SQLite files + SQL transport, one process each), and the HTTP floor (a GET
-of /health) on the same machine.
+Runs on PostgreSQL (one database per engine) + RabbitMQ with ``--workers``
+relay/consumer processes per engine (default 1: on two cores a second set of
+processes measured slower, 54-59 against 81-86 tournaments/s); baseline in the same
+run: the same workload on the embedded default (SQLite files + SQL transport, one
+process each), and the HTTP floor (a GET of /health) on the same machine.
 
     .venv/bin/python -m benchmarks.tournament [--quick] [--tournaments 200] [--matches 400]
+        [--concurrency 16] [--workers 1]
 """
 
 from __future__ import annotations
@@ -155,7 +157,11 @@ async def main(args: argparse.Namespace) -> None:
         channel = f"bench-{uuid.uuid4().hex[:8]}"
         try:
             async with stack(
-                match_db=mdb.url, score_db=sdb.url, broker=RABBIT_URL, channel=channel, workers=2
+                match_db=mdb.url,
+                score_db=sdb.url,
+                broker=RABBIT_URL,
+                channel=channel,
+                workers=args.workers,
             ) as (config, token):
                 rows += await workload(
                     "PostgreSQL + RabbitMQ", config, token, tournaments, matches, args.concurrency
@@ -180,5 +186,8 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="40 tournaments, 80 matches.")
     parser.add_argument("--tournaments", type=int, default=200)
     parser.add_argument("--matches", type=int, default=400)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=16, help="HTTP clients.")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="Relay/consumer processes per engine role."
+    )
     asyncio.run(main(parser.parse_args()))
