@@ -385,3 +385,18 @@ async def test_stop_before_run_is_not_forgotten(sqlite_url: str) -> None:
     await consumer.stop()
     await asyncio.wait_for(consumer.run(), 5)
     await database.dispose()
+
+
+async def test_a_stop_during_start_ends_the_replay_loop_it_started(sqlite_url: str) -> None:
+    # stop() arrives while start() is connecting: the replay loop start() goes on to
+    # create must see that stop, or stop() waits for it forever.
+    database = Database(sqlite_url)
+    consumer = Consumer("racing", database, SqlTransport(database=database))
+
+    @consumer.handler("t.any")
+    async def handle(ctx: HandlerContext, data: Any) -> None:
+        pass
+
+    async with asyncio.timeout(10):
+        await asyncio.gather(consumer.start(), consumer.stop())
+    await database.dispose()

@@ -213,8 +213,9 @@ class Consumer:
     async def stop(self) -> None:
         """Stop consuming; a message being handled finishes first. Idempotent."""
         self._stop_event.set()
-        self._replay_stopping.set()
         async with self._lock:
+            # Under the lock: the replay loop of a start() that was under way is this one.
+            self._replay_stopping.set()
             subscription, self._subscription = self._subscription, None
             replay_task, self._replay_task = self._replay_task, None
             if subscription is not None:
