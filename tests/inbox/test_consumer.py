@@ -374,14 +374,20 @@ async def test_publish_from_a_handler_goes_to_the_outbox_with_correlation(
     assert headers["ce-traceparent"].split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
 
 
-async def test_stop_before_run_is_not_forgotten(sqlite_url: str) -> None:
-    database = Database(sqlite_url)
-    consumer = Consumer("early-stop", database, SqlTransport(database=database))
+def idle_consumer(name: str, database: Database) -> Consumer:
+    """A consumer on the SQL transport of ``database`` with one handler that does nothing."""
+    consumer = Consumer(name, database, SqlTransport(database=database))
 
     @consumer.handler("t.any")
     async def handle(ctx: HandlerContext, data: Any) -> None:
         pass
 
+    return consumer
+
+
+async def test_stop_before_run_is_not_forgotten(sqlite_url: str) -> None:
+    database = Database(sqlite_url)
+    consumer = idle_consumer("early-stop", database)
     await consumer.stop()
     await asyncio.wait_for(consumer.run(), 5)
     await database.dispose()
@@ -391,12 +397,7 @@ async def test_a_stop_during_start_ends_the_replay_loop_it_started(sqlite_url: s
     # stop() arrives while start() is connecting: the replay loop start() goes on to
     # create must see that stop, or stop() waits for it forever.
     database = Database(sqlite_url)
-    consumer = Consumer("racing", database, SqlTransport(database=database))
-
-    @consumer.handler("t.any")
-    async def handle(ctx: HandlerContext, data: Any) -> None:
-        pass
-
+    consumer = idle_consumer("racing", database)
     async with asyncio.timeout(10):
         await asyncio.gather(consumer.start(), consumer.stop())
     await database.dispose()
