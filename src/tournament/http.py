@@ -13,7 +13,10 @@ from fastapi.responses import JSONResponse
 
 from tournament.contracts import MAX_BODY_BYTES
 
-__all__ = ["BodyTooLarge", "Guard", "install_error_handlers"]
+__all__ = ["MAX_WAIT", "BodyTooLarge", "Guard", "install_error_handlers"]
+
+#: The longest wait a long-polling request may ask for (seconds), on either engine.
+MAX_WAIT = 30.0
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -31,7 +31,7 @@ from tournament.contracts import (
     CreateTournament,
     RecordMatch,
 )
-from tournament.http import Guard, install_error_handlers
+from tournament.http import MAX_WAIT, Guard, install_error_handlers
 from tournament.match_engine.flow import (
     choreography,
     create_tournament_saga,
@@ -43,9 +43,6 @@ from tournament.match_engine.tables import matches, tournaments
 __all__ = ["create_app"]
 
 SOURCE = "match-engine"
-
-#: The longest ``wait`` a GET of a tournament may ask for.
-MAX_WAIT = 30.0
 
 log = logging.getLogger("tournament.match_engine")
 

@@ -16,15 +16,12 @@ from accord.eventstore import EventStore
 from accord.projections import ProjectionRunner, ProjectionStopped, WaitTimeout, projection_status
 from tournament.config import StackConfig
 from tournament.contracts import BanRequest
-from tournament.http import Guard, install_error_handlers
+from tournament.http import MAX_WAIT, Guard, install_error_handlers
 from tournament.score_engine.leaderboard import leaderboard, read_leaderboard
 from tournament.score_engine.ledger import OPEN, fold, ranked, stream_id
 from tournament.score_engine.tables import bans, ledgers
 
 __all__ = ["create_app"]
-
-#: The longest ``min_position`` wait a request may ask for.
-MAX_WAIT = 30.0
 
 
 def _parse_instant(text: str) -> datetime:
