@@ -21,6 +21,25 @@ RESULTS = Path(__file__).parent / "results"
 console = Console()
 
 
+# -- what the bare baselines share: an asyncpg claim and the plain aio-pika message --
+
+BARE_CLAIM = """SELECT seq, id, event_type, headers, payload FROM accord_outbox
+WHERE status = 'PENDING' ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED"""
+
+
+def bare_amqp_message(row: Any) -> Any:
+    """The plain aio-pika message for a claimed outbox row (persistent, the row's
+    CloudEvents headers, its id as the AMQP message id)."""
+    import aio_pika
+
+    return aio_pika.Message(
+        body=row["payload"].encode(),
+        headers=json.loads(row["headers"]),
+        message_id=str(row["id"]),
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
 class ScratchDatabase:
     """A PostgreSQL database created for one benchmark run and dropped after it."""
 

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import time
 from datetime import UTC, datetime
-from typing import Any
 
 from accord import Database
 from accord.outbox import Relay
 from accord.outbox.writer import NOTIFY_CHANNEL
 from accord.transports import from_url
+from benchmarks._common import BARE_CLAIM, bare_amqp_message
 
-BARE_CLAIM = """SELECT seq, id, event_type, headers, payload FROM accord_outbox
-WHERE status = 'PENDING' ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED"""
 BARE_MARK = "UPDATE accord_outbox SET status = 'SENT', sent_at = $2 WHERE seq = ANY($1)"
 
 
@@ -41,16 +38,6 @@ async def bare(dsn: str, broker: str, exchange_name: str, stopping: asyncio.Even
     channel = await amqp.channel(publisher_confirms=True)
     exchange = await channel.get_exchange(exchange_name)
 
-    def message(row: Any) -> aio_pika.Message:
-        headers = json.loads(row["headers"])
-        return aio_pika.Message(
-            body=row["payload"].encode(),
-            content_type=headers.pop("content-type", None),
-            headers=headers,
-            message_id=str(row["id"]),
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
-
     print("ready", flush=True)
     while not stopping.is_set():
         wake.clear()
@@ -58,7 +45,10 @@ async def bare(dsn: str, broker: str, exchange_name: str, stopping: asyncio.Even
             rows = await conn.fetch(BARE_CLAIM, 500)
             if rows:
                 await asyncio.gather(
-                    *(exchange.publish(message(r), routing_key=r["event_type"]) for r in rows)
+                    *(
+                        exchange.publish(bare_amqp_message(r), routing_key=r["event_type"])
+                        for r in rows
+                    )
                 )
                 await conn.execute(BARE_MARK, [r["seq"] for r in rows], datetime.now(UTC))
         if len(rows) < 500:

@@ -28,9 +28,11 @@ from accord.testing import wait_for
 from accord.transports import from_url
 from accord.transports.rabbitmq import RabbitTopology
 from benchmarks._common import (
+    BARE_CLAIM,
     NATS_URL,
     RABBIT_URL,
     ScratchDatabase,
+    bare_amqp_message,
     console,
     median,
     percentile,
@@ -61,8 +63,6 @@ async def fill(dsn: str, count: int) -> None:
 
 # -- the bare baselines: an asyncpg claim loop publishing with the plain client ---------
 
-CLAIM = """SELECT seq, id, event_type, headers, payload FROM accord_outbox
-WHERE status = 'PENDING' ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED"""
 MARK = "UPDATE accord_outbox SET status = 'SENT', sent_at = now() WHERE seq = ANY($1)"
 
 
@@ -71,7 +71,7 @@ async def bare_loop(dsn: str, publish: Any, batch: int) -> int:
     total = 0
     while True:
         async with conn.transaction():
-            rows = await conn.fetch(CLAIM, batch)
+            rows = await conn.fetch(BARE_CLAIM, batch)
             if not rows:
                 break
             await publish(rows)
@@ -93,18 +93,7 @@ async def bare_rabbit(dsn: str, batch: int) -> tuple[int, Any]:
 
     async def publish(rows: list[Any]) -> None:
         await asyncio.gather(
-            *(
-                exchange.publish(
-                    aio_pika.Message(
-                        body=r["payload"].encode(),
-                        headers=json.loads(r["headers"]),
-                        message_id=str(r["id"]),
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    ),
-                    routing_key=r["event_type"],
-                )
-                for r in rows
-            )
+            *(exchange.publish(bare_amqp_message(r), routing_key=r["event_type"]) for r in rows)
         )
 
     async def cleanup() -> None:
