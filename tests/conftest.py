@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from accord.db import Database
+from tests.hang_report import watch
 
 PG_ADMIN_DSN = os.environ.get("ACCORD_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 RABBIT_URL = os.environ.get("ACCORD_TEST_RABBIT", "amqp://guest:guest@127.0.0.1:5672/")
@@ -79,3 +80,16 @@ async def database(db_url: str) -> AsyncIterator[Database]:
     db = Database(db_url)
     yield db
     await db.dispose()
+
+
+@pytest.fixture(autouse=True)
+def report_a_hang(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Shortly before pytest-timeout fails a test, print what it was waiting on."""
+    marker = request.node.get_closest_marker("timeout")
+    limit = float(marker.args[0] if marker and marker.args else request.config.getini("timeout"))
+    if limit <= 0:
+        yield
+        return
+    timer = watch(request.node.nodeid, limit, PG_ADMIN_DSN)
+    yield
+    timer.cancel()
