@@ -94,6 +94,62 @@ def test_list_show_retry_abort(db_url: str) -> None:
     assert missing.exit_code == 1 and "no saga 'nope'" in missing.output
 
 
+async def make_many_stuck(url: str, count: int) -> tuple[list[str], str]:
+    """``count`` sagas STUCK compensating their local step 0, and one still running."""
+    async with Database(url) as database:
+        await trip_app.create_tables(database)
+        orch = orchestrator(database)
+        await trip_app.set_outage(database, 0, True)
+        stuck = [await orch.start("trip", {}) for _ in range(count)]
+        for saga_id in stuck:
+            await orch.consumer.handle(Captured(reply(saga_id, 1, ok=False)))
+        for _ in range(4):
+            await orch.fire_due(LATER)
+        running = await orch.start("trip", {})
+        await trip_app.set_outage(database, 0, False)
+    return stuck, running
+
+
+def test_retry_many_stuck_sagas_at_once(db_url: str) -> None:
+    stuck, running = asyncio.run(make_many_stuck(db_url, 3))
+    counts = json.loads(accord("sagas", "list", "--db", db_url, "--json").output)["counts"]
+    assert counts == {"STUCK": 3, "RUNNING": 1}
+
+    # Named ids: the STUCK one is resumed, the running one is reported and fails the command.
+    mixed = accord("sagas", "retry", stuck[0], running, "--db", db_url, "--json")
+    assert mixed.exit_code == 1
+    document = json.loads(mixed.output)
+    assert [s["id"] for s in document["resumed"]] == [stuck[0]]
+    assert [f["id"] for f in document["failed"]] == [running]
+    assert "RUNNING: only a STUCK saga can be retried" in document["failed"][0]["error"]
+
+    # --all resumes every STUCK saga left (and only those); --name filters by saga.
+    other = accord("sagas", "retry", "--all", "--name", "no-such-saga", "--db", db_url, "--json")
+    assert other.exit_code == 0 and json.loads(other.output) == {"resumed": [], "failed": []}
+    every = accord("sagas", "retry", "--all", "--name", "trip", "--db", db_url, "--json")
+    assert every.exit_code == 0, every.output
+    resumed = json.loads(every.output)["resumed"]
+    assert sorted(s["id"] for s in resumed) == sorted(stuck[1:])
+    assert {s["status"] for s in resumed} == {"COMPENSATING"}
+    assert "0 saga(s) resumed" in accord("sagas", "retry", "--all", "--db", db_url).output
+
+    # The orchestrator carries them on: the outage is over, so compensation completes.
+    asyncio.run(drive(db_url))
+    listed = json.loads(accord("sagas", "list", "--db", db_url, "--json").output)["sagas"]
+    assert {s["id"]: s["status"] for s in listed if s["id"] in stuck} == dict.fromkeys(
+        stuck, "COMPENSATED"
+    )
+
+
+def test_retry_needs_ids_or_all(db_url: str) -> None:
+    neither = accord("sagas", "retry", "--db", db_url)
+    assert neither.exit_code == 2 and "--all" in neither.output
+    both = accord("sagas", "retry", "some-id", "--all", "--db", db_url)
+    assert both.exit_code == 2
+    name_with_ids = accord("sagas", "retry", "some-id", "--name", "trip", "--db", db_url)
+    assert name_with_ids.exit_code == 2 and "--name" in name_with_ids.output
+
+
 async def record_flow(url: str) -> str:
     async with Database(url) as database:
         tracker = FlowTracker(database, SqlTransport(url, channel="unused"))

@@ -1,18 +1,22 @@
-"""``accord sagas``: list saga instances, show one's timeline, retry a STUCK one, abort."""
+"""``accord sagas``: list saga instances, show one's timeline, retry STUCK ones, abort."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from accord.cli.app import DbOption, JsonOption, app, console, print_json, run
+from accord.cli.app import DbOption, JsonOption, app, console, err_console, print_json, run
 from accord.db import Database
+from accord.errors import ConfigurationError, NotFoundError
 from accord.sagas import STATUSES, SagaAdmin
 
 sagas_app = typer.Typer(
-    help="Saga instances: list, show (step log as a timeline), retry a STUCK one, abort.",
+    help="Saga instances: list, show (step log as a timeline), retry STUCK ones, abort.",
     no_args_is_help=True,
 )
 app.add_typer(sagas_app, name="sagas")
@@ -104,9 +108,62 @@ def show(saga_id: IdArgument, db: DbOption, as_json: JsonOption = False) -> None
 
 
 @sagas_app.command("retry")
-def retry(saga_id: IdArgument, db: DbOption, as_json: JsonOption = False) -> None:
-    """Resume a STUCK saga where it stopped (the running orchestrator carries it on)."""
+def retry(
+    db: DbOption,
+    saga_ids: Annotated[
+        list[str] | None, typer.Argument(help="STUCK saga instance ids.", show_default=False)
+    ] = None,
+    all_stuck: Annotated[
+        bool, typer.Option("--all", help="Resume every STUCK saga (see --name).")
+    ] = False,
+    name: Annotated[
+        str | None, typer.Option("--name", help="With --all: only the STUCK sagas of this saga.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Resume STUCK sagas where they stopped, with fresh attempts (the running
+    orchestrator carries them on).
 
+    With one id, --json prints that saga; with several ids or --all it prints
+    {"resumed": [...], "failed": [{"id", "error"}]}. Exits 1 if a named saga
+    could not be resumed (not found, or not STUCK).
+    """
+    if all_stuck == bool(saga_ids):
+        raise typer.BadParameter("give the ids of STUCK sagas, or --all (not both)")
+    if name and not all_stuck:
+        raise typer.BadParameter("--name selects sagas for --all; with ids, leave it out")
+    if saga_ids and len(saga_ids) == 1:
+        _retry_one(db, saga_ids[0], as_json)
+        return
+
+    async def go() -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+        async with Database(db) as database:
+            admin = SagaAdmin(database)
+            if all_stuck:
+                with _progress(as_json) as show:
+                    resumed = await admin.retry_stuck(name=name, on_progress=show)
+                return [s.as_dict() for s in resumed], []
+            done: list[dict[str, Any]] = []
+            failed: list[dict[str, str]] = []
+            for saga_id in saga_ids or []:
+                try:
+                    done.append((await admin.retry(saga_id)).as_dict())
+                except (ConfigurationError, NotFoundError) as exc:
+                    failed.append({"id": saga_id, "error": str(exc)})
+            return done, failed
+
+    resumed, failed = run(go())
+    if as_json:
+        print_json({"resumed": resumed, "failed": failed})
+    else:
+        console.print(f"{len(resumed)} saga(s) resumed.")
+        for f in failed:
+            err_console.print(f"[bold red]not resumed:[/] {f['error']}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _retry_one(db: str, saga_id: str, as_json: bool) -> None:
     async def go() -> dict[str, Any]:
         async with Database(db) as database:
             return (await SagaAdmin(database).retry(saga_id)).as_dict()
@@ -116,6 +173,24 @@ def retry(saga_id: IdArgument, db: DbOption, as_json: JsonOption = False) -> Non
         print_json(state)
     else:
         console.print(f"saga {saga_id} resumed: {_styled(state['status'])}")
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar for a bulk retry (none with --json); yields its callback."""
+    if quiet:
+        yield None
+        return
+    with Progress(
+        TextColumn("resuming STUCK sagas"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("retry", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 @sagas_app.command("abort")

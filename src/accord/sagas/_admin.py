@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -122,14 +123,51 @@ class SagaAdmin:
                     raise ConfigurationError(
                         f"saga {saga_id} is {state.status}: only a STUCK saga can be retried"
                     )
-                tx = Transition(state, state.version)
-                state.status = RUNNING if state.phase == ACTION else COMPENSATING
-                state.attempt_base = state.attempt
-                state.waiting = False
-                tx.log(state.step, "-", state.phase, "operator_retry", state.error)
-                tx.set_deadline("retry", 0)
-                await tx.save(conn)
+                await self._resume(conn, state)
         return state
+
+    async def retry_stuck(
+        self,
+        *,
+        name: str | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> builtins.list[SagaState]:
+        """Resume every STUCK instance (only those of saga ``name``, if given), oldest
+        first, each in its own transaction, as :meth:`retry` does; returns them.
+
+        The set is taken when the call starts; an instance that stops being STUCK
+        before its turn (another operator retried or aborted it) is left alone.
+        ``on_progress(done, total)`` is called after each instance.
+        """
+        query = sa.select(sagas.c.id).where(sagas.c.status == STUCK).order_by(sagas.c.updated_at)
+        if name:
+            query = query.where(sagas.c.name == name)
+        with translate_errors("listing STUCK sagas"):
+            async with self.database.connect() as conn:
+                ids = [str(i) for i in (await conn.scalars(query)).all()]
+        resumed: builtins.list[SagaState] = []
+        for done, saga_id in enumerate(ids, 1):
+            with translate_errors("retrying a saga"):
+                async with self.database.transaction() as conn:
+                    state = await load(conn, saga_id, for_update=True)
+                    if state is not None and state.status == STUCK:
+                        await self._resume(conn, state)
+                        resumed.append(state)
+            if on_progress is not None:
+                on_progress(done, len(ids))
+        return resumed
+
+    @staticmethod
+    async def _resume(conn: Any, state: SagaState) -> None:
+        """Put a STUCK ``state`` back to work with fresh attempts; the orchestrator's
+        next timer round carries it on."""
+        tx = Transition(state, state.version)
+        state.status = RUNNING if state.phase == ACTION else COMPENSATING
+        state.attempt_base = state.attempt
+        state.waiting = False
+        tx.log(state.step, "-", state.phase, "operator_retry", state.error)
+        tx.set_deadline("retry", 0)
+        await tx.save(conn)
 
     async def abort(self, saga_id: str, reason: str = "aborted by an operator") -> SagaState:
         """Ask the orchestrator to abort an instance: one still running its steps is
