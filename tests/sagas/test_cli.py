@@ -34,19 +34,26 @@ def orchestrator(database: Database) -> Orchestrator:
     return Orchestrator(database, transport, [trip_app.make_trip()], name="orch")
 
 
-async def make_stuck(url: str) -> tuple[str, str]:
-    """A saga STUCK compensating its local step 0, and one waiting at step 1."""
+async def make_many_stuck(url: str, count: int) -> tuple[list[str], str]:
+    """``count`` sagas STUCK compensating their local step 0, and one still running."""
     async with Database(url) as database:
         await trip_app.create_tables(database)
         orch = orchestrator(database)
         await trip_app.set_outage(database, 0, True)
-        stuck = await orch.start("trip", {})
-        await orch.consumer.handle(Captured(reply(stuck, 1, ok=False)))
+        stuck = [await orch.start("trip", {}) for _ in range(count)]
+        for saga_id in stuck:
+            await orch.consumer.handle(Captured(reply(saga_id, 1, ok=False)))
         for _ in range(4):
             await orch.fire_due(LATER)
         running = await orch.start("trip", {})
         await trip_app.set_outage(database, 0, False)
     return stuck, running
+
+
+async def make_stuck(url: str) -> tuple[str, str]:
+    """A saga STUCK compensating its local step 0, and one waiting at step 1."""
+    stuck, running = await make_many_stuck(url, 1)
+    return stuck[0], running
 
 
 async def drive(url: str) -> None:
@@ -92,22 +99,6 @@ def test_list_show_retry_abort(db_url: str) -> None:
     assert "abort_requested" in events and "aborted" in events
     missing = accord("sagas", "show", "nope", "--db", db_url)
     assert missing.exit_code == 1 and "no saga 'nope'" in missing.output
-
-
-async def make_many_stuck(url: str, count: int) -> tuple[list[str], str]:
-    """``count`` sagas STUCK compensating their local step 0, and one still running."""
-    async with Database(url) as database:
-        await trip_app.create_tables(database)
-        orch = orchestrator(database)
-        await trip_app.set_outage(database, 0, True)
-        stuck = [await orch.start("trip", {}) for _ in range(count)]
-        for saga_id in stuck:
-            await orch.consumer.handle(Captured(reply(saga_id, 1, ok=False)))
-        for _ in range(4):
-            await orch.fire_due(LATER)
-        running = await orch.start("trip", {})
-        await trip_app.set_outage(database, 0, False)
-    return stuck, running
 
 
 def test_retry_many_stuck_sagas_at_once(db_url: str) -> None:
