@@ -26,6 +26,7 @@ async def main() -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--batch", type=int, default=200)
     parser.add_argument("--lease", type=float, default=30.0)
+    parser.add_argument("--claims", choices=["lock", "lease"], default=None)
     args = parser.parse_args()
 
     database = Database(args.db)
@@ -41,6 +42,7 @@ async def main() -> None:
         transport,
         batch_size=args.batch,
         lease=args.lease,
+        claims=args.claims,
         max_attempts=1000,
         backoff_base=0.02,
         backoff_cap=0.2,

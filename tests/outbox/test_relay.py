@@ -11,6 +11,8 @@ import sqlalchemy as sa
 
 from accord import Database, Message, add_to_outbox
 from accord.db.schema import outbox
+from accord.errors import ConfigurationError
+from accord.eventstore import EventStore, NewEvent
 from accord.outbox import OutboxAdmin, Relay
 from accord.testing import FaultyTransport, wait_for
 from accord.transports import from_url
@@ -323,3 +325,63 @@ async def test_stop_before_run_is_not_forgotten(database: Database) -> None:
     relay = Relay(database, from_url("memory://"), poll_interval=3600)
     await relay.stop()
     await asyncio.wait_for(relay.run(), 5)
+
+
+class StalledBroker(FaultyTransport):
+    """A real transport whose confirms are held back until ``release`` is set, as a
+    broker under flow control holds them."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.publishing = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def publish_envelopes(self, envelopes: Any) -> None:
+        self.publishing.set()
+        await self.release.wait()
+        await super().publish_envelopes(envelopes)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("claims", ["lock", "lease"])
+async def test_lease_claims_hold_no_transaction_open_while_the_broker_confirms(
+    pg_url: str, claims: str, listen: Any
+) -> None:
+    """With locks, a batch's transaction stays open while the broker confirms, and it
+    holds the event store's gap-safe readers back (xmin is server-wide); with leases
+    nothing is open, readers see new events at once, and the batch is still nobody
+    else's to publish."""
+    database = Database(pg_url)
+    store = EventStore(database)
+    transport, received = await listen(broker_url("rabbitmq", ""))
+    message = Message(type="order.placed", data={"n": 1})
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, message)
+    stalled = StalledBroker(transport)
+    relay = fast_relay(database, stalled, claims=claims)
+    round_ = asyncio.create_task(relay.run_once())
+    try:
+        await asyncio.wait_for(stalled.publishing.wait(), 10)
+        assert await fast_relay(database, transport, claims=claims).run_once() == 0
+        await store.append("orders-1", [NewEvent("order.placed", {"n": 1})])
+        visible = [e.stream_id for e in await store.read_all(0)]
+        assert visible == ([] if claims == "lock" else ["orders-1"])
+    finally:
+        stalled.release.set()
+        assert await round_ == 1
+    await received.wait(1)
+    assert received.ids == [message.id]
+    assert await statuses(database) == {message.id: "SENT"}
+    assert [e.stream_id for e in await store.read_all(0)] == ["orders-1"]
+    await store.close()
+    await database.dispose()
+
+
+async def test_claims_are_checked(database: Database) -> None:
+    with pytest.raises(ConfigurationError, match="'lock' or 'lease'"):
+        Relay(database, from_url("memory://"), claims="hold")
+    if database.is_sqlite:
+        with pytest.raises(ConfigurationError, match="needs PostgreSQL"):
+            Relay(database, from_url("memory://"), claims="lock")
+    else:
+        assert Relay(database, from_url("memory://")).claims == "lock"

@@ -56,8 +56,26 @@ async def pending(database: Database) -> int:
         )
 
 
+# Each fault test runs on SQLite (leases), PostgreSQL with its default (locks held
+# through the publish) and PostgreSQL with leases.
+CLAIMS = pytest.mark.parametrize(
+    "db_url, claims",
+    [
+        ("sqlite", None),
+        pytest.param("postgres", None, marks=pytest.mark.postgres),
+        pytest.param("postgres", "lease", marks=pytest.mark.postgres, id="postgres-lease"),
+    ],
+    indirect=["db_url"],
+)
+
+
+def claims_args(claims: str | None) -> list[str]:
+    return [] if claims is None else ["--claims", claims]
+
+
+@CLAIMS
 async def test_two_relays_keep_every_keys_commit_order_under_random_failures(
-    db_url: str, channel: str, make_transport: Any, spawn: Any
+    db_url: str, claims: str | None, channel: str, make_transport: Any, spawn: Any
 ) -> None:
     database = Database(db_url)
     broker = broker_url("rabbitmq", db_url)
@@ -67,7 +85,16 @@ async def test_two_relays_keep_every_keys_commit_order_under_random_failures(
     await consumer.subscribe("scores", received, prefetch=500)
 
     relays = [
-        spawn(db_url, broker, channel, "--fail-rate", "0.05", "--seed", str(seed))
+        spawn(
+            db_url,
+            broker,
+            channel,
+            "--fail-rate",
+            "0.05",
+            "--seed",
+            str(seed),
+            *claims_args(claims),
+        )
         for seed in (1, 2)
     ]
     counters: dict[str, int] = defaultdict(int)
@@ -100,8 +127,14 @@ async def test_two_relays_keep_every_keys_commit_order_under_random_failures(
     await database.dispose()
 
 
+@CLAIMS
 async def test_relay_killed_between_publish_and_mark_sent_publishes_again_and_inbox_applies_once(
-    db_url: str, tmp_path: Path, channel: str, make_transport: Any, spawn: Any
+    db_url: str,
+    claims: str | None,
+    tmp_path: Path,
+    channel: str,
+    make_transport: Any,
+    spawn: Any,
 ) -> None:
     database = Database(db_url)
     receiver = Database(f"sqlite+aiosqlite:///{tmp_path / 'receiver.db'}")  # its own database
@@ -126,12 +159,14 @@ async def test_relay_killed_between_publish_and_mark_sent_publishes_again_and_in
     async with database.transaction() as conn:
         await add_to_outbox(conn, *messages)
 
-    doomed = spawn(db_url, broker, channel, "--kill-after", "1", "--lease", "1")
+    doomed = spawn(
+        db_url, broker, channel, "--kill-after", "1", "--lease", "1", *claims_args(claims)
+    )
     assert doomed.wait(20) == -signal.SIGKILL
     await deliveries.wait(5)
     assert await pending(database) == 5, "the killed relay must not have marked anything SENT"
 
-    survivor = spawn(db_url, broker, channel, "--lease", "1")
+    survivor = spawn(db_url, broker, channel, "--lease", "1", *claims_args(claims))
     await deliveries.wait(10, timeout=30)
 
     async def all_sent() -> bool:

@@ -145,6 +145,14 @@ def relay(
     max_attempts: Annotated[
         int, typer.Option(help="Failed publishes before a message is DEAD.")
     ] = 10,
+    claims: Annotated[
+        str | None,
+        typer.Option(
+            help="How a batch is held while the broker confirms it: 'lock' (PostgreSQL's "
+            "default: one transaction, rows locked) or 'lease' (no transaction open while "
+            "publishing; use it when an event store shares the PostgreSQL server).",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Run a relay for this database's outbox until SIGTERM/SIGINT (then exit 0).
@@ -164,6 +172,7 @@ def relay(
                 settings_.transport(),
                 batch_size=batch_size,
                 max_attempts=max_attempts,
+                claims=claims,
             )
         ]
 

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db.database import driver_in_transaction
 from accord.db.types import JSONType, UTCDateTime
+from accord.errors import ConfigurationError
 
 __all__ = ["ClaimedRow", "Settlement", "claim", "settle"]
 
@@ -90,8 +91,8 @@ _CLAIM_SQLITE = _claimed(
     f"WITH candidates AS ({_CANDIDATES}) {_ELIGIBLE.replace('{payload}', 'o.payload')}"
 )
 
-# PostgreSQL: the rows stay locked until the caller's transaction ends; the relay keeps
-# it open while it publishes them, so no lease needs writing.
+# PostgreSQL: the rows stay locked until the caller's transaction ends; a relay that
+# keeps it open while it publishes them writes no lease (claims="lock").
 _CLAIM_POSTGRES = _claimed(
     f"WITH candidates AS ({_CANDIDATES} FOR UPDATE SKIP LOCKED) "
     f"{_ELIGIBLE.replace('{payload}', 'o.payload::text')}"
@@ -106,6 +107,7 @@ _MARK_SENT_DRIVER = (
     "UPDATE accord_outbox SET status = 'SENT', sent_at = $1, last_error = NULL "
     "WHERE seq = ANY($2::bigint[])"
 )
+_LEASE_DRIVER = "UPDATE accord_outbox SET available_at = $1 WHERE seq = ANY($2::bigint[])"
 _RESCHEDULE_DRIVER = (
     "UPDATE accord_outbox SET status = $2, available_at = $3, retry_count = $4, "
     "last_error = $5 WHERE seq = $1"
@@ -124,16 +126,22 @@ _RESCHEDULE = sa.text(
 
 
 async def claim(
-    conn: AsyncConnection, *, now: datetime, lease_until: datetime, limit: int
+    conn: AsyncConnection, *, now: datetime, lease_until: datetime | None, limit: int
 ) -> list[ClaimedRow]:
     """Claim up to ``limit`` rows that may be published now, in ``seq`` order.
 
-    PostgreSQL: the rows are locked (``FOR UPDATE SKIP LOCKED``) until ``conn``'s
-    transaction ends — keep it open until they are settled; nothing else is written.
-    SQLite (one writer at a time): the rows are leased until ``lease_until``.
+    With ``lease_until`` the rows are leased until then (moved past it) and the
+    transaction may end at once; SQLite (one writer at a time) always needs it.
+    Without it (PostgreSQL only) they are locked (``FOR UPDATE SKIP LOCKED``)
+    until ``conn``'s transaction ends: keep it open until they are settled.
     """
+    if lease_until is None and conn.dialect.name != "postgresql":
+        raise ConfigurationError("only PostgreSQL can hold a claim by locking; give lease_until")
     driver = await driver_in_transaction(conn)
     if driver is not None:
+        claimed = await driver.fetch(_CLAIM_POSTGRES_DRIVER, now, limit)
+        if claimed and lease_until is not None:
+            await driver.execute(_LEASE_DRIVER, lease_until, [r["seq"] for r in claimed])
         return [
             ClaimedRow(
                 seq=r["seq"],
@@ -145,14 +153,12 @@ async def claim(
                 payload=(r["payload"] or "null").encode(),
                 retry_count=r["retry_count"],
             )
-            for r in await driver.fetch(_CLAIM_POSTGRES_DRIVER, now, limit)
+            for r in claimed
         ]
-    if conn.dialect.name == "postgresql":
-        rows = list((await conn.execute(_CLAIM_POSTGRES, {"now": now, "limit": limit})).all())
-    else:
-        rows = list((await conn.execute(_CLAIM_SQLITE, {"now": now, "limit": limit})).all())
-        if rows:
-            await conn.execute(_LEASE, {"until": lease_until, "seqs": [r.seq for r in rows]})
+    query = _CLAIM_POSTGRES if conn.dialect.name == "postgresql" else _CLAIM_SQLITE
+    rows = list((await conn.execute(query, {"now": now, "limit": limit})).all())
+    if rows and lease_until is not None:
+        await conn.execute(_LEASE, {"until": lease_until, "seqs": [r.seq for r in rows]})
     return [
         ClaimedRow(
             seq=r.seq,

@@ -67,10 +67,21 @@ class Relay:
     waits in backoff and with several relays on one database. A broker outage
     does not count against attempts: the relay waits and resumes.
 
-    Several relays may run against one database. On PostgreSQL a batch stays
-    locked in the transaction that publishes and settles it, so a relay that dies
-    leaves its rows to the others at once; on SQLite a batch is leased for
-    ``lease`` seconds and comes back when the lease runs out.
+    Several relays may run against one database. ``claims`` says how a batch is
+    kept from the others while it is published:
+
+    - ``"lock"`` (PostgreSQL's default): the batch stays locked in the one
+      transaction that claims, publishes and settles it, so a relay that dies
+      leaves its rows to the others at once. That transaction is open for as
+      long as the broker takes to confirm, up to the transport's publish
+      timeout when the broker stalls, and while it is open it holds back
+      PostgreSQL's ``xmin`` for the whole server: vacuum, and the event store's
+      gap-safe readers (projections, ``subscribe``), wait for it.
+    - ``"lease"`` (SQLite's only mode): the batch is leased for ``lease``
+      seconds in a short transaction, published with no transaction open, and
+      settled in another; a relay that dies leaves its rows to come back when
+      the lease runs out. Choose it on PostgreSQL when an event store shares the
+      server, so a slow broker never holds its readers back.
     """
 
     def __init__(
@@ -88,6 +99,7 @@ class Relay:
         cleanup_interval: float = 60.0,
         concurrency: int = 2,
         name: str | None = None,
+        claims: str | None = None,
     ) -> None:
         self.database = database
         self.transport = transport
@@ -102,6 +114,14 @@ class Relay:
         if concurrency < 1:
             raise ConfigurationError(f"Relay concurrency must be at least 1, not {concurrency}")
         self.concurrency = concurrency
+        self.claims = claims or ("lock" if database.is_postgres else "lease")
+        if self.claims not in ("lock", "lease"):
+            raise ConfigurationError(f"Relay claims must be 'lock' or 'lease', not {claims!r}")
+        if self.claims == "lock" and not database.is_postgres:
+            raise ConfigurationError(
+                "Relay claims='lock' needs PostgreSQL: SQLite's single writer cannot stay "
+                "in a transaction while the broker confirms; use claims='lease' (its default)"
+            )
         self.name = name or f"relay-{socket.gethostname()}-{id(self):x}"
         self._wake = asyncio.Event()
         self._stopping = False
@@ -113,19 +133,19 @@ class Relay:
     async def run_once(self) -> int:
         """Claim one batch, publish it and settle every row. Returns how many were SENT.
 
-        On PostgreSQL the round is one transaction: the claimed rows stay locked while
-        they are published (other relays and rounds skip them), then are settled and
-        committed; a relay that dies mid-round leaves them to the next round at once.
-        On SQLite, whose single writer cannot wait on a broker, the rows are leased
-        for ``lease`` seconds in one transaction and settled in another.
+        With ``claims="lock"`` the round is one transaction: the claimed rows stay
+        locked while they are published (other relays and rounds skip them), then are
+        settled and committed; a relay that dies mid-round leaves them to the next
+        round at once. With ``claims="lease"`` the rows are leased for ``lease``
+        seconds in one transaction and settled in another.
         """
         now = datetime.now(UTC)
-        held = self.database.is_postgres  # the rows stay locked in the claiming transaction
+        held = self.claims == "lock"  # the rows stay locked in the claiming transaction
         async with self.database.transaction() as conn:
             rows = await claim(
                 conn,
                 now=now,
-                lease_until=now + timedelta(seconds=self.lease),
+                lease_until=None if held else now + timedelta(seconds=self.lease),
                 limit=self.batch_size,
             )
             if not rows:
