@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -82,14 +84,19 @@ async def database(db_url: str) -> AsyncIterator[Database]:
     await db.dispose()
 
 
-@pytest.fixture(autouse=True)
-def report_a_hang(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Shortly before pytest-timeout fails a test, print what it was waiting on."""
-    marker = request.node.get_closest_marker("timeout")
-    limit = float(marker.args[0] if marker and marker.args else request.config.getini("timeout"))
-    if limit <= 0:
-        yield
-        return
-    timer = watch(request.node.nodeid, limit, PG_ADMIN_DSN)
-    yield
-    timer.cancel()
+_WATCHDOG = pytest.StashKey[threading.Timer]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> None:
+    """When pytest-timeout arms its timer, arm ours for shortly before it: it prints
+    what the test was waiting on. Returning None leaves pytest-timeout's own timer on."""
+    if settings.timeout and settings.timeout > 0:
+        item.stash[_WATCHDOG] = watch(item.nodeid, settings.timeout, PG_ADMIN_DSN)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_cancel_timer(item: pytest.Item) -> None:
+    timer = item.stash.get(_WATCHDOG, None)
+    if timer is not None:
+        timer.cancel()
