@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 from accord.cli.app import _register_subcommands, app
 from accord.db import Database
 from accord.messages import Message
-from accord.sagas import Orchestrator
+from accord.sagas import Orchestrator, SagaAdmin
 from accord.sagas._flows import FlowTracker
 from accord.transports.sql import SqlTransport
 from tests.sagas import app as trip_app
@@ -83,7 +84,8 @@ def test_list_show_retry_abort(db_url: str) -> None:
 
     assert accord("sagas", "retry", running, "--db", db_url).exit_code == 1  # not STUCK
     retried = accord("sagas", "retry", stuck, "--db", db_url, "--json")
-    assert retried.exit_code == 0 and json.loads(retried.output)["status"] == "COMPENSATING"
+    assert retried.exit_code == 0
+    assert [s["status"] for s in json.loads(retried.output)["resumed"]] == ["COMPENSATING"]
     aborted = accord("sagas", "abort", running, "--db", db_url, "--reason", "fraud")
     assert aborted.exit_code == 0, aborted.output
     asyncio.run(drive(db_url))
@@ -107,7 +109,7 @@ def test_retry_many_stuck_sagas_at_once(db_url: str) -> None:
     assert counts == {"STUCK": 3, "RUNNING": 1}
 
     # Named ids: the STUCK one is resumed, the running one is reported and fails the command.
-    mixed = accord("sagas", "retry", stuck[0], running, "--db", db_url, "--json")
+    mixed = accord("sagas", "retry", stuck[0], running, stuck[0], "--db", db_url, "--json")
     assert mixed.exit_code == 1
     document = json.loads(mixed.output)
     assert [s["id"] for s in document["resumed"]] == [stuck[0]]
@@ -136,7 +138,7 @@ def test_retry_needs_ids_or_all(db_url: str) -> None:
     neither = accord("sagas", "retry", "--db", db_url)
     assert neither.exit_code == 2 and "--all" in neither.output
     both = accord("sagas", "retry", "some-id", "--all", "--db", db_url)
-    assert both.exit_code == 2
+    assert both.exit_code == 2 and "not both" in both.output
     name_with_ids = accord("sagas", "retry", "some-id", "--name", "trip", "--db", db_url)
     assert name_with_ids.exit_code == 2 and "--name" in name_with_ids.output
 
@@ -180,3 +182,36 @@ def test_flows_show_and_stalled(db_url: str) -> None:
     assert [f["correlation_id"] for f in stalled["stalled"]] == [correlation]
     assert "No flow stalled" in accord("flows", "stalled", "--db", db_url).output
     assert accord("flows", "show", "nope", "--db", db_url).exit_code == 1
+
+
+def test_retry_stuck_goes_oldest_first_and_leaves_alone_a_saga_no_longer_stuck(
+    db_url: str,
+) -> None:
+    async def scenario() -> None:
+        stuck, _running = await make_many_stuck(db_url, 3)
+        async with Database(db_url) as database:
+            admin = SagaAdmin(database)
+            found = await admin.list(status="STUCK")
+            oldest_first = [s.id for s in sorted(found, key=lambda s: (s.updated_at, s.id))]
+            assert sorted(oldest_first) == sorted(stuck)
+            seen: list[tuple[int, int]] = []
+
+            async def another_operator_retries(saga_id: str) -> None:
+                async with Database(db_url) as elsewhere:
+                    await SagaAdmin(elsewhere).retry(saga_id)
+
+            def progress(done: int, total: int) -> None:
+                seen.append((done, total))
+                if done == 1:  # meanwhile another operator retries the last one
+                    other = threading.Thread(
+                        target=asyncio.run, args=(another_operator_retries(oldest_first[-1]),)
+                    )
+                    other.start()
+                    other.join()
+
+            resumed = await admin.retry_stuck(on_progress=progress)
+            assert [s.id for s in resumed] == oldest_first[:2]
+            assert seen == [(1, 3), (2, 3), (3, 3)]
+            assert {s.status for s in await admin.list()} == {"COMPENSATING", "RUNNING"}
+
+    asyncio.run(scenario())

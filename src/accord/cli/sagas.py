@@ -12,7 +12,7 @@ from rich.table import Table
 
 from accord.cli.app import DbOption, JsonOption, app, console, err_console, print_json, run
 from accord.db import Database
-from accord.errors import ConfigurationError, NotFoundError
+from accord.errors import AccordError
 from accord.sagas import STATUSES, SagaAdmin
 
 sagas_app = typer.Typer(
@@ -124,17 +124,13 @@ def retry(
     """Resume STUCK sagas where they stopped, with fresh attempts (the running
     orchestrator carries them on).
 
-    With one id, --json prints that saga; with several ids or --all it prints
-    {"resumed": [...], "failed": [{"id", "error"}]}. Exits 1 if a named saga
-    could not be resumed (not found, or not STUCK).
+    --json prints {"resumed": [sagas], "failed": [{"id", "error"}]}. Exits 1 if
+    a named saga could not be resumed (not found, or not STUCK).
     """
-    if all_stuck == bool(saga_ids):
-        raise typer.BadParameter("give the ids of STUCK sagas, or --all (not both)")
     if name and not all_stuck:
         raise typer.BadParameter("--name selects sagas for --all; with ids, leave it out")
-    if saga_ids and len(saga_ids) == 1:
-        _retry_one(db, saga_ids[0], as_json)
-        return
+    if all_stuck == bool(saga_ids):
+        raise typer.BadParameter("give the ids of STUCK sagas, or --all (not both)")
 
     async def go() -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
         async with Database(db) as database:
@@ -145,10 +141,10 @@ def retry(
                 return [s.as_dict() for s in resumed], []
             done: list[dict[str, Any]] = []
             failed: list[dict[str, str]] = []
-            for saga_id in saga_ids or []:
+            for saga_id in dict.fromkeys(saga_ids or []):
                 try:
                     done.append((await admin.retry(saga_id)).as_dict())
-                except (ConfigurationError, NotFoundError) as exc:
+                except AccordError as exc:
                     failed.append({"id": saga_id, "error": str(exc)})
             return done, failed
 
@@ -156,23 +152,13 @@ def retry(
     if as_json:
         print_json({"resumed": resumed, "failed": failed})
     else:
+        for state in resumed if len(resumed) <= 10 else []:
+            console.print(f"saga {state['id']} resumed: {_styled(state['status'])}")
         console.print(f"{len(resumed)} saga(s) resumed.")
         for f in failed:
             err_console.print(f"[bold red]not resumed:[/] {f['error']}")
     if failed:
         raise typer.Exit(1)
-
-
-def _retry_one(db: str, saga_id: str, as_json: bool) -> None:
-    async def go() -> dict[str, Any]:
-        async with Database(db) as database:
-            return (await SagaAdmin(database).retry(saga_id)).as_dict()
-
-    state = run(go())
-    if as_json:
-        print_json(state)
-    else:
-        console.print(f"saga {saga_id} resumed: {_styled(state['status'])}")
 
 
 @contextlib.contextmanager
@@ -186,7 +172,7 @@ def _progress(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=console,
+        console=err_console,
         transient=True,
     ) as bar:
         task = bar.add_task("retry", total=None)

@@ -118,7 +118,7 @@ class SagaAdmin:
         """Resume a STUCK instance where it stopped, with fresh attempts."""
         with translate_errors("retrying a saga"):
             async with self.database.transaction() as conn:
-                state = await self._load(conn, saga_id)
+                state = await self._load(conn, saga_id, for_update=True)
                 if state.status != STUCK:
                     raise ConfigurationError(
                         f"saga {saga_id} is {state.status}: only a STUCK saga can be retried"
@@ -137,9 +137,15 @@ class SagaAdmin:
 
         The set is taken when the call starts; an instance that stops being STUCK
         before its turn (another operator retried or aborted it) is left alone.
-        ``on_progress(done, total)`` is called after each instance.
+        ``on_progress(done, total)`` is called after each instance. A database
+        error stops the run; the instances resumed before it stay resumed, so
+        running it again carries on.
         """
-        query = sa.select(sagas.c.id).where(sagas.c.status == STUCK).order_by(sagas.c.updated_at)
+        query = (
+            sa.select(sagas.c.id)
+            .where(sagas.c.status == STUCK)
+            .order_by(sagas.c.updated_at, sagas.c.id)
+        )
         if name:
             query = query.where(sagas.c.name == name)
         with translate_errors("listing STUCK sagas"):
@@ -192,8 +198,8 @@ class SagaAdmin:
                 await tx.save(conn)
         return state
 
-    async def _load(self, conn: Any, saga_id: str) -> SagaState:
-        state = await load(conn, saga_id)
+    async def _load(self, conn: Any, saga_id: str, *, for_update: bool = False) -> SagaState:
+        state = await load(conn, saga_id, for_update=for_update)
         if state is None:
             raise NotFoundError(f"no saga {saga_id!r} in {self.database!r}")
         return state
