@@ -124,8 +124,9 @@ def retry(
     """Resume STUCK sagas where they stopped, with fresh attempts (the running
     orchestrator carries them on).
 
-    --json prints {"resumed": [sagas], "failed": [{"id", "error"}]}. Exits 1 if
-    a named saga could not be resumed (not found, or not STUCK).
+    --json prints an object with "resumed" (the sagas, as `show` prints them)
+    and "failed" (each id with its error). Exits 1 if a named saga could not be
+    resumed (not found, or not STUCK).
     """
     if name and not all_stuck:
         raise typer.BadParameter("--name selects sagas for --all; with ids, leave it out")
