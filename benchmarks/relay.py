@@ -2,7 +2,7 @@
 commit-to-broker latency at a steady rate, the cost of ``outbox.add``, and relay
 memory with a million pending rows.
 
-    .venv/bin/python -m benchmarks.relay [--quick] [--only NAME ...]
+    .venv/bin/python -m benchmarks.relay [--quick] [--only NAME ...] [--claims lock|lease]
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ async def bare_nats(dsn: str, batch: int) -> tuple[int, Any]:
 # -- Accord's relay over the same rows ----------------------------------------------------
 
 
-async def accord_relay(url: str, broker: str, batch: int) -> tuple[int, Any]:
+async def accord_relay(url: str, broker: str, batch: int, claims: str) -> tuple[int, Any]:
     channel = f"bench-accord-{uuid.uuid4().hex[:6]}"
     transport = from_url(broker, channel=channel)
     await transport.connect()
@@ -142,7 +142,7 @@ async def accord_relay(url: str, broker: str, batch: int) -> tuple[int, Any]:
     sink = await transport.subscribe("sink", _drop, prefetch=1)
     await sink.stop()
     database = Database(url)
-    relay = Relay(database, transport, batch_size=batch, poll_interval=0.05)
+    relay = Relay(database, transport, batch_size=batch, poll_interval=0.05, claims=claims)
     task = asyncio.create_task(relay.run())
     stats = OutboxAdmin(database)
 
@@ -168,7 +168,7 @@ async def _drop(_delivery: Any) -> None:
 
 
 async def throughput(
-    scratch: ScratchDatabase, broker: str, count: int, rounds: int
+    scratch: ScratchDatabase, broker: str, count: int, rounds: int, claims: str = "lock"
 ) -> dict[str, Any]:
     bare_fn = bare_rabbit if broker.startswith("amqp") else bare_nats
     bare_rates, accord_rates = [], []
@@ -179,7 +179,7 @@ async def throughput(
             if which == "bare":
                 done, cleanup = await bare_fn(scratch.dsn, 500)
             else:
-                done, cleanup = await accord_relay(scratch.url, broker, 500)
+                done, cleanup = await accord_relay(scratch.url, broker, 500, claims)
             elapsed = time.perf_counter() - started
             await cleanup()
             assert done == count, f"{which} published {done} of {count}"
@@ -187,7 +187,8 @@ async def throughput(
     bare, ours = median(bare_rates), median(accord_rates)
     kind = "RabbitMQ" if broker.startswith("amqp") else "NATS"
     return {
-        "benchmark": f"relay PostgreSQL -> {kind} (msg/s)",
+        "benchmark": f"relay PostgreSQL -> {kind} (msg/s)"
+        + ("" if claims == "lock" else f", claims={claims}"),
         "accord": ours,
         "baseline": bare,
         "ratio": ours / bare,
@@ -419,6 +420,12 @@ async def main() -> None:
     parser.add_argument(
         "--only", nargs="*", default=["rabbitmq", "nats", "latency", "add", "memory"]
     )
+    parser.add_argument(
+        "--claims",
+        choices=["lock", "lease"],
+        default="lock",
+        help="throughput: how Accord's relay holds a batch while publishing",
+    )
     args = parser.parse_args()
     count, rounds = (5_000, 1) if args.quick else (30_000, 3)
     rows: list[dict[str, Any]] = []
@@ -427,10 +434,10 @@ async def main() -> None:
         await database.upgrade()
         await database.dispose()
         if "rabbitmq" in args.only:
-            rows.append(await throughput(scratch, RABBIT_URL, count, rounds))
+            rows.append(await throughput(scratch, RABBIT_URL, count, rounds, args.claims))
             console.print(rows[-1])
         if "nats" in args.only:
-            rows.append(await throughput(scratch, NATS_URL, count, rounds))
+            rows.append(await throughput(scratch, NATS_URL, count, rounds, args.claims))
             console.print(rows[-1])
         if "latency" in args.only:
             for consume in (False, True):

@@ -328,17 +328,20 @@ async def test_stop_before_run_is_not_forgotten(database: Database) -> None:
 
 
 class StalledBroker(FaultyTransport):
-    """A real transport whose confirms are held back until ``release`` is set, as a
-    broker under flow control holds them."""
+    """A real transport whose first publish is held back until ``release`` is set, as
+    a broker under flow control holds its confirms; the ids in ``fail_ids`` fail."""
 
     def __init__(self, inner: Any) -> None:
         super().__init__(inner)
         self.publishing = asyncio.Event()
         self.release = asyncio.Event()
+        self.published: list[str] = []
 
     async def publish_envelopes(self, envelopes: Any) -> None:
-        self.publishing.set()
-        await self.release.wait()
+        if not self.publishing.is_set():
+            self.publishing.set()
+            await self.release.wait()
+        self.published.extend(e.id for e in envelopes if e.id not in self.fail_ids)
         await super().publish_envelopes(envelopes)
 
 
@@ -368,8 +371,10 @@ async def test_lease_claims_hold_no_transaction_open_while_the_broker_confirms(
         assert visible == ([] if claims == "lock" else ["orders-1"])
     finally:
         stalled.release.set()
-        assert await round_ == 1
+        published = await round_
+    assert published == 1
     await received.wait(1)
+    await asyncio.sleep(0.3)  # room for a duplicate to show up
     assert received.ids == [message.id]
     assert await statuses(database) == {message.id: "SENT"}
     assert [e.stream_id for e in await store.read_all(0)] == ["orders-1"]
@@ -385,3 +390,56 @@ async def test_claims_are_checked(database: Database) -> None:
             Relay(database, from_url("memory://"), claims="lock")
     else:
         assert Relay(database, from_url("memory://")).claims == "lock"
+
+
+async def test_a_late_settle_leaves_a_row_to_the_relay_that_claimed_it_since(
+    database: Database, listen: Any
+) -> None:
+    """Relay A's lease runs out while its publish of the key's first message hangs;
+    relay B claims and sends it. When A's publish then fails, A's settle must not
+    touch the row (marking it DEAD would let the key's second message go out)."""
+    transport, received = await listen(broker_url("rabbitmq", ""))
+    first, second = (Message(type="score.changed", data={"n": i}, key="alice") for i in (1, 2))
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, first, second)
+    stalled = StalledBroker(transport)
+    stalled.fail_ids.add(first.id)
+    a = fast_relay(database, stalled, claims="lease", lease=0.3, batch_size=1, max_attempts=1)
+    round_a = asyncio.create_task(a.run_once())
+    await asyncio.wait_for(stalled.publishing.wait(), 10)
+    await asyncio.sleep(0.5)  # A's lease runs out
+    b = fast_relay(database, transport, claims="lease", batch_size=1)
+    assert await b.run_once() == 1  # B has the first message now and sends it
+    stalled.release.set()
+    assert await round_a == 0
+    assert await statuses(database) == {first.id: "SENT", second.id: "PENDING"}
+    assert await b.run_once() == 1
+    await received.wait(2)
+    assert received.ids == [first.id, second.id]
+    assert (await OutboxAdmin(database).status()).dead == 0
+
+
+async def test_no_wave_goes_out_once_the_lease_ran_out(database: Database, listen: Any) -> None:
+    """A batch holding a key's two messages publishes them in two waves; when the first
+    wave outlasts the lease, the second is released rather than sent."""
+    transport, received = await listen(broker_url("rabbitmq", ""))
+    first, second = (Message(type="score.changed", data={"n": i}, key="bob") for i in (1, 2))
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, first, second)
+    stalled = StalledBroker(transport)
+    relay = fast_relay(database, stalled, claims="lease", lease=0.3)
+    round_ = asyncio.create_task(relay.run_once())
+    await asyncio.wait_for(stalled.publishing.wait(), 10)
+    await asyncio.sleep(0.5)
+    stalled.release.set()
+    assert await round_ == 1  # nobody claimed the first meanwhile: it is still ours to settle
+    assert stalled.published == [first.id]
+    assert await statuses(database) == {first.id: "SENT", second.id: "PENDING"}
+    assert await relay.run_once() == 1
+    await received.wait(2)
+    assert received.ids == [first.id, second.id]
+
+
+async def test_a_lease_must_be_positive(database: Database) -> None:
+    with pytest.raises(ConfigurationError, match="positive number of seconds"):
+        Relay(database, from_url("memory://"), claims="lease", lease=0)

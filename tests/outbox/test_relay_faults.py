@@ -165,6 +165,12 @@ async def test_relay_killed_between_publish_and_mark_sent_publishes_again_and_in
     assert doomed.wait(20) == -signal.SIGKILL
     await deliveries.wait(5)
     assert await pending(database) == 5, "the killed relay must not have marked anything SENT"
+    async with database.connect() as conn:
+        leased = await conn.scalar(
+            sa.select(sa.func.count()).where(outbox.c.available_at > outbox.c.created_at)
+        )
+    # A lease moved the dead relay's rows forward; a lock died with its transaction.
+    assert leased == (0 if database.is_postgres and claims is None else 5)
 
     survivor = spawn(db_url, broker, channel, "--lease", "1", *claims_args(claims))
     await deliveries.wait(10, timeout=30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated, Any
 
 import typer
@@ -17,6 +18,12 @@ dead_app = typer.Typer(
 )
 outbox_app.add_typer(dead_app, name="dead")
 app.add_typer(outbox_app, name="outbox")
+
+
+class Claims(enum.StrEnum):
+    lock = "lock"
+    lease = "lease"
+
 
 IdsArgument = Annotated[list[str] | None, typer.Argument(help="Outbox message ids (UUIDs).")]
 AllOption = Annotated[bool, typer.Option("--all", help="Act on every DEAD message.")]
@@ -146,13 +153,20 @@ def relay(
         int, typer.Option(help="Failed publishes before a message is DEAD.")
     ] = 10,
     claims: Annotated[
-        str | None,
+        Claims | None,
         typer.Option(
             help="How a batch is held while the broker confirms it: 'lock' (PostgreSQL's "
             "default: one transaction, rows locked) or 'lease' (no transaction open while "
             "publishing; use it when an event store shares the PostgreSQL server).",
         ),
     ] = None,
+    lease: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a leased batch is this relay's; a relay that dies leaves its "
+            "rows for this long. Make it longer than the broker's publish timeout."
+        ),
+    ] = 30.0,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Run a relay for this database's outbox until SIGTERM/SIGINT (then exit 0).
@@ -172,7 +186,8 @@ def relay(
                 settings_.transport(),
                 batch_size=batch_size,
                 max_attempts=max_attempts,
-                claims=claims,
+                claims=None if claims is None else claims.value,
+                lease=lease,
             )
         ]
 

@@ -103,26 +103,40 @@ _CLAIM_POSTGRES_DRIVER = (
     f"WITH candidates AS ({_CANDIDATES.replace(':now', '$1').replace(':limit', '$2')} "
     f"FOR UPDATE SKIP LOCKED) {_ELIGIBLE.replace('{payload}', 'o.payload::text')}"
 )
+# A leased row is settled only while the lease is still this relay's: after it
+# ran out another relay may have claimed the row (its lease, its outcome).
+_STILL_HELD_DRIVER = " AND ($3::timestamptz IS NULL OR (status = 'PENDING' AND available_at = $3))"
 _MARK_SENT_DRIVER = (
     "UPDATE accord_outbox SET status = 'SENT', sent_at = $1, last_error = NULL "
-    "WHERE seq = ANY($2::bigint[])"
+    "WHERE seq = ANY($2::bigint[])" + _STILL_HELD_DRIVER
 )
 _LEASE_DRIVER = "UPDATE accord_outbox SET available_at = $1 WHERE seq = ANY($2::bigint[])"
 _RESCHEDULE_DRIVER = (
     "UPDATE accord_outbox SET status = $2, available_at = $3, retry_count = $4, "
     "last_error = $5 WHERE seq = $1"
+    " AND ($6::timestamptz IS NULL OR (status = 'PENDING' AND available_at = $6))"
 )
 
 _LEASE = sa.text("UPDATE accord_outbox SET available_at = :until WHERE seq IN :seqs").bindparams(
     sa.bindparam("seqs", expanding=True), sa.bindparam("until", type_=UTCDateTime())
 )
+_STILL_HELD = " AND status = 'PENDING' AND available_at = :held_until"
 _MARK_SENT = sa.text(
     "UPDATE accord_outbox SET status = 'SENT', sent_at = :now, last_error = NULL WHERE seq IN :seqs"
 ).bindparams(sa.bindparam("seqs", expanding=True), sa.bindparam("now", type_=UTCDateTime()))
+_MARK_SENT_HELD = sa.text(_MARK_SENT.text + _STILL_HELD).bindparams(
+    sa.bindparam("seqs", expanding=True),
+    sa.bindparam("now", type_=UTCDateTime()),
+    sa.bindparam("held_until", type_=UTCDateTime()),
+)
 _RESCHEDULE = sa.text(
     "UPDATE accord_outbox SET status = :status, available_at = :available_at, "
     "retry_count = :retry_count, last_error = :last_error WHERE seq = :seq"
 ).bindparams(sa.bindparam("available_at", type_=UTCDateTime()))
+_RESCHEDULE_HELD = sa.text(_RESCHEDULE.text + _STILL_HELD).bindparams(
+    sa.bindparam("available_at", type_=UTCDateTime()),
+    sa.bindparam("held_until", type_=UTCDateTime()),
+)
 
 
 async def claim(
@@ -174,24 +188,45 @@ async def claim(
 
 
 async def settle(
-    conn: AsyncConnection, *, now: datetime, sent: Sequence[int], others: Sequence[Settlement]
-) -> None:
-    """Mark ``sent`` rows SENT and apply every other settlement."""
+    conn: AsyncConnection,
+    *,
+    now: datetime,
+    sent: Sequence[int],
+    others: Sequence[Settlement],
+    held_until: datetime | None = None,
+) -> int:
+    """Mark ``sent`` rows SENT and apply every other settlement; returns how many
+    rows were marked SENT.
+
+    ``held_until``: the rows were leased until then (:func:`claim`'s
+    ``lease_until``); a row whose lease is no longer that one (it ran out and
+    another relay claimed the row) is left to its new holder.
+    """
     driver = await driver_in_transaction(conn)
+    marked = 0
     if driver is not None:
         if sent:
-            await driver.execute(_MARK_SENT_DRIVER, now, list(sent))
+            status = await driver.execute(_MARK_SENT_DRIVER, now, list(sent), held_until)
+            marked = int(status.split()[-1])
         if others:
             await driver.executemany(
                 _RESCHEDULE_DRIVER,
-                [(s.seq, s.status, s.available_at, s.retry_count, s.last_error) for s in others],
+                [
+                    (s.seq, s.status, s.available_at, s.retry_count, s.last_error, held_until)
+                    for s in others
+                ],
             )
-        return
+        return marked
+    held = {} if held_until is None else {"held_until": held_until}
     if sent:
-        await conn.execute(_MARK_SENT, {"now": now, "seqs": list(sent)})
+        result = await conn.execute(
+            _MARK_SENT if held_until is None else _MARK_SENT_HELD,
+            {"now": now, "seqs": list(sent), **held},
+        )
+        marked = result.rowcount or 0
     if others:
         await conn.execute(
-            _RESCHEDULE,
+            _RESCHEDULE if held_until is None else _RESCHEDULE_HELD,
             [
                 {
                     "seq": s.seq,
@@ -199,7 +234,9 @@ async def settle(
                     "available_at": s.available_at,
                     "retry_count": s.retry_count,
                     "last_error": s.last_error,
+                    **held,
                 }
                 for s in others
             ],
         )
+    return marked

@@ -81,7 +81,11 @@ class Relay:
       seconds in a short transaction, published with no transaction open, and
       settled in another; a relay that dies leaves its rows to come back when
       the lease runs out. Choose it on PostgreSQL when an event store shares the
-      server, so a slow broker never holds its readers back.
+      server, so a slow broker never holds its readers back. If the lease runs
+      out mid-batch the relay sends no further wave, and it settles only rows
+      still under its own lease: a row another relay claimed since is that
+      relay's to publish (again) and settle. Keep ``lease`` well above the
+      transport's publish timeout.
     """
 
     def __init__(
@@ -114,13 +118,26 @@ class Relay:
         if concurrency < 1:
             raise ConfigurationError(f"Relay concurrency must be at least 1, not {concurrency}")
         self.concurrency = concurrency
-        self.claims = claims or ("lock" if database.is_postgres else "lease")
+        default = "lock" if database.is_postgres else "lease"
+        self.claims = default if claims is None else claims
         if self.claims not in ("lock", "lease"):
             raise ConfigurationError(f"Relay claims must be 'lock' or 'lease', not {claims!r}")
         if self.claims == "lock" and not database.is_postgres:
             raise ConfigurationError(
                 "Relay claims='lock' needs PostgreSQL: SQLite's single writer cannot stay "
                 "in a transaction while the broker confirms; use claims='lease' (its default)"
+            )
+        if lease <= 0:
+            raise ConfigurationError(
+                f"Relay lease must be a positive number of seconds, not {lease}"
+            )
+        publish_timeout = getattr(transport, "publish_timeout", None)
+        if self.claims == "lease" and publish_timeout is not None and lease <= publish_timeout:
+            log.warning(
+                "relay lease (%.1fs) is not longer than the transport's publish_timeout "
+                "(%.1fs): a stalled broker outlasts the lease and its rows are published again",
+                lease,
+                publish_timeout,
             )
         self.name = name or f"relay-{socket.gethostname()}-{id(self):x}"
         self._wake = asyncio.Event()
@@ -141,36 +158,50 @@ class Relay:
         """
         now = datetime.now(UTC)
         held = self.claims == "lock"  # the rows stay locked in the claiming transaction
+        lease_until = None if held else now + timedelta(seconds=self.lease)
         async with self.database.transaction() as conn:
-            rows = await claim(
-                conn,
-                now=now,
-                lease_until=None if held else now + timedelta(seconds=self.lease),
-                limit=self.batch_size,
-            )
+            rows = await claim(conn, now=now, lease_until=lease_until, limit=self.batch_size)
             if not rows:
                 return 0
             started = time.perf_counter()
             if held:
-                sent, others = await self._publish(rows)
+                sent, others = await self._publish(rows, None)
                 await settle(conn, now=datetime.now(UTC), sent=sent, others=others)
         if not held:
-            sent, others = await self._publish(rows)
+            sent, others = await self._publish(rows, lease_until)
             async with self.database.transaction() as conn:
-                await settle(conn, now=datetime.now(UTC), sent=sent, others=others)
+                marked = await settle(
+                    conn, now=datetime.now(UTC), sent=sent, others=others, held_until=lease_until
+                )
+            if marked < len(sent):
+                log.warning(
+                    "relay %s: the lease on %d of %d published rows ran out before they were "
+                    "marked SENT; their new holder publishes them again (lease=%.0fs is too "
+                    "short for this broker)",
+                    self.name,
+                    len(sent) - marked,
+                    len(sent),
+                    self.lease,
+                )
+                sent = sent[:marked]  # for the count below; which ones does not matter
         BATCH_SECONDS.observe(time.perf_counter() - started)
         PUBLISHED.inc(len(sent))
         return len(sent)
 
-    async def _publish(self, rows: Sequence[ClaimedRow]) -> tuple[list[int], list[Settlement]]:
+    async def _publish(
+        self, rows: Sequence[ClaimedRow], lease_until: datetime | None
+    ) -> tuple[list[int], list[Settlement]]:
         sent: list[int] = []
         others: list[Settlement] = []
         blocked: set[str] = set()
         unavailable: str | None = None
         for wave in _waves(rows):
+            # Once the lease ran out (earlier waves were slow) the rows may be another
+            # relay's: publishing a key's next row could overtake that relay's copy.
+            expired = lease_until is not None and datetime.now(UTC) >= lease_until
             ready: list[tuple[ClaimedRow, Envelope]] = []
             for row in wave:
-                if unavailable is not None or (row.key is not None and row.key in blocked):
+                if expired or unavailable is not None or (row.key in blocked):
                     others.append(self._release(row, unavailable))
                     continue
                 envelope = Envelope(row.id, row.event_type, row.key, row.headers, row.payload)
