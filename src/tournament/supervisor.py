@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from accord._aio import wait_event
 from accord.errors import ConfigurationError
 from tournament.config import SUPERVISOR_ENV, TOKEN_ENV, StackConfig
 from tournament.stack import API_ROLES, SCALED_ROLES, WORKER_ROLES
@@ -146,7 +147,8 @@ class Supervisor:
         async def reap(child: Child) -> None:
             assert child.process is not None
             try:
-                await asyncio.wait_for(child.process.wait(), self.stop_grace)
+                async with asyncio.timeout(self.stop_grace):
+                    await child.process.wait()
             except TimeoutError:
                 self.say(f"{child.name} did not stop within {self.stop_grace:.0f}s: killed")
                 with contextlib.suppress(ProcessLookupError):
@@ -195,8 +197,7 @@ class Supervisor:
                 f"{child.name} (pid {child.pid}) exited with code {code}; restarting it in "
                 f"{delay:.1f}s (restart #{child.restarts}, log: {self.log_dir / child.name}.log)"
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+            await wait_event(self._stopping, delay)
             if self._stopping.is_set():
                 return
             await self._spawn(child)

@@ -54,7 +54,8 @@ async def test_deterministic_gap_race(store: EventStore) -> None:
         await wait_for(lambda: len(got) >= 3, 20)
     finally:
         follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
+        async with asyncio.timeout(10):  # a lost cancellation fails here, not at pytest-timeout
+            await asyncio.gather(follower, return_exceptions=True)
     assert [(e.type, e.data["n"]) for e in got] == [
         ("gap.Slow", 0),
         ("gap.Fast", 1),
@@ -99,7 +100,8 @@ async def test_concurrent_writers_with_a_live_subscriber_get_every_event_once(
             ) from None
     finally:
         follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
+        async with asyncio.timeout(10):  # a lost cancellation fails here, not at pytest-timeout
+            await asyncio.gather(follower, return_exceptions=True)
     assert len(got) == total
     assert len(set(got)) == total
     assert got == sorted(got)

@@ -18,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from accord._aio import wait_event
 from accord.db.database import Database, translate_errors
 from accord.db.schema_events import snapshots
 from accord.errors import ConcurrencyError, ConfigurationError
@@ -327,13 +328,11 @@ class EventStore:
                 if notified >= bound:
                     # A commit we were told about is not visible yet: an older
                     # transaction is still open. Poll fast until it is.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), backoff)
+                    await wait_event(wake, backoff)
                     backoff = min(backoff * 2, 0.1, self.poll_interval)
                     continue
                 backoff = 0.005
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), self.poll_interval)
+                await wait_event(wake, self.poll_interval)
         finally:
             self._wakers.discard(wake)
             if stop is not None:

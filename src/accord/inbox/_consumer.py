@@ -4,7 +4,6 @@ retries with backoff, and dead letters for what cannot be handled."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import traceback
@@ -13,6 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from accord._aio import wait_event
 from accord._backoff import backoff_delay
 from accord.db import Database
 from accord.errors import ConfigurationError
@@ -525,8 +525,7 @@ class Consumer:
             except Exception:
                 log.exception("replaying dead letters of %s failed; will retry", self.name)
             if len(claimed) < 20:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), self.replay_interval)
+                await wait_event(stopping, self.replay_interval)
 
 
 def _runs(items: Sequence[_Ready]) -> list[list[_Ready]]:

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from accord._aio import wait_event
 from accord.db.database import Database
 from accord.errors import AccordError, ConfigurationError, DatabaseError
 from accord.eventstore import NOTIFY_CHANNEL, EventStore, RecordedEvent
@@ -220,8 +221,7 @@ class ProjectionRunner:
         )
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+        await wait_event(self._wake, seconds)
         self._wake.clear()
 
     async def _lease(self, name: str) -> bool:
@@ -297,8 +297,7 @@ class ProjectionRunner:
                     f"within {timeout}s; see `accord projections status` for their lag"
                 )
             self._progress.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), min(left, pause))
+            await wait_event(self._progress, min(left, pause))
             pause = min(pause * 2, 0.2)
 
     async def status(self) -> list[ProjectionStatus]:

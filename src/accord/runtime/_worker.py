@@ -10,6 +10,8 @@ import time
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from accord._aio import wait_event
+
 __all__ = ["Component", "Worker"]
 
 log = logging.getLogger("accord.runtime")
@@ -130,19 +132,20 @@ class Worker:
             self.restarts[index] = self.restarts.get(index, 0) + 1
             delay = min(self.restart_cap, self.restart_base * 2.0 ** (failures - 1))
             log.info("restarting %s in %.1fs", _name(component), delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+            await wait_event(self._stopping, delay)
 
     async def _stop_all(self, tasks: list[asyncio.Task[None]]) -> None:
         async def stop_one(component: Component, task: asyncio.Task[None]) -> None:
             try:
-                await asyncio.wait_for(component.stop(), self.stop_timeout)
+                async with asyncio.timeout(self.stop_timeout):
+                    await component.stop()
             except TimeoutError:
                 log.error("%s did not stop within %.0fs", _name(component), self.stop_timeout)
             except Exception:
                 log.exception("stopping %s failed", _name(component))
             try:
-                await asyncio.wait_for(asyncio.shield(task), self.stop_timeout)
+                async with asyncio.timeout(self.stop_timeout):
+                    await asyncio.shield(task)
             except TimeoutError:
                 log.error("%s still running after stop(); cancelling it", _name(component))
                 task.cancel()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -13,6 +12,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from accord._aio import wait_event
 from accord.db import Database
 from accord.db.database import translate_errors
 from accord.db.schema_sagas import flows
@@ -152,8 +152,7 @@ class FlowTracker:
                     await self.check()
                 except Exception:
                     log.exception("checking for stalled flows failed; will retry")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), self.check_interval)
+                await wait_event(self._stop, self.check_interval)
         finally:
             await self.consumer.stop()
 

@@ -4,7 +4,6 @@ idempotent inbox consumer) and fires durable deadlines (a timer), as one worker 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import uuid
@@ -15,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from accord._aio import wait_event
 from accord.db import Database
 from accord.db.database import on_commit
 from accord.db.schema_sagas import deadlines
@@ -285,8 +285,7 @@ class Orchestrator:
             except Exception:
                 log.exception("saga timer round failed; will retry")
             if fired < self.timer_batch:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), self.timer_interval)
+                await wait_event(self._stop, self.timer_interval)
 
     # -- lifecycle ----------------------------------------------------------------
 

@@ -223,6 +223,29 @@ class EventStoreContract:
             await asyncio.gather(task, return_exceptions=True)
         assert [e.version for e in got] == [1, 2, 3, 4, 5, 6]
 
+    async def test_a_subscriber_cancelled_as_an_append_wakes_it_stops(
+        self, event_store: EventStore, stream: str
+    ) -> None:
+        """The append wakes the waiting subscriber and the cancel lands in the same
+        loop turn: on Python 3.11 a wait built on ``asyncio.wait_for`` lost that
+        cancellation and the subscriber went on polling for ever."""
+        got: list[RecordedEvent] = []
+
+        async def follow() -> None:
+            async for event in event_store.subscribe(await event_store.head()):
+                got.append(event)
+
+        task = asyncio.create_task(follow())
+        await asyncio.sleep(0.2)  # caught up: waiting for a wake-up
+        await event_store.append(stream, _events(1))
+        task.cancel()
+        try:
+            async with asyncio.timeout(5):
+                await asyncio.gather(task, return_exceptions=True)
+        except TimeoutError:
+            raise AssertionError("the subscriber ignored its cancellation") from None
+        assert task.cancelled()
+
     async def test_subscribe_filters_types(self, event_store: EventStore, stream: str) -> None:
         start = await event_store.head()
         got: list[str] = []

@@ -18,6 +18,7 @@ import redis.exceptions
 from redis.commands.core import AsyncScript
 from redis.typing import StreamIdT
 
+from accord._aio import wait_event
 from accord.errors import TransportError, TransportUnavailable
 from accord.transports.base import (
     DEFAULT_REDELIVERY_DELAY,
@@ -206,8 +207,7 @@ class RedisSubscription(Subscription):
         return any(topic_matches(topic, message_type) for topic in self._topics)
 
     async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+        await wait_event(self._stopping, seconds)
 
     async def _run(self) -> None:
         backoff = 0.05

@@ -212,8 +212,8 @@ class NatsTransport(Transport):
                 return
             servers = [s.strip() for s in self.url.split(",") if s.strip()]
             try:
-                nc = await asyncio.wait_for(
-                    nats.connect(
+                async with asyncio.timeout(self.connect_timeout * max(1, len(servers)) + 1):
+                    nc = await nats.connect(
                         servers,
                         connect_timeout=self.connect_timeout,
                         allow_reconnect=True,
@@ -222,9 +222,7 @@ class NatsTransport(Transport):
                         error_cb=self._on_error,
                         disconnected_cb=self._on_disconnected,
                         reconnected_cb=self._on_reconnected,
-                    ),
-                    timeout=self.connect_timeout * max(1, len(servers)) + 1,
-                )
+                    )
             except Exception as exc:
                 raise TransportUnavailable(
                     f"cannot connect to NATS at {self.url}: {exc!r}; is nats-server running "
@@ -430,7 +428,8 @@ class NatsTransport(Transport):
             nc, self._nc, self._js, self._acks = self._nc, None, None, None
             if nc is not None and not nc.is_closed:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(nc.close(), timeout=self.connect_timeout)
+                    async with asyncio.timeout(self.connect_timeout):
+                        await nc.close()
 
     # -- administration -----------------------------------------------------------
 

@@ -115,9 +115,8 @@ class RedisTransport(Transport):
                 return
             client = self._new_client(retries=3)
             try:
-                info = await asyncio.wait_for(
-                    client.info("server"), timeout=self.connect_timeout * 4 + 1
-                )
+                async with asyncio.timeout(self.connect_timeout * 4 + 1):
+                    info = await client.info("server")
             except Exception as exc:
                 with contextlib.suppress(Exception):
                     await client.aclose()
@@ -169,9 +168,8 @@ class RedisTransport(Transport):
             else:
                 pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
         try:
-            replies = await asyncio.wait_for(
-                pipe.execute(raise_on_error=False), timeout=self.publish_timeout
-            )
+            async with asyncio.timeout(self.publish_timeout):
+                replies = await pipe.execute(raise_on_error=False)
         except Exception as exc:
             error = translate_redis_error(exc, "publishing")
             if isinstance(error, TransportUnavailable):

@@ -66,7 +66,8 @@ class _Settled:
             self._poller = asyncio.create_task(self._poll())
         try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(settled, timeout)
+                async with asyncio.timeout(timeout):
+                    await settled
         finally:
             waiters = self._waiting.get(tournament_id, [])
             if settled in waiters:

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
+from accord._aio import wait_event
 from accord.db import Database
 from accord.errors import TransportError
 from accord.transports._sql import _queries as q
@@ -173,8 +174,7 @@ class SqlSubscription(Subscription):
                 self._batch = []
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+        await wait_event(self._wake, seconds)
 
     async def _handle(self, batch: list[SqlDelivery]) -> None:
         try:
