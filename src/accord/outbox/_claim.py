@@ -19,7 +19,7 @@ from accord.db.database import driver_in_transaction
 from accord.db.types import JSONType, UTCDateTime
 from accord.errors import ConfigurationError
 
-__all__ = ["ClaimedRow", "Settlement", "claim", "settle"]
+__all__ = ["ClaimedRow", "Settlement", "claim", "claim_on_driver", "settle", "settle_on_driver"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +110,16 @@ _MARK_SENT_DRIVER = (
     "UPDATE accord_outbox SET status = 'SENT', sent_at = $1, last_error = NULL "
     "WHERE seq = ANY($2::bigint[])" + _STILL_HELD_DRIVER
 )
-_LEASE_DRIVER = "UPDATE accord_outbox SET available_at = $1 WHERE seq = ANY($2::bigint[])"
+# Claim and lease in one statement ($3 = the lease's end): sent on its own, outside
+# any transaction, it is one round trip and its own short transaction.
+_CLAIM_AND_LEASE_DRIVER = (
+    f"WITH candidates AS ({_CANDIDATES.replace(':now', '$1').replace(':limit', '$2')} "
+    f"FOR UPDATE SKIP LOCKED), "
+    f"eligible AS ({_ELIGIBLE.replace('{payload}', 'o.payload::text')}), "
+    "leased AS (UPDATE accord_outbox o SET available_at = $3 FROM eligible e "
+    "WHERE o.seq = e.seq) "
+    "SELECT * FROM eligible ORDER BY seq"
+)
 _RESCHEDULE_DRIVER = (
     "UPDATE accord_outbox SET status = $2, available_at = $3, retry_count = $4, "
     "last_error = $5 WHERE seq = $1"
@@ -153,22 +162,9 @@ async def claim(
         raise ConfigurationError("only PostgreSQL can hold a claim by locking; give lease_until")
     driver = await driver_in_transaction(conn)
     if driver is not None:
-        claimed = await driver.fetch(_CLAIM_POSTGRES_DRIVER, now, limit)
-        if claimed and lease_until is not None:
-            await driver.execute(_LEASE_DRIVER, lease_until, [r["seq"] for r in claimed])
-        return [
-            ClaimedRow(
-                seq=r["seq"],
-                id=str(r["id"]),
-                event_type=r["event_type"],
-                key=r["key"],
-                # Decoded already: SQLAlchemy's asyncpg dialect registers a JSON codec.
-                headers=r["headers"],
-                payload=(r["payload"] or "null").encode(),
-                retry_count=r["retry_count"],
-            )
-            for r in claimed
-        ]
+        if lease_until is None:
+            return _rows(await driver.fetch(_CLAIM_POSTGRES_DRIVER, now, limit))
+        return await claim_on_driver(driver, now=now, lease_until=lease_until, limit=limit)
     query = _CLAIM_POSTGRES if conn.dialect.name == "postgresql" else _CLAIM_SQLITE
     rows = list((await conn.execute(query, {"now": now, "limit": limit})).all())
     if rows and lease_until is not None:
@@ -184,6 +180,30 @@ async def claim(
             retry_count=r.retry_count,
         )
         for r in rows
+    ]
+
+
+async def claim_on_driver(
+    driver: Any, *, now: datetime, lease_until: datetime, limit: int
+) -> list[ClaimedRow]:
+    """PostgreSQL: claim and lease up to ``limit`` rows in one statement on an asyncpg
+    connection; outside a transaction it commits on its own (the lease holds them)."""
+    return _rows(await driver.fetch(_CLAIM_AND_LEASE_DRIVER, now, limit, lease_until))
+
+
+def _rows(records: Sequence[Any]) -> list[ClaimedRow]:
+    return [
+        ClaimedRow(
+            seq=r["seq"],
+            id=str(r["id"]),
+            event_type=r["event_type"],
+            key=r["key"],
+            # Decoded already: SQLAlchemy's asyncpg dialect registers a JSON codec.
+            headers=r["headers"],
+            payload=(r["payload"] or "null").encode(),
+            retry_count=r["retry_count"],
+        )
+        for r in records
     ]
 
 
@@ -203,20 +223,11 @@ async def settle(
     another relay claimed the row) is left to its new holder.
     """
     driver = await driver_in_transaction(conn)
-    marked = 0
     if driver is not None:
-        if sent:
-            status = await driver.execute(_MARK_SENT_DRIVER, now, list(sent), held_until)
-            marked = int(status.split()[-1])
-        if others:
-            await driver.executemany(
-                _RESCHEDULE_DRIVER,
-                [
-                    (s.seq, s.status, s.available_at, s.retry_count, s.last_error, held_until)
-                    for s in others
-                ],
-            )
-        return marked
+        return await settle_on_driver(
+            driver, now=now, sent=sent, others=others, held_until=held_until
+        )
+    marked = 0
     held = {} if held_until is None else {"held_until": held_until}
     if sent:
         result = await conn.execute(
@@ -236,6 +247,31 @@ async def settle(
                     "last_error": s.last_error,
                     **held,
                 }
+                for s in others
+            ],
+        )
+    return marked
+
+
+async def settle_on_driver(
+    driver: Any,
+    *,
+    now: datetime,
+    sent: Sequence[int],
+    others: Sequence[Settlement],
+    held_until: datetime | None = None,
+) -> int:
+    """:func:`settle` on an asyncpg connection. Outside a transaction each
+    statement commits on its own: a row's settlement never depends on another's."""
+    marked = 0
+    if sent:
+        status = await driver.execute(_MARK_SENT_DRIVER, now, list(sent), held_until)
+        marked = int(status.split()[-1])
+    if others:
+        await driver.executemany(
+            _RESCHEDULE_DRIVER,
+            [
+                (s.seq, s.status, s.available_at, s.retry_count, s.last_error, held_until)
                 for s in others
             ],
         )

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from prometheus_client import Counter, Histogram
 
 from accord._backoff import backoff_delay
-from accord.db.database import Database
+from accord.db.database import Database, translate_errors
 from accord.errors import (
     AccordError,
     ConfigurationError,
@@ -23,7 +23,14 @@ from accord.errors import (
     PublishError,
     TransportUnavailable,
 )
-from accord.outbox._claim import ClaimedRow, Settlement, claim, settle
+from accord.outbox._claim import (
+    ClaimedRow,
+    Settlement,
+    claim,
+    claim_on_driver,
+    settle,
+    settle_on_driver,
+)
 from accord.outbox.writer import NOTIFY_CHANNEL
 from accord.transports.base import Envelope, Transport
 
@@ -157,36 +164,67 @@ class Relay:
         seconds in one transaction and settled in another.
         """
         now = datetime.now(UTC)
-        held = self.claims == "lock"  # the rows stay locked in the claiming transaction
-        lease_until = None if held else now + timedelta(seconds=self.lease)
-        async with self.database.transaction() as conn:
-            rows = await claim(conn, now=now, lease_until=lease_until, limit=self.batch_size)
-            if not rows:
-                return 0
-            started = time.perf_counter()
-            if held:
+        if self.claims == "lock":  # the rows stay locked in the claiming transaction
+            async with self.database.transaction() as conn:
+                rows = await claim(conn, now=now, lease_until=None, limit=self.batch_size)
+                if not rows:
+                    return 0
+                started = time.perf_counter()
                 sent, others = await self._publish(rows, None)
                 await settle(conn, now=datetime.now(UTC), sent=sent, others=others)
-        if not held:
-            sent, others = await self._publish(rows, lease_until)
-            async with self.database.transaction() as conn:
-                marked = await settle(
-                    conn, now=datetime.now(UTC), sent=sent, others=others, held_until=lease_until
+            return self._count(sent, len(sent), started)
+        lease_until = now + timedelta(seconds=self.lease)
+        if self.database.engine.dialect.driver == "asyncpg":
+            return await self._leased_round_on_driver(now, lease_until)
+        async with self.database.transaction() as conn:
+            rows = await claim(conn, now=now, lease_until=lease_until, limit=self.batch_size)
+        if not rows:
+            return 0
+        started = time.perf_counter()
+        sent, others = await self._publish(rows, lease_until)
+        async with self.database.transaction() as conn:
+            marked = await settle(
+                conn, now=datetime.now(UTC), sent=sent, others=others, held_until=lease_until
+            )
+        return self._count(sent, marked, started)
+
+    async def _leased_round_on_driver(self, now: datetime, lease_until: datetime) -> int:
+        """PostgreSQL with leases: one statement claims and leases, the batch is
+        published with no transaction open, one more statement settles it; each
+        statement commits on its own, so a round costs two round trips."""
+        with translate_errors("claiming outbox rows"):
+            async with self.database.connect() as conn:
+                driver = (await conn.get_raw_connection()).driver_connection
+                rows = await claim_on_driver(
+                    driver, now=now, lease_until=lease_until, limit=self.batch_size
                 )
-            if marked < len(sent):
-                log.warning(
-                    "relay %s: the lease on %d of %d published rows ran out before they were "
-                    "marked SENT; their new holder publishes them again (lease=%.0fs is too "
-                    "short for this broker)",
-                    self.name,
-                    len(sent) - marked,
-                    len(sent),
-                    self.lease,
+        if not rows:
+            return 0
+        started = time.perf_counter()
+        sent, others = await self._publish(rows, lease_until)
+        with translate_errors("settling outbox rows"):
+            async with self.database.connect() as conn:
+                driver = (await conn.get_raw_connection()).driver_connection
+                marked = await settle_on_driver(
+                    driver, now=datetime.now(UTC), sent=sent, others=others, held_until=lease_until
                 )
-                sent = sent[:marked]  # for the count below; which ones does not matter
+        return self._count(sent, marked, started)
+
+    def _count(self, sent: Sequence[int], marked: int, started: float) -> int:
+        """Metrics for a settled round; returns how many rows it marked SENT."""
+        if marked < len(sent):
+            log.warning(
+                "relay %s: the lease on %d of %d published rows ran out before they were "
+                "marked SENT; their new holder publishes them again (lease=%.0fs is too "
+                "short for this broker)",
+                self.name,
+                len(sent) - marked,
+                len(sent),
+                self.lease,
+            )
         BATCH_SECONDS.observe(time.perf_counter() - started)
-        PUBLISHED.inc(len(sent))
-        return len(sent)
+        PUBLISHED.inc(marked)
+        return marked
 
     async def _publish(
         self, rows: Sequence[ClaimedRow], lease_until: datetime | None
