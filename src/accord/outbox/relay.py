@@ -174,41 +174,46 @@ class Relay:
                 await settle(conn, now=datetime.now(UTC), sent=sent, others=others)
             return self._count(sent, len(sent), started)
         lease_until = now + timedelta(seconds=self.lease)
-        if self.database.engine.dialect.driver == "asyncpg":
-            return await self._leased_round_on_driver(now, lease_until)
-        async with self.database.transaction() as conn:
-            rows = await claim(conn, now=now, lease_until=lease_until, limit=self.batch_size)
+        rows = await self._claim_leased(now, lease_until)
         if not rows:
             return 0
         started = time.perf_counter()
         sent, others = await self._publish(rows, lease_until)
-        async with self.database.transaction() as conn:
-            marked = await settle(
-                conn, now=datetime.now(UTC), sent=sent, others=others, held_until=lease_until
-            )
+        marked = await self._settle_leased(sent, others, lease_until)
         return self._count(sent, marked, started)
 
-    async def _leased_round_on_driver(self, now: datetime, lease_until: datetime) -> int:
-        """PostgreSQL with leases: one statement claims and leases, the batch is
-        published with no transaction open, one more statement settles it; each
-        statement commits on its own, so a round costs two round trips."""
+    @property
+    def _on_asyncpg(self) -> bool:
+        return self.database.engine.dialect.driver == "asyncpg"
+
+    async def _claim_leased(self, now: datetime, lease_until: datetime) -> list[ClaimedRow]:
+        """Claim and lease a batch in a transaction of its own. On PostgreSQL that is
+        one statement sent to asyncpg outside any transaction: one round trip."""
+        if not self._on_asyncpg:
+            async with self.database.transaction() as conn:
+                return await claim(conn, now=now, lease_until=lease_until, limit=self.batch_size)
         with translate_errors("claiming outbox rows"):
             async with self.database.connect() as conn:
                 driver = (await conn.get_raw_connection()).driver_connection
-                rows = await claim_on_driver(
+                return await claim_on_driver(
                     driver, now=now, lease_until=lease_until, limit=self.batch_size
                 )
-        if not rows:
-            return 0
-        started = time.perf_counter()
-        sent, others = await self._publish(rows, lease_until)
+
+    async def _settle_leased(
+        self, sent: list[int], others: list[Settlement], lease_until: datetime
+    ) -> int:
+        """Settle a leased batch (only rows still under this lease); returns how many
+        were marked SENT. On PostgreSQL each statement commits on its own."""
+        now = datetime.now(UTC)
+        if not self._on_asyncpg:
+            async with self.database.transaction() as conn:
+                return await settle(conn, now=now, sent=sent, others=others, held_until=lease_until)
         with translate_errors("settling outbox rows"):
             async with self.database.connect() as conn:
                 driver = (await conn.get_raw_connection()).driver_connection
-                marked = await settle_on_driver(
-                    driver, now=datetime.now(UTC), sent=sent, others=others, held_until=lease_until
+                return await settle_on_driver(
+                    driver, now=now, sent=sent, others=others, held_until=lease_until
                 )
-        return self._count(sent, marked, started)
 
     def _count(self, sent: Sequence[int], marked: int, started: float) -> int:
         """Metrics for a settled round; returns how many rows it marked SENT."""
