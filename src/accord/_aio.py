@@ -5,7 +5,9 @@ cancelled just as the awaitable it waits for completes, ``wait_for`` returns
 normally and the cancellation is lost (CPython gh-86296, fixed in 3.12). A
 loop that waits for a wake-up that way and is cancelled as a NOTIFY arrives
 goes on running, and whoever awaits it hangs. ``asyncio.timeout`` has no such
-race; ruff bans ``asyncio.wait_for`` in the package (``TID251``).
+race; ruff bans ``asyncio.wait_for`` in the package (``TID251``). The drivers
+(nats-py, aio-pika, redis-py) still use it inside; loops around their calls also
+check a stop flag.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ _MARK_SENT_DRIVER = (
 _CLAIM_AND_LEASE_DRIVER = (
     f"WITH candidates AS ({_CANDIDATES.replace(':now', '$1').replace(':limit', '$2')} "
     f"FOR UPDATE SKIP LOCKED), "
-    f"eligible AS ({_ELIGIBLE.replace('{payload}', 'o.payload::text')}), "
+    f"eligible AS MATERIALIZED ({_ELIGIBLE.replace('{payload}', 'o.payload::text')}), "
     "leased AS (UPDATE accord_outbox o SET available_at = $3 FROM eligible e "
     "WHERE o.seq = e.seq) "
     "SELECT * FROM eligible ORDER BY seq"
@@ -261,8 +261,9 @@ async def settle_on_driver(
     others: Sequence[Settlement],
     held_until: datetime | None = None,
 ) -> int:
-    """:func:`settle` on an asyncpg connection. Outside a transaction each
-    statement commits on its own: a row's settlement never depends on another's."""
+    """:func:`settle` on an asyncpg connection. Outside a transaction the SENT marks
+    commit in one statement and the other settlements in another; if the second
+    fails, its rows keep their lease and come back when it runs out."""
     marked = 0
     if sent:
         status = await driver.execute(_MARK_SENT_DRIVER, now, list(sent), held_until)

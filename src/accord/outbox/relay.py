@@ -192,8 +192,8 @@ class Relay:
         if not self._on_asyncpg:
             async with self.database.transaction() as conn:
                 return await claim(conn, now=now, lease_until=lease_until, limit=self.batch_size)
-        with translate_errors("claiming outbox rows"):
-            async with self.database.connect() as conn:
+        async with self.database.connect() as conn:
+            with translate_errors("claiming outbox rows"):
                 driver = (await conn.get_raw_connection()).driver_connection
                 return await claim_on_driver(
                     driver, now=now, lease_until=lease_until, limit=self.batch_size
@@ -208,8 +208,8 @@ class Relay:
         if not self._on_asyncpg:
             async with self.database.transaction() as conn:
                 return await settle(conn, now=now, sent=sent, others=others, held_until=lease_until)
-        with translate_errors("settling outbox rows"):
-            async with self.database.connect() as conn:
+        async with self.database.connect() as conn:
+            with translate_errors("settling outbox rows"):
                 driver = (await conn.get_raw_connection()).driver_connection
                 return await settle_on_driver(
                     driver, now=now, sent=sent, others=others, held_until=lease_until
