@@ -11,6 +11,7 @@ from accord.inbox import Consumer, DeadLetters, HandlerContext
 from accord.messages import Message
 from accord.outbox import OutboxAdmin, Relay
 from accord.outbox import add as add_to_outbox
+from accord.outbox import transaction as outbox_transaction
 
 __all__ = [
     "Consumer",
@@ -23,6 +24,7 @@ __all__ = [
     "add_to_outbox",
     "errors",
     "metadata",
+    "outbox_transaction",
 ]
 
 __version__ = "0.1.0.dev0"

@@ -11,7 +11,7 @@ from typing import Any
 
 from accord.errors import DecodeError
 
-__all__ = ["SPECVERSION", "Message", "decode", "encode", "new_id"]
+__all__ = ["SPECVERSION", "Message", "decode", "encode", "headers_of", "new_id"]
 
 SPECVERSION = "1.0"
 _HEADER_PREFIX = "ce-"
@@ -116,15 +116,22 @@ def _is_json(content_type: str) -> bool:
     return "json" in content_type.lower()
 
 
-def encode(message: Message) -> tuple[dict[str, str], bytes]:
-    """CloudEvents binary mode: attributes as ``ce-`` headers, data as the body
-    (JSON for JSON content types; the text itself, UTF-8, for others)."""
+def headers_of(message: Message) -> dict[str, str]:
+    """The CloudEvents binary-mode headers of ``message``: its attributes as
+    ``ce-`` headers, its content type as ``content-type``."""
     headers = {}
     for name, value in message.attributes().items():
         if name == "datacontenttype":
             headers["content-type"] = value
         else:
             headers[_HEADER_PREFIX + name] = value
+    return headers
+
+
+def encode(message: Message) -> tuple[dict[str, str], bytes]:
+    """CloudEvents binary mode: attributes as ``ce-`` headers, data as the body
+    (JSON for JSON content types; the text itself, UTF-8, for others)."""
+    headers = headers_of(message)
     data = message.data
     if _is_json(message.datacontenttype) or not isinstance(data, str | bytes | None):
         body = json.dumps(data, separators=(",", ":"), default=str).encode()

@@ -2,6 +2,6 @@
 
 from accord.outbox.admin import OutboxAdmin, OutboxStatus
 from accord.outbox.relay import Relay
-from accord.outbox.writer import NOTIFY_CHANNEL, add
+from accord.outbox.writer import NOTIFY_CHANNEL, add, transaction
 
-__all__ = ["NOTIFY_CHANNEL", "OutboxAdmin", "OutboxStatus", "Relay", "add"]
+__all__ = ["NOTIFY_CHANNEL", "OutboxAdmin", "OutboxStatus", "Relay", "add", "transaction"]

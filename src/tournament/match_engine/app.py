@@ -19,6 +19,7 @@ from accord.db.types import one_of
 from accord.errors import NotFoundError
 from accord.messages import Message
 from accord.outbox import add as add_to_outbox
+from accord.outbox import transaction as outbox_transaction
 from accord.sagas import Flows, Orchestrator, SagaAdmin
 from accord.transports import from_url
 from tournament.config import StackConfig
@@ -186,7 +187,7 @@ def create_app(config: StackConfig) -> FastAPI:
             "name": body.name,
             "participants": body.participants,
         }
-        async with database.transaction() as conn:
+        async with outbox_transaction(database) as conn:
             if config.saga_style == "orchestration":
                 await orchestrator.start(saga, data, saga_id=saga_id, conn=conn)
             else:
@@ -216,7 +217,7 @@ def create_app(config: StackConfig) -> FastAPI:
         with it (outbox) and reaches the Score Engine."""
         match_id = str(uuid.uuid4())
         now = datetime.now(UTC)
-        async with database.transaction() as conn:
+        async with outbox_transaction(database) as conn:
             row = (
                 await conn.execute(
                     sa.select(tournaments.c.status, tournaments.c.participants).where(
