@@ -173,7 +173,7 @@ async def test_randomized_sagas_with_failures_and_kills_all_end_consistent(
 
 
 @pytest.mark.slow
-# On SQLite it takes 80-125 s on this machine (one writer for the whole run);
+# On SQLite it took 120-122 s on this machine on a slow day (one writer for all);
 # the suite's 120 s default is for tests that hang, not for this one.
 @pytest.mark.timeout(400)
 async def test_randomized_1000_sagas_with_failures_and_kills(
