@@ -6,6 +6,8 @@ outside any transaction whatever happened in the block."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -142,36 +144,166 @@ def _comparable(row: Any) -> dict[str, Any]:
     return kept
 
 
+async def _pg_shop(pg_url: str, **options: Any) -> Database:
+    db = Database(pg_url, **options)
+    async with db.transaction() as conn:
+        await conn.execute(sa.text(ORDERS))
+    return db
+
+
 @pytest.mark.postgres
-async def test_commit_or_rollback_inside_the_block_is_refused(pg_url: str) -> None:
-    async with Database(pg_url) as db:
-        async with db.transaction() as conn:
-            await conn.execute(sa.text(ORDERS))
-        for end in ("commit", "rollback"):
-            with pytest.raises(ConfigurationError, match="commits when its block exits"):
-                async with outbox_transaction(db) as conn:
-                    await _order(conn, f"o-{end}")
-                    await add_to_outbox(conn, Message(type="order.placed"))
-                    await getattr(conn, end)()
+async def test_commit_inside_the_block_is_refused_and_nothing_commits(pg_url: str) -> None:
+    async with await _pg_shop(pg_url) as db:
+        with pytest.raises(ConfigurationError, match="commits when its block exits"):
+            async with outbox_transaction(db) as conn:
+                await _order(conn, "o-1")
+                await add_to_outbox(conn, Message(type="order.placed"))
+                await conn.commit()
+        # A caller that catches the refusal and goes on still commits nothing.
+        with pytest.raises(DatabaseError):
+            async with outbox_transaction(db) as conn:
+                await _order(conn, "o-2")
+                await add_to_outbox(conn, Message(type="order.placed"))
+                with pytest.raises(ConfigurationError):
+                    await conn.commit()
         assert await _orders(db) == []
         assert await _rows(db) == []
         assert await _open_transactions(db) == 0
 
 
 @pytest.mark.postgres
-async def test_a_savepoint_rolls_back_alone(pg_url: str) -> None:
-    async with Database(pg_url) as db:
-        async with db.transaction() as conn:
-            await conn.execute(sa.text(ORDERS))
+async def test_a_rollback_inside_the_block_commits_nothing(pg_url: str) -> None:
+    async with await _pg_shop(pg_url) as db:
+        with pytest.raises(ConfigurationError, match="rolled back inside it"):
+            async with outbox_transaction(db) as conn:
+                await _order(conn, "o-1")
+                await add_to_outbox(conn, Message(type="order.placed"))
+                await conn.rollback()
+                await _order(conn, "o-2")
+        assert await _orders(db) == []
+        assert await _rows(db) == []
+        assert await _open_transactions(db) == 0
+
+
+@pytest.mark.postgres
+async def test_a_bound_sessions_failed_flush_raises_its_own_error(pg_url: str) -> None:
+    # The session rolls the transaction back; the caller sees the IntegrityError,
+    # as with database.transaction(), and nothing commits.
+    async with await _pg_shop(pg_url) as db:
+        with pytest.raises(DatabaseError, match=r"IntegrityError|UniqueViolation") as raised:
+            async with outbox_transaction(db) as conn:
+                session = AsyncSession(bind=conn)
+                await add_to_outbox(session, Message(type="order.placed"))
+                await _order(session, "o-1")
+                await _order(session, "o-1")
+        assert isinstance(raised.value.__cause__, sa.exc.IntegrityError)
+        assert await _orders(db) == []
+        assert await _rows(db) == []
+        assert await _open_transactions(db) == 0
+
+
+@pytest.mark.postgres
+async def test_messages_added_in_a_savepoint_go_with_it(pg_url: str) -> None:
+    async with await _pg_shop(pg_url) as db:
         async with outbox_transaction(db) as conn:
             await _order(conn, "kept")
+            await add_to_outbox(conn, Message(type="kept"))
             with pytest.raises(Boom):
                 async with conn.begin_nested():
                     await _order(conn, "undone")
+                    await add_to_outbox(conn, Message(type="undone"))
+                    async with conn.begin_nested():  # released, then undone with its parent
+                        await add_to_outbox(conn, Message(type="undone.inner"))
                     raise Boom
-            await add_to_outbox(conn, Message(type="order.placed"))
-        assert await _orders(db) == ["kept"]
-        assert [r.event_type for r in await _rows(db)] == ["order.placed"]
+            async with conn.begin_nested():  # released: kept
+                await _order(conn, "released")
+                await add_to_outbox(conn, Message(type="released"))
+            session = AsyncSession(bind=conn)
+            with pytest.raises(Boom):
+                async with session.begin_nested():
+                    await add_to_outbox(session, Message(type="undone.session"))
+                    raise Boom
+            await session.close()
+            await add_to_outbox(conn, Message(type="last"))
+        assert await _orders(db) == ["kept", "released"]
+        assert [r.event_type for r in await _rows(db)] == ["kept", "released", "last"]
+
+
+@pytest.mark.postgres
+async def test_an_on_commit_callback_that_raises_prevents_the_commit(pg_url: str) -> None:
+    # As with database.transaction(): callbacks run before the COMMIT is sent.
+    async with await _pg_shop(pg_url) as db:
+        with pytest.raises(ZeroDivisionError):
+            async with outbox_transaction(db) as conn:
+                await _order(conn, "o-1")
+                await add_to_outbox(conn, Message(type="order.placed"))
+                on_commit(conn, lambda: print(1 / 0))
+        assert await _orders(db) == []
+        assert await _rows(db) == []
+        assert await _open_transactions(db) == 0
+
+
+@pytest.mark.postgres
+async def test_the_block_begins_at_the_databases_isolation_level(pg_url: str) -> None:
+    async with Database(pg_url, isolation_level="SERIALIZABLE") as db:
+        async with outbox_transaction(db) as conn:
+            level = await conn.scalar(sa.text("SHOW transaction_isolation"))
+        assert level == "serializable"
+    with pytest.raises(ConfigurationError, match="isolation level 'AUTOCOMMIT'"):
+        async with (
+            Database(pg_url, isolation_level="AUTOCOMMIT") as db,
+            outbox_transaction(db),
+        ):
+            pass
+
+
+@pytest.mark.postgres
+async def test_under_another_client_encoding_rows_are_written_at_once(pg_url: str) -> None:
+    # Literals are sent as UTF-8 text; a session reading another encoding gets its
+    # rows through bound parameters instead, in the block's transaction.
+    settings_ = {"client_encoding": "LATIN1"}
+    async with await _pg_shop(pg_url, connect_args={"server_settings": settings_}) as db:
+        message = Message(type="order.placed", key="o'1\\", data={"n": "it's"})
+        async with outbox_transaction(db) as conn:
+            await _order(conn, "o-1")
+            await add_to_outbox(conn, message)
+            seen = await conn.scalar(sa.select(sa.func.count()).select_from(outbox))
+            assert seen == 1  # written at once, visible inside the transaction
+        [row] = await _rows(db)
+        assert message_from_row(row.headers, row.payload) == message
+        with pytest.raises(Boom):
+            async with outbox_transaction(db) as conn:
+                await add_to_outbox(conn, Message(type="rolled.back"))
+                raise Boom
+        assert len(await _rows(db)) == 1
+
+
+@pytest.mark.postgres
+async def test_cancelled_anywhere_a_block_commits_all_or_nothing_and_frees_its_connection(
+    pg_url: str,
+) -> None:
+    # One pooled connection: a block that left it inside a transaction would make
+    # every later transaction fail. Cancel at random points, BEGIN included.
+    rng = random.Random(11)
+    async with await _pg_shop(pg_url, pool_size=1, max_overflow=0) as db:
+        for i in range(120):
+
+            async def block(order: str = f"o-{i:03}") -> None:
+                async with outbox_transaction(db) as conn:
+                    await _order(conn, order)
+                    await add_to_outbox(conn, Message(type="order.placed", subject=order))
+
+            task = asyncio.create_task(block())
+            for _ in range(rng.randint(0, 12)):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert await _open_transactions(db) == 0, f"after cancel {i}"
+        orders = await _orders(db)
+        assert sorted(r.headers["ce-subject"] for r in await _rows(db)) == orders
+        async with db.transaction() as conn:  # the pool serves on
+            await _order(conn, "after")
 
 
 @pytest.mark.postgres

@@ -135,6 +135,11 @@ class Database:
             if database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             engine_kwargs.setdefault("connect_args", {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        #: The isolation level the engine was given, if any (``outbox_transaction``
+        #: begins its transactions at it too).
+        self.isolation_level: str | None = engine_kwargs.get("isolation_level") or dict(
+            engine_kwargs.get("execution_options") or {}
+        ).get("isolation_level")
         self.engine: AsyncEngine = create_async_engine(self.url, echo=echo, **engine_kwargs)
         if self.dialect == "sqlite":
             _tune_sqlite(self.engine)

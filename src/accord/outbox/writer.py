@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
 import uuid
 import weakref
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -89,9 +91,11 @@ async def add(conn: AsyncConnection | AsyncSession, *messages: Message) -> None:
     connection = await conn.connection() if isinstance(conn, AsyncSession) else conn
     now = datetime.now(UTC)
     rows = [row_from_message(m, now) for m in messages]
-    deferred = _DEFERRED.get(connection.sync_connection) if connection.sync_connection else None
-    if deferred is not None:
-        deferred.extend(rows)  # written with the COMMIT of outbox.transaction()
+    block = _BLOCKS.get(connection.sync_connection) if connection.sync_connection else None
+    if block is not None and block.values is not None:
+        # Sent with the COMMIT of outbox.transaction(); rendered now, so that text
+        # that cannot be sent is refused here.
+        block.values.extend([_row_values(row) for row in rows])
         return
     with translate_errors("adding to the outbox"):
         if connection.dialect.name == "postgresql" and await _add_on_driver(connection, rows):
@@ -137,10 +141,26 @@ def _insert_ignoring_duplicates(dialect: str) -> Any:
 
 # -- outbox.transaction(): the rows travel with the COMMIT --------------------------
 
-# The rows add() was given inside an open outbox.transaction(), by its connection.
-_DEFERRED: weakref.WeakKeyDictionary[Connection, list[dict[str, Any]]] = weakref.WeakKeyDictionary()
+
+@dataclass
+class _Block:
+    """An open outbox.transaction() on one connection."""
+
+    #: The VALUES of the rows to send with the COMMIT, rendered when add() is called;
+    #: None when they cannot travel as literals (add() then writes at once).
+    values: list[str] | None
+    #: len(values) when each savepoint still open began: rolling one back drops the
+    #: rows added since.
+    marks: list[int] = field(default_factory=list)
+    #: The transaction was rolled back inside the block (a session whose flush failed
+    #: does that): the block must not commit.
+    rolled_back: bool = False
+
+
+_BLOCKS: weakref.WeakKeyDictionary[Connection, _Block] = weakref.WeakKeyDictionary()
 # Per Database, its engine with the driver in autocommit: BEGIN and COMMIT are ours.
 _AUTOCOMMIT: weakref.WeakKeyDictionary[Database, AsyncEngine] = weakref.WeakKeyDictionary()
+_ISOLATION_LEVELS = ("SERIALIZABLE", "REPEATABLE READ", "READ COMMITTED", "READ UNCOMMITTED")
 
 
 @contextlib.asynccontextmanager
@@ -153,17 +173,21 @@ async def transaction(database: Database) -> AsyncIterator[AsyncConnection]:
     it) and call :func:`add` as usual; the messages are held in memory and
     written — rows, the relays' wake-up and ``COMMIT`` in one message to the
     server — when the block exits. The guarantee is the same: the rows commit
-    with your statements or not at all. What differs: your own statements cannot
-    see the outbox rows before the commit, and the block owns the transaction —
-    it commits when the block exits and rolls back when the block raises; call
-    neither ``commit()`` nor ``rollback()`` on the connection inside it
-    (savepoints, ``begin_nested()``, work as usual). On SQLite this is
-    ``database.transaction()`` with :func:`add` writing at once.
+    with your statements or not at all, and rows added inside a savepoint
+    (``begin_nested()``) that rolls back are dropped with it. What differs: your
+    own statements cannot see the outbox rows before the commit, and the block
+    owns the transaction — it commits when the block exits and rolls back when
+    the block raises. ``commit()`` on the connection inside it is refused; after a
+    ``rollback()`` (or a bound session's failed flush) the block commits nothing
+    and raises when it exits. Do not send ``COMMIT`` or ``ROLLBACK`` as SQL text.
+    The transaction begins at the ``isolation_level`` the Database was given.
+    On SQLite this is ``database.transaction()`` with :func:`add` writing at once.
     """
     if not database.is_postgres:
         async with database.transaction() as conn:
             yield conn
         return
+    begin = _begin_statement(database)
     engine = _AUTOCOMMIT.get(database) or _autocommit_engine(database)
     with translate_errors("outbox transaction"):
         async with engine.connect() as conn:
@@ -171,72 +195,136 @@ async def transaction(database: Database) -> AsyncIterator[AsyncConnection]:
             assert sync is not None  # an open connection
             # Checked out just now, so no I/O is needed to reach the driver.
             driver: Any = sync.connection.driver_connection
-            rows: list[dict[str, Any]] = []
-            _DEFERRED[sync] = rows
+            # Literals are sent as UTF-8 text: under another client encoding the
+            # server would read them differently, so add() writes rows at once.
+            _BLOCKS[sync] = _Block(values=[] if _utf8(driver) else None)
             try:
-                await driver.execute("BEGIN")
+                await driver.execute(begin)
                 # SQLAlchemy's side of it, so that sessions bound to the connection
-                # join it and commit events fire; it sends nothing.
+                # join it; it sends nothing.
                 await conn.begin()
                 yield conn
-                await driver.execute(_commit_statements(rows))
+                block = _BLOCKS.pop(sync)
+                if block.rolled_back:
+                    raise ConfigurationError(
+                        "the transaction of this outbox_transaction() block was rolled back "
+                        "inside it (rollback() on its connection, or a session's failed "
+                        "flush), so the block committed nothing: raise to roll back instead"
+                    )
+                if block.values and not _utf8(driver):
+                    raise ConfigurationError(
+                        "client_encoding was changed inside an outbox_transaction() block: "
+                        "its outbox rows cannot be sent as text; nothing was committed"
+                    )
+                # SQLAlchemy's bookkeeping and on_commit callbacks, which run before
+                # the COMMIT is sent, as with database.transaction(); it sends nothing.
+                await conn.commit()
+                await driver.execute(_commit_statements(block.values or []))
             except BaseException:
                 await _abandon(conn, driver)
                 raise
             finally:
-                del _DEFERRED[sync]
-            # SQLAlchemy's own bookkeeping (and on_commit callbacks): with the
-            # driver in autocommit it sends nothing.
-            await conn.commit()
+                _BLOCKS.pop(sync, None)
+
+
+def _utf8(driver: Any) -> bool:
+    return str(driver.get_settings().client_encoding).upper() in ("UTF8", "UTF-8")
+
+
+def _begin_statement(database: Database) -> str:
+    level = (database.isolation_level or "").upper().replace("_", " ")
+    if not level:
+        return "BEGIN"
+    if level not in _ISOLATION_LEVELS:
+        raise ConfigurationError(
+            f"outbox_transaction() cannot begin a transaction at isolation level "
+            f"{database.isolation_level!r}: give the Database one of {', '.join(_ISOLATION_LEVELS)}"
+        )
+    return f"BEGIN ISOLATION LEVEL {level}"
 
 
 def _autocommit_engine(database: Database) -> AsyncEngine:
     engine = database.engine.execution_options(isolation_level="AUTOCOMMIT")
-    event.listen(engine.sync_engine, "commit", _owned_by_the_block)
-    event.listen(engine.sync_engine, "rollback", _owned_by_the_block)
+    # Listeners on this engine alone (not on database.engine): only blocks see them.
+    events = engine.sync_engine
+    event.listen(events, "commit", _refuse_commit)
+    event.listen(events, "rollback", _note_rollback)
+    event.listen(events, "savepoint", _note_savepoint)
+    event.listen(events, "rollback_savepoint", _drop_since_savepoint)
+    event.listen(events, "release_savepoint", _keep_since_savepoint)
     _AUTOCOMMIT[database] = engine
     return engine
 
 
-def _owned_by_the_block(conn: Connection) -> None:
-    if conn not in _DEFERRED:
-        return  # the block has ended: this is its own commit, or the pool's reset
-    raise ConfigurationError(
-        "outbox.transaction() commits when its block exits and rolls back when it "
-        "raises: do not call commit() or rollback() on its connection inside the "
-        "block (use begin_nested() for a part that may roll back alone)"
-    )
+def _refuse_commit(conn: Connection) -> None:
+    if conn in _BLOCKS:  # else the block has ended: this is its own commit
+        raise ConfigurationError(
+            "outbox_transaction() commits when its block exits: do not call commit() on "
+            "its connection inside the block"
+        )
+
+
+def _note_rollback(conn: Connection) -> None:
+    block = _BLOCKS.get(conn)
+    if block is not None:
+        block.rolled_back = True
+
+
+def _note_savepoint(conn: Connection, _name: str | None) -> None:
+    block = _BLOCKS.get(conn)
+    if block is not None and block.values is not None:
+        block.marks.append(len(block.values))
+
+
+def _drop_since_savepoint(conn: Connection, _name: str, _context: Any) -> None:
+    block = _BLOCKS.get(conn)
+    if block is not None and block.values is not None and block.marks:
+        del block.values[block.marks.pop() :]
+
+
+def _keep_since_savepoint(conn: Connection, _name: str, _context: Any) -> None:
+    block = _BLOCKS.get(conn)
+    if block is not None and block.values is not None and block.marks:
+        block.marks.pop()
 
 
 async def _abandon(conn: AsyncConnection, driver: Any) -> None:
-    """Roll back what the block began; a connection whose state is not known (the
-    block was cancelled mid-statement, ROLLBACK failed) is closed instead of going
-    back to the pool inside a transaction."""
+    """Roll back what the block began. ROLLBACK is sent even when the driver says no
+    transaction is open: a BEGIN cancelled in flight is not yet known to it (and a
+    ROLLBACK outside a transaction only warns). A connection whose state is still
+    in doubt is closed instead of going back to the pool inside a transaction."""
+    if driver.is_closed():
+        await conn.invalidate()
+        return
     try:
-        if driver.is_in_transaction():
-            await driver.execute("ROLLBACK")
-    except BaseException:
+        await driver.execute("ROLLBACK")
+    except asyncio.CancelledError:
+        await conn.invalidate()
+        raise
+    except Exception:
         await conn.invalidate()
         return
     if driver.is_in_transaction():
         await conn.invalidate()
 
 
-def _commit_statements(rows: list[dict[str, Any]]) -> str:
+def _row_values(row: dict[str, Any]) -> str:
+    """The row as a VALUES tuple of literals."""
+    row_id, event_type, key, payload, headers = driver_row(row)
+    at = row["created_at"].isoformat()
+    return (
+        f"('{row_id}'::uuid,{_literal(event_type)},{_literal(key)},{_literal(payload)}"
+        f"::jsonb,{_literal(headers)}::jsonb,'PENDING',0,'{at}'::timestamptz,"
+        f"'{at}'::timestamptz)"
+    )
+
+
+def _commit_statements(values: list[str]) -> str:
     """``COMMIT``, preceded by the rows' ``INSERT`` and the relays' ``NOTIFY``: one
     simple-protocol message, so the rows go with the commit (statements with
     parameters cannot share a message; the values are quoted literals)."""
-    if not rows:
+    if not values:
         return "COMMIT"
-    values = []
-    for row in rows:
-        row_id, event_type, key, payload, headers = driver_row(row)
-        at = row["created_at"].isoformat()
-        values.append(
-            f"('{row_id}'::uuid,{_literal(event_type)},{_literal(key)},{_literal(payload)}"
-            f"::jsonb,{_literal(headers)}::jsonb,'PENDING',0,'{at}'::timestamptz,"
-            f"'{at}'::timestamptz)"
-        )
     return (
         "INSERT INTO accord_outbox (id, event_type, key, payload, headers, status, "
         f"retry_count, available_at, created_at) VALUES {','.join(values)} "
@@ -246,9 +334,16 @@ def _commit_statements(rows: list[dict[str, Any]]) -> str:
 
 def _literal(text: str | None) -> str:
     """An escape-string literal (``E'…'``): its backslashes and quotes are escaped
-    whatever the server's ``standard_conforming_strings``."""
+    whatever the server's ``standard_conforming_strings`` (the text is sent as
+    UTF-8, to a session whose client encoding is UTF-8)."""
     if text is None:
         return "NULL"
     if "\x00" in text:
-        raise ConfigurationError(f"an outbox value cannot hold a NUL character: {text[:80]!r}")
+        raise ConfigurationError(f"an outbox message cannot hold a NUL character: {text[:80]!r}")
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise ConfigurationError(
+            f"an outbox message holds text that is not valid Unicode ({exc.reason}): {text[:80]!r}"
+        ) from None
     return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
