@@ -3,6 +3,7 @@ commit-to-broker latency at a steady rate, the cost of ``outbox.add``, and relay
 memory with a million pending rows.
 
     .venv/bin/python -m benchmarks.relay [--quick] [--only NAME ...] [--claims lock|lease]
+        [--rtt-ms MS]
 """
 
 from __future__ import annotations
@@ -321,18 +322,40 @@ async def _latency_run(
     }
 
 
-async def add_cost(scratch: ScratchDatabase, count: int) -> list[dict[str, Any]]:
+async def add_cost(
+    scratch: ScratchDatabase, count: int, rtt_ms: float = 0.0
+) -> list[dict[str, Any]]:
     """Business insert alone vs business insert + outbox.add, same transaction shape.
 
     Two ways to add: ``add_to_outbox`` in an ordinary transaction (one statement
     more) and in ``outbox_transaction`` (the rows go with the COMMIT). Also, in the
     same run, the business insert followed by one ``SELECT 1`` sent straight to
     asyncpg in the same transaction: the cost of one round trip, the least any
-    outbox pays that writes its row in a statement of its own.
+    outbox pays that writes its row in a statement of its own. With ``rtt_ms`` every
+    connection goes through a proxy that adds that round trip (a network's).
     """
     import sqlalchemy as sa
 
-    database = Database(scratch.url)
+    url = scratch.url
+    proxy: asyncio.subprocess.Process | None = None
+    if rtt_ms:
+        port = 15432
+        proxy = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "benchmarks._delay_proxy", str(port), "5432", str(rtt_ms / 2)),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert proxy.stdout is not None and (await proxy.stdout.readline()).strip() == b"ready"
+        url = url.replace(":5432/", f":{port}/")
+    try:
+        return await _add_cost(url, count, rtt_ms, sa)
+    finally:
+        if proxy is not None:
+            proxy.kill()
+            await proxy.wait()
+
+
+async def _add_cost(url: str, count: int, rtt_ms: float, sa: Any) -> list[dict[str, Any]]:
+    database = Database(url)
     async with database.transaction() as conn:
         await conn.execute(
             sa.text(
@@ -368,6 +391,7 @@ async def add_cost(scratch: ScratchDatabase, count: int) -> list[dict[str, Any]]
             times[kind].append(await one(kind))
     await database.dispose()
     base, added, block, trip = (median(times[kind]) for kind in kinds)
+    network = f", {rtt_ms:g} ms round trip added" if rtt_ms else ""
     common = {
         "baseline": base * 1e6,
         "one_round_trip_pct": (trip / base - 1) * 100,
@@ -375,13 +399,13 @@ async def add_cost(scratch: ScratchDatabase, count: int) -> list[dict[str, Any]]
     }
     return [
         {
-            "benchmark": "outbox.add overhead on a business transaction (%)",
+            "benchmark": f"outbox.add overhead on a business transaction (%){network}",
             "accord": (added / base - 1) * 100,
             "with_outbox_us": added * 1e6,
             **common,
         },
         {
-            "benchmark": "the same in outbox_transaction: rows sent with the COMMIT (%)",
+            "benchmark": f"the same in outbox_transaction: rows sent with the COMMIT (%){network}",
             "accord": (block / base - 1) * 100,
             "with_outbox_us": block * 1e6,
             **common,
@@ -440,6 +464,12 @@ async def main() -> None:
         default="lock",
         help="throughput: how Accord's relay holds a batch while publishing",
     )
+    parser.add_argument(
+        "--rtt-ms",
+        type=float,
+        default=0.0,
+        help="add: route PostgreSQL through a proxy that adds this round trip (a network's)",
+    )
     args = parser.parse_args()
     count, rounds = (5_000, 1) if args.quick else (30_000, 3)
     rows: list[dict[str, Any]] = []
@@ -458,7 +488,7 @@ async def main() -> None:
                 rows.append(await latency(scratch, 3 if args.quick else 15, args.rate, consume))
                 console.print(rows[-1])
         if "add" in args.only:
-            rows.extend(await add_cost(scratch, 500 if args.quick else 3000))
+            rows.extend(await add_cost(scratch, 500 if args.quick else 3000, args.rtt_ms))
             console.print(rows[-2:])
         if "memory" in args.only:
             rows.append(await memory(scratch, 100_000 if args.quick else 1_000_000, 15))
