@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -385,6 +386,33 @@ async def test_lease_claims_hold_no_transaction_open_while_the_broker_confirms(
     assert [e.stream_id for e in await store.read_all(0)] == ["orders-1"]
     await store.close()
     await database.dispose()
+
+
+async def test_a_cancelled_leased_round_gives_its_rows_back_at_once(
+    database: Database, listen: Any
+) -> None:
+    """A relay torn down while the broker holds its publish (its task cancelled)
+    does not leave the batch leased for ``lease`` seconds: the next relay sends it
+    at once, attempts unchanged."""
+    transport, received = await listen(broker_url("rabbitmq", ""))
+    messages = [Message(type="order.placed", data={"n": i}, key="k") for i in range(3)]
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, *messages)
+    stalled = StalledBroker(transport)
+    relay = fast_relay(database, stalled, claims="lease", lease=60)
+    round_ = asyncio.create_task(relay.run_once())
+    await asyncio.wait_for(stalled.publishing.wait(), 10)
+    round_.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await round_
+    async with database.connect() as conn:
+        rows = (await conn.execute(sa.select(outbox.c.status, outbox.c.retry_count))).all()
+    assert [(r.status, r.retry_count) for r in rows] == [("PENDING", 0)] * 3
+    started = time.monotonic()
+    assert await fast_relay(database, transport, claims="lease").run_once() == 3
+    assert time.monotonic() - started < 10  # not the 60 s lease
+    await received.wait(3)
+    assert received.ids == [m.id for m in messages]
 
 
 async def test_claims_are_checked(database: Database) -> None:

@@ -164,13 +164,15 @@ class Relay:
         seconds in one transaction and settled in another.
         """
         now = datetime.now(UTC)
+        sent: list[int] = []
+        others: list[Settlement] = []
         if self.claims == "lock":  # the rows stay locked in the claiming transaction
             async with self.database.transaction() as conn:
                 rows = await claim(conn, now=now, lease_until=None, limit=self.batch_size)
                 if not rows:
                     return 0
                 started = time.perf_counter()
-                sent, others = await self._publish(rows, None)
+                await self._publish(rows, None, sent, others)
                 await settle(conn, now=datetime.now(UTC), sent=sent, others=others)
             return self._count(sent, len(sent), started)
         lease_until = now + timedelta(seconds=self.lease)
@@ -178,9 +180,38 @@ class Relay:
         if not rows:
             return 0
         started = time.perf_counter()
-        sent, others = await self._publish(rows, lease_until)
+        try:
+            await self._publish(rows, lease_until, sent, others)
+        except asyncio.CancelledError:
+            await self._release_cancelled(rows, sent, others, lease_until)
+            raise
         marked = await self._settle_leased(sent, others, lease_until)
         return self._count(sent, marked, started)
+
+    async def _release_cancelled(
+        self,
+        rows: Sequence[ClaimedRow],
+        sent: list[int],
+        others: list[Settlement],
+        lease_until: datetime,
+    ) -> None:
+        """A round cancelled while publishing (its task is being torn down): settle
+        what is known and give the rest back now rather than when the lease runs
+        out. A row whose confirm was still awaited is published again, once some
+        relay claims it (at least once; the inbox drops the copy)."""
+        settled = set(sent) | {s.seq for s in others}
+        released = others + [self._release(r, None) for r in rows if r.seq not in settled]
+        try:
+            async with asyncio.timeout(5):
+                await self._settle_leased(sent, released, lease_until)
+        except (TimeoutError, AccordError, OSError) as exc:
+            log.warning(
+                "relay %s: could not give back the %d rows of a cancelled round (%s); "
+                "they return when their lease runs out",
+                self.name,
+                len(rows),
+                exc,
+            )
 
     @property
     def _on_asyncpg(self) -> bool:
@@ -232,10 +263,14 @@ class Relay:
         return marked
 
     async def _publish(
-        self, rows: Sequence[ClaimedRow], lease_until: datetime | None
-    ) -> tuple[list[int], list[Settlement]]:
-        sent: list[int] = []
-        others: list[Settlement] = []
+        self,
+        rows: Sequence[ClaimedRow],
+        lease_until: datetime | None,
+        sent: list[int],
+        others: list[Settlement],
+    ) -> None:
+        """Publish ``rows`` wave by wave, appending the seq of each confirmed row to
+        ``sent`` and how to settle each other row to ``others`` as it is known."""
         blocked: set[str] = set()
         unavailable: str | None = None
         for wave in _waves(rows):
@@ -286,7 +321,6 @@ class Relay:
                 if error is not None and row.key is not None:
                     blocked.add(row.key)
         self._outage = self._outage + 1 if unavailable else 0
-        return sent, others
 
     def _release(self, row: ClaimedRow, reason: str | None) -> Settlement:
         """Back to PENDING, claimable now, attempts unchanged."""
@@ -423,7 +457,8 @@ class Relay:
                     await self._stopped.wait()
             except TimeoutError:
                 log.warning(
-                    "relay %s did not stop within %.0fs; its leased rows return after the lease",
+                    "relay %s did not stop within %.0fs; cancelling run() gives its batch "
+                    "back (a leased batch is released, a locked one rolled back)",
                     self.name,
                     self.lease,
                 )
