@@ -64,6 +64,14 @@ async def _open_transactions(db: Database) -> int:
         )
 
 
+async def _nothing_was_kept(db: Database) -> None:
+    """Neither the block's statements nor its messages committed, and no session
+    of the pool is left inside a transaction."""
+    assert await _orders(db) == []
+    assert await _rows(db) == []
+    assert await _open_transactions(db) == 0
+
+
 async def _order(conn: Any, order_id: str) -> None:
     await conn.execute(sa.text("INSERT INTO t_orders (id) VALUES (:id)"), {"id": order_id})
 
@@ -166,9 +174,7 @@ async def test_commit_inside_the_block_is_refused_and_nothing_commits(pg_url: st
                 await add_to_outbox(conn, Message(type="order.placed"))
                 with pytest.raises(ConfigurationError):
                     await conn.commit()
-        assert await _orders(db) == []
-        assert await _rows(db) == []
-        assert await _open_transactions(db) == 0
+        await _nothing_was_kept(db)
 
 
 @pytest.mark.postgres
@@ -180,9 +186,7 @@ async def test_a_rollback_inside_the_block_commits_nothing(pg_url: str) -> None:
                 await add_to_outbox(conn, Message(type="order.placed"))
                 await conn.rollback()
                 await _order(conn, "o-2")
-        assert await _orders(db) == []
-        assert await _rows(db) == []
-        assert await _open_transactions(db) == 0
+        await _nothing_was_kept(db)
 
 
 @pytest.mark.postgres
@@ -197,9 +201,7 @@ async def test_a_bound_sessions_failed_flush_raises_its_own_error(pg_url: str) -
                 await _order(session, "o-1")
                 await _order(session, "o-1")
         assert isinstance(raised.value.__cause__, sa.exc.IntegrityError)
-        assert await _orders(db) == []
-        assert await _rows(db) == []
-        assert await _open_transactions(db) == 0
+        await _nothing_was_kept(db)
 
 
 @pytest.mark.postgres
@@ -238,9 +240,7 @@ async def test_an_on_commit_callback_that_raises_prevents_the_commit(pg_url: str
                 await _order(conn, "o-1")
                 await add_to_outbox(conn, Message(type="order.placed"))
                 on_commit(conn, lambda: print(1 / 0))
-        assert await _orders(db) == []
-        assert await _rows(db) == []
-        assert await _open_transactions(db) == 0
+        await _nothing_was_kept(db)
 
 
 @pytest.mark.postgres
