@@ -69,11 +69,13 @@ def message_from_row(headers: dict[str, str], payload: Any) -> Message:
 # One prepared statement, one round trip: the row and the wake-up of the relays.
 # The notification is delivered at commit, and only if the transaction commits;
 # identical notifications in one transaction are folded into one.
+_INSERT = (
+    "INSERT INTO accord_outbox (id, event_type, key, payload, headers, status, retry_count, "
+    "available_at, created_at) VALUES "
+)
 _PG_ADD = (
-    "WITH added AS (INSERT INTO accord_outbox (id, event_type, key, payload, headers, status, "
-    "retry_count, available_at, created_at) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, "
-    "'PENDING', 0, $6, $6) ON CONFLICT (id) DO NOTHING RETURNING 1) "
-    f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
+    f"WITH added AS ({_INSERT}($1, $2, $3, $4::jsonb, $5::jsonb, 'PENDING', 0, $6, $6) "
+    f"ON CONFLICT (id) DO NOTHING RETURNING 1) SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
 )
 
 
@@ -326,9 +328,7 @@ def _commit_statements(values: list[str]) -> str:
     if not values:
         return "COMMIT"
     return (
-        "INSERT INTO accord_outbox (id, event_type, key, payload, headers, status, "
-        f"retry_count, available_at, created_at) VALUES {','.join(values)} "
-        f"ON CONFLICT (id) DO NOTHING; NOTIFY {NOTIFY_CHANNEL}; COMMIT"
+        f"{_INSERT}{','.join(values)} ON CONFLICT (id) DO NOTHING; NOTIFY {NOTIFY_CHANNEL}; COMMIT"
     )
 
 
