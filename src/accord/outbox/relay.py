@@ -203,8 +203,8 @@ class Relay:
         released = others + [self._release(r, None) for r in rows if r.seq not in settled]
         try:
             async with asyncio.timeout(5):
-                await self._settle_leased(sent, released, lease_until)
-        except (TimeoutError, AccordError, OSError) as exc:
+                PUBLISHED.inc(await self._settle_leased(sent, released, lease_until))
+        except Exception as exc:  # whatever it is, the cancel is re-raised after
             log.warning(
                 "relay %s: could not give back the %d rows of a cancelled round (%s); "
                 "they return when their lease runs out",
@@ -457,8 +457,9 @@ class Relay:
                     await self._stopped.wait()
             except TimeoutError:
                 log.warning(
-                    "relay %s did not stop within %.0fs; cancelling run() gives its batch "
-                    "back (a leased batch is released, a locked one rolled back)",
+                    "relay %s did not stop within %.0fs; cancelling its run() gives the "
+                    "batch in flight back at once (a leased batch is released, a locked "
+                    "one rolled back); left alone, a leased batch returns after its lease",
                     self.name,
                     self.lease,
                 )
