@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
+from accord import outbox_transaction
 from accord.db import Database
 from accord.db.database import on_commit
 from accord.db.migrations import MIGRATIONS
@@ -47,6 +48,42 @@ async def test_driver_errors_are_translated(database: Database) -> None:
             await conn.execute(sa.text("SELECT * FROM no_such_table"))
 
 
+@pytest.mark.parametrize("block", ["transaction", "connect", "outbox_transaction"])
+@pytest.mark.parametrize(
+    "error", [TimeoutError(), ConnectionRefusedError(111, "an HTTP call was refused")]
+)
+async def test_the_callers_own_os_errors_pass_through_a_block_untranslated(
+    database: Database, block: str, error: OSError
+) -> None:
+    """An OSError from the caller's own code inside a block (its asyncio.timeout
+    expiring, a service it calls refusing) is not the database unreachable: it
+    comes out as it is, and the block's statements are rolled back."""
+    await database.upgrade()
+    opened = {
+        "transaction": database.transaction,
+        "connect": database.connect,
+        "outbox_transaction": lambda: outbox_transaction(database),
+    }[block]
+    with pytest.raises(type(error)) as raised:
+        async with opened() as conn:
+            await conn.execute(
+                schema_version.insert().values(version=999, applied_at=datetime.now(UTC))
+            )
+            raise error
+    assert raised.value is error
+    async with database.connect() as conn:
+        kept = await conn.scalar(sa.select(sa.func.count()).where(schema_version.c.version == 999))
+    assert kept == 0
+
+
+async def test_a_timeout_of_the_caller_inside_a_block_is_a_timeout_error(
+    database: Database,
+) -> None:
+    with pytest.raises(TimeoutError):
+        async with database.transaction(), asyncio.timeout(0.01):
+            await asyncio.sleep(5)
+
+
 def test_unsupported_url_names_the_fix() -> None:
     with pytest.raises(ConfigurationError, match="sqlite\\+aiosqlite"):
         Database("mysql://root@localhost/x")
@@ -62,6 +99,15 @@ async def test_timestamps_come_back_timezone_aware(database: Database) -> None:
         applied = await conn.scalar(sa.select(schema_version.c.applied_at))
     assert applied.tzinfo is not None
     assert abs((datetime.now(UTC) - applied).total_seconds()) < 600
+
+
+@pytest.mark.postgres
+async def test_a_transaction_on_an_unreachable_server_is_a_database_error() -> None:
+    db = Database("postgresql+asyncpg://postgres@127.0.0.1:1/nowhere")
+    with pytest.raises(DatabaseError, match="database transaction failed: cannot reach"):
+        async with db.transaction():
+            pass
+    await db.dispose()
 
 
 @pytest.mark.postgres

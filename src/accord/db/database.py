@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from accord.errors import ConfigurationError, DatabaseError, MissingExtraError
 
-__all__ = ["Database", "driver_in_transaction", "on_commit", "translate_errors"]
+__all__ = ["CallerErrors", "Database", "driver_in_transaction", "on_commit", "translate_errors"]
 
 log = logging.getLogger("accord.db")
 
@@ -26,18 +26,49 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
 @contextlib.contextmanager
-def translate_errors(what: str) -> Any:
-    """Re-raise SQLAlchemy/driver errors as :class:`accord.errors.DatabaseError`."""
+def translate_errors(what: str, callers: CallerErrors | None = None) -> Any:
+    """Re-raise SQLAlchemy/driver errors as :class:`accord.errors.DatabaseError`.
+
+    An ``OSError`` is taken to mean the database cannot be reached, unless it is
+    one that ``callers`` noted as raised by the caller's own code inside a block
+    (a ``TimeoutError`` of its ``asyncio.timeout``, a refused HTTP connection):
+    that one passes through as it is."""
     try:
         yield
     except sa.exc.SQLAlchemyError as exc:
         raise DatabaseError(f"{what} failed: {exc.__class__.__name__}: {exc}") from exc
     except OSError as exc:
+        if callers is not None and callers.raised(exc):
+            raise
         raise DatabaseError(f"{what} failed: cannot reach the database ({exc})") from exc
     except Exception as exc:
         if type(exc).__module__.startswith("asyncpg"):  # the driver used directly
             raise DatabaseError(f"{what} failed: {exc.__class__.__name__}: {exc}") from exc
         raise
+
+
+class CallerErrors:
+    """The ``OSError`` that the body of a ``with`` block raised, if it raised one.
+
+    Wrap the ``yield`` of a context manager that translates errors in
+    :meth:`noting`, and give the same object to :func:`translate_errors`, so that
+    the caller's own errors are told from the database's."""
+
+    __slots__ = ("_error",)
+
+    def __init__(self) -> None:
+        self._error: OSError | None = None
+
+    @contextlib.contextmanager
+    def noting(self) -> Any:
+        try:
+            yield
+        except OSError as exc:
+            self._error = exc
+            raise
+
+    def raised(self, exc: OSError) -> bool:
+        return exc is self._error
 
 
 async def driver_in_transaction(conn: AsyncConnection) -> Any | None:
@@ -157,16 +188,20 @@ class Database:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
         """A connection inside a transaction that commits on exit and rolls back on error."""
-        with translate_errors("database transaction"):
+        callers = CallerErrors()
+        with translate_errors("database transaction", callers):
             async with self.engine.begin() as conn:
-                yield conn
+                with callers.noting():
+                    yield conn
 
     @contextlib.asynccontextmanager
     async def connect(self) -> AsyncIterator[AsyncConnection]:
         """A connection without an implicit transaction scope (autobegin on first use)."""
-        with translate_errors("database connection"):
+        callers = CallerErrors()
+        with translate_errors("database connection", callers):
             async with self.engine.connect() as conn:
-                yield conn
+                with callers.noting():
+                    yield conn
 
     async def upgrade(self) -> int:
         """Create or migrate every Accord table; idempotent. Returns the schema version."""

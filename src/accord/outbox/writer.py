@@ -20,7 +20,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from accord.db.database import Database, driver_in_transaction, translate_errors
+from accord.db.database import CallerErrors, Database, driver_in_transaction, translate_errors
 from accord.db.schema import outbox
 from accord.errors import ConfigurationError
 from accord.messages import Message, decode, headers_of
@@ -191,7 +191,8 @@ async def transaction(database: Database) -> AsyncIterator[AsyncConnection]:
         return
     begin = _begin_statement(database)
     engine = _AUTOCOMMIT.get(database) or _autocommit_engine(database)
-    with translate_errors("outbox transaction"):
+    callers = CallerErrors()
+    with translate_errors("outbox transaction", callers):
         async with engine.connect() as conn:
             sync = conn.sync_connection
             assert sync is not None  # an open connection
@@ -205,7 +206,8 @@ async def transaction(database: Database) -> AsyncIterator[AsyncConnection]:
                 # SQLAlchemy's side of it, so that sessions bound to the connection
                 # join it; it sends nothing.
                 await conn.begin()
-                yield conn
+                with callers.noting():
+                    yield conn
                 block = _BLOCKS.pop(sync)
                 if block.rolled_back:
                     raise ConfigurationError(
