@@ -40,8 +40,12 @@ def worker(
     log_level: Annotated[str | None, typer.Option("--log-level", help="Logging level.")] = None,
 ) -> None:
     """Run the app's components until SIGTERM/SIGINT, then stop them gracefully and exit 0."""
-    settings = load_settings(
-        settings_file, db=db, broker=broker, service=service, log_level=log_level
-    )
-    code = run(serve(app_spec, settings))
-    raise typer.Exit(code)
+
+    async def go() -> int:
+        # Inside run(): a settings error is a one-line message, not a traceback.
+        settings = load_settings(
+            settings_file, db=db, broker=broker, service=service, log_level=log_level
+        )
+        return await serve(app_spec, settings)
+
+    raise typer.Exit(run(go()))

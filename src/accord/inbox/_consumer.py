@@ -320,6 +320,16 @@ class Consumer:
             reason = describe_validation_error(registration.schema, exc)
             await self._dead_letter(delivery, "invalid_data", reason)
             return None
+        except Exception as exc:
+            # A validator that raises something pydantic does not wrap (AttributeError
+            # on data of a type it did not expect): still this message's data, and it
+            # would fail the same way on every redelivery.
+            schema = getattr(registration.schema, "__name__", repr(registration.schema))
+            reason = (
+                f"data does not match {schema}: its validation raised {type(exc).__name__}: {exc}"
+            )
+            await self._dead_letter(delivery, "invalid_data", reason)
+            return None
         return delivery, message, registration, data
 
     async def _apply_batch(self, ready: Sequence[_Ready]) -> set[str]:
@@ -367,8 +377,18 @@ class Consumer:
         # key -> in how many seconds the last message of that key given back (the failed
         # one, then each follower held back behind it) comes back
         retrying: dict[str, float] = {}
+        seen: set[str] = set()
         for delivery, message, registration, data in ready:
             with log_context(**self._fields(delivery)):
+                if message.id in seen:
+                    # A second copy (a relay's duplicate) of a message handled just now:
+                    # applied, or given back to come again. Held back instead, its hold
+                    # would be counted against the first copy's failed attempts.
+                    CONSUMER_DUPLICATES.labels(self.name, message.type).inc()
+                    log.info("skipped a second copy of %s %s", message.type, message.id)
+                    await delivery.ack()
+                    continue
+                seen.add(message.id)
                 key = message.key
                 if key is not None and key in retrying:
                     # Its key's earlier message failed: it must not be overtaken, so

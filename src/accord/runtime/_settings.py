@@ -77,12 +77,22 @@ class Settings(BaseSettings):
 def _read_file(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigurationError(f"settings file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"cannot read settings file {str(path)!r}: {exc}") from None
     if path.suffix == ".toml":
-        data = tomllib.loads(path.read_text())
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(
+                f"settings file {str(path)!r} is not valid TOML: {exc} (quote string "
+                'values: service = "score-engine")'
+            ) from None
         section = data.get("accord", data)
         return {str(k).replace("-", "_"): v for k, v in section.items()}
     values: dict[str, Any] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

@@ -1,0 +1,115 @@
+"""Data that breaks a schema's own validator, and copies of one message in one batch:
+each is dead-lettered or skipped, never redelivered for ever."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import BaseModel, field_validator
+
+from accord.db import Database
+from accord.inbox import Consumer, DeadLetters, HandlerContext
+from accord.messages import Message
+from accord.testing import wait_for
+from tests.inbox.conftest import Broker, Captured, effect_counts, effects, unique
+
+
+class Named(BaseModel):
+    """A schema whose ``before`` validator assumes a string, as schemas often do."""
+
+    name: str
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def strip(cls, value: Any) -> Any:
+        return value.strip()  # AttributeError (not ValueError) on a non-string
+
+
+async def _dead(database: Database, name: str) -> Sequence[Any]:
+    return await DeadLetters(database).list(name)
+
+
+async def test_data_that_makes_a_schema_validator_raise_is_dead_lettered_not_redelivered_forever(
+    app_db: Database, broker: Broker, consumers: Callable[..., Consumer]
+) -> None:
+    """A validator raising what pydantic does not wrap (AttributeError here; pydantic
+    wraps only ValueError and AssertionError) fails the data, not the consumer: the
+    message is dead-lettered at once with the error, and the next message of its key
+    is applied (before, it was redelivered for ever, holding its key back)."""
+    name = unique()
+    consumer = consumers(name, app_db, broker.transport(), max_attempts=2)
+    applied: list[str] = []
+
+    @consumer.handler("test.named", schema=Named)
+    async def on_named(ctx: HandlerContext, data: Named) -> None:
+        applied.append(data.name)
+        await ctx.conn.execute(effects.insert().values(message_id=ctx.message.id))
+
+    await consumer.start()
+    poison = Message(type="test.named", data={"name": 5}, key="k")
+    good = Message(type="test.named", data={"name": " ok "}, key="k")
+    await broker.publish(poison, good)
+
+    letters = await wait_for(lambda: _dead(app_db, name), timeout=8)
+    assert [letter.message_id for letter in letters] == [poison.id]
+    await wait_for(lambda: applied == ["ok"], timeout=5)
+
+
+async def test_in_batch_mode_a_validator_error_does_not_stall_the_rest_of_its_batch(
+    app_db: Database, broker: Broker, consumers: Callable[..., Consumer]
+) -> None:
+    """The same in batch mode: the poison is dead-lettered and the rest of its batch is
+    applied (before, the error escaped the batch's triage and every delivery of the
+    batch was given back, together, again and again)."""
+    name = unique()
+    consumer = consumers(name, app_db, broker.transport(), max_attempts=2, batch_size=16)
+
+    @consumer.handler("test.named", schema=Named)
+    async def on_named(ctx: HandlerContext, data: Named) -> None:
+        await ctx.conn.execute(effects.insert().values(message_id=ctx.message.id))
+
+    good = [Message(type="test.named", data={"name": f"n{i}"}) for i in range(5)]
+    poison = Message(type="test.named", data={"name": 5})
+    await consumer.start()
+    await consumer.stop()
+    await broker.publish(*good, poison)  # one backlog: one batch
+    await consumer.start()
+
+    async def all_good_applied() -> bool:
+        return await effect_counts(app_db) == {m.id: 1 for m in good}
+
+    await wait_for(all_good_applied, timeout=8)
+    await wait_for(lambda: _dead(app_db, name), timeout=5)
+
+
+async def test_a_duplicate_in_the_batch_does_not_reset_the_failing_copys_attempts(
+    app_db: Database,
+) -> None:
+    """Two copies of one message id with a key in one batch (a relay's duplicate). The
+    batch fails and is handled one at a time: the first copy fails and is given back,
+    the second is skipped as a duplicate. Held back behind the first instead, its
+    hold was counted against the first copy's attempts, and the message was never
+    dead-lettered while the copies kept meeting."""
+    name = unique()
+    consumer = Consumer(name, app_db, None, max_attempts=3, backoff_base=0.01, batch_size=8)  # type: ignore[arg-type]
+    failures = 0
+
+    @consumer.handler("test.scored")
+    async def on_scored(ctx: HandlerContext, data: Any) -> None:
+        nonlocal failures
+        failures += 1
+        raise RuntimeError("always fails")
+
+    message = Message(type="test.scored", data={}, key="k")
+    outcomes = []
+    for attempt in range(1, 7):
+        first, second = Captured(message, attempt), Captured(message, attempt)
+        await consumer.handle_batch([first, second])
+        outcomes.append((first.outcome, second.outcome))
+        if await DeadLetters(app_db).list(name):
+            break
+    assert await DeadLetters(app_db).list(name), (
+        f"after {failures} handler failures (max_attempts=3) the message is not dead: "
+        f"settlements per round {outcomes}"
+    )
