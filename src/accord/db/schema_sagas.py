@@ -98,7 +98,8 @@ flows = sa.Table(
     sa.Column("type", sa.String(200), nullable=False),
     sa.Column("source", sa.String(200), nullable=False),
     sa.Column("step", sa.String(200), nullable=True),
-    # "next", "failed", "compensating", "completed", "compensated" (choreography), or NULL
+    # "next", "failed", "compensating", "completed", "compensated" (choreography);
+    # "command", "ok", "failed" (an orchestrated saga's commands and replies); or NULL
     sa.Column("outcome", sa.String(20), nullable=True),
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("time", UTCDateTime, nullable=False),

@@ -181,7 +181,9 @@ class SagaAdmin:
         is left to undo is the operator's)."""
         with translate_errors("aborting a saga"):
             async with self.database.transaction() as conn:
-                state = await self._load(conn, saga_id)
+                # Locked, like retry(): a transition committing meanwhile must not make
+                # the abort's save fail its version check.
+                state = await self._load(conn, saga_id, for_update=True)
                 if state.status in ENDED:
                     raise ConfigurationError(f"saga {saga_id} already ended {state.status}")
                 tx = Transition(state, state.version)

@@ -19,6 +19,7 @@ from accord.errors import ConfigurationError
 from accord.inbox import Consumer, HandlerContext
 from accord.messages import Message
 from accord.outbox import add as add_to_outbox
+from accord.sagas._participant import refuse_snapshot_isolation
 
 __all__ = ["Choreography", "FlowHandler"]
 
@@ -111,6 +112,7 @@ class Choreography:
         self, consumer: Consumer, event: str, *, emits: str, fails: str, schema: Any = None
     ) -> Callable[[FlowHandler], FlowHandler]:
         """Register a step: on ``event``, run the handler, then emit ``emits`` or ``fails``."""
+        refuse_snapshot_isolation(consumer.database, f"choreography step on {event!r}")
 
         def register(func: FlowHandler) -> FlowHandler:
             step = func.__name__
@@ -151,6 +153,7 @@ class Choreography:
         ``emits`` once done. It must succeed eventually: raising makes the consumer retry."""
         if not events:
             raise ConfigurationError("compensate() needs at least one failure event type")
+        refuse_snapshot_isolation(consumer.database, f"compensation on {events[0]!r}")
 
         def register(func: FlowHandler) -> FlowHandler:
             step = func.__name__

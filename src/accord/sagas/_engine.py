@@ -8,6 +8,7 @@ together or not at all.
 
 from __future__ import annotations
 
+import copy
 import logging
 import traceback
 import uuid
@@ -30,6 +31,7 @@ from accord.sagas._store import (
     COMPLETED,
     RUNNING,
     STUCK,
+    VOID,
     SagaState,
     Transition,
 )
@@ -111,13 +113,13 @@ class Engine:
         covers them all."""
         s = self.state
         self._paused = False
-        aborted = self._abort_if_requested()
         awaited = (
             s.status in (RUNNING, COMPENSATING)
             and s.waiting
             and (s.step, s.phase, s.attempt) == (reply.step, reply.phase, reply.attempt)
         )
         if not awaited:
+            aborted = self._abort_if_requested()
             why = "late or duplicate reply" if s.status in (RUNNING, COMPENSATING) else s.status
             self.tx.log(
                 reply.step,
@@ -138,12 +140,17 @@ class Engine:
             if s.phase == ACTION:
                 self._merge(step, reply.result)
                 self._succeeded(step)
+            elif s.phase == VOID:
+                self._voided(step, reply.result)
             else:
                 self._compensated(step)
         elif s.phase == ACTION:
             self._action_failed(step, str(reply.error))
         else:
             self._compensation_failed(step, str(reply.error))
+        # An operator's abort is carried out after the reply it met: what the reply
+        # says (the pivot was applied, the step failed) decides what the abort does.
+        self._abort_if_requested()
         await self._run()
         return True
 
@@ -166,8 +173,8 @@ class Engine:
                 else:
                     # The outcome is unknown: the participant may have applied it, so
                     # this step is compensated too (its participant refuses the late
-                    # command once the compensation reached it).
-                    self._begin_compensation(s.step, f"step {step.name!r} timed out")
+                    # command once the compensation, or the void, reached it).
+                    self._begin_compensation(s.step, f"step {step.name!r} timed out", unknown=True)
             else:
                 timeout = self.saga.compensation_timeout
                 self.tx.log(s.step, step.name, s.phase, "timed_out", f"no reply in {timeout}s")
@@ -182,6 +189,7 @@ class Engine:
             return False
         reason, s.abort_reason = s.abort_reason, None
         self.tx.clear_deadline()
+        self._paused = False  # a retry the last reply set up is superseded
         self._abort(reason)
         return True
 
@@ -196,8 +204,10 @@ class Engine:
         )
         if before_pivot:
             # A command still out may have been applied: compensate its step too.
-            start = s.step if s.waiting else s.step - 1
-            self._begin_compensation(start, reason)
+            if s.waiting:
+                self._begin_compensation(s.step, reason, unknown=True)
+            else:
+                self._begin_compensation(s.step - 1, reason)
             return
         # Compensating already, or past the pivot: what is left is the operator's.
         s.status = ABORTED
@@ -245,6 +255,14 @@ class Engine:
                     self._action_failed(step, _error_text(exc))
                 else:
                     self._succeeded(step)
+            elif s.phase == VOID:
+                # Asked with the action's own command (so the participant's schema
+                # takes it); its sagaphase says it is a void.
+                step = steps[s.step]
+                s.attempt += 1
+                assert isinstance(step.action, Command)
+                self._send(step, step.action, self.saga.compensation_timeout)
+                return
             else:
                 if s.step < 0:
                     self._end(COMPENSATED, s.error)
@@ -266,7 +284,7 @@ class Engine:
 
     async def _local(self, step: Step, action: Any) -> None:
         s = self.state
-        data = dict(s.data)
+        data = copy.deepcopy(s.data)  # a failed attempt leaves no trace in it either
         ctx = StepContext(self.conn, s.id, data, step.name, s.attempt)
         # A savepoint: a failing local action leaves no trace but its log entry.
         nested = await self.conn.begin_nested()
@@ -301,6 +319,30 @@ class Engine:
         s.attempt = 0
         s.attempt_base = 0
 
+    def _voided(self, step: Step, result: Any) -> None:
+        """The participant's answer to a void: whether it had applied the step."""
+        s = self.state
+        answer = result if isinstance(result, dict) else {}
+        s.attempt = 0
+        s.attempt_base = 0
+        if not answer.get("applied"):
+            # It had not, and refuses the command from now on: nothing to undo here.
+            self.tx.log(s.step, step.name, VOID, "voided", "not applied; refused from now on")
+            s.phase = COMPENSATION
+            s.step -= 1
+            return
+        self.tx.log(s.step, step.name, VOID, "applied", "the participant had applied it")
+        if step.kind is StepKind.PIVOT:
+            # Past the point of no return after all: the saga goes on, and the steps
+            # before the pivot stay done.
+            s.status = RUNNING
+            s.phase = ACTION
+            s.error = None
+            self._merge(step, answer.get("result"))
+            self._succeeded(step)
+            return
+        s.phase = COMPENSATION  # applied: undone like any other step
+
     def _compensated(self, step: Step) -> None:
         s = self.state
         self.tx.log(s.step, step.name, COMPENSATION, "compensated", None)
@@ -325,7 +367,7 @@ class Engine:
 
     def _compensation_failed(self, step: Step, error: str) -> None:
         s = self.state
-        self.tx.log(s.step, step.name, COMPENSATION, "failed", error)
+        self.tx.log(s.step, step.name, s.phase, "failed", error)
         policy = self.saga.compensation_retry
         if policy.exhausted(s.tries):
             self._stuck(
@@ -333,20 +375,28 @@ class Engine:
             )
             return
         delay = policy.delay(s.tries)
-        self.tx.log(s.step, step.name, COMPENSATION, "retrying", f"in {delay:.2f}s")
+        self.tx.log(s.step, step.name, s.phase, "retrying", f"in {delay:.2f}s")
         self.tx.set_deadline("retry", delay)
         self._paused = True
 
-    def _begin_compensation(self, from_step: int, reason: str) -> None:
+    def _begin_compensation(self, from_step: int, reason: str, *, unknown: bool = False) -> None:
+        """Compensate from ``from_step`` down. ``unknown``: that step's command is still
+        out, applied or not; unless it has a compensating command of its own (which its
+        participant refuses the late command after), its participant is asked first
+        (:data:`VOID`)."""
         s = self.state
         s.status = COMPENSATING
         s.phase = COMPENSATION
+        if unknown and 0 <= from_step < len(self.saga.steps):
+            step = self.saga.steps[from_step]
+            if isinstance(step.action, Command) and not isinstance(step.compensation, Command):
+                s.phase = VOID
         s.step = from_step
         s.attempt = 0
         s.attempt_base = 0
         s.waiting = False
         s.error = reason
-        self.tx.log(from_step, self._step_name(from_step), COMPENSATION, "compensating", reason)
+        self.tx.log(from_step, self._step_name(from_step), s.phase, "compensating", reason)
 
     def _stuck(self, reason: str) -> None:
         s = self.state

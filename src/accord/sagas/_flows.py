@@ -25,6 +25,11 @@ __all__ = ["FlowEntry", "FlowTracker", "Flows", "StalledFlow"]
 log = logging.getLogger("accord.sagas.flows")
 
 ENDS = ("completed", "compensated")
+#: The outcome recorded for an orchestrator's command. Such a flow is an orchestrated
+#: saga: its orchestrator drives it to an end with durable timeouts (or marks it
+#: STUCK, which ``accord sagas list --status STUCK`` shows), and no message of it
+#: says that it ended, so it is never reported as stalled.
+COMMAND = "command"
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,8 @@ def _outcome(message_data: Any, extensions: dict[str, str]) -> str | None:
         return extensions["flowoutcome"]
     if isinstance(message_data, dict) and "ok" in message_data and "saga_id" in message_data:
         return "ok" if message_data["ok"] else "failed"  # an orchestrated saga's reply
+    if "sagaid" in extensions:
+        return COMMAND  # an orchestrated saga's command
     return None
 
 
@@ -194,9 +201,10 @@ class Flows:
         self, older_than: timedelta, *, now: datetime | None = None, limit: int = 100
     ) -> builtins.list[StalledFlow]:
         """Flows that never ended (no completed/compensated event) and whose last message
-        was recorded more than ``older_than`` ago, oldest first."""
+        was recorded more than ``older_than`` ago, oldest first. Orchestrated sagas
+        are left out: their orchestrator ends them or marks them STUCK."""
         cutoff = (now or datetime.now(UTC)) - older_than
-        ended = sa.func.sum(sa.case((flows.c.outcome.in_(ENDS), 1), else_=0))
+        ended = sa.func.sum(sa.case((flows.c.outcome.in_((*ENDS, COMMAND)), 1), else_=0))
         last_id = sa.func.max(flows.c.id)
         query = (
             sa.select(flows.c.correlation_id, last_id, sa.func.count())

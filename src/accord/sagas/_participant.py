@@ -17,14 +17,15 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from accord.db import Database
 from accord.db.schema_sagas import participations
 from accord.db.types import one_of
-from accord.errors import AccordError, DecodeError
+from accord.errors import AccordError, ConfigurationError, DecodeError
 from accord.inbox import Consumer, HandlerContext
 from accord.messages import Message
 from accord.observability._tracing import as_current
 from accord.outbox import add as add_to_outbox
-from accord.sagas._store import ACTION, COMPENSATION
+from accord.sagas._store import ACTION, COMPENSATION, VOID
 from accord.transports.base import topic_matches
 
 __all__ = ["CommandContext", "StepFailed", "participant"]
@@ -84,6 +85,10 @@ def participant(
     * A compensation for a step never applied here (its command was lost, or is
       still on its way after a timeout) succeeds without calling the function,
       and the late command, if it comes, is refused: nothing is left half-done.
+    * A void (the step's own command with ``sagaphase`` ``void``, sent for a step
+      without a compensating command whose outcome the orchestrator lost) never
+      calls the function: the reply says whether the step was applied here, and
+      if it was not, the command is refused from then on.
     * With a consumer in batch mode (``Consumer(batch_size=...)``) the commands of
       a batch share their bookkeeping: one lock statement, one read of the records,
       one write of records and one of replies. Functions run without a savepoint
@@ -105,6 +110,8 @@ def participant(
       different sagas may run in another order than they came, batch functions after
       per-command ones.
     """
+
+    refuse_snapshot_isolation(consumer.database, f"participant {type!r}")
 
     def register(func: _F) -> _F:
         handlers = _Participant.of(consumer)
@@ -263,7 +270,9 @@ class _Participant:
         ``done`` for its step here; None if its function must run."""
         phase = command.phase
         mine = done.get(phase)
-        if phase == ACTION and COMPENSATION in done:
+        if phase == VOID:
+            return self._void(command, done)
+        if phase == ACTION and (COMPENSATION in done or VOID in done):
             log.info(
                 "saga %s step %d: late command %s refused",
                 command.saga_id,
@@ -277,6 +286,19 @@ class _Participant:
         if phase == ACTION or (action is not None and action["ok"]):
             return None
         return True, None, None, True  # a compensation of a step never applied here
+
+    def _void(self, command: _Command, done: _Records) -> _Outcome:
+        """The orchestrator lost track of a step with no compensating command and asks
+        whether it was applied here: if so it says so (with the step's result); if
+        not, its record refuses the command from now on. The function never runs."""
+        action = done.get(ACTION)
+        if action is not None and action["ok"]:
+            return True, {"applied": True, "result": action["result"]}, None, False
+        voided = done.get(VOID)
+        if voided is not None:
+            return True, voided["result"], None, False
+        log.info("saga %s step %d: voided before its command came", command.saga_id, command.step)
+        return True, {"applied": False}, None, True
 
     async def _run(self, calls: Sequence[_Call], careful: bool) -> list[tuple[_Call, _Outcome]]:
         """Run the functions of ``calls``, each of another saga: a batch function once
@@ -367,6 +389,20 @@ def _command_context(ctx: HandlerContext, command: _Command) -> CommandContext:
 
 
 _PARTICIPANTS: weakref.WeakKeyDictionary[Consumer, _Participant] = weakref.WeakKeyDictionary()
+
+
+def refuse_snapshot_isolation(database: Database, what: str) -> None:
+    """A step's handler waits for the step's lock after its transaction's first
+    statement (the inbox row). Under REPEATABLE READ it would then read from the
+    snapshot taken before the wait and miss a compensation that committed during it."""
+    level = (database.isolation_level or "").upper().replace("_", " ")
+    if level == "REPEATABLE READ":
+        raise ConfigurationError(
+            f"{what} cannot run on a Database with isolation_level={database.isolation_level!r}: "
+            "its handler would read from a snapshot older than the lock it waits for, and "
+            "apply a command whose compensation already ran; use READ COMMITTED (the "
+            "default) or SERIALIZABLE for the participant's Database"
+        )
 
 
 async def _lock(conn: AsyncConnection, name: str, keys: Sequence[tuple[str, int]]) -> None:

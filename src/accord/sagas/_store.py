@@ -32,6 +32,7 @@ __all__ = [
     "RUNNING",
     "STATUSES",
     "STUCK",
+    "VOID",
     "SagaState",
     "Transition",
     "insert_instance",
@@ -52,6 +53,11 @@ ENDED = (COMPLETED, COMPENSATED, ABORTED)
 
 ACTION = "action"
 COMPENSATION = "compensation"
+#: Compensating a remote step whose outcome is unknown (it timed out, or an abort came
+#: while its command was out) and which has no compensating command: its participant
+#: is asked, with the action's own command, whether it applied it; if not, it refuses
+#: the command from then on. The reply says which.
+VOID = "void"
 
 
 @dataclass
