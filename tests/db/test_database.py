@@ -10,7 +10,7 @@ from accord import outbox_transaction
 from accord.db import Database
 from accord.db.database import on_commit
 from accord.db.migrations import MIGRATIONS
-from accord.db.schema import schema_version
+from accord.db.schema import queue, schema_version
 from accord.errors import ConfigurationError, DatabaseError
 from accord.testing import wait_for
 
@@ -32,6 +32,41 @@ async def test_upgrade_from_version_1_adds_the_inbox_holds_table(database: Datab
     assert await database.upgrade() == MIGRATIONS[-1][0]
     async with database.connect() as conn:
         assert await conn.scalar(sa.text("SELECT count(*) FROM accord_inbox_holds")) == 0
+
+
+async def test_the_sql_transports_queue_never_reuses_a_seq_on_sqlite(sqlite_url: str) -> None:
+    """SQLite gives the highest rowid again once its row is deleted, unless the table
+    is AUTOINCREMENT; a delivery settled late must never meet a newer message under its
+    seq. An existing file (version 2) is rebuilt, its rows kept."""
+    async with Database(sqlite_url) as db:
+        await db.upgrade()
+        async with db.transaction() as conn:  # back to what version 2 left
+            await conn.execute(sa.text("DROP TABLE accord_queue"))
+            await conn.execute(sa.text("DROP INDEX IF EXISTS ix_accord_queue_channel"))
+            before = sa.MetaData()
+            old = queue.to_metadata(before)
+            old.dialect_options["sqlite"]["autoincrement"] = False
+            await conn.run_sync(before.create_all)
+            await conn.execute(schema_version.delete().where(schema_version.c.version > 2))
+            row = {"channel": "c", "type": "t", "headers": {}, "body": b"x"}
+            for n in (1, 2):
+                await conn.execute(
+                    queue.insert().values(message_id=f"m{n}", created_at=datetime.now(UTC), **row)
+                )
+        assert await db.upgrade() == MIGRATIONS[-1][0]
+        async with db.transaction() as conn:
+            ddl = await conn.scalar(
+                sa.text("SELECT sql FROM sqlite_master WHERE name = 'accord_queue'")
+            )
+            kept = (await conn.execute(sa.select(queue.c.seq, queue.c.message_id))).all()
+            await conn.execute(queue.delete().where(queue.c.seq == 2))
+            await conn.execute(
+                queue.insert().values(message_id="m3", created_at=datetime.now(UTC), **row)
+            )
+            newest = await conn.scalar(sa.select(queue.c.seq).where(queue.c.message_id == "m3"))
+    assert "AUTOINCREMENT" in ddl.upper()
+    assert [tuple(r) for r in kept] == [(1, "m1"), (2, "m2")]
+    assert newest == 3
 
 
 async def test_sqlite_runs_in_wal_mode(sqlite_url: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
@@ -226,3 +227,40 @@ async def test_consuming_and_publishing_continue_after_connections_are_killed(
     await wait_for(published, 10)
     expected = {m.id for m in first + second}
     await wait_for(lambda: expected <= set(collector.ids), 15)
+
+
+@pytest.mark.redis
+async def test_redis_group_members_with_different_topics_get_what_they_asked_for() -> None:
+    """Two members of one group subscribe with different topics (a rolling deploy that
+    adds a topic): every message either member's topics match reaches the group, as on
+    RabbitMQ (bindings add up) and the SQL transport (patterns are the union). Before,
+    a member acked what its own topics did not match, dropping it for the group."""
+    channel = f"topics-{uuid.uuid4().hex[:12]}"
+    transport = RedisTransport(REDIS_URL, channel=channel, claim_idle=3.0)
+    await transport.connect()
+    try:
+        got: list[str] = []
+
+        async def handle(delivery: Delivery) -> None:
+            assert delivery.message is not None
+            got.append(delivery.message.id)
+
+        await transport.subscribe("workers", handle, topics=["a.*"])
+        await transport.subscribe("workers", handle, topics=["b.*"])
+        sent = [Message(type="a.x", data={"n": i}) for i in range(20)]
+        sent += [Message(type="b.x", data={"n": i}) for i in range(20)]
+        for message in sent:  # one by one, so both members get a chance to read
+            await transport.publish([message])
+            await asyncio.sleep(0.01)
+        with contextlib.suppress(TimeoutError):
+            await wait_for(lambda: len(set(got)) >= len(sent), 5.0)
+        missing = {m.id for m in sent} - set(got)
+        assert not missing, f"{len(missing)} of {len(sent)} messages never reached the group"
+    finally:
+        await transport.close()
+        cleaner = RedisTransport(REDIS_URL, channel=channel)
+        await cleaner.connect()
+        try:
+            await cleaner.delete_channel()
+        finally:
+            await cleaner.close()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -487,3 +489,101 @@ async def test_a_slow_batch_keeps_the_lease_of_every_delivery_in_it(
     await wait_for(settled, 10)
     assert sizes == [3]
     assert other.received == [], "a delivery of the batch was handed to a second consumer"
+
+
+async def test_a_stale_ack_on_sqlite_never_deletes_a_later_message(
+    tmp_path: Path,
+) -> None:
+    """1. consumer A claims X and stalls (its event loop blocked: no lease extension);
+    2. the lease runs out, consumer B claims X, handles and acks it;
+    3. cleanup() deletes X's row, the newest; Y is published;
+    4. A finishes and acks X.
+    Y is still delivered: it did not get X's seq (SQLite reuses the highest rowid
+    unless the table is AUTOINCREMENT), and an ack only deletes a delivery its
+    consumer still holds. Before, A's ack deleted Y's delivery."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'queue.db'}"
+    channel = f"stale-{uuid.uuid4().hex[:8]}"
+    lease = 1.0
+    main = SqlTransport(url, channel=channel, poll_interval=0.05, lease=lease)
+    await main.connect()
+    registration = await main.subscribe("g", _never_called)
+    await registration.stop()  # the group is durable now
+
+    a_ready, a_got, a_release, a_done = (threading.Event() for _ in range(4))
+    a_seq: list[int] = []
+    a_ids: list[str] = []  # what A handled (it may take Y itself once it wakes)
+
+    def consumer_a() -> None:
+        async def run() -> None:
+            transport = SqlTransport(url, channel=channel, poll_interval=0.05, lease=lease)
+            await transport.connect()
+
+            async def stall(delivery: Delivery) -> None:
+                assert hasattr(delivery, "seq")
+                a_seq.append(delivery.seq)
+                if delivery.message is not None:
+                    a_ids.append(delivery.message.id)
+                a_got.set()
+                a_release.wait(30)  # blocks this loop: the lease is not extended
+
+            await transport.subscribe("g", stall)
+            a_ready.set()
+            await asyncio.to_thread(a_done.wait, 60)
+            await transport.close()
+
+        asyncio.run(run())
+
+    thread = threading.Thread(target=consumer_a, daemon=True)
+    thread.start()
+    try:
+        assert await asyncio.to_thread(a_ready.wait, 15)
+        x = Message(type="review.x")
+        await main.publish([x])
+        assert await asyncio.to_thread(a_got.wait, 15)
+        await asyncio.sleep(lease + 0.5)  # A's lease has run out
+
+        b_got: list[tuple[str, int]] = []
+
+        async def take_over(delivery: Delivery) -> None:
+            assert delivery.message is not None
+            b_got.append((delivery.message.id, delivery.attempt))
+
+        b = await main.subscribe("g", take_over)
+        await wait_for(lambda: bool(b_got), 10.0)
+        assert b_got[0] == (x.id, 2)
+        await b.stop()  # commits B's ack
+        assert await main.cleanup() == 1  # X's row is gone
+
+        y = Message(type="review.y")
+        await main.publish([y])
+        async with main.database.connect() as conn:
+            y_seq = await conn.scalar(
+                sa.select(sa.func.max(queue_deliveries.c.seq)).where(
+                    queue_deliveries.c.channel == channel
+                )
+            )
+        assert y_seq != a_seq[0], "Y got X's seq"
+
+        a_release.set()  # A wakes up and acks its stale delivery of X
+        await asyncio.sleep(1.0)
+        a_done.set()
+        await asyncio.to_thread(thread.join, 15)
+
+        c_got: list[str] = []
+
+        async def late(delivery: Delivery) -> None:
+            assert delivery.message is not None
+            c_got.append(delivery.message.id)
+
+        await main.subscribe("g", late)
+        with contextlib.suppress(TimeoutError):
+            await wait_for(lambda: y.id in c_got + a_ids, 5.0)
+        assert y.id in c_got + a_ids, "Y never reached group g: A's stale ack deleted it"
+    finally:
+        a_release.set()
+        a_done.set()
+        await main.close()
+
+
+async def _never_called(delivery: Delivery) -> None:
+    raise AssertionError("no delivery expected")

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db.database import Database
-from accord.db.schema import metadata, schema_version
+from accord.db.schema import metadata, queue, schema_version
 
 __all__ = ["MIGRATIONS", "current_version", "upgrade"]
 
@@ -20,10 +20,31 @@ async def _create_missing(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: metadata.create_all(sync, checkfirst=True))
 
 
+async def _queue_autoincrement(conn: AsyncConnection) -> None:
+    """SQLite: rebuild ``accord_queue`` with AUTOINCREMENT, so that the seq of a
+    deleted message is never given to a newer one (PostgreSQL's sequences never
+    reuse a value)."""
+    if conn.dialect.name != "sqlite":
+        return
+    ddl = await conn.scalar(
+        sa.text("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'accord_queue'")
+    )
+    if ddl is None or "AUTOINCREMENT" in ddl.upper():
+        return
+    old = "accord_queue_before_v3"
+    columns = ", ".join(c.name for c in queue.columns)
+    await conn.execute(sa.text("DROP INDEX IF EXISTS ix_accord_queue_channel"))
+    await conn.execute(sa.text(f"ALTER TABLE accord_queue RENAME TO {old}"))
+    await conn.run_sync(lambda sync: queue.create(sync))
+    await conn.execute(sa.text(f"INSERT INTO accord_queue ({columns}) SELECT {columns} FROM {old}"))
+    await conn.execute(sa.text(f"DROP TABLE {old}"))
+
+
 #: (version, what it does, the step). Append; never edit a released step.
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "create every Accord table", _create_missing),
     (2, "add accord_inbox_holds (redeliveries that were not failures)", _create_missing),
+    (3, "SQLite: accord_queue never reuses a message's seq", _queue_autoincrement),
 ]
 
 _LOCK_ID = 0x4143_4F52  # "ACOR": serialises concurrent upgrades on PostgreSQL

@@ -137,6 +137,9 @@ queue = sa.Table(
     # A message id published twice while its row exists is stored once.
     sa.UniqueConstraint("channel", "message_id", name="uq_accord_queue_message"),
     sa.Index("ix_accord_queue_channel", "channel", "seq"),
+    # SQLite reuses the highest rowid once its row is deleted; deliveries are named by
+    # seq, so a settle that comes late must never meet a newer message under it.
+    sqlite_autoincrement=True,
 )
 
 # A consumer group, registered durably on first subscribe; ``patterns`` is the

@@ -34,6 +34,8 @@ log = logging.getLogger("accord.transports.redis")
 
 #: Longest XREADGROUP blocks before the loop looks at delayed and abandoned entries (ms).
 BLOCK_MS = 1000
+# How long a member trusts its copy of its group's topic patterns.
+_PATTERNS_FRESH = 1.0
 _BOOKKEEPING = (b"body", b"accord-attempt", b"accord-origin")
 
 
@@ -45,6 +47,8 @@ class GroupKeys:
     retry: str
     delayed: str
     dead: str
+    #: A set: the topic patterns of every subscribe to the group so far (their union).
+    patterns: str
 
 
 def translate_redis_error(exc: BaseException, doing: str) -> TransportError:
@@ -73,7 +77,7 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _text(value: bytes | str) -> str:
+def text_of(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
@@ -90,7 +94,7 @@ class _RedisDelivery(Delivery):
         fields: Mapping[bytes, bytes],
         delivery_count: int,
     ) -> None:
-        headers = {_text(k): _text(v) for k, v in fields.items() if k not in _BOOKKEEPING}
+        headers = {text_of(k): text_of(v) for k, v in fields.items() if k not in _BOOKKEEPING}
         base = int(fields.get(b"accord-attempt", b"1") or 1)
         super().__init__(headers, fields.get(b"body", b""), base + max(delivery_count, 1) - 1)
         self._subscription = subscription
@@ -186,6 +190,10 @@ class RedisSubscription(Subscription):
         self._reader_id: int | None = None
         self._handler = handler
         self._topics = topics
+        # The group's patterns (every member's), read again when an entry matches none
+        # of this member's and the copy is older than _PATTERNS_FRESH seconds.
+        self._group_topics = topics
+        self._group_topics_at = 0.0
         self._prefetch = prefetch
         self._max_batch = max_batch
         self._claim_idle_ms = max(1, int(claim_idle * 1000))
@@ -200,11 +208,29 @@ class RedisSubscription(Subscription):
         self._task = asyncio.create_task(self._run(), name=f"accord-redis-{group}")
         self._keeper = asyncio.create_task(self._keep_alive(), name=f"accord-redis-keep-{group}")
 
-    def _wanted(self, delivery: _RedisDelivery) -> bool:
+    def _wanted(self, delivery: _RedisDelivery, topics: tuple[str, ...]) -> bool:
         message_type = delivery.headers.get("ce-type")
-        if message_type is None or "#" in self._topics:
+        if message_type is None or "#" in topics:
             return True  # bytes that are not a CloudEvent go to the handler to dead-letter
-        return any(topic_matches(topic, message_type) for topic in self._topics)
+        return any(topic_matches(topic, message_type) for topic in topics)
+
+    async def _sort(self, batch: list[_RedisDelivery]) -> list[_RedisDelivery]:
+        """The entries of ``batch`` for this group; the others are acked. An entry none of
+        this member's topics match may match another member's (a rolling deploy that
+        adds a topic): it is the group's, and this member takes it, as RabbitMQ and the
+        SQL transport deliver what any member's topics match to every member."""
+        wanted: list[_RedisDelivery] = []
+        for delivery in batch:
+            if not self._wanted(delivery, self._topics):
+                if time.monotonic() - self._group_topics_at > _PATTERNS_FRESH:
+                    members = await self.client.smembers(self.keys.patterns)
+                    self._group_topics = tuple(sorted({*self._topics, *map(text_of, members)}))
+                    self._group_topics_at = time.monotonic()
+                if not self._wanted(delivery, self._group_topics):
+                    self._ack_later(delivery)
+                    continue
+            wanted.append(delivery)
+        return wanted
 
     async def _pause(self, seconds: float) -> None:
         await wait_event(self._stopping, seconds)
@@ -247,12 +273,13 @@ class RedisSubscription(Subscription):
                 continue
             backoff = 0.05
             self._held = batch
-            wanted: list[_RedisDelivery] = []
-            for delivery in batch:
-                if self._wanted(delivery):
-                    wanted.append(delivery)
-                else:
-                    self._ack_later(delivery)
+            try:
+                wanted = await self._sort(batch)
+            except Exception as exc:
+                # Held, unacked: they come back to the group (XAUTOCLAIM) after claim_idle.
+                log.warning("reading group %r's topics failed (%s)", self.group, describe(exc))
+                self._held = []
+                continue
             for start in range(0, len(wanted), self._max_batch):
                 if self._stopping.is_set():
                     break  # the rest is given back by stop()
@@ -287,7 +314,7 @@ class RedisSubscription(Subscription):
         batch = []
         for key, entries in items:
             for entry_id, fields in entries:
-                batch.append(_RedisDelivery(self, _text(key), _as_bytes(entry_id), fields, 1))
+                batch.append(_RedisDelivery(self, text_of(key), _as_bytes(entry_id), fields, 1))
         return batch
 
     async def _claim(self) -> list[_RedisDelivery]:

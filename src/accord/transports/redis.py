@@ -47,6 +47,7 @@ from accord.transports._redis_consume import (
     GroupKeys,
     RedisSubscription,
     describe,
+    text_of,
     translate_redis_error,
 )
 from accord.transports.base import BatchHandler, Subscription, Transport
@@ -104,6 +105,7 @@ class RedisTransport(Transport):
             retry=f"accord:{self.channel}:{group}:retry",
             delayed=f"accord:{self.channel}:{group}:delayed",
             dead=self.dead_stream,
+            patterns=f"accord:{self.channel}:{group}:patterns",
         )
 
     # -- connection ---------------------------------------------------------------
@@ -209,6 +211,21 @@ class RedisTransport(Transport):
                     raise translate_redis_error(exc, f"creating group {group!r}") from exc
             except Exception as exc:
                 raise translate_redis_error(exc, f"creating group {group!r}") from exc
+        try:
+            await client.sadd(keys.patterns, *topics)
+            known = {text_of(p) for p in await client.smembers(keys.patterns)}
+        except Exception as exc:
+            raise translate_redis_error(exc, f"recording group {group!r}'s topics") from exc
+        if known != set(topics):
+            log.warning(
+                "group %r on channel %r has members with other topics (%s; this one: %s): "
+                "each member gets the messages of all of them, and a consumer without a "
+                "handler for one dead-letters it as unknown_type",
+                group,
+                self.channel,
+                ", ".join(sorted(known)),
+                ", ".join(topics),
+            )
         subscription = RedisSubscription(
             client,
             # The blocking read gets its own connection; errors surface to the read loop,

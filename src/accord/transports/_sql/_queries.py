@@ -216,10 +216,17 @@ async def claim(
     return out
 
 
-async def delete_deliveries(conn: AsyncConnection, group: str, seqs: Sequence[int]) -> None:
-    """Settle deliveries for good (ack or reject)."""
+async def delete_deliveries(
+    conn: AsyncConnection, group: str, seqs: Sequence[int], consumer: str
+) -> None:
+    """Settle deliveries for good (ack or reject), those ``consumer`` still holds: once
+    its lease ran out and another consumer took one, that consumer settles it."""
     if seqs:
-        await conn.execute(sa.delete(_d).where(_d.c.group_name == group, _d.c.seq.in_(list(seqs))))
+        await conn.execute(
+            sa.delete(_d).where(
+                _d.c.group_name == group, _d.c.seq.in_(list(seqs)), _d.c.locked_by == consumer
+            )
+        )
 
 
 async def nack(

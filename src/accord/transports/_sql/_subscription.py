@@ -237,7 +237,7 @@ class SqlSubscription(Subscription):
             seqs = list(self._pending_acks)
             try:
                 async with transaction(self._db, "acknowledging deliveries") as conn:
-                    await q.delete_deliveries(conn, self.group, seqs)
+                    await q.delete_deliveries(conn, self.group, seqs, self.consumer)
             except TransportError as exc:
                 log.warning("group %r: %s; will retry", self.group, exc)
                 return
@@ -266,7 +266,7 @@ class SqlSubscription(Subscription):
     async def reject(self, delivery: SqlDelivery, reason: str) -> None:
         """Remove ``delivery`` from the group for good."""
         async with transaction(self._db, "rejecting a delivery") as conn:
-            await q.delete_deliveries(conn, self.group, [delivery.seq])
+            await q.delete_deliveries(conn, self.group, [delivery.seq], self.consumer)
         log.warning(
             "group %r rejected message %s (type %s, attempt %d): %s",
             self.group,
@@ -319,7 +319,7 @@ class SqlSubscription(Subscription):
         self._batch = []
         try:
             async with transaction(self._db, "releasing deliveries") as conn:
-                await q.delete_deliveries(conn, self.group, self._pending_acks)
+                await q.delete_deliveries(conn, self.group, self._pending_acks, self.consumer)
                 await q.release(conn, self.channel, self.group, self.consumer, unstarted=unstarted)
             self._pending_acks.clear()
         except TransportError as exc:
