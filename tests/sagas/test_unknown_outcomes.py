@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -20,7 +21,7 @@ from accord.errors import ConcurrencyError, ConfigurationError
 from accord.inbox import Consumer
 from accord.messages import Message
 from accord.outbox.writer import message_from_row
-from accord.sagas import Orchestrator, SagaAdmin
+from accord.sagas import Orchestrator, Saga, SagaAdmin, StepContext, command
 from accord.testing import CapturedDelivery, wait_for
 from accord.transports.sql import SqlTransport
 from tests.sagas import app
@@ -173,7 +174,7 @@ async def test_a_failed_local_attempt_leaves_no_trace_in_nested_saga_data(
     """A local action that changes a list inside the saga data and then raises: its
     database writes roll back and so does the change to the data (the action gets a
     deep copy), so a retry does not see what the failed attempt left."""
-    from accord.sagas import Retry, Saga, StepContext
+    from accord.sagas import Retry, Saga
 
     async def collect(ctx: StepContext) -> None:
         ctx.data["seen"].append(ctx.attempt)
@@ -285,3 +286,177 @@ async def test_participants_refuse_a_repeatable_read_database(pg_url: str) -> No
             flow.on(consumer, "rr.started", emits="rr.done", fails="rr.failed")
     finally:
         await database.dispose()
+
+
+async def system(database: Database, saga: Saga) -> tuple[Orchestrator, Pump]:
+    await app.create_tables(database)
+    transport = SqlTransport(database.url, channel=channel())
+    orchestrator = Orchestrator(database, transport, [saga], name="orch")
+    hotels, cars = app.participant_consumers(database, transport, "vr")
+    return orchestrator, Pump(database, [orchestrator.consumer, hotels, cars])
+
+
+# -- an abort that meets a reply: the reply first, then what is left of the abort --------
+
+
+async def test_an_abort_that_meets_the_pivots_failure_still_compensates_the_steps_before(
+    database: Database,
+) -> None:
+    """An operator aborts while the pivot's command is out; the pivot then fails. The
+    failure, applied first, begins the compensation the abort asks for: steps 2, 1
+    and 0 are undone and the saga ends COMPENSATED (not ABORTED with them applied)."""
+    orchestrator, pump = await trip_system(database)
+    saga_id = await orchestrator.start("trip", {"fail_at": 3})
+    await pump.run(hold=lambda m: m.type == "payments.charge")
+    await SagaAdmin(database).abort(saga_id, "customer cancelled")
+    await pump.deliver(pump.held.pop())  # refused: its failure reply is in the outbox
+    await pump.run()  # the reply reaches the orchestrator before any timer round
+    await orchestrator.fire_due(datetime.now(UTC) + LATER)
+    await pump.run()
+    state = await SagaAdmin(database).get(saga_id)
+    done = await ops(database, saga_id)
+    assert (3, "do") not in done
+    assert state.status == "COMPENSATED", (state.status, state.error, done)
+    assert [op for op in done if op[1] == "undo"] == [(2, "undo"), (1, "undo"), (0, "undo")]
+
+
+async def test_an_abort_that_meets_a_compensatable_steps_final_failure_compensates(
+    database: Database,
+) -> None:
+    """The same with a compensatable step (rent car, step 2) whose command is out when
+    the abort comes, and which then fails: steps 1 and 0 are undone, COMPENSATED."""
+    orchestrator, pump = await trip_system(database)
+    saga_id = await orchestrator.start("trip", {"fail_at": 2})
+    await pump.run(hold=lambda m: m.type == "cars.rent")
+    await SagaAdmin(database).abort(saga_id, "customer cancelled")
+    await pump.deliver(pump.held.pop())
+    await pump.run()
+    await orchestrator.fire_due(datetime.now(UTC) + LATER)
+    await pump.run()
+    state = await SagaAdmin(database).get(saga_id)
+    done = await ops(database, saga_id)
+    assert state.status == "COMPENSATED", (state.status, state.error, done)
+    assert [op for op in done if op[1] == "undo"] == [(1, "undo"), (0, "undo")]
+
+
+def no_pivot() -> Saga:
+    """Compensatable steps only: an abort before the end is always compensated."""
+    return (
+        Saga("nopivot", compensation_timeout=10)
+        .step("hold seat", app.hold_seat, compensate=app.release_seat)
+        .step(
+            "reserve hotel",
+            command("hotels.reserve"),
+            compensate=command("hotels.cancel"),
+            timeout=10,
+        )
+    )
+
+
+async def test_an_abort_that_meets_the_last_steps_success_without_a_pivot_is_not_aborted(
+    database: Database,
+) -> None:
+    """A saga with no pivot; the abort comes while its last step's command is out, and
+    that step's success reply is the next input: the abort is too late, the saga ends
+    COMPLETED (never ABORTED with every step applied and nothing undone)."""
+    orchestrator, pump = await system(database, no_pivot())
+    saga_id = await orchestrator.start("nopivot", {})
+    await pump.run(hold=lambda m: m.type == "hotels.reserve")
+    await SagaAdmin(database).abort(saga_id, "customer cancelled")
+    await pump.deliver(pump.held.pop())
+    await pump.run()
+    await orchestrator.fire_due(datetime.now(UTC) + LATER)
+    await pump.run()
+    state = await SagaAdmin(database).get(saga_id)
+    done = await ops(database, saga_id)
+    undone = [op for op in done if op[1] == "undo"]
+    assert (state.status, undone) in (
+        ("COMPLETED", []),
+        ("COMPENSATED", [(1, "undo"), (0, "undo")]),
+    ), (state.status, state.error, done)
+
+
+# -- a void whose answer is "applied" for a step with a local compensation ----------------
+
+
+seen_by_compensation: list[dict[str, Any]] = []
+
+
+async def cancel_locally(ctx: StepContext) -> None:
+    seen_by_compensation.append(dict(ctx.data))
+
+
+def local_compensation() -> Saga:
+    """A remote step undone by a local compensation, which needs the step's result
+    (the reservation reference ``ref1`` the participant returned) to undo it."""
+    return (
+        Saga("localcomp", compensation_timeout=10)
+        .step("reserve hotel", command("hotels.reserve"), compensate=cancel_locally, timeout=10)
+        .pivot("charge card", command("payments.charge"), timeout=10)
+    )
+
+
+async def test_a_voided_step_that_was_applied_is_compensated_with_its_result(
+    database: Database,
+) -> None:
+    """A remote step undone by a local compensation times out; its late command is
+    applied, then the void is answered "applied", with the step's result: the local
+    compensation runs with that result (the reference it must cancel)."""
+    seen_by_compensation.clear()
+    orchestrator, pump = await system(database, local_compensation())
+    saga_id = await orchestrator.start("localcomp", {})
+    await pump.run(hold=lambda m: m.type == "hotels.reserve")
+    reserve = pump.held.pop()
+    assert await orchestrator.fire_due(datetime.now(UTC) + LATER) == 1  # it times out
+    await pump.run(hold=lambda m: m.type == "hotels.reserve")
+    void = pump.held.pop()
+    assert void.extensions["sagaphase"] == "void"
+    await pump.deliver(reserve)  # applied after all
+    await pump.deliver(void)  # "applied", with {"ref1": ...}
+    await pump.run()
+    state = await SagaAdmin(database).get(saga_id)
+    assert state.status == "COMPENSATED", (state.status, state.error)
+    assert len(seen_by_compensation) == 1
+    assert "ref1" in seen_by_compensation[0], (
+        f"the local compensation of an applied step got no result: {seen_by_compensation}"
+    )
+
+
+async def test_an_answer_to_a_void_that_does_not_say_applied_or_not_is_a_failure(
+    database: Database,
+) -> None:
+    """A hand-written participant that does not know voids replies ok with no answer:
+    nothing can be concluded (it may just have applied the step), so the void counts
+    as failed, is sent again, and the saga ends STUCK for an operator, never
+    COMPENSATED as if the step had been refused."""
+    from accord.testing import CapturedDelivery
+
+    orchestrator, pump = await trip_system(database)
+    saga_id = await orchestrator.start("trip", {})
+    await pump.run(hold=lambda m: m.type == "payments.charge")
+    for _ in range(8):  # each void is answered "ok" with nothing in it
+        await orchestrator.fire_due(datetime.now(UTC) + LATER)
+        await pump.run(hold=lambda m: m.type == "payments.charge")
+        voids = [m for m in pump.held if m.extensions.get("sagaphase") == "void"]
+        pump.held = [m for m in pump.held if m not in voids]
+        for void in voids:
+            ext = void.extensions
+            answer = Message(
+                type=ext["sagareply"],
+                data={
+                    "saga_id": saga_id,
+                    "step": int(ext["sagastep"]),
+                    "phase": "void",
+                    "attempt": int(ext["sagaattempt"]),
+                    "ok": True,
+                    "result": None,
+                    "error": None,
+                },
+            )
+            await orchestrator.consumer.handle(CapturedDelivery(answer))
+        if (await SagaAdmin(database).get(saga_id)).status == "STUCK":
+            break
+    state = await SagaAdmin(database).get(saga_id)
+    assert (state.status, state.phase) == ("STUCK", "void"), (state.status, state.error)
+    assert "sagaphase=void" in (state.error or "")
+    assert not [op for op in await ops(database, saga_id) if op[1] == "undo"]

@@ -136,6 +136,7 @@ class Engine:
         s.waiting = False
         self.tx.clear_deadline()
         step = self.saga.steps[s.step]
+        was_compensating = s.status == COMPENSATING
         if reply.ok:
             if s.phase == ACTION:
                 self._merge(step, reply.result)
@@ -150,9 +151,30 @@ class Engine:
             self._compensation_failed(step, str(reply.error))
         # An operator's abort is carried out after the reply it met: what the reply
         # says (the pivot was applied, the step failed) decides what the abort does.
-        self._abort_if_requested()
+        self._abort_after_reply(was_compensating)
         await self._run()
         return True
+
+    def _abort_after_reply(self, was_compensating: bool) -> None:
+        s = self.state
+        if s.abort_reason is None:
+            return
+        if s.status == COMPENSATING and not was_compensating:
+            # The reply was a failure and began the compensation the abort asks for.
+            reason, s.abort_reason = s.abort_reason, None
+            self.tx.log(s.step, self._step_name(s.step), s.phase, "aborted", reason)
+        elif s.status == RUNNING and s.phase == ACTION and s.step >= len(self.saga.steps):
+            # The reply was the last step's success: nothing is left to abort.
+            reason, s.abort_reason = s.abort_reason, None
+            self.tx.log(
+                s.step - 1,
+                self._step_name(s.step - 1),
+                ACTION,
+                "abort_too_late",
+                f"{reason} (every step was done)",
+            )
+        else:
+            self._abort_if_requested()
 
     async def on_deadline(self, kind: str) -> None:
         """A deadline of the current step and attempt is due: ``timeout`` (no reply in
@@ -259,8 +281,14 @@ class Engine:
                 # Asked with the action's own command (so the participant's schema
                 # takes it); its sagaphase says it is a void.
                 step = steps[s.step]
+                if not isinstance(step.action, Command):
+                    self._stuck(
+                        f"step {step.name!r} waits for its participant's answer to a void, "
+                        "but its action is no longer a command (the saga's definition "
+                        "changed): settle it by hand, then abort or retry"
+                    )
+                    return
                 s.attempt += 1
-                assert isinstance(step.action, Command)
                 self._send(step, step.action, self.saga.compensation_timeout)
                 return
             else:
@@ -322,10 +350,21 @@ class Engine:
     def _voided(self, step: Step, result: Any) -> None:
         """The participant's answer to a void: whether it had applied the step."""
         s = self.state
-        answer = result if isinstance(result, dict) else {}
+        applied = result.get("applied") if isinstance(result, dict) else None
+        if not isinstance(applied, bool):
+            # Not an answer to a void (a participant that does not know them, and may
+            # have run the step now): nothing can be concluded, so it is a failure,
+            # retried and then STUCK, never a "not applied".
+            self._compensation_failed(
+                step,
+                f"the participant's answer to a void is not {{'applied': true|false}}: "
+                f"{result!r} (does it handle sagaphase=void?)",
+            )
+            return
+        answer: dict[str, Any] = result
         s.attempt = 0
         s.attempt_base = 0
-        if not answer.get("applied"):
+        if not applied:
             # It had not, and refuses the command from now on: nothing to undo here.
             self.tx.log(s.step, step.name, VOID, "voided", "not applied; refused from now on")
             s.phase = COMPENSATION
@@ -341,6 +380,7 @@ class Engine:
             self._merge(step, answer.get("result"))
             self._succeeded(step)
             return
+        self._merge(step, answer.get("result"))  # what its compensation needs to undo it
         s.phase = COMPENSATION  # applied: undone like any other step
 
     def _compensated(self, step: Step) -> None:
