@@ -99,7 +99,8 @@ inbox_holds = sa.Table(
 # Messages a consumer gave up on, with the reason; replayable. ``status`` is
 # DEAD, or REPLAY once an operator asked for a replay: the running consumer of
 # that name picks REPLAY rows (``available_at`` due) up and dispatches them again.
-# ``kind`` says why: undecodable, unknown_type, invalid_data or handler_failed.
+# ``kind`` says why: undecodable, unknown_type, invalid_data, handler_failed or
+# delivery_limit.
 dead_letters = sa.Table(
     "accord_dead_letters",
     metadata,

@@ -8,7 +8,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -74,6 +74,12 @@ class Consumer:
       reason saying what was wrong; the consumer carries on.
     * Nothing is dropped silently: if even the dead letter cannot be written the
       delivery is nacked and comes back.
+    * A message delivered more than ``max_deliveries`` times (by default 20, or twice
+      ``max_attempts`` if that is more; redeliveries that were holds not counted)
+      is dead-lettered before its handler runs: one whose handler kills or hangs
+      the process is never settled, so it would otherwise come back for ever.
+      ``None`` turns the limit off. (RabbitMQ's classic queues
+      count a redelivery after a consumer died as one more attempt only once.)
     * Dead letters marked for replay (:class:`~accord.inbox.DeadLetters`) are
       picked up from ``database`` every ``replay_interval`` seconds and handled
       again through the same path.
@@ -105,9 +111,18 @@ class Consumer:
         replay_interval: float = 1.0,
         replay_lease: float = 60.0,
         batch_size: int = 1,
+        max_deliveries: int | Literal["auto"] | None = "auto",
     ) -> None:
         if max_attempts < 1:
             raise ConfigurationError(f"max_attempts must be at least 1, got {max_attempts}")
+        if max_deliveries == "auto":
+            max_deliveries = max(20, 2 * max_attempts)
+        if max_deliveries is not None and max_deliveries <= max_attempts:
+            raise ConfigurationError(
+                f"max_deliveries ({max_deliveries}) must be more than max_attempts "
+                f"({max_attempts}): a failing handler is dead-lettered at max_attempts; "
+                "the delivery limit is for messages that never get that far"
+            )
         if batch_size < 1:
             raise ConfigurationError(f"batch_size must be at least 1, got {batch_size}")
         self.name = name
@@ -119,6 +134,7 @@ class Consumer:
         self.replay_interval = replay_interval
         self.replay_lease = replay_lease
         self.batch_size = batch_size
+        self.max_deliveries = max_deliveries
         # The next batch should be waiting while one is handled: its deliveries are
         # only settled after it, so a window of one batch would run dry each time.
         self.prefetch = max(prefetch, 2 * batch_size) if batch_size > 1 else prefetch
@@ -314,6 +330,8 @@ class Consumer:
                 f"for {', '.join(self.topics)}",
             )
             return None
+        if await self._over_delivery_limit(delivery):
+            return None
         try:
             data = registration.parse(message.data)
         except ValidationError as exc:
@@ -331,6 +349,24 @@ class Consumer:
             await self._dead_letter(delivery, "invalid_data", reason)
             return None
         return delivery, message, registration, data
+
+    async def _over_delivery_limit(self, delivery: Delivery) -> bool:
+        """Dead-letter a delivery that came more than ``max_deliveries`` times; whether
+        it did."""
+        limit = self.max_deliveries
+        if limit is None or delivery.attempt <= limit or isinstance(delivery, ReplayDelivery):
+            return False
+        deliveries = await self._attempts(delivery)  # holds are not counted
+        if deliveries <= limit:
+            return False
+        await self._dead_letter(
+            delivery,
+            "delivery_limit",
+            f"delivered {deliveries} times without being settled (max_deliveries={limit}): "
+            "its handler may kill or hang the process; fix that, then replay it",
+            attempts=deliveries,
+        )
+        return True
 
     async def _apply_batch(self, ready: Sequence[_Ready]) -> set[str]:
         """Inbox rows + handlers of ``ready`` in one transaction; the ids applied.

@@ -31,7 +31,7 @@ __all__ = ["DEAD", "KINDS", "REPLAY", "DeadLetter", "DeadLetters"]
 DEAD = "DEAD"
 REPLAY = "REPLAY"
 #: Why a message was dead-lettered.
-KINDS = ("undecodable", "unknown_type", "invalid_data", "handler_failed")
+KINDS = ("undecodable", "unknown_type", "invalid_data", "handler_failed", "delivery_limit")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ CONSUMER_FAILED = Counter(
 CONSUMER_DEAD_LETTERED = Counter(
     "accord_consumer_dead_lettered",
     "Messages written to accord_dead_letters, per consumer and kind "
-    "(undecodable, unknown_type, invalid_data, handler_failed).",
+    "(undecodable, unknown_type, invalid_data, handler_failed, delivery_limit).",
     ["consumer", "kind"],
 )
 CONSUMER_DUPLICATES = Counter(

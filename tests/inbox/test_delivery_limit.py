@@ -1,0 +1,106 @@
+"""A message whose handler kills its process is never settled: past ``max_deliveries``
+it is dead-lettered before its handler runs, instead of coming back for ever."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from accord.db import Database
+from accord.errors import ConfigurationError
+from accord.inbox import Consumer, DeadLetters
+from accord.messages import Message
+from accord.testing import wait_for
+from accord.transports.base import Delivery
+from accord.transports.sql import SqlTransport
+
+# A consumer whose handler SIGKILLs its own process, as a segfault or the OOM killer would.
+CHILD = """
+import asyncio, os, signal, sys
+from accord.db import Database
+from accord.inbox import Consumer
+from accord.transports.sql import SqlTransport
+
+async def main():
+    url, channel = sys.argv[1], sys.argv[2]
+    transport = SqlTransport(url, channel=channel, lease=0.5, poll_interval=0.05)
+    consumer = Consumer("crasher", Database(url), transport, max_attempts=2, max_deliveries=3)
+
+    @consumer.handler("test.kills")
+    async def kills(ctx, data):
+        print("handling", ctx.attempt, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    await consumer.start()
+    print("ready", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def _ignore(_delivery: Delivery) -> None:
+    raise AssertionError("no delivery expected")
+
+
+async def test_a_message_that_kills_its_consumer_is_dead_lettered_past_max_deliveries(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'limit.db'}"
+    channel = f"limit-{uuid.uuid4().hex[:8]}"
+    database = Database(url)
+    await database.upgrade()
+    transport = SqlTransport(url, channel=channel)
+    await transport.connect()
+    try:
+        group = await transport.subscribe("crasher", _ignore, topics=["test.kills"])
+        await group.stop()  # the group exists: the message is kept for it
+        poison = Message(type="test.kills", data={})
+        await transport.publish([poison])
+
+        handled: list[int] = []
+        for restart in range(4):  # a supervisor restarting the consumer
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", CHILD, url, channel, stdout=asyncio.subprocess.PIPE
+            )
+            assert child.stdout is not None
+            try:
+                assert (await asyncio.wait_for(child.stdout.readline(), 20)) == b"ready\n"
+                if restart < 3:
+                    word, attempt = (await asyncio.wait_for(child.stdout.readline(), 10)).split()
+                    assert word == b"handling"
+                    handled.append(int(attempt))
+                    assert await asyncio.wait_for(child.wait(), 10) == -signal.SIGKILL
+                    continue
+                # The fourth delivery is over the limit: dead-lettered, and the handler
+                # (and so the process) is left alone.
+                letters = await wait_for(lambda: DeadLetters(database).list("crasher"), 15)
+                assert child.returncode is None
+            finally:
+                if child.returncode is None:
+                    child.kill()
+                    await child.wait()
+        assert handled == [1, 2, 3]
+        assert [(d.message_id, d.kind, d.attempts) for d in letters] == [
+            (poison.id, "delivery_limit", 4)
+        ]
+        assert "max_deliveries=3" in letters[0].reason
+    finally:
+        await transport.close()
+        await database.dispose()
+
+
+async def test_max_deliveries_must_be_more_than_max_attempts(tmp_path: Path) -> None:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    transport = SqlTransport(database.url, channel="x")
+    assert Consumer("c", database, transport).max_deliveries == 20
+    assert Consumer("c", database, transport, max_attempts=15).max_deliveries == 30
+    assert Consumer("c", database, transport, max_deliveries=None).max_deliveries is None
+    with pytest.raises(ConfigurationError, match="more than max_attempts"):
+        Consumer("c", database, transport, max_attempts=5, max_deliveries=5)
+    await database.dispose()
