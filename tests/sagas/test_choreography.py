@@ -331,3 +331,43 @@ async def test_a_step_event_that_arrives_after_its_compensation_is_not_applied(
 
 async def _delivered(tracked: Flows, flow_id: str, message_type: str) -> bool:
     return any(entry.type == message_type for entry in await tracked.timeline(flow_id))
+
+
+async def test_a_compensation_runs_once_for_two_failure_events_of_one_flow(
+    database: Database,
+) -> None:
+    """Two branches of one flow fail (two failure events, one correlation id) and the
+    same compensation handles both: it runs, and emits, once; the second event changes
+    nothing. A second compensation of the flow at the same service still runs."""
+    import sqlalchemy as sa
+
+    from accord.db.schema import outbox
+    from accord.messages import Message
+    from accord.sagas import Choreography
+    from accord.testing import CapturedDelivery
+    from accord.transports.sql import SqlTransport
+
+    await database.upgrade()
+    flow = Choreography("twice", completed="twice.done", compensated="twice.undone")
+    consumer = Consumer("hotel-svc", database, SqlTransport(database.url, channel="twice"))
+    ran: list[str] = []
+
+    @flow.compensate(consumer, "car.failed", "flight.failed", emits="hotel.released")
+    async def release_hotel(ctx: HandlerContext, data: Any) -> None:
+        ran.append(ctx.message.type)
+
+    @flow.compensate(consumer, "hotel.released", emits="twice.undone")
+    async def release_deposit(ctx: HandlerContext, data: Any) -> None:
+        ran.append(ctx.message.type)
+
+    flow_id = str(uuid.uuid4())
+    for failed in ("car.failed", "flight.failed"):
+        message = Message(type=failed, data={}, correlationid=flow_id)
+        await consumer.handle(CapturedDelivery(message))
+    await consumer.handle(
+        CapturedDelivery(Message(type="hotel.released", data={}, correlationid=flow_id))
+    )
+    assert ran == ["car.failed", "hotel.released"]
+    async with database.connect() as conn:
+        emitted = (await conn.scalars(sa.select(outbox.c.event_type))).all()
+    assert sorted(emitted) == ["hotel.released", "twice.undone"]

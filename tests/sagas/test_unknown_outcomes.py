@@ -460,3 +460,60 @@ async def test_an_answer_to_a_void_that_does_not_say_applied_or_not_is_a_failure
     assert (state.status, state.phase) == ("STUCK", "void"), (state.status, state.error)
     assert "sagaphase=void" in (state.error or "")
     assert not [op for op in await ops(database, saga_id) if op[1] == "undo"]
+
+
+# -- the timer fires only the deadlines of the sagas its orchestrator runs ------------------
+
+
+async def test_another_services_deadlines_do_not_starve_the_timer(database: Database) -> None:
+    """Two orchestrators share one database, each with its own saga. Deadlines of the
+    other one's sagas, due first and more than a timer round takes, are not this
+    timer's: it fires its own (before, it picked the others' every round, failed on
+    each with 'does not know saga', and never reached its own)."""
+    await app.create_tables(database)
+    transport = SqlTransport(database.url, channel=channel())
+    other = Saga("other").step("ask", command("others.ask"), timeout=1)
+    theirs = Orchestrator(database, transport, [other], name="theirs")
+    ours = Orchestrator(database, transport, [app.make_trip(timeout=1)], name="ours", timer_batch=2)
+    for _ in range(3):
+        await theirs.start("other", {})
+    mine = await ours.start("trip", {})
+    assert await ours.fire_due(datetime.now(UTC) + LATER) == 1
+    events = [(e.step, e.event) for e in await SagaAdmin(database).history(mine)]
+    assert (1, "timed_out") in events
+
+
+async def test_a_malformed_reply_is_dead_lettered_at_once_with_what_is_wrong(
+    database: Database,
+) -> None:
+    """A reply without a step (a hand-written participant's mistake) is dead-lettered
+    on its first delivery, naming the missing field; it is not retried as a handler
+    failure (KeyError) for the orchestrator's 50 attempts."""
+    from accord.inbox import DeadLetters
+    from accord.testing import CapturedDelivery
+
+    orchestrator, _ = await trip_system(database)
+    saga_id = await orchestrator.start("trip", {})
+    bad = Message(
+        type="accord.saga.trip.reply",
+        data={"saga_id": saga_id, "phase": "action", "attempt": 1, "ok": True},
+    )
+    delivery = CapturedDelivery(bad)
+    await orchestrator.consumer.handle(delivery)
+    assert delivery.outcome == "ack"
+    (letter,) = await DeadLetters(database).list("orch")
+    assert (letter.message_id, letter.kind) == (bad.id, "invalid_data")
+    assert "step" in letter.reason
+
+
+async def test_a_remote_step_given_no_timeout_still_times_out(database: Database) -> None:
+    """A remote step defined without a timeout waits ten minutes for its reply, not for
+    ever: a reply lost for good must not leave the saga RUNNING without end."""
+    await database.upgrade()
+    saga = Saga("plain").step("ask", command("plain.ask"), compensate=command("plain.undo"))
+    orchestrator = Orchestrator(database, SqlTransport(database.url, channel=channel()), [saga])
+    saga_id = await orchestrator.start("plain", {})
+    assert await orchestrator.fire_due(datetime.now(UTC) + timedelta(minutes=9)) == 0
+    assert await orchestrator.fire_due(datetime.now(UTC) + timedelta(minutes=11)) == 1
+    state = await SagaAdmin(database).get(saga_id)
+    assert (state.status, state.phase, state.step) == ("COMPENSATING", "compensation", 0)

@@ -3,6 +3,7 @@ emits the next event, or a failure event that sets the compensating handlers goi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -159,7 +160,17 @@ class Choreography:
             step = func.__name__
 
             async def handle(ctx: HandlerContext, data: Any) -> None:
-                await _mark_compensated_here(ctx)
+                if not await _mark_compensated_here(ctx, step):
+                    # Another failure event of this flow (parallel branches that both
+                    # failed) already had this compensation run here: once is enough.
+                    log.info(
+                        "flow %s: %s already ran at %s; %s changes nothing",
+                        _flow_id(ctx),
+                        step,
+                        ctx.consumer,
+                        ctx.message.type,
+                    )
+                    return
                 await func(ctx, data)
                 payload = dict(ctx.message.data or {})
                 outcome = self._outcome(emits, COMPENSATING)
@@ -217,19 +228,23 @@ async def _compensated_here(ctx: HandlerContext) -> bool:
     return (await ctx.conn.scalar(query)) is not None
 
 
-async def _mark_compensated_here(ctx: HandlerContext) -> None:
+async def _mark_compensated_here(ctx: HandlerContext, compensation: str) -> bool:
+    """Record that ``compensation`` ran here for this flow; False if it had already."""
     await _lock_flow(ctx)
     insert = pg_insert if ctx.conn.dialect.name == "postgresql" else sqlite_insert
-    await ctx.conn.execute(
+    # One row per compensating function and flow (the phase column is short: a digest).
+    digest = hashlib.sha1(compensation.encode(), usedforsecurity=False).hexdigest()[:16]
+    result = await ctx.conn.execute(
         insert(participations)
         .values(
             participant=ctx.consumer,
             saga_id=_flow_id(ctx),
             step=_FLOW_STEP,
-            phase="compensation",
+            phase=f"c:{digest}",
             attempt=ctx.attempt,
             ok=True,
             at=datetime.now(UTC),
         )
         .on_conflict_do_nothing()
     )
+    return bool(result.rowcount)

@@ -117,6 +117,11 @@ class Step:
         return isinstance(self.action, Command)
 
 
+#: How long a remote step before the pivot, or the pivot, waits for its reply unless
+#: given a ``timeout``: a reply lost for good must not leave the saga RUNNING for ever.
+STEP_TIMEOUT = 600.0
+
+
 class Saga:
     """A saga definition, built step by step in business order::
 
@@ -130,9 +135,13 @@ class Saga:
         )
 
     Compensatable steps come first, then at most one pivot, then retriable steps
-    (retried until they succeed, never compensated). A remote step's timeout,
-    once passed, counts as a failure of unknown outcome: the step is compensated
-    too (participants made with :func:`accord.sagas.participant` make that safe).
+    (retried until they succeed, never compensated). A remote step's timeout
+    (``STEP_TIMEOUT``, ten minutes, unless given), once passed, counts as a failure
+    of unknown outcome: the step is compensated too, or voided if it has no
+    compensating command (participants made with :func:`accord.sagas.participant`
+    make that safe). ``timeout=None`` waits for a reply for ever: only for a step
+    that something else is sure to end, since a lost reply leaves the saga
+    RUNNING.
 
     ``compensation_retry`` governs every compensation: retried with backoff until
     it succeeds; after ``max_attempts`` the saga is STUCK and waits for an operator.
@@ -197,7 +206,7 @@ class Saga:
         action: Action,
         *,
         compensate: Action | None = None,
-        timeout: float | None = None,
+        timeout: float | None = STEP_TIMEOUT,
         retry: Retry | None = None,
     ) -> Saga:
         """Add a compensatable step; ``compensate`` undoes it if a later step fails."""
@@ -210,7 +219,7 @@ class Saga:
         name: str,
         action: Action,
         *,
-        timeout: float | None = None,
+        timeout: float | None = STEP_TIMEOUT,
         retry: Retry | None = None,
     ) -> Saga:
         """Add the pivot: once it succeeds the saga runs to completion."""

@@ -14,9 +14,10 @@ import traceback
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NotRequired
 
 from sqlalchemy.ext.asyncio import AsyncConnection
+from typing_extensions import TypedDict
 
 from accord.messages import Message
 from accord.outbox import add as add_to_outbox
@@ -36,7 +37,7 @@ from accord.sagas._store import (
     Transition,
 )
 
-__all__ = ["Engine", "Reply", "command_message"]
+__all__ = ["Engine", "Reply", "ReplyData", "command_message"]
 
 log = logging.getLogger("accord.sagas")
 
@@ -67,6 +68,19 @@ def command_message(saga: Saga, state: SagaState, command: Command) -> Message:
             "sagareply": saga.reply_type,
         },
     )
+
+
+class ReplyData(TypedDict):
+    """The data of a reply message: the schema the orchestrator's consumer checks, so
+    that a malformed reply is dead-lettered at once with what is wrong in it."""
+
+    saga_id: str
+    step: int
+    phase: str
+    attempt: int
+    ok: bool
+    result: NotRequired[Any]
+    error: NotRequired[str | None]
 
 
 class Reply:

@@ -18,6 +18,7 @@ from accord._aio import wait_event
 from accord.db import Database
 from accord.db.database import on_commit
 from accord.db.schema_sagas import deadlines
+from accord.db.schema_sagas import sagas as sagas_table
 from accord.errors import ConcurrencyError, ConfigurationError
 from accord.inbox import Consumer, HandlerContext
 from accord.inbox._context import run_after_commit
@@ -26,7 +27,7 @@ from accord.observability import current_traceparent
 from accord.observability._tracing import as_current
 from accord.outbox import add as add_to_outbox
 from accord.sagas._definition import Command, Saga, registry
-from accord.sagas._engine import Engine, Reply
+from accord.sagas._engine import Engine, Reply, ReplyData
 from accord.sagas._metrics import SAGAS_STARTED
 from accord.sagas._store import (
     ACTION,
@@ -106,7 +107,9 @@ class Orchestrator:
         ]
         for consumer in self.consumers:
             for saga in self.sagas.values():
-                consumer.add_handler(saga.reply_type, self._on_reply, batch=self._on_replies)
+                consumer.add_handler(
+                    saga.reply_type, self._on_reply, schema=ReplyData, batch=self._on_replies
+                )
         self.consumer = self.consumers[0]
         self._stop = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
@@ -236,9 +239,15 @@ class Orchestrator:
     async def fire_due(self, now: datetime | None = None) -> int:
         """Fire every deadline due at ``now``; return how many changed an instance."""
         moment = now or datetime.now(UTC)
+        # Only deadlines of the sagas this orchestrator runs (another service's may
+        # share the database), and those left by an instance that is gone (removed).
         query = (
             sa.select(deadlines.c.saga_id)
-            .where(deadlines.c.due_at <= moment)
+            .select_from(deadlines.outerjoin(sagas_table, sagas_table.c.id == deadlines.c.saga_id))
+            .where(
+                deadlines.c.due_at <= moment,
+                sa.or_(sagas_table.c.name.in_(list(self.sagas)), sagas_table.c.id.is_(None)),
+            )
             .order_by(deadlines.c.due_at)
             .limit(self.timer_batch)
         )
