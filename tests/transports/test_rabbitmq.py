@@ -337,6 +337,34 @@ class TestRabbitSpecifics:
         assert await ready_count(queue) == 0
         assert await ready_count(transport.topology.dead_queue("in-flight")) == 1
 
+    async def test_a_batch_its_handler_finishes_during_stop_is_acked_not_requeued(
+        self, rabbit: Callable[..., RabbitTransport]
+    ) -> None:
+        # stop() lets the handler call in progress finish; what that call handled (a
+        # consumer's committed batch) is acked, not handed back to be delivered again.
+        transport = rabbit()
+        await transport.connect()
+        queue = transport.topology.queue("finishing")
+        entered, release = asyncio.Event(), asyncio.Event()
+        handled: list[str] = []
+
+        async def handler(deliveries: Sequence[Delivery]) -> None:
+            entered.set()
+            await release.wait()
+            handled.extend(d.message.id for d in deliveries if d.message is not None)
+
+        subscription = await transport.subscribe_batches("finishing", handler, max_batch=8)
+        sent = [Message(type="batch.item", data=i) for i in range(3)]
+        await transport.publish(sent)
+        await asyncio.wait_for(entered.wait(), 10)
+        stopping = asyncio.create_task(subscription.stop())
+        await asyncio.sleep(0.2)  # stop() is waiting for the handler
+        release.set()
+        await stopping
+        assert handled  # the batch in the handler's hands (1 to 3 of them)
+        # Those it handled are gone; only those it never got (prefetched) are back.
+        assert await ready_count(queue) == len(sent) - len(handled)
+
 
 async def rabbitmqctl(*args: str) -> None:
     process = await asyncio.create_subprocess_exec(

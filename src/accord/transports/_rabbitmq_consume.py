@@ -196,10 +196,9 @@ class RabbitSubscription(Subscription):
                     for delivery in deliveries:
                         await self._settle(delivery.nack(DEFAULT_REDELIVERY_DELAY))
             else:
-                # Stopping: deliveries the handler left unsettled go back to the queue
-                # (channel close requeues them), as the Subscription contract says.
-                if not self._stopping:
-                    await self._ack_rest(deliveries)
+                # Also while stopping: the handler finished with them (a consumer's
+                # batch has committed), so requeueing them would only deliver them again.
+                await self._ack_rest(deliveries)
             finally:
                 self._busy = False
 
