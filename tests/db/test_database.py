@@ -218,3 +218,19 @@ async def test_on_commit_keeps_one_pair_of_listeners_however_many_transactions(
         listeners = len(sync.dispatch.commit) + len(sync.dispatch.rollback)
     assert listeners == 2
     assert calls == [x for n in range(1, 50, 2) for x in (n, -n)]
+
+
+@pytest.mark.postgres
+async def test_a_driver_timeout_inside_a_transaction_is_still_a_database_error(
+    pg_url: str,
+) -> None:
+    """asyncpg raises the builtin TimeoutError (an OSError) for command_timeout and
+    SQLAlchemy passes it through: raised inside the database layer, it is the
+    database's, not the caller's own, and becomes a DatabaseError."""
+    database = Database(pg_url, connect_args={"command_timeout": 0.3})
+    try:
+        with pytest.raises(DatabaseError):
+            async with database.transaction() as conn:
+                await conn.execute(sa.text("SELECT pg_sleep(3)"))
+    finally:
+        await database.dispose()

@@ -1,5 +1,7 @@
-"""A message whose handler kills its process is never settled: past ``max_deliveries``
-it is dead-lettered before its handler runs, instead of coming back for ever."""
+"""A message whose handler kills its process is never settled: once its handler was
+started ``max_deliveries`` times it is dead-lettered before the next start, instead of
+coming back for ever; the messages prefetched with it, whose handlers never started,
+are not."""
 
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ async def test_a_message_that_kills_its_consumer_is_dead_lettered_past_max_deliv
                     await child.wait()
         assert handled == [1, 2, 3]
         assert [(d.message_id, d.kind, d.attempts) for d in letters] == [
-            (poison.id, "delivery_limit", 4)
+            (poison.id, "delivery_limit", 3)  # its handler ran three times
         ]
         assert "max_deliveries=3" in letters[0].reason
     finally:
@@ -104,3 +106,88 @@ async def test_max_deliveries_must_be_more_than_max_attempts(tmp_path: Path) -> 
     with pytest.raises(ConfigurationError, match="more than max_attempts"):
         Consumer("c", database, transport, max_attempts=5, max_deliveries=5)
     await database.dispose()
+
+
+# The same consumer, with a harmless type beside the killer.
+CHILD_WITH_A_FINE_TYPE = """
+import asyncio, os, signal, sys
+from accord.db import Database
+from accord.inbox import Consumer
+from accord.transports.sql import SqlTransport
+
+async def main():
+    url, channel = sys.argv[1], sys.argv[2]
+    transport = SqlTransport(url, channel=channel, lease=0.5, poll_interval=0.05)
+    consumer = Consumer("crasher", Database(url), transport, max_attempts=2, max_deliveries=3)
+
+    @consumer.handler("test.kills")
+    async def kills(ctx, data):
+        print("handling", ctx.attempt, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    @consumer.handler("test.fine")
+    async def fine(ctx, data):
+        print("fine", ctx.attempt, flush=True)
+
+    await consumer.start()
+    print("ready", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_crash_loop_does_not_dead_letter_messages_that_never_reached_a_handler(
+    tmp_path: Path,
+) -> None:
+    """The SQL transport counts an attempt for every delivery it claims (the whole
+    prefetch), so a message prefetched behind one that kills the process is redelivered
+    as often. Its handler never started, so it is not dead-lettered with the killer:
+    it is handled once the killer is out of the way."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'limit.db'}"
+    channel = f"limit-{uuid.uuid4().hex[:8]}"
+    database = Database(url)
+    await database.upgrade()
+    transport = SqlTransport(url, channel=channel)
+    await transport.connect()
+    try:
+        group = await transport.subscribe("crasher", _ignore, topics=["test.kills", "test.fine"])
+        await group.stop()
+        poison = Message(type="test.kills", data={})
+        innocent = Message(type="test.fine", data={})
+        await transport.publish([poison, innocent])  # one claim takes both
+
+        output = b""
+        for restart in range(4):
+            child = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                CHILD_WITH_A_FINE_TYPE,
+                url,
+                channel,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            assert child.stdout is not None
+            try:
+                assert (await asyncio.wait_for(child.stdout.readline(), 20)) == b"ready\n"
+                if restart < 3:
+                    line = await asyncio.wait_for(child.stdout.readline(), 10)
+                    assert line.startswith(b"handling")
+                    await asyncio.wait_for(child.wait(), 10)
+                    continue
+                await wait_for(lambda: DeadLetters(database).list("crasher"), 15)
+                await asyncio.sleep(2.0)  # the innocent message is next in the buffer
+            finally:
+                if child.returncode is None:
+                    child.kill()
+                output = await child.stdout.read()
+                await child.wait()
+        letters = await DeadLetters(database).list("crasher")
+        assert [(d.message_id, d.kind) for d in letters] == [(poison.id, "delivery_limit")], (
+            "a message whose handler never ran was dead-lettered: "
+            f"{[(d.message_id, d.kind, d.attempts) for d in letters]}"
+        )
+        assert b"fine" in output
+    finally:
+        await transport.close()
+        await database.dispose()

@@ -371,3 +371,42 @@ async def test_a_compensation_runs_once_for_two_failure_events_of_one_flow(
     async with database.connect() as conn:
         emitted = (await conn.scalars(sa.select(outbox.c.event_type))).all()
     assert sorted(emitted) == ["hotel.released", "twice.undone"]
+
+
+async def test_two_compensations_that_share_a_function_name_both_run(
+    sqlite_url: str,
+) -> None:
+    """Two different compensations of one flow at one service whose functions share a
+    name (``undo`` from a factory): each runs once; neither is taken for the other."""
+    import sqlalchemy as sa
+
+    from accord.db.schema import outbox
+    from accord.messages import Message
+    from accord.sagas import Choreography
+    from accord.testing import CapturedDelivery
+    from accord.transports.sql import SqlTransport
+
+    database = Database(sqlite_url)
+    flow = Choreography("same-name", completed="sn.done", compensated="sn.undone")
+    consumer = Consumer("svc", database, SqlTransport(database.url, channel="same-name"))
+    ran: list[str] = []
+
+    def compensation(label: str) -> Any:
+        async def undo(ctx: HandlerContext, data: Any) -> None:
+            ran.append(label)
+
+        return undo
+
+    flow.compensate(consumer, "car.failed", emits="deposit.released")(compensation("balance"))
+    flow.compensate(consumer, "deposit.released", emits="sn.undone")(compensation("deposit"))
+
+    flow_id = str(uuid.uuid4())
+    for failed in ("car.failed", "deposit.released"):
+        delivery = CapturedDelivery(Message(type=failed, data={}, correlationid=flow_id))
+        await consumer.handle(delivery)
+        assert delivery.outcome == "ack"
+    async with database.connect() as conn:
+        emitted = sorted((await conn.scalars(sa.select(outbox.c.event_type))).all())
+    await database.dispose()
+    assert ran == ["balance", "deposit"]
+    assert emitted == ["deposit.released", "sn.undone"]

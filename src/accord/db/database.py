@@ -64,11 +64,28 @@ class CallerErrors:
         try:
             yield
         except OSError as exc:
-            self._error = exc
+            if not _from_the_database_layer(exc):
+                self._error = exc
             raise
 
     def raised(self, exc: OSError) -> bool:
         return exc is self._error
+
+
+_DATABASE_LAYER = ("sqlalchemy.", "asyncpg.", "aiosqlite.", "sqlite3.")
+
+
+def _from_the_database_layer(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside SQLAlchemy or a driver (a statement's
+    ``command_timeout``, a dropped socket), as its traceback shows, rather than by
+    the caller's own code."""
+    tb = exc.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if module.startswith(_DATABASE_LAYER):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 async def driver_in_transaction(conn: AsyncConnection) -> Any | None:

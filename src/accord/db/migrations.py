@@ -45,6 +45,7 @@ MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "create every Accord table", _create_missing),
     (2, "add accord_inbox_holds (redeliveries that were not failures)", _create_missing),
     (3, "SQLite: accord_queue never reuses a message's seq", _queue_autoincrement),
+    (4, "add accord_inbox_starts (handler starts of redelivered messages)", _create_missing),
 ]
 
 _LOCK_ID = 0x4143_4F52  # "ACOR": serialises concurrent upgrades on PostgreSQL

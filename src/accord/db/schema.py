@@ -96,6 +96,20 @@ inbox_holds = sa.Table(
     sa.Column("held_at", UTCDateTime, nullable=False),
 )
 
+# How many times a consumer started the handler of a *redelivered* message (a first
+# delivery writes nothing here); the row goes once the message is applied or
+# dead-lettered. A message whose handler kills the process is never settled: its
+# starts, not the transport's delivery count (which also grows for messages that
+# were only prefetched when the process died), are what max_deliveries limits.
+inbox_starts = sa.Table(
+    "accord_inbox_starts",
+    metadata,
+    sa.Column("consumer", sa.String(200), primary_key=True),
+    sa.Column("message_id", sa.String(200), primary_key=True),
+    sa.Column("starts", sa.Integer, nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+)
+
 # Messages a consumer gave up on, with the reason; replayable. ``status`` is
 # DEAD, or REPLAY once an operator asked for a replay: the running consumer of
 # that name picks REPLAY rows (``available_at`` due) up and dispatches them again.

@@ -25,7 +25,15 @@ from accord.inbox._context import (
     run_after_commit,
 )
 from accord.inbox._dead_letters import ReplayDelivery, claim_replays, write_dead_letter
-from accord.inbox._store import forget_holds, holds_of, note_holds, record, record_many
+from accord.inbox._store import (
+    forget_holds,
+    forget_starts,
+    holds_of,
+    note_holds,
+    note_start,
+    record,
+    record_many,
+)
 from accord.messages import Message
 from accord.observability import log_context
 from accord.observability._metrics import (
@@ -74,12 +82,14 @@ class Consumer:
       reason saying what was wrong; the consumer carries on.
     * Nothing is dropped silently: if even the dead letter cannot be written the
       delivery is nacked and comes back.
-    * A message delivered more than ``max_deliveries`` times (by default 20, or twice
-      ``max_attempts`` if that is more; redeliveries that were holds not counted)
-      is dead-lettered before its handler runs: one whose handler kills or hangs
-      the process is never settled, so it would otherwise come back for ever.
-      ``None`` turns the limit off. (RabbitMQ's classic queues
-      count a redelivery after a consumer died as one more attempt only once.)
+    * A message whose handler was started ``max_deliveries`` times (by default 20,
+      or twice ``max_attempts`` if that is more) without finishing is dead-lettered
+      before the next start: one whose handler kills or hangs the process is never
+      settled, so it would otherwise come back for ever. Starts of redelivered
+      messages are counted in ``accord_inbox_starts`` (committed before the handler
+      runs; a first delivery writes nothing), and redelivered messages are handled
+      one at a time, so that only the message that kills the process is counted,
+      not those prefetched or batched with it. ``None`` turns the limit off.
     * Dead letters marked for replay (:class:`~accord.inbox.DeadLetters`) are
       picked up from ``database`` every ``replay_interval`` seconds and handled
       again through the same path.
@@ -280,6 +290,12 @@ class Consumer:
                 ready.append(item)
         if not ready:
             return
+        if any(self._counts_starts(d) for d, _, _, _ in ready):
+            # Redeliveries (after a crash, a restart, a failure): one at a time, each
+            # start counted, so that a message that kills the process is the only one
+            # whose starts grow, not every message of its batch.
+            await self._one_at_a_time(ready)
+            return
         started = time.perf_counter()
         try:
             with log_context(consumer=self.name, batch=len(ready)):
@@ -330,8 +346,6 @@ class Consumer:
                 f"for {', '.join(self.topics)}",
             )
             return None
-        if await self._over_delivery_limit(delivery):
-            return None
         try:
             data = registration.parse(message.data)
         except ValidationError as exc:
@@ -350,21 +364,40 @@ class Consumer:
             return None
         return delivery, message, registration, data
 
-    async def _over_delivery_limit(self, delivery: Delivery) -> bool:
-        """Dead-letter a delivery that came more than ``max_deliveries`` times; whether
-        it did."""
+    def _counts_starts(self, delivery: Delivery) -> bool:
+        """Whether the handler starts of this delivery are counted: a redelivery, with a
+        limit set. A first delivery, the common case, costs nothing."""
+        return (
+            self.max_deliveries is not None
+            and delivery.attempt > 1
+            and not isinstance(delivery, ReplayDelivery)
+        )
+
+    async def _over_delivery_limit(self, delivery: Delivery, message: Message) -> bool:
+        """Count this start of a redelivered message's handler (committed before it
+        runs, so a start that kills the process still counts); if the handler already
+        ran ``max_deliveries`` times, dead-letter the message instead. Whether it did.
+
+        Starts are counted, not deliveries: a process that dies also gives back what it
+        had only prefetched, which the transport counts as delivered once more."""
         limit = self.max_deliveries
-        if limit is None or delivery.attempt <= limit or isinstance(delivery, ReplayDelivery):
+        assert limit is not None
+        try:
+            async with self.database.transaction() as conn:
+                # The first delivery's start was not written: this is start starts + 1.
+                starts = await note_start(conn, self.name, message.id) + 1
+        except Exception:
+            log.warning("could not count a start of %s; handling it anyway", message.id)
             return False
-        deliveries = await self._attempts(delivery)  # holds are not counted
-        if deliveries <= limit:
+        if starts <= limit:
             return False
         await self._dead_letter(
             delivery,
             "delivery_limit",
-            f"delivered {deliveries} times without being settled (max_deliveries={limit}): "
-            "its handler may kill or hang the process; fix that, then replay it",
-            attempts=deliveries,
+            f"its handler was started {starts - 1} times and never finished "
+            f"(max_deliveries={limit}): it may kill or hang the process; fix that, then "
+            "replay it",
+            attempts=starts - 1,
         )
         return True
 
@@ -471,6 +504,8 @@ class Consumer:
     ) -> float | None:
         """Apply one message and settle its delivery; if it failed and comes back, in
         how many seconds."""
+        if self._counts_starts(delivery) and await self._over_delivery_limit(delivery, message):
+            return None
         started = time.perf_counter()
         try:
             applied = await self._apply(delivery, message, registration, data)
@@ -497,7 +532,10 @@ class Consumer:
         async with self.database.engine.begin() as conn:
             # The inbox row goes first: a concurrent delivery of the same id blocks on
             # it until this transaction ends, then sees a duplicate.
-            if not await record(conn, self.name, message):
+            fresh = await record(conn, self.name, message)
+            if self._counts_starts(delivery):
+                await forget_starts(conn, self.name, message.id)
+            if not fresh:
                 return False
             ctx = HandlerContext(conn, message, self.name, delivery.attempt)
             with consumer_span(self.name, message):
@@ -554,12 +592,14 @@ class Consumer:
         CONSUMER_DEAD_LETTERED.labels(self.name, kind).inc()
         log.error("dead-lettered (%s): %s", kind, reason.splitlines()[0])
         await delivery.ack()
-        if kind == "handler_failed" and delivery.message is not None and delivery.attempt > 1:
+        if delivery.message is not None and delivery.attempt > 1:
             # Housekeeping, after the fact: a database whose schema predates the
-            # holds table (no `accord db upgrade` yet) must still dead-letter.
+            # holds and starts tables (no `accord db upgrade` yet) must still dead-letter.
             try:
                 async with self.database.transaction() as conn:
                     await forget_holds(conn, self.name, delivery.message.id)
+                    if self._counts_starts(delivery):
+                        await forget_starts(conn, self.name, delivery.message.id)
             except Exception:
                 log.debug("could not forget the holds of %s", delivery.message.id, exc_info=True)
         return None

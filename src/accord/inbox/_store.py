@@ -13,11 +13,20 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db import Database
 from accord.db.database import translate_errors
-from accord.db.schema import inbox, inbox_holds
+from accord.db.schema import inbox, inbox_holds, inbox_starts
 from accord.db.types import UTCDateTime
 from accord.messages import Message
 
-__all__ = ["Inbox", "forget_holds", "holds_of", "note_holds", "record", "record_many"]
+__all__ = [
+    "Inbox",
+    "forget_holds",
+    "forget_starts",
+    "holds_of",
+    "note_holds",
+    "note_start",
+    "record",
+    "record_many",
+]
 
 
 async def record_many(
@@ -105,6 +114,27 @@ async def forget_holds(conn: AsyncConnection, consumer: str, message_id: str) ->
     )
 
 
+async def note_start(conn: AsyncConnection, consumer: str, message_id: str) -> int:
+    """Count one more start of the handler of a redelivered message; how many now."""
+    now = datetime.now(UTC)
+    insert = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(inbox_starts)
+    statement = insert.on_conflict_do_update(
+        index_elements=[inbox_starts.c.consumer, inbox_starts.c.message_id],
+        set_={"starts": inbox_starts.c.starts + 1, "started_at": insert.excluded.started_at},
+    ).returning(inbox_starts.c.starts)
+    values = {"consumer": consumer, "message_id": message_id, "starts": 1, "started_at": now}
+    return int((await conn.execute(statement, values)).scalar_one())
+
+
+async def forget_starts(conn: AsyncConnection, consumer: str, message_id: str) -> None:
+    """Drop the message's starts (it was applied or dead-lettered)."""
+    await conn.execute(
+        inbox_starts.delete().where(
+            inbox_starts.c.consumer == consumer, inbox_starts.c.message_id == message_id
+        )
+    )
+
+
 async def holds_of(conn: AsyncConnection, consumer: str, message_id: str) -> int:
     """How many of the message's redeliveries to ``consumer`` were holds, not failures."""
     query = sa.select(inbox_holds.c.holds).where(
@@ -147,10 +177,13 @@ class Inbox:
         cutoff = datetime.now(UTC) - older_than
         statement = inbox.delete().where(inbox.c.processed_at < cutoff)
         holds = inbox_holds.delete().where(inbox_holds.c.held_at < cutoff)
+        starts = inbox_starts.delete().where(inbox_starts.c.started_at < cutoff)
         if consumer is not None:
             statement = statement.where(inbox.c.consumer == consumer)
             holds = holds.where(inbox_holds.c.consumer == consumer)
+            starts = starts.where(inbox_starts.c.consumer == consumer)
         with translate_errors("pruning the inbox"):
             async with self.database.transaction() as conn:
                 await conn.execute(holds)
+                await conn.execute(starts)
                 return int((await conn.execute(statement)).rowcount)

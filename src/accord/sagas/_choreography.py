@@ -158,9 +158,14 @@ class Choreography:
 
         def register(func: FlowHandler) -> FlowHandler:
             step = func.__name__
+            # What makes this compensation the one it is, whatever its function's name.
+            identity = (
+                f"{self.name}|{func.__module__}.{func.__qualname__}|{','.join(sorted(events))}"
+                f"|{emits}"
+            )
 
             async def handle(ctx: HandlerContext, data: Any) -> None:
-                if not await _mark_compensated_here(ctx, step):
+                if not await _mark_compensated_here(ctx, identity):
                     # Another failure event of this flow (parallel branches that both
                     # failed) already had this compensation run here: once is enough.
                     log.info(

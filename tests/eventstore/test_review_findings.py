@@ -1,0 +1,378 @@
+"""Review findings (event sourcing / projections): each test fails on the current code.
+
+Every test runs against a real database (a SQLite file or a fresh PostgreSQL
+database from tests/conftest.py). Only ``test_runner_recovers_from_a_failed_read_ahead``
+injects a fault, and only one: a single transient ``DatabaseError`` from one read of a
+real SQLite store (a dropped connection on PostgreSQL looks the same to the runner).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from click.testing import Result
+from typer.testing import CliRunner
+
+from accord.cli.app import _register_subcommands, app
+from accord.db import Database
+from accord.errors import DatabaseError
+from accord.eventstore import EventStore, NewEvent, RecordedEvent, Upcasters
+from accord.eventstore._sqlite import SqliteEventStore
+from accord.projections import (
+    Projection,
+    ProjectionContext,
+    ProjectionRunner,
+    list_parked,
+    projection_status,
+    replay_parked,
+)
+from accord.testing import wait_for
+
+_register_subcommands()
+
+
+async def _invoke(args: list[str]) -> Result:
+    # Each CLI command runs its own event loop: give it a thread.
+    return await asyncio.to_thread(CliRunner().invoke, app, args)
+
+
+def _seen_projection(name: str, **kwargs: Any) -> Projection:
+    """A projection that records the position of every event it applies."""
+    p = Projection(name, **kwargs)
+    p.table("seen", sa.Column("position", sa.BigInteger, primary_key=True))
+    return p
+
+
+async def _seen(database: Database, projection: Projection) -> list[int]:
+    async with database.transaction() as conn:
+        await projection.create_tables(conn, await projection.live_version(conn))
+        tables = await projection.live_tables(conn)
+        return sorted(r[0] for r in await conn.execute(sa.select(tables["seen"].c.position)))
+
+
+# --- 1. a failed read-ahead wedges the runner for ever -----------------------------
+
+
+class _FlakyReadAhead(SqliteEventStore):
+    """A real SQLite store whose second read (the runner's read-ahead) fails once."""
+
+    reads = 0
+
+    async def _read_all(self, after: int, limit: int, types: Any, conn: Any) -> Any:
+        self.reads += 1
+        if self.reads == 2:
+            raise DatabaseError("reading all events failed: connection reset (transient)")
+        return await super()._read_all(after, limit, types, conn)
+
+
+async def test_runner_recovers_from_a_failed_read_ahead(sqlite_url: str) -> None:
+    """_runner.py _loop: a read-ahead task that failed is awaited again on every
+    iteration (``ahead`` is only cleared after a successful await), so one transient
+    DatabaseError makes the runner re-raise the same stored exception for ever while
+    still renewing its lease: the projection never moves again."""
+    async with Database(sqlite_url) as database:
+        store = _FlakyReadAhead(database)
+        for i in range(5):
+            await store.append(f"s{i}", [NewEvent("thing.happened", {"i": i})])
+        p = _seen_projection("readahead", batch_size=2)
+
+        @p.on("thing.happened")
+        def on_thing(ctx: ProjectionContext, event: RecordedEvent) -> None:
+            ctx.insert("seen", {"position": event.position})
+
+        runner = ProjectionRunner(database, [p], store=store, lease_ttl=3, poll_interval=0.05)
+        await runner.start()
+        try:
+
+            async def all_applied() -> bool:
+                return len(await _seen(database, p)) == 5
+
+            try:
+                await wait_for(all_applied, 6)
+            except TimeoutError:
+                pytest.fail(
+                    f"runner stuck after one transient read-ahead failure: applied "
+                    f"{await _seen(database, p)} of 5, store reads={store.reads} "
+                    "(it never reads again)"
+                )
+        finally:
+            await runner.stop()
+
+
+# --- 2. a handler's OSError is mistaken for a database outage -----------------------
+
+
+async def test_handler_oserror_is_parked_not_retried_for_ever(sqlite_url: str) -> None:
+    """_driver.py _is_infrastructure: any OSError a *handler* raises (FileNotFoundError,
+    PermissionError, TimeoutError, socket.gaierror...) is turned into DatabaseError
+    "database unavailable"; the runner retries the whole batch for ever. The poison event
+    is never parked, and the good events of the same batch are never applied."""
+    async with Database(sqlite_url) as database:
+        store = EventStore(database)
+        await store.append("a", [NewEvent("doc.added", {"path": None})])
+        bad = await store.append("b", [NewEvent("doc.added", {"path": "/nonexistent/x.tmpl"})])
+        await store.append("c", [NewEvent("doc.added", {"path": None})])
+        p = _seen_projection("docs", max_retries=1, retry_base=0.01)
+
+        @p.on("doc.added")
+        def on_doc(ctx: ProjectionContext, event: RecordedEvent) -> None:
+            if event.data["path"]:
+                with open(event.data["path"]) as f:  # deterministic poison: file missing
+                    f.read()
+            ctx.insert("seen", {"position": event.position})
+
+        runner = ProjectionRunner(database, [p], store=store, lease_ttl=3, poll_interval=0.05)
+        await runner.start()
+        try:
+
+            async def parked() -> list[Any]:
+                return await list_parked(database, "docs")
+
+            try:
+                found = await wait_for(parked, 6)
+            except TimeoutError:
+                pytest.fail(
+                    "a handler raising FileNotFoundError was never parked: the runner retries "
+                    f"it for ever as a database outage; applied so far: {await _seen(database, p)}"
+                )
+            assert [x.position for x in found] == [bad.position]
+            assert len(await _seen(database, p)) == 2
+        finally:
+            await runner.stop()
+            await store.close()
+
+
+# --- 3. an undecodable event kills the runner's task silently -----------------------
+
+
+async def test_undecodable_event_is_reported_not_silently_fatal(sqlite_url: str) -> None:
+    """_runner.py _loop catches only Swapped/Paused/LeaseLost/ProjectionStopped/
+    DatabaseError. A DecodeError raised by read_all (an event written by newer code, or a
+    missing upcaster link) ends the projection's task with an exception nobody sees:
+    not parked, not 'stopped', ``runner.errors`` empty, lease kept until it expires,
+    ``run()`` still running, ``wait_until`` times out instead of raising."""
+    up = Upcasters()
+
+    @up.register("profile.set", 1)
+    def v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+        return {**data, "lang": "en"}
+
+    async with Database(sqlite_url) as database:
+        store = EventStore(database, up)
+        await store.append("p1", [NewEvent("profile.set", {"n": 1})])
+        # A newer deployment already writes schema v3 of the same type.
+        await store.append("p2", [NewEvent("profile.set", {"n": 2}, schema_version=3)])
+        p = _seen_projection("profiles")
+
+        @p.on("profile.set")
+        def on_profile(ctx: ProjectionContext, event: RecordedEvent) -> None:
+            ctx.insert("seen", {"position": event.position})
+
+        runner = ProjectionRunner(database, [p], store=store, lease_ttl=3, poll_interval=0.05)
+        await runner.start()
+        task = runner._tasks[0]
+        try:
+
+            async def reported() -> bool:
+                [status] = await projection_status(database, [p], store=store)
+                return "profiles" in runner.errors or status.state == "stopped" or status.parked
+
+            try:
+                await wait_for(reported, 4)
+            except TimeoutError:
+                died = task.done() and not task.cancelled() and task.exception()
+                pytest.fail(
+                    "an undecodable event was neither parked nor reported: runner.errors="
+                    f"{runner.errors}, projection task died with {died!r}"
+                )
+        finally:
+            await runner.stop()
+            await store.close()
+
+
+# --- 4. replaying a parked event twice concurrently applies it twice ----------------
+
+
+@pytest.mark.postgres
+async def test_concurrent_replays_apply_a_parked_event_once(pg_url: str) -> None:
+    """_parked.py replay_parked: the parked row is updated with
+    ``WHERE replayed_at IS NULL`` but the rowcount is never checked, so two replays
+    (two operators, a retried CLI) that both listed the row both commit the handler's
+    writes; the docstring promises "a replay is itself applied exactly once"."""
+    state = {"fail": True, "calls": 0}
+    entered = asyncio.Event()
+    gate = asyncio.Event()
+    p = Projection("replay", max_retries=0, retry_base=0.01)
+    p.table(
+        "log",
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("position", sa.BigInteger, nullable=False),
+    )
+
+    @p.on("order.placed")
+    async def on_order(ctx: ProjectionContext, event: RecordedEvent) -> None:
+        if state["fail"]:
+            raise ValueError("bug in the handler")
+        state["calls"] += 1
+        if state["calls"] == 1:
+            entered.set()
+            await gate.wait()  # the first replay is slow (a big handler, a slow disk...)
+        await ctx.execute(ctx.table("log").insert().values(position=event.position))
+
+    async with Database(pg_url) as database:
+        store = EventStore(database)
+        try:
+            placed = await store.append("o1", [NewEvent("order.placed", {"total": 10})])
+
+            async def visible() -> bool:
+                return await store.head() >= placed.position
+
+            await wait_for(visible, 20)
+            runner = ProjectionRunner(database, [p], store=store)
+            while await runner.run_once():
+                pass
+            assert [x.position for x in await list_parked(database, "replay")] == [placed.position]
+            state["fail"] = False  # the handler is fixed; operators replay
+            first = asyncio.create_task(replay_parked(database, p, store=store))
+            await wait_for(entered.is_set, 10)
+            second = await replay_parked(database, p, store=store)
+            gate.set()
+            first_outcomes = await first
+            async with database.connect() as conn:
+                log = [
+                    r[0]
+                    for r in await conn.execute(
+                        sa.select((await p.live_tables(conn))["log"].c.position)
+                    )
+                ]
+            assert log == [placed.position], (
+                f"parked event applied {len(log)} times; outcomes {first_outcomes} / {second}"
+            )
+        finally:
+            gate.set()
+            await store.close()
+
+
+# --- 5. `accord projections rebuild` cannot upcast ----------------------------------
+
+UPCASTERS = Upcasters()
+
+
+@UPCASTERS.register("player.named", 1)
+def _name_to_title(data: dict[str, Any]) -> dict[str, Any]:
+    return {"title": data["name"]}
+
+
+def make_titles() -> Projection:
+    p = Projection("titles", max_retries=0, retry_base=0.01)
+    p.table(
+        "people",
+        sa.Column("player", sa.String(50), primary_key=True),
+        sa.Column("title", sa.String(50), nullable=False),
+    )
+
+    @p.on("player.named")
+    def named(ctx: ProjectionContext, event: RecordedEvent) -> None:
+        ctx.upsert(
+            "people", {"player": event.stream_id, "title": event.data["title"]}, key=["player"]
+        )
+
+    return p
+
+
+def cli_projections() -> list[Projection]:
+    """What the rebuild CLI loads (--app tests.eventstore.test_review_findings:cli_projections)."""
+    return [make_titles()]
+
+
+async def _people(database: Database, projection: Projection) -> dict[str, str]:
+    async with database.connect() as conn:
+        tables = await projection.live_tables(conn)
+        return {r.player: r.title for r in await conn.execute(sa.select(tables["people"]))}
+
+
+async def test_cli_rebuild_gives_handlers_the_same_upcast_events_as_the_runner(
+    sqlite_url: str,
+) -> None:
+    """cli/projections.py rebuild (and parked replay, status, events read) build
+    ``EventStore(database)`` with no upcasters and offer no way to pass them; the live
+    runner's store upcasts. A rebuild then feeds handlers the stored v1 payloads:
+    here every old event fails and is parked in the new version, and the swapped-in
+    read model silently loses those rows."""
+    async with Database(sqlite_url) as database:
+        store = EventStore(database, UPCASTERS)
+        await store.append("ann", [NewEvent("player.named", {"name": "Ann"}, schema_version=1)])
+        await store.append("bob", [NewEvent("player.named", {"title": "Bob"})])  # v2
+        titles = make_titles()
+        runner = ProjectionRunner(database, [titles], store=store)
+        while await runner.run_once():
+            pass
+        live = await _people(database, titles)
+        assert live == {"ann": "Ann", "bob": "Bob"}
+        assert await list_parked(database, "titles") == []
+
+        out = await _invoke(
+            [
+                "projections",
+                "rebuild",
+                "titles",
+                "--db",
+                sqlite_url,
+                "--app",
+                "tests.eventstore.test_review_findings:cli_projections",
+                "--json",
+            ]
+        )
+        assert out.exit_code == 0, out.output
+        assert json.loads(out.output)["version"] == 2
+        rebuilt = await _people(database, make_titles())
+        parked = [x.error for x in await list_parked(database, "titles")]
+        assert rebuilt == live, f"rebuilt read model {rebuilt} != live {live}; parked {parked}"
+        await store.close()
+
+
+# --- 6. PostgreSQL: a lost race poisons the caller's transaction (SQLite: it does not) --
+
+
+@pytest.mark.postgres
+async def test_pg_version_conflict_keeps_callers_transaction_usable(pg_url: str) -> None:
+    """_postgres.py _append: for an exact expected version (or NO_STREAM) a racing
+    writer is detected by the unique violation *without* a savepoint (the ANY path has
+    one), so on PostgreSQL the ConcurrencyError leaves the caller's whole transaction
+    aborted; the same code on SQLite (and a conflict found by the version check) leaves
+    it usable. ``append`` documents only that "nothing is written"."""
+    from accord.errors import ConcurrencyError
+
+    async with Database(pg_url) as database:
+        store = EventStore(database)
+        try:
+            first_in = asyncio.Event()
+            release = asyncio.Event()
+
+            async def winner() -> None:
+                async with database.transaction() as conn:
+                    await store.append("race", [NewEvent("a")], expected_version=0, conn=conn)
+                    first_in.set()
+                    await release.wait()
+
+            task = asyncio.create_task(winner())
+            await first_in.wait()
+            async with database.transaction() as conn:
+                loser = asyncio.create_task(
+                    store.append("race", [NewEvent("b")], expected_version=0, conn=conn)
+                )
+                await asyncio.sleep(0.3)  # blocked on the winner's uncommitted version 1
+                release.set()
+                await task
+                with pytest.raises(ConcurrencyError):
+                    await loser
+                # The caller handles the conflict and carries on in its transaction:
+                await store.append("other-stream", [NewEvent("c")], conn=conn)
+            assert await store.stream_version("other-stream") == 1
+        finally:
+            release.set()
+            await store.close()
