@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from accord.cli.app import DbOption, JsonOption, app, console, print_json, run
+from accord.cli.projections import UpcastersOption, load_upcasters
 from accord.db import Database
 from accord.errors import ConfigurationError, NotFoundError
 from accord.eventstore import EventStore, RecordedEvent
@@ -57,14 +58,17 @@ def read(
     version: Annotated[
         int | None, typer.Option("--version", help="Only events up to this stream version.")
     ] = None,
+    upcasters_spec: UpcastersOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Print one stream's events (upcast to their latest schema), optionally as it was."""
+    """Print one stream's events, optionally as it was; with --upcasters, upcast to
+    their latest schema as the service's store gives them (else as stored)."""
 
     async def go() -> list[RecordedEvent]:
         when = _parse_time(as_of) if as_of else None
+        upcasters = load_upcasters(upcasters_spec)
         async with Database(db) as database:
-            store = EventStore(database)
+            store = EventStore(database, upcasters)
             try:
                 found = await store.read_stream(stream, to_version=version, as_of=when)
                 if not found and await store.stream_version(stream) == 0:

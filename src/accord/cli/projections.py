@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
 import sys
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import typer
@@ -23,6 +25,7 @@ from rich.table import Table
 from accord.cli.app import DbOption, JsonOption, app, console, print_json, run
 from accord.db import Database
 from accord.errors import ConfigurationError, NotFoundError
+from accord.eventstore import EventStore, Upcasters
 from accord.projections import (
     ParkedEvent,
     Projection,
@@ -56,12 +59,34 @@ AppOption = Annotated[
 ]
 
 
-def load_projections(spec: str) -> list[Projection]:
-    """Import ``module:attribute`` and return the projections it holds or returns."""
+UpcastersOption = Annotated[
+    str | None,
+    typer.Option(
+        "--upcasters",
+        envvar="ACCORD_UPCASTERS",
+        help="module:attribute giving the event store's Upcasters (or a function returning "
+        "them): handlers then get events upcast as the running service's store gives them.",
+    ),
+]
+
+
+def load_upcasters(spec: str | None) -> Upcasters | None:
+    """Import ``module:attribute`` and return the :class:`Upcasters` it holds or returns."""
+    if not spec:
+        return None
+    target = _import(spec, "--upcasters", "myservice.events:upcasters")
+    if callable(target) and not isinstance(target, Upcasters):
+        target = target()
+    if not isinstance(target, Upcasters):
+        raise ConfigurationError(f"--upcasters {spec!r} gave {target!r}, not an Upcasters")
+    return target
+
+
+def _import(spec: str, option: str, example: str) -> Any:
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise ConfigurationError(
-            f"--app {spec!r} must look like module:attribute, e.g. myservice.read:projections"
+            f"{option} {spec!r} must look like module:attribute, e.g. {example}"
         )
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -69,12 +94,18 @@ def load_projections(spec: str) -> list[Projection]:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigurationError(
-            f"cannot import {module_name!r} (from --app {spec!r}): {exc}"
+            f"cannot import {module_name!r} (from {option} {spec!r}): {exc}"
         ) from None
     for part in attribute.split("."):
         if not hasattr(target, part):
             raise ConfigurationError(f"{module_name!r} has no attribute {attribute!r}")
         target = getattr(target, part)
+    return target
+
+
+def load_projections(spec: str) -> list[Projection]:
+    """Import ``module:attribute`` and return the projections it holds or returns."""
+    target = _import(spec, "--app", "myservice.read:projections")
     if callable(target) and not isinstance(target, Projection):
         target = target()
     if inspect.isawaitable(target):
@@ -84,6 +115,15 @@ def load_projections(spec: str) -> list[Projection]:
     if bad or not found:
         raise ConfigurationError(f"--app {spec!r} gave {bad or 'nothing'}, not Projection objects")
     return found
+
+
+@contextlib.asynccontextmanager
+async def _store(database: Database, upcasters: Upcasters | None) -> AsyncIterator[EventStore]:
+    store = EventStore(database, upcasters)
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 def _pick(projections: list[Projection], name: str) -> Projection:
@@ -145,17 +185,20 @@ def rebuild_command(
     name: Annotated[str, typer.Argument(help="The projection to rebuild.")],
     db: DbOption,
     app_spec: AppOption = None,
+    upcasters_spec: UpcastersOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Events per batch.")] = 2000,
     as_json: JsonOption = False,
 ) -> None:
     """Build a new version of NAME's read model from position 0 beside the live one,
-    while writes continue, then swap it in atomically."""
+    while writes continue, then swap it in atomically. Give --upcasters if the
+    service's event store has them, so the handlers get the events it gives them."""
 
     async def go() -> RebuildResult:
         projection = _pick(_need_app(app_spec), name)
-        async with Database(db) as database:
+        upcasters = load_upcasters(upcasters_spec)
+        async with Database(db) as database, _store(database, upcasters) as store:
             if as_json:
-                return await rebuild(database, projection, batch_size=batch_size)
+                return await rebuild(database, projection, store=store, batch_size=batch_size)
             with Progress(
                 TextColumn(f"rebuilding [bold]{name}[/]"),
                 BarColumn(),
@@ -173,7 +216,9 @@ def rebuild_command(
                     rate = p.done / p.elapsed if p.elapsed > 0 else 0.0
                     bar.update(task, completed=p.done, total=p.total, rate=f"{rate:,.0f}")
 
-                return await rebuild(database, projection, batch_size=batch_size, on_progress=show)
+                return await rebuild(
+                    database, projection, store=store, batch_size=batch_size, on_progress=show
+                )
 
     result = run(go())
     if as_json:
@@ -229,6 +274,7 @@ def parked_replay(
     name: Annotated[str, typer.Argument(help="The projection.")],
     db: DbOption,
     app_spec: AppOption = None,
+    upcasters_spec: UpcastersOption = None,
     ids: Annotated[
         list[int] | None, typer.Option("--id", help="Only these parked ids (repeatable).")
     ] = None,
@@ -238,8 +284,9 @@ def parked_replay(
 
     async def go() -> list[ReplayOutcome]:
         projection = _pick(_need_app(app_spec), name)
-        async with Database(db) as database:
-            return await replay_parked(database, projection, ids or None)
+        upcasters = load_upcasters(upcasters_spec)
+        async with Database(db) as database, _store(database, upcasters) as store:
+            return await replay_parked(database, projection, ids or None, store=store)
 
     outcomes = run(go())
     if as_json:

@@ -17,7 +17,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from accord.errors import ConfigurationError, DatabaseError, MissingExtraError
 
-__all__ = ["CallerErrors", "Database", "driver_in_transaction", "on_commit", "translate_errors"]
+__all__ = [
+    "CallerErrors",
+    "Database",
+    "driver_in_transaction",
+    "from_the_database_layer",
+    "on_commit",
+    "translate_errors",
+]
 
 log = logging.getLogger("accord.db")
 
@@ -64,7 +71,7 @@ class CallerErrors:
         try:
             yield
         except OSError as exc:
-            if not _from_the_database_layer(exc):
+            if not from_the_database_layer(exc):
                 self._error = exc
             raise
 
@@ -75,7 +82,7 @@ class CallerErrors:
 _DATABASE_LAYER = ("sqlalchemy.", "asyncpg.", "aiosqlite.", "sqlite3.")
 
 
-def _from_the_database_layer(exc: BaseException) -> bool:
+def from_the_database_layer(exc: BaseException) -> bool:
     """Whether ``exc`` was raised inside SQLAlchemy or a driver (a statement's
     ``command_timeout``, a dropped socket), as its traceback shows, rather than by
     the caller's own code."""

@@ -159,18 +159,32 @@ class EventStore:
         ]
         if outbox:
             if conn is not None:
-                result = await self._append(conn, stream_id, rows, expected_version)
+                result = await self._append_in(conn, stream_id, rows, expected_version)
                 await self._add_to_outbox(conn, stream_id, events, rows, result)
                 return result
             async with self.database.transaction() as own:
                 result = await self._append(own, stream_id, rows, expected_version)
                 await self._add_to_outbox(own, stream_id, events, rows, result)
         elif conn is not None:
-            return await self._append(conn, stream_id, rows, expected_version)
+            return await self._append_in(conn, stream_id, rows, expected_version)
         else:
             result = await self._append_own(stream_id, rows, expected_version)
         self._wake_local()
         return result
+
+    async def _append_in(
+        self,
+        conn: AsyncConnection,
+        stream_id: str,
+        rows: Sequence[_Row],
+        expected: ExpectedVersion,
+    ) -> AppendResult:
+        """:meth:`_append` in the caller's transaction, inside a savepoint: losing a
+        race (ConcurrencyError) leaves that transaction usable, on every backend."""
+        if not self.database.is_postgres:
+            return await self._append(conn, stream_id, rows, expected)  # checked first
+        async with conn.begin_nested():
+            return await self._append(conn, stream_id, rows, expected)
 
     async def _add_to_outbox(
         self,

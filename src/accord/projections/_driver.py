@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from accord.db.database import Database
+from accord.db.database import Database, from_the_database_layer
 from accord.errors import AccordError, DatabaseError
 from accord.eventstore import RecordedEvent
 from accord.projections import _state
@@ -61,9 +61,11 @@ class ProjectionStopped(AccordError):
 
 
 def _is_infrastructure(exc: BaseException) -> bool:
-    """A lost connection or similar: retry for ever, never park an event over it."""
-    if isinstance(exc, OSError | ConnectionError):
-        return True
+    """A lost connection or similar: retry for ever, never park an event over it. An
+    OSError the handler's own code raised (a file not found, its asyncio.timeout) is
+    the handler's failure, not the database's."""
+    if isinstance(exc, OSError):
+        return from_the_database_layer(exc)
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
         return True
     return isinstance(exc, sa.exc.InterfaceError | sa.exc.DisconnectionError)

@@ -83,12 +83,15 @@ async def replay_parked(
             driver = BatchDriver(database, projection, live, 0, replaying=False, live=False)
             try:
                 async with database.transaction() as conn:
-                    await driver._handle(conn, [event])
-                    await conn.execute(
+                    # Claimed first, in the handler's transaction: a replay running at
+                    # the same time waits for this one and then finds it replayed.
+                    claimed = await conn.execute(
                         parked.update()
                         .where(parked.c.id == item.id, parked.c.replayed_at.is_(None))
                         .values(replayed_at=_state.now())
                     )
+                    if claimed.rowcount:
+                        await driver._handle(conn, [event])
                 outcomes.append(ReplayOutcome(item.id, item.position, True, None))
             except HandlerFailed as failure:
                 error = f"{type(failure.cause).__name__}: {failure.cause}"

@@ -14,7 +14,7 @@ from typing import Any
 
 from accord._aio import wait_event
 from accord.db.database import Database
-from accord.errors import AccordError, ConfigurationError, DatabaseError
+from accord.errors import AccordError, ConfigurationError, DatabaseError, DecodeError
 from accord.eventstore import NOTIFY_CHANNEL, EventStore, RecordedEvent
 from accord.projections import _state
 from accord.projections._driver import (
@@ -174,7 +174,10 @@ class ProjectionRunner:
                     if driver is None:
                         driver = await self._take_over(projection)
                 if ahead is not None and ahead[0] == driver.position:
-                    events = await ahead[1]
+                    # Taken before it is awaited: a read-ahead that failed is not
+                    # awaited again (it would raise the same error for ever).
+                    task, ahead = ahead[1], None
+                    events = await task
                 else:
                     events = await self.store.read_all(
                         driver.position, limit=projection.batch_size, types=types
@@ -210,6 +213,24 @@ class ProjectionRunner:
                 return
             except DatabaseError as exc:
                 log.warning("projection %s: %s; retrying", projection.name, exc)
+                await self._sleep(min(self.poll_interval * 4, self.lease_ttl / 3))
+            except DecodeError as exc:
+                # An event this code cannot read (written by newer code, an upcaster
+                # missing): it will not read it later either. Stop, say why, and let
+                # a runner with newer code take the lease.
+                message = f"projection {projection.name!r} stopped: {exc}"
+                log.error("%s", message)
+                self.errors[projection.name] = message
+                self._progress.set()
+                _cancel(ahead)
+                await self._release(lease)
+                return
+            except Exception:
+                # A bug or an error nobody translated: never let it end this task in
+                # silence while run() goes on; log it and try again.
+                log.exception("projection %s: unexpected error; retrying", projection.name)
+                _cancel(ahead)
+                ahead = None
                 await self._sleep(min(self.poll_interval * 4, self.lease_ttl / 3))
         _cancel(ahead)
         if driver is not None:

@@ -1,4 +1,7 @@
-"""Review findings (event sourcing / projections): each test fails on the current code.
+"""The projection runner and the event store through faults: a failed read-ahead, a
+handler's own OSError, an event this code cannot decode, concurrent replays of a
+parked event, rebuilds that need upcasters, and a lost append race inside the
+caller's transaction.
 
 Every test runs against a real database (a SQLite file or a fresh PostgreSQL
 database from tests/conftest.py). Only ``test_runner_recovers_from_a_failed_read_ahead``
@@ -54,7 +57,7 @@ async def _seen(database: Database, projection: Projection) -> list[int]:
         return sorted(r[0] for r in await conn.execute(sa.select(tables["seen"].c.position)))
 
 
-# --- 1. a failed read-ahead wedges the runner for ever -----------------------------
+# --- a failed read-ahead is read again, not awaited for ever ---------------------
 
 
 class _FlakyReadAhead(SqliteEventStore):
@@ -70,10 +73,9 @@ class _FlakyReadAhead(SqliteEventStore):
 
 
 async def test_runner_recovers_from_a_failed_read_ahead(sqlite_url: str) -> None:
-    """_runner.py _loop: a read-ahead task that failed is awaited again on every
-    iteration (``ahead`` is only cleared after a successful await), so one transient
-    DatabaseError makes the runner re-raise the same stored exception for ever while
-    still renewing its lease: the projection never moves again."""
+    """A read-ahead that failed once (a dropped connection) is not awaited again: the
+    runner reads afresh and applies every event (before, it awaited the same failed
+    task for ever while renewing its lease, and the projection never moved)."""
     async with Database(sqlite_url) as database:
         store = _FlakyReadAhead(database)
         for i in range(5):
@@ -103,14 +105,13 @@ async def test_runner_recovers_from_a_failed_read_ahead(sqlite_url: str) -> None
             await runner.stop()
 
 
-# --- 2. a handler's OSError is mistaken for a database outage -----------------------
+# --- a handler's own OSError is the handler's failure ------------------------------
 
 
 async def test_handler_oserror_is_parked_not_retried_for_ever(sqlite_url: str) -> None:
-    """_driver.py _is_infrastructure: any OSError a *handler* raises (FileNotFoundError,
-    PermissionError, TimeoutError, socket.gaierror...) is turned into DatabaseError
-    "database unavailable"; the runner retries the whole batch for ever. The poison event
-    is never parked, and the good events of the same batch are never applied."""
+    """An OSError a *handler* raises (FileNotFoundError, its own asyncio.timeout) is
+    the handler's failure, not a database outage: the event is parked and the rest
+    are applied (before, the batch was retried for ever)."""
     async with Database(sqlite_url) as database:
         store = EventStore(database)
         await store.append("a", [NewEvent("doc.added", {"path": None})])
@@ -146,15 +147,13 @@ async def test_handler_oserror_is_parked_not_retried_for_ever(sqlite_url: str) -
             await store.close()
 
 
-# --- 3. an undecodable event kills the runner's task silently -----------------------
+# --- an undecodable event stops its projection, with the reason --------------------
 
 
 async def test_undecodable_event_is_reported_not_silently_fatal(sqlite_url: str) -> None:
-    """_runner.py _loop catches only Swapped/Paused/LeaseLost/ProjectionStopped/
-    DatabaseError. A DecodeError raised by read_all (an event written by newer code, or a
-    missing upcaster link) ends the projection's task with an exception nobody sees:
-    not parked, not 'stopped', ``runner.errors`` empty, lease kept until it expires,
-    ``run()`` still running, ``wait_until`` times out instead of raising."""
+    """An event this code cannot decode (written by newer code) stops its projection
+    with the error recorded, and the lease is released for a runner that can read it;
+    before, the task died in silence with run() still running."""
     up = Upcasters()
 
     @up.register("profile.set", 1)
@@ -194,15 +193,14 @@ async def test_undecodable_event_is_reported_not_silently_fatal(sqlite_url: str)
             await store.close()
 
 
-# --- 4. replaying a parked event twice concurrently applies it twice ----------------
+# --- two concurrent replays of a parked event apply it once ----------------------
 
 
 @pytest.mark.postgres
 async def test_concurrent_replays_apply_a_parked_event_once(pg_url: str) -> None:
-    """_parked.py replay_parked: the parked row is updated with
-    ``WHERE replayed_at IS NULL`` but the rowcount is never checked, so two replays
-    (two operators, a retried CLI) that both listed the row both commit the handler's
-    writes; the docstring promises "a replay is itself applied exactly once"."""
+    """Two replays of the same parked event at once (two operators, a retried CLI):
+    the row is claimed in the handler's transaction, so the second waits for the first
+    and then finds it replayed; the handler's writes happen once."""
     state = {"fail": True, "calls": 0}
     entered = asyncio.Event()
     gate = asyncio.Event()
@@ -239,9 +237,22 @@ async def test_concurrent_replays_apply_a_parked_event_once(pg_url: str) -> None
             state["fail"] = False  # the handler is fixed; operators replay
             first = asyncio.create_task(replay_parked(database, p, store=store))
             await wait_for(entered.is_set, 10)
-            second = await replay_parked(database, p, store=store)
+            racing = asyncio.create_task(replay_parked(database, p, store=store))
+
+            async def waits_for_the_first() -> bool:
+                async with database.connect() as conn:
+                    waiting = await conn.scalar(
+                        sa.text(
+                            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                            "'Lock' AND datname = current_database()"
+                        )
+                    )
+                return bool(waiting)
+
+            await wait_for(waits_for_the_first, 10, interval=0.02)
             gate.set()
             first_outcomes = await first
+            second = await racing
             async with database.connect() as conn:
                 log = [
                     r[0]
@@ -257,7 +268,7 @@ async def test_concurrent_replays_apply_a_parked_event_once(pg_url: str) -> None
             await store.close()
 
 
-# --- 5. `accord projections rebuild` cannot upcast ----------------------------------
+# --- `accord projections rebuild --upcasters` ----------------------------------
 
 UPCASTERS = Upcasters()
 
@@ -285,7 +296,7 @@ def make_titles() -> Projection:
 
 
 def cli_projections() -> list[Projection]:
-    """What the rebuild CLI loads (--app tests.eventstore.test_review_findings:cli_projections)."""
+    """What the rebuild CLI loads (--app tests.projections.test_robustness:cli_projections)."""
     return [make_titles()]
 
 
@@ -298,11 +309,10 @@ async def _people(database: Database, projection: Projection) -> dict[str, str]:
 async def test_cli_rebuild_gives_handlers_the_same_upcast_events_as_the_runner(
     sqlite_url: str,
 ) -> None:
-    """cli/projections.py rebuild (and parked replay, status, events read) build
-    ``EventStore(database)`` with no upcasters and offer no way to pass them; the live
-    runner's store upcasts. A rebuild then feeds handlers the stored v1 payloads:
-    here every old event fails and is parked in the new version, and the swapped-in
-    read model silently loses those rows."""
+    """`accord projections rebuild --upcasters module:attr` builds the new version from
+    events upcast as the live runner's store gives them, so the rebuilt read model is
+    the live one (without it, v1 events reached handlers written for v2 and were
+    parked, and their rows lost)."""
     async with Database(sqlite_url) as database:
         store = EventStore(database, UPCASTERS)
         await store.append("ann", [NewEvent("player.named", {"name": "Ann"}, schema_version=1)])
@@ -323,7 +333,9 @@ async def test_cli_rebuild_gives_handlers_the_same_upcast_events_as_the_runner(
                 "--db",
                 sqlite_url,
                 "--app",
-                "tests.eventstore.test_review_findings:cli_projections",
+                "tests.projections.test_robustness:cli_projections",
+                "--upcasters",
+                "tests.projections.test_robustness:UPCASTERS",
                 "--json",
             ]
         )
@@ -335,16 +347,14 @@ async def test_cli_rebuild_gives_handlers_the_same_upcast_events_as_the_runner(
         await store.close()
 
 
-# --- 6. PostgreSQL: a lost race poisons the caller's transaction (SQLite: it does not) --
+# --- PostgreSQL: a lost append race leaves the caller's transaction usable ---------
 
 
 @pytest.mark.postgres
 async def test_pg_version_conflict_keeps_callers_transaction_usable(pg_url: str) -> None:
-    """_postgres.py _append: for an exact expected version (or NO_STREAM) a racing
-    writer is detected by the unique violation *without* a savepoint (the ANY path has
-    one), so on PostgreSQL the ConcurrencyError leaves the caller's whole transaction
-    aborted; the same code on SQLite (and a conflict found by the version check) leaves
-    it usable. ``append`` documents only that "nothing is written"."""
+    """On PostgreSQL, losing an exact-version race inside the caller's transaction
+    raises ConcurrencyError and leaves that transaction usable (a savepoint), as on
+    SQLite; before, the unique violation aborted the caller's whole transaction."""
     from accord.errors import ConcurrencyError
 
     async with Database(pg_url) as database:
