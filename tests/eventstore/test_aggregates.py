@@ -175,3 +175,29 @@ async def test_dataclass_events_and_outbox(store: EventStore) -> None:
 
 def _fields(snap: Any) -> dict[str, Any]:
     return {k: getattr(snap, k) for k in snap.__dataclass_fields__}
+
+
+async def test_a_snapshot_that_fails_after_the_commit_does_not_fail_the_save(
+    store: EventStore,
+) -> None:
+    """Without a caller's transaction the events commit first: a snapshot that cannot
+    be taken afterwards (state that is not JSON) is logged, and save() returns, since
+    the command succeeded (raising would make a caller retry and apply it twice)."""
+
+    class Unsnapshottable(Ledger):
+        @classmethod
+        def aggregate_type(cls) -> str:
+            return "Ledger"
+
+        def snapshot_state(self) -> dict[str, Any]:
+            return {"scores": object()}  # not JSON
+
+    repo = Repository(store, Unsnapshottable)
+    ledger = repo.create("ledger-u")
+    ledger.register("ann")
+    for _ in range(5):
+        ledger.score("ann", 1)
+    result = await repo.save(ledger)  # 6 events: crosses 5, the snapshot fails
+    assert result is not None and result.version == 6
+    assert await store.load_snapshot("ledger-u") is None
+    assert (await repo.load("ledger-u")).scores == {"ann": 5}

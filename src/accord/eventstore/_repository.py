@@ -129,7 +129,21 @@ class Repository(Generic[T]):
         aggregate.version = result.version
         every = self.aggregate_class.snapshot_every
         if every and result.version // every > expected // every:
-            await self.snapshot(aggregate, conn=conn)
+            if conn is not None:
+                await self.snapshot(aggregate, conn=conn)  # the caller's transaction
+            else:
+                # The events are committed: the command succeeded. A snapshot is only
+                # a shortcut for loading, so failing to take one must not say otherwise
+                # (a caller that retried would apply the command twice).
+                try:
+                    await self.snapshot(aggregate)
+                except Exception:
+                    log.warning(
+                        "saved %s at version %d, but could not snapshot it",
+                        aggregate.id,
+                        aggregate.version,
+                        exc_info=True,
+                    )
         return result
 
     async def snapshot(self, aggregate: T, *, conn: AsyncConnection | None = None) -> None:
