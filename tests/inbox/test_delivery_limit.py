@@ -21,7 +21,8 @@ from accord.testing import wait_for
 from accord.transports.base import Delivery
 from accord.transports.sql import SqlTransport
 
-# A consumer whose handler SIGKILLs its own process, as a segfault or the OOM killer would.
+# A consumer whose "test.kills" handler SIGKILLs its own process, as a segfault or
+# the OOM killer would; "test.fine" is harmless.
 CHILD = """
 import asyncio, os, signal, sys
 from accord.db import Database
@@ -37,6 +38,10 @@ async def main():
     async def kills(ctx, data):
         print("handling", ctx.attempt, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+    @consumer.handler("test.fine")
+    async def fine(ctx, data):
+        print("fine", ctx.attempt, flush=True)
 
     await consumer.start()
     print("ready", flush=True)
@@ -108,35 +113,6 @@ async def test_max_deliveries_must_be_more_than_max_attempts(tmp_path: Path) -> 
     await database.dispose()
 
 
-# The same consumer, with a harmless type beside the killer.
-CHILD_WITH_A_FINE_TYPE = """
-import asyncio, os, signal, sys
-from accord.db import Database
-from accord.inbox import Consumer
-from accord.transports.sql import SqlTransport
-
-async def main():
-    url, channel = sys.argv[1], sys.argv[2]
-    transport = SqlTransport(url, channel=channel, lease=0.5, poll_interval=0.05)
-    consumer = Consumer("crasher", Database(url), transport, max_attempts=2, max_deliveries=3)
-
-    @consumer.handler("test.kills")
-    async def kills(ctx, data):
-        print("handling", ctx.attempt, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    @consumer.handler("test.fine")
-    async def fine(ctx, data):
-        print("fine", ctx.attempt, flush=True)
-
-    await consumer.start()
-    print("ready", flush=True)
-    await asyncio.sleep(60)
-
-asyncio.run(main())
-"""
-
-
 async def test_a_crash_loop_does_not_dead_letter_messages_that_never_reached_a_handler(
     tmp_path: Path,
 ) -> None:
@@ -162,7 +138,7 @@ async def test_a_crash_loop_does_not_dead_letter_messages_that_never_reached_a_h
             child = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-c",
-                CHILD_WITH_A_FINE_TYPE,
+                CHILD,
                 url,
                 channel,
                 stdout=asyncio.subprocess.PIPE,

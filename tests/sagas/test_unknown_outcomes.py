@@ -92,6 +92,22 @@ async def ops(database: Database, saga_id: str) -> list[tuple[int, str]]:
 LATER = timedelta(minutes=5)
 
 
+async def abort_while_out(
+    orchestrator: Orchestrator, pump: Pump, saga_id: str, command_type: str
+) -> tuple[Any, list[tuple[int, str]]]:
+    """An operator aborts while the saga's ``command_type`` command is out; its reply is
+    the next input, before any timer round; then everything runs to its end. The
+    saga's state and ledger."""
+    database = pump.database
+    await pump.run(hold=lambda m: m.type == command_type)
+    await SagaAdmin(database).abort(saga_id, "customer cancelled")
+    await pump.deliver(pump.held.pop())  # applied or refused: its reply is in the outbox
+    await pump.run()
+    await orchestrator.fire_due(datetime.now(UTC) + LATER)
+    await pump.run()
+    return await SagaAdmin(database).get(saga_id), await ops(database, saga_id)
+
+
 # -- a pivot whose outcome is unknown is asked about (void), never skipped ----------------
 
 
@@ -153,14 +169,7 @@ async def test_an_abort_that_meets_the_pivots_success_does_not_undo_the_steps_be
     the abort ends it ABORTED without undoing the steps before the pivot."""
     orchestrator, pump = await trip_system(database)
     saga_id = await orchestrator.start("trip", {})
-    await pump.run(hold=lambda m: m.type == "payments.charge")
-    await SagaAdmin(database).abort(saga_id, "customer cancelled")
-    await pump.deliver(pump.held.pop())  # charged; its success reply is in the outbox
-    await pump.run()  # the reply reaches the orchestrator before any timer round
-    await orchestrator.fire_due(datetime.now(UTC) + LATER)
-    await pump.run()
-    state = await SagaAdmin(database).get(saga_id)
-    done = await ops(database, saga_id)
+    state, done = await abort_while_out(orchestrator, pump, saga_id, "payments.charge")
     assert (3, "do") in done  # the pivot was applied, and the orchestrator was told so
     assert (0, "undo") not in done, f"{state.status}: pivot applied, yet undone before: {done}"
 
@@ -307,14 +316,7 @@ async def test_an_abort_that_meets_the_pivots_failure_still_compensates_the_step
     and 0 are undone and the saga ends COMPENSATED (not ABORTED with them applied)."""
     orchestrator, pump = await trip_system(database)
     saga_id = await orchestrator.start("trip", {"fail_at": 3})
-    await pump.run(hold=lambda m: m.type == "payments.charge")
-    await SagaAdmin(database).abort(saga_id, "customer cancelled")
-    await pump.deliver(pump.held.pop())  # refused: its failure reply is in the outbox
-    await pump.run()  # the reply reaches the orchestrator before any timer round
-    await orchestrator.fire_due(datetime.now(UTC) + LATER)
-    await pump.run()
-    state = await SagaAdmin(database).get(saga_id)
-    done = await ops(database, saga_id)
+    state, done = await abort_while_out(orchestrator, pump, saga_id, "payments.charge")
     assert (3, "do") not in done
     assert state.status == "COMPENSATED", (state.status, state.error, done)
     assert [op for op in done if op[1] == "undo"] == [(2, "undo"), (1, "undo"), (0, "undo")]
@@ -327,14 +329,7 @@ async def test_an_abort_that_meets_a_compensatable_steps_final_failure_compensat
     the abort comes, and which then fails: steps 1 and 0 are undone, COMPENSATED."""
     orchestrator, pump = await trip_system(database)
     saga_id = await orchestrator.start("trip", {"fail_at": 2})
-    await pump.run(hold=lambda m: m.type == "cars.rent")
-    await SagaAdmin(database).abort(saga_id, "customer cancelled")
-    await pump.deliver(pump.held.pop())
-    await pump.run()
-    await orchestrator.fire_due(datetime.now(UTC) + LATER)
-    await pump.run()
-    state = await SagaAdmin(database).get(saga_id)
-    done = await ops(database, saga_id)
+    state, done = await abort_while_out(orchestrator, pump, saga_id, "cars.rent")
     assert state.status == "COMPENSATED", (state.status, state.error, done)
     assert [op for op in done if op[1] == "undo"] == [(1, "undo"), (0, "undo")]
 
@@ -361,14 +356,7 @@ async def test_an_abort_that_meets_the_last_steps_success_without_a_pivot_is_not
     COMPLETED (never ABORTED with every step applied and nothing undone)."""
     orchestrator, pump = await system(database, no_pivot())
     saga_id = await orchestrator.start("nopivot", {})
-    await pump.run(hold=lambda m: m.type == "hotels.reserve")
-    await SagaAdmin(database).abort(saga_id, "customer cancelled")
-    await pump.deliver(pump.held.pop())
-    await pump.run()
-    await orchestrator.fire_due(datetime.now(UTC) + LATER)
-    await pump.run()
-    state = await SagaAdmin(database).get(saga_id)
-    done = await ops(database, saga_id)
+    state, done = await abort_while_out(orchestrator, pump, saga_id, "hotels.reserve")
     undone = [op for op in done if op[1] == "undo"]
     assert (state.status, undone) in (
         ("COMPLETED", []),
