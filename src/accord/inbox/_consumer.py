@@ -237,7 +237,10 @@ class Consumer:
             )
 
     async def stop(self) -> None:
-        """Stop consuming; a message being handled finishes first. Idempotent."""
+        """Stop consuming. Idempotent. A handler in progress finishes first on RabbitMQ
+        (up to the transport's ``stop_timeout``); the SQL transport, NATS and Redis
+        cancel it, so its transaction rolls back and its messages come again. Nothing
+        is lost either way."""
         self._stop_event.set()
         async with self._lock:
             # Under the lock: the replay loop of a start() that was under way is this one.
