@@ -234,7 +234,8 @@ class TestRabbitSpecifics:
             if delivery.attempt == 1:
                 await delivery.nack(0)  # straight back to the group queue
             else:
-                await hold.wait()  # left unsettled when its transport closes
+                await hold.wait()  # left unsettled when its transport closes:
+                raise RuntimeError("the process died")  # it never returns normally
 
         await first.subscribe("attempts", nack_then_hang)
         await first.publish([Message(type="test.attempts")])

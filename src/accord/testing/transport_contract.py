@@ -293,6 +293,9 @@ class TransportContract:
             assert delivery.message is not None
             seen.append(delivery.message.id)
             await hold.wait()
+            # It never finishes: a handler that returned would have its delivery acked
+            # (a transport that lets the handler finish on stop acks what it handled).
+            raise RuntimeError("the process died before it settled")
 
         await doomed.subscribe("crashy", hang)
         sent = Message(type="test.crash")
