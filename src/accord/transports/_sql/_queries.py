@@ -177,15 +177,15 @@ async def claim(
         )
         .exists()
     )
+    ready = (
+        c.c.channel == channel,
+        c.c.group_name == group,
+        c.c.available_at <= now,
+        sa.or_(c.c.locked_until.is_(None), c.c.locked_until <= now),
+    )
     picked = (
-        sa.select(c.c.seq)
-        .where(
-            c.c.channel == channel,
-            c.c.group_name == group,
-            c.c.available_at <= now,
-            sa.or_(c.c.locked_until.is_(None), c.c.locked_until <= now),
-            sa.or_(c.c.key.is_(None), ~earlier_out),
-        )
+        sa.select(c.c.seq, c.c.key)
+        .where(*ready, sa.or_(c.c.key.is_(None), ~earlier_out))
         .order_by(c.c.seq)
         .limit(limit)
     )
@@ -193,7 +193,10 @@ async def claim(
         picked = picked.with_for_update(skip_locked=True, of=c)
     # Two statements, not UPDATE ... WHERE seq IN (subquery): PostgreSQL plans that
     # as a hash join over every delivery of the group, which grows with the backlog.
-    seqs = list((await conn.scalars(picked)).all())
+    rows = [(int(seq), key) for seq, key in (await conn.execute(picked)).all()]
+    if is_postgres:
+        rows = await _behind_skipped(conn, c, ready, rows)
+    seqs = [seq for seq, _ in rows]
     if not seqs:
         return []
     claimed = await conn.execute(
@@ -214,6 +217,35 @@ async def claim(
         out.append(Claimed(int(seq), key, attempt, dict(headers), bytes(body)))
     out.sort(key=lambda item: item.seq)
     return out
+
+
+async def _behind_skipped(
+    conn: AsyncConnection,
+    c: Any,
+    ready: tuple[Any, ...],
+    rows: list[tuple[int, str | None]],
+) -> list[tuple[int, str | None]]:
+    """PostgreSQL: ``rows`` less those behind an earlier delivery of their key that the
+    claim skipped because another transaction held a lock on it (a consumer whose
+    lease ran out, extending, nacking or releasing it right now). Its committed row
+    still looked ready, so the earlier-delivery check let the later ones through:
+    taken, they would overtake it. Read again without locking, it shows up here."""
+    keys = {key for _, key in rows if key is not None}
+    if not keys:
+        return rows
+    taken = {seq for seq, _ in rows}
+    earlier = sa.select(c.c.seq, c.c.key).where(
+        *ready, c.c.key.in_(sorted(keys)), c.c.seq < max(taken)
+    )
+    blocked: dict[str, int] = {}
+    for seq, key in (await conn.execute(earlier)).all():
+        if int(seq) not in taken:
+            blocked[key] = min(int(seq), blocked.get(key, int(seq)))
+    if not blocked:
+        return rows
+    return [
+        (seq, key) for seq, key in rows if key is None or key not in blocked or seq < blocked[key]
+    ]
 
 
 async def delete_deliveries(
