@@ -10,6 +10,7 @@ import signal
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -167,3 +168,27 @@ async def test_a_crash_loop_does_not_dead_letter_messages_that_never_reached_a_h
     finally:
         await transport.close()
         await database.dispose()
+
+
+async def test_a_database_not_yet_upgraded_still_handles_redeliveries(tmp_path: Path) -> None:
+    """Without the starts table (the library upgraded, `accord db upgrade` not run yet)
+    a redelivered message is still handled, not failed: its starts are not counted."""
+    import sqlalchemy as sa
+
+    from accord.testing import CapturedDelivery
+
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'old.db'}")
+    await database.upgrade()
+    async with database.transaction() as conn:
+        await conn.execute(sa.text("DROP TABLE accord_inbox_starts"))
+    consumer = Consumer("old", database, SqlTransport(database.url, channel="old"))
+    handled: list[int] = []
+
+    @consumer.handler("test.fine")
+    async def fine(ctx: Any, data: Any) -> None:
+        handled.append(ctx.attempt)
+
+    delivery = CapturedDelivery(Message(type="test.fine", data={}), 2)
+    await consumer.handle(delivery)
+    assert (handled, delivery.outcome) == ([2], "ack")
+    await database.dispose()

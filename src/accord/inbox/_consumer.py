@@ -376,10 +376,12 @@ class Consumer:
             and not isinstance(delivery, ReplayDelivery)
         )
 
-    async def _over_delivery_limit(self, delivery: Delivery, message: Message) -> bool:
+    async def _start(self, delivery: Delivery, message: Message) -> bool | None:
         """Count this start of a redelivered message's handler (committed before it
-        runs, so a start that kills the process still counts); if the handler already
-        ran ``max_deliveries`` times, dead-letter the message instead. Whether it did.
+        runs, so a start that kills the process still counts): True once counted,
+        False if it could not be (no ``accord db upgrade`` yet: handled anyway). If
+        the handler already ran ``max_deliveries`` times, dead-letter the message
+        instead and return None.
 
         Starts are counted, not deliveries: a process that dies also gives back what it
         had only prefetched, which the transport counts as delivered once more."""
@@ -393,7 +395,7 @@ class Consumer:
             log.warning("could not count a start of %s; handling it anyway", message.id)
             return False
         if starts <= limit:
-            return False
+            return True
         await self._dead_letter(
             delivery,
             "delivery_limit",
@@ -402,7 +404,7 @@ class Consumer:
             "replay it",
             attempts=starts - 1,
         )
-        return True
+        return None
 
     async def _apply_batch(self, ready: Sequence[_Ready]) -> set[str]:
         """Inbox rows + handlers of ``ready`` in one transaction; the ids applied.
@@ -507,11 +509,15 @@ class Consumer:
     ) -> float | None:
         """Apply one message and settle its delivery; if it failed and comes back, in
         how many seconds."""
-        if self._counts_starts(delivery) and await self._over_delivery_limit(delivery, message):
-            return None
+        counted = False
+        if self._counts_starts(delivery):
+            started_now = await self._start(delivery, message)
+            if started_now is None:
+                return None  # dead-lettered
+            counted = started_now
         started = time.perf_counter()
         try:
-            applied = await self._apply(delivery, message, registration, data)
+            applied = await self._apply(delivery, message, registration, data, counted=counted)
         except Exception as exc:
             CONSUMER_FAILED.labels(self.name, message.type).inc()
             return await self._failed(delivery, exc)
@@ -529,14 +535,21 @@ class Consumer:
         return None
 
     async def _apply(
-        self, delivery: Delivery, message: Message, registration: Registration, data: Any
+        self,
+        delivery: Delivery,
+        message: Message,
+        registration: Registration,
+        data: Any,
+        *,
+        counted: bool = False,
     ) -> bool:
-        """Inbox row + handler in one transaction. False if the message was a duplicate."""
+        """Inbox row + handler in one transaction (with it, the message's counted starts
+        go). False if the message was a duplicate."""
         async with self.database.engine.begin() as conn:
             # The inbox row goes first: a concurrent delivery of the same id blocks on
             # it until this transaction ends, then sees a duplicate.
             fresh = await record(conn, self.name, message)
-            if self._counts_starts(delivery):
+            if counted:
                 await forget_starts(conn, self.name, message.id)
             if not fresh:
                 return False
@@ -598,13 +611,12 @@ class Consumer:
         if delivery.message is not None and delivery.attempt > 1:
             # Housekeeping, after the fact: a database whose schema predates the
             # holds and starts tables (no `accord db upgrade` yet) must still dead-letter.
-            try:
-                async with self.database.transaction() as conn:
-                    await forget_holds(conn, self.name, delivery.message.id)
-                    if self._counts_starts(delivery):
-                        await forget_starts(conn, self.name, delivery.message.id)
-            except Exception:
-                log.debug("could not forget the holds of %s", delivery.message.id, exc_info=True)
+            for forget in (forget_holds, forget_starts):
+                try:
+                    async with self.database.transaction() as conn:
+                        await forget(conn, self.name, delivery.message.id)
+                except Exception:
+                    log.debug("could not %s of %s", forget.__name__, delivery.message.id)
         return None
 
     # -- replay -------------------------------------------------------------------
