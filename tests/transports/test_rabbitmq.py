@@ -366,6 +366,36 @@ class TestRabbitSpecifics:
         # Those it handled are gone; only those it never got (prefetched) are back.
         assert await ready_count(queue) == len(sent) - len(handled)
 
+    async def test_a_delay_queue_deleted_under_the_transport_loses_nothing(
+        self, rabbit: Callable[..., RabbitTransport]
+    ) -> None:
+        # A nack's delayed copy goes to a delay queue the transport declared once. An
+        # operator deletes that queue: the copy is returned (mandatory), not confirmed
+        # and dropped, so the message is not acked away; the queue is declared again.
+        transport = rabbit()
+        await transport.connect()
+        seen: list[tuple[str, int]] = []
+
+        async def handler(delivery: Delivery) -> None:
+            assert delivery.message is not None
+            seen.append((delivery.message.id, delivery.attempt))
+            if delivery.attempt == 1:
+                await delivery.nack(0.3)
+
+        await transport.subscribe("delays", handler)
+        first = Message(type="delay.me")
+        await transport.publish([first])
+        await wait_for(lambda: (first.id, 2) in seen, 15)
+        connection = await aio_pika.connect(RABBIT_URL)
+        try:
+            channel = await connection.channel()
+            await channel.queue_delete(transport.topology.retry_queue("delays", 0.3))
+        finally:
+            await connection.close()
+        second = Message(type="delay.me")
+        await transport.publish([second])
+        await wait_for(lambda: any(i == second.id and a >= 2 for i, a in seen), 15)
+
 
 async def rabbitmqctl(*args: str) -> None:
     process = await asyncio.create_subprocess_exec(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -202,7 +203,8 @@ def republish_properties(
     return Basic.Properties(
         content_type=properties.content_type,
         delivery_mode=2,
-        message_id=properties.message_id,
+        # A copy that comes back unroutable is matched to its publish by message_id.
+        message_id=properties.message_id or uuid.uuid4().hex,
         headers=kept,
         expiration=None if expiration_ms is None else str(expiration_ms),
     )

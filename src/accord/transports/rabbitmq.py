@@ -354,11 +354,21 @@ class RabbitTransport(Transport):
         channel = await self._underlay(deadline, f"republishing to {routing_key!r}")
         with translated(f"republishing to {routing_key!r}"):
             async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                # mandatory: a copy no queue takes (a delay queue deleted under us) comes
+                # back instead of being confirmed and dropped; the original stays unacked.
                 result = await channel.basic_publish(
-                    body, exchange=exchange, routing_key=routing_key, properties=properties
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
                 )
         if not isinstance(result, Basic.Ack):
-            raise TransportError(f"RabbitMQ did not confirm the copy sent to {routing_key!r}")
+            self._declared.discard(routing_key)  # declared again by the next copy
+            raise TransportError(
+                f"RabbitMQ did not take the copy sent to {routing_key!r} (no queue for it, "
+                "or not confirmed); the original delivery is left unsettled and comes back"
+            )
 
     def _require_publisher(self) -> AbstractRobustChannel:
         if self._publisher is None:
