@@ -264,3 +264,30 @@ async def test_redis_group_members_with_different_topics_get_what_they_asked_for
             await cleaner.delete_channel()
         finally:
             await cleaner.close()
+
+
+@pytest.mark.redis
+async def test_keep_alive_does_not_take_back_an_entry_another_member_took_over(
+    redis_transport: RedisTransport, admin: aioredis.Redis
+) -> None:
+    """A consumer's keep-alive resets the idle time of the entries it holds, but one
+    another member took over meanwhile (this consumer stalled past claim_idle) stays
+    with that member: taken back, both would handle it."""
+    got = asyncio.Event()
+    release = asyncio.Event()
+    held: list[str] = []
+
+    async def hang(delivery: Delivery) -> None:
+        held.append(delivery.entry_id)  # type: ignore[attr-defined]
+        got.set()
+        await release.wait()
+
+    await redis_transport.subscribe("keep", hang)
+    await redis_transport.publish([Message(type="test.keep")])
+    await asyncio.wait_for(got.wait(), 10)
+    # Another member's XAUTOCLAIM, as after a stall of this one: the entry is its now.
+    await admin.xclaim(redis_transport.stream, "keep", "other-member", 0, [held[0]], justid=True)
+    await asyncio.sleep(1.2)  # several keep-alive rounds (every claim_idle / 3)
+    [pending] = await admin.xpending_range(redis_transport.stream, "keep", "-", "+", 10)
+    release.set()
+    assert pending["consumer"] == b"other-member"

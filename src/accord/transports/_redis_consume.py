@@ -367,8 +367,8 @@ class RedisSubscription(Subscription):
                 ids: list[StreamIdT] = [d.entry_id for d in pending if d.key == key]
                 if ids and not self._stopping.is_set():
                     with contextlib.suppress(Exception):
-                        await self.client.xclaim(
-                            key, self.group, self.consumer, 0, ids, justid=True
+                        await self.scripts["KEEP"](
+                            keys=[key], args=[self.group, self.consumer, *ids]
                         )
 
     async def stop(self) -> None:

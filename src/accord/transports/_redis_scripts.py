@@ -8,7 +8,7 @@ stream also carry ``accord-attempt`` (the attempt of their next delivery) and
 
 from __future__ import annotations
 
-__all__ = ["ACK", "CLAIM", "GIVE_BACK", "NACK", "PROMOTE", "REJECT"]
+__all__ = ["ACK", "CLAIM", "GIVE_BACK", "KEEP", "NACK", "PROMOTE", "REJECT"]
 
 # Current server time in milliseconds: one clock for every consumer's due times.
 _NOW = """
@@ -91,6 +91,22 @@ for _, e in ipairs(res[2]) do
   end
 end
 return out
+"""
+
+#: Keep entries this consumer holds from being taken over (reset their idle time),
+#: but only those still its own: one another member took over meanwhile (this
+#: consumer's loop stalled past claim_idle) stays that member's. KEYS: stream.
+#: ARGV: group, consumer, entry ids. Returns how many were kept.
+KEEP = """
+local kept = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p > 0 and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    kept = kept + 1
+  end
+end
+return kept
 """
 
 #: Give every entry pending for this consumer back to its group (into the retry stream,
