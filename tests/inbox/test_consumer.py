@@ -401,3 +401,53 @@ async def test_a_stop_during_start_ends_the_replay_loop_it_started(sqlite_url: s
     async with asyncio.timeout(10):
         await asyncio.gather(consumer.start(), consumer.stop())
     await database.dispose()
+
+
+async def test_a_stopping_consumer_gives_back_the_replays_it_did_not_begin(
+    sqlite_url: str,
+) -> None:
+    """A consumer claims up to 20 letters for replay at a time. Stopped while handling
+    the first, it does not go on with the others: they are due again at once (for the
+    next consumer), not after their lease."""
+    from datetime import UTC, datetime
+
+    from accord.testing import CapturedDelivery
+
+    database = Database(sqlite_url)
+    await database.upgrade()
+    consumer = Consumer("replays", database, SqlTransport(database=database), max_attempts=1)
+    handled: list[str] = []
+    stopping: list[asyncio.Task[None]] = []
+    broken = True
+
+    @consumer.handler("t.replay")
+    async def handle(ctx: HandlerContext, data: Any) -> None:
+        if broken:
+            raise RuntimeError("broken")
+        handled.append(ctx.message.id)
+        if len(handled) == 1:
+            stopping.append(asyncio.create_task(consumer.stop()))
+            await asyncio.sleep(0.2)  # the stop is under way when this one ends
+
+    for _ in range(3):
+        await consumer.handle(CapturedDelivery(Message(type="t.replay", data={})))
+    api = DeadLetters(database)
+    letters = await api.list("replays")
+    assert len(letters) == 3
+    broken = False
+    for letter in letters:
+        await api.replay(letter.id)
+    await consumer.start()
+    await wait_for(lambda: stopping, 10)
+    await asyncio.wait_for(stopping[0], 10)
+    from accord.db.schema import dead_letters
+
+    query = sa.select(dead_letters.c.status, dead_letters.c.available_at).where(
+        dead_letters.c.consumer == "replays"
+    )
+    async with database.connect() as conn:
+        left = (await conn.execute(query)).all()
+    assert len(handled) == 1 and len(left) == 2
+    now = datetime.now(UTC)
+    assert all(status == "REPLAY" and due <= now for status, due in left), left
+    await database.dispose()

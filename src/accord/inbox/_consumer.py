@@ -24,7 +24,12 @@ from accord.inbox._context import (
     describe_validation_error,
     run_after_commit,
 )
-from accord.inbox._dead_letters import ReplayDelivery, claim_replays, write_dead_letter
+from accord.inbox._dead_letters import (
+    ReplayDelivery,
+    claim_replays,
+    release_replays,
+    write_dead_letter,
+)
 from accord.inbox._store import (
     forget_holds,
     forget_starts,
@@ -628,7 +633,11 @@ class Consumer:
                 claimed = await claim_replays(
                     self.database, self.name, limit=20, lease=self.replay_lease
                 )
-                for letter in claimed:
+                for index, letter in enumerate(claimed):
+                    if stopping.is_set():
+                        # Stopping: the letters not begun go back now, not after the lease.
+                        await release_replays(self.database, [c.id for c in claimed[index:]])
+                        return
                     delivery = ReplayDelivery(self.database, letter)
                     log.info("replaying dead letter %d", letter.id)
                     await self.handle(delivery)

@@ -240,6 +240,19 @@ async def claim_replays(
     return claimed
 
 
+async def release_replays(database: Database, ids: Sequence[int]) -> None:
+    """Make claimed REPLAY rows due again now (a stopping consumer did not get to
+    them), instead of when their lease ends."""
+    if not ids:
+        return
+    async with database.transaction() as conn:
+        await conn.execute(
+            dead_letters.update()
+            .where(dead_letters.c.id.in_(list(ids)), dead_letters.c.status == REPLAY)
+            .values(available_at=datetime.now(UTC))
+        )
+
+
 class DeadLetters:
     """Operate on the dead letters of every consumer that uses ``database``."""
 
