@@ -204,9 +204,15 @@ class ProjectionRunner:
             except LeaseLost as exc:
                 log.warning("%s", exc)
                 driver = None
-            except ProjectionStopped as exc:
-                log.error("%s", exc)
-                self.errors[projection.name] = str(exc)
+            except (ProjectionStopped, DecodeError) as exc:
+                # A poison event (on_poison="stop"), or one this code cannot read
+                # (written by newer code, an upcaster missing), which it will not read
+                # later either: stop, say why, and leave the lease to another runner.
+                message = str(exc)
+                if isinstance(exc, DecodeError):
+                    message = f"projection {projection.name!r} stopped: {exc}"
+                log.error("%s", message)
+                self.errors[projection.name] = message
                 self._progress.set()
                 _cancel(ahead)
                 await self._release(lease)
@@ -214,17 +220,6 @@ class ProjectionRunner:
             except DatabaseError as exc:
                 log.warning("projection %s: %s; retrying", projection.name, exc)
                 await self._sleep(min(self.poll_interval * 4, self.lease_ttl / 3))
-            except DecodeError as exc:
-                # An event this code cannot read (written by newer code, an upcaster
-                # missing): it will not read it later either. Stop, say why, and let
-                # a runner with newer code take the lease.
-                message = f"projection {projection.name!r} stopped: {exc}"
-                log.error("%s", message)
-                self.errors[projection.name] = message
-                self._progress.set()
-                _cancel(ahead)
-                await self._release(lease)
-                return
             except Exception:
                 # A bug or an error nobody translated: never let it end this task in
                 # silence while run() goes on; log it and try again.

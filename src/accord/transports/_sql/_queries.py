@@ -234,13 +234,15 @@ async def _behind_skipped(
     if not keys:
         return rows
     taken = {seq for seq, _ in rows}
-    earlier = sa.select(c.c.seq, c.c.key).where(
-        *ready, c.c.key.in_(sorted(keys)), c.c.seq < max(taken)
+    earlier = (
+        sa.select(c.c.seq, c.c.key)
+        .where(*ready, c.c.key.in_(sorted(keys)), c.c.seq < max(taken))
+        .order_by(c.c.seq)
     )
-    blocked: dict[str, int] = {}
+    blocked: dict[str, int] = {}  # key -> its first delivery the claim skipped
     for seq, key in (await conn.execute(earlier)).all():
         if int(seq) not in taken:
-            blocked[key] = min(int(seq), blocked.get(key, int(seq)))
+            blocked.setdefault(key, int(seq))
     if not blocked:
         return rows
     return [
