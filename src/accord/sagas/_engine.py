@@ -385,16 +385,16 @@ class Engine:
             s.step -= 1
             return
         self.tx.log(s.step, step.name, VOID, "applied", "the participant had applied it")
+        # Its result: what the saga goes on with, or what its compensation undoes.
+        self._merge(step, answer.get("result"))
         if step.kind is StepKind.PIVOT:
             # Past the point of no return after all: the saga goes on, and the steps
             # before the pivot stay done.
             s.status = RUNNING
             s.phase = ACTION
             s.error = None
-            self._merge(step, answer.get("result"))
             self._succeeded(step)
             return
-        self._merge(step, answer.get("result"))  # what its compensation needs to undo it
         s.phase = COMPENSATION  # applied: undone like any other step
 
     def _compensated(self, step: Step) -> None:
