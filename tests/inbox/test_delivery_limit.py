@@ -9,6 +9,7 @@ import asyncio
 import signal
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -56,51 +57,60 @@ async def _ignore(_delivery: Delivery) -> None:
     raise AssertionError("no delivery expected")
 
 
-async def test_a_message_that_kills_its_consumer_is_dead_lettered_past_max_deliveries(
-    tmp_path: Path,
-) -> None:
+Site = tuple[str, str, Database, SqlTransport]
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[Site]:
+    """A SQLite file, a channel on it and the durable group "crasher" of the child
+    consumer (so what is published is kept for it): (url, channel, database, transport)."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'limit.db'}"
     channel = f"limit-{uuid.uuid4().hex[:8]}"
     database = Database(url)
     await database.upgrade()
     transport = SqlTransport(url, channel=channel)
     await transport.connect()
-    try:
-        group = await transport.subscribe("crasher", _ignore, topics=["test.kills"])
-        await group.stop()  # the group exists: the message is kept for it
-        poison = Message(type="test.kills", data={})
-        await transport.publish([poison])
+    group = await transport.subscribe("crasher", _ignore, topics=["test.kills", "test.fine"])
+    await group.stop()
+    yield url, channel, database, transport
+    await transport.close()
+    await database.dispose()
 
-        handled: list[int] = []
-        for restart in range(4):  # a supervisor restarting the consumer
-            child = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", CHILD, url, channel, stdout=asyncio.subprocess.PIPE
-            )
-            assert child.stdout is not None
-            try:
-                assert (await asyncio.wait_for(child.stdout.readline(), 20)) == b"ready\n"
-                if restart < 3:
-                    word, attempt = (await asyncio.wait_for(child.stdout.readline(), 10)).split()
-                    assert word == b"handling"
-                    handled.append(int(attempt))
-                    assert await asyncio.wait_for(child.wait(), 10) == -signal.SIGKILL
-                    continue
-                # The fourth delivery is over the limit: dead-lettered, and the handler
-                # (and so the process) is left alone.
-                letters = await wait_for(lambda: DeadLetters(database).list("crasher"), 15)
-                assert child.returncode is None
-            finally:
-                if child.returncode is None:
-                    child.kill()
-                    await child.wait()
-        assert handled == [1, 2, 3]
-        assert [(d.message_id, d.kind, d.attempts) for d in letters] == [
-            (poison.id, "delivery_limit", 3)  # its handler ran three times
-        ]
-        assert "max_deliveries=3" in letters[0].reason
-    finally:
-        await transport.close()
-        await database.dispose()
+
+async def test_a_message_that_kills_its_consumer_is_dead_lettered_past_max_deliveries(
+    site: Site,
+) -> None:
+    url, channel, database, transport = site
+    poison = Message(type="test.kills", data={})
+    await transport.publish([poison])
+
+    handled: list[int] = []
+    for restart in range(4):  # a supervisor restarting the consumer
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CHILD, url, channel, stdout=asyncio.subprocess.PIPE
+        )
+        assert child.stdout is not None
+        try:
+            assert (await asyncio.wait_for(child.stdout.readline(), 20)) == b"ready\n"
+            if restart < 3:
+                word, attempt = (await asyncio.wait_for(child.stdout.readline(), 10)).split()
+                assert word == b"handling"
+                handled.append(int(attempt))
+                assert await asyncio.wait_for(child.wait(), 10) == -signal.SIGKILL
+                continue
+            # The fourth delivery is over the limit: dead-lettered, and the handler
+            # (and so the process) is left alone.
+            letters = await wait_for(lambda: DeadLetters(database).list("crasher"), 15)
+            assert child.returncode is None
+        finally:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+    assert handled == [1, 2, 3]
+    assert [(d.message_id, d.kind, d.attempts) for d in letters] == [
+        (poison.id, "delivery_limit", 3)  # its handler ran three times
+    ]
+    assert "max_deliveries=3" in letters[0].reason
 
 
 async def test_max_deliveries_must_be_more_than_max_attempts(tmp_path: Path) -> None:
@@ -115,59 +125,48 @@ async def test_max_deliveries_must_be_more_than_max_attempts(tmp_path: Path) -> 
 
 
 async def test_a_crash_loop_does_not_dead_letter_messages_that_never_reached_a_handler(
-    tmp_path: Path,
+    site: Site,
 ) -> None:
     """The SQL transport counts an attempt for every delivery it claims (the whole
     prefetch), so a message prefetched behind one that kills the process is redelivered
     as often. Its handler never started, so it is not dead-lettered with the killer:
     it is handled once the killer is out of the way."""
-    url = f"sqlite+aiosqlite:///{tmp_path / 'limit.db'}"
-    channel = f"limit-{uuid.uuid4().hex[:8]}"
-    database = Database(url)
-    await database.upgrade()
-    transport = SqlTransport(url, channel=channel)
-    await transport.connect()
-    try:
-        group = await transport.subscribe("crasher", _ignore, topics=["test.kills", "test.fine"])
-        await group.stop()
-        poison = Message(type="test.kills", data={})
-        innocent = Message(type="test.fine", data={})
-        await transport.publish([poison, innocent])  # one claim takes both
+    url, channel, database, transport = site
+    poison = Message(type="test.kills", data={})
+    innocent = Message(type="test.fine", data={})
+    await transport.publish([poison, innocent])  # one claim takes both
 
-        output = b""
-        for restart in range(4):
-            child = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-c",
-                CHILD,
-                url,
-                channel,
-                stdout=asyncio.subprocess.PIPE,
-            )
-            assert child.stdout is not None
-            try:
-                assert (await asyncio.wait_for(child.stdout.readline(), 20)) == b"ready\n"
-                if restart < 3:
-                    line = await asyncio.wait_for(child.stdout.readline(), 10)
-                    assert line.startswith(b"handling")
-                    await asyncio.wait_for(child.wait(), 10)
-                    continue
-                await wait_for(lambda: DeadLetters(database).list("crasher"), 15)
-                await asyncio.sleep(2.0)  # the innocent message is next in the buffer
-            finally:
-                if child.returncode is None:
-                    child.kill()
-                output = await child.stdout.read()
-                await child.wait()
-        letters = await DeadLetters(database).list("crasher")
-        assert [(d.message_id, d.kind) for d in letters] == [(poison.id, "delivery_limit")], (
-            "a message whose handler never ran was dead-lettered: "
-            f"{[(d.message_id, d.kind, d.attempts) for d in letters]}"
+    output = b""
+    for restart in range(4):
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            CHILD,
+            url,
+            channel,
+            stdout=asyncio.subprocess.PIPE,
         )
-        assert b"fine" in output
-    finally:
-        await transport.close()
-        await database.dispose()
+        assert child.stdout is not None
+        try:
+            assert (await asyncio.wait_for(child.stdout.readline(), 20)) == b"ready\n"
+            if restart < 3:
+                line = await asyncio.wait_for(child.stdout.readline(), 10)
+                assert line.startswith(b"handling")
+                await asyncio.wait_for(child.wait(), 10)
+                continue
+            await wait_for(lambda: DeadLetters(database).list("crasher"), 15)
+            await asyncio.sleep(2.0)  # the innocent message is next in the buffer
+        finally:
+            if child.returncode is None:
+                child.kill()
+            output = await child.stdout.read()
+            await child.wait()
+    letters = await DeadLetters(database).list("crasher")
+    assert [(d.message_id, d.kind) for d in letters] == [(poison.id, "delivery_limit")], (
+        "a message whose handler never ran was dead-lettered: "
+        f"{[(d.message_id, d.kind, d.attempts) for d in letters]}"
+    )
+    assert b"fine" in output
 
 
 async def test_a_database_not_yet_upgraded_still_handles_redeliveries(tmp_path: Path) -> None:
