@@ -61,13 +61,13 @@ Site = tuple[str, str, Database, SqlTransport]
 
 
 @pytest.fixture
-async def site(tmp_path: Path) -> AsyncIterator[Site]:
-    """A SQLite file, a channel on it and the durable group "crasher" of the child
-    consumer (so what is published is kept for it): (url, channel, database, transport)."""
-    url = f"sqlite+aiosqlite:///{tmp_path / 'limit.db'}"
+async def site(db_url: str) -> AsyncIterator[Site]:
+    """A database (SQLite, then PostgreSQL), a channel of the SQL transport on it and
+    the durable group "crasher" of the child consumer (so what is published is kept
+    for it): (url, channel, database, transport)."""
+    url = db_url
     channel = f"limit-{uuid.uuid4().hex[:8]}"
     database = Database(url)
-    await database.upgrade()
     transport = SqlTransport(url, channel=channel)
     await transport.connect()
     group = await transport.subscribe("crasher", _ignore, topics=["test.kills", "test.fine"])
@@ -169,18 +169,18 @@ async def test_a_crash_loop_does_not_dead_letter_messages_that_never_reached_a_h
     assert b"fine" in output
 
 
-async def test_a_database_not_yet_upgraded_still_handles_redeliveries(tmp_path: Path) -> None:
+async def test_a_database_not_yet_upgraded_still_handles_redeliveries(
+    database: Database,
+) -> None:
     """Without the starts table (the library upgraded, `accord db upgrade` not run yet)
     a redelivered message is still handled, not failed: its starts are not counted."""
     import sqlalchemy as sa
 
     from accord.testing import CapturedDelivery
 
-    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'old.db'}")
-    await database.upgrade()
     async with database.transaction() as conn:
         await conn.execute(sa.text("DROP TABLE accord_inbox_starts"))
-    consumer = Consumer("old", database, SqlTransport(database.url, channel="old"))
+    consumer = Consumer("old", database, SqlTransport(database=database, channel="old"))
     handled: list[int] = []
 
     @consumer.handler("test.fine")
@@ -190,4 +190,3 @@ async def test_a_database_not_yet_upgraded_still_handles_redeliveries(tmp_path: 
     delivery = CapturedDelivery(Message(type="test.fine", data={}), 2)
     await consumer.handle(delivery)
     assert (handled, delivery.outcome) == ([2], "ack")
-    await database.dispose()
