@@ -404,7 +404,7 @@ async def test_a_stop_during_start_ends_the_replay_loop_it_started(sqlite_url: s
 
 
 async def test_a_stopping_consumer_gives_back_the_replays_it_did_not_begin(
-    sqlite_url: str,
+    db_url: str,
 ) -> None:
     """A consumer claims up to 20 letters for replay at a time. Stopped while handling
     the first, it does not go on with the others: they are due again at once (for the
@@ -413,7 +413,7 @@ async def test_a_stopping_consumer_gives_back_the_replays_it_did_not_begin(
 
     from accord.testing import CapturedDelivery
 
-    database = Database(sqlite_url)
+    database = Database(db_url)
     await database.upgrade()
     consumer = Consumer("replays", database, SqlTransport(database=database), max_attempts=1)
     handled: list[str] = []

@@ -349,7 +349,7 @@ async def test_a_compensation_runs_once_for_two_failure_events_of_one_flow(
 
     await database.upgrade()
     flow = Choreography("twice", completed="twice.done", compensated="twice.undone")
-    consumer = Consumer("hotel-svc", database, SqlTransport(database.url, channel="twice"))
+    consumer = Consumer("hotel-svc", database, SqlTransport(database=database, channel="twice"))
     ran: list[str] = []
 
     @flow.compensate(consumer, "car.failed", "flight.failed", emits="hotel.released")
@@ -374,7 +374,7 @@ async def test_a_compensation_runs_once_for_two_failure_events_of_one_flow(
 
 
 async def test_two_compensations_that_share_a_function_name_both_run(
-    sqlite_url: str,
+    db_url: str,
 ) -> None:
     """Two different compensations of one flow at one service whose functions share a
     name (``undo`` from a factory): each runs once; neither is taken for the other."""
@@ -386,9 +386,9 @@ async def test_two_compensations_that_share_a_function_name_both_run(
     from accord.testing import CapturedDelivery
     from accord.transports.sql import SqlTransport
 
-    database = Database(sqlite_url)
+    database = Database(db_url)
     flow = Choreography("same-name", completed="sn.done", compensated="sn.undone")
-    consumer = Consumer("svc", database, SqlTransport(database.url, channel="same-name"))
+    consumer = Consumer("svc", database, SqlTransport(database=database, channel="same-name"))
     ran: list[str] = []
 
     def compensation(label: str) -> Any:
