@@ -168,6 +168,19 @@ async def test_listen_delivers_notifications_and_stop_releases_the_connection(pg
 
 
 @pytest.mark.postgres
+async def test_dispose_stops_the_listeners_left_running(pg_url: str) -> None:
+    """A listener whose owner never stopped it (a transport not closed) holds its
+    connection outside the pool; disposing the Database ends it, so no connection
+    is left to the garbage collector and the server sees the session end."""
+    db = Database(pg_url)
+    await db.listen("accord_test_channel", lambda _payload: None)
+    await db.listen("accord_other_channel", lambda _payload: None)
+    assert db.engine.pool.checkedout() == 2  # type: ignore[attr-defined]
+    await db.dispose()
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.postgres
 async def test_a_pooled_connection_the_server_closed_is_replaced(pg_url: str) -> None:
     db = Database(pg_url)
     async with db.transaction() as conn:

@@ -415,7 +415,8 @@ async def test_a_stopping_consumer_gives_back_the_replays_it_did_not_begin(
 
     database = Database(db_url)
     await database.upgrade()
-    consumer = Consumer("replays", database, SqlTransport(database=database), max_attempts=1)
+    transport = SqlTransport(database=database)
+    consumer = Consumer("replays", database, transport, max_attempts=1)
     handled: list[str] = []
     stopping: list[asyncio.Task[None]] = []
     broken = True
@@ -450,4 +451,5 @@ async def test_a_stopping_consumer_gives_back_the_replays_it_did_not_begin(
     assert len(handled) == 1 and len(left) == 2
     now = datetime.now(UTC)
     assert all(status == "REPLAY" and due <= now for status, due in left), left
+    await transport.close()
     await database.dispose()

@@ -6,7 +6,7 @@ import contextlib
 import functools
 import logging
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +196,8 @@ class Database:
             engine_kwargs.get("execution_options") or {}
         ).get("isolation_level")
         self.engine: AsyncEngine = create_async_engine(self.url, echo=echo, **engine_kwargs)
+        # The stop() of each live listener: dispose() ends those left running.
+        self._listeners: set[Callable[[], Awaitable[None]]] = set()
         if self.dialect == "sqlite":
             _tune_sqlite(self.engine)
         elif not engine_kwargs.get("pool_pre_ping"):
@@ -233,7 +235,9 @@ class Database:
 
         return await upgrade(self)
 
-    async def listen(self, channel: str, callback: Callable[[str], None]) -> Callable[[], Any]:
+    async def listen(
+        self, channel: str, callback: Callable[[str], None]
+    ) -> Callable[[], Awaitable[None]]:
         """PostgreSQL LISTEN on ``channel``; ``callback(payload)`` runs on each NOTIFY.
 
         Returns an async ``stop()`` that unlistens and releases the connection.
@@ -257,15 +261,19 @@ class Database:
                 raise
 
         async def stop() -> None:
+            self._listeners.discard(stop)
             with contextlib.suppress(Exception):
                 await driver.remove_listener(channel, on_notify)
             with contextlib.suppress(Exception):
                 await conn.close()
 
+        self._listeners.add(stop)
         return stop
 
     async def dispose(self) -> None:
-        """Close every pooled connection."""
+        """Stop the listeners still running and close every pooled connection."""
+        for stop in list(self._listeners):
+            await stop()
         await self.engine.dispose()
 
     async def __aenter__(self) -> Database:
