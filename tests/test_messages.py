@@ -4,6 +4,7 @@ a DecodeError that says what is wrong."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -51,8 +52,10 @@ times = st.datetimes(
 extension_names = st.from_regex(r"[a-z0-9]{1,20}", fullmatch=True).filter(
     lambda name: name not in _RESERVED
 )
-texts = st.text(min_size=1, max_size=30)
-optional_texts = st.none() | st.text(max_size=30)
+# CloudEvents attribute values hold no control characters (Unicode category Cc).
+attribute_chars = st.characters(exclude_categories=("Cc", "Cs"))
+texts = st.text(attribute_chars, min_size=1, max_size=30)
+optional_texts = st.none() | st.text(attribute_chars, max_size=30)
 
 
 @st.composite
@@ -72,7 +75,9 @@ def messages(draw: st.DrawFn) -> Message:
         correlationid=draw(optional_texts),
         causationid=draw(optional_texts),
         traceparent=draw(optional_texts),
-        extensions=draw(st.dictionaries(extension_names, st.text(max_size=20), max_size=4)),
+        extensions=draw(
+            st.dictionaries(extension_names, st.text(attribute_chars, max_size=20), max_size=4)
+        ),
     )
 
 
@@ -183,3 +188,70 @@ def test_an_extension_may_not_shadow_an_attribute() -> None:
 def test_source_is_required() -> None:
     with pytest.raises(ValueError, match="source"):
         Message(type="t.x", source="")
+
+
+@given(
+    st.sampled_from(["id", "type", "source", "subject", "key", "correlationid", "traceparent"]),
+    st.characters(categories=("Cc",)),
+)
+def test_a_control_character_in_an_attribute_is_refused(attribute: str, control: str) -> None:
+    """CloudEvents strings hold no control characters, and brokers alter them (NATS
+    turns CR LF into spaces): a message carrying one is refused, naming the attribute."""
+    name = "partitionkey" if attribute == "key" else attribute
+    with pytest.raises(ValueError, match=f"attribute '{name}' holds a control character"):
+        Message(**{"type": "t.x", attribute: f"a{control}b"})
+
+
+def test_a_control_character_in_an_extension_value_is_refused() -> None:
+    with pytest.raises(ValueError, match="attribute 'tenant' holds a control character"):
+        Message(type="t.x", extensions={"tenant": "a\x00b"})
+
+
+@pytest.mark.parametrize("attribute", ["id", "type", "key"])
+def test_an_id_type_or_key_longer_than_accord_stores_is_refused(attribute: str) -> None:
+    Message(**{"type": "t.x", attribute: "x" * 200})
+    with pytest.raises(ValueError, match=f"Message.{attribute} is 201 characters long"):
+        Message(**{"type": "t.x", attribute: "x" * 201})
+
+
+@pytest.mark.parametrize("name", ["tenantId", "", "tenant-id", "tenant_id"])
+def test_an_extension_name_must_be_lower_case_letters_and_digits(name: str) -> None:
+    with pytest.raises(ValueError, match="only lower-case letters a-z and digits"):
+        Message(type="t.x", extensions={name: "a"})
+
+
+def test_an_extension_value_must_be_text() -> None:
+    with pytest.raises(ValueError, match=r"extension 'count' is a int; .* pass str"):
+        Message(type="t.x", extensions={"count": 5})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_data_that_is_not_json_is_refused_when_encoded(value: float) -> None:
+    """No strict JSON parser reads NaN or an infinity back: encode refuses them."""
+    message = Message(type="t.x", data={"x": [value]})
+    with pytest.raises(ValueError, match=f"message {message.id} has data that is not JSON"):
+        encode(message)
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "reason"),
+    [
+        ("ce-id", "x" * 250, "Message.id is 250 characters long"),
+        ("ce-subject", "line1\r\nline2", "attribute 'subject' holds a control character"),
+        ("ce-tenant", "a\x00b", "attribute 'tenant' holds a control character"),
+        ("ce-tenant-id", "a", "extension name 'tenant-id'"),
+        ("ce-tenant", b"\xff\xfe", "header 'ce-tenant' is not UTF-8 text"),
+    ],
+)
+def test_an_invalid_cloudevent_is_a_decode_error_that_says_why(
+    header: str, value: str | bytes, reason: str
+) -> None:
+    """A consumer dead-letters a DecodeError as undecodable; a ValueError or a
+    UnicodeDecodeError would have escaped the Delivery and its reason with it."""
+    with pytest.raises(DecodeError, match=re.escape(reason)):
+        decode(_valid_headers(**{header: value}), b"{}")
+
+
+def test_a_lower_case_t_and_z_in_the_time_are_rfc3339() -> None:
+    got = decode(_valid_headers(**{"ce-time": "2024-01-01t10:00:00z"}), b"{}")
+    assert got.time == datetime(2024, 1, 1, 10, tzinfo=UTC)

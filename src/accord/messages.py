@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,12 @@ _CORE = ("id", "source", "type", "specversion", "time", "subject", "datacontentt
 _EXTENSIONS = ("correlationid", "causationid", "partitionkey", "traceparent")
 # Names an extension may not take: the attributes Message has fields for, and "data".
 _RESERVED = frozenset((*_CORE, *_EXTENSIONS, "data"))
+# CloudEvents: attribute names are lower-case letters and digits; a String holds no
+# control characters (U+0000-U+001F, U+007F-U+009F).
+_EXTENSION_NAME = re.compile("[a-z0-9]+")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: The longest ``id``, ``type`` and ``key`` Accord stores (the width of its columns).
+MAX_NAME_LENGTH = 200
 
 
 def new_id() -> str:
@@ -66,12 +73,45 @@ class Message:
             raise ValueError("Message.id must be a non-empty string")
         if not self.source:
             raise ValueError("Message.source must be a non-empty string (CloudEvents requires it)")
+        for name in ("id", "type", "key"):
+            value = getattr(self, name)
+            if value is not None and len(value) > MAX_NAME_LENGTH:
+                raise ValueError(
+                    f"Message.{name} is {len(value)} characters long; "
+                    f"Accord stores at most {MAX_NAME_LENGTH}"
+                )
+        if self.extensions:
+            self._check_extensions()
+        texts = (
+            self.id, self.source, self.type, self.specversion, self.datacontenttype,
+            self.subject, self.key, self.correlationid, self.causationid, self.traceparent,
+            *self.extensions.values(),
+        )  # fmt: skip
+        if _CONTROL.search("".join(text for text in texts if text)):
+            name = next(n for n, v in self.attributes().items() if _CONTROL.search(v))
+            raise ValueError(
+                f"attribute {name!r} holds a control character, which CloudEvents "
+                "does not allow in an attribute (and brokers alter)"
+            )
+
+    def _check_extensions(self) -> None:
         shadowing = sorted(set(self.extensions) & _RESERVED)
         if shadowing:
             raise ValueError(
                 f"extension {shadowing[0]!r} has the name of a message attribute; "
                 "set the attribute itself or rename the extension"
             )
+        for name, value in self.extensions.items():
+            if not isinstance(name, str) or not _EXTENSION_NAME.fullmatch(name):
+                raise ValueError(
+                    f"extension name {name!r}: CloudEvents allows only lower-case "
+                    "letters a-z and digits 0-9"
+                )
+            if not isinstance(value, str):
+                raise ValueError(
+                    f"extension {name!r} is a {type(value).__name__}; extensions travel "
+                    "as text: pass str(value)"
+                )
 
     def caused(self, type: str, data: Any = None, **kwargs: Any) -> Message:
         """A new message caused by this one: same correlation id, causation = this id."""
@@ -134,7 +174,10 @@ def encode(message: Message) -> tuple[dict[str, str], bytes]:
     headers = headers_of(message)
     data = message.data
     if _is_json(message.datacontenttype) or not isinstance(data, str | bytes | None):
-        body = json.dumps(data, separators=(",", ":"), default=str).encode()
+        try:
+            body = json.dumps(data, separators=(",", ":"), default=str, allow_nan=False).encode()
+        except ValueError as exc:  # NaN or an infinity: no JSON parser reads them back
+            raise ValueError(f"message {message.id} has data that is not JSON: {exc}") from None
     elif data is None:
         body = b""
     else:
@@ -144,7 +187,8 @@ def encode(message: Message) -> tuple[dict[str, str], bytes]:
 
 def _parse_time(value: str) -> datetime:
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        # RFC 3339 allows a lower-case "t" and "z".
+        parsed = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
     except ValueError as exc:
         raise DecodeError(f"attribute 'time' is not an RFC 3339 timestamp: {value!r}") from exc
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
@@ -155,7 +199,10 @@ def decode(headers: Mapping[str, Any], body: bytes) -> Message:
     attrs: dict[str, str] = {}
     for raw_name, raw_value in headers.items():
         name = str(raw_name)
-        value = raw_value.decode() if isinstance(raw_value, bytes) else str(raw_value)
+        try:
+            value = raw_value.decode() if isinstance(raw_value, bytes) else str(raw_value)
+        except UnicodeDecodeError:
+            raise DecodeError(f"header {name!r} is not UTF-8 text") from None
         lowered = name.lower()
         if lowered == "content-type":
             attrs["datacontenttype"] = value
@@ -183,9 +230,16 @@ def decode(headers: Mapping[str, Any], body: bytes) -> Message:
             data = body.decode()
         except UnicodeDecodeError as exc:
             raise DecodeError(f"body of type {content_type!r} is not UTF-8 text") from exc
-    known = set(_CORE) | set(_EXTENSIONS)
     if "data" in attrs:
         raise DecodeError("a header names a CloudEvents attribute 'data', which is reserved")
+    try:
+        return _message(attrs, content_type, data)
+    except ValueError as exc:
+        raise DecodeError(f"not a valid CloudEvent: {exc}") from None
+
+
+def _message(attrs: dict[str, str], content_type: str, data: Any) -> Message:
+    known = set(_CORE) | set(_EXTENSIONS)
     return Message(
         id=attrs["id"],
         source=attrs["source"],

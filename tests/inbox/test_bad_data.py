@@ -1,17 +1,21 @@
-"""Data that breaks a schema's own validator, and copies of one message in one batch:
-each is dead-lettered or skipped, never redelivered for ever."""
+"""Data that breaks a schema's own validator, copies of one message in one batch, and
+input Accord's columns cannot hold: each is dead-lettered or skipped, never
+redelivered for ever."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import pytest
 from pydantic import BaseModel, field_validator
 
 from accord.db import Database
 from accord.inbox import Consumer, DeadLetters, HandlerContext
 from accord.messages import Message
-from accord.testing import wait_for
+from accord.testing import CapturedDelivery, wait_for
+from accord.transports.sql import SqlTransport
 from tests.inbox.conftest import Broker, Captured, effect_counts, effects, unique
 
 
@@ -113,3 +117,42 @@ async def test_a_duplicate_in_the_batch_does_not_reset_the_failing_copys_attempt
         f"after {failures} handler failures (max_attempts=3) the message is not dead: "
         f"settlements per round {outcomes}"
     )
+
+
+_REQUIRED = {"ce-id": "1", "ce-source": "/elsewhere", "ce-specversion": "1.0", "ce-type": "t.x"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "kind", "reason"),
+    [
+        ({**_REQUIRED, "ce-id": "x" * 250}, "undecodable", "Message.id is 250 characters"),
+        ({**_REQUIRED, "ce-tenant": "a\x00b"}, "undecodable", "holds a control character"),
+        (
+            {"ce-id": "n\x00" * 150, "ce-type": "t\x00x", "ce-source": "s", "ce-x": "a\x00b"},
+            "undecodable",
+            "missing required attribute(s) specversion",
+        ),
+    ],
+    ids=["id too long", "NUL in an extension", "not a CloudEvent, NUL everywhere"],
+)
+async def test_input_the_dead_letter_columns_could_not_hold_is_dead_lettered_at_once(
+    database: Database, headers: dict[str, str], kind: str, reason: str
+) -> None:
+    """A foreign message with a 250-character id, or a NUL in a header, was nacked on
+    every delivery on PostgreSQL, for ever: the inbox row or the dead letter could not
+    be written (VARCHAR(200); text and JSONB refuse NUL). It is dead-lettered at once,
+    its id and type cut to the columns and its NULs kept as U+FFFD."""
+    consumer = Consumer(unique(), database, SqlTransport(database=database), max_attempts=2)
+
+    @consumer.handler("t.x")
+    async def on_x(ctx: HandlerContext, data: Any) -> None:
+        raise AssertionError("bad input reached the handler")
+
+    delivery = CapturedDelivery.raw(headers, b"{}")
+    await consumer.handle(delivery)
+    assert delivery.outcome == "ack"
+    [letter] = await _dead(database, consumer.name)
+    assert letter.kind == kind and reason in letter.reason
+    assert letter.message_id is None or len(letter.message_id) <= 200
+    assert "\x00" not in json.dumps(letter.headers)
+    assert all("\x00" not in v for v in (letter.message_id or "", letter.message_type or ""))

@@ -24,6 +24,7 @@ from accord.db import Database
 from accord.db.database import translate_errors
 from accord.db.schema import dead_letters
 from accord.errors import NotFoundError
+from accord.messages import MAX_NAME_LENGTH
 from accord.transports.base import Delivery
 
 __all__ = ["DEAD", "KINDS", "REPLAY", "DeadLetter", "DeadLetters"]
@@ -122,10 +123,10 @@ async def write_dead_letter(
     """
     now = datetime.now(UTC)
     message = delivery.message
-    message_id = message.id if message else delivery.headers.get("ce-id")
+    message_id = message.id if message else _header(delivery, "ce-id")
     changes = {
         "kind": kind,
-        "reason": reason,
+        "reason": _storable(reason, None),
         "attempts": delivery.attempt if attempts is None else attempts,
         "status": DEAD,
         "available_at": None,
@@ -151,13 +152,26 @@ async def write_dead_letter(
         dead_letters.insert().values(
             consumer=consumer,
             message_id=message_id,
-            message_type=message.type if message else delivery.headers.get("ce-type"),
-            headers=delivery.headers,
+            message_type=message.type if message else _header(delivery, "ce-type"),
+            headers={_storable(k, None): _storable(v, None) for k, v in delivery.headers.items()},
             body=delivery.body,
             created_at=now,
             **changes,
         )
     )
+
+
+def _storable(text: str, limit: int | None = MAX_NAME_LENGTH) -> str:
+    """``text`` as a column can hold it: PostgreSQL text and JSONB refuse NUL, and
+    the id and type columns are ``MAX_NAME_LENGTH`` wide. What is kept of bad input
+    must fit, or its dead letter could never be written."""
+    text = text.replace("\x00", "\ufffd")
+    return text if limit is None else text[:limit]
+
+
+def _header(delivery: Delivery, name: str) -> str | None:
+    value = delivery.headers.get(name)
+    return None if value is None else _storable(value)
 
 
 class ReplayDelivery(Delivery):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from accord.messages import Message, encode
 from accord.transports.base import Delivery
 
@@ -16,7 +18,18 @@ class CapturedDelivery(Delivery):
     """
 
     def __init__(self, message: Message, attempt: int = 1) -> None:
-        super().__init__(*encode(message), attempt)
+        self._capture(*encode(message), attempt)
+
+    @classmethod
+    def raw(cls, headers: Mapping[str, str], body: bytes, attempt: int = 1) -> CapturedDelivery:
+        """A delivery of ``headers`` and ``body`` exactly as they would arrive from a
+        broker, to test what a consumer does with input no :class:`Message` makes."""
+        delivery = cls.__new__(cls)
+        delivery._capture(headers, body, attempt)
+        return delivery
+
+    def _capture(self, headers: Mapping[str, str], body: bytes, attempt: int) -> None:
+        super().__init__(headers, body, attempt)
         self.outcome: str | None = None
         self.delay: float | None = None
         self.reason: str | None = None
