@@ -2,16 +2,18 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from accord import outbox_transaction
+from accord import Message, add_to_outbox, outbox_transaction
 from accord.db import Database
 from accord.db.database import on_commit
 from accord.db.migrations import MIGRATIONS
-from accord.db.schema import queue, schema_version
+from accord.db.schema import outbox, queue, schema_version
 from accord.errors import ConfigurationError, DatabaseError
+from accord.eventstore import EventStore, NewEvent
 from accord.testing import wait_for
 
 
@@ -119,9 +121,63 @@ async def test_a_timeout_of_the_caller_inside_a_block_is_a_timeout_error(
             await asyncio.sleep(5)
 
 
-def test_unsupported_url_names_the_fix() -> None:
-    with pytest.raises(ConfigurationError, match="sqlite\\+aiosqlite"):
-        Database("mysql://root@localhost/x")
+def test_unsupported_url_names_the_fix_and_hides_the_password() -> None:
+    with pytest.raises(ConfigurationError, match="sqlite\\+aiosqlite") as raised:
+        Database("mysql://root:s3cret@localhost/x")
+    assert "s3cret" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["bogus", "postgresql://postgres@127.0.0.1:abc/db", "sqlite+pysqlite:///x.db"],
+    ids=["not a URL", "a port that is not a number", "a driver that is not async"],
+)
+def test_an_unusable_url_is_a_configuration_error_that_shows_a_usable_one(url: str) -> None:
+    """SQLAlchemy's ArgumentError, InvalidRequestError and a bare ValueError escaped."""
+    with pytest.raises(ConfigurationError, match=r"use sqlite\+aiosqlite:///file\.db or"):
+        Database(url)
+
+
+def test_a_sqlite_file_whose_folder_cannot_be_made_is_a_configuration_error(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigurationError, match="cannot create the folder of the SQLite"):
+        Database(f"sqlite:///{tmp_path / 'a-file' / 'x.db'}")
+
+
+@pytest.mark.postgres
+async def test_libpq_url_options_work_on_the_pool_and_the_event_stores_connections(
+    pg_url: str,
+) -> None:
+    """URLs as libpq, psycopg and hosting dashboards write them (``sslmode``,
+    ``connect_timeout``) made asyncpg raise a raw TypeError on the first connection.
+    They are renamed to asyncpg's ``ssl`` and ``timeout``, for the pool and for the
+    connections the PostgreSQL event store opens on its own."""
+    async with Database(f"{pg_url}?sslmode=disable&connect_timeout=5") as db:
+        async with db.transaction() as conn:
+            assert await conn.scalar(sa.text("SELECT 1")) == 1
+        store = EventStore(db)
+        await store.append("s-1", [NewEvent("t.x", {"a": 1})])
+        assert [e.data for e in await store.read_stream("s-1")] == [{"a": 1}]
+        await store.close()
+
+
+def test_a_url_option_asyncpg_does_not_take_is_refused_by_name() -> None:
+    with pytest.raises(ConfigurationError, match="asyncpg does not take: sslrootcrt;"):
+        Database("postgresql://u@h/d?sslrootcrt=x")
+
+
+async def test_nan_in_json_is_refused_as_a_value_error_on_both_databases(
+    database: Database,
+) -> None:
+    """SQLite stored a NaN (PostgreSQL's JSONB refuses it) that no strict JSON parser
+    reads back; both now refuse it the same way, as the caller's value error."""
+    with pytest.raises(ValueError, match="a value cannot be stored: Out of range float"):
+        async with database.transaction() as conn:
+            await add_to_outbox(conn, Message(type="t.x", data={"x": float("nan")}))
+    async with database.connect() as conn:
+        assert await conn.scalar(sa.select(sa.func.count()).select_from(outbox)) == 0
 
 
 def test_plain_urls_get_their_async_driver(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -247,3 +303,15 @@ async def test_a_driver_timeout_inside_a_transaction_is_still_a_database_error(
                 await conn.execute(sa.text("SELECT pg_sleep(3)"))
     finally:
         await database.dispose()
+
+
+async def test_upgrade_refuses_a_schema_a_newer_accord_migrated(database: Database) -> None:
+    """Reporting success at a version this Accord does not know (after a rollback of
+    the code, say) would let old code run against a schema it was not written for."""
+    latest = MIGRATIONS[-1][0]
+    async with database.transaction() as conn:
+        await conn.execute(
+            schema_version.insert().values(version=latest + 1, applied_at=datetime.now(UTC))
+        )
+    with pytest.raises(ConfigurationError, match=f"at version {latest + 1}, newer than this"):
+        await database.upgrade()

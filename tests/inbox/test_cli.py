@@ -109,6 +109,6 @@ def test_prune_keeps_recent_inbox_rows_and_holds(db_url: str) -> None:
     kept = invoke("inbox", "prune", "--db", db_url, "--json")
     assert json.loads(kept.output) == {"pruned": 0}
     assert asyncio.run(_holds(db_url, note=False)) == 2
-    pruned = invoke("inbox", "prune", "--db", db_url, "--older-than-days", "-1", "--json")
+    pruned = invoke("inbox", "prune", "--db", db_url, "--older-than-days", "0", "--json")
     assert json.loads(pruned.output) == {"pruned": 1}
     assert asyncio.run(_holds(db_url, note=False)) == 0

@@ -105,6 +105,12 @@ _tricky = st.text(
     | st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
     max_size=24,
 )
+# The same for attributes, which hold no control characters (CloudEvents).
+_tricky_attribute = st.text(
+    alphabet=st.sampled_from(["'", "\\", "$", "E", '"', "é", "€", "𝄞", "x", ";", "-"])
+    | st.characters(blacklist_categories=("Cs", "Cc")),
+    max_size=24,
+)
 
 
 @pytest.mark.postgres
@@ -113,10 +119,10 @@ _tricky = st.text(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    kind=_tricky.filter(bool),
-    key=st.none() | _tricky,
+    kind=_tricky_attribute.filter(bool),
+    key=st.none() | _tricky_attribute,
     data=st.dictionaries(_tricky, _tricky | st.integers(), max_size=4),
-    subject=st.none() | _tricky,
+    subject=st.none() | _tricky_attribute,
 )
 async def test_rows_are_those_add_writes_whatever_the_text(
     pg_url: str,
@@ -415,8 +421,10 @@ async def test_on_commit_callbacks_run_once_and_only_on_commit(pg_url: str) -> N
 @pytest.mark.postgres
 async def test_a_nul_character_is_refused_and_nothing_is_kept(pg_url: str) -> None:
     async with Database(pg_url) as db:
-        with pytest.raises(ConfigurationError, match="NUL"):
+        # Attributes cannot hold one (Message refuses it); PostgreSQL's JSONB refuses
+        # one in the data.
+        with pytest.raises(DatabaseError, match="u0000 cannot be converted to text"):
             async with outbox_transaction(db) as conn:
-                await add_to_outbox(conn, Message(type="order.placed", key="a\x00b"))
+                await add_to_outbox(conn, Message(type="order.placed", data={"note": "a\x00b"}))
         assert await _rows(db) == []
         assert await _open_transactions(db) == 0

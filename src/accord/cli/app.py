@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Coroutine
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
+from sqlalchemy.engine import make_url
 
 from accord.db import Database
+from accord.db.database import normalize_url
 from accord.errors import AccordError
 
-__all__ = ["DbOption", "JsonOption", "app", "console", "main", "print_json", "run"]
+__all__ = [
+    "DbOption",
+    "JsonOption",
+    "app",
+    "console",
+    "duration",
+    "err_console",
+    "escape",
+    "main",
+    "plain",
+    "print_json",
+    "run",
+]
 
 T = TypeVar("T")
 
@@ -46,8 +63,29 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except AccordError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None
+
+
+def duration(value: float) -> float:
+    """A ``--older-than``-like option: a finite, non-negative number (``nan``,
+    ``inf`` or a negative age would select nothing or everything)."""
+    if not math.isfinite(value) or not 0 <= value <= _LONGEST:
+        raise typer.BadParameter(
+            f"{value:g} is not a duration: give a number from 0 to {_LONGEST:g}"
+        )
+    return value
+
+
+# A century of seconds: past it, datetime arithmetic overflows.
+_LONGEST = 100 * 365 * 86_400.0
+
+
+def plain(*values: object) -> list[Text]:
+    """Table cells shown as they are: stored text (a reason, a type, a source) is
+    data, not Rich markup (``[/x]`` in it would break the table, ``[bold]`` vanish).
+    ``None`` is an empty cell; a :class:`~rich.text.Text` keeps its style."""
+    return [v if isinstance(v, Text) else Text("" if v is None else str(v)) for v in values]
 
 
 def print_json(value: Any) -> None:
@@ -65,7 +103,8 @@ def db_upgrade(db: DbOption, as_json: JsonOption = False) -> None:
 
     version = run(go())
     if as_json:
-        print_json({"database": db, "schema_version": version})
+        shown = make_url(normalize_url(db)).render_as_string(hide_password=True)
+        print_json({"database": shown, "schema_version": version})
     else:
         console.print(f"Accord schema is at version [bold]{version}[/].")
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from accord.cli.app import DbOption, JsonOption, app, console, print_json, run
+from accord.cli.app import DbOption, JsonOption, app, console, escape, plain, print_json, run
 from accord.cli.projections import UpcastersOption, load_upcasters
 from accord.db import Database
 from accord.errors import ConfigurationError, NotFoundError
@@ -37,13 +37,15 @@ def _table(events: list[RecordedEvent], title: str) -> Table:
         table.add_column(column)
     for e in events:
         table.add_row(
-            str(e.position),
-            e.stream_id,
-            str(e.version),
-            e.type,
-            f"v{e.schema_version}",
-            e.recorded_at.isoformat(timespec="seconds"),
-            json.dumps(e.data, default=str)[:80],
+            *plain(
+                e.position,
+                e.stream_id,
+                e.version,
+                e.type,
+                f"v{e.schema_version}",
+                e.recorded_at.isoformat(timespec="seconds"),
+                json.dumps(e.data, default=str)[:80],
+            )
         )
     return table
 
@@ -104,8 +106,9 @@ def tail(
                         typer.echo(json.dumps(e.as_dict(), default=str), nl=True)
                     else:
                         console.print(
-                            f"[dim]{e.position}[/] [bold]{e.stream_id}[/]@{e.version} "
-                            f"[cyan]{e.type}[/] {json.dumps(e.data, default=str)[:100]}"
+                            f"[dim]{e.position}[/] [bold]{escape(e.stream_id)}[/]@{e.version} "
+                            f"[cyan]{escape(e.type)}[/] "
+                            f"{escape(json.dumps(e.data, default=str)[:100])}"
                         )
             finally:
                 await store.close()

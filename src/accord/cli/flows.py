@@ -7,8 +7,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from accord.cli.app import DbOption, JsonOption, app, console, print_json, run
+from accord.cli.app import DbOption, JsonOption, app, console, duration, plain, print_json, run
 from accord.db import Database
 from accord.errors import NotFoundError
 from accord.sagas import Flows
@@ -51,12 +52,7 @@ def show(
         outcome = e["outcome"] or ""
         style = _OUTCOME_STYLES.get(outcome, "green" if outcome == "completed" else "white")
         table.add_row(
-            e["time"],
-            e["source"],
-            e["step"] or "",
-            e["type"],
-            f"[{style}]{outcome}[/]",
-            e["error"] or "",
+            *plain(e["time"], e["source"], e["step"], e["type"], Text(outcome, style), e["error"])
         )
     console.print(table)
 
@@ -66,7 +62,7 @@ def stalled(
     db: DbOption,
     as_json: JsonOption = False,
     older_than: Annotated[
-        float, typer.Option("--older-than", help="Seconds without progress.")
+        float, typer.Option("--older-than", help="Seconds without progress.", callback=duration)
     ] = 300.0,
 ) -> None:
     """Flows that did not end and had no new message for --older-than seconds."""
@@ -87,5 +83,5 @@ def stalled(
     for column in ("correlation id", "last message", "at", "messages"):
         table.add_column(column)
     for f in found:
-        table.add_row(f["correlation_id"], f["last_type"], f["last_at"], str(f["messages"]))
+        table.add_row(*plain(f["correlation_id"], f["last_type"], f["last_at"], f["messages"]))
     console.print(table)

@@ -8,8 +8,19 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from accord.cli.app import DbOption, JsonOption, app, console, print_json, run
+from accord.cli.app import (
+    DbOption,
+    JsonOption,
+    app,
+    console,
+    duration,
+    escape,
+    plain,
+    print_json,
+    run,
+)
 from accord.db import Database
+from accord.errors import ConfigurationError
 from accord.inbox import DeadLetter, DeadLetters, Inbox
 
 __all__ = ["inbox_app"]
@@ -54,7 +65,7 @@ def status(db: DbOption, consumer: ConsumerOption = None, as_json: JsonOption = 
         return
     table = Table("consumer", "applied", "dead", "replaying")
     for row in rows:
-        table.add_row(row["consumer"], str(row["applied"]), str(row["dead"]), str(row["replaying"]))
+        table.add_row(*plain(row["consumer"], row["applied"], row["dead"], row["replaying"]))
     console.print(table)
 
 
@@ -62,7 +73,10 @@ def status(db: DbOption, consumer: ConsumerOption = None, as_json: JsonOption = 
 def prune(
     db: DbOption,
     older_than_days: Annotated[
-        float, typer.Option("--older-than-days", help="Delete rows processed before this.")
+        float,
+        typer.Option(
+            "--older-than-days", help="Delete rows processed before this.", callback=duration
+        ),
     ] = 7.0,
     consumer: ConsumerOption = None,
     as_json: JsonOption = False,
@@ -104,14 +118,16 @@ def dead_list(
     table = Table("id", "consumer", "type", "kind", "attempts", "status", "created", "reason")
     for letter in letters:
         table.add_row(
-            str(letter.id),
-            letter.consumer,
-            letter.message_type or "?",
-            letter.kind,
-            str(letter.attempts),
-            letter.status,
-            letter.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-            letter.summary[:80],
+            *plain(
+                letter.id,
+                letter.consumer,
+                letter.message_type or "?",
+                letter.kind,
+                letter.attempts,
+                letter.status,
+                letter.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                letter.summary[:80],
+            )
         )
     console.print(table)
 
@@ -134,7 +150,7 @@ def dead_show(
         print_json(view)
         return
     for key in ("id", "consumer", "message_id", "message_type", "kind", "attempts", "status"):
-        console.print(f"[bold]{key}:[/] {view[key]}")
+        console.print(f"[bold]{key}:[/] {escape(str(view[key]))}")
     console.print(f"[bold]created_at:[/] {view['created_at']}")
     console.print("[bold]headers:[/]")
     for name, value in letter.headers.items():
@@ -158,8 +174,7 @@ def dead_replay(
     """Deliver dead letters to their consumer again, attempts reset. The running consumer
     picks them up within its replay interval."""
     if (letter_id is None) == (not all_):
-        console.print("[red]error:[/] give a dead letter ID, or --all (optionally --consumer)")
-        raise typer.Exit(2)
+        raise typer.BadParameter("give a dead letter ID, or --all (optionally --consumer)")
 
     async def go() -> int:
         async with Database(db) as database:
@@ -191,7 +206,16 @@ def dead_purge(
 
     async def go() -> int:
         async with Database(db) as database:
-            return await DeadLetters(database).purge(consumer, letter_id=letter_id)
+            letters = DeadLetters(database)
+            count = await letters.purge(consumer, letter_id=letter_id)
+            if letter_id is not None and count == 0:
+                letter = await letters.get(letter_id)  # NotFoundError if there is none
+                if consumer is not None and letter.consumer != consumer:
+                    why = f"it is consumer {letter.consumer!r}'s, not {consumer!r}'s"
+                else:
+                    why = f"it is {letter.status}: only DEAD letters are (wait for its replay)"
+                raise ConfigurationError(f"dead letter {letter_id} not purged: {why}")
+            return count
 
     count = run(go())
     if as_json:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from accord.cli.app import DbOption, JsonOption, app, console, print_json, run
+from accord.cli.app import DbOption, JsonOption, app, console, escape, plain, print_json, run
 from accord.db import Database
 from accord.outbox.admin import OutboxAdmin
 
@@ -74,11 +74,7 @@ def dead_list(
         table.add_column(column)
     for row in rows:
         table.add_row(
-            str(row["id"]),
-            str(row["event_type"]),
-            str(row["key"] or ""),
-            str(row["retry_count"]),
-            str(row["last_error"] or ""),
+            *plain(row["id"], row["event_type"], row["key"], row["retry_count"], row["last_error"])
         )
     console.print(table)
 
@@ -96,7 +92,7 @@ def dead_show(message_id: str, db: DbOption, as_json: JsonOption = False) -> Non
         print_json(row)
         return
     for name, value in row.items():
-        console.print(f"[bold]{name}[/]: {value}")
+        console.print(f"[bold]{name}[/]: {escape(str(value))}")
 
 
 @dead_app.command("replay")

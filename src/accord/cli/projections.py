@@ -21,8 +21,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
-from accord.cli.app import DbOption, JsonOption, app, console, print_json, run
+from accord.cli.app import DbOption, JsonOption, app, console, escape, plain, print_json, run
 from accord.db import Database
 from accord.errors import ConfigurationError, NotFoundError
 from accord.eventstore import EventStore, Upcasters
@@ -161,23 +162,25 @@ def status(db: DbOption, app_spec: AppOption = None, as_json: JsonOption = False
     for column in ("name", "version", "state", "position", "behind", "seconds", "parked", "lease"):
         table.add_column(column)
     for s in found:
-        state = s.state if s.state != "stopped" else "[bold red]stopped[/]"
+        state = Text(s.state, "bold red" if s.state == "stopped" else "")
         if s.rebuilding is not None:
-            state += f" (rebuilding v{s.rebuilding} at {s.rebuild_position})"
+            state.append(f" (rebuilding v{s.rebuilding} at {s.rebuild_position})")
         table.add_row(
-            s.name,
-            f"v{s.live_version}",
-            state,
-            str(s.position),
-            str(s.events_behind),
-            f"{s.seconds_behind:.1f}",
-            str(s.parked) if not s.parked else f"[yellow]{s.parked}[/]",
-            s.lease_owner or "-",
+            *plain(
+                s.name,
+                f"v{s.live_version}",
+                state,
+                s.position,
+                s.events_behind,
+                f"{s.seconds_behind:.1f}",
+                Text(str(s.parked), "yellow" if s.parked else ""),
+                s.lease_owner or "-",
+            )
         )
     console.print(table)
     for s in found:
         if s.error:
-            console.print(f"[bold red]{s.name}:[/] {s.error}")
+            console.print(f"[bold red]{escape(s.name)}:[/] {escape(s.error)}")
 
 
 @projections_app.command("rebuild")
@@ -264,7 +267,7 @@ def parked_list(
         table.add_column(column)
     for p in found:
         table.add_row(
-            str(p.id), p.projection, f"v{p.version}", str(p.position), p.type, p.stream_id, p.error
+            *plain(p.id, p.projection, f"v{p.version}", p.position, p.type, p.stream_id, p.error)
         )
     console.print(table)
 
@@ -295,7 +298,7 @@ def parked_replay(
         )
     else:
         for o in outcomes:
-            mark = "[green]applied[/]" if o.ok else f"[red]failed again:[/] {o.error}"
+            mark = "[green]applied[/]" if o.ok else f"[red]failed again:[/] {escape(str(o.error))}"
             console.print(f"parked #{o.id} (position {o.position}): {mark}")
         if not outcomes:
             console.print("nothing to replay")

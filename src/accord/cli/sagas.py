@@ -9,8 +9,19 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from accord.cli.app import DbOption, JsonOption, app, console, err_console, print_json, run
+from accord.cli.app import (
+    DbOption,
+    JsonOption,
+    app,
+    console,
+    err_console,
+    escape,
+    plain,
+    print_json,
+    run,
+)
 from accord.db import Database
 from accord.errors import AccordError
 from accord.sagas import STATUSES, SagaAdmin
@@ -65,9 +76,8 @@ def list_sagas(
         table.add_column(column)
     for s in found:
         where = f"{s['phase']} step {s['step']} (attempt {s['attempt']})"
-        table.add_row(
-            s["id"], s["name"], _styled(s["status"]), where, s["updated_at"], s["error"] or ""
-        )
+        styled = Text.from_markup(_styled(s["status"]))
+        table.add_row(*plain(s["id"], s["name"], styled, where, s["updated_at"], s["error"]))
     console.print(table)
     console.print("  ".join(f"{_styled(k)}: {v}" for k, v in sorted(counts.items())))
 
@@ -87,22 +97,24 @@ def show(saga_id: IdArgument, db: DbOption, as_json: JsonOption = False) -> None
         print_json({**state, "steps": history})
         return
     console.print(
-        f"[bold]{state['name']}[/] {state['id']}: {_styled(state['status'])} "
+        f"[bold]{escape(state['name'])}[/] {escape(state['id'])}: {_styled(state['status'])} "
         f"({state['phase']} step {state['step']}, version {state['version']})"
     )
     if state["error"]:
-        console.print(f"  reason: {state['error']}")
+        console.print(f"  reason: {escape(state['error'])}")
     table = Table(title="Timeline")
     for column in ("at", "step", "phase", "event", "attempt", "detail"):
         table.add_column(column)
     for e in history:
         table.add_row(
-            e["at"],
-            f"{e['step']} {e['step_name']}",
-            e["phase"],
-            e["event"],
-            str(e["attempt"]),
-            e["detail"] or "",
+            *plain(
+                e["at"],
+                f"{e['step']} {e['step_name']}",
+                e["phase"],
+                e["event"],
+                e["attempt"],
+                e["detail"],
+            )
         )
     console.print(table)
 
@@ -154,10 +166,10 @@ def retry(
         print_json({"resumed": resumed, "failed": failed})
     else:
         for state in resumed if len(resumed) <= 10 else []:
-            console.print(f"saga {state['id']} resumed: {_styled(state['status'])}")
+            console.print(f"saga {escape(state['id'])} resumed: {_styled(state['status'])}")
         console.print(f"{len(resumed)} saga(s) resumed.")
         for f in failed:
-            err_console.print(f"[bold red]not resumed:[/] {f['error']}")
+            err_console.print(f"[bold red]not resumed:[/] {escape(str(f['error']))}")
     if failed:
         raise typer.Exit(1)
 
@@ -198,4 +210,4 @@ def abort(
     if as_json:
         print_json(state)
     else:
-        console.print(f"abort of saga {saga_id} requested; the orchestrator carries it out")
+        console.print(f"abort of saga {escape(saga_id)} requested; the orchestrator carries it out")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
+import json
 import logging
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,7 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from accord.errors import ConfigurationError, DatabaseError, MissingExtraError
@@ -34,7 +36,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 @contextlib.contextmanager
 def translate_errors(what: str, callers: CallerErrors | None = None) -> Any:
-    """Re-raise SQLAlchemy/driver errors as :class:`accord.errors.DatabaseError`.
+    """Re-raise SQLAlchemy/driver errors as :class:`accord.errors.DatabaseError`
+    (a value that cannot be bound, such as a NaN in JSON, as ``ValueError``).
 
     An ``OSError`` is taken to mean the database cannot be reached, unless it is
     one that ``callers`` noted as raised by the caller's own code inside a block
@@ -42,16 +45,34 @@ def translate_errors(what: str, callers: CallerErrors | None = None) -> Any:
     that one passes through as it is."""
     try:
         yield
+    except sa.exc.StatementError as exc:
+        if not isinstance(exc, sa.exc.DBAPIError) and isinstance(exc.orig, ValueError):
+            # A value SQLAlchemy could not bind (NaN in JSON, a bad UUID): the
+            # caller's data, not the database, is wrong.
+            raise ValueError(f"{what} failed: a value cannot be stored: {exc.orig}") from exc
+        raise DatabaseError(f"{what} failed{_hint(exc)}: {exc.__class__.__name__}: {exc}") from exc
     except sa.exc.SQLAlchemyError as exc:
-        raise DatabaseError(f"{what} failed: {exc.__class__.__name__}: {exc}") from exc
+        raise DatabaseError(f"{what} failed{_hint(exc)}: {exc.__class__.__name__}: {exc}") from exc
     except OSError as exc:
         if callers is not None and callers.raised(exc):
             raise
         raise DatabaseError(f"{what} failed: cannot reach the database ({exc})") from exc
     except Exception as exc:
         if type(exc).__module__.startswith("asyncpg"):  # the driver used directly
-            raise DatabaseError(f"{what} failed: {exc.__class__.__name__}: {exc}") from exc
+            raise DatabaseError(
+                f"{what} failed{_hint(exc)}: {exc.__class__.__name__}: {exc}"
+            ) from exc
         raise
+
+
+def _hint(exc: Exception) -> str:
+    """What to do, when the error says it: Accord's tables are missing."""
+    text = str(exc)
+    if "no such table: accord_" in text or (
+        'relation "accord_' in text and "does not exist" in text
+    ):
+        return " (Accord's tables are not there: run `accord db upgrade --db URL` first)"
+    return ""
 
 
 class CallerErrors:
@@ -170,32 +191,48 @@ class Database:
     """
 
     def __init__(self, url: str, *, echo: bool = False, **engine_kwargs: Any) -> None:
-        self.url = normalize_url(url)
-        parsed = make_url(self.url)
+        normalized = normalize_url(url)
+        parsed = given = _parse_url(normalized)
         self.dialect = parsed.get_backend_name()
         if self.dialect not in ("sqlite", "postgresql"):
             raise ConfigurationError(
-                f"unsupported database {self.dialect!r} in URL {url!r}: "
-                "use sqlite+aiosqlite:///file.db or postgresql+asyncpg://user@host/db"
+                f"unsupported database {self.dialect!r} in URL "
+                f"{parsed.render_as_string(hide_password=True)!r}: {_URL_FORMS}"
             )
         if self.dialect == "postgresql":
             try:
                 import asyncpg  # noqa: F401
             except ImportError as exc:
                 raise MissingExtraError("PostgreSQL", "postgres", "asyncpg") from exc
+            parsed = _asyncpg_options(parsed, engine_kwargs)
             engine_kwargs.setdefault("pool_size", 10)
             engine_kwargs.setdefault("max_overflow", 20)
         else:
             database = parsed.database or ""
             if database and database != ":memory:":
-                Path(database).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    Path(database).parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise ConfigurationError(
+                        f"cannot create the folder of the SQLite file {database!r}: {exc}"
+                    ) from None
             engine_kwargs.setdefault("connect_args", {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        self.url = normalized if parsed is given else parsed.render_as_string(hide_password=False)
+        self._connect_args = dict(engine_kwargs.get("connect_args") or {})
+        # NaN and the infinities are not JSON: refused on both databases alike (SQLite
+        # would store them, and no strict parser reads them back).
+        engine_kwargs.setdefault("json_serializer", _strict_json)
         #: The isolation level the engine was given, if any (``outbox_transaction``
         #: begins its transactions at it too).
         self.isolation_level: str | None = engine_kwargs.get("isolation_level") or dict(
             engine_kwargs.get("execution_options") or {}
         ).get("isolation_level")
-        self.engine: AsyncEngine = create_async_engine(self.url, echo=echo, **engine_kwargs)
+        try:
+            self.engine: AsyncEngine = create_async_engine(self.url, echo=echo, **engine_kwargs)
+        except (sa.exc.ArgumentError, sa.exc.InvalidRequestError) as exc:
+            raise ConfigurationError(
+                f"cannot use this database URL ({exc}): {_URL_FORMS}"
+            ) from None
         # The stop() of each live listener: dispose() ends those left running.
         self._listeners: set[Callable[[], Awaitable[None]]] = set()
         if self.dialect == "sqlite":
@@ -270,6 +307,15 @@ class Database:
         self._listeners.add(stop)
         return stop
 
+    async def connect_driver(self) -> Any:
+        """A new asyncpg connection of its own (not pooled, not in a transaction),
+        made with the options the engine's connections get (URL and ``connect_args``)."""
+        import asyncpg
+
+        _args, options = self.engine.sync_engine.dialect.create_connect_args(make_url(self.url))
+        options.pop("prepared_statement_cache_size", None)
+        return await asyncpg.connect(**{**options, **self._connect_args})
+
     async def dispose(self) -> None:
         """Stop the listeners still running and close every pooled connection."""
         for stop in list(self._listeners):
@@ -284,6 +330,50 @@ class Database:
 
     def __repr__(self) -> str:
         return f"Database({make_url(self.url).render_as_string(hide_password=True)!r})"
+
+
+_URL_FORMS = "use sqlite+aiosqlite:///file.db or postgresql+asyncpg://user@host/db"
+_strict_json = functools.partial(json.dumps, allow_nan=False)
+# libpq's names (psycopg URLs, hosting dashboards) for what asyncpg calls otherwise.
+_LIBPQ_OPTIONS = {"sslmode": "ssl", "connect_timeout": "timeout"}
+
+
+def _parse_url(url: str) -> URL:
+    try:
+        return make_url(url)
+    except (sa.exc.ArgumentError, ValueError) as exc:
+        raise ConfigurationError(f"cannot parse the database URL ({exc}): {_URL_FORMS}") from None
+
+
+def _asyncpg_options(parsed: URL, engine_kwargs: dict[str, Any]) -> URL:
+    """The URL's query options as asyncpg takes them: libpq's ``sslmode`` and
+    ``connect_timeout`` renamed, anything asyncpg does not know refused by name."""
+    import asyncpg
+
+    query = dict(parsed.query)
+    connect_args = dict(engine_kwargs.get("connect_args") or {})
+    for libpq, ours in _LIBPQ_OPTIONS.items():
+        if libpq in query:
+            value = query.pop(libpq)
+            if ours == "timeout":
+                try:
+                    connect_args.setdefault(ours, float(str(value)))
+                except ValueError:
+                    raise ConfigurationError(
+                        f"connect_timeout={value!r} in the database URL is not a number"
+                    ) from None
+            else:
+                query[ours] = value
+    known = set(inspect.signature(asyncpg.connect).parameters) | {"prepared_statement_cache_size"}
+    unknown = sorted(set(query) - known)
+    if unknown:
+        raise ConfigurationError(
+            f"the database URL has option(s) asyncpg does not take: {', '.join(unknown)}; "
+            "pass driver options as Database(url, connect_args={...})"
+        )
+    if connect_args:
+        engine_kwargs["connect_args"] = connect_args
+    return parsed.set(query=query)
 
 
 def normalize_url(url: str) -> str:

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db.database import Database
 from accord.db.schema import metadata, queue, schema_version
+from accord.errors import ConfigurationError
 
 __all__ = ["MIGRATIONS", "current_version", "upgrade"]
 
@@ -67,6 +68,12 @@ async def upgrade(db: Database) -> int:
             await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
         await conn.run_sync(lambda sync: schema_version.create(sync, checkfirst=True))
         version = await current_version(conn)
+        latest = MIGRATIONS[-1][0]
+        if version > latest:
+            raise ConfigurationError(
+                f"this database's Accord schema is at version {version}, newer than this "
+                f"Accord knows ({latest}): a newer Accord migrated it; upgrade Accord"
+            )
         for number, _what, step in MIGRATIONS:
             if number <= version:
                 continue

@@ -18,7 +18,6 @@ from typing import Any
 
 import asyncpg
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db.database import translate_errors
@@ -122,11 +121,6 @@ class PostgresEventStore(EventStore):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._idle: list[Any] = []
-        self._dsn = (
-            make_url(self.database.url)
-            .set(drivername="postgresql")
-            .render_as_string(hide_password=False)
-        )
         self._notify_max = 0
         self._notified = 0
         self._notifier: asyncio.Task[None] | None = None
@@ -136,7 +130,7 @@ class PostgresEventStore(EventStore):
         commits on its own), on one of the store's own connections."""
         conn: Any = None
         try:
-            conn = self._idle.pop() if self._idle else await asyncpg.connect(self._dsn)
+            conn = self._idle.pop() if self._idle else await self.database.connect_driver()
             result = await fn(conn)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             if conn is not None and not isinstance(exc, asyncpg.PostgresError):

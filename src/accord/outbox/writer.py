@@ -110,17 +110,15 @@ async def add(conn: AsyncConnection | AsyncSession, *messages: Message) -> None:
 def driver_row(row: dict[str, Any]) -> tuple[uuid.UUID, str, str | None, str, str]:
     """``(id, event_type, key, payload JSON, headers JSON)`` of an outbox row, as the
     statements sent straight to asyncpg take them."""
-    return (
-        row["id"],
-        row["event_type"],
-        row["key"],
-        _to_json(row["payload"]),
-        _to_json(row["headers"]),
-    )
+    try:
+        payload = _to_json(row["payload"])
+    except ValueError as exc:  # NaN or an infinity, refused on SQLite alike
+        raise ValueError(f"adding to the outbox failed: a value cannot be stored: {exc}") from None
+    return (row["id"], row["event_type"], row["key"], payload, _to_json(row["headers"]))
 
 
 # json.dumps() with arguments builds a new encoder on every call.
-_to_json = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_to_json = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False).encode
 
 
 async def _add_on_driver(connection: AsyncConnection, rows: list[dict[str, Any]]) -> bool:

@@ -1,0 +1,161 @@
+"""What every `accord` command owes its user: stored text shown as it is, errors that
+name the fix on stderr with exit 1, usage errors with exit 2, and no traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from typer.testing import CliRunner
+
+from accord.cli.app import _register_subcommands, app
+from accord.db import Database
+from accord.db.schema import inbox
+from accord.messages import Message
+from accord.sagas._flows import FlowTracker
+from accord.testing import CapturedDelivery
+from accord.transports.sql import SqlTransport
+
+_register_subcommands()
+runner = CliRunner()
+
+
+def accord(*args: str) -> Any:
+    # Wide enough that Rich tables do not wrap the cells the tests look for.
+    result = runner.invoke(app, list(args), env={"COLUMNS": "250"})
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        f"escaped as a traceback: {result.exception!r}\n{result.output}"
+    )
+    return result
+
+
+@pytest.mark.parametrize("saga_id", ["[/x]", "[bold]abc"])
+def test_an_error_message_is_printed_as_it_is_not_as_markup(sqlite_url: str, saga_id: str) -> None:
+    """An id like '[/x]' crashed the CLI (Rich's MarkupError); '[bold]abc' was shown
+    as 'abc', an id the user never typed."""
+    result = accord("sagas", "show", saga_id, "--db", sqlite_url)
+    assert result.exit_code == 1
+    assert f"no saga {saga_id!r}" in result.stderr
+
+
+async def _record_flow(url: str, source: str, error: str) -> str:
+    async with Database(url) as database:
+        tracker = FlowTracker(database, SqlTransport(url, channel="unused"))
+        correlation = str(uuid.uuid4())
+        first = Message(
+            type="trip.requested",
+            correlationid=correlation,
+            source="web",
+            extensions={"flowstep": "trip.start", "flowoutcome": "next"},
+        )
+        failed = first.caused(
+            "car.failed",
+            {"error": error},
+            source=source,
+            extensions={"flowstep": "rent_car", "flowoutcome": "failed"},
+        )
+        for message in (first, failed):
+            await tracker.consumer.handle(CapturedDelivery(message))
+    return correlation
+
+
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [("cars", "Field required [type=missing]"), ("cars[/v2]", "no cars")],
+    ids=["pydantic's wording", "a closing tag"],
+)
+def test_text_recorded_from_messages_is_shown_as_it_is(
+    sqlite_url: str, source: str, error: str
+) -> None:
+    """A source or an error is data: Rich swallowed '[type=missing]' and crashed on
+    '[/v2]'."""
+    correlation = asyncio.run(_record_flow(sqlite_url, source, error))
+    result = accord("flows", "show", correlation, "--db", sqlite_url)
+    assert result.exit_code == 0
+    assert source in result.stdout and error in result.stdout
+
+
+async def _inbox_rows(url: str, add: bool = False) -> int:
+    async with Database(url) as database, database.transaction() as conn:
+        if add:
+            row = {"consumer": "c", "message_id": "m", "processed_at": datetime.now(UTC)}
+            await conn.execute(inbox.insert().values(message_type="t", **row))
+        return int(await conn.scalar(sa.select(sa.func.count()).select_from(inbox)) or 0)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("inbox", "prune", "--older-than-days", "-1"),
+        ("inbox", "prune", "--older-than-days", "nan"),
+        ("inbox", "prune", "--older-than-days", "inf"),
+        ("inbox", "prune", "--older-than-days", "1e12"),
+        ("flows", "stalled", "--older-than", "nan"),
+        ("flows", "stalled", "--older-than", "-5"),
+    ],
+)
+def test_a_duration_that_is_not_one_is_a_usage_error(db_url: str, args: tuple[str, ...]) -> None:
+    """`prune --older-than-days -1` put the cutoff in the future and deleted the rows
+    of messages applied a moment ago (their redeliveries would apply twice); nan, inf
+    and 1e12 days were tracebacks."""
+    assert asyncio.run(_inbox_rows(db_url, add=True)) == 1
+    result = accord(*args, "--db", db_url, "--json")
+    assert result.exit_code == 2
+    assert "is not a duration" in result.stderr
+    assert asyncio.run(_inbox_rows(db_url)) == 1
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("sagas", "list"), ("inbox", "status"), ("inbox", "dead", "list"), ("flows", "stalled")],
+)
+def test_a_database_without_accords_tables_gets_told_to_run_db_upgrade(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'never-migrated.db'}"
+    result = accord(*command, "--db", url)
+    assert result.exit_code == 1
+    assert "run `accord db upgrade --db URL` first" in result.stderr
+
+
+@pytest.mark.postgres
+def test_db_upgrade_shows_the_url_without_its_password(pg_url: str) -> None:
+    """The URL went to stdout (CI logs) as given, password included. (The test
+    server trusts any password.)"""
+    url = make_url(pg_url).set(password="s3cret-pw").render_as_string(hide_password=False)
+    result = accord("db", "upgrade", "--db", url, "--json")
+    assert result.exit_code == 0, result.output
+    assert "s3cret-pw" not in result.stdout and "***" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "url", ["bogus", "postgresql://postgres@127.0.0.1:abc/db", "sqlite:///{tmp}/a-file/x.db"]
+)
+def test_db_upgrade_with_an_unusable_url_exits_1_with_the_reason(url: str, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    result = accord("db", "upgrade", "--db", url.format(tmp=tmp_path), "--json")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: cannot")
+
+
+def test_purging_a_dead_letter_that_is_not_there_exits_1(db_url: str) -> None:
+    """It printed "Purged 0" and exited 0, while `show 999` and `replay 999` exit 1:
+    a script could not tell a typo from success."""
+    result = accord("inbox", "dead", "purge", "999", "--db", db_url, "--json")
+    assert result.exit_code == 1
+    assert "no dead letter with id 999" in result.stderr
+
+
+def test_a_usage_error_goes_to_stderr_and_leaves_the_json_on_stdout_alone(
+    sqlite_url: str,
+) -> None:
+    result = accord("inbox", "dead", "replay", "--db", sqlite_url, "--json")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert "give a dead letter ID, or --all" in result.stderr
