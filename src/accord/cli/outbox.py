@@ -70,7 +70,8 @@ def dead_list(
         print_json(rows)
         return
     table = Table(title=f"DEAD outbox messages ({len(rows)})")
-    for column in ("id", "type", "key", "attempts", "last error"):
+    table.add_column("id", no_wrap=True, min_width=36)  # whole, to paste into replay
+    for column in ("type", "key", "attempts", "last error"):
         table.add_column(column)
     for row in rows:
         table.add_row(

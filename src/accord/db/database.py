@@ -220,7 +220,8 @@ class Database:
         self.url = normalized if parsed is given else parsed.render_as_string(hide_password=False)
         self._connect_args = dict(engine_kwargs.get("connect_args") or {})
         # NaN and the infinities are not JSON: refused on both databases alike (SQLite
-        # would store them, and no strict parser reads them back).
+        # would store them, and no strict parser reads them back). Other values (a
+        # datetime...) are written as text, as the PostgreSQL hot paths write them.
         engine_kwargs.setdefault("json_serializer", _strict_json)
         #: The isolation level the engine was given, if any (``outbox_transaction``
         #: begins its transactions at it too).
@@ -273,18 +274,28 @@ class Database:
         return await upgrade(self)
 
     async def listen(
-        self, channel: str, callback: Callable[[str], None]
+        self,
+        channel: str,
+        callback: Callable[[str], None],
+        *,
+        on_lost: Callable[[], None] | None = None,
     ) -> Callable[[], Awaitable[None]]:
         """PostgreSQL LISTEN on ``channel``; ``callback(payload)`` runs on each NOTIFY.
 
         Returns an async ``stop()`` that unlistens and releases the connection.
-        The connection is held outside the pool for as long as the listener lives.
+        The connection is held outside the pool for as long as the listener lives;
+        ``on_lost()`` runs if it is lost (a server restart, an administrator's
+        ``pg_terminate_backend``): the listener hears nothing more, listen again.
         """
         if not self.is_postgres:
             raise ConfigurationError("LISTEN/NOTIFY needs PostgreSQL")
 
         def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
             callback(payload)
+
+        def on_terminated(_conn: Any) -> None:
+            if on_lost is not None:
+                on_lost()
 
         with translate_errors(f"listening on {channel!r}"):
             conn = await self.engine.connect()
@@ -293,6 +304,7 @@ class Database:
                 driver = raw.driver_connection
                 assert driver is not None
                 await driver.add_listener(channel, on_notify)
+                driver.add_termination_listener(on_terminated)
             except BaseException:
                 await conn.close()  # never leave the held connection behind
                 raise
@@ -300,6 +312,7 @@ class Database:
         async def stop() -> None:
             self._listeners.discard(stop)
             with contextlib.suppress(Exception):
+                driver.remove_termination_listener(on_terminated)
                 await driver.remove_listener(channel, on_notify)
             with contextlib.suppress(Exception):
                 await conn.close()
@@ -333,7 +346,7 @@ class Database:
 
 
 _URL_FORMS = "use sqlite+aiosqlite:///file.db or postgresql+asyncpg://user@host/db"
-_strict_json = functools.partial(json.dumps, allow_nan=False)
+_strict_json = functools.partial(json.dumps, allow_nan=False, default=str)
 # libpq's names (psycopg URLs, hosting dashboards) for what asyncpg calls otherwise.
 _LIBPQ_OPTIONS = {"sslmode": "ssl", "connect_timeout": "timeout"}
 

@@ -59,10 +59,17 @@ WHERE o.seq IN (SELECT seq FROM candidates)
 ORDER BY o.seq
 """
 
+# The batch's worth of due rows, in seq order, leaving out the rows of a key whose
+# earlier row is not due (in backoff, or leased by another relay): they could not go
+# out, and taking their places would starve every other key while it waits.
 _CANDIDATES = """
-SELECT seq FROM accord_outbox
-WHERE status = 'PENDING' AND available_at <= :now
-ORDER BY seq
+SELECT c.seq FROM accord_outbox c
+WHERE c.status = 'PENDING' AND c.available_at <= :now
+  AND (c.key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM accord_outbox b
+        WHERE b.key = c.key AND b.status = 'PENDING' AND b.seq < c.seq
+          AND b.available_at > :now))
+ORDER BY c.seq
 LIMIT :limit
 """
 

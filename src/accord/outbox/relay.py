@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -42,6 +43,29 @@ PUBLISHED = Counter("accord_outbox_published", "Outbox messages confirmed by the
 FAILED = Counter("accord_outbox_publish_failures", "Outbox publish attempts that failed")
 DEAD = Counter("accord_outbox_dead", "Outbox messages marked DEAD after their last attempt")
 BATCH_SECONDS = Histogram("accord_outbox_batch_seconds", "Claim, publish and settle one batch")
+
+
+def _envelope(row: ClaimedRow) -> Envelope:
+    """The row as the broker gets it; DecodeError if it is not a message.
+
+    The payload is stored as JSON; a message whose content type is not JSON
+    (``text/plain``...) carries its text itself, as :func:`accord.messages.encode`
+    sends it, not that text as a JSON string."""
+    if not isinstance(row.headers, Mapping):
+        kind = type(row.headers).__name__
+        raise DecodeError(f"not a CloudEvent: its headers are a JSON {kind}, not an object")
+    body = row.payload
+    content_type = row.headers.get("content-type", "application/json")
+    if "json" not in str(content_type).lower():
+        try:
+            text = json.loads(body)
+        except ValueError as exc:
+            raise DecodeError(f"its stored data is not JSON: {exc}") from None
+        if text is None or isinstance(text, str):
+            body = b"" if text is None else text.encode()
+    envelope = Envelope(row.id, row.event_type, row.key, row.headers, body)
+    envelope.check()
+    return envelope
 
 
 def _waves(rows: Sequence[ClaimedRow]) -> list[list[ClaimedRow]]:
@@ -124,6 +148,8 @@ class Relay:
         self.cleanup_interval = cleanup_interval
         if concurrency < 1:
             raise ConfigurationError(f"Relay concurrency must be at least 1, not {concurrency}")
+        if batch_size < 1:
+            raise ConfigurationError(f"Relay batch_size must be at least 1, not {batch_size}")
         self.concurrency = concurrency
         default = "lock" if database.is_postgres else "lease"
         self.claims = default if claims is None else claims
@@ -153,6 +179,10 @@ class Relay:
         self._stopped = asyncio.Event()
         self._next_due: float | None = None
         self._outage = 0
+        # PostgreSQL: the LISTEN that wakes the relay on commit, and whether it needs
+        # (re)starting: first, and after its connection was lost.
+        self._unlisten: Callable[[], Any] | None = None
+        self._listen_lost = database.is_postgres
 
     async def run_once(self) -> int:
         """Claim one batch, publish it and settle every row. Returns how many were SENT.
@@ -170,6 +200,7 @@ class Relay:
             async with self.database.transaction() as conn:
                 rows = await claim(conn, now=now, lease_until=None, limit=self.batch_size)
                 if not rows:
+                    self._outage = 0  # the database answered; nothing to publish
                     return 0
                 started = time.perf_counter()
                 await self._publish(rows, None, sent, others)
@@ -178,6 +209,7 @@ class Relay:
         lease_until = now + timedelta(seconds=self.lease)
         rows = await self._claim_leased(now, lease_until)
         if not rows:
+            self._outage = 0  # the database answered; nothing to publish
             return 0
         started = time.perf_counter()
         try:
@@ -282,9 +314,8 @@ class Relay:
                 if expired or unavailable is not None or (row.key in blocked):
                     others.append(self._release(row, unavailable))
                     continue
-                envelope = Envelope(row.id, row.event_type, row.key, row.headers, row.payload)
                 try:
-                    envelope.check()
+                    envelope = _envelope(row)
                 except DecodeError as exc:
                     # A row that is not a valid message will never publish: DEAD now.
                     others.append(self._dead(row, f"not a valid message: {exc}"))
@@ -388,27 +419,44 @@ class Relay:
         """
         self._running = True
         self._stopped.clear()
-        # connect() is idempotent by the port's contract; a fresh transport needs it.
-        await self.transport.connect()
-        stop_listening: Callable[[], Any] | None = None
-        if self.database.is_postgres:
-            with contextlib.suppress(AccordError, OSError):
-                stop_listening = await self.database.listen(NOTIFY_CHANNEL, lambda _: self.wake())
-        log.info("relay %s started on %s -> %s", self.name, self.database, self.transport.name)
         try:
+            # connect() is idempotent by the port's contract; a fresh transport needs it.
+            await self.transport.connect()
+            await self._listen()
+            log.info("relay %s started on %s -> %s", self.name, self.database, self.transport.name)
             # A task group: if one loop ever dies, its siblings are cancelled with it
             # rather than left relaying where stop() cannot reach them.
             async with asyncio.TaskGroup() as group:
                 for index in range(self.concurrency):
                     group.create_task(self._loop(index), name=f"{self.name}-round-{index}")
         finally:
-            if stop_listening is not None:
-                await stop_listening()
+            if self._unlisten is not None:
+                await self._unlisten()
+                self._unlisten = None
+            self._listen_lost = self.database.is_postgres
             self._running = False
             # Reset here, not at the start: a stop() that came before run() must hold.
             self._stopping = False
             self._stopped.set()
             log.info("relay %s stopped", self.name)
+
+    async def _listen(self) -> None:
+        """LISTEN for commits (PostgreSQL), again after the connection was lost (a
+        server restart, a failover): without it the relay would only poll, for good."""
+        if not self._listen_lost:
+            return
+        if self._unlisten is not None:
+            await self._unlisten()
+            self._unlisten = None
+        with contextlib.suppress(AccordError, OSError):
+            self._unlisten = await self.database.listen(
+                NOTIFY_CHANNEL, lambda _: self.wake(), on_lost=self._lost_listener
+            )
+            self._listen_lost = False
+
+    def _lost_listener(self) -> None:
+        self._listen_lost = True
+        self.wake()  # a commit may have gone unheard: look now
 
     async def _loop(self, index: int) -> None:
         last_cleanup = 0.0
@@ -416,6 +464,8 @@ class Relay:
             # Clear before the round: a NOTIFY that lands during it must wake the next one.
             self._wake.clear()
             try:
+                if index == 0:
+                    await self._listen()
                 published = await self.run_once()
                 if index == 0 and time.monotonic() - last_cleanup > self.cleanup_interval:
                     last_cleanup = time.monotonic()

@@ -47,6 +47,10 @@ def row_from_message(message: Message, now: datetime) -> dict[str, Any]:
             f"outbox message id {message.id!r} is not a UUID; leave Message.id to its "
             "default or use uuid.uuid5() for a deterministic id"
         ) from None
+    if message.id != str(row_id):
+        # One spelling of the id everywhere (the row, the ce-id header, the broker's
+        # confirms), or a refusal reported by ce-id would match no row.
+        message = message.with_(id=str(row_id))
     headers = headers_of(message)
     return {
         "id": row_id,
