@@ -8,12 +8,14 @@ import secrets
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from accord.errors import ConfigurationError
 
 __all__ = ["SAGA_STYLES", "SUPERVISOR_ENV", "TOKEN_ENV", "StackConfig", "ensure_token"]
 
 SAGA_STYLES = ("orchestration", "choreography")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: Child processes get the API token from this variable (never on a command line).
 TOKEN_ENV = "TOURNAMENT_API_TOKEN"
 #: The supervisor's pid in its children's environment: they stop once it is gone.
@@ -56,13 +58,28 @@ class StackConfig:
         for name, port in (("--match-port", self.match_port), ("--score-port", self.score_port)):
             if not 0 < port < 65536:
                 raise ConfigurationError(f"{name} {port} is not a TCP port (1-65535)")
+        if self.match_port == self.score_port:
+            raise ConfigurationError(
+                f"--match-port and --score-port must differ (both are {self.match_port})"
+            )
+        if self.log_level.upper() not in _LOG_LEVELS:
+            raise ConfigurationError(
+                f"--log-level {self.log_level!r} is not a level: use {', '.join(_LOG_LEVELS)}"
+            )
         data = Path(self.data_dir).expanduser().resolve()
+        if data.exists() and not data.is_dir():
+            raise ConfigurationError(f"--data-dir {data} is a file, not a folder")
+
+        def embedded(name: str) -> str:
+            # Quoted: a '?' or '%' in the folder's name is part of the path, not the URL's.
+            return f"sqlite+aiosqlite:///{quote(str(data / name))}"
+
         return replace(
             self,
             data_dir=str(data),
-            match_db=self.match_db or f"sqlite+aiosqlite:///{data / 'match-engine.db'}",
-            score_db=self.score_db or f"sqlite+aiosqlite:///{data / 'score-engine.db'}",
-            broker=self.broker or f"sqlite+aiosqlite:///{data / 'broker.db'}",
+            match_db=self.match_db or embedded("match-engine.db"),
+            score_db=self.score_db or embedded("score-engine.db"),
+            broker=self.broker or embedded("broker.db"),
         )
 
     @property

@@ -72,6 +72,9 @@ def _check_participant(value: str, what: str) -> str:
             f"{what} {value!r} is not a valid participant id: use 1 to 64 characters "
             "among letters, digits, '_', '.' and '-'"
         )
+    if set(value) == {"."}:
+        # HTTP clients drop "." and ".." from a URL path: /bans/.. would be /.
+        raise ValueError(f"{what} {value!r} is not a valid participant id: not only dots")
     return value
 
 
@@ -84,6 +87,13 @@ class CreateTournament(_Strict):
 
     name: Annotated[str, Field(min_length=1, max_length=200)]
     participants: Annotated[list[str], Field(min_length=2, max_length=1024)]
+
+    @field_validator("name")
+    @classmethod
+    def _storable_name(cls, value: str) -> str:
+        if "\x00" in value:  # PostgreSQL text cannot hold it
+            raise ValueError("must not contain the NUL character")
+        return value
 
     @field_validator("participants")
     @classmethod

@@ -163,6 +163,12 @@ class Scenario:
     async def run(self) -> bool:
         async with httpx.AsyncClient(timeout=30.0) as self.client:
             state: dict[str, Any] = {}
+            # A run stopped in the poison step left dave banned; every run starts clean
+            # (404 when he is not banned).
+            await self.client.delete(
+                f"{self.config.score_url}/bans/dave",
+                headers={"Authorization": f"Bearer {self.token}"},
+            )
 
             async def activation() -> None:
                 self.console.print(

@@ -56,6 +56,10 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if "\x00" in scope["path"]:
+            # No id holds a NUL (and PostgreSQL cannot look one up): nothing is there.
+            await _respond(send, 404, "no such resource: the path holds a NUL character", {})
+            return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if scope["method"] in _WRITES and not self._authorised(headers.get("authorization")):
             await _respond(
@@ -131,8 +135,16 @@ def install_error_handlers(app: FastAPI) -> None:
     """422 responses with ``detail`` a readable sentence and ``errors`` the list."""
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         messages = [_message(dict(e)) for e in exc.errors()]
+        content_type = request.headers.get("content-type", "")
+        if request.method in _WRITES and content_type and "json" not in content_type.lower():
+            # `curl -d '{...}'` sends JSON labelled as a form: FastAPI then reads no
+            # object at all. Say what to change rather than that it is not an object.
+            messages = [
+                f"the body must be sent as JSON with 'Content-Type: application/json', "
+                f"not {content_type.split(';')[0]!r}"
+            ]
         return JSONResponse(
             status_code=422,
             content={"detail": "; ".join(messages) or "invalid request", "errors": messages},

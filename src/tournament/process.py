@@ -18,7 +18,13 @@ import time
 from accord.observability import configure_logging
 from accord.runtime import Worker
 from tournament.config import SUPERVISOR_ENV, StackConfig
-from tournament.stack import API_ROLES, WORKER_ROLES, components, make_transport
+from tournament.stack import (
+    API_ROLES,
+    WORKER_ROLES,
+    components,
+    make_transport,
+    styles_in_flight,
+)
 
 __all__ = ["main", "serve_api", "serve_worker", "stop_with_supervisor"]
 
@@ -68,10 +74,12 @@ def serve_api(role: str, config: StackConfig) -> int:
 async def serve_worker(role: str, config: StackConfig) -> int:
     """Connect to the broker, run the role's components until SIGTERM/SIGINT. A broker
     that cannot be reached fails the process (the supervisor restarts it with backoff)."""
+    also = sorted(await styles_in_flight(config)) if role == "match-saga" else []
     transport = make_transport(config)
     await transport.connect()
     try:
-        return await Worker(components(role, config, transport), stop_timeout=10.0).run()
+        parts = components(role, config, transport, also_styles=also)
+        return await Worker(parts, stop_timeout=10.0).run()
     finally:
         await transport.close()
 

@@ -20,6 +20,8 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
+import sqlalchemy as sa
+
 from accord.db import Database
 from accord.eventstore import EventStore
 from accord.inbox import Consumer
@@ -30,8 +32,10 @@ from accord.sagas import FlowTracker, Orchestrator
 from accord.transports import Transport, from_url
 from accord.transports.base import Delivery
 from tournament.config import StackConfig
+from tournament.contracts import PENDING
 from tournament.match_engine import flow as match_flow
 from tournament.match_engine.tables import metadata as match_metadata
+from tournament.match_engine.tables import tournaments
 from tournament.score_engine.handlers import register as register_score_handlers
 from tournament.score_engine.leaderboard import leaderboard
 from tournament.score_engine.tables import metadata as score_metadata
@@ -122,15 +126,28 @@ def match_consumers(
     return [consumer, tracker]
 
 
-def components(role: str, config: StackConfig, transport: Transport) -> list[Component]:
+async def styles_in_flight(config: StackConfig) -> set[str]:
+    """The saga styles of the tournaments still PENDING: a stack restarted with the
+    other ``--saga-style`` must still finish the flows the first style started."""
+    assert config.match_db is not None
+    async with Database(config.match_db) as database, database.connect() as conn:
+        query = sa.select(tournaments.c.saga_style).where(tournaments.c.status == PENDING)
+        return set((await conn.scalars(query.distinct())).all())
+
+
+def components(
+    role: str, config: StackConfig, transport: Transport, *, also_styles: Sequence[str] = ()
+) -> list[Component]:
     """The worker components of ``role`` (see the table above), on ``transport`` (which
-    the caller connects: a relay publishes on a connected transport)."""
+    the caller connects: a relay publishes on a connected transport). ``match-saga``
+    serves ``config.saga_style`` and ``also_styles`` (see :func:`styles_in_flight`)."""
     assert config.match_db is not None and config.score_db is not None
     database = Database(config.match_db if role.startswith("match-") else config.score_db)
     if role in ("match-relay", "score-relay"):
         return [_relay(database, transport)]
     if role == "match-saga":
-        return list(match_consumers(database, transport, config.saga_style))
+        styles = [config.saga_style, *(s for s in also_styles if s != config.saga_style)]
+        return [c for style in styles for c in match_consumers(database, transport, style)]
     if role == "score-consumer":
         return [score_consumer(database, transport)]
     if role == "score-projector":
@@ -154,6 +171,10 @@ async def _declare(transport: Transport, groups: Sequence[Consumer]) -> None:
         await subscription.stop()
 
 
+# The advisory lock that serialises prepare() on one PostgreSQL database.
+_LOCK = 0x746F75726E  # "tourn"
+
+
 async def prepare(config: StackConfig) -> None:
     """Create or migrate both engines' databases (Accord's tables, the engines' own,
     the leaderboard's) and declare every consumer group on the broker. Idempotent."""
@@ -162,6 +183,8 @@ async def prepare(config: StackConfig) -> None:
         async with Database(url) as database:
             await database.upgrade()
             async with database.transaction() as conn:
+                if database.is_postgres:  # two processes preparing at once take turns
+                    await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK})
                 await conn.run_sync(metadata.create_all)
                 if metadata is score_metadata:
                     await leaderboard.create_tables(conn, await leaderboard.live_version(conn))

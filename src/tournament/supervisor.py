@@ -114,6 +114,26 @@ class Supervisor:
                         )
                     await asyncio.sleep(0.1)
 
+    async def wait_ready_or_stop(self, timeout: float = 30.0) -> bool:
+        """:meth:`wait_ready`, unless SIGINT/SIGTERM (or :meth:`request_stop`) comes
+        first: then every child is stopped and the answer is False. Starting can take
+        a while (a busy port waits ``timeout``); a signal must not leave children."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop)
+        ready = asyncio.ensure_future(self.wait_ready(timeout))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (ready, stopping):
+                task.cancel()
+        if ready.done() and not ready.cancelled():
+            ready.result()  # wait_ready's ConfigurationError, if it gave up
+            return True
+        await self.stop()
+        return False
+
     async def run(self) -> int:
         """Run until SIGINT/SIGTERM (or :meth:`request_stop`), then stop everything; 0."""
         loop = asyncio.get_running_loop()
@@ -162,6 +182,7 @@ class Supervisor:
     # -- children -----------------------------------------------------------------
 
     async def _spawn(self, child: Child) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)  # it may have been removed since
         log = open(self.log_dir / f"{child.name}.log", "ab")  # noqa: ASYNC230, SIM115
         try:
             child.process = await asyncio.create_subprocess_exec(
@@ -200,8 +221,14 @@ class Supervisor:
             await wait_event(self._stopping, delay)
             if self._stopping.is_set():
                 return
-            await self._spawn(child)
-            self._write_pids()
+            try:
+                await self._spawn(child)
+                self._write_pids()
+            except OSError as exc:
+                # Its old process stays the one watched: the next turn of the loop
+                # counts this as another exit and tries again after a longer wait.
+                self.say(f"{child.name} could not be restarted: {exc}")
+                continue
             self.say(f"{child.name} restarted (pid {child.pid})")
 
     def _write_pids(self) -> None:

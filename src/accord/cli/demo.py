@@ -7,11 +7,12 @@ on its reference system): each command imports it inside its function, lazily.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from accord.cli.app import app, console, run
+from accord.cli.app import app, console, escape, run
 from accord.errors import ConfigurationError, MissingExtraError
 
 __all__ = ["demo", "up"]
@@ -66,9 +67,14 @@ def _config(**options: Any) -> Any:
     from tournament.config import StackConfig  # lazy: accord does not depend on tournament
 
     try:
-        return StackConfig(**options).resolved()
+        config = StackConfig(**options).resolved()
+        try:
+            Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigurationError(f"--data-dir {config.data_dir}: {exc.strerror}") from None
+        return config
     except ConfigurationError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -120,10 +126,13 @@ def up(
         supervisor = Supervisor(config, token, say=lambda line: console.print(f"[dim]{line}[/]"))
         await supervisor.start()
         try:
-            await supervisor.wait_ready()
+            ready = await supervisor.wait_ready_or_stop()
         except BaseException:
             await supervisor.stop()
             raise
+        if not ready:
+            console.print("stopped before the stack was up.")
+            return 0
         console.print(
             f"[bold green]up[/]: Match Engine {config.match_url}, Score Engine "
             f"{config.score_url} ({config.saga_style}; logs in {supervisor.log_dir}). "

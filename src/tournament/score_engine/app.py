@@ -27,11 +27,12 @@ __all__ = ["create_app"]
 def _parse_instant(text: str) -> datetime:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+        # In UTC, as it is stored; the calendar's edges can overflow it.
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):
         raise HTTPException(
             422, f"as_of: {text!r} is not an ISO-8601 date-time (e.g. 2024-05-01T12:00:00Z)"
         ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def create_app(config: StackConfig) -> FastAPI:
@@ -75,16 +76,19 @@ def create_app(config: StackConfig) -> FastAPI:
     @app.post("/bans", status_code=201)
     async def ban(body: BanRequest) -> dict[str, Any]:
         """Ban a participant: tournaments including them cannot get scores."""
-        now = datetime.now(UTC)
+        # Insert-if-absent in one statement: concurrent bans of one participant all
+        # succeed, and all answer with the first one's time.
+        if database.is_postgres:
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+        row = {"participant": body.participant, "banned_at": datetime.now(UTC)}
         async with database.transaction() as conn:
-            found = await conn.scalar(
+            await conn.execute(insert(bans).values(row).on_conflict_do_nothing())
+            banned_at = await conn.scalar(
                 sa.select(bans.c.banned_at).where(bans.c.participant == body.participant)
             )
-            if found is None:
-                await conn.execute(
-                    bans.insert().values(participant=body.participant, banned_at=now)
-                )
-        return {"participant": body.participant, "banned_at": (found or now).isoformat()}
+        return {"participant": body.participant, "banned_at": banned_at.isoformat()}
 
     @app.delete("/bans/{participant}", status_code=204)
     async def lift_ban(participant: str) -> Response:
