@@ -220,8 +220,7 @@ class Database:
         self.url = normalized if parsed is given else parsed.render_as_string(hide_password=False)
         self._connect_args = dict(engine_kwargs.get("connect_args") or {})
         # NaN and the infinities are not JSON: refused on both databases alike (SQLite
-        # would store them, and no strict parser reads them back). Other values (a
-        # datetime...) are written as text, as the PostgreSQL hot paths write them.
+        # would store them, and no strict parser reads them back).
         engine_kwargs.setdefault("json_serializer", _strict_json)
         #: The isolation level the engine was given, if any (``outbox_transaction``
         #: begins its transactions at it too).
@@ -346,7 +345,7 @@ class Database:
 
 
 _URL_FORMS = "use sqlite+aiosqlite:///file.db or postgresql+asyncpg://user@host/db"
-_strict_json = functools.partial(json.dumps, allow_nan=False, default=str)
+_strict_json = functools.partial(json.dumps, allow_nan=False)
 # libpq's names (psycopg URLs, hosting dashboards) for what asyncpg calls otherwise.
 _LIBPQ_OPTIONS = {"sslmode": "ssl", "connect_timeout": "timeout"}
 

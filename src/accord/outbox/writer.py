@@ -106,6 +106,10 @@ async def add(conn: AsyncConnection | AsyncSession, *messages: Message) -> None:
     with translate_errors("adding to the outbox"):
         if connection.dialect.name == "postgresql" and await _add_on_driver(connection, rows):
             return
+        for row in rows:
+            # As the hot path and messages.encode() write data: a datetime, a UUID,
+            # a Decimal as its text (the JSON type alone would refuse them).
+            row["payload"] = json.loads(_payload_json(row["payload"]))
         await connection.execute(_insert_ignoring_duplicates(connection.dialect.name), rows)
         if connection.dialect.name == "postgresql":
             await connection.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"))
@@ -114,11 +118,15 @@ async def add(conn: AsyncConnection | AsyncSession, *messages: Message) -> None:
 def driver_row(row: dict[str, Any]) -> tuple[uuid.UUID, str, str | None, str, str]:
     """``(id, event_type, key, payload JSON, headers JSON)`` of an outbox row, as the
     statements sent straight to asyncpg take them."""
+    payload = _payload_json(row["payload"])
+    return (row["id"], row["event_type"], row["key"], payload, _to_json(row["headers"]))
+
+
+def _payload_json(data: Any) -> str:
     try:
-        payload = _to_json(row["payload"])
+        return _to_json(data)
     except ValueError as exc:  # NaN or an infinity, refused on SQLite alike
         raise ValueError(f"adding to the outbox failed: a value cannot be stored: {exc}") from None
-    return (row["id"], row["event_type"], row["key"], payload, _to_json(row["headers"]))
 
 
 # json.dumps() with arguments builds a new encoder on every call.
