@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
+
+import pytest
 
 from accord.db import Database
+from accord.errors import ConfigurationError
 from accord.messages import Message
-from accord.projections import TransportProjector
+from accord.projections import TransportProjector, rebuild
 from accord.testing import wait_for
 from accord.transports import from_url
 from tests.projections import app
@@ -53,3 +57,31 @@ async def test_transport_fed_projection_applies_each_message_once(db_url: str) -
         await projector.stop()
         await transport.close()
         await database.dispose()
+
+
+async def test_a_transport_fed_projection_is_not_rebuilt_into_an_empty_read_model(
+    sqlite_url: str,
+) -> None:
+    """The broker holds no history to replay: a rebuild would build nothing from the
+    event store and swap the empty version in. It is refused, and the live read
+    model is left as it was."""
+    channel = f"proj-{uuid.uuid4().hex[:8]}"
+    database = Database(sqlite_url)
+    transport = from_url(sqlite_url, channel=channel)
+    scores = app.make_scores("scores_bus")
+    projector = TransportProjector(database, scores, transport)
+    await projector.start()
+    try:
+        await transport.publish([Message(type="score.changed", data={"player": "p", "points": 3})])
+        await wait_for(lambda: _has_totals(database, scores), 20)
+        with pytest.raises(ConfigurationError, match="fed by a transport"):
+            await rebuild(database, scores)
+        assert (await read_model(database, scores))["totals"] == {"p": (3, 1)}
+    finally:
+        await projector.stop()
+        await transport.close()
+        await database.dispose()
+
+
+async def _has_totals(database: Database, scores: Any) -> bool:
+    return bool((await read_model(database, scores))["totals"])

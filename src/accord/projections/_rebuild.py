@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from accord.db.database import Database
 from accord.db.schema_events import projection_checkpoints as checkpoints
 from accord.db.schema_events import projection_versions as versions
-from accord.errors import ConcurrencyError
+from accord.errors import ConcurrencyError, ConfigurationError
 from accord.eventstore import EventStore
 from accord.projections import _state
 from accord.projections._driver import BatchDriver
@@ -180,6 +180,15 @@ async def _prepare(database: Database, projection: Projection) -> tuple[int, int
     checkpoint; return (live version, new version)."""
     name = projection.name
     async with database.transaction() as conn:
+        existing = await _state.read_versions(conn, name)
+        if existing is not None and await _state.read_checkpoint(conn, name, existing.live) is None:
+            # Runners keep a checkpoint beside their version pointer; a projection
+            # with none is fed by a transport (TransportProjector), whose broker
+            # holds no history: the new version would be swapped in empty.
+            raise ConfigurationError(
+                f"projection {name!r} is fed by a transport (it keeps no checkpoint in "
+                "the event store's log): there is no history to rebuild it from"
+            )
         found = await _state.ensure_versions(conn, name)
         live = found.live
         # The live tables exist even if no runner ever ran, so readers always resolve.
