@@ -1,6 +1,8 @@
 """Relay benchmarks: throughput to RabbitMQ and NATS against a bare driver loop,
-commit-to-broker latency at a steady rate, the cost of ``outbox.add``, and relay
-memory with a million pending rows.
+commit-to-broker latency at a steady rate, the cost of ``outbox.add``, relay
+memory with a million pending rows, and the cost of one claim over keyed backlogs
+(``claim``: Accord's per-key-ordered claim against a bare ``FOR UPDATE SKIP
+LOCKED`` claim that keeps no order).
 
     .venv/bin/python -m benchmarks.relay [--quick] [--only NAME ...] [--claims lock|lease]
         [--rtt-ms MS]
@@ -429,6 +431,79 @@ def _peak_rss_kb(command: list[str]) -> int:
     return peak
 
 
+KEYED_FILL_SQL = """
+INSERT INTO accord_outbox (id, event_type, key, payload, headers, status, retry_count,
+                           available_at, created_at)
+SELECT gen_random_uuid(), 'bench.scored', {key}, $2::jsonb, '{{}}'::jsonb, 'PENDING', 0,
+       now() - interval '1 minute', now()
+FROM generate_series(1, $1) AS g
+"""
+
+# The backlogs of the claim benchmark: the rows' key, by row number g.
+BACKLOGS = {
+    "no keys": "NULL",
+    "1,000 keys": "'k' || (g % 1000)",
+    "one key": "'only'",
+    "one key of 99.5 % in backoff, 1,000 others": (
+        "CASE WHEN g <= {big} THEN 'big' ELSE 'k' || (g % 1000) END"
+    ),
+}
+
+
+async def claim_cost(scratch: ScratchDatabase, rows: int, repeats: int) -> list[dict[str, Any]]:
+    """Median time of one 500-row claim (in a transaction rolled back, so every
+    claim sees the same backlog) by Accord and by a bare claim, per backlog."""
+    from accord.outbox._claim import _CLAIM_POSTGRES_DRIVER
+
+    results = []
+    conn = await asyncpg.connect(scratch.dsn)
+    try:
+        for name, key in BACKLOGS.items():
+            await conn.execute("TRUNCATE accord_outbox")
+            fill_sql = KEYED_FILL_SQL.format(key=key.format(big=int(rows * 0.995)))
+            await conn.execute(fill_sql, rows, json.dumps(PAYLOAD))
+            if "backoff" in name:  # the big key's first row waits out a backoff
+                await conn.execute(
+                    "UPDATE accord_outbox SET available_at = now() + interval '1 hour' "
+                    "WHERE seq = (SELECT min(seq) FROM accord_outbox)"
+                )
+            await conn.execute("VACUUM ANALYZE accord_outbox")
+            times: dict[str, list[float]] = {"accord": [], "bare": []}
+            claimed: dict[str, int] = {}
+            for _ in range(repeats):
+                for who in ("accord", "bare"):
+                    started = time.perf_counter()
+                    tx = conn.transaction()
+                    await tx.start()
+                    if who == "accord":
+                        got = await conn.fetch(_CLAIM_POSTGRES_DRIVER, time_now(), 500)
+                    else:
+                        got = await conn.fetch(BARE_CLAIM, 500)
+                    await tx.rollback()
+                    times[who].append(time.perf_counter() - started)
+                    claimed[who] = len(got)
+            accord_ms, bare_ms = median(times["accord"]) * 1000, median(times["bare"]) * 1000
+            results.append(
+                {
+                    "benchmark": f"claim of 500 over {rows:,} rows, {name} (ms; rows claimed "
+                    f"{claimed['accord']} / bare {claimed['bare']})",
+                    "accord": accord_ms,
+                    "baseline": bare_ms,
+                    "ratio": bare_ms / accord_ms,
+                }
+            )
+            console.print(results[-1])
+    finally:
+        await conn.close()
+    return results
+
+
+def time_now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
 async def memory(scratch: ScratchDatabase, rows: int, seconds: float) -> dict[str, Any]:
     """Peak RSS of a relay process working through a table of ``rows`` pending rows."""
     await fill(scratch.dsn, rows)
@@ -456,7 +531,7 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--rate", type=int, default=1000, help="latency: messages per second")
     parser.add_argument(
-        "--only", nargs="*", default=["rabbitmq", "nats", "latency", "add", "memory"]
+        "--only", nargs="*", default=["rabbitmq", "nats", "latency", "add", "claim", "memory"]
     )
     parser.add_argument(
         "--claims",
@@ -490,6 +565,8 @@ async def main() -> None:
         if "add" in args.only:
             rows.extend(await add_cost(scratch, 500 if args.quick else 3000, args.rtt_ms))
             console.print(rows[-2:])
+        if "claim" in args.only:
+            rows.extend(await claim_cost(scratch, 20_000 if args.quick else 200_000, 7))
         if "memory" in args.only:
             rows.append(await memory(scratch, 100_000 if args.quick else 1_000_000, 15))
             console.print(rows[-1])

@@ -44,33 +44,56 @@ class Settlement:
     last_error: str | None
 
 
-# A row may go out only if no earlier row with the same key is still PENDING —
-# unless that earlier row is in this very claim (then it goes out first). This
-# holds while the earlier row waits in backoff, and across relay processes: a
-# row leased by another relay is PENDING too.
-_ELIGIBLE = """
-SELECT o.seq, o.id, o.event_type, o.key, o.headers, {payload} AS payload, o.retry_count
-FROM accord_outbox o
-WHERE o.seq IN (SELECT seq FROM candidates)
-  AND (o.key IS NULL OR NOT EXISTS (
-        SELECT 1 FROM accord_outbox e
-        WHERE e.key = o.key AND e.status = 'PENDING' AND e.seq < o.seq
-          AND e.seq NOT IN (SELECT seq FROM candidates)))
-ORDER BY o.seq
-"""
-
-# The batch's worth of due rows, in seq order, leaving out the rows of a key whose
-# earlier row is not due (in backoff, or leased by another relay): they could not go
-# out, and taking their places would starve every other key while it waits.
-_CANDIDATES = """
-SELECT c.seq FROM accord_outbox c
+# The batch's worth of due rows in seq order, leaving out the rows of a key whose
+# first PENDING row is not due (in backoff, or leased by another relay): they could
+# not go out, and taking their places would starve every other key meanwhile. The
+# key's head is one index probe (ordered by (key, seq), so that the planner takes
+# the key's index whatever it guesses of the key's share of the rows); on
+# PostgreSQL a lateral join lets it remember each key's head (Memoize), so a
+# blocked backlog of 200,000 rows costs a scan of them, not a probe each.
+_HEAD = """
+SELECT h.available_at FROM accord_outbox h
+WHERE h.key = c.key AND h.status = 'PENDING'
+ORDER BY h.key, h.seq LIMIT 1"""
+_CANDIDATES = f"""
+SELECT c.seq, c.key FROM accord_outbox c
 WHERE c.status = 'PENDING' AND c.available_at <= :now
-  AND (c.key IS NULL OR NOT EXISTS (
-        SELECT 1 FROM accord_outbox b
-        WHERE b.key = c.key AND b.status = 'PENDING' AND b.seq < c.seq
-          AND b.available_at > :now))
+  AND (c.key IS NULL OR ({_HEAD}) <= :now)
 ORDER BY c.seq
 LIMIT :limit
+"""
+_CANDIDATES_POSTGRES = f"""
+SELECT c.seq, c.key FROM accord_outbox c
+LEFT JOIN LATERAL ({_HEAD}) head ON true
+WHERE c.status = 'PENDING' AND c.available_at <= :now
+  AND (c.key IS NULL OR head.available_at <= :now)
+ORDER BY c.seq
+LIMIT :limit
+"""
+
+# A row may go out only if no earlier row with the same key is still PENDING —
+# unless that earlier row is in this very claim (then it goes out first). This
+# holds while the earlier row waits in backoff, and across relay processes: a row
+# leased or locked by another relay is PENDING too. Per key of the claim, its first
+# PENDING row outside the claim is found once (not once per row: a key's backlog
+# would make that quadratic); the claim's rows of that key from there on wait.
+_BLOCKERS = """
+blockers AS (
+  SELECT k.key, (
+    SELECT e.seq FROM accord_outbox e
+    WHERE e.key = k.key AND e.status = 'PENDING'
+      AND e.seq NOT IN (SELECT seq FROM candidates)
+    ORDER BY e.key, e.seq LIMIT 1) AS first_out
+  FROM (SELECT DISTINCT key FROM candidates WHERE key IS NOT NULL) k)
+"""
+
+_ELIGIBLE = """
+SELECT o.seq, o.id, o.event_type, o.key, o.headers, {payload} AS payload, o.retry_count
+FROM candidates c
+JOIN accord_outbox o ON o.seq = c.seq
+LEFT JOIN blockers b ON b.key = c.key
+WHERE b.first_out IS NULL OR o.seq < b.first_out
+ORDER BY o.seq
 """
 
 
@@ -95,20 +118,21 @@ def _claimed(sql: str, *params: sa.BindParameter[Any]) -> sa.TextualSelect:
 
 # SQLite: one writer at a time, nothing to skip; the lease is a second statement.
 _CLAIM_SQLITE = _claimed(
-    f"WITH candidates AS ({_CANDIDATES}) {_ELIGIBLE.replace('{payload}', 'o.payload')}"
+    f"WITH candidates AS ({_CANDIDATES}), {_BLOCKERS} {_ELIGIBLE.replace('{payload}', 'o.payload')}"
 )
 
 # PostgreSQL: the rows stay locked until the caller's transaction ends; a relay that
 # keeps it open while it publishes them writes no lease (claims="lock").
 _CLAIM_POSTGRES = _claimed(
-    f"WITH candidates AS ({_CANDIDATES} FOR UPDATE SKIP LOCKED) "
+    f"WITH candidates AS ({_CANDIDATES_POSTGRES} FOR UPDATE OF c SKIP LOCKED), {_BLOCKERS} "
     f"{_ELIGIBLE.replace('{payload}', 'o.payload::text')}"
 )
 
 # The same claim sent to asyncpg as it is ($1 = now, $2 = limit): the relay's hot path.
 _CLAIM_POSTGRES_DRIVER = (
-    f"WITH candidates AS ({_CANDIDATES.replace(':now', '$1').replace(':limit', '$2')} "
-    f"FOR UPDATE SKIP LOCKED) {_ELIGIBLE.replace('{payload}', 'o.payload::text')}"
+    f"WITH candidates AS ({_CANDIDATES_POSTGRES.replace(':now', '$1').replace(':limit', '$2')} "
+    f"FOR UPDATE OF c SKIP LOCKED), {_BLOCKERS} "
+    f"{_ELIGIBLE.replace('{payload}', 'o.payload::text')}"
 )
 # A leased row is settled only while the lease is still this relay's: after it
 # ran out another relay may have claimed the row (its lease, its outcome).
@@ -120,8 +144,8 @@ _MARK_SENT_DRIVER = (
 # Claim and lease in one statement ($3 = the lease's end): sent on its own, outside
 # any transaction, it is one round trip and its own short transaction.
 _CLAIM_AND_LEASE_DRIVER = (
-    f"WITH candidates AS ({_CANDIDATES.replace(':now', '$1').replace(':limit', '$2')} "
-    f"FOR UPDATE SKIP LOCKED), "
+    f"WITH candidates AS ({_CANDIDATES_POSTGRES.replace(':now', '$1').replace(':limit', '$2')} "
+    f"FOR UPDATE OF c SKIP LOCKED), {_BLOCKERS}, "
     f"eligible AS MATERIALIZED ({_ELIGIBLE.replace('{payload}', 'o.payload::text')}), "
     "leased AS (UPDATE accord_outbox o SET available_at = $3 FROM eligible e "
     "WHERE o.seq = e.seq) "
