@@ -159,3 +159,26 @@ def test_a_usage_error_goes_to_stderr_and_leaves_the_json_on_stdout_alone(
     assert result.exit_code == 2
     assert result.stdout == ""
     assert "give a dead letter ID, or --all" in result.stderr
+
+
+@pytest.mark.parametrize("days", ["1000000", "800000"])
+def test_prune_refuses_an_age_in_days_past_the_calendar_as_a_usage_error(
+    sqlite_url: str, days: str
+) -> None:
+    """`accord inbox prune --older-than-days N` must refuse, as a usage error (exit 2,
+    no traceback), an age whose cutoff falls before year 1, as it refuses nan/inf/-1.
+
+    Before the fix, it failed because the shared ``duration`` callback bounds every
+    option by ``_LONGEST`` = a century *in seconds* (3.15e9), but ``--older-than-days``
+    is in days: 800 000 days passes the check, and
+    ``datetime.now() - timedelta(days=800000)`` raises OverflowError (a traceback)."""
+    upgrade = runner.invoke(app, ["db", "upgrade", "--db", sqlite_url])
+    assert upgrade.exit_code == 0, upgrade.output
+    result = runner.invoke(
+        app, ["inbox", "prune", "--db", sqlite_url, "--older-than-days", days],
+        env={"COLUMNS": "200"},
+    )  # fmt: skip
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        f"escaped as a traceback: {result.exception!r}"
+    )
+    assert result.exit_code == 2, result.output

@@ -88,7 +88,14 @@ class Message:
             *self.extensions.values(),
         )  # fmt: skip
         if _CONTROL.search("".join(text for text in texts if text)):
-            name = next(n for n, v in self.attributes().items() if _CONTROL.search(v))
+            named = {
+                "id": self.id, "source": self.source, "type": self.type,
+                "specversion": self.specversion, "datacontenttype": self.datacontenttype,
+                "subject": self.subject, "partitionkey": self.key,
+                "correlationid": self.correlationid, "causationid": self.causationid,
+                "traceparent": self.traceparent, **self.extensions,
+            }  # fmt: skip
+            name = next(n for n, v in named.items() if v and _CONTROL.search(v))
             raise ValueError(
                 f"attribute {name!r} holds a control character, which CloudEvents "
                 "does not allow in an attribute (and brokers alter)"

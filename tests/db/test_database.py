@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -315,3 +317,60 @@ async def test_upgrade_refuses_a_schema_a_newer_accord_migrated(database: Databa
         )
     with pytest.raises(ConfigurationError, match=f"at version {latest + 1}, newer than this"):
         await database.upgrade()
+
+
+@pytest.mark.postgres
+async def test_a_libpq_connect_timeout_of_zero_means_wait_indefinitely(pg_url: str) -> None:
+    """The commit translates libpq's ``connect_timeout`` for asyncpg. In libpq (and in
+    every psycopg / hosting-dashboard URL) ``connect_timeout=0`` means *no* timeout:
+    such a URL must connect like one without the option.
+
+    Before the fix, it failed because ``_asyncpg_options`` passes the number on
+    as asyncpg's ``timeout=0.0``, a deadline that has already passed: every connection
+    attempt times out at once (DatabaseError ... TimeoutError) and the URL cannot be
+    used at all."""
+    libpq_url = pg_url.replace("postgresql+asyncpg://", "postgresql://")
+    database = Database(f"{libpq_url}?connect_timeout=0")
+    try:
+        async with database.connect() as conn:
+            assert await conn.scalar(sa.text("SELECT 1")) == 1
+    finally:
+        await database.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "connect_args",
+    [
+        # SQLAlchemy's documented PgBouncer set-up for asyncpg: options of SQLAlchemy's
+        # asyncpg adapter, not of asyncpg.connect().
+        {"prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4()}__"},
+        {"prepared_statement_cache_size": 0},
+    ],
+    ids=["prepared_statement_name_func", "prepared_statement_cache_size"],
+)
+async def test_the_event_stores_own_connections_take_the_engines_connect_args(
+    pg_url: str, connect_args: dict[str, Any]
+) -> None:
+    """``Database(url, connect_args=...)`` with the options SQLAlchemy documents for its
+    asyncpg dialect must work for every PostgreSQL connection Accord opens, the event
+    store's own included (before the commit the store ignored connect_args and
+    connected with the URL alone: it worked).
+
+    Before the fix, it failed because ``Database.connect_driver()`` passes
+    ``connect_args`` whole to ``asyncpg.connect()``: it pops
+    ``prepared_statement_cache_size`` from the URL's options only, and knows nothing
+    of ``prepared_statement_name_func``; asyncpg raises TypeError (unexpected keyword
+    argument), which the store does not even translate into a DatabaseError."""
+    from accord.eventstore import EventStore, NewEvent
+
+    database = Database(pg_url, connect_args=connect_args)
+    store = EventStore(database)
+    try:
+        async with database.connect() as conn:  # the engine itself takes them
+            assert await conn.scalar(sa.text("SELECT 1")) == 1
+        await store.append("order-1", [NewEvent(type="order.placed", data={"n": 1})])
+        assert [e.type for e in await store.read_stream("order-1")] == ["order.placed"]
+    finally:
+        await store.close()
+        await database.dispose()

@@ -5,6 +5,7 @@ redelivered for ever."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -156,3 +157,39 @@ async def test_input_the_dead_letter_columns_could_not_hold_is_dead_lettered_at_
     assert letter.message_id is None or len(letter.message_id) <= 200
     assert "\x00" not in json.dumps(letter.headers)
     assert all("\x00" not in v for v in (letter.message_id or "", letter.message_type or ""))
+
+
+async def test_a_control_character_next_to_an_edge_time_is_a_decode_error(
+    database: Database,
+) -> None:
+    """Input from a broker that breaks the CloudEvents rules must be a DecodeError (the
+    delivery carries it as ``decode_error`` and the consumer dead-letters it), whatever
+    else is odd about it.
+
+    Before the fix, it failed because ``Message.__post_init__``, on finding a
+    control character, names the attribute by calling ``self.attributes()``, which
+    renders ``time`` in UTC: a valid RFC 3339 time at the calendar's edge
+    (``0001-01-01T00:00:00+01:00``) raises OverflowError there, which ``decode()``
+    does not turn into DecodeError: it escapes ``Delivery.__init__``, i.e. the
+    transport's delivery loop, instead of being dead-lettered."""
+    headers = {
+        "ce-id": str(uuid.uuid4()),
+        "ce-source": "/elsewhere",
+        "ce-specversion": "1.0",
+        "ce-type": "t.x",
+        "ce-time": "0001-01-01T00:00:00+01:00",
+        "ce-subject": "a\x01b",
+    }
+    consumer = Consumer(
+        f"review-{uuid.uuid4().hex[:8]}", database, SqlTransport(database=database), max_attempts=2
+    )
+
+    @consumer.handler("t.x")
+    async def on_x(ctx: HandlerContext, data: Any) -> None:
+        raise AssertionError("bad input reached the handler")
+
+    delivery = CapturedDelivery.raw(headers, b"{}")  # OverflowError here
+    await consumer.handle(delivery)
+    assert delivery.outcome == "ack"
+    [letter] = await DeadLetters(database).list(consumer.name)
+    assert "control character" in letter.reason

@@ -24,6 +24,7 @@ __all__ = [
     "app",
     "console",
     "duration",
+    "duration_days",
     "err_console",
     "escape",
     "main",
@@ -68,17 +69,21 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def duration(value: float) -> float:
-    """A ``--older-than``-like option: a finite, non-negative number (``nan``,
-    ``inf`` or a negative age would select nothing or everything)."""
-    if not math.isfinite(value) or not 0 <= value <= _LONGEST:
-        raise typer.BadParameter(
-            f"{value:g} is not a duration: give a number from 0 to {_LONGEST:g}"
-        )
+    """A ``--older-than``-like option in seconds: a finite, non-negative number up to
+    a century (``nan``, ``inf`` or a negative age would select nothing or
+    everything; past a century datetime arithmetic overflows)."""
+    return _within(value, 100 * 365 * 86_400.0)
+
+
+def duration_days(value: float) -> float:
+    """:func:`duration` for an option in days."""
+    return _within(value, 100 * 365)
+
+
+def _within(value: float, longest: float) -> float:
+    if not math.isfinite(value) or not 0 <= value <= longest:
+        raise typer.BadParameter(f"{value:g} is not a duration: give 0 to {longest:g}")
     return value
-
-
-# A century of seconds: past it, datetime arithmetic overflows.
-_LONGEST = 100 * 365 * 86_400.0
 
 
 def plain(*values: object) -> list[Text]:

@@ -13,7 +13,7 @@ from accord.cli.app import (
     JsonOption,
     app,
     console,
-    duration,
+    duration_days,
     escape,
     plain,
     print_json,
@@ -75,7 +75,9 @@ def prune(
     older_than_days: Annotated[
         float,
         typer.Option(
-            "--older-than-days", help="Delete rows processed before this.", callback=duration
+            "--older-than-days",
+            help="Delete rows processed before this.",
+            callback=duration_days,
         ),
     ] = 7.0,
     consumer: ConsumerOption = None,

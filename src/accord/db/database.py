@@ -325,8 +325,10 @@ class Database:
         import asyncpg
 
         _args, options = self.engine.sync_engine.dialect.create_connect_args(make_url(self.url))
-        options.pop("prepared_statement_cache_size", None)
-        return await asyncpg.connect(**{**options, **self._connect_args})
+        options = {**options, **self._connect_args}
+        for sqlalchemys_own in _SQLALCHEMY_CONNECT_ARGS:
+            options.pop(sqlalchemys_own, None)
+        return await asyncpg.connect(**options)
 
     async def dispose(self) -> None:
         """Stop the listeners still running and close every pooled connection."""
@@ -345,6 +347,12 @@ class Database:
 
 
 _URL_FORMS = "use sqlite+aiosqlite:///file.db or postgresql+asyncpg://user@host/db"
+# connect_args SQLAlchemy's asyncpg dialect takes for itself, not asyncpg's.
+_SQLALCHEMY_CONNECT_ARGS = (
+    "prepared_statement_cache_size",
+    "prepared_statement_name_func",
+    "async_creator_fn",
+)
 _strict_json = functools.partial(json.dumps, allow_nan=False)
 # libpq's names (psycopg URLs, hosting dashboards) for what asyncpg calls otherwise.
 _LIBPQ_OPTIONS = {"sslmode": "ssl", "connect_timeout": "timeout"}
@@ -369,7 +377,9 @@ def _asyncpg_options(parsed: URL, engine_kwargs: dict[str, Any]) -> URL:
             value = query.pop(libpq)
             if ours == "timeout":
                 try:
-                    connect_args.setdefault(ours, float(str(value)))
+                    seconds = float(str(value))
+                    # libpq's 0 (or less) is "wait for ever"; asyncpg's is None.
+                    connect_args.setdefault(ours, seconds if seconds > 0 else None)
                 except ValueError:
                     raise ConfigurationError(
                         f"connect_timeout={value!r} in the database URL is not a number"

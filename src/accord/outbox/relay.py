@@ -62,7 +62,10 @@ def _envelope(row: ClaimedRow) -> Envelope:
         except ValueError as exc:
             raise DecodeError(f"its stored data is not JSON: {exc}") from None
         if text is None or isinstance(text, str):
-            body = b"" if text is None else text.encode()
+            try:
+                body = b"" if text is None else text.encode()
+            except UnicodeEncodeError as exc:  # a lone surrogate SQLite kept
+                raise DecodeError(f"its text cannot be sent as UTF-8: {exc}") from None
     envelope = Envelope(row.id, row.event_type, row.key, row.headers, body)
     envelope.check()
     return envelope
