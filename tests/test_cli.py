@@ -4,7 +4,6 @@ name the fix on stderr with exit 1, usage errors with exit 2, and no traceback."
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,7 @@ from typer.testing import CliRunner
 from accord.cli.app import _register_subcommands, app
 from accord.db import Database
 from accord.db.schema import inbox
-from accord.messages import Message
-from accord.sagas._flows import FlowTracker
-from accord.testing import CapturedDelivery
-from accord.transports.sql import SqlTransport
+from tests.sagas.test_cli import record_flow
 
 _register_subcommands()
 runner = CliRunner()
@@ -44,27 +40,6 @@ def test_an_error_message_is_printed_as_it_is_not_as_markup(sqlite_url: str, sag
     assert f"no saga {saga_id!r}" in result.stderr
 
 
-async def _record_flow(url: str, source: str, error: str) -> str:
-    async with Database(url) as database:
-        tracker = FlowTracker(database, SqlTransport(url, channel="unused"))
-        correlation = str(uuid.uuid4())
-        first = Message(
-            type="trip.requested",
-            correlationid=correlation,
-            source="web",
-            extensions={"flowstep": "trip.start", "flowoutcome": "next"},
-        )
-        failed = first.caused(
-            "car.failed",
-            {"error": error},
-            source=source,
-            extensions={"flowstep": "rent_car", "flowoutcome": "failed"},
-        )
-        for message in (first, failed):
-            await tracker.consumer.handle(CapturedDelivery(message))
-    return correlation
-
-
 @pytest.mark.parametrize(
     ("source", "error"),
     [("cars", "Field required [type=missing]"), ("cars[/v2]", "no cars")],
@@ -75,7 +50,7 @@ def test_text_recorded_from_messages_is_shown_as_it_is(
 ) -> None:
     """A source or an error is data: Rich swallowed '[type=missing]' and crashed on
     '[/v2]'."""
-    correlation = asyncio.run(_record_flow(sqlite_url, source, error))
+    correlation = asyncio.run(record_flow(sqlite_url, source, error))
     result = accord("flows", "show", correlation, "--db", sqlite_url)
     assert result.exit_code == 0
     assert source in result.stdout and error in result.stdout

@@ -7,7 +7,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
+from accord.db import Database
+from accord.db.schema import outbox
+from accord.outbox import Relay
 from accord.testing import Collector
 from accord.transports import Transport, from_url
 from tests.brokers import cleanup
@@ -57,3 +61,18 @@ def listen(make_transport: Callable[[str], Transport]) -> Callable[..., Any]:
         return transport, received
 
     return start
+
+
+def fast_relay(database: Database, transport: Any, **options: Any) -> Relay:
+    """A relay that retries and polls in tens of milliseconds, for tests."""
+    options.setdefault("backoff_base", 0.05)
+    options.setdefault("backoff_cap", 0.2)
+    options.setdefault("poll_interval", 0.05)
+    return Relay(database, transport, **options)
+
+
+async def statuses(database: Database) -> dict[str, str]:
+    """Each outbox row's status, by message id."""
+    async with database.connect() as conn:
+        rows = (await conn.execute(sa.select(outbox.c.id, outbox.c.status))).all()
+    return {str(r.id): r.status for r in rows}

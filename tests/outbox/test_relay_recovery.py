@@ -21,22 +21,9 @@ from accord.outbox import Relay
 from accord.testing import FaultyTransport
 from accord.transports import from_url
 from accord.transports.sql import SqlTransport
-from tests.outbox.conftest import broker_url
+from tests.outbox.conftest import broker_url, fast_relay, statuses
 
 pytestmark = pytest.mark.rabbitmq
-
-
-def fast_relay(database: Database, transport: Any, **options: Any) -> Relay:
-    options.setdefault("backoff_base", 0.05)
-    options.setdefault("backoff_cap", 0.2)
-    options.setdefault("poll_interval", 0.05)
-    return Relay(database, transport, **options)
-
-
-async def statuses(database: Database) -> dict[str, str]:
-    async with database.connect() as conn:
-        rows = (await conn.execute(sa.select(outbox.c.id, outbox.c.status))).all()
-    return {str(r.id): r.status for r in rows}
 
 
 async def test_a_key_in_backoff_never_holds_back_another_key(

@@ -143,7 +143,9 @@ def test_retry_needs_ids_or_all(db_url: str) -> None:
     assert name_with_ids.exit_code == 2 and "--name" in name_with_ids.output
 
 
-async def record_flow(url: str) -> str:
+async def record_flow(url: str, source: str = "cars", error: str = "no cars") -> str:
+    """A choreographed flow's first message and a failure from ``source``, recorded by
+    a flow tracker; returns its correlation id."""
     async with Database(url) as database:
         tracker = FlowTracker(database, SqlTransport(url, channel="unused"))
         correlation = str(uuid.uuid4())
@@ -155,8 +157,8 @@ async def record_flow(url: str) -> str:
         )
         failed = first.caused(
             "car.failed",
-            {"error": "no cars"},
-            source="cars",
+            {"error": error},
+            source=source,
             extensions={"flowstep": "rent_car", "flowoutcome": "failed"},
         )
         for message in (first, failed):

@@ -25,6 +25,15 @@ from tests.conftest import _admin, _pg_url
 SAGA_GROUPS = ("score-engine", "orchestrator", "match-engine", "flow-tracker")
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie, whose parent is gone and not yet reaped, counts as stopped)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return not any(line.startswith("State:\tZ") for line in status)
+    except FileNotFoundError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -30,6 +30,7 @@ from accord.db import Database
 from accord.eventstore import EventStore
 from accord.testing import wait_for
 from tests.tournament.conftest import (
+    alive,
     client_for,
     create_pg_database,
     drop_pg_database,
@@ -89,14 +90,6 @@ def kill_children(data_dir: Path) -> None:
         for pid in json.loads((data_dir / "processes.json").read_text()).values():
             with contextlib.suppress(ProcessLookupError, TypeError):
                 os.kill(int(pid), signal.SIGKILL)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            return not any(line.startswith("State:\tZ") for line in status)
-    except FileNotFoundError:
-        return False
 
 
 @contextlib.contextmanager

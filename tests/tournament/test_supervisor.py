@@ -7,16 +7,7 @@ import signal
 import time
 from pathlib import Path
 
-from tests.tournament.conftest import start_stack
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie, whose parent is gone and not yet reaped, counts as stopped)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            return not any(line.startswith("State:\tZ") for line in status)
-    except FileNotFoundError:
-        return False
+from tests.tournament.conftest import alive, start_stack
 
 
 def test_children_stop_when_accord_up_is_killed(tmp_path: Path) -> None:
