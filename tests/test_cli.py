@@ -157,3 +157,13 @@ def test_prune_refuses_an_age_in_days_past_the_calendar_as_a_usage_error(
         f"escaped as a traceback: {result.exception!r}"
     )
     assert result.exit_code == 2, result.output
+
+
+@pytest.mark.parametrize(
+    "command", [("outbox", "dead", "list"), ("inbox", "dead", "list"), ("sagas", "list")]
+)
+def test_a_limit_below_one_is_a_usage_error(sqlite_url: str, command: tuple[str, ...]) -> None:
+    """--limit -1 meant "all" on SQLite and was an SQL error on PostgreSQL."""
+    result = accord(*command, "--db", sqlite_url, "--limit", "-1")
+    assert result.exit_code == 2
+    assert "--limit" in result.stderr

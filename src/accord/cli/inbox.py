@@ -101,7 +101,7 @@ def prune(
 def dead_list(
     db: DbOption,
     consumer: ConsumerOption = None,
-    limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+    limit: Annotated[int, typer.Option(help="At most this many.", min=1)] = 100,
     as_json: JsonOption = False,
 ) -> None:
     """List dead letters, oldest first."""

@@ -56,7 +56,7 @@ def status(db: DbOption, as_json: JsonOption = False) -> None:
 def dead_list(
     db: DbOption,
     as_json: JsonOption = False,
-    limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+    limit: Annotated[int, typer.Option(help="At most this many.", min=1)] = 100,
     event_type: Annotated[str | None, typer.Option("--type", help="Only this type.")] = None,
 ) -> None:
     """DEAD messages, oldest first, with their last error."""
