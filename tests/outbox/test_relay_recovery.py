@@ -18,6 +18,7 @@ from accord import Database, Message, add_to_outbox
 from accord.db.schema import outbox
 from accord.errors import ConfigurationError, TransportUnavailable
 from accord.outbox import Relay
+from accord.outbox._claim import Settlement, settle
 from accord.testing import FaultyTransport
 from accord.transports import from_url
 from accord.transports.sql import SqlTransport
@@ -392,3 +393,24 @@ async def test_a_claim_over_a_large_backlog_is_not_jit_compiled(pg_url: str) -> 
         f"the claim is estimated at {cost:.0f} (jit_above_cost {threshold:.0f}): "
         f"JIT-compiled on every claim, {explained['JIT']['Timing']['Total']:.0f} ms"
     )
+
+
+async def test_a_row_given_back_without_an_error_keeps_its_last_attempts_error(
+    database: Database,
+) -> None:
+    """A retrying row that a round gives back untried (held behind its key, a
+    cancelled round, an expired lease) kept no error: the operator lost why it was
+    retrying. It keeps its last attempt's error; a new failure replaces it."""
+    message = Message(type="order.placed", key="k")
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, message)
+        await conn.execute(outbox.update().values(retry_count=2, last_error="refused (attempt 2)"))
+    now = datetime.now(UTC)
+    async with database.transaction() as conn:
+        seq = await conn.scalar(sa.select(outbox.c.seq))
+        given_back = Settlement(seq, "PENDING", now, 2, None)
+        await settle(conn, now=now, sent=[], others=[given_back])
+        assert await conn.scalar(sa.select(outbox.c.last_error)) == "refused (attempt 2)"
+        failed = Settlement(seq, "PENDING", now, 3, "refused (attempt 3)")
+        await settle(conn, now=now, sent=[], others=[failed])
+        assert await conn.scalar(sa.select(outbox.c.last_error)) == "refused (attempt 3)"

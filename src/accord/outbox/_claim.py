@@ -151,9 +151,11 @@ _CLAIM_AND_LEASE_DRIVER = (
     "WHERE o.seq = e.seq) "
     "SELECT * FROM eligible ORDER BY seq"
 )
+# A row given back without an error of its own (held behind its key, a cancelled
+# round, an expired lease) keeps the error of its last failed attempt.
 _RESCHEDULE_DRIVER = (
     "UPDATE accord_outbox SET status = $2, available_at = $3, retry_count = $4, "
-    "last_error = $5 WHERE seq = $1"
+    "last_error = COALESCE($5, last_error) WHERE seq = $1"
     " AND ($6::timestamptz IS NULL OR (status = 'PENDING' AND available_at = $6))"
 )
 
@@ -171,7 +173,7 @@ _MARK_SENT_HELD = sa.text(_MARK_SENT.text + _STILL_HELD).bindparams(
 )
 _RESCHEDULE = sa.text(
     "UPDATE accord_outbox SET status = :status, available_at = :available_at, "
-    "retry_count = :retry_count, last_error = :last_error WHERE seq = :seq"
+    "retry_count = :retry_count, last_error = COALESCE(:last_error, last_error) WHERE seq = :seq"
 ).bindparams(sa.bindparam("available_at", type_=UTCDateTime()))
 _RESCHEDULE_HELD = sa.text(_RESCHEDULE.text + _STILL_HELD).bindparams(
     sa.bindparam("available_at", type_=UTCDateTime()),
