@@ -9,6 +9,7 @@ together or not at all.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import traceback
 import uuid
@@ -283,8 +284,9 @@ class Engine:
                 step = steps[s.step]
                 s.attempt += 1
                 if isinstance(step.action, Command):
-                    self._send(step, step.action, step.timeout)
-                    return
+                    if self._send(step, step.action, step.timeout):
+                        return
+                    continue
                 try:
                     await self._local(step, step.action)
                 except Exception as exc:
@@ -303,8 +305,9 @@ class Engine:
                     )
                     return
                 s.attempt += 1
-                self._send(step, step.action, self.saga.compensation_timeout)
-                return
+                if self._send(step, step.action, self.saga.compensation_timeout):
+                    return
+                continue
             else:
                 if s.step < 0:
                     self._end(COMPENSATED, s.error)
@@ -315,8 +318,9 @@ class Engine:
                     continue
                 s.attempt += 1
                 if isinstance(step.compensation, Command):
-                    self._send(step, step.compensation, self.saga.compensation_timeout)
-                    return
+                    if self._send(step, step.compensation, self.saga.compensation_timeout):
+                        return
+                    continue
                 try:
                     await self._local(step, step.compensation)
                 except Exception as exc:
@@ -332,6 +336,9 @@ class Engine:
         nested = await self.conn.begin_nested()
         try:
             await action(ctx)
+            # What the saga's row will store: data it cannot store fails the attempt
+            # (as a raise does), not the transition, which would be retried for ever.
+            json.dumps(data, separators=(",", ":"), allow_nan=False)
         except BaseException:
             await nested.rollback()
             log.debug("local %s of %s failed:\n%s", s.phase, step.name, traceback.format_exc())
@@ -339,13 +346,27 @@ class Engine:
         await nested.commit()
         s.data = data
 
-    def _send(self, step: Step, command: Command, timeout: float | None) -> None:
+    def _send(self, step: Step, command: Command, timeout: float | None) -> bool:
+        """Send ``command`` and wait for its reply; False if it could not be built
+        (its payload function raised, or made data that is not JSON): that attempt
+        failed, as a failing local action does."""
         s = self.state
+        try:
+            message = command_message(self.saga, s, command)
+            json.dumps(message.data, default=str, allow_nan=False)  # as the outbox writes
+        except Exception as exc:
+            error = f"building command {command.type!r} failed: {_error_text(exc)}"
+            if s.phase == ACTION:
+                self._action_failed(step, error)
+            else:
+                self._compensation_failed(step, error)
+            return False
         s.waiting = True
-        self.outbox.append(command_message(self.saga, s, command))
+        self.outbox.append(message)
         self.tx.log(s.step, step.name, s.phase, "sent", command.type)
         if timeout is not None:
             self.tx.set_deadline("timeout", timeout)
+        return True
 
     def _merge(self, step: Step, result: Any) -> None:
         action = step.action

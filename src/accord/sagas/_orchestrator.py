@@ -4,11 +4,12 @@ idempotent inbox consumer) and fires durable deadlines (a timer), as one worker 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,7 +20,7 @@ from accord.db import Database
 from accord.db.database import on_commit
 from accord.db.schema_sagas import deadlines
 from accord.db.schema_sagas import sagas as sagas_table
-from accord.errors import ConcurrencyError, ConfigurationError
+from accord.errors import AccordError, ConcurrencyError, ConfigurationError
 from accord.inbox import Consumer, HandlerContext
 from accord.inbox._context import run_after_commit
 from accord.messages import Message
@@ -41,6 +42,9 @@ from accord.sagas._store import (
     save_locked,
 )
 from accord.transports.base import Transport
+
+#: Seconds a deadline whose transition failed waits before it is fired again.
+FAILED_DEADLINE_DELAY = 30.0
 
 __all__ = ["Orchestrator"]
 
@@ -260,8 +264,26 @@ class Orchestrator:
             except ConcurrencyError:
                 log.debug("deadline of saga %s raced with another transition", saga_id)
             except Exception:
-                log.exception("firing the deadline of saga %s failed; will retry", saga_id)
+                log.exception(
+                    "firing the deadline of saga %s failed; will retry in %.0fs",
+                    saga_id,
+                    FAILED_DEADLINE_DELAY,
+                )
+                await self._put_off(saga_id, moment)
         return fired
+
+    async def _put_off(self, saga_id: str, moment: datetime) -> None:
+        """A deadline whose transition fails stays due: put it back, or it heads every
+        round (they go by due time) and, ``timer_batch`` of them, starve every other
+        saga's timeouts, retries and operator commands."""
+        later = datetime.now(UTC) + timedelta(seconds=FAILED_DEADLINE_DELAY)
+        with contextlib.suppress(AccordError):  # the database may be what failed
+            async with self.database.transaction() as conn:
+                await conn.execute(
+                    deadlines.update()
+                    .where(deadlines.c.saga_id == saga_id, deadlines.c.due_at <= moment)
+                    .values(due_at=later)
+                )
 
     async def _fire(self, saga_id: str, moment: datetime) -> int:
         async with self.database.transaction() as conn:
