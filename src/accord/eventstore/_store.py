@@ -135,7 +135,8 @@ class EventStore:
         if not isinstance(stream_id, str) or not stream_id:
             raise ConfigurationError("stream_id must be a non-empty string")
         if isinstance(expected_version, bool) or (
-            isinstance(expected_version, int) and expected_version < 0
+            expected_version not in (ANY, NO_STREAM, STREAM_EXISTS)
+            and (not isinstance(expected_version, int) or expected_version < 0)
         ):
             raise ConfigurationError(
                 f"expected_version must be ANY, NO_STREAM, STREAM_EXISTS or an int >= 0, "
@@ -283,6 +284,7 @@ class EventStore:
         the last event returned never misses an event (see the package docs).
         ``types`` keeps only those event types.
         """
+        _at_least_one("limit", limit)
         events, _bound = await self._read_all(after, limit, list(types) if types else None, conn)
         return events
 
@@ -316,6 +318,7 @@ class EventStore:
         order. Wakes on PostgreSQL NOTIFY, polls every ``poll_interval``
         otherwise. Runs until the consumer stops iterating (``break``/``aclose``).
         """
+        _at_least_one("batch_size", batch_size)
         wanted = list(types) if types else None
         wake = asyncio.Event()
         notified = 0
@@ -509,3 +512,9 @@ class EventStore:
 
 def _opt(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def _at_least_one(name: str, value: int) -> None:
+    # 0 would read nothing for ever (subscribe spun); -1 meant "all" on SQLite only.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be an int of at least 1, not {value!r}")

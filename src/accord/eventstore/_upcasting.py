@@ -90,5 +90,10 @@ class Upcasters:
                     f"upcaster {getattr(fn, '__qualname__', fn)!r} failed on {event_type!r} "
                     f"v{version}: {exc.__class__.__name__}: {exc}"
                 ) from exc
+            if not isinstance(data, dict):  # a forgotten `return`, most often
+                raise DecodeError(
+                    f"upcaster {getattr(fn, '__qualname__', fn)!r} of {event_type!r} "
+                    f"v{version} returned {type(data).__name__}, not the event's data (a dict)"
+                )
             version += 1
         return data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -131,7 +132,7 @@ class Projection:
                 for item in items:
                     # Index and constraint names are schema-wide: suffix them too.
                     if isinstance(item.name, str) and item.name:
-                        item.name = sa.sql.elements.conv(item.name + suffix)
+                        item.name = sa.sql.elements.conv(_fit(item.name + suffix))
             self._versions[version] = md
         return md
 
@@ -144,8 +145,9 @@ class Projection:
         }
 
     def physical_name(self, table: str, version: int) -> str:
-        """The database name of ``table`` in read-model ``version``."""
-        return f"{self.name}_{table}_v{version}"
+        """The database name of ``table`` in read-model ``version`` (cut to 63 bytes
+        with a hash of the whole, PostgreSQL's limit, when it is longer)."""
+        return _fit(f"{self.name}_{table}_v{version}")
 
     async def create_tables(self, conn: AsyncConnection, version: int) -> None:
         """Create the tables of ``version`` if they do not exist."""
@@ -331,3 +333,17 @@ def _upsert(
 def handled_types(projections: Iterable[Projection]) -> Sequence[str]:
     """Every event type handled by any of ``projections``."""
     return sorted({t for p in projections for t in p.handlers})
+
+
+# PostgreSQL's identifiers hold 63 bytes (a longer one is an error, not a new name).
+_IDENTIFIER_BYTES = 63
+
+
+def _fit(name: str) -> str:
+    """``name``, or for a longer one its start and a hash of the whole: distinct
+    names stay distinct, and the same name always gives the same identifier."""
+    if len(name.encode()) <= _IDENTIFIER_BYTES:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+    start = name.encode()[: _IDENTIFIER_BYTES - len(digest) - 1].decode(errors="ignore")
+    return f"{start}_{digest}"

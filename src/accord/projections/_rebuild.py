@@ -94,6 +94,7 @@ async def rebuild(
     size = batch_size or max(projection.batch_size, 1000)
     started = time.monotonic()
     handoff = timedelta(seconds=handoff_timeout)
+    building: int | None = None  # the version being built, until it is swapped in
     try:
         async with database.transaction() as conn:
             if not await _state.acquire_lease(conn, lease, owner, lease_ttl):
@@ -102,6 +103,7 @@ async def rebuild(
                     f"(lease {lease!r}); wait for it or for its lease to expire"
                 )
         previous, version = await _prepare(database, projection)
+        building = version
         total = await store.count(0, types=projection.event_types)
         driver = BatchDriver(database, projection, version, 0, replaying=True, live=False)
         types = projection.event_types
@@ -152,6 +154,7 @@ async def rebuild(
             await driver.apply(
                 [], final=_swap(projection, previous, version, driver.position, live_at)
             )
+            building = None
         finally:
             async with database.transaction() as conn:
                 await _set_handoff(conn, projection.name, previous, None)
@@ -170,6 +173,17 @@ async def rebuild(
         return RebuildResult(projection.name, version, previous, done, elapsed)
     finally:
         async with database.transaction() as conn:
+            if building is not None:
+                # Failed or stopped: no longer "rebuilding" (the next rebuild drops
+                # this version's tables, by its checkpoint).
+                await conn.execute(
+                    versions.update()
+                    .where(
+                        versions.c.projection == projection.name,
+                        versions.c.building_version == building,
+                    )
+                    .values(building_version=None)
+                )
             await _state.release_lease(conn, lease, owner)
         if own_store:
             await store.close()

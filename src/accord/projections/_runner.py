@@ -211,6 +211,8 @@ class ProjectionRunner:
                 message = str(exc)
                 if isinstance(exc, DecodeError):
                     message = f"projection {projection.name!r} stopped: {exc}"
+                    if driver is not None:  # on the checkpoint, as a poison stop is
+                        await self._mark_stopped(projection.name, driver.version, message)
                 log.error("%s", message)
                 self.errors[projection.name] = message
                 self._progress.set()
@@ -243,6 +245,13 @@ class ProjectionRunner:
     async def _lease(self, name: str) -> bool:
         async with self.database.transaction() as conn:
             return await _state.acquire_lease(conn, name, self.owner, self.lease_ttl)
+
+    async def _mark_stopped(self, name: str, version: int, message: str) -> None:
+        """Say on the checkpoint that ``name`` stopped and why: status, the CLI and
+        ``wait_until`` (ProjectionStopped) read it there, in every process."""
+        with contextlib.suppress(AccordError):
+            async with self.database.transaction() as conn:
+                await _state.set_state(conn, name, version, "stopped", message)
 
     async def _release(self, name: str) -> None:
         with contextlib.suppress(AccordError):

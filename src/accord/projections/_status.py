@@ -10,6 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from accord.db.database import Database, translate_errors
+from accord.db.schema_events import events
 from accord.db.schema_events import projection_leases as leases
 from accord.db.schema_events import projection_parked as parked
 from accord.db.schema_events import projection_versions as versions
@@ -110,9 +111,16 @@ async def _one(
     behind = await store.count(position, upto=head, types=types)
     seconds = 0.0
     if behind:
-        oldest = await store.read_all(position, limit=1, types=types)
-        if oldest:
-            seconds = max(0.0, (_state.now() - oldest[0].recorded_at).total_seconds())
+        # The row's time only: reading the event itself would upcast it, and fail on
+        # the very event a projection is stuck on.
+        query = sa.select(events.c.recorded_at).where(events.c.position > position)
+        if types is not None:
+            query = query.where(events.c.type.in_(types))
+        async with database.connect() as conn:
+            with translate_errors(f"reading the status of projection {name!r}"):
+                oldest = await conn.scalar(query.order_by(events.c.position).limit(1))
+        if oldest is not None:
+            seconds = max(0.0, (_state.now() - oldest).total_seconds())
     return ProjectionStatus(
         name=name,
         live_version=live,
