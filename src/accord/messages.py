@@ -232,6 +232,8 @@ def decode(headers: Mapping[str, Any], body: bytes) -> Message:
                 data = json.loads(body)
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise DecodeError(f"body is not valid JSON ({exc})") from exc
+            except RecursionError:
+                raise DecodeError("body is JSON nested too deeply to read") from None
     else:
         try:
             data = body.decode()

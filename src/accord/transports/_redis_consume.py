@@ -95,7 +95,10 @@ class _RedisDelivery(Delivery):
         delivery_count: int,
     ) -> None:
         headers = {text_of(k): text_of(v) for k, v in fields.items() if k not in _BOOKKEEPING}
-        base = int(fields.get(b"accord-attempt", b"1") or 1)
+        try:  # written by Accord; a foreign entry's may be anything
+            base = max(1, int(fields.get(b"accord-attempt", b"1") or 1))
+        except ValueError:
+            base = 1
         super().__init__(headers, fields.get(b"body", b""), base + max(delivery_count, 1) - 1)
         self._subscription = subscription
         self.key = key

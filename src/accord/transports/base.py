@@ -142,6 +142,9 @@ class Delivery(abc.ABC):
             self.message, self.decode_error = decode(self.headers, body), None
         except DecodeError as exc:
             self.message, self.decode_error = None, exc
+        except Exception as exc:  # never the delivery loop's end: bad input, dead-lettered
+            self.message = None
+            self.decode_error = DecodeError(f"cannot decode: {type(exc).__name__}: {exc}")
 
     async def ack(self) -> None:
         """The message is done: it will not be delivered to this group again."""

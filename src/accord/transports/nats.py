@@ -310,6 +310,12 @@ class NatsTransport(Transport):
         waiting: list[tuple[str, str, asyncio.Future[None]]] = []  # (id, reply, PubAck)
         try:
             for envelope in envelopes:
+                if envelope.type == "_dead" or envelope.type.startswith("_dead."):
+                    failed[envelope.id] = ConfigurationError(
+                        f"message type {envelope.type!r}: '_dead.' starts the subjects of "
+                        "this transport's dead letters on NATS; name the type otherwise"
+                    )
+                    continue
                 if not _valid_subject_words(envelope.type):
                     failed[envelope.id] = ConfigurationError(
                         f"message type {envelope.type!r} cannot be a NATS subject: no spaces, "

@@ -226,6 +226,10 @@ class RedisTransport(Transport):
                 ", ".join(sorted(known)),
                 ", ".join(topics),
             )
+        if self._redis is not client:
+            # close() ran while this subscribe awaited (redis-py would reconnect the
+            # closed client for it): nothing may consume after close().
+            raise TransportUnavailable("the Redis transport was closed while subscribing")
         subscription = RedisSubscription(
             client,
             # The blocking read gets its own connection; errors surface to the read loop,

@@ -312,6 +312,12 @@ class SqlTransport(Transport):
                 if self._unlisten is None:
                     with translate("listening for new messages"):
                         self._unlisten = await db.listen(q.NOTIFY_CHANNEL, self._on_notify)
+        if self._closed:
+            # close() ran while this subscribe awaited: nothing may consume after it.
+            if self._unlisten is not None:
+                await self._unlisten()
+                self._unlisten = None
+            raise TransportUnavailable("the SQL transport was closed while subscribing")
         subscription = SqlSubscription(
             database=db,
             channel=self.channel,
