@@ -19,7 +19,7 @@ from tests.conftest import NATS_URL, REDIS_URL
 from tests.transports.test_rabbitmq import rabbit  # noqa: F401 - the fixture
 
 from accord.messages import Message, encode
-from accord.testing import Collector, wait_for
+from accord.testing import CapturedDelivery, Collector, wait_for
 from accord.transports.memory import MemoryTransport
 from accord.transports.nats import NatsTransport, stream_name
 from accord.transports.redis import RedisTransport
@@ -302,3 +302,14 @@ async def test_redis_subscribe_racing_close_leaves_no_live_consumer() -> None:
             await cleaner.delete_channel()
         finally:
             await cleaner.close()
+
+
+@pytest.mark.parametrize(
+    ("delay", "waited"), [(float("inf"), 7 * 86_400.0), (float("nan"), 0.0), (-5.0, 0.0)]
+)
+async def test_a_nack_delay_out_of_range_is_brought_into_it(delay: float, waited: float) -> None:
+    """An infinite delay overflowed the brokers' time arithmetic (OverflowError out of
+    nack); it waits a week, and a negative or NaN one not at all."""
+    delivery = CapturedDelivery(Message(type="t.x"))
+    await delivery.nack(delay)
+    assert (delivery.outcome, delivery.delay) == ("nack", waited)

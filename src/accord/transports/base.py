@@ -40,6 +40,8 @@ __all__ = [
 
 #: Delay before a delivery whose handler raised is offered again, in seconds.
 DEFAULT_REDELIVERY_DELAY = 1.0
+#: The longest delay a nack waits (a week; an infinite one overflowed the brokers).
+MAX_REDELIVERY_DELAY = 7 * 86_400.0
 
 
 def raise_unconfirmed(failed: dict[str, BaseException], total: int, broker: str) -> None:
@@ -153,11 +155,11 @@ class Delivery(abc.ABC):
             await self._ack()
 
     async def nack(self, delay: float = DEFAULT_REDELIVERY_DELAY) -> None:
-        """Give the message back: deliver it to the group again after ``delay`` seconds,
-        with ``attempt`` one higher."""
+        """Give the message back: deliver it to the group again after ``delay`` seconds
+        (at most a week; a negative or NaN delay is 0), with ``attempt`` one higher."""
         if not self.settled:
             self.settled = True
-            await self._nack(delay)
+            await self._nack(min(delay, MAX_REDELIVERY_DELAY) if delay > 0 else 0.0)
 
     async def reject(self, reason: str) -> None:
         """Give up on the message: never redeliver it to this group. Where the broker
