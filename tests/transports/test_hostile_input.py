@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from tests.conftest import NATS_URL, REDIS_URL
 from tests.transports.test_rabbitmq import rabbit  # noqa: F401 - the fixture
 
+from accord.errors import ConfigurationError
 from accord.messages import Message, encode
 from accord.testing import CapturedDelivery, Collector, wait_for
 from accord.transports.memory import MemoryTransport
@@ -313,3 +314,14 @@ async def test_a_nack_delay_out_of_range_is_brought_into_it(delay: float, waited
     delivery = CapturedDelivery(Message(type="t.x"))
     await delivery.nack(delay)
     assert (delivery.outcome, delivery.delay) == ("nack", waited)
+
+
+async def test_a_sql_prefetch_past_what_a_claim_can_carry_is_refused(tmp_path: Path) -> None:
+    """A claim carries one statement parameter per delivery; 40,000 would fail every
+    claim on PostgreSQL (asyncpg takes 32,767), for ever."""
+    transport = SqlTransport(f"sqlite+aiosqlite:///{tmp_path / 'q.db'}", channel="hostile")
+    try:
+        with pytest.raises(ConfigurationError, match="prefetch must be at most 10000"):
+            await transport.subscribe("g", Collector(), prefetch=40_000)
+    finally:
+        await transport.close()

@@ -68,7 +68,10 @@ from accord.transports.base import (
     topic_matches,
 )
 
-__all__ = ["SqlDelivery", "SqlSubscription", "SqlTransport"]
+__all__ = ["MAX_PREFETCH", "SqlDelivery", "SqlSubscription", "SqlTransport"]
+
+#: The most deliveries one claim of a subscription may lease.
+MAX_PREFETCH = 10_000
 
 log = logging.getLogger("accord.transports.sql")
 
@@ -296,6 +299,13 @@ class SqlTransport(Transport):
             )
         if max_batch < 1:
             raise ConfigurationError("subscribe_batches: max_batch must be >= 1")
+        if prefetch > MAX_PREFETCH:
+            # A claim's statements carry one parameter per delivery (asyncpg takes
+            # 32,767 at most); past a few thousand a larger claim gains nothing.
+            raise ConfigurationError(
+                f"subscribe: prefetch must be at most {MAX_PREFETCH}, not {prefetch}"
+            )
+        prefetch = max(1, prefetch)
         db = await self._ensure_open()
         async with transaction(db, f"registering group {group!r}") as conn:
             await q.register_group(
