@@ -291,3 +291,41 @@ async def test_keep_alive_does_not_take_back_an_entry_another_member_took_over(
     [pending] = await admin.xpending_range(redis_transport.stream, "keep", "-", "+", 10)
     release.set()
     assert pending["consumer"] == b"other-member"
+
+
+async def test_a_dead_members_entry_behind_many_live_ones_is_taken_over(
+    redis_transport: RedisTransport, admin: aioredis.Redis
+) -> None:
+    """XAUTOCLAIM examines a bounded stretch of the pending list per call (10 x COUNT).
+    Started at 0-0 every time, the entries live members keep busy at the head of a
+    long list hid a dead member's entry behind them for ever; each scan now goes on
+    where the last one stopped."""
+    stream, group = redis_transport.stream, "deep"
+    await admin.xgroup_create(stream, group, id="0", mkstream=True)
+    messages = [Message(type="test.deep") for _ in range(31)]
+    await redis_transport.publish(messages)
+    live = await admin.xreadgroup(group, "live", {stream: ">"}, count=30)
+    live_ids = [entry_id for entry_id, _ in live[0][1]]
+    await admin.xreadgroup(group, "ghost", {stream: ">"}, count=1)  # then dies
+
+    async def keep_live_busy() -> None:
+        while True:  # as a live member's keep-alive does
+            await admin.xclaim(stream, group, "live", 0, live_ids, justid=True)
+            await asyncio.sleep(0.1)
+
+    keeper = asyncio.create_task(keep_live_busy())
+    seen: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        assert delivery.message is not None
+        seen.append(delivery.message.id)
+
+    try:
+        await asyncio.sleep(1.2)  # the ghost's entry is idle past claim_idle
+        await redis_transport.subscribe(group, handler, prefetch=1)
+        await wait_for(lambda: messages[-1].id in seen, 15)
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+    assert not set(seen) & {m.id for m in messages[:30]}  # the live ones stayed theirs

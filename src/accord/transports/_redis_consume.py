@@ -200,6 +200,7 @@ class RedisSubscription(Subscription):
         self._prefetch = prefetch
         self._max_batch = max_batch
         self._claim_idle_ms = max(1, int(claim_idle * 1000))
+        self._claim_cursors: dict[str, str] = {}  # per stream key: where XAUTOCLAIM goes on
         self._claim_every = max(0.05, min(claim_idle / 2, 5.0))
         self._stop_timeout = stop_timeout
         self._held: list[_RedisDelivery] = []
@@ -323,9 +324,18 @@ class RedisSubscription(Subscription):
     async def _claim(self) -> list[_RedisDelivery]:
         batch = []
         for key in (self.keys.stream, self.keys.retry):
-            claimed = await self.scripts["CLAIM"](
-                keys=[key], args=[self.group, self.consumer, self._claim_idle_ms, self._prefetch]
-            )
+            # From where the last scan stopped: entries live consumers hold at the head
+            # of a long pending list would otherwise hide a dead one's behind them.
+            cursor = self._claim_cursors.get(key, "0-0")
+            args: list[str | int] = [
+                self.group,
+                self.consumer,
+                self._claim_idle_ms,
+                self._prefetch,
+                cursor,
+            ]
+            next_cursor, claimed = await self.scripts["CLAIM"](keys=[key], args=args)
+            self._claim_cursors[key] = text_of(next_cursor)
             for entry_id, flat, count in claimed:
                 fields = dict(zip(flat[::2], flat[1::2], strict=True))
                 batch.append(_RedisDelivery(self, key, _as_bytes(entry_id), fields, int(count)))

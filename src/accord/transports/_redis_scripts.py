@@ -76,10 +76,12 @@ return math.max(0, tonumber(nxt[2]) - now)
 )
 
 #: XAUTOCLAIM entries idle longer than min-idle (their consumer died) and report each
-#: one's delivery count. KEYS: stream. ARGV: group, consumer, min idle ms, count.
-#: Returns {id, fields, delivery count} triples.
+#: one's delivery count. KEYS: stream. ARGV: group, consumer, min idle ms, count, the
+#: cursor to scan the pending list from. Returns {next cursor, {id, fields, delivery
+#: count} triples}: one call scans at most 10 x count pending entries, so the next
+#: call goes on from where this one stopped ("0-0" again once the list is done).
 CLAIM = """
-local res = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0-0',
+local res = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[5],
                        'COUNT', tonumber(ARGV[4]))
 local out = {}
 for _, e in ipairs(res[2]) do
@@ -90,7 +92,7 @@ for _, e in ipairs(res[2]) do
     out[#out + 1] = {e[1], e[2], count}
   end
 end
-return out
+return {res[1], out}
 """
 
 #: Keep entries this consumer holds from being taken over (reset their idle time),
