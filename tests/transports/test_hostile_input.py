@@ -137,29 +137,6 @@ async def test_nats_deeply_nested_json_body_does_not_kill_the_subscription(
     await _expect_bad_then_good(collector, good)
 
 
-@pytest.fixture
-async def redis_transport() -> AsyncIterator[RedisTransport]:
-    transport = RedisTransport(
-        REDIS_URL, channel=f"hostile-{uuid.uuid4().hex[:12]}", claim_idle=1.0
-    )
-    await transport.connect()
-    yield transport
-    await transport.close()
-    cleaner = RedisTransport(REDIS_URL, channel=transport.channel)
-    await cleaner.connect()
-    try:
-        await cleaner.delete_channel()
-    finally:
-        await cleaner.close()
-
-
-@pytest.fixture
-async def admin() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    yield client
-    await client.aclose()
-
-
 @pytest.mark.redis
 async def test_redis_deeply_nested_json_body_does_not_stall_its_batch(
     redis_transport: RedisTransport, admin: aioredis.Redis

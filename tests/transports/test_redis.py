@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from tests.conftest import REDIS_URL
 from tests.processes import a_killed_consumers_delivery_comes_back
+from tests.transports.conftest import delete_redis_channel
 
 from accord.errors import PublishError, TransportUnavailable
 from accord.messages import Message
@@ -24,22 +25,13 @@ from accord.transports.redis import RedisTransport
 pytestmark = pytest.mark.redis
 
 
-async def _delete_channel(channel: str) -> None:
-    transport = RedisTransport(REDIS_URL, channel=channel)
-    await transport.connect()
-    try:
-        await transport.delete_channel()
-    finally:
-        await transport.close()
-
-
 class TestRedisTransport(TransportContract):
     timeout = 15.0
 
     @pytest.fixture
     async def transport_factory(self, channel: str) -> AsyncIterator[Callable[[str], Transport]]:
         yield lambda ch: RedisTransport(REDIS_URL, channel=ch, claim_idle=3.0)
-        await _delete_channel(channel)
+        await delete_redis_channel(channel)
 
     async def publish_raw(self, transport: Transport, headers: dict[str, str], body: bytes) -> None:
         assert isinstance(transport, RedisTransport)
@@ -48,22 +40,6 @@ class TestRedisTransport(TransportContract):
             await client.xadd(transport.stream, {**headers, "body": body})
         finally:
             await client.aclose()
-
-
-@pytest.fixture
-async def redis_transport() -> AsyncIterator[RedisTransport]:
-    transport = RedisTransport(REDIS_URL, channel=f"redis-{uuid.uuid4().hex[:12]}", claim_idle=1.0)
-    await transport.connect()
-    yield transport
-    await transport.close()
-    await _delete_channel(transport.channel)
-
-
-@pytest.fixture
-async def admin() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    yield client
-    await client.aclose()
 
 
 async def test_entries_carry_ce_headers_as_fields(
