@@ -198,6 +198,24 @@ async def test_subscribe_with_batch_size_zero_does_not_spin(database: Database) 
 # --- 6. a projection stopped by an event it cannot decode looks "running" -------------
 
 
+def _things_behind_a_broken_upcaster() -> tuple[Upcasters, Projection]:
+    """A projection of "thing" events, and upcasters whose v1 -> v2 always fails."""
+    up = Upcasters()
+
+    @up.register("thing", 1)
+    def broken(data: dict[str, Any]) -> dict[str, Any]:
+        raise KeyError("colour")
+
+    p = Projection("things", batch_size=10)
+    p.table("seen", sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False))
+
+    @p.on("thing")
+    def thing(ctx: ProjectionContext, event: RecordedEvent) -> None:
+        ctx.insert("seen", {"position": event.position})
+
+    return up, p
+
+
 async def test_a_projection_stopped_on_an_undecodable_event_reports_it(
     database: Database,
 ) -> None:
@@ -212,19 +230,7 @@ async def test_a_projection_stopped_on_an_undecodable_event_reports_it(
     (``_state.set_state(..., "stopped", message)``), so both report it."""
     from accord.projections import ProjectionStopped, projection_status
 
-    up = Upcasters()
-
-    @up.register("thing", 1)
-    def broken(data: dict[str, Any]) -> dict[str, Any]:
-        raise KeyError("colour")
-
-    p = Projection("things", batch_size=10)
-    p.table("seen", sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False))
-
-    @p.on("thing")
-    def thing(ctx: ProjectionContext, event: RecordedEvent) -> None:
-        ctx.insert("seen", {"position": event.position})
-
+    up, p = _things_behind_a_broken_upcaster()
     store = EventStore(database, up)
     runner = ProjectionRunner(database, [p], store=store, lease_ttl=5, poll_interval=0.05)
     try:
@@ -248,19 +254,7 @@ async def test_runner_status_survives_an_event_it_cannot_decode(database: Databa
     store, which upcasts - so the upcaster's DecodeError escapes and status() raises
     instead of returning the lag. Expected: status returned (the age from the raw
     ``recorded_at``, which needs no upcasting)."""
-    up = Upcasters()
-
-    @up.register("thing", 1)
-    def broken(data: dict[str, Any]) -> dict[str, Any]:
-        raise KeyError("colour")
-
-    p = Projection("things", batch_size=10)
-    p.table("seen", sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False))
-
-    @p.on("thing")
-    def thing(ctx: ProjectionContext, event: RecordedEvent) -> None:
-        ctx.insert("seen", {"position": event.position})
-
+    up, p = _things_behind_a_broken_upcaster()
     store = EventStore(database, up)
     runner = ProjectionRunner(database, [p], store=store, lease_ttl=5)
     try:

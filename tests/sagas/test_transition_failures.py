@@ -38,6 +38,22 @@ async def _sent(database: Database) -> list[str]:
         return [row[0] for row in rows.all()]
 
 
+async def _step_0_succeeds_then_is_compensated(
+    database: Database, orchestrator: Orchestrator, saga: Saga, saga_id: str
+) -> None:
+    """Reply "done" to step 0, whose successor cannot go out: the saga compensates 0."""
+    delivery = CapturedDelivery(_reply(saga, saga_id, 0, 1))
+    await orchestrator.consumer.handle(delivery)
+    state = await _state(database, saga_id)
+    assert (state.status, state.phase, state.step) == ("COMPENSATING", "compensation", 0), (
+        state.status,
+        state.phase,
+        state.step,
+        state.waiting,
+        delivery.outcome,
+    )
+
+
 def _reply(saga: Saga, saga_id: str, step: int, attempt: int, ok: bool = True) -> Message:
     return Message(
         type=saga.reply_type,
@@ -88,17 +104,7 @@ async def test_a_command_that_cannot_be_built_after_a_reply_fails_its_step(
     orchestrator = Orchestrator(database, _transport(database), [saga], name="orch")
     saga_id = await orchestrator.start(saga, {})
 
-    delivery = CapturedDelivery(_reply(saga, saga_id, 0, 1))
-    await orchestrator.consumer.handle(delivery)
-
-    state = await _state(database, saga_id)
-    assert (state.status, state.phase, state.step) == ("COMPENSATING", "compensation", 0), (
-        state.status,
-        state.phase,
-        state.step,
-        state.waiting,
-        delivery.outcome,
-    )
+    await _step_0_succeeds_then_is_compensated(database, orchestrator, saga, saga_id)
     assert "b.release" in await _sent(database)
 
 
@@ -198,17 +204,7 @@ async def test_a_local_step_that_leaves_data_not_json_fails_the_step(
     orchestrator = Orchestrator(database, _transport(database), [saga], name="orch")
     saga_id = await orchestrator.start(saga, {})
 
-    delivery = CapturedDelivery(_reply(saga, saga_id, 0, 1))
-    await orchestrator.consumer.handle(delivery)
-
-    state = await _state(database, saga_id)
-    assert (state.status, state.phase, state.step) == ("COMPENSATING", "compensation", 0), (
-        state.status,
-        state.phase,
-        state.step,
-        state.waiting,
-        delivery.outcome,
-    )
+    await _step_0_succeeds_then_is_compensated(database, orchestrator, saga, saga_id)
     assert "s.release" in await _sent(database)
 
 
