@@ -7,6 +7,7 @@ fill up and the claim looks further), a claim:
 - takes only PENDING rows that are due and that no other relay holds;
 - takes a keyed row only with every earlier PENDING row of its key (per-key order);
 - takes no more than the batch, in seq order;
+- with leases, leaves nothing leased that its caller did not get;
 - takes the first row that may go out, if there is one (no key in backoff
   starves the others, however many rows it fills) — checked when no other relay
   holds rows: rows behind another relay's rows may take a batch's places (which
@@ -16,6 +17,7 @@ fill up and the claim looks further), a claim:
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,9 +28,12 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import accord.outbox.relay as relay_module
 from accord.db import Database
 from accord.db.schema import outbox
+from accord.outbox import Relay
 from accord.outbox._claim import ClaimedRow, claim, claim_on_driver
+from accord.transports import from_url
 
 
 @dataclass(frozen=True)
@@ -222,3 +227,107 @@ async def test_a_sqlite_claim_follows_the_model(
                 conn, now=now, lease_until=now + timedelta(seconds=30), limit=limit
             )
         check(seqs, claimed, limit)
+
+
+class _StallingDriver:
+    """The relay's asyncpg connection, whose claim stalls at its second statement
+    (the second look-ahead window): it waits there until cancelled, or fails."""
+
+    def __init__(self, driver: Any, stalled: asyncio.Event, fail: bool) -> None:
+        self._driver = driver
+        self._stalled = stalled
+        self._fail = fail
+        self._statements = 0
+
+    async def fetch(self, sql: str, *args: Any) -> Any:
+        self._statements += 1
+        if self._statements > 1:
+            self._stalled.set()
+            if self._fail:
+                raise ConnectionResetError("connection lost after the first window")
+            await asyncio.Event().wait()
+        return await self._driver.fetch(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._driver, name)
+
+
+async def _add_rows(database: Database, rows: list[tuple[str, timedelta]], now: datetime) -> None:
+    async with database.transaction() as conn:
+        for key, delay in rows:
+            await conn.execute(
+                outbox.insert().values(
+                    id=uuid.uuid4(),
+                    event_type="t",
+                    key=key,
+                    payload={},
+                    headers={},
+                    status="PENDING",
+                    retry_count=0,
+                    available_at=now + delay,
+                    created_at=now,
+                )
+            )
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("ending", ["cancelled", "failed"])
+async def test_a_leased_round_that_ends_inside_its_claim_leaves_no_row_leased_to_nobody(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """A leased round cancelled (``stop()`` past its timeout, a worker tearing down)
+    or failing (a lost connection, a statement timeout) while its claim is past the
+    first look-ahead window: the rows that window leased were never handed to the
+    round, so nobody publishes them, yet they stay leased for the whole lease (60 s
+    here) and hold their keys back. Before the windows the claim was one statement:
+    cancelled or failed, it leased nothing. Expected: no row leased once the round
+    is over (given back, or never leased)."""
+    database = Database(pg_url)
+    now = datetime.now(UTC)
+    due, backoff = timedelta(minutes=-1), timedelta(hours=1)
+    # Batch 2, window 4: the first window (b, a in backoff, a, a) gives b alone and
+    # is full, so the claim looks at a second window.
+    await _add_rows(database, [("b", due), ("a", backoff), ("a", due), ("a", due), ("c", due)], now)
+    stalled = asyncio.Event()
+    claim_on_driver = relay_module.claim_on_driver
+
+    async def stalling_claim(driver: Any, **options: Any) -> Any:
+        return await claim_on_driver(
+            _StallingDriver(driver, stalled, ending == "failed"), **options
+        )
+
+    monkeypatch.setattr(relay_module, "claim_on_driver", stalling_claim)
+    transport = from_url("memory://")
+    await transport.connect()
+    relay = Relay(database, transport, claims="lease", lease=60, batch_size=2)
+    round_ = asyncio.create_task(relay.run_once())
+    try:
+        waiting = asyncio.create_task(stalled.wait())
+        await asyncio.wait([round_, waiting], timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if stalled.is_set():  # the claim went past its first statement
+            if ending == "cancelled":
+                round_.cancel()
+            with pytest.raises((asyncio.CancelledError, Exception)):
+                await round_
+        else:  # a claim of one statement: the round ends as usual
+            await round_
+        async with database.connect() as conn:
+            leased = (
+                await conn.execute(
+                    sa.select(outbox.c.key)
+                    .where(outbox.c.status == "PENDING")
+                    .where(outbox.c.available_at > now + timedelta(seconds=30))
+                    .where(outbox.c.available_at < now + timedelta(minutes=30))
+                    .order_by(outbox.c.seq)
+                )
+            ).scalars()
+            leased_keys = list(leased)
+        assert leased_keys == [], (
+            f"rows of keys {leased_keys} stay leased for 60 s with no relay to publish them"
+        )
+    finally:
+        if not round_.done():
+            round_.cancel()
+        await transport.close()
+        await database.dispose()

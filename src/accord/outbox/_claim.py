@@ -7,9 +7,11 @@ dies mid-publish leaves its rows to be claimed again when the lease runs out.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,6 +22,11 @@ from accord.db.types import JSONType, UTCDateTime
 from accord.errors import ConfigurationError
 
 __all__ = ["ClaimedRow", "Settlement", "claim", "claim_on_driver", "settle", "settle_on_driver"]
+
+log = logging.getLogger("accord.outbox.relay")
+
+# How long giving back the rows of an unfinished claim may take.
+_GIVE_BACK_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +291,8 @@ async def claim_on_driver(
 ) -> list[ClaimedRow]:
     """PostgreSQL: claim and lease up to ``limit`` rows on an asyncpg connection;
     outside a transaction each statement commits on its own (the lease holds the
-    rows). Usually one statement, one round trip."""
+    rows). Usually one statement, one round trip; a claim that fails or is
+    cancelled after one of its statements leased rows gives them back."""
     return await _claim_ahead(driver, now=now, lease_until=lease_until, limit=limit)
 
 
@@ -297,31 +305,59 @@ async def _claim_ahead(
     never block each other, however deep the blocked rows go."""
     window = max(limit * AHEAD_FACTOR, 1)
     claimed: list[ClaimedRow] = []
-    after = 0
-    for _ in range(AHEAD_WINDOWS):
+    try:
+        after = 0
+        for _ in range(AHEAD_WINDOWS):
+            records = await driver.fetch(
+                *_ahead_statement(now, limit - len(claimed), window, after, lease_until)
+            )
+            claimed += _rows([r for r in records if r["seq"] is not None])
+            looked_at, last_seq = records[-1]["looked_at"], records[-1]["last_seq"]
+            if len(claimed) >= limit or looked_at < window:
+                return claimed
+            after = last_seq
+        # A claim of this transaction's own: its locked rows are claimed again (a
+        # lock holder is not skipped), its leased rows are not due (their keys wait).
         if lease_until is None:
-            records = await driver.fetch(
-                _CLAIM_AHEAD_DRIVER, now, limit - len(claimed), window, after
-            )
+            more = _rows(await driver.fetch(_CLAIM_POSTGRES_DRIVER, now, limit))
         else:
-            records = await driver.fetch(
-                _CLAIM_AHEAD_AND_LEASE_DRIVER, now, limit - len(claimed), window, after, lease_until
+            more = _rows(
+                await driver.fetch(_CLAIM_AND_LEASE_DRIVER, now, limit - len(claimed), lease_until)
             )
-        claimed += _rows([r for r in records if r["seq"] is not None])
-        looked_at, last_seq = records[-1]["looked_at"], records[-1]["last_seq"]
-        if len(claimed) >= limit or looked_at < window:
-            return claimed
-        after = last_seq
-    # A claim of this transaction's own: its locked rows are claimed again (a lock
-    # holder is not skipped), its leased rows are not due (their keys wait).
-    if lease_until is None:
-        more = _rows(await driver.fetch(_CLAIM_POSTGRES_DRIVER, now, limit))
-    else:
-        more = _rows(
-            await driver.fetch(_CLAIM_AND_LEASE_DRIVER, now, limit - len(claimed), lease_until)
-        )
+    except BaseException:
+        if lease_until is not None and claimed:
+            await _give_back(driver, claimed, lease_until)
+        raise
     merged = {row.seq: row for row in claimed + more}
     return [merged[seq] for seq in sorted(merged)][:limit]
+
+
+def _ahead_statement(
+    now: datetime, limit: int, window: int, after: int, lease_until: datetime | None
+) -> tuple[Any, ...]:
+    if lease_until is None:
+        return _CLAIM_AHEAD_DRIVER, now, limit, window, after
+    return _CLAIM_AHEAD_AND_LEASE_DRIVER, now, limit, window, after, lease_until
+
+
+async def _give_back(driver: Any, rows: Sequence[ClaimedRow], lease_until: datetime) -> None:
+    """Leases: a claim that ends in an error or a cancel after its first window
+    committed leases the caller never gets; give those rows back now rather than
+    when the lease runs out (if the connection still answers: else they wait)."""
+    now = datetime.now(UTC)
+    settlements = [Settlement(r.seq, "PENDING", now, r.retry_count, None) for r in rows]
+    try:
+        async with asyncio.timeout(_GIVE_BACK_TIMEOUT):
+            await settle_on_driver(
+                driver, now=now, sent=[], others=settlements, held_until=lease_until
+            )
+    except Exception as exc:
+        log.warning(
+            "could not give back %d rows of an unfinished claim (%s); "
+            "they return when their lease runs out",
+            len(rows),
+            exc,
+        )
 
 
 def _rows(records: Sequence[Any]) -> list[ClaimedRow]:
