@@ -1,6 +1,7 @@
-"""SQL transport throughput: publish and consume on SQLite and PostgreSQL.
+"""SQL transport throughput: publish and consume on SQLite and PostgreSQL, and the
+cost of one claim on PostgreSQL over a group's backlog (``claim``).
 
-    .venv/bin/python -m benchmarks.sql_transport [--quick] [--only sqlite postgres]
+    .venv/bin/python -m benchmarks.sql_transport [--quick] [--only sqlite postgres claim]
 
 Accord: ``SqlTransport.publish`` in batches of 100 (one group registered), then
 one consumer draining the backlog (``prefetch`` 256, messages over 100 keys so
@@ -9,6 +10,12 @@ asyncpg) doing the same inserts (a message row and a delivery row per message,
 one transaction per batch) and the same consumption (select a batch in order,
 delete its deliveries, commit) in a loop, with no leases or keys. Both sides
 encode and decode the CloudEvents envelope, so the ratio is the transport's cost.
+
+``claim``: the median time of one claim of 256 deliveries (in a transaction rolled
+back, so each sees the same backlog) over 20,000 deliveries of one group, by
+backlog (no keys, 100 keys, one key, one key whose first delivery another consumer
+holds), on a table PostgreSQL has no statistics for yet and once analyzed; the
+baseline is a bare ``FOR UPDATE SKIP LOCKED`` select keeping no order.
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import tempfile
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +37,7 @@ import asyncpg
 
 from accord.db import Database
 from accord.messages import Message, decode, encode
+from accord.transports._sql import _queries as queries
 from accord.transports.base import Delivery
 from accord.transports.sql import SqlTransport
 from benchmarks._common import ScratchDatabase, console, report
@@ -167,6 +177,88 @@ async def postgres_baseline(dsn: str, count: int) -> tuple[float, float]:
     return insert_rate, consume_rate
 
 
+_CLAIM_BACKLOGS = {
+    "no keys": ("NULL", False),
+    "100 keys": ("'k' || (g % 100)", False),
+    "one key": ("'only'", False),
+    "one key, its first delivery held by another consumer": ("'only'", True),
+}
+_FILL_MESSAGES = """
+INSERT INTO accord_queue (seq, channel, message_id, type, key, headers, body, created_at)
+SELECT g, 'bench', 'm' || g, 'bench.tick', {key}, '{{}}'::jsonb, '\\x7b7d'::bytea, now()
+FROM generate_series(1, $1) g"""
+_FILL_DELIVERIES = """
+INSERT INTO accord_queue_deliveries (seq, group_name, channel, key, attempts, available_at)
+SELECT g, 'bench', 'bench', {key}, 0, now() - interval '1 minute' FROM generate_series(1, $1) g"""
+_BARE_CLAIM = """SELECT seq FROM accord_queue_deliveries WHERE channel = 'bench'
+AND group_name = 'bench' ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED"""
+
+
+async def claim_cost(rows: int, limit: int, repeats: int) -> list[dict[str, Any]]:
+    """Median ms of one claim of ``limit`` over ``rows`` deliveries, per backlog."""
+    results = []
+    for name, (key, first_held) in _CLAIM_BACKLOGS.items():
+        for analyzed in (False, True):
+            async with ScratchDatabase("bench_sqlq_claim") as scratch:
+                async with Database(scratch.url) as database:
+                    await database.upgrade()
+                conn = await asyncpg.connect(scratch.dsn)
+                await conn.execute(
+                    "ALTER TABLE accord_queue_deliveries SET (autovacuum_enabled = false)"
+                )
+                await conn.execute(_FILL_MESSAGES.format(key=key), rows)
+                await conn.execute(_FILL_DELIVERIES.format(key=key), rows)
+                if first_held:
+                    await conn.execute(
+                        "UPDATE accord_queue_deliveries SET locked_by = 'other', "
+                        "locked_until = now() + interval '1 hour' WHERE seq = 1"
+                    )
+                if analyzed:
+                    await conn.execute("VACUUM ANALYZE")
+                times: dict[str, list[float]] = {"accord": [], "bare": []}
+                claimed: dict[str, int] = {}
+                async with Database(scratch.url) as database:
+                    for _ in range(repeats):
+                        async with database.engine.connect() as sa_conn:
+                            started = time.perf_counter()
+                            tx = await sa_conn.begin()
+                            now = datetime.now(UTC)
+                            got: Any = await queries.claim(
+                                sa_conn,
+                                "bench",
+                                "bench",
+                                "me",
+                                limit,
+                                now,
+                                now + timedelta(seconds=30),
+                                is_postgres=True,
+                            )
+                            await tx.rollback()
+                            times["accord"].append(time.perf_counter() - started)
+                            claimed["accord"] = len(got)
+                        started = time.perf_counter()
+                        async with conn.transaction():
+                            got = await conn.fetch(_BARE_CLAIM, limit)
+                            claimed["bare"] = len(got)
+                        times["bare"].append(time.perf_counter() - started)
+                await conn.close()
+                accord_ms = statistics.median(times["accord"]) * 1000
+                bare_ms = statistics.median(times["bare"]) * 1000
+                results.append(
+                    {
+                        "benchmark": f"claim of {limit} over {rows:,} deliveries, {name}, "
+                        f"{'analyzed' if analyzed else 'no statistics yet'} (ms; claimed "
+                        f"{claimed['accord']} / bare {claimed['bare']})",
+                        "accord": accord_ms,
+                        "baseline": bare_ms,
+                        "ratio": bare_ms / accord_ms,
+                        "unit": "ms",
+                    }
+                )
+                console.print(results[-1])
+    return results
+
+
 def _rows(backend: str, accord: tuple[float, float], base: tuple[float, float]) -> list[Any]:
     return [
         {
@@ -183,7 +275,7 @@ def _rows(backend: str, accord: tuple[float, float], base: tuple[float, float]) 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--only", nargs="*", default=["sqlite", "postgres"])
+    parser.add_argument("--only", nargs="*", default=["sqlite", "postgres", "claim"])
     args = parser.parse_args()
     count = 2_000 if args.quick else 20_000
     rows: list[dict[str, Any]] = []
@@ -204,6 +296,8 @@ async def main() -> None:
             base = await postgres_baseline(scratch.dsn, count)
         rows += _rows("postgres", accord, base)
         console.print(rows[-2:])
+    if "claim" in args.only:
+        rows += await claim_cost(count, 256, 3 if args.quick else 7)
     report(
         "sql_transport",
         f"SQL transport, {count:,} messages ({os.cpu_count()} cores)",

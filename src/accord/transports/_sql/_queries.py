@@ -17,6 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db.schema import queue, queue_deliveries, queue_groups
+from accord.db.types import UTCDateTime
 
 __all__ = [
     "Claimed",
@@ -164,41 +165,14 @@ async def claim(
             sa.text("SELECT pg_advisory_xact_lock(:space, hashtext(:name))"),
             {"space": _CLAIM_LOCK_SPACE, "name": f"{len(channel)}:{channel}:{group}"},
         )
-    c = _d.alias("candidate")
-    e = _d.alias("earlier")
-    earlier_out = (
-        sa.select(sa.literal(1))
-        .where(
-            e.c.channel == c.c.channel,
-            e.c.group_name == c.c.group_name,
-            e.c.key == c.c.key,
-            e.c.seq < c.c.seq,
-            sa.or_(e.c.available_at > now, e.c.locked_until > now),
-        )
-        .exists()
-    )
-    ready = (
-        c.c.channel == channel,
-        c.c.group_name == group,
-        c.c.available_at <= now,
-        sa.or_(c.c.locked_until.is_(None), c.c.locked_until <= now),
-    )
-    picked = (
-        sa.select(c.c.seq, c.c.key)
-        .where(*ready, sa.or_(c.c.key.is_(None), ~earlier_out))
-        .order_by(c.c.seq)
-        .limit(limit)
-    )
-    if is_postgres:
-        picked = picked.with_for_update(skip_locked=True, of=c)
-    # Two statements, not UPDATE ... WHERE seq IN (subquery): PostgreSQL plans that
-    # as a hash join over every delivery of the group, which grows with the backlog.
-    rows = [(int(seq), key) for seq, key in (await conn.execute(picked)).all()]
-    if is_postgres:
-        rows = await _behind_skipped(conn, c, ready, rows)
+        rows = await _pick_postgres(conn, channel, group, limit, now)
+    else:
+        rows = await _pick(conn, channel, group, limit, now, is_postgres=False)
     seqs = [seq for seq, _ in rows]
     if not seqs:
         return []
+    # Two statements, not UPDATE ... WHERE seq IN (subquery): PostgreSQL plans that
+    # as a hash join over every delivery of the group, which grows with the backlog.
     claimed = await conn.execute(
         sa.update(_d)
         .where(_d.c.group_name == group, _d.c.seq.in_(seqs))
@@ -217,6 +191,156 @@ async def claim(
         out.append(Claimed(int(seq), key, attempt, dict(headers), bytes(body)))
     out.sort(key=lambda item: item.seq)
     return out
+
+
+def _ready(c: Any, channel: str, group: str, now: datetime) -> tuple[Any, ...]:
+    """A delivery of the group whose delay has passed and that nobody holds."""
+    return (
+        c.c.channel == channel,
+        c.c.group_name == group,
+        c.c.available_at <= now,
+        sa.or_(c.c.locked_until.is_(None), c.c.locked_until <= now),
+    )
+
+
+async def _pick(
+    conn: AsyncConnection,
+    channel: str,
+    group: str,
+    limit: int,
+    now: datetime,
+    *,
+    is_postgres: bool,
+) -> list[tuple[int, str | None]]:
+    """The first ``limit`` ready deliveries in seq order, each unless an earlier
+    delivery of its key is out (one index probe per row: SQLite's plan, and
+    PostgreSQL's last resort, where it holds back every key with a delivery out:
+    see :func:`_pick_postgres`)."""
+    c = _d.alias("candidate")
+    ready = _ready(c, channel, group, now)
+    if is_postgres:
+        # The keys with a delivery out, found in one pass over the group's rows:
+        # a probe per row can cost a scan of every earlier row (PostgreSQL's plan
+        # once it has statistics for one busy key), which is quadratic.
+        o = _d.alias("out")
+        out_keys = sa.select(o.c.key).where(
+            o.c.channel == channel,
+            o.c.group_name == group,
+            o.c.key.is_not(None),
+            sa.or_(o.c.available_at > now, o.c.locked_until > now),
+        )
+        passes = sa.or_(c.c.key.is_(None), c.c.key.not_in(out_keys))
+    else:
+        e = _d.alias("earlier")
+        earlier_out = (
+            sa.select(sa.literal(1))
+            .where(
+                e.c.channel == c.c.channel,
+                e.c.group_name == c.c.group_name,
+                e.c.key == c.c.key,
+                e.c.seq < c.c.seq,
+                sa.or_(e.c.available_at > now, e.c.locked_until > now),
+            )
+            .exists()
+        )
+        passes = sa.or_(c.c.key.is_(None), ~earlier_out)
+    picked = sa.select(c.c.seq, c.c.key).where(*ready, passes).order_by(c.c.seq).limit(limit)
+    if is_postgres:
+        picked = picked.with_for_update(skip_locked=True, of=c)
+    rows = [(int(seq), key) for seq, key in (await conn.execute(picked)).all()]
+    if is_postgres:
+        rows = await _behind_skipped(conn, c, ready, rows)
+    return rows
+
+
+# PostgreSQL picks from a window ahead: the group's first :window deliveries in seq
+# order after :after, leaving out the keys with a delivery at or before :after
+# (the windows looked at already). Every earlier delivery of a key in the window is
+# in the window too, so the window alone says which may go: a ready one whose key
+# has nothing out before it (bool_and over the key's deliveries so far). Those are
+# locked in seq order, skipping rows another transaction holds (a consumer
+# settling or extending right now); a key with such a row keeps all its
+# deliveries back this time. No probe per row and no plan that depends on
+# statistics. The last row is one more: how many deliveries the window held and
+# where it ended (the others NULL), so the caller knows whether to look further.
+_PICK_AHEAD = sa.text(
+    """
+WITH ahead AS MATERIALIZED (
+  SELECT a.seq, a.key,
+         a.available_at <= :now AND (a.locked_until IS NULL OR a.locked_until <= :now) AS ready
+  FROM accord_queue_deliveries a
+  WHERE a.channel = :channel AND a.group_name = :group AND a.seq > :after
+    AND (a.key IS NULL OR :after = 0 OR a.key NOT IN (
+      SELECT s.key FROM accord_queue_deliveries s
+      WHERE s.channel = :channel AND s.group_name = :group AND s.key IS NOT NULL
+        AND s.seq <= :after))
+  ORDER BY a.seq LIMIT :window),
+open AS (
+  SELECT seq, key FROM (
+    SELECT seq, key, ready, bool_and(ready) OVER (PARTITION BY key ORDER BY seq) AS clear
+    FROM ahead) a
+  WHERE ready AND (key IS NULL OR clear)),
+candidates AS MATERIALIZED (
+  SELECT c.seq, c.key FROM accord_queue_deliveries c
+  WHERE c.group_name = :group AND c.seq = ANY(ARRAY(SELECT seq FROM open))
+    AND c.available_at <= :now AND (c.locked_until IS NULL OR c.locked_until <= :now)
+  ORDER BY c.seq LIMIT :limit
+  FOR UPDATE OF c SKIP LOCKED),
+skipped AS (
+  SELECT o.key FROM open o
+  WHERE o.key IS NOT NULL AND o.seq < (SELECT max(seq) FROM candidates)
+    AND o.seq NOT IN (SELECT seq FROM candidates))
+SELECT c.seq, c.key, w.looked_at, w.last_seq
+FROM (SELECT count(*) AS looked_at, max(seq) AS last_seq FROM ahead) w
+LEFT JOIN candidates c ON c.key IS NULL OR c.key NOT IN (SELECT key FROM skipped)
+ORDER BY c.seq NULLS LAST
+"""
+).bindparams(
+    sa.bindparam("now", type_=UTCDateTime()),
+    sa.bindparam("after", type_=sa.BigInteger()),
+    sa.bindparam("window", type_=sa.BigInteger()),
+    sa.bindparam("limit", type_=sa.BigInteger()),
+)
+# How many windows a claim looks at before its last resort; a window is twice the
+# claim (room for the deliveries of keys that are out).
+_AHEAD_WINDOWS = 2
+_AHEAD_FACTOR = 2
+
+
+async def _pick_postgres(
+    conn: AsyncConnection, channel: str, group: str, limit: int, now: datetime
+) -> list[tuple[int, str | None]]:
+    """Up to ``limit`` deliveries that may go now, locked, in seq order: through up
+    to :data:`_AHEAD_WINDOWS` windows, then, if each was full and the claim is still
+    short, through :func:`_pick` (one pass over the group's deliveries): a busy key
+    that is out never holds back another key, however many deliveries it has."""
+    window = max(limit * _AHEAD_FACTOR, 1)
+    picked: list[tuple[int, str | None]] = []
+    after = 0
+    for _ in range(_AHEAD_WINDOWS):
+        result = (
+            await conn.execute(
+                _PICK_AHEAD,
+                {
+                    "channel": channel,
+                    "group": group,
+                    "now": now,
+                    "after": after,
+                    "window": window,
+                    "limit": limit - len(picked),
+                },
+            )
+        ).all()
+        picked += [(int(r.seq), r.key) for r in result if r.seq is not None]
+        looked_at, last_seq = result[-1].looked_at, result[-1].last_seq
+        if len(picked) >= limit or looked_at < window:
+            return picked
+        after = int(last_seq)
+    # This transaction's own locks are not skipped: the last resort takes the
+    # window's deliveries again, with more if there are.
+    more = await _pick(conn, channel, group, limit, now, is_postgres=True)
+    merged = dict(picked + more)
+    return [(seq, merged[seq]) for seq in sorted(merged)][:limit]
 
 
 async def _behind_skipped(
