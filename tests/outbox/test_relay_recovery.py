@@ -376,8 +376,8 @@ async def test_a_claim_over_a_large_backlog_is_not_jit_compiled(pg_url: str) -> 
         lease = now + timedelta(seconds=30)
         # The first look-ahead window, the second (past seq 200), the claim over all.
         for name, statement, args in [
-            ("first window", _CLAIM_AHEAD_AND_LEASE_DRIVER, (now, 100, 200, 0, lease)),
-            ("second window", _CLAIM_AHEAD_AND_LEASE_DRIVER, (now, 100, 200, 200, lease)),
+            ("first window", _CLAIM_AHEAD_AND_LEASE_DRIVER, (now, 100, 200, 0, [], lease)),
+            ("second window", _CLAIM_AHEAD_AND_LEASE_DRIVER, (now, 100, 200, 200, [], lease)),
             ("claim over every due row", _CLAIM_AND_LEASE_DRIVER, (now, 100, lease)),
         ]:
             tx = driver.transaction()

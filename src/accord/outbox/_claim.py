@@ -108,9 +108,10 @@ ORDER BY o.seq
 
 # PostgreSQL's claim (asyncpg, $1 = now, $2 = limit) looks ahead at a window: the
 # first $3 PENDING rows in seq order after seq $4, leaving out the keys that have a
-# PENDING row at or before $4 (the windows looked at already). Every earlier
-# PENDING row of a key in the window is in the window too, so the window alone says
-# which of its rows may go out: a due row whose key has nothing undue before it
+# PENDING row at or before $4 that this claim did not take ($5, the seqs it took in
+# the windows looked at already). Every earlier PENDING row of a key in the window
+# is in the window too, or taken, so the window alone says which of its rows may go
+# out: a due row whose key has nothing undue before it
 # (bool_and over the key's rows so far). Those are locked in seq order, skipping
 # rows another relay holds; a key with such a row keeps all its rows back this
 # time. No per-row probe, no join whose plan depends on statistics (rows are
@@ -124,7 +125,8 @@ ahead AS MATERIALIZED (
   WHERE a.status = 'PENDING' AND a.seq > $4
     AND (a.key IS NULL OR $4 = 0 OR a.key NOT IN (
       SELECT s.key FROM accord_outbox s
-      WHERE s.status = 'PENDING' AND s.key IS NOT NULL AND s.seq <= $4))
+      WHERE s.status = 'PENDING' AND s.key IS NOT NULL AND s.seq <= $4
+        AND NOT (s.seq = ANY($5::bigint[]))))
   ORDER BY a.seq LIMIT $3),
 open AS (
   SELECT seq, key FROM (
@@ -148,16 +150,18 @@ eligible AS MATERIALIZED (
     SELECT seq FROM candidates WHERE key IS NULL OR key NOT IN (SELECT key FROM skipped))))
 """
 _AHEAD_RESULT = """
-SELECT e.*, w.looked_at, w.last_seq
-FROM (SELECT count(*) AS looked_at, max(seq) AS last_seq FROM ahead) w
+SELECT e.*, w.looked_at, w.last_seq, w.locked, w.last_locked
+FROM (SELECT count(*) AS looked_at, max(seq) AS last_seq,
+             (SELECT count(*) FROM candidates) AS locked,
+             (SELECT max(seq) FROM candidates) AS last_locked FROM ahead) w
 LEFT JOIN eligible e ON true
 ORDER BY e.seq NULLS LAST
 """
 _CLAIM_AHEAD_DRIVER = f"WITH {_AHEAD} {_AHEAD_RESULT}"
-# Claim and lease in one statement ($5 = the lease's end): sent on its own, outside
+# Claim and lease in one statement ($6 = the lease's end): sent on its own, outside
 # any transaction, it is one round trip and its own short transaction.
 _CLAIM_AHEAD_AND_LEASE_DRIVER = (
-    f"WITH {_AHEAD}, leased AS (UPDATE accord_outbox o SET available_at = $5 "
+    f"WITH {_AHEAD}, leased AS (UPDATE accord_outbox o SET available_at = $6 "
     f"FROM eligible e WHERE o.seq = e.seq) {_AHEAD_RESULT}"
 )
 # How many windows a claim looks at before it falls back to the claim over every
@@ -308,14 +312,18 @@ async def _claim_ahead(
     try:
         after = 0
         for _ in range(AHEAD_WINDOWS):
+            taken = [row.seq for row in claimed]
             records = await driver.fetch(
-                *_ahead_statement(now, limit - len(claimed), window, after, lease_until)
+                *_ahead_statement(now, limit - len(claimed), window, after, taken, lease_until)
             )
             claimed += _rows([r for r in records if r["seq"] is not None])
-            looked_at, last_seq = records[-1]["looked_at"], records[-1]["last_seq"]
-            if len(claimed) >= limit or looked_at < window:
+            meta = records[-1]
+            # Rows past the last one locked were not looked at if the lock step
+            # filled its limit (and then dropped rows behind a skipped one).
+            filled = meta["locked"] == limit - len(taken)
+            if len(claimed) >= limit or (meta["looked_at"] < window and not filled):
                 return claimed
-            after = last_seq
+            after = meta["last_locked"] if filled else meta["last_seq"]
         # A claim of this transaction's own: its locked rows are claimed again (a
         # lock holder is not skipped), its leased rows are not due (their keys wait).
         if lease_until is None:
@@ -333,11 +341,16 @@ async def _claim_ahead(
 
 
 def _ahead_statement(
-    now: datetime, limit: int, window: int, after: int, lease_until: datetime | None
+    now: datetime,
+    limit: int,
+    window: int,
+    after: int,
+    taken: list[int],
+    lease_until: datetime | None,
 ) -> tuple[Any, ...]:
     if lease_until is None:
-        return _CLAIM_AHEAD_DRIVER, now, limit, window, after
-    return _CLAIM_AHEAD_AND_LEASE_DRIVER, now, limit, window, after, lease_until
+        return _CLAIM_AHEAD_DRIVER, now, limit, window, after, taken
+    return _CLAIM_AHEAD_AND_LEASE_DRIVER, now, limit, window, after, taken, lease_until
 
 
 async def _give_back(driver: Any, rows: Sequence[ClaimedRow], lease_until: datetime) -> None:

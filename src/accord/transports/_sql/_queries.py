@@ -249,14 +249,15 @@ async def _pick(
         picked = picked.with_for_update(skip_locked=True, of=c)
     rows = [(int(seq), key) for seq, key in (await conn.execute(picked)).all()]
     if is_postgres:
-        rows = await _behind_skipped(conn, c, ready, rows)
+        rows = await _behind_skipped(conn, c, channel, group, rows)
     return rows
 
 
 # PostgreSQL picks from a window ahead: the group's first :window deliveries in seq
-# order after :after, leaving out the keys with a delivery at or before :after
-# (the windows looked at already). Every earlier delivery of a key in the window is
-# in the window too, so the window alone says which may go: a ready one whose key
+# order after :after, leaving out the keys with a delivery at or before :after that
+# this claim did not take (:taken, its picks from the windows looked at already).
+# Every earlier delivery of a key in the window is in the window too, or taken, so
+# the window alone says which may go: a ready one whose key
 # has nothing out before it (bool_and over the key's deliveries so far). Those are
 # locked in seq order, skipping rows another transaction holds (a consumer
 # settling or extending right now); a key with such a row keeps all its
@@ -273,7 +274,7 @@ WITH ahead AS MATERIALIZED (
     AND (a.key IS NULL OR :after = 0 OR a.key NOT IN (
       SELECT s.key FROM accord_queue_deliveries s
       WHERE s.channel = :channel AND s.group_name = :group AND s.key IS NOT NULL
-        AND s.seq <= :after))
+        AND s.seq <= :after AND NOT (s.seq = ANY(:taken))))
   ORDER BY a.seq LIMIT :window),
 open AS (
   SELECT seq, key FROM (
@@ -290,8 +291,10 @@ skipped AS (
   SELECT o.key FROM open o
   WHERE o.key IS NOT NULL AND o.seq < (SELECT max(seq) FROM candidates)
     AND o.seq NOT IN (SELECT seq FROM candidates))
-SELECT c.seq, c.key, w.looked_at, w.last_seq
-FROM (SELECT count(*) AS looked_at, max(seq) AS last_seq FROM ahead) w
+SELECT c.seq, c.key, w.looked_at, w.last_seq, w.locked, w.last_locked
+FROM (SELECT count(*) AS looked_at, max(seq) AS last_seq,
+             (SELECT count(*) FROM candidates) AS locked,
+             (SELECT max(seq) FROM candidates) AS last_locked FROM ahead) w
 LEFT JOIN candidates c ON c.key IS NULL OR c.key NOT IN (SELECT key FROM skipped)
 ORDER BY c.seq NULLS LAST
 """
@@ -300,6 +303,7 @@ ORDER BY c.seq NULLS LAST
     sa.bindparam("after", type_=sa.BigInteger()),
     sa.bindparam("window", type_=sa.BigInteger()),
     sa.bindparam("limit", type_=sa.BigInteger()),
+    sa.bindparam("taken", type_=postgresql.ARRAY(sa.BigInteger())),
 )
 # How many windows a claim looks at before its last resort; a window is twice the
 # claim (room for the deliveries of keys that are out).
@@ -328,14 +332,19 @@ async def _pick_postgres(
                     "after": after,
                     "window": window,
                     "limit": limit - len(picked),
+                    "taken": [seq for seq, _ in picked],
                 },
             )
         ).all()
+        asked = limit - len(picked)
         picked += [(int(r.seq), r.key) for r in result if r.seq is not None]
-        looked_at, last_seq = result[-1].looked_at, result[-1].last_seq
-        if len(picked) >= limit or looked_at < window:
+        meta = result[-1]
+        # Deliveries past the last one locked were not looked at if the lock step
+        # filled its limit (and then dropped some behind a skipped one).
+        filled = meta.locked == asked
+        if len(picked) >= limit or (meta.looked_at < window and not filled):
             return picked
-        after = int(last_seq)
+        after = int(meta.last_locked if filled else meta.last_seq)
     # This transaction's own locks are not skipped: the last resort takes the
     # window's deliveries again, with more if there are.
     more = await _pick(conn, channel, group, limit, now, is_postgres=True)
@@ -346,7 +355,8 @@ async def _pick_postgres(
 async def _behind_skipped(
     conn: AsyncConnection,
     c: Any,
-    ready: tuple[Any, ...],
+    channel: str,
+    group: str,
     rows: list[tuple[int, str | None]],
 ) -> list[tuple[int, str | None]]:
     """PostgreSQL: ``rows`` less those behind an earlier delivery of their key that the
@@ -358,9 +368,16 @@ async def _behind_skipped(
     if not keys:
         return rows
     taken = {seq for seq, _ in rows}
+    # Whatever its state now: read in a new statement, a delivery skipped as
+    # locked may show a lease its holder committed meanwhile (then it is out).
     earlier = (
         sa.select(c.c.seq, c.c.key)
-        .where(*ready, c.c.key.in_(sorted(keys)), c.c.seq < max(taken))
+        .where(
+            c.c.channel == channel,
+            c.c.group_name == group,
+            c.c.key.in_(sorted(keys)),
+            c.c.seq < max(taken),
+        )
         .order_by(c.c.seq)
     )
     blocked: dict[str, int] = {}  # key -> its first delivery the claim skipped
