@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+import accord.outbox.relay as relay_module
 from accord import Database, Message, add_to_outbox
 from accord.db.schema import outbox
 from accord.errors import ConfigurationError
@@ -144,16 +145,27 @@ async def test_broker_outage_does_not_spend_attempts(database: Database) -> None
     await unreachable.close()
 
 
-async def test_old_sent_rows_are_cleaned_up_in_batches(database: Database) -> None:
+async def test_old_sent_rows_are_cleaned_up_in_batches(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Old SENT rows go, batch after batch (here 5 a batch, so 12 take three);
+    recent and PENDING rows stay."""
+    monkeypatch.setattr(relay_module, "_CLEANUP_BATCH", 5)
     async with database.transaction() as conn:
         await add_to_outbox(conn, *[Message(type="t.old") for _ in range(12)])
         await conn.execute(
             outbox.update().values(status="SENT", sent_at=datetime.now(UTC) - timedelta(days=8))
         )
         await add_to_outbox(conn, Message(type="t.recent"))
+        await add_to_outbox(conn, Message(type="t.sent.recently"))
+        await conn.execute(
+            outbox.update()
+            .where(outbox.c.event_type == "t.sent.recently")
+            .values(status="SENT", sent_at=datetime.now(UTC) - timedelta(days=1))
+        )
     relay = Relay(database, from_url("memory://"), retention=timedelta(days=7))
     assert await relay.cleanup() == 12
-    assert list((await statuses(database)).values()) == ["PENDING"]
+    assert sorted((await statuses(database)).values()) == ["PENDING", "SENT"]
 
 
 @pytest.mark.postgres
