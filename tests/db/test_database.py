@@ -38,6 +38,29 @@ async def test_upgrade_from_version_1_adds_the_inbox_holds_table(database: Datab
         assert await conn.scalar(sa.text("SELECT count(*) FROM accord_inbox_holds")) == 0
 
 
+async def test_upgrade_from_version_4_indexes_dead_letters(database: Database) -> None:
+    """A database of version 4 gets the dead-letter indexes by message and for
+    replays (dead-lettering looked up a message's earlier letter by reading every
+    letter of its consumer)."""
+    wanted = {"ix_accord_dead_letters_message", "ix_accord_dead_letters_replay"}
+
+    async def indexes() -> set[str]:
+        async with database.connect() as conn:
+            found = await conn.run_sync(
+                lambda sync: sa.inspect(sync).get_indexes("accord_dead_letters")
+            )
+        return {index["name"] for index in found} & wanted
+
+    await database.upgrade()
+    assert await indexes() == wanted
+    async with database.transaction() as conn:  # back to what version 4 left
+        for name in wanted:
+            await conn.execute(sa.text(f"DROP INDEX {name}"))
+        await conn.execute(schema_version.delete().where(schema_version.c.version > 4))
+    assert await database.upgrade() == MIGRATIONS[-1][0]
+    assert await indexes() == wanted
+
+
 async def test_the_sql_transports_queue_never_reuses_a_seq_on_sqlite(sqlite_url: str) -> None:
     """SQLite gives the highest rowid again once its row is deleted, unless the table
     is AUTOINCREMENT; a delivery settled late must never meet a newer message under its

@@ -41,12 +41,28 @@ async def _queue_autoincrement(conn: AsyncConnection) -> None:
     await conn.execute(sa.text(f"DROP TABLE {old}"))
 
 
+async def _dead_letter_indexes(conn: AsyncConnection) -> None:
+    """Index dead letters by message (found again when dead-lettered again) and by
+    consumer, status and id (replays taken in order)."""
+    from accord.db.schema import dead_letters
+
+    wanted = ("ix_accord_dead_letters_message", "ix_accord_dead_letters_replay")
+    indexes = [index for index in dead_letters.indexes if index.name in wanted]
+
+    def create(sync: sa.Connection) -> None:
+        for index in indexes:
+            index.create(sync, checkfirst=True)
+
+    await conn.run_sync(create)
+
+
 #: (version, what it does, the step). Append; never edit a released step.
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "create every Accord table", _create_missing),
     (2, "add accord_inbox_holds (redeliveries that were not failures)", _create_missing),
     (3, "SQLite: accord_queue never reuses a message's seq", _queue_autoincrement),
     (4, "add accord_inbox_starts (handler starts of redelivered messages)", _create_missing),
+    (5, "index accord_dead_letters by message and for replays", _dead_letter_indexes),
 ]
 
 _LOCK_ID = 0x4143_4F52  # "ACOR": serialises concurrent upgrades on PostgreSQL

@@ -133,6 +133,11 @@ dead_letters = sa.Table(
     sa.Column("updated_at", UTCDateTime, nullable=True),
     sa.Index("ix_accord_dead_letters_consumer", "consumer", "id"),
     sa.Index("ix_accord_dead_letters_status", "status", "consumer", "available_at"),
+    # Dead-lettering a message looks for its earlier letter: one probe, not a read
+    # of every letter of the consumer (quadratic in a storm of poison messages).
+    sa.Index("ix_accord_dead_letters_message", "consumer", "message_id", "status"),
+    # A consumer takes its due replays in id order, straight off this index.
+    sa.Index("ix_accord_dead_letters_replay", "consumer", "status", "id"),
 )
 
 # The broker-less SQL transport (accord.transports.sql): one row per published
