@@ -258,6 +258,32 @@ async def test_cleanup_removes_messages_every_group_has_settled(
     assert await _count(transport, queue) == 4
 
 
+async def test_cleanup_goes_past_messages_a_lagging_group_still_needs(
+    transports: Callable[..., SqlTransport],
+) -> None:
+    """The messages a lagging group still needs sit in front; every settled one
+    behind them goes, batch after batch (a round goes on from where its last batch
+    ended instead of walking the needed ones again each batch)."""
+    transport = transports(cleanup_batch=3)
+    fast = Collector()
+    await transport.subscribe("fast", fast)
+    slow_subscription = await transport.subscribe("slow", Collector())
+    await slow_subscription.stop()
+    await transport.publish([Message(type="t.x", data=n) for n in range(11)])
+    await fast.wait(11)
+
+    async def fast_settled() -> bool:
+        return await _count(transport, queue_deliveries) == 11  # the slow group's
+
+    await wait_for(fast_settled, 10)
+    async with transport.database.transaction() as conn:  # slow settles all but 4
+        mine = sa.select(queue.c.seq).where(queue.c.channel == transport.channel)
+        seqs = (await conn.execute(mine.order_by(queue.c.seq))).scalars().all()
+        await conn.execute(queue_deliveries.delete().where(queue_deliveries.c.seq.in_(seqs[4:])))
+    assert await transport.cleanup() == 7
+    assert await _count(transport, queue) == 4
+
+
 async def test_cleanup_runs_periodically(transports: Callable[..., SqlTransport]) -> None:
     transport = transports(cleanup_interval=0.2)
     collector = Collector()

@@ -367,10 +367,10 @@ class SqlTransport(Transport):
         """Delete the message rows of this channel that every group has settled,
         ``cleanup_batch`` per transaction; return how many went."""
         db = await self._ensure_open()
-        total = 0
+        total = after = 0
         while True:
             async with transaction(db, "cleaning up settled messages") as conn:
-                deleted = await q.cleanup(conn, self.channel, self.cleanup_batch)
+                deleted, after = await q.cleanup(conn, self.channel, self.cleanup_batch, after)
             total += deleted
             if deleted < self.cleanup_batch:
                 return total

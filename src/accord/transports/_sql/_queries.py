@@ -488,17 +488,30 @@ async def extend_leases(
         )
 
 
-async def cleanup(conn: AsyncConnection, channel: str, limit: int) -> int:
-    """Delete up to ``limit`` message rows of ``channel`` that no delivery needs any more."""
+async def cleanup(
+    conn: AsyncConnection, channel: str, limit: int, after: int = 0
+) -> tuple[int, int]:
+    """Delete up to ``limit`` message rows of ``channel`` past seq ``after`` that no
+    delivery needs any more. Returns how many went and the seq to go on after.
+
+    A round goes on from where its last batch ended: the rows still needed at the
+    front (a group lagging behind) are walked past once a round, not once a batch.
+    The seqs are read first and deleted by value: a DELETE ... IN (subquery) is
+    planned by PostgreSQL as a hash join over the channel's every row.
+    """
     q = queue.alias("done")
     unused = (
         sa.select(q.c.seq)
         .where(
             q.c.channel == channel,
+            q.c.seq > after,
             ~sa.select(sa.literal(1)).where(_d.c.seq == q.c.seq).exists(),
         )
         .order_by(q.c.seq)
         .limit(limit)
     )
-    result = await conn.execute(sa.delete(queue).where(queue.c.seq.in_(unused)))
-    return int(result.rowcount or 0)
+    seqs = [int(seq) for seq in (await conn.execute(unused)).scalars()]
+    if not seqs:
+        return 0, after
+    await conn.execute(sa.delete(queue).where(queue.c.seq.in_(seqs)))
+    return len(seqs), seqs[-1]
