@@ -35,6 +35,7 @@ from accord.db.schema import outbox
 from accord.outbox import Relay
 from accord.outbox._claim import ClaimedRow, claim, claim_on_driver
 from accord.transports import from_url
+from tests.claims import Slot, check_claim
 
 
 @dataclass(frozen=True)
@@ -57,42 +58,9 @@ rows_strategy = st.lists(
 )
 
 
-def publishable(rows: list[tuple[int, Row]]) -> list[int]:
-    """The model: the rows (by seq) that may go out now, in order: due, not held
-    by another relay, and every earlier PENDING row of their key may go too."""
-    blocked: set[str] = set()
-    out = []
-    for seq, row in rows:
-        if row.sent:
-            continue
-        if row.due and not row.held and row.key not in blocked:
-            out.append(seq)
-        elif row.key is not None:
-            blocked.add(row.key)
-    return out
-
-
 def check(rows: list[tuple[int, Row]], claimed: list[ClaimedRow], limit: int) -> None:
-    by_seq = dict(rows)
-    seqs = [c.seq for c in claimed]
-    assert seqs == sorted(set(seqs)), "claimed rows must be distinct and in seq order"
-    assert len(seqs) <= limit
-    taken = set(seqs)
-    for seq in seqs:
-        row = by_seq[seq]
-        assert not row.sent and row.due and not row.held, f"row {seq} ({row}) may not go out"
-        if row.key is not None:
-            earlier = [s for s, r in rows if s < seq and r.key == row.key and not r.sent]
-            assert set(earlier) <= taken, f"row {seq} of {row.key!r} overtakes {earlier}"
-    # The claim takes the first rows that may go out, in order, passing over none;
-    # a key with a row another relay holds may be passed over whole (which rows it
-    # holds shows only when the claim tries to lock them).
-    held = {row.key for _, row in rows if row.held}
-    model = [s for s in publishable(rows) if by_seq[s].key not in held]
-    free = [s for s in seqs if by_seq[s].key not in held]
-    assert free == model[: len(free)], f"claimed {seqs}; the rows that may go out: {model}"
-    if model and not held:
-        assert seqs, f"nothing claimed; the rows that may go out: {model}"
+    slots = [Slot(seq, r.key, r.due, r.held, r.sent) for seq, r in rows]
+    check_claim(slots, [c.seq for c in claimed], limit)
 
 
 async def fill(database: Database, rows: list[Row], now: datetime) -> list[tuple[int, Row]]:

@@ -24,6 +24,7 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from tests.claims import Slot, check_claim, claim_deliveries
 
 from accord.db import Database
 from accord.db.schema import queue, queue_deliveries
@@ -57,19 +58,6 @@ states = st.lists(
 )
 
 
-def deliverable(rows: list[tuple[int, Delivery]]) -> list[int]:
-    """The model: the deliveries that may go now, in seq order (ready, nobody holds
-    them, and every earlier delivery of their key may go too)."""
-    blocked: set[str] = set()
-    out = []
-    for seq, row in rows:
-        if row.state in ("ready", "expired") and row.key not in blocked:
-            out.append(seq)
-        elif row.key is not None:
-            blocked.add(row.key)
-    return out
-
-
 def _out_after_ready(rows: list[tuple[int, Delivery]]) -> bool:
     """A key with a delivery that may go before one that is out: no claim leaves
     that behind, and PostgreSQL's last resort holds such a key back whole."""
@@ -85,28 +73,10 @@ def _out_after_ready(rows: list[tuple[int, Delivery]]) -> bool:
 
 
 def check(rows: list[tuple[int, Delivery]], claimed: list[q.Claimed], limit: int) -> None:
-    by_seq = dict(rows)
-    seqs = [c.seq for c in claimed]
-    assert seqs == sorted(set(seqs)), "claimed deliveries must be distinct and in seq order"
-    assert len(seqs) <= limit
-    taken = set(seqs)
-    for seq in seqs:
-        row = by_seq[seq]
-        assert row.state in ("ready", "expired"), f"delivery {seq} ({row}) may not go"
-        if row.key is not None:
-            earlier = [s for s, r in rows if s < seq and r.key == row.key]
-            assert set(earlier) <= taken, f"delivery {seq} of {row.key!r} overtakes {earlier}"
-    if _out_after_ready(rows):
-        return
-    # Handed out in publish order: the first deliveries that may go, passing over
-    # none; a key with a delivery another transaction holds locked may be passed
-    # over whole.
-    held = {row.key for _, row in rows if row.state == "held"}
-    model = [s for s in deliverable(rows) if by_seq[s].key not in held]
-    free = [s for s in seqs if by_seq[s].key not in held]
-    assert free == model[: len(free)], f"claimed {seqs}; the deliveries that may go: {model}"
-    if model and not held:
-        assert seqs, f"nothing claimed; the deliveries that may go: {model}"
+    slots = [
+        Slot(seq, r.key, r.state in ("ready", "expired"), r.state == "held") for seq, r in rows
+    ]
+    check_claim(slots, [c.seq for c in claimed], limit, in_order=not _out_after_ready(rows))
 
 
 async def fill(
@@ -158,18 +128,7 @@ async def claim(
             await other.begin()
             d = queue_deliveries
             await other.execute(sa.select(d.c.seq).where(d.c.seq.in_(held)).with_for_update())
-        async with database.transaction() as conn:
-            claimed = await q.claim(
-                conn,
-                CHANNEL,
-                GROUP,
-                "me",
-                limit,
-                now,
-                now + timedelta(seconds=30),
-                is_postgres=database.is_postgres,
-            )
-            await conn.rollback()
+        claimed = await claim_deliveries(database, CHANNEL, GROUP, limit, now, keep=False)
         return claimed
     finally:
         if other is not None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from tests.claims import claim_deliveries
 
 from accord.db import Database
 from accord.db.schema import queue, queue_deliveries
@@ -63,18 +64,7 @@ async def fill(database: Database, spec: str, now: datetime) -> list[int]:
 
 
 async def claim(database: Database, limit: int, now: datetime) -> list[int]:
-    async with database.transaction() as conn:
-        claimed = await q.claim(
-            conn,
-            CHANNEL,
-            GROUP,
-            "me",
-            limit,
-            now,
-            now + timedelta(seconds=30),
-            is_postgres=database.is_postgres,
-        )
-    return [c.seq for c in claimed]
+    return [c.seq for c in await claim_deliveries(database, CHANNEL, GROUP, limit, now)]
 
 
 async def test_a_claim_takes_the_next_delivery_of_a_key_it_takes_before_later_keys(
