@@ -133,3 +133,24 @@ async def test_reads_and_counts_by_type_match_the_model(
             )
         finally:
             await store.close()
+
+
+async def test_reads_by_type_take_any_type_name(db_url: str) -> None:
+    """Type names with quotes, backslashes and other text read back by type (they
+    are written into the statement as literals on PostgreSQL)."""
+    names = ["it's", "back\\slash", "\\'; DROP TABLE accord_events; --", "ünï.cödé", "plain"]
+    async with Database(db_url) as db:
+        store = EventStore(db)
+        try:
+            start = await store.head()
+            stream = f"s-{uuid.uuid4().hex[:6]}"
+            for name in names:
+                last = await store.append(stream, [NewEvent(name, {})])
+            await visible(store, last.position)
+            for name in names:
+                [event] = await store.read_all(start, types=[name])
+                assert event.type == name
+                assert await store.count(start, types=[name, name]) == 1
+            assert len(await store.read_all(start, types=names)) == len(names)
+        finally:
+            await store.close()

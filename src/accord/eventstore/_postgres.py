@@ -89,13 +89,34 @@ SELECT b.bound, e.* FROM b LEFT JOIN LATERAL (
 ) e ON true ORDER BY e.position
 """
 _READ_ALL_SQL = _READ_ALL.format(types="")
-_READ_ALL_TYPES = _READ_ALL.format(types="AND type = ANY($3::text[])")
 _HEAD = f"SELECT coalesce(max(position), 0) FROM accord_events WHERE position < {_BOUND}"
-_COUNT = f"""
-SELECT count(*) FROM accord_events
-WHERE position > $1 AND position < {_BOUND} AND ($2::bigint IS NULL OR position <= $2)
-  AND ($3::text[] IS NULL OR type = ANY($3::text[]))
-"""
+
+
+def _type_list(types: Sequence[str]) -> str:
+    """``types`` as SQL literals. Reads by type name them in the statement, not as a
+    parameter: a prepared statement's generic plan then still knows how rare each
+    type is (with a parameter it walked the position order past every other type's
+    events: 120-140 ms a poll at a million events for a projection of rare types)."""
+    return ", ".join(
+        "E'" + t.replace("\\", "\\\\").replace("'", "\\'") + "'" for t in sorted(set(types))
+    )
+
+
+def _read_all_types(types: Sequence[str]) -> str:
+    return _READ_ALL.format(types=f"AND type IN ({_type_list(types)})")
+
+
+def _count_sql(upto: bool, types: Sequence[str] | None) -> str:
+    """One statement per shape ($1 = after, $2 = upto): an ``$n IS NULL OR ...``
+    condition keeps a generic plan off the indexes."""
+    sql = f"SELECT count(*) FROM accord_events WHERE position > $1 AND position < {_BOUND}"
+    if upto:
+        sql += " AND position <= $2"
+    if types:
+        sql += f" AND type IN ({_type_list(types)})"
+    return sql
+
+
 _VERSION = "SELECT coalesce(max(version), 0) FROM accord_events WHERE stream_id = $1"
 
 
@@ -317,10 +338,8 @@ class PostgresEventStore(EventStore):
     async def _read_all(
         self, after: int, limit: int, types: list[str] | None, conn: AsyncConnection | None
     ) -> tuple[list[RecordedEvent], int]:
-        sql, args = (
-            (_READ_ALL_TYPES, [after, limit, types]) if types else (_READ_ALL_SQL, [after, limit])
-        )
-        rows = await self._query(sql, args, conn, "reading all events")
+        sql = _read_all_types(types) if types else _READ_ALL_SQL
+        rows = await self._query(sql, [after, limit], conn, "reading all events")
         bound = int(rows[0][0])
         events = [self._recorded(tuple(r)[1:]) for r in rows if r[1] is not None]
         return events, bound
@@ -332,7 +351,9 @@ class PostgresEventStore(EventStore):
     async def _count(
         self, after: int, upto: int | None, types: list[str] | None, conn: AsyncConnection | None
     ) -> int:
-        rows = await self._query(_COUNT, [after, upto, types], conn, "counting events")
+        sql = _count_sql(upto is not None, types)
+        args = [after] if upto is None else [after, upto]
+        rows = await self._query(sql, args, conn, "counting events")
         return int(rows[0][0])
 
     async def _listen(self, callback: Any) -> Any:
