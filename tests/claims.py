@@ -4,12 +4,34 @@ tests/transports/test_sql_claim.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
+
+from hypothesis import HealthCheck, example, settings
 
 from accord.db import Database
 from accord.transports._sql import _queries as q
+
+#: Hypothesis settings of the claims' model tests (a database per test, many examples).
+SETTINGS = settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+def with_examples(
+    parse: Callable[[str], Any], cases: Sequence[tuple[str, int]]
+) -> Callable[[Any], Any]:
+    """A decorator adding each ``(spec, limit)`` as an explicit example (``rows`` from
+    ``parse(spec)``): shapes a random search finds rarely."""
+
+    def decorate(test: Any) -> Any:
+        for spec, limit in cases:
+            test = example(rows=parse(spec), limit=limit)(test)
+        return test
+
+    return decorate
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import accord.outbox.relay as relay_module
@@ -35,7 +35,7 @@ from accord.db.schema import outbox
 from accord.outbox import Relay
 from accord.outbox._claim import ClaimedRow, claim, claim_on_driver
 from accord.transports import from_url
-from tests.claims import Slot, check_claim
+from tests.claims import SETTINGS, Slot, check_claim, with_examples
 
 
 @dataclass(frozen=True)
@@ -108,13 +108,13 @@ def _rows(spec: str) -> list[Row]:
     ]
 
 
-def examples(test: Any) -> Any:
-    """The shapes a random search finds rarely, each once: a row behind its key's
-    held row; rows behind an undue row taking the batch's places; both look-ahead
-    windows full of rows that cannot go out, the publishable row further on; a
-    row of a key the first window took, past it; rows past the lock step's limit
-    when it dropped some."""
-    for spec, limit in [
+# The shapes a random search finds rarely, each once: a row behind its key's held row;
+# rows behind an undue row taking the batch's places; both look-ahead windows full of
+# rows that cannot go out, the publishable row further on; a row of a key the first
+# window took, past it; rows past the lock step's limit when it dropped some.
+examples = with_examples(
+    _rows,
+    [
         ("a_ a", 2),
         ("a! a a b", 2),
         ("-! -! -! -! -", 1),
@@ -123,13 +123,7 @@ def examples(test: Any) -> Any:
         ("a$ a! a b", 1),
         ("x a! a a x c", 2),
         ("a_ a b c d", 2),
-    ]:
-        test = example(rows=_rows(spec), limit=limit)(test)
-    return test
-
-
-SETTINGS = settings(
-    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    ],
 )
 
 

@@ -18,13 +18,12 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from tests.claims import Slot, check_claim, claim_deliveries
+from tests.claims import SETTINGS, Slot, check_claim, claim_deliveries, with_examples
 
 from accord.db import Database
 from accord.db.schema import queue, queue_deliveries
@@ -135,11 +134,12 @@ async def claim(
             await other.close()
 
 
-def examples(test: Any) -> Any:
-    """Shapes a random search finds rarely: a busy key out ahead of other keys, two
-    windows of deliveries that cannot go before one that can, a delivery behind
-    its key's delivery another transaction holds."""
-    for spec, limit in [
+# Shapes a random search finds rarely: a busy key out ahead of other keys, two windows
+# of deliveries that cannot go before one that can, a delivery behind its key's
+# delivery another transaction holds.
+examples = with_examples(
+    deliveries,
+    [
         ("a:leased a a a b", 1),
         ("a:delayed a b:leased b c", 1),
         ("-:leased -:leased -:delayed -:leased -", 1),
@@ -147,13 +147,7 @@ def examples(test: Any) -> Any:
         ("a:expired a b:leased b", 2),
         ("x a:leased a a x c", 2),
         ("a:held a b c d", 2),
-    ]:
-        test = example(rows=deliveries(spec), limit=limit)(test)
-    return test
-
-
-SETTINGS = settings(
-    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    ],
 )
 
 
