@@ -16,6 +16,7 @@ import nats
 import pytest
 import redis.asyncio as aioredis
 from tests.conftest import NATS_URL, REDIS_URL
+from tests.transports.conftest import delete_redis_channel
 from tests.transports.test_rabbitmq import rabbit  # noqa: F401 - the fixture
 
 from accord.errors import ConfigurationError
@@ -274,12 +275,7 @@ async def test_redis_subscribe_racing_close_leaves_no_live_consumer() -> None:
         )
         assert collector.received == [], "a subscription of a closed transport consumed"
     finally:
-        cleaner = RedisTransport(REDIS_URL, channel=channel)
-        await cleaner.connect()
-        try:
-            await cleaner.delete_channel()
-        finally:
-            await cleaner.close()
+        await delete_redis_channel(channel)
 
 
 @pytest.mark.parametrize(

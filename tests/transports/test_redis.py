@@ -234,12 +234,7 @@ async def test_redis_group_members_with_different_topics_get_what_they_asked_for
         assert not missing, f"{len(missing)} of {len(sent)} messages never reached the group"
     finally:
         await transport.close()
-        cleaner = RedisTransport(REDIS_URL, channel=channel)
-        await cleaner.connect()
-        try:
-            await cleaner.delete_channel()
-        finally:
-            await cleaner.close()
+        await delete_redis_channel(channel)
 
 
 @pytest.mark.redis
