@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,50 @@ async def test_upgrade_from_version_4_indexes_dead_letters(database: Database) -
         await conn.execute(schema_version.delete().where(schema_version.c.version > 4))
     assert await database.upgrade() == MIGRATIONS[-1][0]
     assert await indexes() == wanted
+
+
+async def test_upgrade_from_version_5_names_each_deadlines_saga(database: Database) -> None:
+    """A database of version 5 gets the saga name on each deadline, filled in from
+    the sagas, and the (saga_name, due_at) index in place of the one on due_at
+    alone. The timer then fires the deadlines it had, and deletes the one whose
+    saga was already gone (its name stays NULL)."""
+    from accord.db.schema_sagas import deadlines
+    from accord.sagas import Orchestrator, Saga, command
+    from accord.transports.sql import SqlTransport
+
+    await database.upgrade()
+    saga = Saga("migrated").step("ask", command("migrated.ask"), timeout=60)
+    transport = SqlTransport(database.url, channel=f"c{uuid.uuid4().hex[:8]}")
+    orchestrator = Orchestrator(database, transport, [saga])
+    saga_id = await orchestrator.start("migrated", {})
+    async with database.transaction() as conn:  # back to what version 5 left
+        (row,) = (await conn.execute(sa.select(deadlines))).mappings().all()
+        assert row["saga_name"] == "migrated"
+        await conn.execute(sa.text("DROP TABLE accord_deadlines"))
+        before = sa.MetaData()
+        old = sa.Table(
+            deadlines.name,
+            before,
+            *(c._copy() for c in deadlines.columns if c.name != "saga_name"),
+            sa.Index("ix_accord_deadlines_due", "due_at"),
+        )
+        await conn.run_sync(before.create_all)
+        kept = {k: v for k, v in row.items() if k != "saga_name"}
+        await conn.execute(old.insert(), [kept, {**kept, "saga_id": "gone"}])
+        await conn.execute(schema_version.delete().where(schema_version.c.version > 5))
+    assert await database.upgrade() == MIGRATIONS[-1][0]
+    async with database.connect() as conn:
+        names = dict(
+            (await conn.execute(sa.select(deadlines.c.saga_id, deadlines.c.saga_name))).all()
+        )
+        found = await conn.run_sync(lambda sync: sa.inspect(sync).get_indexes(deadlines.name))
+    assert names == {saga_id: "migrated", "gone": None}
+    assert {index["name"] for index in found} == {"ix_accord_deadlines_name_due"}
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    assert await orchestrator.fire_due(later) == 1
+    async with database.connect() as conn:
+        left = (await conn.execute(sa.select(deadlines.c.saga_id))).scalars().all()
+    assert "gone" not in left
 
 
 async def test_the_sql_transports_queue_never_reuses_a_seq_on_sqlite(sqlite_url: str) -> None:

@@ -56,6 +56,30 @@ async def _dead_letter_indexes(conn: AsyncConnection) -> None:
     await conn.run_sync(create)
 
 
+async def _deadline_saga_names(conn: AsyncConnection) -> None:
+    """Name each deadline's saga, and index deadlines by (saga name, due time): a
+    timer then reads only its own sagas' due rows."""
+    from accord.db.schema_sagas import deadlines
+
+    def columns(sync: sa.Connection) -> set[str]:
+        return {c["name"] for c in sa.inspect(sync).get_columns(deadlines.name)}
+
+    if "saga_name" not in await conn.run_sync(columns):
+        await conn.execute(
+            sa.text("ALTER TABLE accord_deadlines ADD COLUMN saga_name VARCHAR(200)")
+        )
+    await conn.execute(
+        sa.text(
+            "UPDATE accord_deadlines SET saga_name = "
+            "(SELECT name FROM accord_sagas WHERE accord_sagas.id = accord_deadlines.saga_id) "
+            "WHERE saga_name IS NULL"
+        )
+    )
+    (index,) = [i for i in deadlines.indexes if i.name == "ix_accord_deadlines_name_due"]
+    await conn.run_sync(lambda sync: index.create(sync, checkfirst=True))
+    await conn.execute(sa.text("DROP INDEX IF EXISTS ix_accord_deadlines_due"))
+
+
 #: (version, what it does, the step). Append; never edit a released step.
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "create every Accord table", _create_missing),
@@ -63,6 +87,7 @@ MIGRATIONS: list[tuple[int, str, Migration]] = [
     (3, "SQLite: accord_queue never reuses a message's seq", _queue_autoincrement),
     (4, "add accord_inbox_starts (handler starts of redelivered messages)", _create_missing),
     (5, "index accord_dead_letters by message and for replays", _dead_letter_indexes),
+    (6, "name each deadline's saga; index deadlines by (saga, due time)", _deadline_saga_names),
 ]
 
 _LOCK_ID = 0x4143_4F52  # "ACOR": serialises concurrent upgrades on PostgreSQL

@@ -6,7 +6,9 @@
   the version it read is still there (two replies racing cannot both win).
 * ``accord_saga_steps``: the append-only step log, the saga's timeline.
 * ``accord_deadlines``: at most one per saga: when a step times out or a retry
-  is due. A timer claims due rows, so deadlines survive any restart.
+  is due. A timer claims due rows, so deadlines survive any restart. Each row
+  names its saga, so a timer reads only its own sagas' due rows (a range of
+  ``(saga_name, due_at)``) however many another service's orchestrator left.
 * ``accord_saga_participations``: a participant's record of each (saga, step,
   phase) it handled, with the reply it sent (idempotency per saga step).
 * ``accord_flows``: every message a flow tracker saw, by correlation id.
@@ -71,7 +73,10 @@ deadlines = sa.Table(
     sa.Column("step", sa.Integer, nullable=False),
     sa.Column("attempt", sa.Integer, nullable=False),
     sa.Column("due_at", UTCDateTime, nullable=False),
-    sa.Index("ix_accord_deadlines_due", "due_at"),
+    # The saga's name (its definition). NULL only on rows written before schema
+    # version 6 whose saga was gone when the migration filled the column in.
+    sa.Column("saga_name", sa.String(200), nullable=True),
+    sa.Index("ix_accord_deadlines_name_due", "saga_name", "due_at"),
 )
 
 participations = sa.Table(

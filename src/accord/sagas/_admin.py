@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -189,14 +189,7 @@ class SagaAdmin:
                 tx = Transition(state, state.version)
                 state.abort_reason = reason
                 tx.log(state.step, "-", state.phase, "abort_requested", reason)
-                tx.deadline = {
-                    "saga_id": state.id,
-                    "kind": "abort",
-                    "phase": state.phase,
-                    "step": state.step,
-                    "attempt": state.attempt,
-                    "due_at": datetime.now(UTC),
-                }
+                tx.set_deadline("abort", 0)
                 await tx.save(conn)
         return state
 

@@ -19,7 +19,6 @@ from accord._aio import wait_event
 from accord.db import Database
 from accord.db.database import on_commit
 from accord.db.schema_sagas import deadlines
-from accord.db.schema_sagas import sagas as sagas_table
 from accord.errors import AccordError, ConcurrencyError, ConfigurationError
 from accord.inbox import Consumer, HandlerContext
 from accord.inbox._context import run_after_commit
@@ -244,13 +243,15 @@ class Orchestrator:
         """Fire every deadline due at ``now``; return how many changed an instance."""
         moment = now or datetime.now(UTC)
         # Only deadlines of the sagas this orchestrator runs (another service's may
-        # share the database), and those left by an instance that is gone (removed).
+        # share the database, its due rows piling up while its orchestrator is down):
+        # ranges of (saga_name, due_at). A NULL name is a row older than the column
+        # whose instance was already gone; firing it only deletes it.
+        name = deadlines.c.saga_name
         query = (
             sa.select(deadlines.c.saga_id)
-            .select_from(deadlines.outerjoin(sagas_table, sagas_table.c.id == deadlines.c.saga_id))
             .where(
                 deadlines.c.due_at <= moment,
-                sa.or_(sagas_table.c.name.in_(list(self.sagas)), sagas_table.c.id.is_(None)),
+                sa.or_(name.in_(list(self.sagas)), name.is_(None)),
             )
             .order_by(deadlines.c.due_at)
             .limit(self.timer_batch)

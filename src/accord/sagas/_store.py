@@ -196,7 +196,8 @@ class Transition:
         )
 
     def set_deadline(self, kind: str, seconds: float) -> None:
-        """Fire ``kind`` ("timeout"/"retry") for the current step and attempt in ``seconds``."""
+        """Fire ``kind`` ("timeout"/"retry"/"abort") for the current step and attempt
+        in ``seconds``."""
         self.deadline = {
             "saga_id": self.state.id,
             "kind": kind,
@@ -204,6 +205,7 @@ class Transition:
             "step": self.state.step,
             "attempt": self.state.attempt,
             "due_at": datetime.now(UTC) + timedelta(seconds=seconds),
+            "saga_name": self.state.name,
         }
 
     def clear_deadline(self) -> None:
@@ -313,11 +315,12 @@ WITH s AS (
          WITH ORDINALITY AS x(step, step_name, phase, event, attempt, detail, at, n)
     ORDER BY x.n
 ), due AS (
-    INSERT INTO accord_deadlines (saga_id, kind, phase, step, attempt, due_at)
-    SELECT s.id, $23::text, $24::text, $25::int, $26::int, $27::timestamptz
+    INSERT INTO accord_deadlines (saga_id, kind, phase, step, attempt, due_at, saga_name)
+    SELECT s.id, $23::text, $24::text, $25::int, $26::int, $27::timestamptz, $2
     FROM s WHERE $23::text IS NOT NULL
     ON CONFLICT (saga_id) DO UPDATE SET kind = excluded.kind, phase = excluded.phase,
-        step = excluded.step, attempt = excluded.attempt, due_at = excluded.due_at
+        step = excluded.step, attempt = excluded.attempt, due_at = excluded.due_at,
+        saga_name = excluded.saga_name
 ), sent AS (
     INSERT INTO accord_outbox (id, event_type, key, payload, headers, status, retry_count,
                                available_at, created_at)

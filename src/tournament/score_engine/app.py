@@ -82,13 +82,16 @@ def create_app(config: StackConfig) -> FastAPI:
             from sqlalchemy.dialects.postgresql import insert
         else:
             from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-        row = {"participant": body.participant, "banned_at": datetime.now(UTC)}
+        now = datetime.now(UTC)
+        row = {"participant": body.participant, "banned_at": now}
         async with database.transaction() as conn:
             await conn.execute(insert(bans).values(row).on_conflict_do_nothing())
             banned_at = await conn.scalar(
                 sa.select(bans.c.banned_at).where(bans.c.participant == body.participant)
             )
-        return {"participant": body.participant, "banned_at": banned_at.isoformat()}
+        # None only if the ban was lifted between the two statements: then it was ours.
+        when = banned_at or now
+        return {"participant": body.participant, "banned_at": when.isoformat()}
 
     @app.delete("/bans/{participant}", status_code=204)
     async def lift_ban(participant: str) -> Response:
