@@ -5,7 +5,7 @@ connections doing a one-row INSERT + COMMIT), so the report shows transactions p
 and the engine's efficiency = saga transactions/s / raw transactions/s.
 
     .venv/bin/python -m benchmarks.sagas [--quick] [--rate 400] [--seconds 10]
-        [--batch 64] [--concurrency 1] [--only rabbitmq|nats|timer] [--functions batch|single]
+        [--batch 64] [--concurrency 1] [--only rabbitmq|nats|timer|flows] [--functions batch|single]
 
 Each service consumes in batch mode (``Consumer(batch_size=--batch)``, the orchestrator
 ``Orchestrator(batch_size=...)``) with ``--concurrency`` competing consumers; the
@@ -26,6 +26,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -380,7 +381,100 @@ async def timer_tick_cost(foreign: int, ticks: int) -> list[dict[str, Any]]:
     return results
 
 
+#: The flow tracker run: recorded messages, over this many flows (4 messages each).
+FLOW_ROWS, FLOWS = 200_000, 50_000
+RECORDED = 1_000
+
+
+async def flow_tracker_cost(rows: int, flows: int, repeats: int) -> list[dict[str, Any]]:
+    """The flow tracker beside ``rows`` recorded messages of ``flows`` flows (one in
+    ten never ended): the median stalled-flow check (``Flows.stalled``) against the
+    bare driver round trip, and recording ``RECORDED`` messages one transaction each
+    (``consumer.handle``) against a bare asyncpg INSERT + COMMIT of the same row."""
+    from accord.messages import Message
+    from accord.sagas import Flows, FlowTracker
+    from accord.testing import CapturedDelivery
+
+    async with ScratchDatabase("accord_bench_flows") as fresh:
+        database = Database(fresh.url)
+        await database.upgrade()
+        conn = await asyncpg.connect(fresh.dsn)
+        began = time.perf_counter()
+        await conn.execute(
+            "INSERT INTO accord_flows (correlation_id, message_id, type, source, outcome, time,"
+            " recorded_at) SELECT 'flow-' || (n % $2), 'm-' || n, 'bench.step', 'bench',"
+            " CASE WHEN n > $1 - $2 AND (n % $2) % 10 <> 0 THEN 'completed' ELSE 'next' END,"
+            " now(), now() - interval '1 hour' + n * interval '1 ms'"
+            " FROM generate_series(1, $1) AS n",
+            rows,
+            flows,
+        )
+        try:  # an Accord with flow heads fills them in as its migration does
+            from accord.db.migrations import _flow_heads  # type: ignore[attr-defined]
+        except ImportError:
+            fill_s = 0.0
+        else:
+            began = time.perf_counter()
+            async with database.transaction() as sa_conn:
+                await _flow_heads(sa_conn)
+            fill_s = time.perf_counter() - began
+        await conn.execute("VACUUM ANALYZE")
+        tracker = FlowTracker(database, from_url(database.url, channel="bench-flows"))
+        times: dict[str, list[float]] = {"accord": [], "bare": []}
+        found = 0
+        for _ in range(repeats):
+            began = time.perf_counter()
+            found = len(await Flows(database).stalled(timedelta(minutes=1)))
+            times["accord"].append(time.perf_counter() - began)
+            began = time.perf_counter()
+            await conn.fetchval("SELECT 1")
+            times["bare"].append(time.perf_counter() - began)
+        began = time.perf_counter()
+        for n in range(RECORDED):
+            message = Message(type="bench.step", correlationid=f"new-{n % 100}", source="bench")
+            await tracker.consumer.handle(CapturedDelivery(message))
+        record_ms = 1000 * (time.perf_counter() - began) / RECORDED
+        began = time.perf_counter()
+        for n in range(RECORDED):
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO accord_flows (correlation_id, message_id, type, source, time,"
+                    " recorded_at) VALUES ($1, $2, 'bench.step', 'bench', now(), now())",
+                    f"bare-{n % 100}",
+                    f"bare-{n}",
+                )
+        bare_record_ms = 1000 * (time.perf_counter() - began) / RECORDED
+        await conn.close()
+        await database.dispose()
+    check_ms, bare_ms = (1000 * median(times[who]) for who in ("accord", "bare"))
+    rows_out = [
+        {
+            "benchmark": f"stalled-flow check, {rows:,} messages of {flows:,} flows"
+            f" ({found} reported)",
+            "ms": check_ms,
+            "baseline_ms": bare_ms,
+            "ratio": check_ms / bare_ms,
+            "note": f"heads filled in {fill_s:.1f} s" if fill_s else "",
+        },
+        {
+            "benchmark": f"record a message (consumer.handle, {RECORDED:,} in a row)",
+            "ms": record_ms,
+            "baseline_ms": bare_record_ms,
+            "ratio": record_ms / bare_record_ms,
+            "note": "baseline: bare INSERT + COMMIT of the flow row",
+        },
+    ]
+    for row in rows_out:
+        console.print(row)
+    return rows_out
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.only == "flows":
+        rows = await flow_tracker_cost(FLOW_ROWS, FLOWS, TIMER_TICKS)
+        columns = ["benchmark", "ms", "baseline_ms", "ratio", "note"]
+        report("sagas_flows", "Flow tracker: the stalled-flow check and recording", rows, columns)
+        return
     if args.only == "timer":
         rows = await timer_tick_cost(FOREIGN_DUE, TIMER_TICKS)
         columns = ["benchmark", "tick_ms", "bare_round_trip_ms", "ratio"]
@@ -447,9 +541,11 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--only",
-        choices=["rabbitmq", "nats", "timer"],
+        choices=["rabbitmq", "nats", "timer", "flows"],
         help="Run one broker only; or 'timer': the cost of an idle saga timer tick while "
-        f"{FOREIGN_DUE:,} deadlines of another service's sagas are due.",
+        f"{FOREIGN_DUE:,} deadlines of another service's sagas are due; or 'flows': the "
+        f"flow tracker's stalled-flow check beside {FLOW_ROWS:,} recorded messages, and "
+        "the cost of recording one.",
     )
     parser.add_argument(
         "--functions",

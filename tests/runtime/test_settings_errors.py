@@ -35,6 +35,7 @@ def test_worker_settings_errors_are_reported_without_a_traceback(tmp_path: Path)
     stderr = done.stderr.decode()
     assert done.returncode == 1, stderr
     assert "does not exist" in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr  # not wrapped, whatever the path
     assert "Traceback" not in stderr, stderr
 
 

@@ -1,4 +1,4 @@
-"""``accord flows``: the timeline of a flow across services, and stalled flows."""
+"""``accord flows``: the timeline of a flow across services, stalled flows, pruning."""
 
 from __future__ import annotations
 
@@ -9,13 +9,24 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from accord.cli.app import DbOption, JsonOption, app, console, duration, plain, print_json, run
+from accord.cli.app import (
+    DbOption,
+    JsonOption,
+    app,
+    console,
+    duration,
+    duration_days,
+    plain,
+    print_json,
+    run,
+)
 from accord.db import Database
 from accord.errors import NotFoundError
 from accord.sagas import Flows
 
 flows_app = typer.Typer(
-    help="Flows recorded by a flow tracker: a timeline per correlation id, stalled flows.",
+    help="Flows recorded by a flow tracker: a timeline per correlation id, stalled "
+    "flows, pruning old ones.",
     no_args_is_help=True,
 )
 app.add_typer(flows_app, name="flows")
@@ -85,3 +96,42 @@ def stalled(
     for f in found:
         table.add_row(*plain(f["correlation_id"], f["last_type"], f["last_at"], f["messages"]))
     console.print(table)
+
+
+@flows_app.command("prune")
+def prune(
+    db: DbOption,
+    older_than_days: Annotated[
+        float,
+        typer.Option(
+            "--older-than-days",
+            help="Delete flows whose last message was recorded before this.",
+            callback=duration_days,
+        ),
+    ] = 7.0,
+    include_stalled: Annotated[
+        bool,
+        typer.Option(
+            "--stalled",
+            help="Delete flows that never ended too (they stop being reported as stalled).",
+        ),
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete old flows, their messages and timelines. A running FlowTracker does this
+    for ended flows every round (its ``retention``); flows that never ended are kept
+    until they end or --stalled is given."""
+
+    async def go() -> int:
+        async with Database(db) as database:
+            return await Flows(database).prune(
+                timedelta(days=older_than_days), stalled=include_stalled
+            )
+
+    count = run(go())
+    if as_json:
+        print_json(
+            {"pruned": count, "older_than_days": older_than_days, "stalled": include_stalled}
+        )
+    else:
+        console.print(f"Pruned {count} flow(s).")

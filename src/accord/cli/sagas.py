@@ -169,7 +169,9 @@ def retry(
             console.print(f"saga {escape(state['id'])} resumed: {_styled(state['status'])}")
         console.print(f"{len(resumed)} saga(s) resumed.")
         for f in failed:
-            err_console.print(f"[bold red]not resumed:[/] {escape(str(f['error']))}")
+            err_console.print(
+                f"[bold red]not resumed:[/] {escape(str(f['error']))}", soft_wrap=True
+            )
     if failed:
         raise typer.Exit(1)
 

@@ -80,6 +80,27 @@ async def _deadline_saga_names(conn: AsyncConnection) -> None:
     await conn.execute(sa.text("DROP INDEX IF EXISTS ix_accord_deadlines_due"))
 
 
+async def _flow_heads(conn: AsyncConnection) -> None:
+    """Add ``accord_flow_heads`` and fill it in from the flows recorded so far."""
+    await _create_missing(conn)
+    await conn.execute(
+        sa.text(
+            """
+INSERT INTO accord_flow_heads (correlation_id, messages, last_id, last_type, last_at, ended)
+SELECT g.correlation_id, g.messages, g.last_id, f.type, g.last_at, g.ended = 1
+FROM (SELECT correlation_id, count(*) AS messages, max(id) AS last_id,
+             max(recorded_at) AS last_at,
+             max(CASE WHEN outcome IN ('completed', 'compensated', 'command')
+                      THEN 1 ELSE 0 END) AS ended
+      FROM accord_flows GROUP BY correlation_id) AS g
+JOIN accord_flows AS f ON f.id = g.last_id
+WHERE NOT EXISTS (SELECT 1 FROM accord_flow_heads AS h
+                  WHERE h.correlation_id = g.correlation_id)
+"""
+        )
+    )
+
+
 #: (version, what it does, the step). Append; never edit a released step.
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "create every Accord table", _create_missing),
@@ -88,6 +109,7 @@ MIGRATIONS: list[tuple[int, str, Migration]] = [
     (4, "add accord_inbox_starts (handler starts of redelivered messages)", _create_missing),
     (5, "index accord_dead_letters by message and for replays", _dead_letter_indexes),
     (6, "name each deadline's saga; index deadlines by (saga, due time)", _deadline_saga_names),
+    (7, "add accord_flow_heads (one row per tracked flow)", _flow_heads),
 ]
 
 _LOCK_ID = 0x4143_4F52  # "ACOR": serialises concurrent upgrades on PostgreSQL

@@ -12,6 +12,9 @@
 * ``accord_saga_participations``: a participant's record of each (saga, step,
   phase) it handled, with the reply it sent (idempotency per saga step).
 * ``accord_flows``: every message a flow tracker saw, by correlation id.
+* ``accord_flow_heads``: one row per flow, kept with its messages: how many, the
+  last one, and whether the flow ended. Stalled flows are a range of its
+  ``(ended, last_at)`` index, and pruning finds old flows there.
 """
 
 from __future__ import annotations
@@ -21,7 +24,15 @@ import sqlalchemy as sa
 from accord.db.schema import metadata
 from accord.db.types import BigId, JSONType, UTCDateTime
 
-__all__ = ["deadlines", "flows", "metadata", "participations", "saga_steps", "sagas"]
+__all__ = [
+    "deadlines",
+    "flow_heads",
+    "flows",
+    "metadata",
+    "participations",
+    "saga_steps",
+    "sagas",
+]
 
 sagas = sa.Table(
     "accord_sagas",
@@ -111,4 +122,20 @@ flows = sa.Table(
     sa.Column("recorded_at", UTCDateTime, nullable=False),
     sa.Index("ix_accord_flows_correlation", "correlation_id", "id"),
     sa.Index("ix_accord_flows_recorded", "recorded_at"),
+)
+
+flow_heads = sa.Table(
+    "accord_flow_heads",
+    metadata,
+    sa.Column("correlation_id", sa.String(200), primary_key=True),
+    sa.Column("messages", sa.Integer, nullable=False),
+    # The flow's latest message (highest accord_flows.id) and its type.
+    sa.Column("last_id", BigId, nullable=False),
+    sa.Column("last_type", sa.String(200), nullable=False),
+    # When the tracker recorded its latest message (the stall clock).
+    sa.Column("last_at", UTCDateTime, nullable=False),
+    # A message said it completed or compensated, or it is an orchestrated saga
+    # (its orchestrator ends it or marks it STUCK): never reported as stalled.
+    sa.Column("ended", sa.Boolean, nullable=False),
+    sa.Index("ix_accord_flow_heads_stall", "ended", "last_at"),
 )

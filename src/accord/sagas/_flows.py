@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from accord._aio import wait_event
 from accord.db import Database
 from accord.db.database import translate_errors
-from accord.db.schema_sagas import flows
+from accord.db.schema_sagas import flow_heads, flows
 from accord.inbox import Consumer, HandlerContext
 from accord.sagas._metrics import FLOWS_STALLED
 from accord.transports.base import Transport
@@ -90,10 +93,74 @@ def _outcome(message_data: Any, extensions: dict[str, str]) -> str | None:
     return None
 
 
+#: The columns of a recorded message, bound by name (see ``_recording``).
+_ROW = (
+    "correlation_id",
+    "message_id",
+    "causation_id",
+    "type",
+    "source",
+    "step",
+    "outcome",
+    "error",
+    "time",
+    "recorded_at",
+)
+_HEAD = ("correlation_id", "messages", "last_id", "last_type", "last_at", "ended")
+
+
+@functools.cache
+def _recording(dialect: str) -> tuple[Any, Any]:
+    """The statements that record a message: its row in ``accord_flows``, then its
+    count into the flow's head row (``accord_flow_heads``), created by a flow's first
+    message. Two trackers recording messages of one flow at once queue on the head
+    row; the later message (higher id) stays the last. On PostgreSQL one statement
+    does both (the first of the pair is None): one round trip a message."""
+    row = flows.insert().values({c: sa.bindparam(c) for c in _ROW})
+    if dialect == "postgresql":
+        written = row.returning(
+            flows.c.id, flows.c.correlation_id, flows.c.type, flows.c.recorded_at
+        ).cte("recorded")
+        head = pg_insert(flow_heads).from_select(
+            _HEAD,
+            sa.select(
+                written.c.correlation_id,
+                sa.literal(1),
+                written.c.id,
+                written.c.type,
+                written.c.recorded_at,
+                sa.bindparam("ended", type_=sa.Boolean),
+            ),
+        )
+        return None, _counted(head, sa.func.greatest)
+    values = sqlite_insert(flow_heads).values({c: sa.bindparam(c) for c in _HEAD})
+    return row.returning(flows.c.id), _counted(values, sa.func.max)
+
+
+def _counted(insert: Any, newest: Any) -> Any:
+    new = insert.excluded
+    h = flow_heads.c
+    return insert.on_conflict_do_update(
+        index_elements=[h.correlation_id],
+        set_={
+            "messages": h.messages + 1,
+            "last_type": sa.case((new.last_id > h.last_id, new.last_type), else_=h.last_type),
+            "last_id": newest(h.last_id, new.last_id),
+            "last_at": newest(h.last_at, new.last_at),
+            "ended": sa.or_(h.ended, new.ended),
+        },
+    )
+
+
 class FlowTracker:
     """A consumer (group ``name``) that records every message matching ``topics`` in
     ``accord_flows``, and every ``check_interval`` seconds reports (log + the
-    ``accord_flows_stalled`` gauge) flows without progress for ``stalled_after``."""
+    ``accord_flows_stalled`` gauge) flows without progress for ``stalled_after``.
+
+    Each round also prunes the flows that ended more than ``retention`` ago (None
+    keeps them); flows that never ended are kept, to be reported, until they end or
+    ``accord flows prune --stalled`` removes them.
+    """
 
     def __init__(
         self,
@@ -104,11 +171,13 @@ class FlowTracker:
         topics: tuple[str, ...] = ("#",),
         stalled_after: timedelta = timedelta(minutes=5),
         check_interval: float = 30.0,
+        retention: timedelta | None = timedelta(days=7),
     ) -> None:
         self.name = name
         self.database = database
         self.stalled_after = stalled_after
         self.check_interval = check_interval
+        self.retention = retention
         self.consumer = Consumer(name, database, transport)
         for topic in topics:
             self.consumer.add_handler(topic, self._record)
@@ -119,23 +188,36 @@ class FlowTracker:
         m = ctx.message
         ext = dict(m.extensions)
         error = data.get("error") if isinstance(data, dict) else None
-        await ctx.conn.execute(
-            flows.insert().values(
-                correlation_id=m.correlationid or m.id,
-                message_id=m.id,
-                causation_id=m.causationid,
-                type=m.type,
-                source=m.source,
-                step=ext.get("flowstep") or m.subject,
-                outcome=_outcome(data, ext),
-                error=str(error)[:4000] if error else None,
-                time=m.time,
-                recorded_at=datetime.now(UTC),
+        correlation_id = m.correlationid or m.id
+        outcome = _outcome(data, ext)
+        values: dict[str, Any] = {
+            "correlation_id": correlation_id,
+            "message_id": m.id,
+            "causation_id": m.causationid,
+            "type": m.type,
+            "source": m.source,
+            "step": ext.get("flowstep") or m.subject,
+            "outcome": outcome,
+            "error": str(error)[:4000] if error else None,
+            "time": m.time,
+            "recorded_at": datetime.now(UTC),
+            "ended": outcome in (*ENDS, COMMAND),
+        }
+        row, head = _recording(ctx.conn.dialect.name)
+        if row is not None:
+            values.update(
+                messages=1,
+                last_id=await ctx.conn.scalar(row, values),
+                last_type=m.type,
+                last_at=values["recorded_at"],
             )
-        )
+        await ctx.conn.execute(head, values)
 
     async def check(self) -> list[StalledFlow]:
-        """Report the stalled flows now (log each new one once; set the gauge)."""
+        """Prune the flows past ``retention``, then report the stalled flows now (log
+        each new one once; set the gauge)."""
+        if self.retention is not None:
+            await Flows(self.database).prune(self.retention)
         stalled = await Flows(self.database).stalled(self.stalled_after)
         FLOWS_STALLED.labels(self.name).set(len(stalled))
         for flow in stalled:
@@ -204,36 +286,55 @@ class Flows:
         was recorded more than ``older_than`` ago, oldest first. Orchestrated sagas
         are left out: their orchestrator ends them or marks them STUCK."""
         cutoff = (now or datetime.now(UTC)) - older_than
-        ended = sa.func.sum(sa.case((flows.c.outcome.in_((*ENDS, COMMAND)), 1), else_=0))
-        last_id = sa.func.max(flows.c.id)
+        h = flow_heads.c
         query = (
-            sa.select(flows.c.correlation_id, last_id, sa.func.count())
-            .group_by(flows.c.correlation_id)
-            .having(sa.and_(ended == 0, sa.func.max(flows.c.recorded_at) < cutoff))
-            .order_by(sa.func.max(flows.c.recorded_at))
+            sa.select(h.correlation_id, h.last_type, h.last_at, h.messages)
+            .where(h.ended == sa.false(), h.last_at < cutoff)
+            .order_by(h.last_at)
             .limit(limit)
         )
         with translate_errors("finding stalled flows"):
             async with self.database.connect() as conn:
-                groups = (await conn.execute(query)).all()
-                if not groups:
-                    return []
-                lasts = {
-                    r.id: r
-                    for r in (
-                        await conn.execute(
-                            sa.select(flows.c.id, flows.c.type, flows.c.recorded_at).where(
-                                flows.c.id.in_([g[1] for g in groups])
-                            )
-                        )
-                    ).all()
-                }
+                rows = (await conn.execute(query)).all()
         return [
             StalledFlow(
-                correlation_id=g[0],
-                last_type=lasts[g[1]].type,
-                last_at=lasts[g[1]].recorded_at,
-                messages=int(g[2]),
+                correlation_id=r.correlation_id,
+                last_type=r.last_type,
+                last_at=r.last_at,
+                messages=int(r.messages),
             )
-            for g in groups
+            for r in rows
         ]
+
+    async def prune(
+        self,
+        older_than: timedelta,
+        *,
+        stalled: bool = False,
+        now: datetime | None = None,
+        batch: int = 1000,
+    ) -> int:
+        """Delete the flows (their messages and head rows) whose last message was
+        recorded more than ``older_than`` ago and that ended; with ``stalled``, those
+        that never ended too. Returns how many flows; ``batch`` flows a transaction.
+
+        A message arriving for a flow while it is pruned starts it again (on
+        PostgreSQL the tracker's write waits for the prune's transaction)."""
+        cutoff = (now or datetime.now(UTC)) - older_than
+        h = flow_heads.c
+        pick = sa.select(h.correlation_id).where(h.last_at < cutoff).limit(batch)
+        if not stalled:
+            pick = pick.where(h.ended == sa.true())
+        pruned = 0
+        with translate_errors("pruning flows"):
+            while True:
+                async with self.database.transaction() as conn:
+                    if conn.dialect.name == "postgresql":
+                        pick = pick.with_for_update(skip_locked=True)
+                    ids = (await conn.execute(pick)).scalars().all()
+                    if ids:
+                        await conn.execute(flows.delete().where(flows.c.correlation_id.in_(ids)))
+                        await conn.execute(flow_heads.delete().where(h.correlation_id.in_(ids)))
+                pruned += len(ids)
+                if len(ids) < batch:
+                    return pruned
