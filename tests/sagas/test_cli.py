@@ -186,6 +186,21 @@ def test_flows_show_and_stalled(db_url: str) -> None:
     assert accord("flows", "show", "nope", "--db", db_url).exit_code == 1
 
 
+def test_flows_prune_keeps_a_stalled_flow_unless_asked(db_url: str) -> None:
+    """The recorded flow failed and never ended: pruning leaves it (it is what
+    ``flows stalled`` reports) until --stalled is given; then it is gone whole."""
+    correlation = asyncio.run(record_flow(db_url))
+    kept = accord("flows", "prune", "--db", db_url, "--older-than-days", "0", "--json")
+    assert kept.exit_code == 0, kept.output
+    assert json.loads(kept.output) == {"pruned": 0, "older_than_days": 0.0, "stalled": False}
+    assert accord("flows", "show", correlation, "--db", db_url).exit_code == 0
+    gone = accord("flows", "prune", "--db", db_url, "--older-than-days", "0", "--stalled")
+    assert gone.exit_code == 0 and "Pruned 1 flow(s)." in gone.output, gone.output
+    assert accord("flows", "show", correlation, "--db", db_url).exit_code == 1
+    bad = accord("flows", "prune", "--db", db_url, "--older-than-days", "-1")
+    assert bad.exit_code == 2 and "not a duration" in bad.output
+
+
 def test_retry_stuck_goes_oldest_first_and_leaves_alone_a_saga_no_longer_stuck(
     db_url: str,
 ) -> None:
