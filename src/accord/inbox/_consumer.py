@@ -8,6 +8,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -31,11 +32,13 @@ from accord.inbox._dead_letters import (
     write_dead_letter,
 )
 from accord.inbox._store import (
+    PRUNE_BATCH,
     forget_holds,
     forget_starts,
     holds_of,
     note_holds,
     note_start,
+    prune_batch,
     record,
     record_many,
 )
@@ -59,6 +62,8 @@ _TRACEBACK_FRAMES = 6
 _REASON_LIMIT = 4000
 # A message held back behind its key's failed predecessor comes back this long after it.
 _HELD_BACK_GAP = 0.05
+#: Seconds between a consumer's inbox prunes (a full batch is followed by the next at once).
+PRUNE_INTERVAL = 600.0
 
 #: A delivery that passed the checks: (delivery, message, registration, parsed data).
 _Ready = tuple[Delivery, Message, Registration, Any]
@@ -98,6 +103,11 @@ class Consumer:
     * Dead letters marked for replay (:class:`~accord.inbox.DeadLetters`) are
       picked up from ``database`` every ``replay_interval`` seconds and handled
       again through the same path.
+    * Inbox rows older than ``inbox_retention`` (a week by default) are deleted
+      while it runs, a batch at a time every ten minutes: a message delivered again
+      after that is applied again, so keep it well above the longest redelivery
+      window of the broker. ``None`` keeps every row (prune with ``accord inbox
+      prune`` then).
     * ``batch_size`` > 1 handles what has arrived, up to that many deliveries, in
       one transaction: one multi-row inbox insert, the handlers in arrival order,
       one commit — far fewer round trips per message under load. Consecutive
@@ -127,6 +137,7 @@ class Consumer:
         replay_lease: float = 60.0,
         batch_size: int = 1,
         max_deliveries: int | Literal["auto"] | None = "auto",
+        inbox_retention: timedelta | None = timedelta(days=7),
     ) -> None:
         if max_attempts < 1:
             raise ConfigurationError(f"max_attempts must be at least 1, got {max_attempts}")
@@ -150,6 +161,8 @@ class Consumer:
         self.replay_lease = replay_lease
         self.batch_size = batch_size
         self.max_deliveries = max_deliveries
+        self.inbox_retention = inbox_retention
+        self._prune_due = 0.0  # event loop time of the next inbox prune
         # The next batch should be waiting while one is handled: its deliveries are
         # only settled after it, so a window of one batch would run dry each time.
         self.prefetch = max(prefetch, 2 * batch_size) if batch_size > 1 else prefetch
@@ -644,8 +657,27 @@ class Consumer:
                     await delivery.ack()  # no-op if settled, as with transports
             except Exception:
                 log.exception("replaying dead letters of %s failed; will retry", self.name)
-            if len(claimed) < 20:
+            pruned = await self._prune_when_due()
+            if len(claimed) < 20 and pruned < PRUNE_BATCH:
                 await wait_event(stopping, self.replay_interval)
+
+    async def _prune_when_due(self) -> int:
+        """One batch of this consumer's inbox rows past ``inbox_retention``, if a
+        prune is due; the next is due at once after a full batch, else in
+        ``PRUNE_INTERVAL`` seconds. Returns how many rows."""
+        now = asyncio.get_running_loop().time()
+        if self.inbox_retention is None or now < self._prune_due:
+            return 0
+        cutoff = datetime.now(UTC) - self.inbox_retention
+        try:
+            pruned = await prune_batch(self.database, self.name, cutoff, PRUNE_BATCH)
+        except Exception:
+            log.exception("pruning the inbox of %s failed; will retry", self.name)
+            pruned = 0
+        if pruned:
+            log.info("pruned %d inbox row(s) of %s", pruned, self.name)
+        self._prune_due = now + (0.0 if pruned >= PRUNE_BATCH else PRUNE_INTERVAL)
+        return pruned
 
 
 def _runs(items: Sequence[_Ready]) -> list[list[_Ready]]:

@@ -18,12 +18,14 @@ from accord.db.types import UTCDateTime
 from accord.messages import Message
 
 __all__ = [
+    "PRUNE_BATCH",
     "Inbox",
     "forget_holds",
     "forget_starts",
     "holds_of",
     "note_holds",
     "note_start",
+    "prune_batch",
     "record",
     "record_many",
 ]
@@ -143,6 +145,11 @@ async def holds_of(conn: AsyncConnection, consumer: str, message_id: str) -> int
     return int(await conn.scalar(query) or 0)
 
 
+#: Inbox rows a prune deletes in one transaction.
+PRUNE_BATCH = 5000
+_PRUNED = (inbox, inbox_holds, inbox_starts)
+
+
 class Inbox:
     """Read and maintain the inbox table of a database."""
 
@@ -167,23 +174,57 @@ class Inbox:
             async with self.database.connect() as conn:
                 return {str(name): int(n) for name, n in (await conn.execute(query)).all()}
 
-    async def prune(self, older_than: timedelta, consumer: str | None = None) -> int:
-        """Delete inbox rows processed more than ``older_than`` ago (and holds noted as
-        long ago); return how many inbox rows.
+    async def prune(
+        self, older_than: timedelta, consumer: str | None = None, *, batch: int = PRUNE_BATCH
+    ) -> int:
+        """Delete inbox rows processed more than ``older_than`` ago (and holds and
+        handler starts noted as long ago); return how many inbox rows. Each consumer's
+        rows go ``batch`` at a time, a transaction each, oldest first.
 
         A message redelivered after its row was pruned is applied again, so keep
-        ``older_than`` well above the longest redelivery window of your broker.
+        ``older_than`` well above the longest redelivery window of your broker. A
+        :class:`~accord.inbox.Consumer` prunes its own rows (``inbox_retention``).
         """
         cutoff = datetime.now(UTC) - older_than
-        statement = inbox.delete().where(inbox.c.processed_at < cutoff)
-        holds = inbox_holds.delete().where(inbox_holds.c.held_at < cutoff)
-        starts = inbox_starts.delete().where(inbox_starts.c.started_at < cutoff)
-        if consumer is not None:
-            statement = statement.where(inbox.c.consumer == consumer)
-            holds = holds.where(inbox_holds.c.consumer == consumer)
-            starts = starts.where(inbox_starts.c.consumer == consumer)
         with translate_errors("pruning the inbox"):
-            async with self.database.transaction() as conn:
-                await conn.execute(holds)
-                await conn.execute(starts)
-                return int((await conn.execute(statement)).rowcount)
+            if consumer is not None:
+                consumers: Sequence[str] = [consumer]
+            else:
+                async with self.database.connect() as conn:
+                    names = sa.union(*(sa.select(t.c.consumer).distinct() for t in _PRUNED))
+                    consumers = (await conn.execute(names)).scalars().all()
+            pruned = 0
+            for name in consumers:
+                while True:
+                    count = await prune_batch(self.database, name, cutoff, batch)
+                    pruned += count
+                    if count < batch:
+                        break
+        return pruned
+
+
+async def prune_batch(database: Database, consumer: str, cutoff: datetime, limit: int) -> int:
+    """Delete up to ``limit`` of ``consumer``'s inbox rows processed before ``cutoff``,
+    oldest first (a range of its (consumer, processed_at) index), in one transaction;
+    on the last batch (fewer than ``limit``) its holds and starts noted before
+    ``cutoff`` too. Returns how many inbox rows. Consumers of one group pruning at
+    once skip each other's rows on PostgreSQL."""
+    oldest = (
+        sa.select(inbox.c.message_id)
+        .where(inbox.c.consumer == consumer, inbox.c.processed_at < cutoff)
+        .order_by(inbox.c.processed_at)
+        .limit(limit)
+    )
+    async with database.transaction() as conn:
+        if conn.dialect.name == "postgresql":
+            oldest = oldest.with_for_update(skip_locked=True)
+        statement = inbox.delete().where(
+            inbox.c.consumer == consumer, inbox.c.message_id.in_(oldest.scalar_subquery())
+        )
+        count = int((await conn.execute(statement)).rowcount)
+        if count < limit:
+            for table, noted in ((inbox_holds, "held_at"), (inbox_starts, "started_at")):
+                await conn.execute(
+                    table.delete().where(table.c.consumer == consumer, table.c[noted] < cutoff)
+                )
+    return count
