@@ -201,6 +201,34 @@ def test_flows_prune_keeps_a_stalled_flow_unless_asked(db_url: str) -> None:
     assert bad.exit_code == 2 and "not a duration" in bad.output
 
 
+def test_sagas_prune_removes_ended_ones_and_a_late_reply_is_then_ignored(db_url: str) -> None:
+    async def setup() -> tuple[str, str]:
+        async with Database(db_url) as database:
+            await trip_app.create_tables(database)
+            orch = orchestrator(database)
+            ended = await orch.start("trip", {})
+            await orch.consumer.handle(Captured(reply(ended, 1, ok=False)))
+            await orch.fire_due(LATER)
+            assert (await SagaAdmin(database).get(ended)).status == "COMPENSATED"
+            return ended, await orch.start("trip", {})
+
+    ended, running = asyncio.run(setup())
+    kept = accord("sagas", "prune", "--db", db_url, "--json")  # 30 days by default
+    assert json.loads(kept.output) == {"pruned": 0, "older_than_days": 30.0, "name": None}
+    pruned = accord("sagas", "prune", "--db", db_url, "--older-than-days", "0")
+    assert pruned.exit_code == 0 and "Pruned 1 ended saga(s)." in pruned.output, pruned.output
+    assert accord("sagas", "show", ended, "--db", db_url).exit_code == 1
+    assert accord("sagas", "show", running, "--db", db_url).exit_code == 0
+
+    async def late_reply() -> str | None:
+        async with Database(db_url) as database:
+            delivery = Captured(reply(ended, 1))
+            await orchestrator(database).consumer.handle(delivery)
+            return delivery.outcome
+
+    assert asyncio.run(late_reply()) == "ack"
+
+
 def test_retry_stuck_goes_oldest_first_and_leaves_alone_a_saga_no_longer_stuck(
     db_url: str,
 ) -> None:

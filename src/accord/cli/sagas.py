@@ -1,9 +1,11 @@
-"""``accord sagas``: list saga instances, show one's timeline, retry STUCK ones, abort."""
+"""``accord sagas``: list saga instances, show one's timeline, retry STUCK ones, abort,
+prune ended ones."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Annotated, Any
 
 import typer
@@ -16,6 +18,7 @@ from accord.cli.app import (
     JsonOption,
     app,
     console,
+    duration_days,
     err_console,
     escape,
     plain,
@@ -27,7 +30,8 @@ from accord.errors import AccordError
 from accord.sagas import STATUSES, SagaAdmin
 
 sagas_app = typer.Typer(
-    help="Saga instances: list, show (step log as a timeline), retry STUCK ones, abort.",
+    help="Saga instances: list, show (step log as a timeline), retry STUCK ones, abort, "
+    "prune ended ones.",
     no_args_is_help=True,
 )
 app.add_typer(sagas_app, name="sagas")
@@ -213,3 +217,31 @@ def abort(
         print_json(state)
     else:
         console.print(f"abort of saga {escape(saga_id)} requested; the orchestrator carries it out")
+
+
+@sagas_app.command("prune")
+def prune(
+    db: DbOption,
+    older_than_days: Annotated[
+        float,
+        typer.Option(
+            "--older-than-days",
+            help="Delete sagas that ended before this (COMPLETED, COMPENSATED, ABORTED).",
+            callback=duration_days,
+        ),
+    ] = 30.0,
+    name: Annotated[str | None, typer.Option(help="Only the instances of this saga.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete ended sagas and their step logs. A running orchestrator does this for its
+    own sagas (its ``retention``); STUCK and running sagas are never deleted."""
+
+    async def go() -> int:
+        async with Database(db) as database:
+            return await SagaAdmin(database).prune(timedelta(days=older_than_days), name=name)
+
+    count = run(go())
+    if as_json:
+        print_json({"pruned": count, "older_than_days": older_than_days, "name": name})
+    else:
+        console.print(f"Pruned {count} ended saga(s).")

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
 from accord.db import Database
 from accord.db.database import translate_errors
-from accord.db.schema_sagas import saga_steps, sagas
+from accord.db.schema_sagas import deadlines, saga_steps, sagas
 from accord.errors import ConfigurationError, NotFoundError
 from accord.sagas._store import (
     ACTION,
@@ -25,7 +25,10 @@ from accord.sagas._store import (
     load,
 )
 
-__all__ = ["SagaAdmin", "StepLogEntry"]
+__all__ = ["PRUNE_BATCH", "SagaAdmin", "StepLogEntry", "prune_ended"]
+
+#: Ended instances a prune deletes in one transaction.
+PRUNE_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,25 @@ class SagaAdmin:
             for r in rows
         ]
 
+    async def prune(
+        self, older_than: timedelta, *, name: str | None = None, batch: int = PRUNE_BATCH
+    ) -> int:
+        """Delete the instances that ended (COMPLETED, COMPENSATED, ABORTED) more than
+        ``older_than`` ago, with their step logs; only saga ``name``'s if given.
+        Returns how many; ``batch`` instances a transaction. STUCK and running ones
+        are never pruned. A reply for a pruned instance is logged and ignored, as
+        for any unknown saga; an :class:`~accord.sagas.Orchestrator` prunes its
+        own sagas (``retention``)."""
+        cutoff = datetime.now(UTC) - older_than
+        names = [name] if name else None
+        pruned = 0
+        with translate_errors("pruning sagas"):
+            while True:
+                count = await prune_ended(self.database, names, cutoff, batch)
+                pruned += count
+                if count < batch:
+                    return pruned
+
     async def retry(self, saga_id: str) -> SagaState:
         """Resume a STUCK instance where it stopped, with fresh attempts."""
         with translate_errors("retrying a saga"):
@@ -198,3 +220,29 @@ class SagaAdmin:
         if state is None:
             raise NotFoundError(f"no saga {saga_id!r} in {self.database!r}")
         return state
+
+
+async def prune_ended(
+    database: Database, names: Sequence[str] | None, cutoff: datetime, limit: int
+) -> int:
+    """Delete up to ``limit`` instances (of the sagas ``names``, or any) that ended
+    before ``cutoff``, oldest first, with their step logs (and a deadline, should
+    one be left), in one transaction; return how many. Two prunes at once skip each
+    other's instances on PostgreSQL."""
+    oldest = (
+        sa.select(sagas.c.id)
+        .where(sagas.c.status.in_(ENDED), sagas.c.updated_at < cutoff)
+        .order_by(sagas.c.updated_at)
+        .limit(limit)
+    )
+    if names is not None:
+        oldest = oldest.where(sagas.c.name.in_(list(names)))
+    async with database.transaction() as conn:
+        if conn.dialect.name == "postgresql":
+            oldest = oldest.with_for_update(skip_locked=True)
+        ids = (await conn.execute(oldest)).scalars().all()
+        if ids:
+            await conn.execute(saga_steps.delete().where(saga_steps.c.saga_id.in_(ids)))
+            await conn.execute(deadlines.delete().where(deadlines.c.saga_id.in_(ids)))
+            await conn.execute(sagas.delete().where(sagas.c.id.in_(ids)))
+    return len(ids)

@@ -21,11 +21,13 @@ from accord.db.database import on_commit
 from accord.db.schema_sagas import deadlines
 from accord.errors import AccordError, ConcurrencyError, ConfigurationError
 from accord.inbox import Consumer, HandlerContext
+from accord.inbox._consumer import PRUNE_INTERVAL
 from accord.inbox._context import run_after_commit
 from accord.messages import Message
 from accord.observability import current_traceparent
 from accord.observability._tracing import as_current
 from accord.outbox import add as add_to_outbox
+from accord.sagas._admin import PRUNE_BATCH, prune_ended
 from accord.sagas._definition import Command, Saga, registry
 from accord.sagas._engine import Engine, Reply, ReplyData
 from accord.sagas._metrics import SAGAS_STARTED
@@ -64,6 +66,9 @@ class Orchestrator:
     * A timer fires due rows of ``accord_deadlines`` every ``timer_interval``
       seconds: step timeouts, retries after backoff, and operators' retry/abort
       requests. Deadlines are rows, so they fire after any restart.
+    * The same loop deletes, every ten minutes, its sagas that ended (COMPLETED,
+      COMPENSATED, ABORTED) more than ``retention`` ago (30 days; ``None`` keeps
+      them), with their step logs. A STUCK saga is never pruned.
 
     ``concurrency`` runs that many competing consumers of the reply group, and
     ``batch_size`` > 1 lets each apply up to that many replies per transaction (the
@@ -86,9 +91,12 @@ class Orchestrator:
         prefetch: int = 64,
         concurrency: int = 1,
         batch_size: int = 1,
+        retention: timedelta | None = timedelta(days=30),
     ) -> None:
         self.database = database
         self.name = name
+        self.retention = retention
+        self._prune_due = 0.0  # event loop time of the next prune of ended sagas
         self.sagas = registry(list(sagas))
         self.timer_interval = timer_interval
         self.timer_batch = timer_batch
@@ -316,8 +324,27 @@ class Orchestrator:
                 fired = await self.fire_due()
             except Exception:
                 log.exception("saga timer round failed; will retry")
-            if fired < self.timer_batch:
+            pruned = await self._prune_when_due()
+            if fired < self.timer_batch and pruned < PRUNE_BATCH:
                 await wait_event(self._stop, self.timer_interval)
+
+    async def _prune_when_due(self) -> int:
+        """One batch of this orchestrator's sagas that ended more than ``retention``
+        ago, if a prune is due; the next is due at once after a full batch, else in
+        ``PRUNE_INTERVAL`` seconds. Returns how many."""
+        now = asyncio.get_running_loop().time()
+        if self.retention is None or now < self._prune_due:
+            return 0
+        cutoff = datetime.now(UTC) - self.retention
+        try:
+            pruned = await prune_ended(self.database, list(self.sagas), cutoff, PRUNE_BATCH)
+        except Exception:
+            log.exception("pruning the ended sagas of %s failed; will retry", self.name)
+            pruned = 0
+        if pruned:
+            log.info("pruned %d ended saga(s) of %s", pruned, self.name)
+        self._prune_due = now + (0.0 if pruned >= PRUNE_BATCH else PRUNE_INTERVAL)
+        return pruned
 
     # -- lifecycle ----------------------------------------------------------------
 
