@@ -21,6 +21,7 @@ from accord.errors import AccordError
 __all__ = [
     "DbOption",
     "JsonOption",
+    "age_option",
     "app",
     "console",
     "duration",
@@ -78,6 +79,12 @@ def duration(value: float) -> float:
 def duration_days(value: float) -> float:
     """:func:`duration` for an option in days."""
     return _within(value, 100 * 365)
+
+
+def age_option(help: str) -> Any:
+    """The ``--older-than-days`` option of a prune command, checked by
+    :func:`duration_days`; ``help`` says what goes."""
+    return typer.Option("--older-than-days", help=help, callback=duration_days)
 
 
 def _within(value: float, longest: float) -> float:

@@ -12,10 +12,10 @@ from rich.text import Text
 from accord.cli.app import (
     DbOption,
     JsonOption,
+    age_option,
     app,
     console,
     duration,
-    duration_days,
     plain,
     print_json,
     run,
@@ -102,12 +102,7 @@ def stalled(
 def prune(
     db: DbOption,
     older_than_days: Annotated[
-        float,
-        typer.Option(
-            "--older-than-days",
-            help="Delete flows whose last message was recorded before this.",
-            callback=duration_days,
-        ),
+        float, age_option("Delete flows whose last message was recorded before this.")
     ] = 7.0,
     include_stalled: Annotated[
         bool,

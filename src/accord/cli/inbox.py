@@ -11,9 +11,9 @@ from rich.table import Table
 from accord.cli.app import (
     DbOption,
     JsonOption,
+    age_option,
     app,
     console,
-    duration_days,
     escape,
     plain,
     print_json,
@@ -33,7 +33,7 @@ inbox_app.add_typer(dead_app, name="dead")
 app.add_typer(inbox_app, name="inbox")
 
 ConsumerOption = Annotated[
-    str | None, typer.Option("--consumer", "-c", help="Only this consumer's dead letters.")
+    str | None, typer.Option("--consumer", "-c", help="Only this consumer's (its group name).")
 ]
 
 
@@ -72,14 +72,7 @@ def status(db: DbOption, consumer: ConsumerOption = None, as_json: JsonOption = 
 @inbox_app.command("prune")
 def prune(
     db: DbOption,
-    older_than_days: Annotated[
-        float,
-        typer.Option(
-            "--older-than-days",
-            help="Delete rows processed before this.",
-            callback=duration_days,
-        ),
-    ] = 7.0,
+    older_than_days: Annotated[float, age_option("Delete rows processed before this.")] = 7.0,
     consumer: ConsumerOption = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -16,9 +16,9 @@ from rich.text import Text
 from accord.cli.app import (
     DbOption,
     JsonOption,
+    age_option,
     app,
     console,
-    duration_days,
     err_console,
     escape,
     plain,
@@ -224,11 +224,7 @@ def prune(
     db: DbOption,
     older_than_days: Annotated[
         float,
-        typer.Option(
-            "--older-than-days",
-            help="Delete sagas that ended before this (COMPLETED, COMPENSATED, ABORTED).",
-            callback=duration_days,
-        ),
+        age_option("Delete sagas that ended before this (COMPLETED, COMPENSATED, ABORTED)."),
     ] = 30.0,
     name: Annotated[str | None, typer.Option(help="Only the instances of this saga.")] = None,
     as_json: JsonOption = False,

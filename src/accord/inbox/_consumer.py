@@ -8,13 +8,14 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from accord._aio import wait_event
 from accord._backoff import backoff_delay
+from accord._retention import Pruning
 from accord.db import Database
 from accord.errors import ConfigurationError
 from accord.inbox._context import (
@@ -62,8 +63,6 @@ _TRACEBACK_FRAMES = 6
 _REASON_LIMIT = 4000
 # A message held back behind its key's failed predecessor comes back this long after it.
 _HELD_BACK_GAP = 0.05
-#: Seconds between a consumer's inbox prunes (a full batch is followed by the next at once).
-PRUNE_INTERVAL = 600.0
 
 #: A delivery that passed the checks: (delivery, message, registration, parsed data).
 _Ready = tuple[Delivery, Message, Registration, Any]
@@ -161,8 +160,12 @@ class Consumer:
         self.replay_lease = replay_lease
         self.batch_size = batch_size
         self.max_deliveries = max_deliveries
-        self.inbox_retention = inbox_retention
-        self._prune_due = 0.0  # event loop time of the next inbox prune
+        self._pruning = Pruning(
+            f"inbox rows of {name}",
+            inbox_retention,
+            lambda cutoff, limit: prune_batch(database, name, cutoff, limit),
+            PRUNE_BATCH,
+        )
         # The next batch should be waiting while one is handled: its deliveries are
         # only settled after it, so a window of one batch would run dry each time.
         self.prefetch = max(prefetch, 2 * batch_size) if batch_size > 1 else prefetch
@@ -657,27 +660,9 @@ class Consumer:
                     await delivery.ack()  # no-op if settled, as with transports
             except Exception:
                 log.exception("replaying dead letters of %s failed; will retry", self.name)
-            pruned = await self._prune_when_due()
-            if len(claimed) < 20 and pruned < PRUNE_BATCH:
+            pruned = await self._pruning.when_due()
+            if len(claimed) < 20 and not self._pruning.full(pruned):
                 await wait_event(stopping, self.replay_interval)
-
-    async def _prune_when_due(self) -> int:
-        """One batch of this consumer's inbox rows past ``inbox_retention``, if a
-        prune is due; the next is due at once after a full batch, else in
-        ``PRUNE_INTERVAL`` seconds. Returns how many rows."""
-        now = asyncio.get_running_loop().time()
-        if self.inbox_retention is None or now < self._prune_due:
-            return 0
-        cutoff = datetime.now(UTC) - self.inbox_retention
-        try:
-            pruned = await prune_batch(self.database, self.name, cutoff, PRUNE_BATCH)
-        except Exception:
-            log.exception("pruning the inbox of %s failed; will retry", self.name)
-            pruned = 0
-        if pruned:
-            log.info("pruned %d inbox row(s) of %s", pruned, self.name)
-        self._prune_due = now + (0.0 if pruned >= PRUNE_BATCH else PRUNE_INTERVAL)
-        return pruned
 
 
 def _runs(items: Sequence[_Ready]) -> list[list[_Ready]]:

@@ -16,12 +16,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord._aio import wait_event
+from accord._retention import Pruning
 from accord.db import Database
 from accord.db.database import on_commit
 from accord.db.schema_sagas import deadlines
 from accord.errors import AccordError, ConcurrencyError, ConfigurationError
 from accord.inbox import Consumer, HandlerContext
-from accord.inbox._consumer import PRUNE_INTERVAL
 from accord.inbox._context import run_after_commit
 from accord.messages import Message
 from accord.observability import current_traceparent
@@ -95,9 +95,14 @@ class Orchestrator:
     ) -> None:
         self.database = database
         self.name = name
-        self.retention = retention
-        self._prune_due = 0.0  # event loop time of the next prune of ended sagas
         self.sagas = registry(list(sagas))
+        names = list(self.sagas)
+        self._pruning = Pruning(
+            f"ended sagas of {name}",
+            retention,
+            lambda cutoff, limit: prune_ended(database, names, cutoff, limit),
+            PRUNE_BATCH,
+        )
         self.timer_interval = timer_interval
         self.timer_batch = timer_batch
         # A version conflict is retried through the consumer: hence many quick attempts.
@@ -324,27 +329,9 @@ class Orchestrator:
                 fired = await self.fire_due()
             except Exception:
                 log.exception("saga timer round failed; will retry")
-            pruned = await self._prune_when_due()
-            if fired < self.timer_batch and pruned < PRUNE_BATCH:
+            pruned = await self._pruning.when_due()
+            if fired < self.timer_batch and not self._pruning.full(pruned):
                 await wait_event(self._stop, self.timer_interval)
-
-    async def _prune_when_due(self) -> int:
-        """One batch of this orchestrator's sagas that ended more than ``retention``
-        ago, if a prune is due; the next is due at once after a full batch, else in
-        ``PRUNE_INTERVAL`` seconds. Returns how many."""
-        now = asyncio.get_running_loop().time()
-        if self.retention is None or now < self._prune_due:
-            return 0
-        cutoff = datetime.now(UTC) - self.retention
-        try:
-            pruned = await prune_ended(self.database, list(self.sagas), cutoff, PRUNE_BATCH)
-        except Exception:
-            log.exception("pruning the ended sagas of %s failed; will retry", self.name)
-            pruned = 0
-        if pruned:
-            log.info("pruned %d ended saga(s) of %s", pruned, self.name)
-        self._prune_due = now + (0.0 if pruned >= PRUNE_BATCH else PRUNE_INTERVAL)
-        return pruned
 
     # -- lifecycle ----------------------------------------------------------------
 

@@ -1,0 +1,53 @@
+"""Pruning by retention from a component's own loop: one batch when due, the next at
+once after a full batch (a backlog goes without waiting), else after an interval."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+__all__ = ["PRUNE_INTERVAL", "Pruning"]
+
+#: Seconds between prunes once nothing is left past the retention.
+PRUNE_INTERVAL = 600.0
+
+
+class Pruning:
+    """Calls ``prune(cutoff, batch)`` (deleting up to ``batch`` rows older than
+    ``cutoff`` and returning how many) when due; ``retention`` None never prunes.
+    ``what`` names the rows in logs ("inbox rows of scores")."""
+
+    def __init__(
+        self,
+        what: str,
+        retention: timedelta | None,
+        prune: Callable[[datetime, int], Awaitable[int]],
+        batch: int,
+    ) -> None:
+        self.what = what
+        self.retention = retention
+        self.batch = batch
+        self._prune = prune
+        self._due = 0.0  # event loop time of the next prune
+
+    async def when_due(self) -> int:
+        """One batch if a prune is due; how many rows went. Errors are logged (the
+        next try is an interval later), never raised: the caller's loop goes on."""
+        now = asyncio.get_running_loop().time()
+        if self.retention is None or now < self._due:
+            return 0
+        try:
+            pruned = await self._prune(datetime.now(UTC) - self.retention, self.batch)
+        except Exception:
+            logging.getLogger("accord").exception("pruning %s failed; will retry", self.what)
+            pruned = 0
+        if pruned:
+            logging.getLogger("accord").info("pruned %d %s", pruned, self.what)
+        self._due = now + (0.0 if self.full(pruned) else PRUNE_INTERVAL)
+        return pruned
+
+    def full(self, pruned: int) -> bool:
+        """Whether ``pruned`` was a full batch (more may be left)."""
+        return pruned >= self.batch
