@@ -9,10 +9,12 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import sqlalchemy as sa
 
 from accord.db import Database
 from accord.db.schema import inbox, inbox_holds, inbox_starts
+from accord.errors import ConfigurationError
 from accord.inbox import Consumer, HandlerContext, Inbox
 from accord.inbox._store import PRUNE_BATCH
 from accord.messages import Message
@@ -137,3 +139,11 @@ async def test_no_retention_keeps_every_row(database: Database) -> None:
     finally:
         await consumer.stop()
         await consumer.transport.close()
+
+
+async def test_a_prune_refuses_a_batch_below_one(database: Database) -> None:
+    """A batch of 0 would return 0 rows for ever, never fewer than the batch: the
+    prune would loop without end (on SQLite a negative one is no LIMIT at all)."""
+    for batch in (0, -1):
+        with pytest.raises(ConfigurationError, match=f"batch must be at least 1, got {batch}"):
+            await Inbox(database).prune(timedelta(days=7), batch=batch)

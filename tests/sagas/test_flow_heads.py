@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from accord.db import Database
 from accord.db.migrations import MIGRATIONS
 from accord.db.schema import schema_version
-from accord.db.schema_sagas import flow_heads, flows
+from accord.db.schema_sagas import flow_heads, flows, sagas
+from accord.errors import ConfigurationError
 from accord.messages import Message
 from accord.sagas import Flows, FlowTracker
 from accord.sagas._flows import COMMAND, ENDS
@@ -130,6 +131,60 @@ async def test_prune_takes_ended_flows_past_retention_and_keeps_the_rest(
     assert await remaining(database) == {}
 
 
+async def seed_saga(database: Database, saga_id: str, status: str) -> None:
+    now = datetime.now(UTC)
+    row = {"id": saga_id, "name": "trip", "status": status, "phase": "action", "step": 0}
+    async with database.transaction() as conn:
+        await conn.execute(sagas.insert().values(**row, data={}, created_at=now, updated_at=now))
+
+
+def reply_to(saga_id: str) -> Message:
+    """A participant's reply to an orchestrated saga's command (outcome "ok")."""
+    data = {"saga_id": saga_id, "ok": True}
+    return Message(type="trip.ask.reply", correlationid=saga_id, data=data)
+
+
+async def test_an_orchestrated_sagas_flow_is_pruned_once_its_saga_ended_or_is_elsewhere(
+    database: Database,
+) -> None:
+    """An orchestrated saga's flow never says it ended: it goes once its instance in
+    this database ended, or when there is none here (its orchestrator keeps another
+    database); a RUNNING or STUCK saga here keeps its timeline, old as it is."""
+    await database.upgrade()
+    tracker = tracker_for(database)
+    for status in ("RUNNING", "STUCK", "COMPLETED", "COMPENSATED", "ABORTED"):
+        await seed_saga(database, status.lower(), status)
+    flows_here = ("running", "stuck", "completed", "compensated", "aborted", "elsewhere")
+    for saga_id in flows_here:
+        await record(tracker, [message(saga_id, "trip.ask", COMMAND), reply_to(saga_id)])
+    later = datetime.now(UTC) + timedelta(days=8)
+    assert await Flows(database).prune(timedelta(days=7), now=later) == 4
+    assert await remaining(database) == {"running": 2, "stuck": 2}
+    assert await Flows(database).stalled(timedelta(0), now=later) == []
+
+
+async def test_a_reply_after_its_flow_was_pruned_is_not_a_stalled_flow(database: Database) -> None:
+    """A step that waits longer than the retention (its saga's instance lives in the
+    orchestrator's own database, not here): the flow is pruned meanwhile, and the
+    reply that comes at last starts a new head row, of an orchestrated saga, so it
+    is never reported as stalled."""
+    await database.upgrade()
+    tracker = tracker_for(database)
+    await record(tracker, [message("slow", "trip.ask", COMMAND)])
+    later = datetime.now(UTC) + timedelta(days=8)
+    assert await Flows(database).prune(timedelta(days=7), now=later) == 1
+    await record(tracker, [reply_to("slow")])
+    assert await Flows(database).stalled(timedelta(0), now=later) == []
+    assert await remaining(database) == {"slow": 1}
+
+
+async def test_a_prune_refuses_a_batch_below_one(database: Database) -> None:
+    """A batch of 0 would return 0 rows for ever, never fewer than the batch: the
+    prune would loop without end."""
+    with pytest.raises(ConfigurationError, match="batch must be at least 1, got 0"):
+        await Flows(database).prune(timedelta(days=7), batch=0)
+
+
 async def remaining(database: Database) -> dict[str, int]:
     """Messages left per flow; every flow left has its head row, and no head is left
     without its messages."""
@@ -197,15 +252,24 @@ async def test_upgrade_from_version_6_fills_in_the_heads_of_recorded_flows(
     await record(
         tracker, [message("old-done", "a", "next"), message("old-done", "b", "compensated")]
     )
+    await record(tracker, [message("old-saga", "a", COMMAND), reply_to("old-saga")])
     async with database.transaction() as conn:  # back to what version 6 left
         await conn.execute(sa.text("DROP TABLE accord_flow_heads"))
         await conn.execute(schema_version.delete().where(schema_version.c.version > 6))
     assert await database.upgrade() == MIGRATIONS[-1][0]
-    assert await remaining(database) == {"old-open": 2, "old-done": 2}
+    assert await remaining(database) == {"old-open": 2, "old-done": 2, "old-saga": 2}
     later = datetime.now(UTC) + LATER
     found = await Flows(database).stalled(timedelta(0), now=later)
     assert as_tuples(found) == await expected_stalled(database)
     assert [(f.correlation_id, f.last_type) for f in found] == [("old-open", "b")]
     await record(tracker, [message("old-open", "c", "completed")])  # heads go on counting
     assert await Flows(database).stalled(timedelta(0), now=later) == []
-    assert await remaining(database) == {"old-open": 3, "old-done": 2}
+    assert await remaining(database) == {"old-open": 3, "old-done": 2, "old-saga": 2}
+    async with database.connect() as conn:
+        query = sa.select(flow_heads).order_by(flow_heads.c.correlation_id)
+        heads = (await conn.execute(query)).all()
+    assert [(h.correlation_id, h.ended, h.orchestrated) for h in heads] == [
+        ("old-done", True, False),
+        ("old-open", True, False),
+        ("old-saga", False, True),
+    ]

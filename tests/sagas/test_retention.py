@@ -8,10 +8,12 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import sqlalchemy as sa
 
 from accord.db import Database
 from accord.db.schema_sagas import saga_steps, sagas
+from accord.errors import ConfigurationError
 from accord.sagas import Orchestrator, Saga, SagaAdmin, command
 from accord.sagas._admin import PRUNE_BATCH
 from accord.testing import wait_for
@@ -115,3 +117,8 @@ async def test_no_retention_keeps_ended_sagas(database: Database) -> None:
         await orchestrator.stop()
         await running
         await transport.close()
+
+
+async def test_a_prune_refuses_a_batch_below_one(database: Database) -> None:
+    with pytest.raises(ConfigurationError, match="batch must be at least 1, got 0"):
+        await SagaAdmin(database).prune(timedelta(days=30), batch=0)

@@ -471,6 +471,30 @@ async def test_another_services_deadlines_do_not_starve_the_timer(database: Data
     assert (1, "timed_out") in events
 
 
+async def test_unnamed_deadlines_go_to_the_orchestrator_of_their_saga(database: Database) -> None:
+    """A deadline without a saga name, as an orchestrator of an Accord older than the
+    column still writes during a rolling upgrade: another service's timer leaves it
+    alone (before, it took it, failed with 'does not know saga' and put the owner's
+    timeout off by 30 s every round); the owner's timer fires it."""
+    from accord.db.schema_sagas import deadlines
+
+    await app.create_tables(database)
+    transport = SqlTransport(database.url, channel=channel())
+    other = Saga("other").step("ask", command("others.ask"), timeout=1)
+    theirs = Orchestrator(database, transport, [other], name="theirs")
+    ours = Orchestrator(database, transport, [app.make_trip(timeout=1)], name="ours")
+    their_saga = await theirs.start("other", {})
+    async with database.transaction() as conn:
+        await conn.execute(deadlines.update().values(saga_name=None))
+        due = await conn.scalar(sa.select(deadlines.c.due_at))
+    assert await ours.fire_due(datetime.now(UTC) + LATER) == 0
+    async with database.connect() as conn:
+        assert await conn.scalar(sa.select(deadlines.c.due_at)) == due  # not put off
+    assert await theirs.fire_due(datetime.now(UTC) + LATER) == 1
+    events = [(e.step, e.event) for e in await SagaAdmin(database).history(their_saga)]
+    assert (0, "timed_out") in events
+
+
 async def test_a_malformed_reply_is_dead_lettered_at_once_with_what_is_wrong(
     database: Database,
 ) -> None:

@@ -86,12 +86,14 @@ async def _flow_heads(conn: AsyncConnection) -> None:
     await conn.execute(
         sa.text(
             """
-INSERT INTO accord_flow_heads (correlation_id, messages, last_id, last_type, last_at, ended)
-SELECT g.correlation_id, g.messages, g.last_id, f.type, g.last_at, g.ended = 1
+INSERT INTO accord_flow_heads (correlation_id, messages, last_id, last_type, last_at, ended,
+                               orchestrated)
+SELECT g.correlation_id, g.messages, g.last_id, f.type, g.last_at, g.ended = 1,
+       g.orchestrated = 1
 FROM (SELECT correlation_id, count(*) AS messages, max(id) AS last_id,
              max(recorded_at) AS last_at,
-             max(CASE WHEN outcome IN ('completed', 'compensated', 'command')
-                      THEN 1 ELSE 0 END) AS ended
+             max(CASE WHEN outcome IN ('completed', 'compensated') THEN 1 ELSE 0 END) AS ended,
+             max(CASE WHEN outcome IN ('command', 'ok') THEN 1 ELSE 0 END) AS orchestrated
       FROM accord_flows GROUP BY correlation_id) AS g
 JOIN accord_flows AS f ON f.id = g.last_id
 WHERE NOT EXISTS (SELECT 1 FROM accord_flow_heads AS h

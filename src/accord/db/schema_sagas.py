@@ -134,8 +134,10 @@ flow_heads = sa.Table(
     sa.Column("last_type", sa.String(200), nullable=False),
     # When the tracker recorded its latest message (the stall clock).
     sa.Column("last_at", UTCDateTime, nullable=False),
-    # A message said it completed or compensated, or it is an orchestrated saga
-    # (its orchestrator ends it or marks it STUCK): never reported as stalled.
+    # A message said the flow completed or compensated.
     sa.Column("ended", sa.Boolean, nullable=False),
-    sa.Index("ix_accord_flow_heads_stall", "ended", "last_at"),
+    # An orchestrated saga's command or reply was seen: its orchestrator ends it or
+    # marks it STUCK, no message says so, and it is never reported as stalled.
+    sa.Column("orchestrated", sa.Boolean, nullable=False),
+    sa.Index("ix_accord_flow_heads_stall", "ended", "orchestrated", "last_at"),
 )

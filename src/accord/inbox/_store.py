@@ -15,6 +15,7 @@ from accord.db import Database
 from accord.db.database import translate_errors
 from accord.db.schema import inbox, inbox_holds, inbox_starts
 from accord.db.types import UTCDateTime
+from accord.errors import ConfigurationError
 from accord.messages import Message
 
 __all__ = [
@@ -185,6 +186,8 @@ class Inbox:
         ``older_than`` well above the longest redelivery window of your broker. A
         :class:`~accord.inbox.Consumer` prunes its own rows (``inbox_retention``).
         """
+        if batch < 1:
+            raise ConfigurationError(f"batch must be at least 1, got {batch}")
         cutoff = datetime.now(UTC) - older_than
         with translate_errors("pruning the inbox"):
             if consumer is not None:

@@ -126,6 +126,8 @@ class SagaAdmin:
         are never pruned. A reply for a pruned instance is logged and ignored, as
         for any unknown saga; an :class:`~accord.sagas.Orchestrator` prunes its
         own sagas (``retention``)."""
+        if batch < 1:
+            raise ConfigurationError(f"batch must be at least 1, got {batch}")
         cutoff = datetime.now(UTC) - older_than
         names = [name] if name else None
         pruned = 0

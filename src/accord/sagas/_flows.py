@@ -18,9 +18,11 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from accord._aio import wait_event
 from accord.db import Database
 from accord.db.database import translate_errors
-from accord.db.schema_sagas import flow_heads, flows
+from accord.db.schema_sagas import flow_heads, flows, sagas
+from accord.errors import ConfigurationError
 from accord.inbox import Consumer, HandlerContext
 from accord.sagas._metrics import FLOWS_STALLED
+from accord.sagas._store import ENDED as SAGA_ENDED
 from accord.transports.base import Transport
 
 __all__ = ["FlowEntry", "FlowTracker", "Flows", "StalledFlow"]
@@ -83,6 +85,12 @@ class StalledFlow:
         }
 
 
+def _orchestrated(message_data: Any, extensions: dict[str, str]) -> bool:
+    """Whether the message is an orchestrated saga's command or reply."""
+    reply = isinstance(message_data, dict) and "ok" in message_data and "saga_id" in message_data
+    return reply or "sagaid" in extensions
+
+
 def _outcome(message_data: Any, extensions: dict[str, str]) -> str | None:
     if "flowoutcome" in extensions:
         return extensions["flowoutcome"]
@@ -106,7 +114,7 @@ _ROW = (
     "time",
     "recorded_at",
 )
-_HEAD = ("correlation_id", "messages", "last_id", "last_type", "last_at", "ended")
+_HEAD = ("correlation_id", "messages", "last_id", "last_type", "last_at", "ended", "orchestrated")
 
 
 @functools.cache
@@ -130,6 +138,7 @@ def _recording(dialect: str) -> tuple[Any, Any]:
                 written.c.type,
                 written.c.recorded_at,
                 sa.bindparam("ended", type_=sa.Boolean),
+                sa.bindparam("orchestrated", type_=sa.Boolean),
             ),
         )
         return None, _counted(head, sa.func.greatest)
@@ -148,6 +157,7 @@ def _counted(insert: Any, newest: Any) -> Any:
             "last_id": newest(h.last_id, new.last_id),
             "last_at": newest(h.last_at, new.last_at),
             "ended": sa.or_(h.ended, new.ended),
+            "orchestrated": sa.or_(h.orchestrated, new.orchestrated),
         },
     )
 
@@ -157,9 +167,14 @@ class FlowTracker:
     ``accord_flows``, and every ``check_interval`` seconds reports (log + the
     ``accord_flows_stalled`` gauge) flows without progress for ``stalled_after``.
 
-    Each round also prunes the flows that ended more than ``retention`` ago (None
-    keeps them); flows that never ended are kept, to be reported, until they end or
-    ``accord flows prune --stalled`` removes them.
+    Each round also prunes the flows whose last message is more than ``retention``
+    old (None keeps them) and that ended: a message said it completed or
+    compensated, or it is an orchestrated saga whose instance in this database
+    ended or is not here (its orchestrator keeps another database). Flows that
+    never ended are kept, to be reported, until they end or ``accord flows prune
+    --stalled`` removes them; so is the timeline of a saga still running or STUCK
+    here. ``inbox_retention`` is the tracker's consumer's (see
+    :class:`~accord.inbox.Consumer`).
     """
 
     def __init__(
@@ -172,13 +187,14 @@ class FlowTracker:
         stalled_after: timedelta = timedelta(minutes=5),
         check_interval: float = 30.0,
         retention: timedelta | None = timedelta(days=7),
+        inbox_retention: timedelta | None = timedelta(days=7),
     ) -> None:
         self.name = name
         self.database = database
         self.stalled_after = stalled_after
         self.check_interval = check_interval
         self.retention = retention
-        self.consumer = Consumer(name, database, transport)
+        self.consumer = Consumer(name, database, transport, inbox_retention=inbox_retention)
         for topic in topics:
             self.consumer.add_handler(topic, self._record)
         self._stop = asyncio.Event()
@@ -201,7 +217,8 @@ class FlowTracker:
             "error": str(error)[:4000] if error else None,
             "time": m.time,
             "recorded_at": datetime.now(UTC),
-            "ended": outcome in (*ENDS, COMMAND),
+            "ended": outcome in ENDS,
+            "orchestrated": _orchestrated(data, ext),
         }
         row, head = _recording(ctx.conn.dialect.name)
         if row is not None:
@@ -289,7 +306,7 @@ class Flows:
         h = flow_heads.c
         query = (
             sa.select(h.correlation_id, h.last_type, h.last_at, h.messages)
-            .where(h.ended == sa.false(), h.last_at < cutoff)
+            .where(h.ended == sa.false(), h.orchestrated == sa.false(), h.last_at < cutoff)
             .order_by(h.last_at)
             .limit(limit)
         )
@@ -315,16 +332,26 @@ class Flows:
         batch: int = 1000,
     ) -> int:
         """Delete the flows (their messages and head rows) whose last message was
-        recorded more than ``older_than`` ago and that ended; with ``stalled``, those
-        that never ended too. Returns how many flows; ``batch`` flows a transaction.
+        recorded more than ``older_than`` ago and that ended (see
+        :class:`FlowTracker`); with ``stalled``, every one that old. Returns how many
+        flows; ``batch`` flows a transaction.
 
         A message arriving for a flow while it is pruned starts it again (on
         PostgreSQL the tracker's write waits for the prune's transaction)."""
+        if batch < 1:
+            raise ConfigurationError(f"batch must be at least 1, got {batch}")
         cutoff = (now or datetime.now(UTC)) - older_than
         h = flow_heads.c
         pick = sa.select(h.correlation_id).where(h.last_at < cutoff).limit(batch)
         if not stalled:
-            pick = pick.where(h.ended == sa.true())
+            # An orchestrated saga's flow goes once its instance here ended or if it
+            # is not here at all; a running or STUCK one keeps its timeline.
+            live = sa.exists().where(
+                sagas.c.id == h.correlation_id, sagas.c.status.not_in(SAGA_ENDED)
+            )
+            pick = pick.where(
+                sa.or_(h.ended == sa.true(), sa.and_(h.orchestrated == sa.true(), ~live))
+            )
         pruned = 0
         with translate_errors("pruning flows"):
             while True:

@@ -20,6 +20,7 @@ from accord._retention import Pruning
 from accord.db import Database
 from accord.db.database import on_commit
 from accord.db.schema_sagas import deadlines
+from accord.db.schema_sagas import sagas as sagas_table
 from accord.errors import AccordError, ConcurrencyError, ConfigurationError
 from accord.inbox import Consumer, HandlerContext
 from accord.inbox._context import run_after_commit
@@ -68,7 +69,9 @@ class Orchestrator:
       requests. Deadlines are rows, so they fire after any restart.
     * The same loop deletes, every ten minutes, its sagas that ended (COMPLETED,
       COMPENSATED, ABORTED) more than ``retention`` ago (30 days; ``None`` keeps
-      them), with their step logs. A STUCK saga is never pruned.
+      them), with their step logs. A STUCK saga is never pruned. A reply for a
+      pruned saga is ignored, and :meth:`start` with the id of a pruned saga
+      starts a new instance. ``inbox_retention`` is the reply consumers'.
 
     ``concurrency`` runs that many competing consumers of the reply group, and
     ``batch_size`` > 1 lets each apply up to that many replies per transaction (the
@@ -92,6 +95,7 @@ class Orchestrator:
         concurrency: int = 1,
         batch_size: int = 1,
         retention: timedelta | None = timedelta(days=30),
+        inbox_retention: timedelta | None = timedelta(days=7),
     ) -> None:
         self.database = database
         self.name = name
@@ -118,6 +122,7 @@ class Orchestrator:
                 backoff_cap=backoff_cap,
                 prefetch=prefetch,
                 batch_size=batch_size,
+                inbox_retention=inbox_retention,
             )
             for _ in range(max(1, concurrency))
         ]
@@ -257,14 +262,20 @@ class Orchestrator:
         moment = now or datetime.now(UTC)
         # Only deadlines of the sagas this orchestrator runs (another service's may
         # share the database, its due rows piling up while its orchestrator is down):
-        # ranges of (saga_name, due_at). A NULL name is a row older than the column
-        # whose instance was already gone; firing it only deletes it.
+        # ranges of (saga_name, due_at). A row without a name was written by an
+        # Accord older than the column (one still running in a rolling upgrade, or
+        # before migration 6 found its instance gone): it is this orchestrator's if
+        # its instance is, or if there is none (firing it then only deletes it).
+        names = list(self.sagas)
         name = deadlines.c.saga_name
+        someone_elses = sa.exists().where(
+            sagas_table.c.id == deadlines.c.saga_id, sagas_table.c.name.not_in(names)
+        )
         query = (
             sa.select(deadlines.c.saga_id)
             .where(
                 deadlines.c.due_at <= moment,
-                sa.or_(name.in_(list(self.sagas)), name.is_(None)),
+                sa.or_(name.in_(names), sa.and_(name.is_(None), ~someone_elses)),
             )
             .order_by(deadlines.c.due_at)
             .limit(self.timer_batch)
