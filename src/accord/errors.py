@@ -15,6 +15,7 @@ __all__ = [
     "DatabaseError",
     "DecodeError",
     "DuplicateError",
+    "MessageTooLarge",
     "MissingExtraError",
     "NotFoundError",
     "PublishError",
@@ -80,6 +81,12 @@ class TransportUnavailable(TransportError):
     Publishing failures of this kind do not count against a message's attempts:
     a broker outage must never dead-letter the backlog.
     """
+
+
+class MessageTooLarge(TransportError):
+    """The broker will never take this message: it is larger than the broker's limit
+    (NATS ``max_payload``, RabbitMQ ``max_message_size``). A relay marks its row DEAD
+    at once, with this error, instead of spending its attempts."""
 
 
 class PublishError(TransportError):

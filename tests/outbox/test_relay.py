@@ -101,6 +101,27 @@ async def test_poison_message_goes_dead_while_others_flow_and_replay_delivers(
         await task
 
 
+async def test_a_message_larger_than_the_broker_takes_is_dead_at_once(
+    database: Database, listen: Any
+) -> None:
+    """Over NATS (max_payload, 1 MiB by default): the row over the limit is DEAD after
+    its first attempt, with an error that names the setting, instead of spending
+    every attempt; the rest of the batch goes out."""
+    transport, received = await listen(broker_url("nats", ""))
+    limit = transport._nc.max_payload  # type: ignore[attr-defined]
+    big = Message(type="doc.stored", data={"pad": "x" * limit}, key="doc-0")
+    rest = [Message(type="doc.stored", data={"n": n}, key=f"doc-{n}") for n in range(1, 4)]
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, rest[0], big, *rest[1:])
+    relay = fast_relay(database, transport, max_attempts=5)
+    assert await relay.run_once() == len(rest)
+    await received.wait(len(rest))
+    assert sorted(received.ids) == sorted(m.id for m in rest)
+    [dead] = await OutboxAdmin(database).dead()
+    assert (dead["id"], dead["retry_count"]) == (big.id, 1)
+    assert "MessageTooLarge" in dead["last_error"] and "max_payload" in dead["last_error"]
+
+
 async def test_a_key_waits_behind_an_earlier_message_in_backoff(
     database: Database, listen: Any
 ) -> None:

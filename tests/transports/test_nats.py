@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import NATS_URL
 from tests.processes import a_killed_consumers_delivery_comes_back
 
-from accord.errors import PublishError, TransportUnavailable
+from accord.errors import MessageTooLarge, PublishError, TransportUnavailable
 from accord.messages import Message
 from accord.testing import Collector, TransportContract, wait_for
 from accord.transports.base import Delivery, Transport
@@ -123,9 +123,32 @@ async def test_a_message_jetstream_refuses_fails_alone_with_its_reason(
     with pytest.raises(PublishError) as raised:
         await nats_transport.publish([small, big, after])
     assert set(raised.value.failed) == {big.id}
+    assert isinstance(raised.value.failed[big.id], MessageTooLarge)  # a relay: DEAD at once
     assert "JetStream refused" in str(raised.value.failed[big.id])
-    assert "maximum" in str(raised.value.failed[big.id])
+    assert "max_msg_size" in str(raised.value.failed[big.id])
     assert await _stored(nats_transport) == 2
+
+
+async def test_a_message_over_max_payload_fails_alone_and_the_connection_stays(
+    nats_transport: NatsTransport,
+) -> None:
+    """The server takes at most max_payload bytes, headers included, and closes the
+    connection on a larger message (failing every other one in flight). The one
+    whose body is over the limit, and the one whose headers take it over, fail
+    alone with MessageTooLarge naming the setting; the others are stored, and the
+    connection still publishes."""
+    limit = nats_transport._nc.max_payload  # type: ignore[union-attr]
+    over = Message(type="test.over", data="x" * limit)
+    edge = Message(type="test.edge", data="x" * (limit - 12))  # its JSON body: limit - 10
+    assert len(edge.data) + 2 < limit
+    small, after = Message(type="test.small"), Message(type="test.after")
+    with pytest.raises(PublishError) as raised:
+        await nats_transport.publish([small, over, edge, after])
+    assert set(raised.value.failed) == {over.id, edge.id}
+    for error in raised.value.failed.values():
+        assert isinstance(error, MessageTooLarge) and "max_payload" in str(error)
+    await nats_transport.publish([Message(type="test.later")])
+    assert await _stored(nats_transport) == 3
 
 
 async def test_publishing_without_the_stream_is_an_outage_not_a_bad_message(

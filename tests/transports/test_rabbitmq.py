@@ -17,7 +17,7 @@ import pytest
 from tests.brokers import delete_everything
 from tests.conftest import RABBIT_URL
 
-from accord.errors import PublishError, TransportError, TransportUnavailable
+from accord.errors import MessageTooLarge, PublishError, TransportError, TransportUnavailable
 from accord.messages import Message
 from accord.testing import Collector, TransportContract, wait_for
 from accord.transports import from_url
@@ -261,6 +261,25 @@ class TestRabbitSpecifics:
             await transport.publish([fine, too_long])
         assert list(caught.value.failed) == [too_long.id]
         assert type(caught.value.failed[too_long.id]) is TransportError
+
+    async def test_a_message_over_max_message_size_fails_alone_before_it_is_sent(
+        self, rabbit: Callable[..., RabbitTransport]
+    ) -> None:
+        # RabbitMQ closes the channel on a message over its max_message_size, failing
+        # every message sent after it in the batch: the transport keeps it back.
+        transport = rabbit(max_message_size=4096)
+        await transport.connect()
+        collector = Collector()
+        await transport.subscribe("sized", collector)
+        small, after = Message(type="sized.small"), Message(type="sized.after")
+        big = Message(type="sized.big", data={"pad": "x" * 5000})
+        with pytest.raises(PublishError) as caught:
+            await transport.publish([small, big, after])
+        assert list(caught.value.failed) == [big.id]
+        error = caught.value.failed[big.id]
+        assert isinstance(error, MessageTooLarge) and "max_message_size=4,096" in str(error)
+        await collector.wait(2)
+        assert collector.ids == [small.id, after.id]
 
     async def test_a_large_batch_goes_out_whole_in_order_with_a_body_over_the_frame_size(
         self, rabbit: Callable[..., RabbitTransport]

@@ -22,6 +22,7 @@ from accord.errors import (
     AccordError,
     ConfigurationError,
     DecodeError,
+    MessageTooLarge,
     PublishError,
     TransportUnavailable,
 )
@@ -362,6 +363,9 @@ class Relay:
                 elif isinstance(error, DecodeError):
                     # A row that is not a valid message will never publish: DEAD now.
                     others.append(self._dead(row, f"not a valid message: {error}"))
+                elif isinstance(error, MessageTooLarge):
+                    # Nor will one larger than the broker takes, however often tried.
+                    others.append(self._dead(row, f"{type(error).__name__}: {error}"))
                 else:
                     others.append(self._failed(row, error))
                 if error is not None and row.key is not None:

@@ -13,7 +13,7 @@ from nats.aio.client import Client as _NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from accord.errors import TransportError, TransportUnavailable
+from accord.errors import MessageTooLarge, TransportError, TransportUnavailable
 from accord.transports._naming import safe_name
 from accord.transports.base import (
     DEFAULT_REDELIVERY_DELAY,
@@ -26,6 +26,9 @@ from accord.transports.base import (
 __all__ = ["NatsSubscription", "translate_nats_error"]
 
 log = logging.getLogger("accord.transports.nats")
+
+#: JetStream's error code for a message larger than the stream takes (max_msg_size).
+_EXCEEDS_MAXIMUM = 10054
 
 #: Longest a pull request waits on the server before the loop asks again (seconds).
 FETCH_WAIT = 2.0
@@ -50,6 +53,10 @@ def translate_nats_error(exc: BaseException, doing: str) -> TransportError:
         | OSError,
     ):
         error: TransportError = TransportUnavailable(f"NATS unavailable while {doing}: {exc!r}")
+    elif isinstance(exc, nats.js.errors.APIError) and exc.err_code == _EXCEEDS_MAXIMUM:
+        error = MessageTooLarge(
+            f"JetStream refused {doing}: {exc.description} (the stream's max_msg_size)"
+        )
     elif isinstance(exc, nats.js.errors.APIError):
         error = TransportError(f"JetStream refused {doing}: {exc.description or exc!r}")
     else:

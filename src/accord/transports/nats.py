@@ -46,7 +46,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
     raise MissingExtraError("The NATS transport", "nats", "nats-py") from exc
 
-from accord.errors import ConfigurationError, TransportError, TransportUnavailable
+from accord.errors import (
+    ConfigurationError,
+    MessageTooLarge,
+    TransportError,
+    TransportUnavailable,
+)
 from accord.messages import Message
 from accord.transports._naming import safe_name
 from accord.transports._nats_consume import NatsSubscription, translate_nats_error
@@ -324,6 +329,16 @@ class NatsTransport(Transport):
                     continue
                 headers = dict(envelope.headers)
                 headers["Nats-Msg-Id"] = envelope.id
+                size = len(envelope.body) + _header_size(headers)
+                if size > nc.max_payload:
+                    # The server would refuse it by closing the connection, failing
+                    # every other message in flight: it never leaves.
+                    failed[envelope.id] = MessageTooLarge(
+                        f"message {envelope.id} is {size:,} bytes with its headers; NATS "
+                        f"at {self.url} takes at most {nc.max_payload:,} (max_payload in "
+                        "nats-server.conf, up to 64 MB)"
+                    )
+                    continue
                 reply, pub_ack = acks.expect()
                 waiting.append((envelope.id, reply, pub_ack))
                 try:
@@ -448,3 +463,10 @@ class NatsTransport(Transport):
             pass
         except Exception as exc:
             raise translate_nats_error(exc, f"deleting stream {self.stream}") from exc
+
+
+def _header_size(headers: dict[str, str]) -> int:
+    """The bytes of ``headers`` in a NATS message (``NATS/1.0`` status line, one
+    ``key: value`` line each, a blank line), which count against max_payload."""
+    lines = sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+    return len("NATS/1.0\r\n") + lines + 2

@@ -51,7 +51,12 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 from pamqp.commands import Basic
 
-from accord.errors import ConfigurationError, TransportError, TransportUnavailable
+from accord.errors import (
+    ConfigurationError,
+    MessageTooLarge,
+    TransportError,
+    TransportUnavailable,
+)
 from accord.messages import Message
 from accord.transports._rabbitmq_consume import RabbitSubscription
 from accord.transports._rabbitmq_support import (
@@ -87,6 +92,9 @@ class RabbitTransport(Transport):
     before it raises; ``connect_timeout`` bounds :meth:`connect`;
     ``reconnect_interval`` is the pause between reconnection attempts;
     ``stop_timeout`` bounds how long stopping waits for a running handler.
+    ``max_message_size`` is the broker's (RabbitMQ's default, 128 MiB): a larger
+    message fails alone with :class:`~accord.errors.MessageTooLarge` before it is
+    sent, since RabbitMQ would close the channel on it and fail the rest of the batch.
     """
 
     name = "rabbitmq"
@@ -100,6 +108,7 @@ class RabbitTransport(Transport):
         connect_timeout: float = 10.0,
         reconnect_interval: float = 1.0,
         stop_timeout: float = 30.0,
+        max_message_size: int = 128 * 1024 * 1024,
     ) -> None:
         if not channel:
             raise ConfigurationError("RabbitTransport needs a non-empty channel (exchange) name")
@@ -110,6 +119,7 @@ class RabbitTransport(Transport):
         self.connect_timeout = connect_timeout
         self.reconnect_interval = reconnect_interval
         self.stop_timeout = stop_timeout
+        self.max_message_size = max_message_size
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._subscriptions: list[RabbitSubscription] = []
@@ -183,6 +193,17 @@ class RabbitTransport(Transport):
         # Encoded one by one: a message that cannot be encoded fails alone.
         encoded: list[bytes | Exception] = []
         for envelope in envelopes:
+            if len(envelope.body) > self.max_message_size:
+                # RabbitMQ would close the channel on it, failing every message sent
+                # after it in this batch: it never leaves.
+                encoded.append(
+                    MessageTooLarge(
+                        f"message {envelope.id} is {len(envelope.body):,} bytes; RabbitMQ "
+                        f"takes at most max_message_size={self.max_message_size:,} (set it "
+                        "in rabbitmq.conf, at most 512 MiB, and on RabbitTransport alike)"
+                    )
+                )
+                continue
             try:
                 properties, body = envelope_properties(envelope)
                 encoded.append(
