@@ -151,6 +151,40 @@ async def test_a_message_over_max_payload_fails_alone_and_the_connection_stays(
     assert await _stored(nats_transport) == 3
 
 
+async def test_a_rejected_message_near_max_payload_is_dead_lettered_with_a_shorter_reason(
+    nats_transport: NatsTransport,
+) -> None:
+    """The dead copy carries the reason in a header, and the server closes the
+    connection on a message over max_payload, headers included: for a message near
+    the limit the reason is cut to fit, and the copy is stored."""
+    limit = nats_transport._nc.max_payload  # type: ignore[union-attr]
+    near = Message(type="test.near", data="x" * (limit - 2000))
+
+    class Refuse(Collector):
+        async def __call__(self, delivery: Delivery) -> None:
+            await super().__call__(delivery)
+            await delivery.reject("projection failed: " + "why " * 1000)
+
+    await nats_transport.subscribe("near group", Refuse())
+    await nats_transport.publish([near])
+    nc = await nats.connect(NATS_URL)
+    try:
+        subject = f"{nats_transport.channel}._dead.{durable_name('near group')}"
+
+        async def dead_copy() -> Any:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                return await nc.jetstream().get_last_msg(nats_transport.stream, subject)
+            return None
+
+        copy = await wait_for(dead_copy, 10)
+    finally:
+        await nc.close()
+    assert copy.headers["ce-id"] == near.id
+    reason = copy.headers["accord-dead-reason"]
+    assert reason.startswith("projection failed: why") and len(reason) < 2000
+    await nats_transport.publish([Message(type="test.later")])  # still connected
+
+
 async def test_publishing_without_the_stream_is_an_outage_not_a_bad_message(
     nats_transport: NatsTransport,
 ) -> None:

@@ -23,7 +23,7 @@ from accord.transports.base import (
     topic_matches,
 )
 
-__all__ = ["NatsSubscription", "translate_nats_error"]
+__all__ = ["NatsSubscription", "header_size", "translate_nats_error"]
 
 log = logging.getLogger("accord.transports.nats")
 
@@ -65,6 +65,13 @@ def translate_nats_error(exc: BaseException, doing: str) -> TransportError:
     return error
 
 
+def header_size(headers: dict[str, str]) -> int:
+    """The bytes of ``headers`` in a NATS message (``NATS/1.0`` status line, one
+    ``key: value`` line each, a blank line), which count against max_payload."""
+    lines = sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+    return len("NATS/1.0\r\n") + lines + 2
+
+
 def _one_line(text: str) -> str:
     # NATS header values end at CRLF; keep a multi-line reason in one header.
     return " ".join(text.split())
@@ -93,12 +100,17 @@ class _NatsDelivery(Delivery):
     async def _reject(self, reason: str) -> None:
         sub = self._subscription
         headers = {k: v for k, v in self.headers.items() if not k.startswith("Nats-")}
-        headers["accord-dead-reason"] = _one_line(reason) or "rejected"
         headers["accord-dead-group"] = _one_line(sub.group)
         headers["accord-dead-attempt"] = str(self.attempt)
         origin = self.message.id if self.message else f"seq-{self.stream_sequence}"
         # A distinct Nats-Msg-Id: the original id would be dropped as a duplicate.
         headers["Nats-Msg-Id"] = f"{origin}:dead:{sub.durable}"
+        # The server closes the connection on a message over max_payload (headers
+        # count): the reason gives way to a message near the limit.
+        room = sub.nc.max_payload - len(self.body) - header_size(headers)
+        said = (_one_line(reason) or "rejected").encode()
+        room -= len("accord-dead-reason: \r\n")
+        headers["accord-dead-reason"] = said[: max(0, room)].decode(errors="ignore")
         try:
             await sub.js.publish(
                 f"{sub.channel}._dead.{sub.durable}",

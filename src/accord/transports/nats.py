@@ -54,7 +54,7 @@ from accord.errors import (
 )
 from accord.messages import Message
 from accord.transports._naming import safe_name
-from accord.transports._nats_consume import NatsSubscription, translate_nats_error
+from accord.transports._nats_consume import NatsSubscription, header_size, translate_nats_error
 from accord.transports.base import (
     BatchHandler,
     Envelope,
@@ -329,7 +329,7 @@ class NatsTransport(Transport):
                     continue
                 headers = dict(envelope.headers)
                 headers["Nats-Msg-Id"] = envelope.id
-                size = len(envelope.body) + _header_size(headers)
+                size = len(envelope.body) + header_size(headers)
                 if size > nc.max_payload:
                     # The server would refuse it by closing the connection, failing
                     # every other message in flight: it never leaves.
@@ -463,10 +463,3 @@ class NatsTransport(Transport):
             pass
         except Exception as exc:
             raise translate_nats_error(exc, f"deleting stream {self.stream}") from exc
-
-
-def _header_size(headers: dict[str, str]) -> int:
-    """The bytes of ``headers`` in a NATS message (``NATS/1.0`` status line, one
-    ``key: value`` line each, a blank line), which count against max_payload."""
-    lines = sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
-    return len("NATS/1.0\r\n") + lines + 2
