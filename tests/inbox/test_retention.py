@@ -73,7 +73,11 @@ async def test_prune_goes_in_batches_and_keeps_recent_rows(database: Database) -
     recent_a = await seed(database, "a", 2, timedelta(hours=1))
     old_b = await seed(database, "b", 3, OLD)
     await note_old_and_new(database, "a")
-    assert await Inbox(database).prune(timedelta(days=7), "a", batch=3) == len(old_a)
+    seen: list[int] = []
+    assert await Inbox(database).prune(
+        timedelta(days=7), "a", batch=3, on_batch=seen.append
+    ) == len(old_a)
+    assert seen == [3, 6, 7]  # how many so far, after each batch
     assert await left(database, "a") == set(recent_a)
     assert await left(database, "b") == set(old_b)
     assert await noted(database, "a") == {

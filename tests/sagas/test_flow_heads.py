@@ -122,7 +122,9 @@ async def test_prune_takes_ended_flows_past_retention_and_keeps_the_rest(
     flows_ = Flows(database)
     later = datetime.now(UTC) + timedelta(days=8)
     assert await flows_.prune(timedelta(days=7), batch=2) == 0  # nothing old enough yet
-    assert await flows_.prune(timedelta(days=7), now=later, batch=2) == 6
+    seen: list[int] = []
+    assert await flows_.prune(timedelta(days=7), now=later, batch=2, on_batch=seen.append) == 6
+    assert seen == [2, 4, 6, 6]  # so far, after each batch (the last one found none)
     assert await remaining(database) == {"open": 1}
     assert [f.correlation_id for f in await flows_.stalled(timedelta(days=7), now=later)] == [
         "open"

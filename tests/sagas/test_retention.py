@@ -70,7 +70,9 @@ async def test_prune_takes_only_ended_instances_past_retention(database: Databas
     recent = {s: await seed(database, "trip", s, timedelta(days=29)) for s in STATUSES}
     other = await seed(database, "hotel", "COMPLETED", OLD, count=3)
     admin = SagaAdmin(database)
-    assert await admin.prune(timedelta(days=30), name="trip", batch=4) == 6
+    seen: list[int] = []
+    assert await admin.prune(timedelta(days=30), name="trip", batch=4, on_batch=seen.append) == 6
+    assert seen == [4, 6]  # how many so far, after each batch
     gone = {i for s in ("COMPLETED", "COMPENSATED", "ABORTED") for i in old[s]}
     everything = {i for ids in (*old.values(), *recent.values(), other) for i in ids}
     assert await stored(database) == (everything - gone, everything - gone)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -31,6 +32,7 @@ __all__ = [
     "main",
     "plain",
     "print_json",
+    "pruning",
     "run",
 ]
 
@@ -79,6 +81,17 @@ def duration(value: float) -> float:
 def duration_days(value: float) -> float:
     """:func:`duration` for an option in days."""
     return _within(value, 100 * 365)
+
+
+@contextlib.contextmanager
+def pruning(what: str, quiet: bool) -> Iterator[Callable[[int], None] | None]:
+    """A live count on stderr while a prune runs, batch by batch (none with --json);
+    yields the callback a prune calls with how many ``what`` went so far."""
+    if quiet:
+        yield None
+        return
+    with err_console.status(f"pruning {what}…") as status:
+        yield lambda done: status.update(f"pruning {what}: {done:,} so far…")
 
 
 def age_option(help: str) -> Any:

@@ -18,6 +18,7 @@ from accord.cli.app import (
     duration,
     plain,
     print_json,
+    pruning,
     run,
 )
 from accord.db import Database
@@ -119,9 +120,10 @@ def prune(
 
     async def go() -> int:
         async with Database(db) as database:
-            return await Flows(database).prune(
-                timedelta(days=older_than_days), stalled=include_stalled
-            )
+            with pruning("flows", as_json) as show:
+                return await Flows(database).prune(
+                    timedelta(days=older_than_days), stalled=include_stalled, on_batch=show
+                )
 
     count = run(go())
     if as_json:

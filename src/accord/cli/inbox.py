@@ -17,6 +17,7 @@ from accord.cli.app import (
     escape,
     plain,
     print_json,
+    pruning,
     run,
 )
 from accord.db import Database
@@ -81,7 +82,10 @@ def prune(
 
     async def go() -> int:
         async with Database(db) as database:
-            return await Inbox(database).prune(timedelta(days=older_than_days), consumer)
+            with pruning("inbox rows", as_json) as show:
+                return await Inbox(database).prune(
+                    timedelta(days=older_than_days), consumer, on_batch=show
+                )
 
     count = run(go())
     if as_json:

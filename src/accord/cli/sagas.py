@@ -23,6 +23,7 @@ from accord.cli.app import (
     escape,
     plain,
     print_json,
+    pruning,
     run,
 )
 from accord.db import Database
@@ -234,7 +235,10 @@ def prune(
 
     async def go() -> int:
         async with Database(db) as database:
-            return await SagaAdmin(database).prune(timedelta(days=older_than_days), name=name)
+            with pruning("ended sagas", as_json) as show:
+                return await SagaAdmin(database).prune(
+                    timedelta(days=older_than_days), name=name, on_batch=show
+                )
 
     count = run(go())
     if as_json:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -176,7 +176,12 @@ class Inbox:
                 return {str(name): int(n) for name, n in (await conn.execute(query)).all()}
 
     async def prune(
-        self, older_than: timedelta, consumer: str | None = None, *, batch: int = PRUNE_BATCH
+        self,
+        older_than: timedelta,
+        consumer: str | None = None,
+        *,
+        batch: int = PRUNE_BATCH,
+        on_batch: Callable[[int], None] | None = None,
     ) -> int:
         """Delete inbox rows processed more than ``older_than`` ago (and holds and
         handler starts noted as long ago); return how many inbox rows. Each consumer's
@@ -185,6 +190,7 @@ class Inbox:
         A message redelivered after its row was pruned is applied again, so keep
         ``older_than`` well above the longest redelivery window of your broker. A
         :class:`~accord.inbox.Consumer` prunes its own rows (``inbox_retention``).
+        ``on_batch(pruned so far)`` is called after each batch (a progress display).
         """
         if batch < 1:
             raise ConfigurationError(f"batch must be at least 1, got {batch}")
@@ -201,6 +207,8 @@ class Inbox:
                 while True:
                     count = await prune_batch(self.database, name, cutoff, batch)
                     pruned += count
+                    if on_batch is not None:
+                        on_batch(pruned)
                     if count < batch:
                         break
         return pruned

@@ -118,11 +118,17 @@ class SagaAdmin:
         ]
 
     async def prune(
-        self, older_than: timedelta, *, name: str | None = None, batch: int = PRUNE_BATCH
+        self,
+        older_than: timedelta,
+        *,
+        name: str | None = None,
+        batch: int = PRUNE_BATCH,
+        on_batch: Callable[[int], None] | None = None,
     ) -> int:
         """Delete the instances that ended (COMPLETED, COMPENSATED, ABORTED) more than
         ``older_than`` ago, with their step logs; only saga ``name``'s if given.
-        Returns how many; ``batch`` instances a transaction. STUCK and running ones
+        Returns how many; ``batch`` instances a transaction, ``on_batch(pruned so
+        far)`` called after each. STUCK and running ones
         are never pruned. A reply for a pruned instance is logged and ignored, as
         for any unknown saga; an :class:`~accord.sagas.Orchestrator` prunes its
         own sagas (``retention``)."""
@@ -135,6 +141,8 @@ class SagaAdmin:
             while True:
                 count = await prune_ended(self.database, names, cutoff, batch)
                 pruned += count
+                if on_batch is not None:
+                    on_batch(pruned)
                 if count < batch:
                     return pruned
 

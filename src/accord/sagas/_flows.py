@@ -7,6 +7,7 @@ import asyncio
 import builtins
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -330,11 +331,13 @@ class Flows:
         stalled: bool = False,
         now: datetime | None = None,
         batch: int = 1000,
+        on_batch: Callable[[int], None] | None = None,
     ) -> int:
         """Delete the flows (their messages and head rows) whose last message was
         recorded more than ``older_than`` ago and that ended (see
         :class:`FlowTracker`); with ``stalled``, every one that old. Returns how many
-        flows; ``batch`` flows a transaction.
+        flows; ``batch`` flows a transaction, ``on_batch(pruned so far)`` called after
+        each.
 
         A message arriving for a flow while it is pruned starts it again (on
         PostgreSQL the tracker's write waits for the prune's transaction)."""
@@ -363,5 +366,7 @@ class Flows:
                         await conn.execute(flows.delete().where(flows.c.correlation_id.in_(ids)))
                         await conn.execute(flow_heads.delete().where(h.correlation_id.in_(ids)))
                 pruned += len(ids)
+                if on_batch is not None:
+                    on_batch(pruned)
                 if len(ids) < batch:
                     return pruned
