@@ -255,23 +255,40 @@ async def test_upgrade_from_version_6_fills_in_the_heads_of_recorded_flows(
         tracker, [message("old-done", "a", "next"), message("old-done", "b", "compensated")]
     )
     await record(tracker, [message("old-saga", "a", COMMAND), reply_to("old-saga")])
+    # Only a failed reply recorded (the tracker's topics left the command out): the
+    # outcome alone ("failed") does not say it is a saga's; its instance here does.
+    await seed_saga(database, "old-reply", "COMPENSATED")
+    failed = {"saga_id": "old-reply", "ok": False, "error": "no"}
+    await record(tracker, [Message(type="r", correlationid="old-reply", data=failed)])
     async with database.transaction() as conn:  # back to what version 6 left
         await conn.execute(sa.text("DROP TABLE accord_flow_heads"))
         await conn.execute(schema_version.delete().where(schema_version.c.version > 6))
     assert await database.upgrade() == MIGRATIONS[-1][0]
-    assert await remaining(database) == {"old-open": 2, "old-done": 2, "old-saga": 2}
+    assert await remaining(database) == {
+        "old-open": 2,
+        "old-done": 2,
+        "old-saga": 2,
+        "old-reply": 1,
+    }
     later = datetime.now(UTC) + LATER
     found = await Flows(database).stalled(timedelta(0), now=later)
-    assert as_tuples(found) == await expected_stalled(database)
+    expected = [f for f in await expected_stalled(database) if f[0] != "old-reply"]
+    assert as_tuples(found) == expected
     assert [(f.correlation_id, f.last_type) for f in found] == [("old-open", "b")]
     await record(tracker, [message("old-open", "c", "completed")])  # heads go on counting
     assert await Flows(database).stalled(timedelta(0), now=later) == []
-    assert await remaining(database) == {"old-open": 3, "old-done": 2, "old-saga": 2}
+    assert await remaining(database) == {
+        "old-open": 3,
+        "old-done": 2,
+        "old-saga": 2,
+        "old-reply": 1,
+    }
     async with database.connect() as conn:
         query = sa.select(flow_heads).order_by(flow_heads.c.correlation_id)
         heads = (await conn.execute(query)).all()
     assert [(h.correlation_id, h.ended, h.orchestrated) for h in heads] == [
         ("old-done", True, False),
         ("old-open", True, False),
+        ("old-reply", False, True),
         ("old-saga", False, True),
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -22,7 +23,8 @@ from tests.processes import a_killed_consumers_delivery_comes_back
 from accord.errors import MessageTooLarge, PublishError, TransportUnavailable
 from accord.messages import Message
 from accord.testing import Collector, TransportContract, wait_for
-from accord.transports.base import Delivery, Transport
+from accord.transports._nats_consume import header_size
+from accord.transports.base import Delivery, Envelope, Transport
 from accord.transports.nats import NatsTransport, durable_name, stream_name, subject_filter
 
 pytestmark = pytest.mark.nats
@@ -183,6 +185,88 @@ async def test_a_rejected_message_near_max_payload_is_dead_lettered_with_a_short
     reason = copy.headers["accord-dead-reason"]
     assert reason.startswith("projection failed: why") and len(reason) < 2000
     await nats_transport.publish([Message(type="test.later")])  # still connected
+
+
+def _wire_size(message: Message) -> int:
+    """Body and headers as the transport sends them (what max_payload counts)."""
+    envelope = Envelope.of(message)
+    headers = {**envelope.headers, "Nats-Msg-Id": envelope.id}
+    return len(envelope.body) + header_size(headers)
+
+
+def _sized(type_: str, total: int) -> Message:
+    """A message of exactly ``total`` bytes on the wire, headers included."""
+    probe = Message(type=type_, data="")  # a JSON string: one more byte a character
+    sized = dataclasses.replace(probe, data="x" * (total - _wire_size(probe)))
+    assert _wire_size(sized) == total
+    return sized
+
+
+async def _dead_copy(transport: NatsTransport, group: str) -> Any:
+    nc = await nats.connect(NATS_URL)
+    try:
+        subject = f"{transport.channel}._dead.{durable_name(group)}"
+
+        async def dead_copy() -> Any:
+            client = transport._nc
+            assert client is not None and not client.is_closed, "the client was closed"
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                return await nc.jetstream().get_last_msg(transport.stream, subject)
+            return None
+
+        return await wait_for(dead_copy, 12)
+    finally:
+        await nc.close()
+
+
+async def test_a_rejected_message_at_max_payload_leaves_a_copy_that_points_to_it(
+    nats_transport: NatsTransport,
+) -> None:
+    """A message of exactly max_payload bytes: a copy with the dead-letter headers
+    would be larger, and the server would close the client for good. The copy is
+    left empty, its reason saying where the original stays; the client publishes on."""
+    limit = nats_transport._nc.max_payload  # type: ignore[union-attr]
+    edge = _sized("test.edge", limit)
+    await nats_transport.subscribe("edge group", Collector(settle="reject"))
+    await nats_transport.publish([edge])
+    copy = await _dead_copy(nats_transport, "edge group")
+    assert copy.headers["ce-id"] == edge.id and not copy.data
+    reason = copy.headers["accord-dead-reason"]
+    assert reason.startswith("rejected by the test") and "max_payload" in reason
+    assert f"stream sequence {copy.seq - 1}" in reason  # stored just before its copy
+    original = await _stored_message(nats_transport, copy.seq - 1)
+    assert original.headers["ce-id"] == edge.id
+    await nats_transport.publish([Message(type="test.later")])
+
+
+async def test_a_rejected_message_near_the_streams_max_msg_size_leaves_a_copy(
+    nats_transport: NatsTransport,
+) -> None:
+    """The stream's max_msg_size counts headers too: the full copy of a message just
+    under it is refused (before, the delivery was rejected again and again); an
+    empty copy pointing to it is stored instead."""
+    nc = await nats.connect(NATS_URL)
+    try:
+        js = nc.jetstream()
+        config = (await js.stream_info(nats_transport.stream)).config
+        config.max_msg_size = 4096
+        await js.update_stream(config)
+    finally:
+        await nc.close()
+    near = _sized("test.near", 4096 - 8)
+    await nats_transport.subscribe("near group", Collector(settle="reject"))
+    await nats_transport.publish([near])
+    copy = await _dead_copy(nats_transport, "near group")
+    assert copy.headers["ce-id"] == near.id and not copy.data
+    assert "max_msg_size" in copy.headers["accord-dead-reason"]
+
+
+async def _stored_message(transport: NatsTransport, seq: int) -> Any:
+    nc = await nats.connect(NATS_URL)
+    try:
+        return await nc.jetstream().get_msg(transport.stream, seq)
+    finally:
+        await nc.close()
 
 
 async def test_publishing_without_the_stream_is_an_outage_not_a_bad_message(

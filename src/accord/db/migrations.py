@@ -89,7 +89,8 @@ async def _flow_heads(conn: AsyncConnection) -> None:
 INSERT INTO accord_flow_heads (correlation_id, messages, last_id, last_type, last_at, ended,
                                orchestrated)
 SELECT g.correlation_id, g.messages, g.last_id, f.type, g.last_at, g.ended = 1,
-       g.orchestrated = 1
+       g.orchestrated = 1 OR EXISTS (SELECT 1 FROM accord_sagas AS s
+                                     WHERE s.id = g.correlation_id)
 FROM (SELECT correlation_id, count(*) AS messages, max(id) AS last_id,
              max(recorded_at) AS last_at,
              max(CASE WHEN outcome IN ('completed', 'compensated') THEN 1 ELSE 0 END) AS ended,

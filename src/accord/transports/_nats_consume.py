@@ -105,22 +105,41 @@ class _NatsDelivery(Delivery):
         origin = self.message.id if self.message else f"seq-{self.stream_sequence}"
         # A distinct Nats-Msg-Id: the original id would be dropped as a duplicate.
         headers["Nats-Msg-Id"] = f"{origin}:dead:{sub.durable}"
-        # The server closes the connection on a message over max_payload (headers
-        # count): the reason gives way to a message near the limit.
-        room = sub.nc.max_payload - len(self.body) - header_size(headers)
-        said = (_one_line(reason) or "rejected").encode()
-        room -= len("accord-dead-reason: \r\n")
-        headers["accord-dead-reason"] = said[: max(0, room)].decode(errors="ignore")
+        said = _one_line(reason) or "rejected"
         try:
-            await sub.js.publish(
-                f"{sub.channel}._dead.{sub.durable}",
-                self.body,
-                headers=headers,
-                timeout=sub.publish_timeout,
-            )
+            try:
+                await self._copy_dead(headers, self.body, said)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != _EXCEEDS_MAXIMUM:
+                    raise
+                await self._copy_dead(headers, b"", self._too_large(said, "max_msg_size"))
             await self._msg.term()
         except Exception as exc:
             raise translate_nats_error(exc, "dead-lettering a delivery") from exc
+
+    async def _copy_dead(self, headers: dict[str, str], body: bytes, reason: str) -> None:
+        """Store the dead copy: ``body`` with ``headers`` and the reason, cut to fit
+        max_payload (headers count; the server closes the connection on a larger
+        message, for good). A body too large for that leaves the copy empty, the
+        reason saying where the original is."""
+        sub = self._subscription
+        limit = sub.nc.max_payload - len("accord-dead-reason: \r\n")
+        if len(body) + header_size(headers) > limit:
+            body, reason = b"", self._too_large(reason, "max_payload")
+        room = limit - len(body) - header_size(headers)
+        cut = reason.encode()[: max(0, room)].decode(errors="ignore")
+        await sub.js.publish(
+            f"{sub.channel}._dead.{sub.durable}",
+            body,
+            headers={**headers, "accord-dead-reason": cut},
+            timeout=sub.publish_timeout,
+        )
+
+    def _too_large(self, reason: str, limit: str) -> str:
+        return (
+            f"{reason} [the message ({len(self.body):,} bytes) is too large to copy under "
+            f"{limit}: it stays in stream sequence {self.stream_sequence}]"
+        )
 
     async def keep_alive(self) -> None:
         await self._msg.in_progress()
