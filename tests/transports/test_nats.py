@@ -106,17 +106,22 @@ async def test_publish_error_names_exactly_the_unconfirmed(nats_transport: NatsT
     assert await _stored(nats_transport) == 1
 
 
-async def test_a_message_jetstream_refuses_fails_alone_with_its_reason(
-    nats_transport: NatsTransport,
-) -> None:
+async def _limit_messages(transport: NatsTransport, size: int) -> None:
+    """Set the stream's max_msg_size (JetStream then refuses larger messages)."""
     nc = await nats.connect(NATS_URL)
     try:
         js = nc.jetstream()
-        config = (await js.stream_info(nats_transport.stream)).config
-        config.max_msg_size = 2048
+        config = (await js.stream_info(transport.stream)).config
+        config.max_msg_size = size
         await js.update_stream(config)
     finally:
         await nc.close()
+
+
+async def test_a_message_jetstream_refuses_fails_alone_with_its_reason(
+    nats_transport: NatsTransport,
+) -> None:
+    await _limit_messages(nats_transport, 2048)
     small, big, after = (
         Message(type="test.small"),
         Message(type="test.big", data={"pad": "x" * 4096}),
@@ -169,18 +174,7 @@ async def test_a_rejected_message_near_max_payload_is_dead_lettered_with_a_short
 
     await nats_transport.subscribe("near group", Refuse())
     await nats_transport.publish([near])
-    nc = await nats.connect(NATS_URL)
-    try:
-        subject = f"{nats_transport.channel}._dead.{durable_name('near group')}"
-
-        async def dead_copy() -> Any:
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                return await nc.jetstream().get_last_msg(nats_transport.stream, subject)
-            return None
-
-        copy = await wait_for(dead_copy, 10)
-    finally:
-        await nc.close()
+    copy = await _dead_copy(nats_transport, "near group")
     assert copy.headers["ce-id"] == near.id
     reason = copy.headers["accord-dead-reason"]
     assert reason.startswith("projection failed: why") and len(reason) < 2000
@@ -245,14 +239,7 @@ async def test_a_rejected_message_near_the_streams_max_msg_size_leaves_a_copy(
     """The stream's max_msg_size counts headers too: the full copy of a message just
     under it is refused (before, the delivery was rejected again and again); an
     empty copy pointing to it is stored instead."""
-    nc = await nats.connect(NATS_URL)
-    try:
-        js = nc.jetstream()
-        config = (await js.stream_info(nats_transport.stream)).config
-        config.max_msg_size = 4096
-        await js.update_stream(config)
-    finally:
-        await nc.close()
+    await _limit_messages(nats_transport, 4096)
     near = _sized("test.near", 4096 - 8)
     await nats_transport.subscribe("near group", Collector(settle="reject"))
     await nats_transport.publish([near])
@@ -308,18 +295,7 @@ async def test_reject_copies_to_the_dead_subject_with_the_reason(
     sent = Message(type="test.poison", data={"x": 1})
     await nats_transport.publish([sent])
     await collector.wait(1)
-    nc = await nats.connect(NATS_URL)
-    try:
-        subject = f"{nats_transport.channel}._dead.{durable_name('picky group')}"
-
-        async def dead_copy() -> Any:
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                return await nc.jetstream().get_last_msg(nats_transport.stream, subject)
-            return None
-
-        copy = await wait_for(dead_copy, 10)
-    finally:
-        await nc.close()
+    copy = await _dead_copy(nats_transport, "picky group")
     assert copy.headers["accord-dead-reason"] == "rejected by the test"
     assert copy.headers["accord-dead-group"] == "picky group"
     assert copy.headers["ce-id"] == sent.id

@@ -223,16 +223,22 @@ async def prune_batch(database: Database, consumer: str, cutoff: datetime, limit
     oldest = (
         sa.select(inbox.c.message_id)
         .where(inbox.c.consumer == consumer, inbox.c.processed_at < cutoff)
-        .order_by(inbox.c.processed_at)
+        .order_by(inbox.c.processed_at, inbox.c.message_id)
         .limit(limit)
     )
     async with database.transaction() as conn:
         if conn.dialect.name == "postgresql":
             oldest = oldest.with_for_update(skip_locked=True)
-        statement = inbox.delete().where(
-            inbox.c.consumer == consumer, inbox.c.message_id.in_(oldest.scalar_subquery())
-        )
-        count = int((await conn.execute(statement)).rowcount)
+        # Picked first, then deleted by id: as a subquery of the DELETE, PostgreSQL
+        # may scan the pick again (once per outer row) and, among rows processed at
+        # the same moment, get other ones each time: more than ``limit`` went.
+        ids = (await conn.execute(oldest)).scalars().all()
+        count = 0
+        if ids:
+            statement = inbox.delete().where(
+                inbox.c.consumer == consumer, inbox.c.message_id.in_(ids)
+            )
+            count = int((await conn.execute(statement)).rowcount)
         if count < limit:
             for table, noted in ((inbox_holds, "held_at"), (inbox_starts, "started_at")):
                 await conn.execute(
