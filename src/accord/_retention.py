@@ -1,5 +1,6 @@
-"""Pruning by retention from a component's own loop: one batch when due, the next at
-once after a full batch (a backlog goes without waiting), else after an interval."""
+"""Pruning in batches: by hand (:func:`prune_in_batches`, every batch until the
+backlog is gone) and by retention from a component's own loop (:class:`Pruning`:
+one batch when due, the next at once after a full batch, else after an interval)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,40 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
-__all__ = ["PRUNE_INTERVAL", "Pruning"]
+from accord.errors import ConfigurationError
+
+__all__ = ["PRUNE_INTERVAL", "Pruning", "checked_batch", "prune_in_batches"]
 
 #: Seconds between prunes once nothing is left past the retention.
 PRUNE_INTERVAL = 600.0
+
+
+def checked_batch(batch: int) -> int:
+    """``batch`` if it is at least 1: a batch of 0 would delete nothing for ever,
+    never fewer than the batch, and its prune would never end."""
+    if batch < 1:
+        raise ConfigurationError(f"batch must be at least 1, got {batch}")
+    return batch
+
+
+async def prune_in_batches(
+    prune: Callable[[int], Awaitable[int]],
+    batch: int,
+    on_batch: Callable[[int], None] | None = None,
+    *,
+    before: int = 0,
+) -> int:
+    """Call ``prune(batch)`` (one transaction deleting up to ``batch`` rows, returning
+    how many) until a batch is not full; return ``before`` plus how many went, and
+    call ``on_batch`` with that running total after each batch."""
+    pruned = before
+    while True:
+        count = await prune(batch)
+        pruned += count
+        if on_batch is not None:
+            on_batch(pruned)
+        if count < batch:
+            return pruned
 
 
 class Pruning:

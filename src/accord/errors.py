@@ -85,8 +85,9 @@ class TransportUnavailable(TransportError):
 
 class MessageTooLarge(TransportError):
     """The broker will never take this message: it is larger than the broker's limit
-    (NATS ``max_payload``, RabbitMQ ``max_message_size``). A relay marks its row DEAD
-    at once, with this error, instead of spending its attempts."""
+    (NATS ``max_payload``, a JetStream stream's ``max_msg_size``, RabbitMQ
+    ``max_message_size``). A relay marks its row DEAD at once, with this error,
+    instead of spending its attempts."""
 
 
 class PublishError(TransportError):

@@ -41,19 +41,26 @@ async def _queue_autoincrement(conn: AsyncConnection) -> None:
     await conn.execute(sa.text(f"DROP TABLE {old}"))
 
 
-async def _dead_letter_indexes(conn: AsyncConnection) -> None:
-    """Index dead letters by message (found again when dead-lettered again) and by
-    consumer, status and id (replays taken in order)."""
-    from accord.db.schema import dead_letters
-
-    wanted = ("ix_accord_dead_letters_message", "ix_accord_dead_letters_replay")
-    indexes = [index for index in dead_letters.indexes if index.name in wanted]
+async def _create_indexes(conn: AsyncConnection, table: sa.Table, *names: str) -> None:
+    """Create the indexes ``names`` of ``table`` as ``metadata`` defines them, unless
+    they exist (a database made at a later version has them from step 1)."""
+    indexes = [index for index in table.indexes if index.name in names]
 
     def create(sync: sa.Connection) -> None:
         for index in indexes:
             index.create(sync, checkfirst=True)
 
     await conn.run_sync(create)
+
+
+async def _dead_letter_indexes(conn: AsyncConnection) -> None:
+    """Index dead letters by message (found again when dead-lettered again) and by
+    consumer, status and id (replays taken in order)."""
+    from accord.db.schema import dead_letters
+
+    await _create_indexes(
+        conn, dead_letters, "ix_accord_dead_letters_message", "ix_accord_dead_letters_replay"
+    )
 
 
 async def _deadline_saga_names(conn: AsyncConnection) -> None:
@@ -75,8 +82,7 @@ async def _deadline_saga_names(conn: AsyncConnection) -> None:
             "WHERE saga_name IS NULL"
         )
     )
-    (index,) = [i for i in deadlines.indexes if i.name == "ix_accord_deadlines_name_due"]
-    await conn.run_sync(lambda sync: index.create(sync, checkfirst=True))
+    await _create_indexes(conn, deadlines, "ix_accord_deadlines_name_due")
     await conn.execute(sa.text("DROP INDEX IF EXISTS ix_accord_deadlines_due"))
 
 

@@ -13,8 +13,9 @@
   phase) it handled, with the reply it sent (idempotency per saga step).
 * ``accord_flows``: every message a flow tracker saw, by correlation id.
 * ``accord_flow_heads``: one row per flow, kept with its messages: how many, the
-  last one, and whether the flow ended. Stalled flows are a range of its
-  ``(ended, last_at)`` index, and pruning finds old flows there.
+  last one, whether the flow ended and whether it is an orchestrated saga's.
+  Stalled flows are a range of its ``(ended, orchestrated, last_at)`` index, and
+  pruning finds old flows there.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ deadlines = sa.Table(
     sa.Column("step", sa.Integer, nullable=False),
     sa.Column("attempt", sa.Integer, nullable=False),
     sa.Column("due_at", UTCDateTime, nullable=False),
-    # The saga's name (its definition). NULL only on rows written before schema
-    # version 6 whose saga was gone when the migration filled the column in.
+    # The saga's name (its definition). NULL on rows an Accord older than schema
+    # version 6 wrote: before the migration (whose saga was gone by then), or
+    # after it, still running in a rolling upgrade.
     sa.Column("saga_name", sa.String(200), nullable=True),
     sa.Index("ix_accord_deadlines_name_due", "saga_name", "due_at"),
 )

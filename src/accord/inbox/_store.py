@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,11 +12,11 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from accord._retention import checked_batch, prune_in_batches
 from accord.db import Database
 from accord.db.database import translate_errors
 from accord.db.schema import inbox, inbox_holds, inbox_starts
 from accord.db.types import UTCDateTime
-from accord.errors import ConfigurationError
 from accord.messages import Message
 
 __all__ = [
@@ -192,8 +193,7 @@ class Inbox:
         :class:`~accord.inbox.Consumer` prunes its own rows (``inbox_retention``).
         ``on_batch(pruned so far)`` is called after each batch (a progress display).
         """
-        if batch < 1:
-            raise ConfigurationError(f"batch must be at least 1, got {batch}")
+        batch = checked_batch(batch)
         cutoff = datetime.now(UTC) - older_than
         with translate_errors("pruning the inbox"):
             if consumer is not None:
@@ -204,13 +204,8 @@ class Inbox:
                     consumers = (await conn.execute(names)).scalars().all()
             pruned = 0
             for name in consumers:
-                while True:
-                    count = await prune_batch(self.database, name, cutoff, batch)
-                    pruned += count
-                    if on_batch is not None:
-                        on_batch(pruned)
-                    if count < batch:
-                        break
+                one = functools.partial(prune_batch, self.database, name, cutoff)
+                pruned = await prune_in_batches(one, batch, on_batch, before=pruned)
         return pruned
 
 

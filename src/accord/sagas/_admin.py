@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -10,6 +11,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from accord._retention import checked_batch, prune_in_batches
 from accord.db import Database
 from accord.db.database import translate_errors
 from accord.db.schema_sagas import deadlines, saga_steps, sagas
@@ -132,19 +134,11 @@ class SagaAdmin:
         are never pruned. A reply for a pruned instance is logged and ignored, as
         for any unknown saga; an :class:`~accord.sagas.Orchestrator` prunes its
         own sagas (``retention``)."""
-        if batch < 1:
-            raise ConfigurationError(f"batch must be at least 1, got {batch}")
+        batch = checked_batch(batch)
         cutoff = datetime.now(UTC) - older_than
-        names = [name] if name else None
-        pruned = 0
+        one = functools.partial(prune_ended, self.database, [name] if name else None, cutoff)
         with translate_errors("pruning sagas"):
-            while True:
-                count = await prune_ended(self.database, names, cutoff, batch)
-                pruned += count
-                if on_batch is not None:
-                    on_batch(pruned)
-                if count < batch:
-                    return pruned
+            return await prune_in_batches(one, batch, on_batch)
 
     async def retry(self, saga_id: str) -> SagaState:
         """Resume a STUCK instance where it stopped, with fresh attempts."""

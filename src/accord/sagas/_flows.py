@@ -17,10 +17,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from accord._aio import wait_event
+from accord._retention import checked_batch, prune_in_batches
 from accord.db import Database
 from accord.db.database import translate_errors
 from accord.db.schema_sagas import flow_heads, flows, sagas
-from accord.errors import ConfigurationError
 from accord.inbox import Consumer, HandlerContext
 from accord.sagas._metrics import FLOWS_STALLED
 from accord.sagas._store import ENDED as SAGA_ENDED
@@ -86,16 +86,20 @@ class StalledFlow:
         }
 
 
+def _is_reply(message_data: Any) -> bool:
+    """Whether the message data is an orchestrated saga's reply."""
+    return isinstance(message_data, dict) and "ok" in message_data and "saga_id" in message_data
+
+
 def _orchestrated(message_data: Any, extensions: dict[str, str]) -> bool:
     """Whether the message is an orchestrated saga's command or reply."""
-    reply = isinstance(message_data, dict) and "ok" in message_data and "saga_id" in message_data
-    return reply or "sagaid" in extensions
+    return _is_reply(message_data) or "sagaid" in extensions
 
 
 def _outcome(message_data: Any, extensions: dict[str, str]) -> str | None:
     if "flowoutcome" in extensions:
         return extensions["flowoutcome"]
-    if isinstance(message_data, dict) and "ok" in message_data and "saga_id" in message_data:
+    if _is_reply(message_data):
         return "ok" if message_data["ok"] else "failed"  # an orchestrated saga's reply
     if "sagaid" in extensions:
         return COMMAND  # an orchestrated saga's command
@@ -341,11 +345,10 @@ class Flows:
 
         A message arriving for a flow while it is pruned starts it again (on
         PostgreSQL the tracker's write waits for the prune's transaction)."""
-        if batch < 1:
-            raise ConfigurationError(f"batch must be at least 1, got {batch}")
+        batch = checked_batch(batch)
         cutoff = (now or datetime.now(UTC)) - older_than
         h = flow_heads.c
-        pick = sa.select(h.correlation_id).where(h.last_at < cutoff).limit(batch)
+        pick = sa.select(h.correlation_id).where(h.last_at < cutoff)
         if not stalled:
             # An orchestrated saga's flow goes once its instance here ended or if it
             # is not here at all; a running or STUCK one keeps its timeline.
@@ -355,18 +358,16 @@ class Flows:
             pick = pick.where(
                 sa.or_(h.ended == sa.true(), sa.and_(h.orchestrated == sa.true(), ~live))
             )
-        pruned = 0
+        if self.database.is_postgres:
+            pick = pick.with_for_update(skip_locked=True)
+
+        async def one(limit: int) -> int:
+            async with self.database.transaction() as conn:
+                ids = (await conn.execute(pick.limit(limit))).scalars().all()
+                if ids:
+                    await conn.execute(flows.delete().where(flows.c.correlation_id.in_(ids)))
+                    await conn.execute(flow_heads.delete().where(h.correlation_id.in_(ids)))
+            return len(ids)
+
         with translate_errors("pruning flows"):
-            while True:
-                async with self.database.transaction() as conn:
-                    if conn.dialect.name == "postgresql":
-                        pick = pick.with_for_update(skip_locked=True)
-                    ids = (await conn.execute(pick)).scalars().all()
-                    if ids:
-                        await conn.execute(flows.delete().where(flows.c.correlation_id.in_(ids)))
-                        await conn.execute(flow_heads.delete().where(h.correlation_id.in_(ids)))
-                pruned += len(ids)
-                if on_batch is not None:
-                    on_batch(pruned)
-                if len(ids) < batch:
-                    return pruned
+            return await prune_in_batches(one, batch, on_batch)
