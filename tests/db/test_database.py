@@ -105,6 +105,29 @@ async def test_upgrade_from_version_5_names_each_deadlines_saga(database: Databa
     assert "gone" not in left
 
 
+async def test_upgrade_from_version_7_indexes_participants_records_by_time(
+    database: Database,
+) -> None:
+    """Pruning a participant's records by age reads a range of (participant, at)."""
+    name = "ix_accord_saga_participations_at"
+
+    async def indexes() -> set[str]:
+        async with database.connect() as conn:
+            found = await conn.run_sync(
+                lambda sync: sa.inspect(sync).get_indexes("accord_saga_participations")
+            )
+        return {index["name"] for index in found}
+
+    await database.upgrade()
+    assert name in await indexes()
+    async with database.transaction() as conn:  # back to what version 7 left
+        await conn.execute(sa.text(f"DROP INDEX {name}"))
+        await conn.execute(schema_version.delete().where(schema_version.c.version > 7))
+    assert name not in await indexes()
+    assert await database.upgrade() == MIGRATIONS[-1][0]
+    assert name in await indexes()
+
+
 async def test_the_sql_transports_queue_never_reuses_a_seq_on_sqlite(sqlite_url: str) -> None:
     """SQLite gives the highest rowid again once its row is deleted, unless the table
     is AUTOINCREMENT; a delivery settled late must never meet a newer message under its

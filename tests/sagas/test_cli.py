@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from accord.cli.app import _register_subcommands, app
@@ -260,3 +261,45 @@ def test_retry_stuck_goes_oldest_first_and_leaves_alone_a_saga_no_longer_stuck(
             assert {s.status for s in await admin.list()} == {"COMPENSATING", "RUNNING"}
 
     asyncio.run(scenario())
+
+
+def test_sagas_prune_participations_deletes_a_participants_old_records(db_url: str) -> None:
+    from accord.db.schema_sagas import participations
+    from tests.sagas.test_replies import command
+
+    async def setup() -> list[str]:
+        async with Database(db_url) as database:
+            await trip_app.create_tables(database)
+            transport = SqlTransport(db_url, channel=f"c{uuid.uuid4().hex[:8]}")
+            hotels, _ = trip_app.participant_consumers(database, transport, "cli")
+            sagas = [str(uuid.uuid4()) for _ in range(3)]
+            for saga_id in sagas:
+                await hotels.handle(Captured(command(saga_id, "hotels.reserve", 1, "action")))
+            async with database.transaction() as conn:
+                await conn.execute(
+                    participations.update()
+                    .where(participations.c.saga_id.in_(sagas[:2]))
+                    .values(at=datetime.now(UTC) - timedelta(days=31))
+                )
+            return sagas
+
+    async def left() -> list[str]:
+        async with Database(db_url) as database, database.connect() as conn:
+            rows = await conn.scalars(sa.select(participations.c.saga_id))
+            return list(rows.all())
+
+    sagas = asyncio.run(setup())
+    other = accord(
+        "sagas", "prune-participations", "--db", db_url, "--participant", "cli-cars", "--json"
+    )
+    assert other.exit_code == 0, other.output
+    assert json.loads(other.output) == {
+        "pruned": 0,
+        "older_than_days": 30.0,
+        "participant": "cli-cars",
+    }
+    pruned = accord("sagas", "prune-participations", "--db", db_url)  # 30 days by default
+    assert pruned.exit_code == 0 and "Pruned 2 participant record(s)." in pruned.output
+    assert asyncio.run(left()) == sagas[2:]
+    helped = accord("sagas", "prune-participations", "--help")
+    assert "records_retention" in helped.output and "--participant" in helped.output

@@ -1,5 +1,5 @@
 """``accord sagas``: list saga instances, show one's timeline, retry STUCK ones, abort,
-prune ended ones."""
+prune ended ones and participants' old records."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from accord.sagas import STATUSES, SagaAdmin
 
 sagas_app = typer.Typer(
     help="Saga instances: list, show (step log as a timeline), retry STUCK ones, abort, "
-    "prune ended ones.",
+    "prune ended ones and participants' old records.",
     no_args_is_help=True,
 )
 app.add_typer(sagas_app, name="sagas")
@@ -245,3 +245,35 @@ def prune(
         print_json({"pruned": count, "older_than_days": older_than_days, "name": name})
     else:
         console.print(f"Pruned {count} ended saga(s).")
+
+
+@sagas_app.command("prune-participations")
+def prune_participations(
+    db: DbOption,
+    older_than_days: Annotated[
+        float, age_option("Delete participants' records of saga steps written before this.")
+    ] = 30.0,
+    participant: Annotated[
+        str | None,
+        typer.Option(help="Only this participant's records (the name of its consumer)."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete participants' records of the saga steps they handled (what makes a re-sent
+    command idempotent). A consumer with participant handlers does this for its own
+    (``records_retention``, 30 days); keep them longer than your longest saga."""
+
+    async def go() -> int:
+        async with Database(db) as database:
+            with pruning("participants' records", as_json) as show:
+                return await SagaAdmin(database).prune_participations(
+                    timedelta(days=older_than_days), participant=participant, on_batch=show
+                )
+
+    count = run(go())
+    if as_json:
+        print_json(
+            {"pruned": count, "older_than_days": older_than_days, "participant": participant}
+        )
+    else:
+        console.print(f"Pruned {count} participant record(s).")

@@ -110,6 +110,14 @@ WHERE NOT EXISTS (SELECT 1 FROM accord_flow_heads AS h
     )
 
 
+async def _participation_index(conn: AsyncConnection) -> None:
+    """Index participants' records by (participant, time): pruning them by age reads
+    a range of it."""
+    from accord.db.schema_sagas import participations
+
+    await _create_indexes(conn, participations, "ix_accord_saga_participations_at")
+
+
 #: (version, what it does, the step). Append; never edit a released step.
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "create every Accord table", _create_missing),
@@ -119,6 +127,7 @@ MIGRATIONS: list[tuple[int, str, Migration]] = [
     (5, "index accord_dead_letters by message and for replays", _dead_letter_indexes),
     (6, "name each deadline's saga; index deadlines by (saga, due time)", _deadline_saga_names),
     (7, "add accord_flow_heads (one row per tracked flow)", _flow_heads),
+    (8, "index accord_saga_participations by (participant, time)", _participation_index),
 ]
 
 _LOCK_ID = 0x4143_4F52  # "ACOR": serialises concurrent upgrades on PostgreSQL

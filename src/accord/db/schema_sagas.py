@@ -10,7 +10,9 @@
   names its saga, so a timer reads only its own sagas' due rows (a range of
   ``(saga_name, due_at)``) however many another service's orchestrator left.
 * ``accord_saga_participations``: a participant's record of each (saga, step,
-  phase) it handled, with the reply it sent (idempotency per saga step).
+  phase) it handled, with the reply it sent (idempotency per saga step). Kept
+  for the participant's ``records_retention``: pruning reads a range of its
+  ``(participant, at)`` index.
 * ``accord_flows``: every message a flow tracker saw, by correlation id.
 * ``accord_flow_heads``: one row per flow, kept with its messages: how many, the
   last one, whether the flow ended and whether it is an orchestrated saga's.
@@ -104,6 +106,7 @@ participations = sa.Table(
     sa.Column("result", JSONType, nullable=True),
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("at", UTCDateTime, nullable=False),
+    sa.Index("ix_accord_saga_participations_at", "participant", "at"),
 )
 
 flows = sa.Table(

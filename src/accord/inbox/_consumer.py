@@ -160,12 +160,14 @@ class Consumer:
         self.replay_lease = replay_lease
         self.batch_size = batch_size
         self.max_deliveries = max_deliveries
-        self._pruning = Pruning(
-            f"inbox rows of {name}",
-            inbox_retention,
-            lambda cutoff, limit: prune_batch(database, name, cutoff, limit),
-            PRUNE_BATCH,
-        )
+        self._prunings = [
+            Pruning(
+                f"inbox rows of {name}",
+                inbox_retention,
+                lambda cutoff, limit: prune_batch(database, name, cutoff, limit),
+                PRUNE_BATCH,
+            )
+        ]
         # The next batch should be waiting while one is handled: its deliveries are
         # only settled after it, so a window of one batch would run dry each time.
         self.prefetch = max(prefetch, 2 * batch_size) if batch_size > 1 else prefetch
@@ -178,6 +180,11 @@ class Consumer:
         self._lock = asyncio.Lock()
 
     # -- registration -------------------------------------------------------------
+
+    def add_pruning(self, pruning: Pruning) -> None:
+        """Run ``pruning`` from this consumer's loop too, as its inbox's: rows its
+        handlers keep for a while (a saga participant's records of its steps)."""
+        self._prunings.append(pruning)
 
     def handler(self, type: str, *, schema: Any = None) -> Callable[[HandlerFunc], HandlerFunc]:
         """Decorator registering ``async def f(ctx, data)`` for messages of ``type``.
@@ -660,8 +667,10 @@ class Consumer:
                     await delivery.ack()  # no-op if settled, as with transports
             except Exception:
                 log.exception("replaying dead letters of %s failed; will retry", self.name)
-            pruned = await self._pruning.when_due()
-            if len(claimed) < 20 and not self._pruning.full(pruned):
+            more = False  # a prune deleted a full batch: more may be left
+            for pruning in self._prunings:
+                more |= pruning.full(await pruning.when_due())
+            if len(claimed) < 20 and not more:
                 await wait_event(stopping, self.replay_interval)
 
 

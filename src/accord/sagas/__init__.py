@@ -37,7 +37,7 @@ from accord.sagas._choreography import Choreography, FlowHandler
 from accord.sagas._definition import Command, Retry, Saga, Step, StepContext, StepKind, command
 from accord.sagas._flows import FlowEntry, Flows, FlowTracker, StalledFlow
 from accord.sagas._orchestrator import Orchestrator
-from accord.sagas._participant import CommandContext, StepFailed, participant
+from accord.sagas._participant import CommandContext, RecordsPruned, StepFailed, participant
 from accord.sagas._store import (
     ABORTED,
     COMPENSATED,
@@ -65,6 +65,7 @@ __all__ = [
     "FlowTracker",
     "Flows",
     "Orchestrator",
+    "RecordsPruned",
     "Retry",
     "Saga",
     "SagaAdmin",

@@ -16,6 +16,7 @@ from accord.db import Database
 from accord.db.database import translate_errors
 from accord.db.schema_sagas import deadlines, saga_steps, sagas
 from accord.errors import ConfigurationError, NotFoundError
+from accord.sagas import _participant
 from accord.sagas._store import (
     ACTION,
     COMPENSATING,
@@ -138,6 +139,28 @@ class SagaAdmin:
         cutoff = datetime.now(UTC) - older_than
         one = functools.partial(prune_ended, self.database, [name] if name else None, cutoff)
         with translate_errors("pruning sagas"):
+            return await prune_in_batches(one, batch, on_batch)
+
+    async def prune_participations(
+        self,
+        older_than: timedelta,
+        *,
+        participant: str | None = None,
+        batch: int = _participant.PRUNE_BATCH,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> int:
+        """Delete participants' records of saga steps (what makes a re-sent command
+        idempotent) written more than ``older_than`` ago; only ``participant``'s (its
+        consumer's name) if given. Returns how many; the oldest ``batch`` a
+        transaction, ``on_batch(pruned so far)`` called after each. A consumer with
+        participant handlers prunes its own (``records_retention``); see
+        :func:`~accord.sagas.participant` for what a saga older than that meets."""
+        batch = checked_batch(batch)
+        cutoff = datetime.now(UTC) - older_than
+        one = functools.partial(
+            _participant.prune_participations, self.database, participant, cutoff
+        )
+        with translate_errors("pruning participants' records"):
             return await prune_in_batches(one, batch, on_batch)
 
     async def retry(self, saga_id: str) -> SagaState:

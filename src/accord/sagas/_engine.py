@@ -67,6 +67,8 @@ def command_message(saga: Saga, state: SagaState, command: Command) -> Message:
             "sagaphase": state.phase,
             "sagaattempt": str(state.attempt),
             "sagareply": saga.reply_type,
+            # Whether a participant may have pruned its records of this saga.
+            "sagastarted": state.created_at.isoformat(),
         },
     )
 

@@ -8,7 +8,7 @@ import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -17,6 +17,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from accord._retention import Pruning, checked_batch
 from accord.db import Database
 from accord.db.schema_sagas import participations
 from accord.db.types import one_of
@@ -28,17 +29,38 @@ from accord.outbox import add as add_to_outbox
 from accord.sagas._store import ACTION, COMPENSATION, VOID
 from accord.transports.base import topic_matches
 
-__all__ = ["CommandContext", "StepFailed", "participant"]
+__all__ = [
+    "PRUNE_BATCH",
+    "CommandContext",
+    "RecordsPruned",
+    "StepFailed",
+    "participant",
+    "prune_participations",
+]
 
 log = logging.getLogger("accord.sagas.participant")
 
 _REFUSED = "refused: this step was compensated before its command arrived"
 _REPLY_IDS = uuid.UUID("0b8f3c52-8f0e-4a57-b3b1-7d1f6f0f9a44")
+#: Participants' records deleted a transaction while pruning.
+PRUNE_BATCH = 5000
+# How far the orchestrator's clock (a saga's start) may be from the participant's
+# (its records' times) without a pruned record going unnoticed.
+_CLOCK_MARGIN = timedelta(hours=1)
 
 
 class StepFailed(AccordError):
     """Raise from a participant's handler to refuse a command (no seats left, card
     declined): the handler's writes are rolled back and the saga gets a failure reply."""
+
+
+class RecordsPruned(AccordError):
+    """A participant got a saga command it cannot answer: the saga started before the
+    participant's ``records_retention`` and there is no record of the step here, so
+    whether the step was applied (then pruned) is unknown. Raised for a re-sent
+    action, which is left undone and, once its attempts are spent, dead-lettered:
+    the orchestrator's timeout then asks for a compensation, which is refused for
+    the same reason, and the saga ends STUCK for an operator."""
 
 
 @dataclass
@@ -68,7 +90,12 @@ _F = TypeVar("_F", bound=_Func)
 
 
 def participant(
-    consumer: Consumer, type: str, *, schema: Any = None, batch: bool = False
+    consumer: Consumer,
+    type: str,
+    *,
+    schema: Any = None,
+    batch: bool = False,
+    records_retention: timedelta | None = timedelta(days=30),
 ) -> Callable[[_F], _F]:
     """Register ``async def f(ctx: CommandContext, data) -> result`` on ``consumer`` as the
     handler of saga command ``type``; it replies to the orchestrator by itself.
@@ -109,12 +136,23 @@ def participant(
       call waits for that call, so a compensation sees what it undoes); commands of
       different sagas may run in another order than they came, batch functions after
       per-command ones.
+    * The consumer deletes the participant's records of steps older than
+      ``records_retention`` (30 days by default; ``None`` keeps them, and ``accord
+      sagas prune-participations`` deletes them by hand), as its inbox rows. Keep it
+      above the life of your longest saga, STUCK time included: for a saga that
+      started before it, a command whose step has no record here cannot tell a
+      step never applied from one whose record was pruned, so it is not guessed.
+      A compensation or a void is refused (a failure reply naming the retention),
+      and a re-sent action raises :class:`RecordsPruned` (not run, dead-lettered
+      once its attempts are spent); the saga ends STUCK for an operator. Every
+      participant of one consumer shares its records: give them one retention.
     """
 
     refuse_snapshot_isolation(consumer.database, f"participant {type!r}")
 
     def register(func: _F) -> _F:
         handlers = _Participant.of(consumer)
+        handlers.keep_records(consumer, records_retention)
 
         async def handle(ctx: HandlerContext, data: Any) -> None:
             await handlers.handle_one(ctx, data)
@@ -153,6 +191,8 @@ class _Command:
     phase: str
     attempt: int
     reply_type: str
+    #: When the saga started (the orchestrator's clock); None from an Accord before it.
+    started: datetime | None = None
 
     @classmethod
     def of(cls, message: Message) -> _Command:
@@ -164,6 +204,7 @@ class _Command:
                 ext["sagaphase"],
                 int(ext["sagaattempt"]),
                 ext["sagareply"],
+                _started(ext.get("sagastarted")),
             )
         except (KeyError, ValueError) as exc:
             raise DecodeError(
@@ -174,6 +215,13 @@ class _Command:
     @property
     def lock_key(self) -> tuple[str, int]:
         return self.saga_id, self.step
+
+
+def _started(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    started = datetime.fromisoformat(text)
+    return started if started.tzinfo else started.replace(tzinfo=UTC)
 
 
 _Records = dict[str, dict[str, Any]]  # phase -> the participant's record of it
@@ -188,7 +236,49 @@ class _Participant:
     def __init__(self, name: str) -> None:
         self.name = name
         self.funcs: dict[str, _Registered] = {}  # by registered type or pattern
+        self.retention: timedelta | None = None
         self._careful = 0
+
+    def keep_records(self, consumer: Consumer, retention: timedelta | None) -> None:
+        """Keep the records for ``retention``, pruned from ``consumer``'s loop: set by
+        the first registration, which every later one must agree with."""
+        if self.funcs:
+            if retention != self.retention:
+                raise ConfigurationError(
+                    f"participants of consumer {self.name!r} share their records, kept "
+                    f"records_retention={self.retention!r} by an earlier registration; "
+                    f"pass that, not {retention!r}"
+                )
+            return
+        self.retention = retention
+        if retention is None:
+            return
+        database, name = consumer.database, self.name
+        consumer.add_pruning(
+            Pruning(
+                f"saga step records of {name}",
+                retention,
+                lambda cutoff, limit: prune_participations(database, name, cutoff, limit),
+                PRUNE_BATCH,
+            )
+        )
+
+    def _unknown(self, command: _Command, done: _Records) -> str | None:
+        """Why the step's outcome here cannot be known, if it cannot: no record of it
+        says whether it was applied, and the saga started before the records kept
+        (they may have been pruned). None when what is here can be trusted."""
+        if ACTION in done or VOID in done or command.started is None or self.retention is None:
+            return None
+        if command.started >= datetime.now(UTC) - self.retention + _CLOCK_MARGIN:
+            return None
+        days = self.retention / timedelta(days=1)
+        return (
+            f"cannot tell whether step {command.step} of saga {command.saga_id} was applied "
+            f"here: the saga started {command.started:%Y-%m-%d %H:%M} UTC, before this "
+            f"participant's records_retention ({days:g} days), and no record of the step "
+            "is left (pruned, or its command never came); check by hand, then abort the "
+            "saga or retry it"
+        )
 
     def _func(self, message_type: str) -> _Registered:
         found = self.funcs.get(message_type)
@@ -270,8 +360,9 @@ class _Participant:
         ``done`` for its step here; None if its function must run."""
         phase = command.phase
         mine = done.get(phase)
+        unknown = self._unknown(command, done)
         if phase == VOID:
-            return self._void(command, done)
+            return (False, None, unknown, False) if unknown else self._void(command, done)
         if phase == ACTION and (COMPENSATION in done or VOID in done):
             log.info(
                 "saga %s step %d: late command %s refused",
@@ -283,8 +374,13 @@ class _Participant:
         if mine is not None and (mine["ok"] or mine["attempt"] == command.attempt):
             return mine["ok"], mine["result"], mine["error"], False
         action = done.get(ACTION)
+        if phase == ACTION and unknown and command.attempt > 1:
+            # An earlier attempt may have been applied: never run it twice.
+            raise RecordsPruned(unknown)
         if phase == ACTION or (action is not None and action["ok"]):
             return None
+        if unknown:
+            return False, None, unknown, False
         return True, None, None, True  # a compensation of a step never applied here
 
     def _void(self, command: _Command, done: _Records) -> _Outcome:
@@ -460,6 +556,32 @@ def _upsert_record(dialect: str) -> Any:
         ],
         set_={k: statement.excluded[k] for k in ("attempt", "ok", "result", "error", "at")},
     )
+
+
+async def prune_participations(
+    database: Database, participant: str | None, cutoff: datetime, limit: int
+) -> int:
+    """Delete the records (of ``participant``, or any) written before ``cutoff``, of up
+    to ``limit`` of the oldest, in one transaction; return how many went. A saga's
+    records older than ``cutoff`` go together. Two prunes at once skip each other's
+    rows on PostgreSQL."""
+    checked_batch(limit)
+    c = participations.c
+    oldest = sa.select(c.participant, c.saga_id).where(c.at < cutoff).order_by(c.at).limit(limit)
+    if participant is not None:
+        oldest = oldest.where(c.participant == participant)
+    async with database.transaction() as conn:
+        if conn.dialect.name == "postgresql":
+            oldest = oldest.with_for_update(skip_locked=True)
+        picked = {(r.participant, r.saga_id) for r in (await conn.execute(oldest)).all()}
+        count = 0
+        for name in {name for name, _ in picked}:
+            ids = sorted(saga_id for n, saga_id in picked if n == name)
+            statement = participations.delete().where(
+                c.participant == name, c.saga_id.in_(ids), c.at < cutoff
+            )
+            count += int((await conn.execute(statement)).rowcount)
+    return count
 
 
 def _reply(
