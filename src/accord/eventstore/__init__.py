@@ -65,7 +65,7 @@ Everything else
 
 from accord.eventstore._aggregate import Aggregate, applies, event_type_name
 from accord.eventstore._repository import Repository, retry_on_conflict
-from accord.eventstore._store import NOTIFY_CHANNEL, EventStore, Snapshot
+from accord.eventstore._store import NOTIFY_CHANNEL, EventStore, Snapshot, message_key
 from accord.eventstore._types import (
     ANY,
     NO_STREAM,
@@ -94,5 +94,6 @@ __all__ = [
     "Upcasters",
     "applies",
     "event_type_name",
+    "message_key",
     "retry_on_conflict",
 ]

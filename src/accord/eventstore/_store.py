@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord._aio import wait_event
 from accord.db.database import Database, translate_errors
+from accord.db.schema_events import events as events_table
 from accord.db.schema_events import snapshots
 from accord.errors import ConcurrencyError, ConfigurationError
 from accord.eventstore._types import (
@@ -32,10 +34,13 @@ from accord.eventstore._types import (
     RecordedEvent,
 )
 from accord.eventstore._upcasting import Upcasters
-from accord.messages import Message
+from accord.messages import MAX_NAME_LENGTH, Message
 from accord.serialization import loads
 
-__all__ = ["NOTIFY_CHANNEL", "EventStore", "Snapshot"]
+__all__ = ["MAX_STREAM_ID_LENGTH", "NOTIFY_CHANNEL", "EventStore", "Snapshot", "message_key"]
+
+#: The longest stream id the store holds (the width of its column).
+MAX_STREAM_ID_LENGTH: int = events_table.c.stream_id.type.length  # type: ignore[attr-defined]
 
 #: The PostgreSQL channel a commit that appended events notifies (payload: the last position).
 NOTIFY_CHANNEL = "accord_events"
@@ -129,11 +134,18 @@ class EventStore:
         set to the stream's version. With ``conn`` the events are written in
         that connection's transaction and become visible when it commits.
         With ``outbox=True`` each event is also added to the outbox as an
-        :class:`accord.Message` (id = event id, key = stream id), in the same
-        transaction.
+        :class:`accord.Message` (id = event id, subject = stream id, key =
+        :func:`message_key` of it: the stream id itself up to 200 characters), in
+        the same transaction.
         """
         if not isinstance(stream_id, str) or not stream_id:
             raise ConfigurationError("stream_id must be a non-empty string")
+        if len(stream_id) > MAX_STREAM_ID_LENGTH:
+            raise ConfigurationError(
+                f"stream_id is {len(stream_id)} characters long; the event store holds at "
+                f"most {MAX_STREAM_ID_LENGTH} (keep long natural keys in the events, and "
+                "name the stream by an id or a digest of them)"
+            )
         if isinstance(expected_version, bool) or (
             expected_version not in (ANY, NO_STREAM, STREAM_EXISTS)
             and (not isinstance(expected_version, int) or expected_version < 0)
@@ -205,7 +217,7 @@ class EventStore:
                 id=str(row.id),
                 time=row.recorded_at,
                 subject=stream_id,
-                key=stream_id,
+                key=message_key(stream_id),
                 correlationid=_opt(event.metadata.get("correlation_id")),
                 causationid=_opt(event.metadata.get("causation_id")),
                 extensions={
@@ -518,3 +530,15 @@ def _at_least_one(name: str, value: int) -> None:
     # 0 would read nothing for ever (subscribe spun); -1 meant "all" on SQLite only.
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{name} must be an int of at least 1, not {value!r}")
+
+
+def message_key(stream_id: str) -> str:
+    """The ordering key of ``stream_id``'s events in the outbox: the stream id, or for
+    one longer than a key holds (200 characters; a stream id may have 300), its
+    first 135 characters, ``#`` and the SHA-256 of the whole. One key per stream
+    either way, so its events keep their order; the message's ``subject`` carries
+    the full stream id."""
+    if len(stream_id) <= MAX_NAME_LENGTH:
+        return stream_id
+    digest = hashlib.sha256(stream_id.encode()).hexdigest()
+    return f"{stream_id[: MAX_NAME_LENGTH - len(digest) - 1]}#{digest}"
