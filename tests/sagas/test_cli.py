@@ -285,7 +285,8 @@ def test_sagas_prune_participations_deletes_a_participants_old_records(db_url: s
 
     async def left() -> list[str]:
         async with Database(db_url) as database, database.connect() as conn:
-            rows = await conn.scalars(sa.select(participations.c.saga_id))
+            c = participations.c
+            rows = await conn.scalars(sa.select(c.saga_id).where(c.saga_id != ""))
             return list(rows.all())
 
     sagas = asyncio.run(setup())

@@ -4,6 +4,7 @@ kept is answered only when a record says what happened to its step, never guesse
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,6 +18,7 @@ from accord.errors import ConfigurationError
 from accord.inbox import Consumer, DeadLetters
 from accord.sagas import CommandContext, Orchestrator, participant
 from accord.sagas._engine import command_message
+from accord.sagas._participant import prune_participations
 from accord.sagas._store import load
 from accord.testing import CapturedDelivery, wait_for
 from accord.transports.sql import SqlTransport
@@ -26,27 +28,49 @@ from tests.sagas.test_replies import command, outcomes, replies
 OLD = datetime.now(UTC) - timedelta(days=40)
 
 
+def started_at(message: Any, started: datetime | str) -> Any:
+    """``message`` saying its saga started at ``started``."""
+    text = started if isinstance(started, str) else started.isoformat()
+    extensions = {**message.extensions, "sagastarted": text}
+    fields = {name: getattr(message, name) for name in message.__dataclass_fields__}
+    return message.__class__(**{**fields, "extensions": extensions})
+
+
 def old_command(saga_id: str, type: str, step: int, phase: str, attempt: int = 1) -> Any:
-    """A command of a saga that started 40 days ago (before 30 days of records)."""
-    message = command(saga_id, type, step, phase, attempt)
-    extensions = {**message.extensions, "sagastarted": OLD.isoformat()}
-    return message.__class__(**{**_fields(message), "extensions": extensions})
+    """A command of a saga that started 40 days ago."""
+    return started_at(command(saga_id, type, step, phase, attempt), OLD)
 
 
-def _fields(message: Any) -> dict[str, Any]:
-    return {name: getattr(message, name) for name in message.__dataclass_fields__}
+def new_command(saga_id: str, type: str, step: int, phase: str, attempt: int = 1) -> Any:
+    """A command of a saga that started now."""
+    return started_at(command(saga_id, type, step, phase, attempt), datetime.now(UTC))
+
+
+async def pruned_up_to(database: Database, participant: str, days: float = 30) -> None:
+    """Have ``participant``'s records pruned up to ``days`` ago (none of them is that old)."""
+    cutoff = datetime.now(UTC) - timedelta(days=days)
+    await prune_participations(database, participant, cutoff, 1000)
 
 
 @pytest.fixture
 async def hotels(database: Database) -> Consumer:
+    """The hotels participant, its records pruned up to 30 days ago."""
     await app.create_tables(database)
     transport = SqlTransport(database.url, channel=f"p-{uuid.uuid4().hex[:8]}")
     consumer: Consumer = app.participant_consumers(database, transport, "p")[0]
+    await pruned_up_to(database, consumer.name)
     return consumer
 
 
+def consumer_on(database: Database, name: str) -> Consumer:
+    transport = SqlTransport(database.url, channel=f"r-{uuid.uuid4().hex[:8]}")
+    return Consumer(name, database, transport)
+
+
 async def records(database: Database, participant: str | None = None) -> list[tuple[str, int, str]]:
-    query = sa.select(participations.c.saga_id, participations.c.step, participations.c.phase)
+    """The records of sagas (not the row noting how far they were pruned)."""
+    c = participations.c
+    query = sa.select(c.saga_id, c.step, c.phase).where(c.saga_id != "")
     if participant is not None:
         query = query.where(participations.c.participant == participant)
     async with database.connect() as conn:
@@ -98,13 +122,13 @@ async def test_prune_deletes_only_the_records_older_than_asked_of_the_participan
     pruned = await admin.prune_participations(
         timedelta(days=30), participant=hotels.name, batch=1, on_batch=seen.append
     )
-    # sagas[0]'s two records went together, in the batch that picked one of them.
     assert pruned == 3
-    assert seen == [2, 3, 3]
+    assert seen == [1, 2, 3, 3]  # one a transaction, then an empty one
     assert await records(database, hotels.name) == sorted((s, 1, "action") for s in sagas[2:])
     assert await records(database, "elsewhere") == [(sagas[0], 2, "action")]
-    assert await admin.prune_participations(timedelta(days=30)) == 1  # any participant's
+    assert await admin.prune_participations(timedelta(days=30)) == 1  # every participant's
     assert await records(database, "elsewhere") == []
+    assert await horizon(database, "elsewhere") is not None
     with pytest.raises(ConfigurationError, match="batch must be at least 1, got 0"):
         await admin.prune_participations(timedelta(days=30), batch=0)
 
@@ -125,13 +149,26 @@ async def test_a_running_consumer_prunes_its_participants_records_past_their_ret
     for saga_id in (old, recent):
         await consumer.handle(CapturedDelivery(command(saga_id, "hotels.reserve", 1, "action")))
     await age(database, old, 2)
+    assert await horizon(database, consumer.name) is None
     await consumer.start()
     try:
         await wait_for(lambda: _gone(database, old), timeout=20)
         assert await records(database) == [(recent, 1, "action")]
+        noted = await horizon(database, consumer.name)
+        assert noted is not None
+        assert abs(noted - (datetime.now(UTC) - timedelta(days=1))) < timedelta(minutes=1)
     finally:
         await consumer.stop()
         await transport.close()
+
+
+async def horizon(database: Database, participant: str) -> datetime | None:
+    """The time ``participant``'s records were pruned up to, if they ever were."""
+    c = participations.c
+    query = sa.select(c.at).where(c.participant == participant, c.saga_id == "", c.step == -1)
+    async with database.connect() as conn:
+        found: datetime | None = await conn.scalar(query)
+        return found
 
 
 async def _gone(database: Database, saga_id: str) -> bool:
@@ -152,6 +189,34 @@ async def test_participants_of_one_consumer_must_share_one_retention(database: D
     assert "a.other" not in consumer.topics
 
 
+async def test_a_refused_registration_sets_no_retention(database: Database) -> None:
+    """A registration that the consumer refuses (its type already handled) changes
+    nothing: it neither sets the retention nor adds a pruning of its own."""
+    consumer = consumer_on(database, "refused-first")
+
+    @consumer.handler("hotels.reserve")
+    async def plain(ctx: Any, data: Any) -> None:
+        return None
+
+    async def func(ctx: CommandContext, data: Any) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match="already handles"):
+        participant(consumer, "hotels.reserve", records_retention=timedelta(days=2))(func)
+    participant(consumer, "hotels.cancel")(func)  # 30 days
+    kept = [p.retention for p in consumer._prunings if p.what.startswith("saga step records")]
+    assert kept == [timedelta(days=30)]
+
+
+@pytest.mark.parametrize("retention", [timedelta(hours=23), timedelta(0)])
+def test_a_retention_under_a_day_is_refused(database: Database, retention: timedelta) -> None:
+    """Under the clock margin, every saga (one started a second ago too) would read
+    as older than the records kept; a record must outlive its saga anyway."""
+    consumer = consumer_on(database, "keeps-briefly")
+    with pytest.raises(ConfigurationError, match="records_retention must be at least a day"):
+        participant(consumer, "hotels.reserve", records_retention=retention)
+
+
 # -- a saga older than the records kept ---------------------------------------------------
 
 
@@ -165,14 +230,115 @@ async def test_a_compensation_of_an_old_saga_with_no_record_is_refused_not_taken
     (sent,) = await replies(database, saga_id)
     assert sent["ok"] is False
     assert "cannot tell whether step 1" in sent["error"]
-    assert "records_retention (30 days)" in sent["error"]
+    assert "pruned up to" in sent["error"] and "(records_retention)" in sent["error"]
     assert await records(database) == []  # nothing recorded: a later retry asks again
     # The same command of a saga started now: its step cannot have been pruned, so
     # no record means never applied here, and the compensation succeeds at once.
     fresh = str(uuid.uuid4())
-    await hotels.handle(CapturedDelivery(command(fresh, "hotels.cancel", 1, "compensation")))
+    await hotels.handle(CapturedDelivery(new_command(fresh, "hotels.cancel", 1, "compensation")))
     assert await outcomes(database, fresh) == [("compensation", True)]
     assert await ops(database, saga_id) == await ops(database, fresh) == []
+
+
+async def test_an_old_saga_of_a_participant_whose_records_were_never_pruned_is_as_ever(
+    database: Database,
+) -> None:
+    """Nothing was ever pruned here (``records_retention=None``, no prune by hand): a
+    step with no record was never applied, however old its saga."""
+    await app.create_tables(database)
+    consumer = consumer_on(database, "keeps-all")
+    calls: list[str] = []
+
+    @participant(consumer, "hotels.cancel", records_retention=None)
+    async def cancel(ctx: CommandContext, data: Any) -> None:
+        calls.append(ctx.saga_id)
+
+    saga_id = str(uuid.uuid4())
+    await consumer.handle(
+        CapturedDelivery(old_command(saga_id, "hotels.cancel", 1, "compensation"))
+    )
+    assert await outcomes(database, saga_id) == [("compensation", True)]
+    assert calls == []
+    assert consumer._prunings[1:] == []  # only the inbox's
+
+
+async def test_records_pruned_by_hand_count_whatever_the_participants_retention(
+    database: Database,
+) -> None:
+    """``accord sagas prune-participations`` (30 days by default) under a participant
+    that keeps its records for ever: a compensation of a step it applied, whose
+    record the prune took, is refused, not answered "never applied"."""
+    from accord.sagas import SagaAdmin
+
+    await app.create_tables(database)
+    consumer = consumer_on(database, "keeps-long")
+    calls: list[str] = []
+
+    @participant(consumer, "hotels.reserve", records_retention=None)
+    async def reserve(ctx: CommandContext, data: Any) -> None:
+        calls.append("do")
+
+    @participant(consumer, "hotels.cancel", records_retention=None)
+    async def cancel(ctx: CommandContext, data: Any) -> None:
+        calls.append("undo")
+
+    saga_id = str(uuid.uuid4())
+    await consumer.handle(CapturedDelivery(old_command(saga_id, "hotels.reserve", 1, "action")))
+    await age(database, saga_id, 40)
+    assert await SagaAdmin(database).prune_participations(timedelta(days=30)) == 1
+    await consumer.handle(
+        CapturedDelivery(old_command(saga_id, "hotels.cancel", 1, "compensation"))
+    )
+    assert calls == ["do"]
+    assert (await replies(database, saga_id))[-1]["ok"] is False
+
+
+async def test_the_refusal_states_the_sagas_start_in_utc(
+    database: Database, hotels: Consumer
+) -> None:
+    saga_id = str(uuid.uuid4())
+    message = started_at(
+        command(saga_id, "hotels.cancel", 1, "compensation"), "2020-01-01T23:30:00-05:00"
+    )
+    await hotels.handle(CapturedDelivery(message))
+    (sent,) = await replies(database, saga_id)
+    assert sent["ok"] is False
+    assert "started 2020-01-02 04:30 UTC" in sent["error"], sent["error"]
+
+
+async def test_two_prunes_at_once_both_finish(database: Database) -> None:
+    """Replicas of one consumer prune its records at the same time: on PostgreSQL,
+    each skips the rows the other locked and deletes only its own (deleting by saga
+    deadlocked on a saga whose records were in both picks)."""
+    now = datetime.now(UTC)
+    await database.upgrade()
+    async with database.transaction() as conn:
+        await conn.execute(
+            participations.insert(),
+            [
+                {
+                    "participant": "p",
+                    "saga_id": f"saga-{i % 7}",
+                    "step": i,
+                    "phase": "action",
+                    "attempt": 1,
+                    "ok": True,
+                    "at": now - timedelta(days=40, minutes=i),
+                }
+                for i in range(60)
+            ],
+        )
+    cutoff = now - timedelta(days=30)
+
+    async def prune_all() -> int:
+        total = 0
+        while count := await prune_participations(database, "p", cutoff, 5):
+            total += count
+        return total
+
+    counts = await asyncio.wait_for(asyncio.gather(prune_all(), prune_all(), prune_all()), 30)
+    assert sum(counts) == 60
+    assert await records(database, "p") == []
 
 
 async def test_an_old_sagas_step_whose_records_are_here_is_handled_as_ever(
@@ -264,8 +430,9 @@ async def test_in_a_batch_an_old_sagas_unknown_step_is_refused_and_the_others_go
     transport = SqlTransport(database.url, channel=f"p-{uuid.uuid4().hex[:8]}")
     hotels, _ = app.participant_consumers(database, transport, "b", batch_size=8)
     old, fresh = str(uuid.uuid4()), str(uuid.uuid4())
+    await pruned_up_to(database, hotels.name)
     batch = [
-        CapturedDelivery(command(fresh, "hotels.reserve", 1, "action")),
+        CapturedDelivery(new_command(fresh, "hotels.reserve", 1, "action")),
         CapturedDelivery(old_command(old, "hotels.cancel", 1, "compensation")),
         CapturedDelivery(old_command(old, "hotels.reserve", 1, "action", attempt=3)),
     ]

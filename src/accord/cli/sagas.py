@@ -261,7 +261,9 @@ def prune_participations(
 ) -> None:
     """Delete participants' records of the saga steps they handled (what makes a re-sent
     command idempotent). A consumer with participant handlers does this for its own
-    (``records_retention``, 30 days); keep them longer than your longest saga."""
+    (``records_retention``, 30 days). Keep them longer than your longest saga: a
+    participant refuses a command of a saga that started before the time pruned up to
+    when no record of its step is left, and the saga ends STUCK."""
 
     async def go() -> int:
         async with Database(db) as database:

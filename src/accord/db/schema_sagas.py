@@ -12,7 +12,8 @@
 * ``accord_saga_participations``: a participant's record of each (saga, step,
   phase) it handled, with the reply it sent (idempotency per saga step). Kept
   for the participant's ``records_retention``: pruning reads a range of its
-  ``(participant, at)`` index.
+  ``(participant, at)`` index, and leaves a row of saga ``''``, step -1 whose
+  ``at`` is the time the participant's records were pruned up to.
 * ``accord_flows``: every message a flow tracker saw, by correlation id.
 * ``accord_flow_heads``: one row per flow, kept with its messages: how many, the
   last one, whether the flow ended and whether it is an orchestrated saga's.

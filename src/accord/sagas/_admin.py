@@ -151,17 +151,21 @@ class SagaAdmin:
     ) -> int:
         """Delete participants' records of saga steps (what makes a re-sent command
         idempotent) written more than ``older_than`` ago; only ``participant``'s (its
-        consumer's name) if given. Returns how many; the oldest ``batch`` a
-        transaction, ``on_batch(pruned so far)`` called after each. A consumer with
+        consumer's name) if given. Returns how many; ``batch`` records a transaction,
+        oldest first, ``on_batch(pruned so far)`` called after each. A consumer with
         participant handlers prunes its own (``records_retention``); see
         :func:`~accord.sagas.participant` for what a saga older than that meets."""
         batch = checked_batch(batch)
         cutoff = datetime.now(UTC) - older_than
-        one = functools.partial(
-            _participant.prune_participations, self.database, participant, cutoff
-        )
+        pruned = 0
         with translate_errors("pruning participants' records"):
-            return await prune_in_batches(one, batch, on_batch)
+            names = [participant] if participant else await _participant.participants(self.database)
+            for name in names:
+                one = functools.partial(
+                    _participant.prune_participations, self.database, name, cutoff
+                )
+                pruned = await prune_in_batches(one, batch, on_batch, before=pruned)
+        return pruned
 
     async def retry(self, saga_id: str) -> SagaState:
         """Resume a STUCK instance where it stopped, with fresh attempts."""

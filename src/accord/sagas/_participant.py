@@ -35,6 +35,7 @@ __all__ = [
     "RecordsPruned",
     "StepFailed",
     "participant",
+    "participants",
     "prune_participations",
 ]
 
@@ -44,9 +45,13 @@ _REFUSED = "refused: this step was compensated before its command arrived"
 _REPLY_IDS = uuid.UUID("0b8f3c52-8f0e-4a57-b3b1-7d1f6f0f9a44")
 #: Participants' records deleted a transaction while pruning.
 PRUNE_BATCH = 5000
-# How far the orchestrator's clock (a saga's start) may be from the participant's
-# (its records' times) without a pruned record going unnoticed.
+# How far the orchestrator's clock (a saga's start) may be from the pruner's (the
+# time records were pruned up to) without a pruned record going unnoticed.
 _CLOCK_MARGIN = timedelta(hours=1)
+_MIN_RETENTION = timedelta(days=1)
+# The row noting the time a participant's records were pruned up to: a record of
+# no saga, read with every command's records (no round trip of its own).
+_PRUNED_SAGA, _PRUNED_STEP = "", -1
 
 
 class StepFailed(AccordError):
@@ -137,27 +142,35 @@ def participant(
       different sagas may run in another order than they came, batch functions after
       per-command ones.
     * The consumer deletes the participant's records of steps older than
-      ``records_retention`` (30 days by default; ``None`` keeps them, and ``accord
-      sagas prune-participations`` deletes them by hand), as its inbox rows. Keep it
-      above the life of your longest saga, STUCK time included: for a saga that
-      started before it, a command whose step has no record here cannot tell a
-      step never applied from one whose record was pruned, so it is not guessed.
-      A compensation or a void is refused (a failure reply naming the retention),
-      and a re-sent action raises :class:`RecordsPruned` (not run, dead-lettered
-      once its attempts are spent); the saga ends STUCK for an operator. Every
-      participant of one consumer shares its records: give them one retention.
+      ``records_retention`` (30 days by default, at least a day; ``None`` keeps
+      them), as its inbox rows; ``accord sagas prune-participations`` deletes them
+      by hand. Keep it above the life of your longest saga, STUCK time included:
+      a prune leaves the time it pruned up to, and for a saga that started before
+      then (an hour's margin for clocks), a command whose step has no record here
+      cannot tell a step never applied from one whose record was pruned, so it is
+      not guessed. A compensation or a void is refused (a failure reply that says
+      so), and a re-sent action raises :class:`RecordsPruned` (not run,
+      dead-lettered once its attempts are spent); the saga ends STUCK for an
+      operator. Every participant of one consumer shares its records: give them
+      one retention.
     """
 
     refuse_snapshot_isolation(consumer.database, f"participant {type!r}")
+    if records_retention is not None and records_retention < _MIN_RETENTION:
+        raise ConfigurationError(
+            f"records_retention must be at least a day (or None), got {records_retention}: "
+            "a step's record must outlive its saga"
+        )
 
     def register(func: _F) -> _F:
         handlers = _Participant.of(consumer)
-        handlers.keep_records(consumer, records_retention)
+        handlers.check_retention(records_retention)
 
         async def handle(ctx: HandlerContext, data: Any) -> None:
             await handlers.handle_one(ctx, data)
 
         consumer.add_handler(type, handle, schema=schema, batch=handlers.handle_batch)
+        handlers.keep_records(consumer, records_retention)
         # After add_handler: a refused duplicate changes nothing.
         handlers.funcs[type] = _Registered(func, batch)
         return func
@@ -221,7 +234,7 @@ def _started(text: str | None) -> datetime | None:
     if text is None:
         return None
     started = datetime.fromisoformat(text)
-    return started if started.tzinfo else started.replace(tzinfo=UTC)
+    return started.astimezone(UTC) if started.tzinfo else started.replace(tzinfo=UTC)
 
 
 _Records = dict[str, dict[str, Any]]  # phase -> the participant's record of it
@@ -237,20 +250,24 @@ class _Participant:
         self.name = name
         self.funcs: dict[str, _Registered] = {}  # by registered type or pattern
         self.retention: timedelta | None = None
+        self._kept = False  # whether a registration set the retention
         self._careful = 0
 
+    def check_retention(self, retention: timedelta | None) -> None:
+        """Refuse a retention other than the one an earlier registration set."""
+        if self._kept and retention != self.retention:
+            raise ConfigurationError(
+                f"participants of consumer {self.name!r} share their records, kept "
+                f"records_retention={self.retention!r} by an earlier registration; "
+                f"pass that, not {retention!r}"
+            )
+
     def keep_records(self, consumer: Consumer, retention: timedelta | None) -> None:
-        """Keep the records for ``retention``, pruned from ``consumer``'s loop: set by
-        the first registration, which every later one must agree with."""
-        if self.funcs:
-            if retention != self.retention:
-                raise ConfigurationError(
-                    f"participants of consumer {self.name!r} share their records, kept "
-                    f"records_retention={self.retention!r} by an earlier registration; "
-                    f"pass that, not {retention!r}"
-                )
+        """Keep the records for ``retention``, pruned from ``consumer``'s loop (once
+        a registration went through: the first sets it)."""
+        if self._kept:
             return
-        self.retention = retention
+        self._kept, self.retention = True, retention
         if retention is None:
             return
         database, name = consumer.database, self.name
@@ -263,21 +280,22 @@ class _Participant:
             )
         )
 
-    def _unknown(self, command: _Command, done: _Records) -> str | None:
+    @staticmethod
+    def _unknown(command: _Command, done: _Records, pruned: datetime | None) -> str | None:
         """Why the step's outcome here cannot be known, if it cannot: no record of it
-        says whether it was applied, and the saga started before the records kept
-        (they may have been pruned). None when what is here can be trusted."""
-        if ACTION in done or VOID in done or command.started is None or self.retention is None:
+        says whether it was applied, and the saga started before the time records
+        were ``pruned`` up to (they may have gone). None when what is here can be
+        trusted."""
+        if ACTION in done or VOID in done or command.started is None or pruned is None:
             return None
-        if command.started >= datetime.now(UTC) - self.retention + _CLOCK_MARGIN:
+        if command.started >= pruned + _CLOCK_MARGIN:
             return None
-        days = self.retention / timedelta(days=1)
         return (
             f"cannot tell whether step {command.step} of saga {command.saga_id} was applied "
             f"here: the saga started {command.started:%Y-%m-%d %H:%M} UTC, before this "
-            f"participant's records_retention ({days:g} days), and no record of the step "
-            "is left (pruned, or its command never came); check by hand, then abort the "
-            "saga or retry it"
+            f"participant's records were pruned up to {pruned:%Y-%m-%d %H:%M} UTC "
+            "(records_retention), and no record of the step is left (pruned, or its "
+            "command never came); check by hand, then abort the saga or retry it"
         )
 
     def _func(self, message_type: str) -> _Registered:
@@ -297,8 +315,8 @@ class _Participant:
         command = _Command.of(ctx.message)
         conn = ctx.conn
         await _lock(conn, self.name, [command.lock_key])
-        done = (await _records(conn, self.name, [command.lock_key])).get(command.lock_key, {})
-        outcome = self._settled(ctx, command, done)
+        found, pruned = await _records(conn, self.name, [command.lock_key])
+        outcome = self._settled(ctx, command, found.get(command.lock_key, {}), pruned)
         if outcome is None:
             call = _Call(0, ctx, _command_context(ctx, command), data, command)
             outcome = await self._run_careful(call)
@@ -312,7 +330,7 @@ class _Participant:
         conn = items[0][0].conn
         keys = sorted({c.lock_key for c in commands})
         await _lock(conn, self.name, keys)
-        done = await _records(conn, self.name, keys)
+        done, pruned = await _records(conn, self.name, keys)
         records: dict[tuple[str, int, str], dict[str, Any]] = {}
         outcomes: list[_Outcome | None] = [None] * len(items)
         careful = self._careful > 0
@@ -341,7 +359,7 @@ class _Participant:
                 # A saga's commands run in the order they came: what an earlier one
                 # does decides what this one does (a compensation, a late command).
                 await run_pending()
-            outcome = self._settled(ctx, command, done.get(command.lock_key, {}))
+            outcome = self._settled(ctx, command, done.get(command.lock_key, {}), pruned)
             if outcome is None:
                 pending.append(_Call(index, ctx, _command_context(ctx, command), data, command))
             else:
@@ -355,12 +373,15 @@ class _Participant:
             replies.append(_reply(ctx, command, ok, result, error))
         await add_to_outbox(conn, *replies)
 
-    def _settled(self, ctx: HandlerContext, command: _Command, done: _Records) -> _Outcome | None:
+    def _settled(
+        self, ctx: HandlerContext, command: _Command, done: _Records, pruned: datetime | None
+    ) -> _Outcome | None:
         """The outcome of ``command`` that needs no function call, given what was
-        ``done`` for its step here; None if its function must run."""
+        ``done`` for its step here and the time records were ``pruned`` up to; None
+        if its function must run."""
         phase = command.phase
         mine = done.get(phase)
-        unknown = self._unknown(command, done)
+        unknown = self._unknown(command, done, pruned)
         if phase == VOID:
             return (False, None, unknown, False) if unknown else self._void(command, done)
         if phase == ACTION and (COMPENSATION in done or VOID in done):
@@ -517,14 +538,20 @@ _LOCK = sa.text("SELECT pg_advisory_xact_lock(hashtext(k)) FROM unnest(CAST(:key
 
 async def _records(
     conn: AsyncConnection, name: str, keys: Sequence[tuple[str, int]]
-) -> dict[tuple[str, int], _Records]:
+) -> tuple[dict[tuple[str, int], _Records], datetime | None]:
+    """The participant's records of the steps ``keys``, and the time its records were
+    pruned up to (None if never), in one statement."""
     wanted = set(keys)
-    params = {"name": name, "ids": sorted({saga_id for saga_id, _ in keys})}
+    ids = sorted({saga_id for saga_id, _ in keys})
+    params = {"name": name, "ids": [_PRUNED_SAGA, *ids]}
     found: dict[tuple[str, int], _Records] = {}
+    pruned: datetime | None = None
     for row in (await conn.execute(_records_statement(conn.dialect.name), params)).all():
         if (row.saga_id, row.step) in wanted:
             found.setdefault((row.saga_id, row.step), {})[row.phase] = dict(row._mapping)
-    return found
+        elif (row.saga_id, row.step) == (_PRUNED_SAGA, _PRUNED_STEP):
+            pruned = row.at
+    return found, pruned
 
 
 async def _write_records(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
@@ -559,29 +586,72 @@ def _upsert_record(dialect: str) -> Any:
 
 
 async def prune_participations(
-    database: Database, participant: str | None, cutoff: datetime, limit: int
+    database: Database, participant: str, cutoff: datetime, limit: int
 ) -> int:
-    """Delete the records (of ``participant``, or any) written before ``cutoff``, of up
-    to ``limit`` of the oldest, in one transaction; return how many went. A saga's
-    records older than ``cutoff`` go together. Two prunes at once skip each other's
-    rows on PostgreSQL."""
+    """Delete up to ``limit`` of ``participant``'s records written before ``cutoff``,
+    oldest first (a range of its (participant, at) index), in one transaction, and
+    note ``cutoff`` as the time its records were pruned up to (kept as the latest);
+    return how many went. Two prunes at once skip each other's rows on PostgreSQL."""
     checked_batch(limit)
     c = participations.c
-    oldest = sa.select(c.participant, c.saga_id).where(c.at < cutoff).order_by(c.at).limit(limit)
-    if participant is not None:
-        oldest = oldest.where(c.participant == participant)
+    oldest = (
+        sa.select(c.saga_id, c.step, c.phase)
+        .where(c.participant == participant, c.at < cutoff, c.step != _PRUNED_STEP)
+        .order_by(c.at)
+        .limit(limit)
+    )
     async with database.transaction() as conn:
-        if conn.dialect.name == "postgresql":
+        dialect = conn.dialect.name
+        if dialect == "postgresql":
             oldest = oldest.with_for_update(skip_locked=True)
-        picked = {(r.participant, r.saga_id) for r in (await conn.execute(oldest)).all()}
-        count = 0
-        for name in {name for name, _ in picked}:
-            ids = sorted(saga_id for n, saga_id in picked if n == name)
-            statement = participations.delete().where(
-                c.participant == name, c.saga_id.in_(ids), c.at < cutoff
-            )
-            count += int((await conn.execute(statement)).rowcount)
-    return count
+        # Noted first: a command that reads the records after this commits knows
+        # what may be gone.
+        await conn.execute(
+            _note_pruned(dialect),
+            {
+                "participant": participant,
+                "saga_id": _PRUNED_SAGA,
+                "step": _PRUNED_STEP,
+                "phase": "pruned",
+                "attempt": 0,
+                "ok": True,
+                "at": cutoff,
+            },
+        )
+        picked = [tuple(row) for row in (await conn.execute(oldest)).all()]
+        if not picked:
+            return 0
+        statement = participations.delete().where(
+            c.participant == participant, sa.tuple_(c.saga_id, c.step, c.phase).in_(picked)
+        )
+        return int((await conn.execute(statement)).rowcount)
+
+
+async def participants(database: Database) -> list[str]:
+    """The participants that have records in ``database``."""
+    async with database.connect() as conn:
+        found = await conn.scalars(sa.select(participations.c.participant).distinct())
+        return sorted(found.all())
+
+
+@functools.cache
+def _note_pruned(dialect: str) -> Any:
+    """Upsert a participant's pruned-up-to row, keeping the later time."""
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    statement = insert(participations)
+    later = sa.case(
+        (statement.excluded.at > participations.c.at, statement.excluded.at),
+        else_=participations.c.at,
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[
+            participations.c.participant,
+            participations.c.saga_id,
+            participations.c.step,
+            participations.c.phase,
+        ],
+        set_={"at": later},
+    )
 
 
 def _reply(
