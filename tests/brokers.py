@@ -1,6 +1,12 @@
-"""Removing what tests declared on the shared brokers (exchanges, queues, streams, keys)."""
+"""Removing what tests declared on the shared brokers (exchanges, queues, streams, keys);
+changing a broker setting for the length of a test."""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator
 
 import aio_pika
 
@@ -43,3 +49,29 @@ async def cleanup(transports: list[Transport]) -> None:
         await transport.close()
     if rabbit:
         await delete_everything(rabbit)
+
+
+async def _rabbit_eval(expression: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "-q", "eval", expression,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(60):
+        out, err = await process.communicate()
+    assert process.returncode == 0, f"rabbitmqctl eval {expression!r} failed: {err.decode()}"
+    return out.decode().strip()
+
+
+@contextlib.asynccontextmanager
+async def rabbit_max_message_size(size: int) -> AsyncIterator[None]:
+    """RabbitMQ's ``max_message_size`` is ``size`` for the channels opened inside the
+    block (each channel reads it when it opens); the setting is restored after."""
+    found = re.fullmatch(
+        r"\{ok,(\d+)\}", await _rabbit_eval("application:get_env(rabbit, max_message_size).")
+    )
+    assert found, "could not read RabbitMQ's max_message_size"
+    await _rabbit_eval(f"application:set_env(rabbit, max_message_size, {size}).")
+    try:
+        yield
+    finally:
+        await _rabbit_eval(f"application:set_env(rabbit, max_message_size, {found.group(1)}).")

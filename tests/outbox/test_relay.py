@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,6 +19,7 @@ from accord.eventstore import EventStore, NewEvent
 from accord.outbox import OutboxAdmin, Relay
 from accord.testing import FaultyTransport, wait_for
 from accord.transports import from_url
+from tests.brokers import rabbit_max_message_size
 from tests.outbox.conftest import broker_url, fast_relay, statuses
 
 pytestmark = pytest.mark.rabbitmq
@@ -120,6 +122,38 @@ async def test_a_message_larger_than_the_broker_takes_is_dead_at_once(
     [dead] = await OutboxAdmin(database).dead()
     assert (dead["id"], dead["retry_count"]) == (big.id, 1)
     assert "MessageTooLarge" in dead["last_error"] and "max_payload" in dead["last_error"]
+
+
+async def test_a_message_larger_than_rabbitmq_is_set_to_take_is_dead_at_once(
+    database: Database, listen: Any
+) -> None:
+    """RabbitMQ set below the transport's max_message_size closes the channel on the
+    big row: it is DEAD after one attempt, and the rows sent after it in the batch go
+    out in the next round without an attempt spent."""
+    limit = 1024 * 1024
+    async with rabbit_max_message_size(limit):
+        transport, received = await listen(broker_url("rabbitmq", ""))
+        big = Message(type="doc.stored", data={"pad": "x" * limit}, key="doc-0")
+        rest = [Message(type="doc.stored", data={"n": n}, key=f"doc-{n}") for n in range(1, 4)]
+        async with database.transaction() as conn:
+            await add_to_outbox(conn, rest[0], big, *rest[1:])
+        relay = fast_relay(database, transport, max_attempts=5)
+
+        async def drained() -> bool:
+            await relay.run_once()
+            return set(received.ids) >= {m.id for m in rest}
+
+        await wait_for(drained, 10, interval=0.1)
+        [dead] = await OutboxAdmin(database).dead()
+        assert (dead["id"], dead["retry_count"]) == (big.id, 1)
+        assert "MessageTooLarge" in dead["last_error"]
+        assert "max_message_size=1,048,576" in dead["last_error"]
+        async with database.connect() as conn:
+            query = sa.select(outbox.c.id, outbox.c.retry_count).where(
+                outbox.c.id != uuid.UUID(big.id)
+            )
+            spent = dict((await conn.execute(query)).all())
+        assert {str(k): v for k, v in spent.items()} == {m.id: 0 for m in rest}
 
 
 async def test_a_key_waits_behind_an_earlier_message_in_backoff(

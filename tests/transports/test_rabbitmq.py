@@ -14,7 +14,7 @@ from typing import Any
 
 import aio_pika
 import pytest
-from tests.brokers import delete_everything
+from tests.brokers import delete_everything, rabbit_max_message_size
 from tests.conftest import RABBIT_URL
 
 from accord.errors import MessageTooLarge, PublishError, TransportError, TransportUnavailable
@@ -522,3 +522,42 @@ async def test_a_broker_that_blocks_publishers_times_a_batch_out_and_confirms_st
         with contextlib.suppress(Exception):
             await channel.queue_delete(limited)
         await connection.close()
+
+
+async def test_a_broker_that_takes_less_than_max_message_size_refuses_one_message_alone(
+    rabbit: Callable[..., RabbitTransport],
+) -> None:
+    """RabbitMQ set to take less than the transport believes closes the channel on the
+    message over its limit, failing those sent after it in the batch. The one over it
+    is MessageTooLarge; the others are an outage (tried again, no attempt spent); the
+    transport takes the broker's limit from then on, and publishes again at once."""
+    limit = 1024 * 1024
+    async with rabbit_max_message_size(limit):
+        transport = rabbit()  # max_message_size 16 MiB
+        await transport.connect()
+        collector = Collector()
+        await transport.subscribe("sized", collector)
+        small, after = Message(type="sized.small"), Message(type="sized.after")
+        big = Message(type="sized.big", data="x" * (limit + 1), datacontenttype="text/plain")
+        with pytest.raises(PublishError) as caught:
+            await transport.publish([small, big, after])
+        failed = caught.value.failed
+        # The broker took `small`; its confirm may or may not beat the channel's close
+        # (unconfirmed, it is an outage too: sent again, a duplicate the inbox drops).
+        assert {big.id, after.id} <= set(failed) <= {small.id, big.id, after.id}
+        assert isinstance(failed[big.id], MessageTooLarge)
+        assert f"{limit + 1:,} bytes" in str(failed[big.id])
+        assert f"max_message_size={limit:,}" in str(failed[big.id])
+        assert all(type(failed[i]) is TransportUnavailable for i in set(failed) - {big.id})
+        assert transport.max_message_size == limit
+
+        await transport.publish([after])  # the channel the broker closed is open again
+        again, last = (
+            Message(type="sized.big", data=big.data, datacontenttype="text/plain"),
+            (Message(type="sized.last")),
+        )
+        with pytest.raises(PublishError) as caught:
+            await transport.publish([again, last])  # kept back: the channel stays open
+        assert list(caught.value.failed) == [again.id]
+        await collector.wait(3)
+        assert collector.ids == [small.id, after.id, last.id]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 from yarl import URL
 
-from accord.errors import TransportError, TransportUnavailable
+from accord.errors import MessageTooLarge, TransportError, TransportUnavailable
 from accord.messages import Message
 from accord.transports.base import Envelope
 
@@ -38,6 +39,7 @@ __all__ = [
     "envelope_properties",
     "message_properties",
     "redact",
+    "refused_size",
     "republish_properties",
     "send_confirmed",
     "translate",
@@ -253,6 +255,11 @@ def translate(exc: BaseException, what: str) -> TransportError:
         error = TransportError(
             f"{what}: RabbitMQ refused the login ({exc}); check the user and password in the URL"
         )
+    elif isinstance(exc, amqp_errors.ChannelPreconditionFailed) and refused_size(exc):
+        error = MessageTooLarge(
+            f"{what}: RabbitMQ refused a message larger than its max_message_size ({exc}); "
+            "raise it in rabbitmq.conf (at most 512 MiB), or send less"
+        )
     elif isinstance(exc, amqp_errors.ChannelPreconditionFailed):
         error = TransportError(
             f"{what}: RabbitMQ refused a declaration ({exc}); an exchange or queue of that "
@@ -283,6 +290,21 @@ def translate(exc: BaseException, what: str) -> TransportError:
         error = TransportError(f"{what}: {exc!r}")
     error.__cause__ = exc
     return error
+
+
+# RabbitMQ closing a channel on a message over its max_message_size.
+_TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
+
+
+def refused_size(exc: BaseException | None) -> int | None:
+    """The broker's max_message_size, if ``exc`` (or what it was translated from) is
+    RabbitMQ refusing a message over it; else None."""
+    while exc is not None:
+        found = _TOO_LARGE.search(str(exc))
+        if found:
+            return int(found.group(2))
+        exc = exc.__cause__
+    return None
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ group; and delay queues ``{channel}.{group}.retry.*`` for ``nack(delay)``.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,6 +68,7 @@ from accord.transports._rabbitmq_support import (
     encode_publish,
     envelope_properties,
     redact,
+    refused_size,
     republish_properties,
     send_confirmed,
     translate,
@@ -82,6 +84,11 @@ from accord.transports.base import (
 
 __all__ = ["RabbitTopology", "RabbitTransport"]
 
+log = logging.getLogger("accord.transports.rabbitmq")
+
+# How long a publish waits, in 10 ms polls, for a channel the broker closed to reopen.
+_REOPEN_POLLS = 100
+
 
 class RabbitTransport(Transport):
     """A :class:`~accord.transports.base.Transport` on RabbitMQ (see the module doc).
@@ -95,7 +102,10 @@ class RabbitTransport(Transport):
     ``max_message_size`` is the broker's (16 MiB, RabbitMQ 4's default; 3.x allows
     128 MiB: raise it to match yours): a larger message fails alone with
     :class:`~accord.errors.MessageTooLarge` before it is sent, since RabbitMQ would
-    close the channel on it and fail the rest of the batch.
+    close the channel on it and fail the rest of the batch. Should the broker's be
+    smaller, its refusal is a ``MessageTooLarge`` too, the messages sent after it
+    in the batch fail as an outage (``TransportUnavailable``: tried again), and the
+    transport takes the broker's limit as its own from then on.
     """
 
     name = "rabbitmq"
@@ -197,13 +207,7 @@ class RabbitTransport(Transport):
             if len(envelope.body) > self.max_message_size:
                 # RabbitMQ would close the channel on it, failing every message sent
                 # after it in this batch: it never leaves.
-                encoded.append(
-                    MessageTooLarge(
-                        f"message {envelope.id} is {len(envelope.body):,} bytes; RabbitMQ "
-                        f"takes at most max_message_size={self.max_message_size:,} (set it "
-                        "in rabbitmq.conf, at most 512 MiB, and on RabbitTransport alike)"
-                    )
-                )
+                encoded.append(self._too_large(envelope))
                 continue
             try:
                 properties, body = envelope_properties(envelope)
@@ -243,7 +247,45 @@ class RabbitTransport(Transport):
             problem = _publish_problem(next(settled), self.publish_timeout)
             if problem is not None:
                 failed[envelope.id] = problem
+        self._sort_out_refused_sizes(envelopes, failed)
         raise_unconfirmed(failed, len(envelopes), "RabbitMQ")
+
+    def _too_large(self, envelope: Envelope) -> MessageTooLarge:
+        return MessageTooLarge(
+            f"message {envelope.id} is {len(envelope.body):,} bytes; RabbitMQ takes at most "
+            f"max_message_size={self.max_message_size:,} (set it in rabbitmq.conf, at most "
+            "512 MiB, and on RabbitTransport alike)"
+        )
+
+    def _sort_out_refused_sizes(
+        self, envelopes: Sequence[Envelope], failed: dict[str, BaseException]
+    ) -> None:
+        """RabbitMQ closed the channel on a message over a ``max_message_size`` smaller
+        than this transport's: the messages sent after it failed with it. Only those
+        over the broker's limit are too large; the others go back as an outage (tried
+        again, no attempt spent). The broker's limit is this transport's from now on,
+        so such a message no longer leaves."""
+        limit = next(filter(None, map(refused_size, failed.values())), None)
+        if limit is None:
+            return
+        if limit < self.max_message_size:
+            log.warning(
+                "RabbitMQ takes messages of at most %d bytes; lowering max_message_size "
+                "from %d (set RabbitTransport(max_message_size=...) to match)",
+                limit,
+                self.max_message_size,
+            )
+            self.max_message_size = limit
+        for envelope in envelopes:
+            if refused_size(failed.get(envelope.id)) is None:
+                continue
+            if len(envelope.body) > limit:
+                failed[envelope.id] = self._too_large(envelope)
+            else:
+                failed[envelope.id] = TransportUnavailable(
+                    f"the channel closed on a message of this batch larger than RabbitMQ "
+                    f"takes ({limit:,} bytes) before this one was confirmed; retry"
+                )
 
     async def subscribe_batches(
         self,
@@ -405,6 +447,14 @@ class RabbitTransport(Transport):
         try:
             async with asyncio.timeout(remaining):
                 channel = await publisher.get_underlay_channel()
+                for _ in range(_REOPEN_POLLS):
+                    if not channel.is_closed:
+                        break
+                    # The broker closed it (a message over its size): the robust
+                    # channel opens another at once, in the background. (Over a
+                    # lost connection this ends soon; the publish then says so.)
+                    await asyncio.sleep(0.01)
+                    channel = await publisher.get_underlay_channel()
                 assert isinstance(channel, aiormq.Channel)
                 return channel
         except TimeoutError as exc:
