@@ -20,6 +20,7 @@ are kept is compensated for real.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -75,15 +76,16 @@ async def stuck_trip(world: World) -> str:
     return saga_id
 
 
-async def age_saga(world: World, saga_id: str) -> None:
-    """The saga started 40 days ago (its commands' ``sagastarted`` says so)."""
-    statement = (
-        sagas.update()
-        .where(sagas.c.id == saga_id)
-        .values(created_at=datetime.now(UTC) - FORTY_DAYS)
-    )
+async def execute(world: World, statement: Any) -> None:
+    """Run ``statement`` in a transaction of its own."""
     async with world.database.transaction() as conn:
         await conn.execute(statement)
+
+
+async def age_saga(world: World, saga_id: str) -> None:
+    """The saga started 40 days ago (its commands' ``sagastarted`` says so)."""
+    then = datetime.now(UTC) - FORTY_DAYS
+    await execute(world, sagas.update().where(sagas.c.id == saga_id).values(created_at=then))
 
 
 async def delete_records(world: World, saga_id: str) -> None:
@@ -92,13 +94,9 @@ async def delete_records(world: World, saga_id: str) -> None:
 
 
 async def age_records(world: World, saga_id: str) -> None:
-    statement = (
-        participations.update()
-        .where(participations.c.saga_id == saga_id)
-        .values(at=datetime.now(UTC) - FORTY_DAYS)
-    )
-    async with world.database.transaction() as conn:
-        await conn.execute(statement)
+    then = datetime.now(UTC) - FORTY_DAYS
+    c = participations.c
+    await execute(world, participations.update().where(c.saga_id == saga_id).values(at=then))
 
 
 async def records_pruned_by_hand(world: World, saga_id: str) -> None:

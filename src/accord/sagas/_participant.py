@@ -570,17 +570,20 @@ def _records_statement(dialect: str) -> Any:
     )
 
 
+_RECORD_KEY = [
+    participations.c.participant,
+    participations.c.saga_id,
+    participations.c.step,
+    participations.c.phase,
+]
+
+
 @functools.cache
 def _upsert_record(dialect: str) -> Any:
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
     statement = insert(participations)
     return statement.on_conflict_do_update(
-        index_elements=[
-            participations.c.participant,
-            participations.c.saga_id,
-            participations.c.step,
-            participations.c.phase,
-        ],
+        index_elements=_RECORD_KEY,
         set_={k: statement.excluded[k] for k in ("attempt", "ok", "result", "error", "at")},
     )
 
@@ -644,12 +647,7 @@ def _note_pruned(dialect: str) -> Any:
         else_=participations.c.at,
     )
     return statement.on_conflict_do_update(
-        index_elements=[
-            participations.c.participant,
-            participations.c.saga_id,
-            participations.c.step,
-            participations.c.phase,
-        ],
+        index_elements=_RECORD_KEY,
         set_={"at": later},
     )
 
