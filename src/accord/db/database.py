@@ -17,6 +17,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from accord.db.clock import ServerClock
 from accord.errors import ConfigurationError, DatabaseError, MissingExtraError
 
 __all__ = [
@@ -235,6 +236,9 @@ class Database:
             ) from None
         # The stop() of each live listener: dispose() ends those left running.
         self._listeners: set[Callable[[], Awaitable[None]]] = set()
+        #: The server's time as this process reads it: what relays and the SQL
+        #: transport write and compare availability and leases with.
+        self.clock = ServerClock(self)
         if self.dialect == "sqlite":
             _tune_sqlite(self.engine)
         elif not engine_kwargs.get("pool_pre_ping"):

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -334,7 +334,7 @@ async def _claim_ahead(
             )
     except BaseException:
         if lease_until is not None and claimed:
-            await _give_back(driver, claimed, lease_until)
+            await _give_back(driver, claimed, now, lease_until)
         raise
     merged = {row.seq: row for row in claimed + more}
     return [merged[seq] for seq in sorted(merged)][:limit]
@@ -353,11 +353,13 @@ def _ahead_statement(
     return _CLAIM_AHEAD_AND_LEASE_DRIVER, now, limit, window, after, taken, lease_until
 
 
-async def _give_back(driver: Any, rows: Sequence[ClaimedRow], lease_until: datetime) -> None:
+async def _give_back(
+    driver: Any, rows: Sequence[ClaimedRow], now: datetime, lease_until: datetime
+) -> None:
     """Leases: a claim that ends in an error or a cancel after its first window
-    committed leases the caller never gets; give those rows back now rather than
-    when the lease runs out (if the connection still answers: else they wait)."""
-    now = datetime.now(UTC)
+    committed leases the caller never gets; give those rows back, due from ``now``
+    (the claim's), rather than when the lease runs out (if the connection still
+    answers: else they wait)."""
     settlements = [Settlement(r.seq, "PENDING", now, r.retry_count, None) for r in rows]
     try:
         async with asyncio.timeout(_GIVE_BACK_TIMEOUT):

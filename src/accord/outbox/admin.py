@@ -26,13 +26,16 @@ class OutboxStatus:
     dead: int
     retrying: int
     oldest_pending_at: datetime | None
+    #: When the counts were read, in the database server's time (rows' times are too).
+    as_of: datetime | None = None
 
     @property
     def oldest_pending_age(self) -> float | None:
         """Seconds since the oldest PENDING row was committed, or None."""
         if self.oldest_pending_at is None:
             return None
-        return (datetime.now(UTC) - self.oldest_pending_at).total_seconds()
+        as_of = self.as_of or datetime.now(UTC)
+        return (as_of - self.oldest_pending_at).total_seconds()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -86,11 +89,13 @@ class OutboxAdmin:
             sa.func.count().filter(outbox.c.status == "PENDING", outbox.c.retry_count > 0),
             sa.func.min(outbox.c.created_at).filter(outbox.c.status == "PENDING"),
         )
+        await self.database.clock.sync_if_due()
         async with self.database.connect() as conn:
             pending, sent, dead, retrying, oldest = (await conn.execute(query)).one()
         if isinstance(oldest, str):  # SQLite aggregate bypasses the column type
             oldest = datetime.fromisoformat(oldest).replace(tzinfo=UTC)
-        return OutboxStatus(pending, sent, dead, retrying, oldest)
+        as_of = self.database.clock.now()
+        return OutboxStatus(pending, sent, dead, retrying, oldest, as_of)
 
     async def dead(
         self, *, limit: int = 100, event_type: str | None = None
@@ -119,7 +124,8 @@ class OutboxAdmin:
         values = {
             "status": "PENDING",
             "retry_count": 0,
-            "available_at": datetime.now(UTC),
+            # The server's time on PostgreSQL, as relays compare it (Database.clock).
+            "available_at": sa.func.now() if self.database.is_postgres else datetime.now(UTC),
         }
         async with self.database.transaction() as conn:
             result = await conn.execute(outbox.update().where(where).values(**values))

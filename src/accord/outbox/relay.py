@@ -9,7 +9,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -209,7 +209,8 @@ class Relay:
         round at once. With ``claims="lease"`` the rows are leased for ``lease``
         seconds in one transaction and settled in another.
         """
-        now = datetime.now(UTC)
+        await self.database.clock.sync_if_due()
+        now = self.database.clock.now()
         sent: list[int] = []
         others: list[Settlement] = []
         if self.claims == "lock":  # the rows stay locked in the claiming transaction
@@ -220,7 +221,7 @@ class Relay:
                     return 0
                 started = time.perf_counter()
                 await self._publish(rows, None, sent, others)
-                await settle(conn, now=datetime.now(UTC), sent=sent, others=others)
+                await settle(conn, now=self.database.clock.now(), sent=sent, others=others)
             return self._count(sent, len(sent), started)
         lease_until = now + timedelta(seconds=self.lease)
         rows = await self._claim_leased(now, lease_until)
@@ -283,7 +284,7 @@ class Relay:
     ) -> int:
         """Settle a leased batch (only rows still under this lease); returns how many
         were marked SENT. On PostgreSQL each statement commits on its own."""
-        now = datetime.now(UTC)
+        now = self.database.clock.now()
         if not self._on_asyncpg:
             async with self.database.transaction() as conn:
                 return await settle(conn, now=now, sent=sent, others=others, held_until=lease_until)
@@ -324,7 +325,7 @@ class Relay:
         for wave in _waves(rows):
             # Once the lease ran out (earlier waves were slow) the rows may be another
             # relay's: publishing a key's next row could overtake that relay's copy.
-            expired = lease_until is not None and datetime.now(UTC) >= lease_until
+            expired = lease_until is not None and self.database.clock.now() >= lease_until
             ready: list[tuple[ClaimedRow, Envelope]] = []
             for row in wave:
                 if expired or unavailable is not None or (row.key in blocked):
@@ -374,7 +375,7 @@ class Relay:
 
     def _release(self, row: ClaimedRow, reason: str | None) -> Settlement:
         """Back to PENDING, claimable now, attempts unchanged."""
-        return Settlement(row.seq, "PENDING", datetime.now(UTC), row.retry_count, reason)
+        return Settlement(row.seq, "PENDING", self.database.clock.now(), row.retry_count, reason)
 
     def _failed(self, row: ClaimedRow, error: BaseException) -> Settlement:
         FAILED.inc()
@@ -383,7 +384,7 @@ class Relay:
         if attempts >= self.max_attempts:
             return self._dead(row, message, attempts)
         delay = backoff_delay(attempts, self.backoff_base, self.backoff_cap)
-        due = datetime.now(UTC) + timedelta(seconds=delay)
+        due = self.database.clock.now() + timedelta(seconds=delay)
         self._note_due(delay)
         log.warning(
             "publish of %s failed (attempt %d), retry in %.1fs: %s",
@@ -398,7 +399,7 @@ class Relay:
         DEAD.inc()
         log.error("outbox message %s is DEAD: %s", row.id, reason)
         count = row.retry_count + 1 if attempts is None else attempts
-        return Settlement(row.seq, "DEAD", datetime.now(UTC), count, reason)
+        return Settlement(row.seq, "DEAD", self.database.clock.now(), count, reason)
 
     def _note_due(self, delay: float) -> None:
         due = time.monotonic() + delay
@@ -407,7 +408,7 @@ class Relay:
 
     async def cleanup(self) -> int:
         """Delete SENT rows older than the retention, in batches. Returns how many."""
-        cutoff = datetime.now(UTC) - self.retention
+        cutoff = self.database.clock.now() - self.retention
         from accord.db.schema import outbox
 
         batch = (

@@ -78,7 +78,7 @@ _INSERT = (
     "available_at, created_at) VALUES "
 )
 _PG_ADD = (
-    f"WITH added AS ({_INSERT}($1, $2, $3, $4::jsonb, $5::jsonb, 'PENDING', 0, $6, $6) "
+    f"WITH added AS ({_INSERT}($1, $2, $3, $4::jsonb, $5::jsonb, 'PENDING', 0, now(), now()) "
     f"ON CONFLICT (id) DO NOTHING RETURNING 1) SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
 )
 
@@ -110,6 +110,8 @@ async def add(conn: AsyncConnection | AsyncSession, *messages: Message) -> None:
             # As the hot path and messages.encode() write data: a datetime, a UUID,
             # a Decimal as its text (the JSON type alone would refuse them).
             row["payload"] = json.loads(_payload_json(row["payload"]))
+            if connection.dialect.name == "postgresql":
+                del row["available_at"], row["created_at"]  # the server's now()
         await connection.execute(_insert_ignoring_duplicates(connection.dialect.name), rows)
         if connection.dialect.name == "postgresql":
             await connection.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"))
@@ -141,14 +143,20 @@ async def _add_on_driver(connection: AsyncConnection, rows: list[dict[str, Any]]
     if driver is None:
         return False
     # add() translates asyncpg's own errors (translate_errors) like SQLAlchemy's.
-    await driver.executemany(_PG_ADD, [(*driver_row(r), r["created_at"]) for r in rows])
+    await driver.executemany(_PG_ADD, [driver_row(r) for r in rows])
     return True
 
 
 @functools.cache
 def _insert_ignoring_duplicates(dialect: str) -> Any:
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    return insert(outbox).on_conflict_do_nothing(index_elements=[outbox.c.id])
+    if dialect == "postgresql":
+        # The server's time, as the statements sent straight to asyncpg write it.
+        return (
+            pg_insert(outbox)
+            .values(available_at=sa.func.now(), created_at=sa.func.now())
+            .on_conflict_do_nothing(index_elements=[outbox.c.id])
+        )
+    return sqlite_insert(outbox).on_conflict_do_nothing(index_elements=[outbox.c.id])
 
 
 # -- outbox.transaction(): the rows travel with the COMMIT --------------------------
@@ -325,11 +333,9 @@ async def _abandon(conn: AsyncConnection, driver: Any) -> None:
 def _row_values(row: dict[str, Any]) -> str:
     """The row as a VALUES tuple of literals."""
     row_id, event_type, key, payload, headers = driver_row(row)
-    at = row["created_at"].isoformat()
     return (
         f"('{row_id}'::uuid,{_literal(event_type)},{_literal(key)},{_literal(payload)}"
-        f"::jsonb,{_literal(headers)}::jsonb,'PENDING',0,'{at}'::timestamptz,"
-        f"'{at}'::timestamptz)"
+        f"::jsonb,{_literal(headers)}::jsonb,'PENDING',0,now(),now())"
     )
 
 

@@ -264,7 +264,6 @@ class Transition:
                 s.ended_at,
                 *([entry[column] for entry in logs] for column in _LOG_COLUMNS),
                 *(deadline[c] if deadline else None for c in _DEADLINE_COLUMNS),
-                now,
                 *([row[i] for row in rows] for i in range(5)),
             )
         return bool(inserted)
@@ -325,8 +324,8 @@ WITH s AS (
     INSERT INTO accord_outbox (id, event_type, key, payload, headers, status, retry_count,
                                available_at, created_at)
     SELECT x.id, x.event_type, x.key, x.payload::jsonb, x.headers::jsonb, 'PENDING', 0,
-           $28::timestamptz, $28::timestamptz
-    FROM s, unnest($29::uuid[], $30::text[], $31::text[], $32::text[], $33::text[])
+           now(), now()
+    FROM s, unnest($28::uuid[], $29::text[], $30::text[], $31::text[], $32::text[])
          WITH ORDINALITY AS x(id, event_type, key, payload, headers, n)
     ORDER BY x.n
     ON CONFLICT (id) DO NOTHING

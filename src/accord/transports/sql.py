@@ -227,7 +227,8 @@ class SqlTransport(Transport):
         db = await self._ensure_open()
         if not items:
             return
-        now = datetime.now(UTC)
+        await db.clock.sync_if_due()
+        now = db.clock.now()
         try:
             async with transaction(db, "publishing") as conn:
                 groups = await q.load_groups(conn, self.channel)

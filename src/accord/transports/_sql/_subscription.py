@@ -10,7 +10,7 @@ import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from accord._aio import wait_event
 from accord.db import Database
@@ -30,10 +30,6 @@ log = logging.getLogger("accord.transports.sql")
 
 #: Pause after a failed claim before trying again, in seconds.
 _CLAIM_RETRY_DELAY = 1.0
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _describe(batch: Sequence[Delivery]) -> str:
@@ -137,8 +133,9 @@ class SqlSubscription(Subscription):
                 # the same key is held back while an earlier one still exists.
                 await self._flush_acks()
                 self._wake.clear()
+                await self._db.clock.sync_if_due()
                 async with transaction(self._db, "claiming deliveries") as conn:
-                    now = _now()
+                    now = self._db.clock.now()
                     claimed = await q.claim(
                         conn,
                         self.channel,
@@ -257,7 +254,7 @@ class SqlSubscription(Subscription):
         if not deliveries:
             return
         async with transaction(self._db, "nacking deliveries") as conn:
-            available_at = _now() + timedelta(seconds=max(0.0, delay))
+            available_at = self._db.clock.now() + timedelta(seconds=max(0.0, delay))
             await q.nack(conn, self.group, [d.seq for d in deliveries], self.consumer, available_at)
         # A little late rather than early: the claim compares against available_at.
         asyncio.get_running_loop().call_later(max(0.0, delay) + 0.01, self._wake.set)
@@ -292,7 +289,7 @@ class SqlSubscription(Subscription):
                 continue
             try:
                 async with transaction(self._db, "extending leases") as conn:
-                    until = _now() + timedelta(seconds=self._lease)
+                    until = self._db.clock.now() + timedelta(seconds=self._lease)
                     await q.extend_leases(
                         conn, self.channel, self.group, self.consumer, held, until
                     )

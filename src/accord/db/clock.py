@@ -1,0 +1,122 @@
+"""The database server's time, as one process reads it.
+
+Relays, SQL-transport consumers and producers on several hosts compare times they
+wrote into one database: when a row may be taken (``available_at``), until when a
+lease holds (``locked_until``). Each reading its own clock, hosts whose clocks
+differ by seconds delay each other's messages or cut each other's leases short by
+that much. A :class:`ServerClock` reads the process's clock plus an offset it
+measured against the PostgreSQL server, so every process writes and compares
+server time, however far apart the hosts' clocks are. On SQLite (one host) it is
+the process's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+
+if TYPE_CHECKING:
+    from accord.db.database import Database
+
+__all__ = ["ServerClock"]
+
+log = logging.getLogger("accord.db")
+
+#: Seconds between two measures of the offset.
+RESYNC_INTERVAL = 300.0
+#: Seconds before a measure that failed is tried again.
+RETRY_INTERVAL = 5.0
+#: Seconds a measure may take (a server out of reach must not hold a loop up).
+SYNC_TIMEOUT = 5.0
+# Round trips per measure: the one that took least time is kept (the server read
+# its clock somewhere inside the round trip; the shorter it, the closer the mid-point).
+_SAMPLES = 3
+# An offset this large is worth a warning: the hosts' clocks need fixing.
+_WARN_OFFSET = timedelta(seconds=1)
+
+
+def _local_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class ServerClock:
+    """``now()`` is the server's time: the local clock (``local``) plus the offset
+    :meth:`sync` measured (on PostgreSQL: ``clock_timestamp()`` against the
+    mid-point of the round trip, the best of three). Components call
+    :meth:`sync_if_due` from their loops; it measures once, then every five minutes,
+    and keeps the last offset if the server cannot be reached (trying again five
+    seconds later). Until a first measure succeeds, callers wait for it."""
+
+    def __init__(self, database: Database, *, local: Callable[[], datetime] = _local_now) -> None:
+        self.database = database
+        self._local = local
+        self.offset = timedelta(0)
+        self._synced = False  # whether a measure ever succeeded
+        self._due = 0.0  # event loop time of the next measure
+        self._lock = asyncio.Lock()
+
+    def now(self) -> datetime:
+        """The server's time now, as far as this process can tell."""
+        return self._local() + self.offset
+
+    async def sync_if_due(self) -> None:
+        """Measure the offset if it never was, or five minutes ago (PostgreSQL only).
+        Callers that come while the first measure is under way wait for it; once
+        one succeeded, they go on with the last offset while another is taken. A
+        failure is logged, the last offset kept, and the measure tried again five
+        seconds later."""
+        if not self.database.is_postgres:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._due or (self._synced and self._lock.locked()):
+            return
+        async with self._lock:
+            if loop.time() < self._due:
+                return  # measured while this caller waited
+            try:
+                async with asyncio.timeout(SYNC_TIMEOUT):
+                    await self.sync()
+            except Exception as exc:
+                self._due = loop.time() + RETRY_INTERVAL
+                log.warning(
+                    "could not read the database server's clock (%s); %s",
+                    exc,
+                    "keeping the last offset" if self._synced else "using this host's",
+                )
+                return
+            self._synced = True
+            self._due = loop.time() + RESYNC_INTERVAL
+
+    async def sync(self) -> timedelta:
+        """Measure the offset of the server's clock from the local one now; return it."""
+        if not self.database.is_postgres:
+            return self.offset
+        best: tuple[timedelta, timedelta] | None = None  # (round trip, offset)
+        async with self.database.connect() as conn:
+            for _ in range(_SAMPLES):
+                sent = self._local()
+                server = await conn.scalar(_CLOCK)
+                received = self._local()
+                assert isinstance(server, datetime)
+                trip = received - sent
+                offset = server - (sent + trip / 2)
+                if best is None or trip < best[0]:
+                    best = trip, offset
+        assert best is not None
+        if abs(best[1]) >= _WARN_OFFSET and abs(best[1] - self.offset) >= _WARN_OFFSET:
+            log.warning(
+                "this host's clock is %.3f s %s the database server's; Accord uses the "
+                "server's time for availability and leases, but fix the clocks (NTP)",
+                abs(best[1].total_seconds()),
+                "behind" if best[1] > timedelta(0) else "ahead of",
+            )
+        self.offset = best[1]
+        return self.offset
+
+
+_CLOCK = sa.text("SELECT clock_timestamp()")
