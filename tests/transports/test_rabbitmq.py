@@ -17,7 +17,13 @@ import pytest
 from tests.brokers import delete_everything, rabbit_max_message_size
 from tests.conftest import RABBIT_URL
 
-from accord.errors import MessageTooLarge, PublishError, TransportError, TransportUnavailable
+from accord.errors import (
+    ConfigurationError,
+    MessageTooLarge,
+    PublishError,
+    TransportError,
+    TransportUnavailable,
+)
 from accord.messages import Message
 from accord.testing import Collector, TransportContract, wait_for
 from accord.transports import from_url
@@ -561,3 +567,58 @@ async def test_a_broker_that_takes_less_than_max_message_size_refuses_one_messag
         assert list(caught.value.failed) == [again.id]
         await collector.wait(3)
         assert collector.ids == [small.id, after.id, last.id]
+
+
+class TestRabbitQuorumTransport(TransportContract):
+    """The contract on quorum queues (replicated; the broker counts redeliveries)."""
+
+    timeout = 15.0
+
+    @pytest.fixture
+    def transport_factory(self, rabbit: Callable[..., RabbitTransport]) -> Any:
+        return lambda channel: rabbit(channel, queue_type="quorum")
+
+    async def publish_raw(self, transport: Transport, headers: dict[str, str], body: bytes) -> None:
+        assert isinstance(transport, RabbitTransport)
+        await raw_publish(transport.channel, headers.get("ce-type", "raw"), body, dict(headers))
+
+
+@pytest.mark.parametrize(("queue_type", "third"), [("quorum", 3), ("classic", 2)])
+async def test_a_message_whose_consumers_keep_dying_counts_each_delivery_on_quorum_queues(
+    rabbit: Callable[..., RabbitTransport], queue_type: str, third: int
+) -> None:
+    """Two consumers take the message and go away without settling it. A quorum
+    queue counts the deliveries (``x-delivery-count``): the third consumer sees
+    attempt 3. A classic queue only flags a redelivery: attempt 2, as on the second."""
+    channel = f"test-{uuid.uuid4().hex[:12]}"
+    seen: list[int] = []
+    for _ in range(2):
+        dying = rabbit(channel, queue_type=queue_type)
+        hold = asyncio.Event()
+
+        async def hang(delivery: Delivery, hold: asyncio.Event = hold) -> None:
+            seen.append(delivery.attempt)
+            await hold.wait()
+            raise RuntimeError("the process died")  # never settles
+
+        count = len(seen)
+        await dying.subscribe("dying", hang)
+        if not count:
+            await dying.publish([Message(type="test.dying")])
+        await wait_for(lambda count=count: len(seen) == count + 1, 10)  # type: ignore[misc]
+        closing = asyncio.create_task(dying.close())
+        await asyncio.sleep(0.1)
+        hold.set()
+        await closing
+    survivor = Collector()
+    await rabbit(channel, queue_type=queue_type).subscribe("dying", survivor)
+    await survivor.wait(1, 10)
+    assert seen == [1, 2]
+    assert survivor.received[0][1] == third
+
+
+async def test_a_queue_type_rabbitmq_does_not_have_is_refused(
+    rabbit: Callable[..., RabbitTransport],
+) -> None:
+    with pytest.raises(ConfigurationError, match="queue_type must be 'classic' or 'quorum'"):
+        rabbit(queue_type="stream")

@@ -39,6 +39,9 @@ _CLOSE_TIMEOUT = 5.0
 class _Requeuer(Protocol):
     """What a delivery needs from its transport to put a message back or dead-letter it."""
 
+    @property
+    def queue_type(self) -> str: ...
+
     async def redeliver_later(
         self, group: str, incoming: AbstractIncomingMessage, attempt: int, delay: float
     ) -> None: ...
@@ -82,7 +85,11 @@ class _RabbitDelivery(Delivery):
         super().__init__(
             delivery_headers(incoming.headers, incoming.content_type),
             incoming.body,
-            attempt_of(incoming.headers, bool(incoming.redelivered)),
+            attempt_of(
+                incoming.headers,
+                bool(incoming.redelivered),
+                quorum=requeuer.queue_type == "quorum",
+            ),
         )
         self._requeuer = requeuer
         self._group = group

@@ -29,6 +29,7 @@ from accord.transports.base import Envelope
 
 __all__ = [
     "ATTEMPT_HEADER",
+    "DELIVERY_COUNT_HEADER",
     "GROUP_HEADER",
     "REASON_HEADER",
     "RETRY_BUCKETS_MS",
@@ -48,6 +49,8 @@ __all__ = [
 
 #: Header carrying the delivery attempt of a message Accord put back for redelivery.
 ATTEMPT_HEADER = "x-accord-attempt"
+#: Header a quorum queue sets on a delivery: how many times it was delivered before.
+DELIVERY_COUNT_HEADER = "x-delivery-count"
 #: Header carrying the reason of a rejected (dead-lettered) message.
 REASON_HEADER = "x-accord-reason"
 #: Header naming the consumer group that rejected a dead-lettered message.
@@ -60,8 +63,9 @@ GROUP_HEADER = "x-accord-group"
 #: bound, which is at most twice the delay asked for.
 RETRY_BUCKETS_MS: tuple[int, ...] = tuple(250 << k for k in range(15))
 
-# Headers RabbitMQ adds when it dead-letters; a republished copy must not carry them.
-_BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
+# Headers RabbitMQ adds when it dead-letters or (quorum queues) redelivers; a
+# republished copy must not carry them.
+_BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-", DELIVERY_COUNT_HEADER)
 
 
 @dataclass(frozen=True)
@@ -226,14 +230,20 @@ def delivery_headers(headers: Mapping[str, Any] | None, content_type: str | None
     return result
 
 
-def attempt_of(headers: Mapping[str, Any] | None, redelivered: bool) -> int:
-    """The attempt of a delivery: Accord's attempt header (1 if absent), plus one when
-    the broker redelivers it because a consumer went away without settling it."""
+def attempt_of(
+    headers: Mapping[str, Any] | None, redelivered: bool, *, quorum: bool = False
+) -> int:
+    """The attempt of a delivery: Accord's attempt header (1 if absent), plus the
+    deliveries of this copy before it — a quorum queue counts them
+    (``x-delivery-count``); a classic queue only flags a redelivery, counted as one."""
     raw = (headers or {}).get(ATTEMPT_HEADER)
     try:
         attempt = max(1, int(raw.decode() if isinstance(raw, bytes) else raw))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         attempt = 1
+    count = (headers or {}).get(DELIVERY_COUNT_HEADER) if quorum else None
+    if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+        return attempt + count
     return attempt + 1 if redelivered else attempt
 
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from accord.errors import MissingExtraError
 
@@ -120,9 +120,14 @@ class RabbitTransport(Transport):
         reconnect_interval: float = 1.0,
         stop_timeout: float = 30.0,
         max_message_size: int = 16 * 1024 * 1024,
+        queue_type: Literal["classic", "quorum"] = "classic",
     ) -> None:
         if not channel:
             raise ConfigurationError("RabbitTransport needs a non-empty channel (exchange) name")
+        if queue_type not in ("classic", "quorum"):
+            raise ConfigurationError(
+                f"RabbitTransport: queue_type must be 'classic' or 'quorum', not {queue_type!r}"
+            )
         self.url = url
         self.channel = channel
         self.topology = RabbitTopology(channel)
@@ -131,6 +136,7 @@ class RabbitTransport(Transport):
         self.reconnect_interval = reconnect_interval
         self.stop_timeout = stop_timeout
         self.max_message_size = max_message_size
+        self.queue_type = queue_type
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._subscriptions: list[RabbitSubscription] = []
@@ -250,6 +256,13 @@ class RabbitTransport(Transport):
         self._sort_out_refused_sizes(envelopes, failed)
         raise_unconfirmed(failed, len(envelopes), "RabbitMQ")
 
+    def _typed(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Queue ``arguments``, with the queue type when it is not RabbitMQ's default
+        (a classic queue is declared as before, so existing ones stay equivalent)."""
+        if self.queue_type == "quorum":
+            return {**arguments, "x-queue-type": "quorum"}
+        return arguments
+
     def _too_large(self, envelope: Envelope) -> MessageTooLarge:
         return MessageTooLarge(
             f"message {envelope.id} is {len(envelope.body):,} bytes; RabbitMQ takes at most "
@@ -315,7 +328,7 @@ class RabbitTransport(Transport):
                     self.topology.dead_exchange, aio_pika.ExchangeType.DIRECT, durable=True
                 )
                 dead_queue = await self._publisher.declare_queue(
-                    self.topology.dead_queue(group), durable=True
+                    self.topology.dead_queue(group), durable=True, arguments=self._typed({})
                 )
                 await dead_queue.bind(dead, routing_key=group)
                 channel = await self._connection.channel(publisher_confirms=False)
@@ -323,10 +336,12 @@ class RabbitTransport(Transport):
                 queue = await channel.declare_queue(
                     self.topology.queue(group),
                     durable=True,
-                    arguments={
-                        "x-dead-letter-exchange": self.topology.dead_exchange,
-                        "x-dead-letter-routing-key": group,
-                    },
+                    arguments=self._typed(
+                        {
+                            "x-dead-letter-exchange": self.topology.dead_exchange,
+                            "x-dead-letter-routing-key": group,
+                        }
+                    ),
                 )
                 for topic in dict.fromkeys(topics):
                     await queue.bind(self.topology.exchange, routing_key=topic)
@@ -402,10 +417,12 @@ class RabbitTransport(Transport):
                         await publisher.declare_queue(
                             name,
                             durable=True,
-                            arguments={
-                                "x-dead-letter-exchange": "",
-                                "x-dead-letter-routing-key": self.topology.queue(group),
-                            },
+                            arguments=self._typed(
+                                {
+                                    "x-dead-letter-exchange": "",
+                                    "x-dead-letter-routing-key": self.topology.queue(group),
+                                }
+                            ),
                         )
                 self._declared.add(name)
         return name
