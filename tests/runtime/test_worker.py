@@ -98,6 +98,21 @@ def test_settings_come_from_overrides_then_environment_then_file(
         load_settings(tmp_path / "missing.toml")
 
 
+def test_settings_choose_rabbitmqs_queue_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    from accord.transports.rabbitmq import RabbitTransport
+
+    broker = "amqp://guest:guest@127.0.0.1:5672/"
+    default = load_settings(broker=broker).transport()
+    assert isinstance(default, RabbitTransport) and default.queue_type == "classic"
+    monkeypatch.setenv("ACCORD_RABBITMQ_QUEUE_TYPE", "quorum")
+    quorum = load_settings(broker=broker).transport()
+    assert isinstance(quorum, RabbitTransport) and quorum.queue_type == "quorum"
+    assert load_settings().transport().name == "sql"  # no such option there: ignored
+    monkeypatch.setenv("ACCORD_RABBITMQ_QUEUE_TYPE", "stream")
+    with pytest.raises(ConfigurationError, match="rabbitmq_queue_type"):
+        load_settings(broker=broker)
+
+
 async def test_app_factories_may_be_sync_or_async_and_take_settings_or_not() -> None:
     flaky = Flaky(0)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +38,11 @@ class Settings(BaseSettings):
         "for the SQL transport). Default: the SQL transport on `db`.",
     )
     channel: str = Field("accord", description="Exchange / stream / queue channel name.")
+    rabbitmq_queue_type: Literal["classic", "quorum"] = Field(
+        "classic",
+        description="RabbitMQ: the type of the queues declared (quorum: replicated, "
+        "every redelivery counted; RabbitMQ 3.10 or later).",
+    )
     log_level: str = Field("INFO", description="Logging level.")
     log_json: bool = Field(True, description="JSON log lines (false: readable text).")
     metrics_port: int | None = Field(None, description="Serve Prometheus /metrics on this port.")
@@ -61,7 +66,10 @@ class Settings(BaseSettings):
     def transport(self) -> Transport:
         """The service's transport for :attr:`broker_url` (made once)."""
         if self._transport is None:
-            self._transport = from_url(self.broker_url, channel=self.channel)
+            options: dict[str, Any] = {}
+            if self.broker_url.lower().startswith(("amqp://", "amqps://")):
+                options["queue_type"] = self.rabbitmq_queue_type
+            self._transport = from_url(self.broker_url, channel=self.channel, **options)
         return self._transport
 
     async def aclose(self) -> None:
