@@ -403,3 +403,32 @@ async def test_outbox_status_on_a_host_behind_gives_the_rows_age(
     age = (await OutboxAdmin(admin_host).status()).oldest_pending_age
     assert age is not None
     assert 0 <= age < 5, f"a row added a moment ago is {age:.1f} s old"
+
+
+# -- saga deadlines -----------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+async def test_a_saga_deadline_set_on_a_host_behind_is_not_fired_early_by_another(
+    host: Callable[[], Database], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Orchestrator replicas share the deadlines: one on a host 30 s behind starts a
+    saga whose step times out in 10 s. By its clock the deadline was 20 s before
+    the real time already, and a replica on a right clock fired it at once (the
+    step "timed out" before its participant could answer)."""
+    from accord.sagas import Orchestrator, Saga, SagaAdmin, command
+
+    behind_host, other_host = host(), host()
+    await behind_host.upgrade()
+    skew(monkeypatch, -SKEW, "accord.sagas._store", "accord.sagas._orchestrator")
+    clock_of(behind_host, -SKEW)
+    saga = Saga("timed").step("ask", command("timed.ask"), timeout=10)
+    channel = f"clock-{uuid.uuid4().hex[:8]}"
+    behind = Orchestrator(behind_host, SqlTransport(channel=channel, database=behind_host), [saga])
+    other = Orchestrator(other_host, SqlTransport(channel=channel, database=other_host), [saga])
+    saga_id = await behind.start("timed", {})
+    assert await other.fire_due(datetime.now(UTC)) == 0  # a right clock: 10 s to go
+    later = await server_now(other_host) + timedelta(seconds=11)
+    assert await other.fire_due(later) == 1
+    events = [e.event for e in await SagaAdmin(other_host).history(saga_id)]
+    assert "timed_out" in events

@@ -169,6 +169,7 @@ class SagaAdmin:
 
     async def retry(self, saga_id: str) -> SagaState:
         """Resume a STUCK instance where it stopped, with fresh attempts."""
+        await self.database.clock.sync_if_due()
         with translate_errors("retrying a saga"):
             async with self.database.transaction() as conn:
                 state = await self._load(conn, saga_id, for_update=True)
@@ -201,6 +202,7 @@ class SagaAdmin:
         )
         if name:
             query = query.where(sagas.c.name == name)
+        await self.database.clock.sync_if_due()
         with translate_errors("listing STUCK sagas"):
             async with self.database.connect() as conn:
                 ids = [str(i) for i in (await conn.scalars(query)).all()]
@@ -216,11 +218,10 @@ class SagaAdmin:
                 on_progress(done, len(ids))
         return resumed
 
-    @staticmethod
-    async def _resume(conn: Any, state: SagaState) -> None:
+    async def _resume(self, conn: Any, state: SagaState) -> None:
         """Put a STUCK ``state`` back to work with fresh attempts; the orchestrator's
         next timer round carries it on."""
-        tx = Transition(state, state.version)
+        tx = Transition(state, state.version, self.database.clock.now)
         state.status = RUNNING if state.phase == ACTION else COMPENSATING
         state.attempt_base = state.attempt
         state.waiting = False
@@ -232,6 +233,7 @@ class SagaAdmin:
         """Ask the orchestrator to abort an instance: one still running its steps is
         compensated; one compensating, STUCK, or past its pivot ends ABORTED (what
         is left to undo is the operator's)."""
+        await self.database.clock.sync_if_due()
         with translate_errors("aborting a saga"):
             async with self.database.transaction() as conn:
                 # Locked, like retry(): a transition committing meanwhile must not make
@@ -239,7 +241,7 @@ class SagaAdmin:
                 state = await self._load(conn, saga_id, for_update=True)
                 if state.status in ENDED:
                     raise ConfigurationError(f"saga {saga_id} already ended {state.status}")
-                tx = Transition(state, state.version)
+                tx = Transition(state, state.version, self.database.clock.now)
                 state.abort_reason = reason
                 tx.log(state.step, "-", state.phase, "abort_requested", reason)
                 tx.set_deadline("abort", 0)

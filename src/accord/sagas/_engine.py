@@ -106,11 +106,17 @@ class Reply:
 class Engine:
     """Drives one instance of ``saga`` within the transaction ``conn``."""
 
-    def __init__(self, saga: Saga, conn: AsyncConnection, state: SagaState) -> None:
+    def __init__(
+        self,
+        saga: Saga,
+        conn: AsyncConnection,
+        state: SagaState,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.saga = saga
         self.conn = conn
         self.state = state
-        self.tx = Transition(state, state.version)
+        self.tx = Transition(state, state.version, clock)
         self.outbox: list[Message] = []
         #: What to do once the transition has committed (metrics, the STUCK log line):
         #: not before, so a rolled-back or replayed transition is not counted twice.
@@ -252,7 +258,7 @@ class Engine:
         s.status = ABORTED
         s.waiting = False
         s.error = reason
-        s.ended_at = datetime.now(UTC)
+        s.ended_at = self.tx.clock()
         self.committed.append(SAGAS_ENDED.labels(self.saga.name, ABORTED).inc)
 
     async def save(self) -> None:
@@ -494,7 +500,7 @@ class Engine:
         s = self.state
         s.status = status
         s.error = error
-        s.ended_at = datetime.now(UTC)
+        s.ended_at = self.tx.clock()
         self.tx.clear_deadline()
         step = max(0, min(s.step, len(self.saga.steps) - 1))
         self.tx.log(step, self._step_name(step), s.phase, f"saga_{status.lower()}", error)

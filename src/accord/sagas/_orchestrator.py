@@ -9,7 +9,7 @@ import functools
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -164,6 +164,9 @@ class Orchestrator:
         definition = self.definition(saga if isinstance(saga, str) else saga.name)
         committed: list[Callable[[], None]] = []
         if conn is None:
+            # Its first deadline is in server time. (Not from inside the caller's
+            # transaction: that holds a connection the measure might wait for.)
+            await self.database.clock.sync_if_due()
             async with self.database.transaction() as own:
                 started = await self._start(own, definition, data or {}, saga_id, committed)
             run_after_commit(committed)
@@ -181,7 +184,7 @@ class Orchestrator:
         saga_id: str | None,
         committed: list[Callable[[], None]],
     ) -> str:
-        now = datetime.now(UTC)
+        now = self.database.clock.now()
         state = SagaState(
             id=saga_id or str(uuid.uuid4()),
             name=saga.name,
@@ -196,7 +199,7 @@ class Orchestrator:
             created_at=now,
             updated_at=now,
         )
-        engine = Engine(saga, conn, state)
+        engine = Engine(saga, conn, state, self.database.clock.now)
         if saga.steps and isinstance(saga.steps[0].action, Command):
             # Nothing runs here before the first command: the row goes in as that
             # transition leaves it (one INSERT rather than an INSERT and an UPDATE).
@@ -222,7 +225,7 @@ class Orchestrator:
         if state is None:
             log.warning("reply for unknown saga %s ignored", reply.saga_id)
             return
-        engine = Engine(self.definition(state.name), ctx.conn, state)
+        engine = Engine(self.definition(state.name), ctx.conn, state, self.database.clock.now)
         await engine.on_reply(reply)
         _continue_trace(engine.outbox, 0, ctx.traceparent)
         # A ConcurrencyError here rolls the handler back; the consumer retries it.
@@ -244,7 +247,9 @@ class Orchestrator:
                 if state is None:
                     log.warning("reply for unknown saga %s ignored", reply.saga_id)
                     continue
-                engine = engines[reply.saga_id] = Engine(self.definition(state.name), conn, state)
+                engine = engines[reply.saga_id] = Engine(
+                    self.definition(state.name), conn, state, self.database.clock.now
+                )
             sent = len(engine.outbox)
             with as_current(ctx.span):
                 await engine.on_reply(reply)
@@ -259,7 +264,8 @@ class Orchestrator:
 
     async def fire_due(self, now: datetime | None = None) -> int:
         """Fire every deadline due at ``now``; return how many changed an instance."""
-        moment = now or datetime.now(UTC)
+        await self.database.clock.sync_if_due()
+        moment = now or self.database.clock.now()
         # Only deadlines of the sagas this orchestrator runs (another service's may
         # share the database, its due rows piling up while its orchestrator is down):
         # ranges of (saga_name, due_at). A row without a name was written by an
@@ -301,7 +307,7 @@ class Orchestrator:
         """A deadline whose transition fails stays due: put it back, or it heads every
         round (they go by due time) and, ``timer_batch`` of them, starve every other
         saga's timeouts, retries and operator commands."""
-        later = datetime.now(UTC) + timedelta(seconds=FAILED_DEADLINE_DELAY)
+        later = self.database.clock.now() + timedelta(seconds=FAILED_DEADLINE_DELAY)
         with contextlib.suppress(AccordError):  # the database may be what failed
             async with self.database.transaction() as conn:
                 await conn.execute(
@@ -327,7 +333,7 @@ class Orchestrator:
             if state is None or not _matches(state, d):
                 await conn.execute(deadlines.delete().where(deadlines.c.saga_id == saga_id))
                 return 0
-            engine = Engine(self.definition(state.name), conn, state)
+            engine = Engine(self.definition(state.name), conn, state, self.database.clock.now)
             await engine.on_deadline(d["kind"])
             await engine.save()
         run_after_commit(engine.committed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -177,6 +177,10 @@ class Transition:
 
     state: SagaState
     read_version: int
+    #: The time its rows are written with: the database server's, on PostgreSQL
+    #: (``Database.clock.now``), so that orchestrators on hosts whose clocks differ
+    #: fire each other's deadlines on time.
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC), repr=False)
     logs: list[dict[str, Any]] = field(default_factory=list)
     deadline: Any = _NO_CHANGE  # None: clear; a dict: set; _NO_CHANGE: leave
 
@@ -191,7 +195,7 @@ class Transition:
                 "event": event,
                 "attempt": self.state.attempt,
                 "detail": detail[:4000] if detail else None,
-                "at": datetime.now(UTC),
+                "at": self.clock(),
             }
         )
 
@@ -204,7 +208,7 @@ class Transition:
             "phase": self.state.phase,
             "step": self.state.step,
             "attempt": self.state.attempt,
-            "due_at": datetime.now(UTC) + timedelta(seconds=seconds),
+            "due_at": self.clock() + timedelta(seconds=seconds),
             "saga_name": self.state.name,
         }
 
@@ -216,7 +220,7 @@ class Transition:
         """Write the transition. Raises :class:`ConcurrencyError` if another transaction
         changed the instance since it was read: retry from a fresh read."""
         state = self.state
-        now = datetime.now(UTC)
+        now = self.clock()
         result = await conn.execute(_UPDATE, self._params(now))
         if result.rowcount != 1:
             raise ConcurrencyError(
@@ -239,7 +243,7 @@ class Transition:
             data = json.dumps(s.data, separators=(",", ":"))
         except (TypeError, ValueError):
             return None  # the SQLAlchemy path reports it
-        now = datetime.now(UTC)
+        now = self.clock()
         self._advance(now)
         logs = self.logs
         deadline = self.deadline if isinstance(self.deadline, dict) else None
@@ -271,7 +275,7 @@ class Transition:
     async def insert(self, conn: AsyncConnection) -> bool:
         """Write the transition of an instance not stored yet: its row as the transition
         leaves it. False, writing nothing, if an instance with that id exists."""
-        self._advance(datetime.now(UTC))
+        self._advance(self.clock())
         if not await insert_instance(conn, self.state):
             return False
         await _write_logs_and_deadlines(conn, [self])
@@ -360,7 +364,7 @@ async def save_locked(conn: AsyncConnection, transitions: Sequence[Transition]) 
     their rows are locked, so no version can have moved; a few statements for all."""
     if not transitions:
         return
-    now = datetime.now(UTC)
+    now = transitions[0].clock()
     params = [tx._params(now) for tx in transitions]
     result = await conn.execute(_UPDATE, params)
     if conn.dialect.supports_sane_multi_rowcount and result.rowcount != len(params):
