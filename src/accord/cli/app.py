@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import math
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -92,6 +92,31 @@ def pruning(what: str, quiet: bool) -> Iterator[Callable[[int], None] | None]:
         return
     with err_console.status(f"pruning {what}…") as status:
         yield lambda done: status.update(f"pruning {what}: {done:,} so far…")
+
+
+def run_prune(
+    db: str,
+    what: str,
+    prune: Callable[[Database, Callable[[int], None] | None], Awaitable[int]],
+    *,
+    noun: str,
+    as_json: bool,
+    report: dict[str, Any],
+) -> None:
+    """Run a prune command: ``prune(database, on_batch)`` on ``db`` with a live count of
+    ``what`` on stderr, then print how many ``noun`` went (as JSON: with ``report``,
+    the options it ran with)."""
+
+    async def go() -> int:
+        async with Database(db) as database:
+            with pruning(what, as_json) as show:
+                return await prune(database, show)
+
+    count = run(go())
+    if as_json:
+        print_json({"pruned": count, **report})
+    else:
+        console.print(f"Pruned {count:,} {noun}.")
 
 
 def age_option(help: str) -> Any:

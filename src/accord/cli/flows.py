@@ -18,8 +18,8 @@ from accord.cli.app import (
     duration,
     plain,
     print_json,
-    pruning,
     run,
+    run_prune,
 )
 from accord.db import Database
 from accord.errors import NotFoundError
@@ -118,17 +118,13 @@ def prune(
     for ended flows every round (its ``retention``); flows that never ended are kept
     until they end or --stalled is given."""
 
-    async def go() -> int:
-        async with Database(db) as database:
-            with pruning("flows", as_json) as show:
-                return await Flows(database).prune(
-                    timedelta(days=older_than_days), stalled=include_stalled, on_batch=show
-                )
-
-    count = run(go())
-    if as_json:
-        print_json(
-            {"pruned": count, "older_than_days": older_than_days, "stalled": include_stalled}
-        )
-    else:
-        console.print(f"Pruned {count} flow(s).")
+    run_prune(
+        db,
+        "flows",
+        lambda database, show: Flows(database).prune(
+            timedelta(days=older_than_days), stalled=include_stalled, on_batch=show
+        ),
+        noun="flow(s)",
+        as_json=as_json,
+        report={"older_than_days": older_than_days, "stalled": include_stalled},
+    )

@@ -17,8 +17,8 @@ from accord.cli.app import (
     escape,
     plain,
     print_json,
-    pruning,
     run,
+    run_prune,
 )
 from accord.db import Database
 from accord.errors import ConfigurationError
@@ -80,18 +80,16 @@ def prune(
     """Delete old inbox rows. A message redelivered after its row is gone is applied
     again: keep this well above your broker's longest redelivery window."""
 
-    async def go() -> int:
-        async with Database(db) as database:
-            with pruning("inbox rows", as_json) as show:
-                return await Inbox(database).prune(
-                    timedelta(days=older_than_days), consumer, on_batch=show
-                )
-
-    count = run(go())
-    if as_json:
-        print_json({"pruned": count})
-    else:
-        console.print(f"Pruned {count} inbox row(s).")
+    run_prune(
+        db,
+        "inbox rows",
+        lambda database, show: Inbox(database).prune(
+            timedelta(days=older_than_days), consumer, on_batch=show
+        ),
+        noun="inbox row(s)",
+        as_json=as_json,
+        report={},
+    )
 
 
 @dead_app.command("list")

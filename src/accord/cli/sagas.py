@@ -23,8 +23,8 @@ from accord.cli.app import (
     escape,
     plain,
     print_json,
-    pruning,
     run,
+    run_prune,
 )
 from accord.db import Database
 from accord.errors import AccordError
@@ -233,18 +233,16 @@ def prune(
     """Delete ended sagas and their step logs. A running orchestrator does this for its
     own sagas (its ``retention``); STUCK and running sagas are never deleted."""
 
-    async def go() -> int:
-        async with Database(db) as database:
-            with pruning("ended sagas", as_json) as show:
-                return await SagaAdmin(database).prune(
-                    timedelta(days=older_than_days), name=name, on_batch=show
-                )
-
-    count = run(go())
-    if as_json:
-        print_json({"pruned": count, "older_than_days": older_than_days, "name": name})
-    else:
-        console.print(f"Pruned {count} ended saga(s).")
+    run_prune(
+        db,
+        "ended sagas",
+        lambda database, show: SagaAdmin(database).prune(
+            timedelta(days=older_than_days), name=name, on_batch=show
+        ),
+        noun="ended saga(s)",
+        as_json=as_json,
+        report={"older_than_days": older_than_days, "name": name},
+    )
 
 
 @sagas_app.command("prune-participations")
@@ -265,17 +263,13 @@ def prune_participations(
     participant refuses a command of a saga that started before the time pruned up to
     when no record of its step is left, and the saga ends STUCK."""
 
-    async def go() -> int:
-        async with Database(db) as database:
-            with pruning("participants' records", as_json) as show:
-                return await SagaAdmin(database).prune_participations(
-                    timedelta(days=older_than_days), participant=participant, on_batch=show
-                )
-
-    count = run(go())
-    if as_json:
-        print_json(
-            {"pruned": count, "older_than_days": older_than_days, "participant": participant}
-        )
-    else:
-        console.print(f"Pruned {count} participant record(s).")
+    run_prune(
+        db,
+        "participants' records",
+        lambda database, show: SagaAdmin(database).prune_participations(
+            timedelta(days=older_than_days), participant=participant, on_batch=show
+        ),
+        noun="participant record(s)",
+        as_json=as_json,
+        report={"older_than_days": older_than_days, "participant": participant},
+    )
