@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 
 from accord import Message, add_to_outbox, outbox_transaction
 from accord.db import Database, ServerClock
@@ -95,6 +96,11 @@ async def test_a_skewed_hosts_clock_reads_the_servers_time(
     assert abs(clock.now() - (await server_now(database)) - SKEW) < timedelta(seconds=1)
     await clock.sync_if_due()
     assert abs(clock.offset + SKEW) < timedelta(milliseconds=200)
+    url = database.engine.url
+    gauge = REGISTRY.get_sample_value(
+        "accord_db_clock_offset_seconds", {"database": f"{url.host}:{url.port}/{url.database}"}
+    )
+    assert gauge is not None and abs(gauge + SKEW.total_seconds()) < 0.2
     assert abs(clock.now() - await server_now(database)) < timedelta(milliseconds=200)
     measured = calls
     await clock.sync_if_due()  # not due for five minutes: no round trip

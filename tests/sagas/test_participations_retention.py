@@ -221,12 +221,19 @@ def test_a_retention_under_a_day_is_refused(database: Database, retention: timed
 
 
 async def test_a_compensation_of_an_old_saga_with_no_record_is_refused_not_taken_as_done(
-    database: Database, hotels: Consumer
+    database: Database, hotels: Consumer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The step's records may have been pruned: it may have been applied, so a
     success without undoing it could leave it applied under a COMPENSATED saga."""
     saga_id = str(uuid.uuid4())
-    await hotels.handle(CapturedDelivery(old_command(saga_id, "hotels.cancel", 1, "compensation")))
+    with caplog.at_level("WARNING", logger="accord.sagas.participant"):
+        await hotels.handle(
+            CapturedDelivery(old_command(saga_id, "hotels.cancel", 1, "compensation"))
+        )
+    assert any(
+        "saga command refused" in r.getMessage() and saga_id in r.getMessage()
+        for r in caplog.records
+    )
     (sent,) = await replies(database, saga_id)
     assert sent["ok"] is False
     assert "cannot tell whether step 1" in sent["error"]

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
+from prometheus_client import Gauge
 
 if TYPE_CHECKING:
     from accord.db.database import Database
@@ -38,6 +39,14 @@ SYNC_TIMEOUT = 5.0
 _SAMPLES = 3
 # An offset this large is worth a warning: the hosts' clocks need fixing.
 _WARN_OFFSET = timedelta(seconds=1)
+
+
+CLOCK_OFFSET = Gauge(
+    "accord_db_clock_offset_seconds",
+    "The database server's clock minus this host's, as last measured (PostgreSQL); "
+    "alert on a large value: the hosts' clocks need fixing.",
+    ["database"],
+)
 
 
 def _local_now() -> datetime:
@@ -116,7 +125,13 @@ class ServerClock:
                 "behind" if best[1] > timedelta(0) else "ahead of",
             )
         self.offset = best[1]
+        CLOCK_OFFSET.labels(self._label).set(self.offset.total_seconds())
         return self.offset
+
+    @property
+    def _label(self) -> str:
+        url = self.database.engine.url
+        return f"{url.host or ''}:{url.port or ''}/{url.database or ''}"
 
 
 _CLOCK = sa.text("SELECT clock_timestamp()")

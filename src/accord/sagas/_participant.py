@@ -383,7 +383,7 @@ class _Participant:
         mine = done.get(phase)
         unknown = self._unknown(command, done, pruned)
         if phase == VOID:
-            return (False, None, unknown, False) if unknown else self._void(command, done)
+            return _refused(unknown) if unknown else self._void(command, done)
         if phase == ACTION and (COMPENSATION in done or VOID in done):
             log.info(
                 "saga %s step %d: late command %s refused",
@@ -401,7 +401,7 @@ class _Participant:
         if phase == ACTION or (action is not None and action["ok"]):
             return None
         if unknown:
-            return False, None, unknown, False
+            return _refused(unknown)
         return True, None, None, True  # a compensation of a step never applied here
 
     def _void(self, command: _Command, done: _Records) -> _Outcome:
@@ -476,6 +476,13 @@ class _Participant:
 
 # (ok, result, error, whether to write the participant's record of it)
 _Outcome = tuple[bool, Any, str | None, bool]
+
+
+def _refused(why: str) -> _Outcome:
+    """A failure reply, recorded nowhere (the next attempt asks again), for a command
+    whose step's outcome here is unknown."""
+    log.warning("saga command refused: %s", why)
+    return False, None, why, False
 
 
 async def _call_batch(registered: _Registered, calls: Sequence[_Call]) -> list[Any]:
