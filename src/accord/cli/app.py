@@ -116,7 +116,7 @@ def run_prune(
     if as_json:
         print_json({"pruned": count, **report})
     else:
-        console.print(f"Pruned {count:,} {noun}.")
+        console.print(f"Pruned {count} {noun}.")
 
 
 def age_option(help: str) -> Any:

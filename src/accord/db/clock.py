@@ -22,6 +22,8 @@ import sqlalchemy as sa
 from prometheus_client import Gauge
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
     from accord.db.database import Database
 
 __all__ = ["ServerClock"]
@@ -73,12 +75,13 @@ class ServerClock:
         """The server's time now, as far as this process can tell."""
         return self._local() + self.offset
 
-    async def sync_if_due(self) -> None:
+    async def sync_if_due(self, conn: AsyncConnection | None = None) -> None:
         """Measure the offset if it never was, or five minutes ago (PostgreSQL only).
         Callers that come while the first measure is under way wait for it; once
         one succeeded, they go on with the last offset while another is taken. A
         failure is logged, the last offset kept, and the measure tried again five
-        seconds later."""
+        seconds later. ``conn``: measure on it (a caller inside a transaction, which
+        holds a connection of the pool), unbounded in time like its other statements."""
         if not self.database.is_postgres:
             return
         loop = asyncio.get_running_loop()
@@ -88,8 +91,11 @@ class ServerClock:
             if loop.time() < self._due:
                 return  # measured while this caller waited
             try:
-                async with asyncio.timeout(SYNC_TIMEOUT):
-                    await self.sync()
+                if conn is not None:
+                    await self.sync(conn)
+                else:
+                    async with asyncio.timeout(SYNC_TIMEOUT):
+                        await self.sync()
             except Exception as exc:
                 self._due = loop.time() + RETRY_INTERVAL
                 log.warning(
@@ -101,21 +107,27 @@ class ServerClock:
             self._synced = True
             self._due = loop.time() + RESYNC_INTERVAL
 
-    async def sync(self) -> timedelta:
-        """Measure the offset of the server's clock from the local one now; return it."""
+    async def sync(self, conn: AsyncConnection | None = None) -> timedelta:
+        """Measure the offset of the server's clock from the local one now (on ``conn``
+        if given); return it."""
         if not self.database.is_postgres:
             return self.offset
+        if conn is None:
+            async with self.database.connect() as own:
+                return await self._measure(own)
+        return await self._measure(conn)
+
+    async def _measure(self, conn: AsyncConnection) -> timedelta:
         best: tuple[timedelta, timedelta] | None = None  # (round trip, offset)
-        async with self.database.connect() as conn:
-            for _ in range(_SAMPLES):
-                sent = self._local()
-                server = await conn.scalar(_CLOCK)
-                received = self._local()
-                assert isinstance(server, datetime)
-                trip = received - sent
-                offset = server - (sent + trip / 2)
-                if best is None or trip < best[0]:
-                    best = trip, offset
+        for _ in range(_SAMPLES):
+            sent = self._local()
+            server = await conn.scalar(_CLOCK)
+            received = self._local()
+            assert isinstance(server, datetime)
+            trip = received - sent
+            offset = server - (sent + trip / 2)
+            if best is None or trip < best[0]:
+                best = trip, offset
         assert best is not None
         if abs(best[1]) >= _WARN_OFFSET and abs(best[1] - self.offset) >= _WARN_OFFSET:
             log.warning(

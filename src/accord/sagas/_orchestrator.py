@@ -163,10 +163,10 @@ class Orchestrator:
         """
         definition = self.definition(saga if isinstance(saga, str) else saga.name)
         committed: list[Callable[[], None]] = []
+        # Its first deadline is in server time: measured on the caller's connection
+        # inside its transaction (another one of the pool might never come).
+        await self.database.clock.sync_if_due(conn)
         if conn is None:
-            # Its first deadline is in server time. (Not from inside the caller's
-            # transaction: that holds a connection the measure might wait for.)
-            await self.database.clock.sync_if_due()
             async with self.database.transaction() as own:
                 started = await self._start(own, definition, data or {}, saga_id, committed)
             run_after_commit(committed)
@@ -358,6 +358,8 @@ class Orchestrator:
         A group only receives what is published after it first subscribed, so call
         this before starting sagas when :meth:`run` may not have begun yet.
         """
+        # Replies set deadlines in server time: measure before the first one comes.
+        await self.database.clock.sync_if_due()
         for consumer in self.consumers:
             await consumer.start()
 
