@@ -27,6 +27,7 @@ from accord.errors import (
 from accord.messages import Message
 from accord.testing import Collector, TransportContract, wait_for
 from accord.transports import from_url
+from accord.transports._rabbitmq_support import message_properties
 from accord.transports.base import Delivery, Transport
 from accord.transports.rabbitmq import RabbitTransport
 
@@ -555,7 +556,8 @@ async def test_a_broker_that_takes_less_than_max_message_size_refuses_one_messag
         assert f"{limit + 1:,} bytes" in str(failed[big.id])
         assert f"max_message_size={limit:,}" in str(failed[big.id])
         assert all(type(failed[i]) is TransportUnavailable for i in set(failed) - {big.id})
-        assert transport.max_message_size == limit
+        assert transport.message_size_limit == limit
+        assert transport.max_message_size == 16 * 1024 * 1024  # as configured
 
         await transport.publish([after])  # the channel the broker closed is open again
         again, last = (
@@ -622,3 +624,96 @@ async def test_a_queue_type_rabbitmq_does_not_have_is_refused(
 ) -> None:
     with pytest.raises(ConfigurationError, match="queue_type must be 'classic' or 'quorum'"):
         rabbit(queue_type="stream")
+
+
+async def test_a_limit_learned_from_the_broker_does_not_outlive_the_connection(
+    rabbit: Callable[..., RabbitTransport],
+) -> None:
+    """The refusal's own advice is to raise max_message_size in rabbitmq.conf, which
+    takes a broker restart, i.e. a new connection. The limit the transport learned
+    from the old broker setting must not keep refusing, before it is sent, a message
+    the broker now takes: that MessageTooLarge is final (the relay marks the row DEAD
+    at once, no retry): the learned limit goes with the connection."""
+    limit = 1024 * 1024
+    transport = rabbit()  # max_message_size 16 MiB, as configured
+    async with rabbit_max_message_size(limit):
+        await transport.connect()  # its channel opens under the 1 MiB limit
+        big = Message(type="sized.big", data="x" * (limit + 1), datacontenttype="text/plain")
+        with pytest.raises(PublishError):
+            await transport.publish([big])
+        assert transport.message_size_limit == limit  # learned, for this connection
+    # The operator raised the broker's limit back (128 MiB) and the broker restarted:
+    # a new connection, whose channels take messages up to 128 MiB again.
+    await transport.close()
+    await transport.connect()
+    collector = Collector()
+    await transport.subscribe("sized", collector)
+    again = Message(type="sized.big", data=big.data, datacontenttype="text/plain")
+    await transport.publish([again])  # the broker takes it again
+    await collector.wait(1, 10)
+    assert collector.ids == [again.id]
+
+
+async def test_a_first_delivery_with_a_copied_x_delivery_count_is_attempt_1_on_quorum(
+    rabbit: Callable[..., RabbitTransport],
+) -> None:
+    """RabbitMQ sets x-delivery-count only on a redelivery (redelivered=True), and
+    leaves a header of that name that arrived with the message alone on its first
+    delivery. A message moved from another quorum queue (a shovel, the management
+    UI's "move messages", e.g. dead letters replayed after someone looked at them
+    with "get messages" / requeue) carries the old queue's count: on a quorum group
+    queue its first delivery is still attempt 1 (counted as N + 1, the inbox would
+    dead-letter it on its first failure once N + 1 >= max_attempts)."""
+    transport = rabbit(queue_type="quorum")
+    collector = Collector()
+    await transport.subscribe("moved", collector)
+    sent = Message(type="test.moved", data={"n": 1})
+    properties, body = message_properties(sent)
+
+    connection = await aio_pika.connect(RABBIT_URL)
+    try:
+        channel = await connection.channel()
+        side = await channel.declare_queue(
+            f"{transport.channel}.side", durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        try:
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    body,
+                    headers=dict(properties.headers or {}),
+                    content_type=properties.content_type,
+                    message_id=properties.message_id,
+                ),
+                routing_key=side.name,
+            )
+            # Someone looks at it and puts it back (x-delivery-count becomes 1) ...
+            looked = None
+            for _ in range(50):
+                looked = await side.get(no_ack=False, fail=False)
+                if looked is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert looked is not None
+            await looked.nack(requeue=True)
+            moved = await side.get(no_ack=False)
+            assert moved.redelivered and moved.headers["x-delivery-count"] == 1
+            # ... then moves it to the group, properties and headers as they are.
+            exchange = await channel.get_exchange(transport.channel, ensure=False)
+            await exchange.publish(
+                aio_pika.Message(
+                    moved.body,
+                    headers=dict(moved.headers),
+                    content_type=moved.content_type,
+                    message_id=moved.message_id,
+                ),
+                routing_key=sent.type,
+            )
+            await moved.ack()
+        finally:
+            await channel.queue_delete(side.name)
+    finally:
+        await connection.close()
+
+    await collector.wait(1, 10)
+    assert collector.ids == [sent.id]
+    assert collector.received[0][1] == 1  # its first delivery to this group

@@ -241,10 +241,14 @@ def attempt_of(
         attempt = max(1, int(raw.decode() if isinstance(raw, bytes) else raw))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         attempt = 1
+    if not redelivered:
+        # A first delivery, whatever count a copied header may carry (a message moved
+        # from another quorum queue keeps its count there).
+        return attempt
     count = (headers or {}).get(DELIVERY_COUNT_HEADER) if quorum else None
-    if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
-        return attempt + count
-    return attempt + 1 if redelivered else attempt
+    if isinstance(count, int) and not isinstance(count, bool):
+        return attempt + max(1, count)
+    return attempt + 1
 
 
 def redact(url: str) -> str:

@@ -105,7 +105,8 @@ class RabbitTransport(Transport):
     close the channel on it and fail the rest of the batch. Should the broker's be
     smaller, its refusal is a ``MessageTooLarge`` too, the messages sent after it
     in the batch fail as an outage (``TransportUnavailable``: tried again), and the
-    transport takes the broker's limit as its own from then on.
+    transport keeps to the broker's limit until it connects again
+    (:attr:`message_size_limit`).
     """
 
     name = "rabbitmq"
@@ -136,6 +137,9 @@ class RabbitTransport(Transport):
         self.reconnect_interval = reconnect_interval
         self.stop_timeout = stop_timeout
         self.max_message_size = max_message_size
+        # The broker's own limit, learned from its refusal (a channel reads it when it
+        # opens): forgotten with the connection, since a restart may raise it.
+        self._broker_limit: int | None = None
         self.queue_type = queue_type
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
@@ -177,7 +181,20 @@ class RabbitTransport(Transport):
                 if not isinstance(exc, Exception):
                     raise
                 raise translate(exc, f"connecting to RabbitMQ at {redact(self.url)}") from exc
+            connection.reconnect_callbacks.add(self._forget_broker_limit)
             self._connection, self._publisher = connection, publisher
+            self._broker_limit = None
+
+    def _forget_broker_limit(self, *_: Any) -> None:
+        self._broker_limit = None
+
+    @property
+    def message_size_limit(self) -> int:
+        """The largest body sent: ``max_message_size``, or the broker's own limit if it
+        refused a message under it on this connection."""
+        if self._broker_limit is None:
+            return self.max_message_size
+        return min(self.max_message_size, self._broker_limit)
 
     async def publish(self, messages: Sequence[Message]) -> None:
         """Publish a batch with confirms, pipelined; see :meth:`publish_envelopes`."""
@@ -210,7 +227,7 @@ class RabbitTransport(Transport):
         # Encoded one by one: a message that cannot be encoded fails alone.
         encoded: list[bytes | Exception] = []
         for envelope in envelopes:
-            if len(envelope.body) > self.max_message_size:
+            if len(envelope.body) > self.message_size_limit:
                 # RabbitMQ would close the channel on it, failing every message sent
                 # after it in this batch: it never leaves.
                 encoded.append(self._too_large(envelope))
@@ -266,7 +283,7 @@ class RabbitTransport(Transport):
     def _too_large(self, envelope: Envelope) -> MessageTooLarge:
         return MessageTooLarge(
             f"message {envelope.id} is {len(envelope.body):,} bytes; RabbitMQ takes at most "
-            f"max_message_size={self.max_message_size:,} (set it in rabbitmq.conf, at most "
+            f"max_message_size={self.message_size_limit:,} (set it in rabbitmq.conf, at most "
             "512 MiB, and on RabbitTransport alike)"
         )
 
@@ -276,19 +293,20 @@ class RabbitTransport(Transport):
         """RabbitMQ closed the channel on a message over a ``max_message_size`` smaller
         than this transport's: the messages sent after it failed with it. Only those
         over the broker's limit are too large; the others go back as an outage (tried
-        again, no attempt spent). The broker's limit is this transport's from now on,
-        so such a message no longer leaves."""
+        again, no attempt spent). The broker's limit is this transport's until it
+        connects again, so such a message no longer leaves meanwhile."""
         limit = next(filter(None, map(refused_size, failed.values())), None)
         if limit is None:
             return
-        if limit < self.max_message_size:
+        if limit < self.message_size_limit:
             log.warning(
-                "RabbitMQ takes messages of at most %d bytes; lowering max_message_size "
-                "from %d (set RabbitTransport(max_message_size=...) to match)",
+                "RabbitMQ takes messages of at most %d bytes; keeping to that on this "
+                "connection instead of max_message_size=%d (set "
+                "RabbitTransport(max_message_size=...) to match)",
                 limit,
                 self.max_message_size,
             )
-            self.max_message_size = limit
+            self._broker_limit = limit
         for envelope in envelopes:
             if refused_size(failed.get(envelope.id)) is None:
                 continue
