@@ -7,7 +7,7 @@ import asyncio
 import os
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,21 @@ async def pg_url(pg_template: str) -> AsyncIterator[str]:
     await _admin(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
     yield _pg_url(name)
     await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def host(pg_url: str) -> AsyncIterator[Callable[[], Database]]:
+    """Make Databases on the test's PostgreSQL database, one per simulated host (see
+    ``tests/clocks.py``); disposed of after the test."""
+    made: list[Database] = []
+
+    def make() -> Database:
+        made.append(Database(pg_url))
+        return made[-1]
+
+    yield make
+    for database in made:
+        await database.dispose()
 
 
 @pytest.fixture

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
+from tests.clocks import SKEW, ahead, clock_of, server_now, skew, skewed_datetime
 
 from accord import Message, add_to_outbox, outbox_transaction
 from accord.db import Database, ServerClock
@@ -26,56 +27,6 @@ from accord.errors import DatabaseError
 from accord.outbox import OutboxAdmin, Relay
 from accord.testing import Collector, wait_for
 from accord.transports.sql import SqlTransport
-
-SKEW = timedelta(seconds=30)
-
-
-def skewed_datetime(skew: timedelta) -> type[datetime]:
-    """A ``datetime`` whose ``now()`` is ``skew`` off the real clock."""
-
-    class Skewed(datetime):
-        @classmethod
-        def now(cls, tz: Any = None) -> Any:
-            return datetime.now(tz) + skew
-
-    return Skewed
-
-
-def skew(monkeypatch: pytest.MonkeyPatch, offset: timedelta, *modules: str) -> None:
-    """The local clock, as the code of ``modules`` reads it, is ``offset`` off."""
-    for module in modules:
-        monkeypatch.setattr(f"{module}.datetime", skewed_datetime(offset))
-
-
-def ahead(offset: timedelta) -> Callable[[], datetime]:
-    return lambda: datetime.now(UTC) + offset
-
-
-def clock_of(database: Database, offset: timedelta) -> None:
-    """``database``'s host has a clock ``offset`` off the real one."""
-    database.clock = ServerClock(database, local=ahead(offset))
-
-
-@pytest.fixture
-async def host(pg_url: str) -> AsyncIterator[Callable[[], Database]]:
-    """Make Databases on the test's PostgreSQL database, one per simulated host."""
-    made: list[Database] = []
-
-    def make() -> Database:
-        made.append(Database(pg_url))
-        return made[-1]
-
-    yield make
-    for database in made:
-        await database.dispose()
-
-
-async def server_now(database: Database) -> datetime:
-    async with database.connect() as conn:
-        found = await conn.scalar(sa.text("SELECT clock_timestamp()"))
-    assert isinstance(found, datetime)
-    return found
-
 
 # -- the clock ----------------------------------------------------------------------------
 

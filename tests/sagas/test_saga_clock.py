@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -19,41 +19,15 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from accord.cli.app import _register_subcommands, app
-from accord.db import Database, ServerClock
+from accord.db import Database
 from accord.db.schema_sagas import deadlines
 from accord.messages import Message
 from accord.sagas import Orchestrator, Saga, command
 from accord.testing import wait_for
 from accord.transports.sql import SqlTransport
+from tests.clocks import SKEW, clock_of, server_now
 
-SKEW = timedelta(seconds=30)
 TIMEOUT = 10.0
-
-
-def behind(database: Database) -> None:
-    """``database``'s host has a clock 30 s behind the real one (and the server's)."""
-    database.clock = ServerClock(database, local=lambda: datetime.now(UTC) - SKEW)
-
-
-@pytest.fixture
-async def host(pg_url: str) -> AsyncIterator[Callable[[], Database]]:
-    """Make Databases on the test's PostgreSQL database, one per simulated host."""
-    made: list[Database] = []
-
-    def make() -> Database:
-        made.append(Database(pg_url))
-        return made[-1]
-
-    yield make
-    for database in made:
-        await database.dispose()
-
-
-async def server_now(database: Database) -> datetime:
-    async with database.connect() as conn:
-        found = await conn.scalar(sa.text("SELECT clock_timestamp()"))
-    assert isinstance(found, datetime)
-    return found
 
 
 async def due_in(database: Database, saga_id: str) -> float:
@@ -85,7 +59,7 @@ async def test_a_saga_started_in_the_callers_transaction_on_a_host_behind_is_not
     caller's connection: 30 s behind, a 10 s timeout is still 10 s away in server
     time (unmeasured, it was 20 s past, and a worker fired it at once)."""
     api_host, worker_host = host(), host()
-    behind(api_host)
+    clock_of(api_host, -SKEW)
     saga = timed()
     channel = f"clock-{uuid.uuid4().hex[:8]}"
     api = Orchestrator(api_host, SqlTransport(channel=channel, database=api_host), [saga])
@@ -112,7 +86,7 @@ async def test_replies_handled_before_the_first_measure_set_deadlines_in_server_
     step's timeout was 30 s early). The measure is held here so that a reply would
     come first if it could."""
     orchestrator_host, other_host = host(), host()
-    behind(orchestrator_host)
+    clock_of(orchestrator_host, -SKEW)
     saga = timed()
     channel = f"clock-{uuid.uuid4().hex[:8]}"
     # Started by a replica with a right clock: step 0 waits for its reply.
