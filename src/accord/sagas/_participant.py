@@ -61,8 +61,9 @@ class StepFailed(AccordError):
 
 class RecordsPruned(AccordError):
     """A participant got a saga command it cannot answer: the saga started before the
-    participant's ``records_retention`` and there is no record of the step here, so
-    whether the step was applied (then pruned) is unknown. Raised for a re-sent
+    time the participant's records were pruned up to (``records_retention``, or a
+    prune by hand) and there is no record of the step here, so whether the step was
+    applied (then pruned) is unknown. Raised for a re-sent
     action, which is left undone and, once its attempts are spent, dead-lettered:
     the orchestrator's timeout then asks for a compensation, which is refused for
     the same reason, and the saga ends STUCK for an operator."""
