@@ -389,3 +389,65 @@ async def test_a_saga_deadline_set_on_a_host_behind_is_not_fired_early_by_anothe
     assert await other.fire_due(later) == 1
     events = [e.event for e in await SagaAdmin(other_host).history(saga_id)]
     assert "timed_out" in events
+
+
+# -- consumer dead letters ----------------------------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("off", ["operator ahead", "consumer behind"])
+async def test_a_replayed_dead_letter_is_handled_at_once_whatever_the_hosts_clocks(
+    host: Callable[[], Database], monkeypatch: pytest.MonkeyPatch, off: str
+) -> None:
+    """An operator replays a dead letter from a host 30 s ahead of the consumer's, or
+    the consumer's host is 30 s behind: the replay was due 30 s late, since each read
+    its own clock. (The two are played one after the other: one process cannot give
+    them different clocks at the same time in the old code.)"""
+    from accord.inbox import Consumer, DeadLetters, HandlerContext
+
+    consumer_host, operator_host = host(), host()
+    await consumer_host.upgrade()
+    name = f"clock-{uuid.uuid4().hex[:8]}"
+    transport = SqlTransport(channel=name, database=consumer_host, poll_interval=0.05)
+    handled: list[str] = []
+    broken = True
+
+    def consumer() -> Consumer:
+        made = Consumer(name, consumer_host, transport, max_attempts=1, replay_interval=0.05)
+
+        @made.handler("clock.replayed")
+        async def on_replayed(ctx: HandlerContext, data: Any) -> None:
+            if broken:
+                raise KeyError("not yet")
+            handled.append(ctx.message.id)
+
+        return made
+
+    first = consumer()
+    await first.start()
+    message = Message(type="clock.replayed")
+    try:
+        await transport.publish([message])
+        letters = await wait_for(lambda: DeadLetters(consumer_host).list(name), 5, interval=0.05)
+    finally:
+        await first.stop()
+    broken = False
+    modules = ("accord.inbox._dead_letters",)
+    if off == "operator ahead":
+        skew(monkeypatch, SKEW, *modules)
+        clock_of(operator_host, SKEW)
+        await DeadLetters(operator_host).replay(letters[0].id)
+        monkeypatch.undo()
+    else:
+        await DeadLetters(operator_host).replay(letters[0].id)
+        skew(monkeypatch, -SKEW, *modules)
+        clock_of(consumer_host, -SKEW)
+    second = consumer()
+    await second.start()
+    try:
+        await wait_for(lambda: handled, 5, interval=0.05)
+        assert handled == [message.id]
+        assert await DeadLetters(consumer_host).list(name) == []
+    finally:
+        await second.stop()
+        await transport.close()

@@ -196,7 +196,7 @@ class ReplayDelivery(Delivery):
             )
 
     async def _nack(self, delay: float) -> None:
-        now = datetime.now(UTC)
+        now = self.database.clock.now()
         async with self.database.transaction() as conn:
             await conn.execute(
                 dead_letters.update()
@@ -209,7 +209,7 @@ class ReplayDelivery(Delivery):
             )
 
     async def _reject(self, reason: str) -> None:
-        now = datetime.now(UTC)
+        now = self.database.clock.now()
         async with self.database.transaction() as conn:
             await conn.execute(
                 dead_letters.update()
@@ -224,9 +224,13 @@ async def claim_replays(
     """Take up to ``limit`` due REPLAY rows of ``consumer`` for ``lease`` seconds.
 
     The conditional update is the claim: of two processes of one consumer only one
-    takes a row; if the taker dies, the row is due again when the lease ends.
+    takes a row; if the taker dies, the row is due again when the lease ends. Times
+    are the database server's (:class:`~accord.db.ServerClock`), as the operator's
+    replay wrote them, so hosts whose clocks differ neither wait for nor cut short
+    each other's leases.
     """
-    now = datetime.now(UTC)
+    await database.clock.sync_if_due()
+    now = database.clock.now()
     due = (
         sa.select(dead_letters)
         .where(
@@ -263,7 +267,7 @@ async def release_replays(database: Database, ids: Sequence[int]) -> None:
         await conn.execute(
             dead_letters.update()
             .where(dead_letters.c.id.in_(list(ids)), dead_letters.c.status == REPLAY)
-            .values(available_at=datetime.now(UTC))
+            .values(available_at=database.clock.now())
         )
 
 
@@ -305,29 +309,33 @@ class DeadLetters:
         """Mark a dead letter for replay with its attempts reset; its consumer, when
         running, delivers it to the handler again within its replay interval."""
         await self.get(letter_id)
-        now = datetime.now(UTC)
         with translate_errors("replaying a dead letter"):
             async with self.database.transaction() as conn:
                 await conn.execute(
                     dead_letters.update()
                     .where(dead_letters.c.id == letter_id)
-                    .values(status=REPLAY, attempts=0, available_at=now, updated_at=now)
+                    .values(status=REPLAY, attempts=0, **self._due_now())
                 )
         return await self.get(letter_id)
 
     async def replay_all(self, consumer: str | None = None) -> int:
         """Mark every DEAD letter (of one consumer, or all) for replay; return how many."""
-        now = datetime.now(UTC)
         statement = (
             dead_letters.update()
             .where(dead_letters.c.status == DEAD)
-            .values(status=REPLAY, attempts=0, available_at=now, updated_at=now)
+            .values(status=REPLAY, attempts=0, **self._due_now())
         )
         if consumer is not None:
             statement = statement.where(dead_letters.c.consumer == consumer)
         with translate_errors("replaying dead letters"):
             async with self.database.transaction() as conn:
                 return int((await conn.execute(statement)).rowcount)
+
+    def _due_now(self) -> dict[str, Any]:
+        # The server's time on PostgreSQL, as consumers compare it (Database.clock):
+        # an operator's host ahead of the consumers' must not hold the replay back.
+        now = sa.func.now() if self.database.is_postgres else datetime.now(UTC)
+        return {"available_at": now, "updated_at": now}
 
     async def purge(self, consumer: str | None = None, *, letter_id: int | None = None) -> int:
         """Delete DEAD letters (one, those of one consumer, or all); return how many.
