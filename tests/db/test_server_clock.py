@@ -36,14 +36,8 @@ async def test_a_skewed_hosts_clock_reads_the_servers_time(
     host: Callable[[], Database],
 ) -> None:
     database = host()
-    calls = 0
-
-    def ahead() -> datetime:
-        nonlocal calls
-        calls += 1
-        return datetime.now(UTC) + SKEW
-
-    clock = ServerClock(database, local=ahead)
+    clock = ServerClock(database, local=ahead(SKEW))
+    measures = count_measures(clock)
     assert abs(clock.now() - (await server_now(database)) - SKEW) < timedelta(seconds=1)
     await clock.sync_if_due()
     assert abs(clock.offset + SKEW) < timedelta(milliseconds=200)
@@ -53,9 +47,43 @@ async def test_a_skewed_hosts_clock_reads_the_servers_time(
     )
     assert gauge is not None and abs(gauge + SKEW.total_seconds()) < 0.2
     assert abs(clock.now() - await server_now(database)) < timedelta(milliseconds=200)
-    measured = calls
     await clock.sync_if_due()  # not due for five minutes: no round trip
-    assert calls == measured
+    assert measures == [1]
+
+
+def count_measures(clock: ServerClock) -> list[int]:
+    """[how many times ``clock`` measured the offset so far], kept up to date."""
+    measures = [0]
+    measure = clock._measure
+
+    async def counted(conn: Any) -> timedelta:
+        measures[0] += 1
+        return await measure(conn)
+
+    clock._measure = counted  # type: ignore[method-assign]
+    return measures
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("step", [SKEW, -SKEW], ids=["forward", "back"])
+async def test_a_local_clock_set_after_the_measure_is_measured_again_at_once(
+    host: Callable[[], Database], step: timedelta
+) -> None:
+    """NTP (or an operator) sets the host's clock 30 s forward or back a minute after
+    the measure: the offset measured before no longer holds, and for the five
+    minutes until the next measure every lease and availability was 30 s off."""
+    database = host()
+    setting = [timedelta(0)]
+    clock = ServerClock(database, local=lambda: datetime.now(UTC) + setting[0])
+    measures = count_measures(clock)
+    await clock.sync_if_due()
+    setting[0] = step
+    assert abs(clock.now() - await server_now(database) - step) < timedelta(seconds=1)
+    await clock.sync_if_due()
+    assert measures == [2]
+    assert abs(clock.now() - await server_now(database)) < timedelta(milliseconds=200)
+    await clock.sync_if_due()  # the clock holds still again: no more measures
+    assert measures == [2]
 
 
 async def test_on_sqlite_the_servers_clock_is_the_local_one(sqlite_url: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -41,6 +42,10 @@ SYNC_TIMEOUT = 5.0
 _SAMPLES = 3
 # An offset this large is worth a warning: the hosts' clocks need fixing.
 _WARN_OFFSET = timedelta(seconds=1)
+# The local clock moved this much more or less than the monotonic one since the last
+# measure: it was set (stepped by NTP or by hand, or the host slept), and the offset
+# no longer holds.
+_JUMP = 0.5
 
 
 CLOCK_OFFSET = Gauge(
@@ -61,7 +66,9 @@ class ServerClock:
     mid-point of the round trip, the best of three). Components call
     :meth:`sync_if_due` from their loops; it measures once, then every five minutes,
     and keeps the last offset if the server cannot be reached (trying again five
-    seconds later). Until a first measure succeeds, callers wait for it."""
+    seconds later). Until a first measure succeeds, callers wait for it. If the
+    local clock is set meanwhile (it moved half a second more or less than the
+    monotonic clock since the measure), the next call measures again at once."""
 
     def __init__(self, database: Database, *, local: Callable[[], datetime] = _local_now) -> None:
         self.database = database
@@ -70,6 +77,8 @@ class ServerClock:
         self._synced = False  # whether a measure ever succeeded
         self._due = 0.0  # event loop time of the next measure
         self._lock = asyncio.Lock()
+        # (local, monotonic) clocks read together at the last measure
+        self._anchor: tuple[datetime, float] | None = None
 
     def now(self) -> datetime:
         """The server's time now, as far as this process can tell."""
@@ -85,6 +94,8 @@ class ServerClock:
         if not self.database.is_postgres:
             return
         loop = asyncio.get_running_loop()
+        if self._jumped():
+            self._due = 0.0
         if loop.time() < self._due or (self._synced and self._lock.locked()):
             return
         async with self._lock:
@@ -106,6 +117,22 @@ class ServerClock:
                 return
             self._synced = True
             self._due = loop.time() + RESYNC_INTERVAL
+
+    def _jumped(self) -> bool:
+        """Whether the local clock was set since the last measure."""
+        if self._anchor is None:
+            return False
+        local, monotonic = self._anchor
+        moved = (self._local() - local).total_seconds() - (time.monotonic() - monotonic)
+        if abs(moved) < _JUMP:
+            return False
+        log.warning(
+            "this host's clock was set %+.3f s since the database server's was read; "
+            "reading it again",
+            moved,
+        )
+        self._anchor = None  # warn once; the measure sets it again
+        return True
 
     async def sync(self, conn: AsyncConnection | None = None) -> timedelta:
         """Measure the offset of the server's clock from the local one now (on ``conn``
@@ -137,6 +164,7 @@ class ServerClock:
                 "behind" if best[1] > timedelta(0) else "ahead of",
             )
         self.offset = best[1]
+        self._anchor = self._local(), time.monotonic()
         CLOCK_OFFSET.labels(self._label).set(self.offset.total_seconds())
         return self.offset
 
