@@ -5,13 +5,14 @@ one batch when due, the next at once after a full batch, else after an interval)
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 
 from accord.errors import ConfigurationError
 
-__all__ = ["PRUNE_INTERVAL", "Pruning", "checked_batch", "prune_in_batches"]
+__all__ = ["PRUNE_INTERVAL", "Pruning", "checked_batch", "prune_each", "prune_in_batches"]
 
 #: Seconds between prunes once nothing is left past the retention.
 PRUNE_INTERVAL = 600.0
@@ -43,6 +44,22 @@ async def prune_in_batches(
             on_batch(pruned)
         if count < batch:
             return pruned
+
+
+async def prune_each(
+    names: Iterable[str],
+    prune: Callable[[str, int], Awaitable[int]],
+    batch: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> int:
+    """:func:`prune_in_batches` of ``prune(name, batch)`` for each of ``names`` in
+    turn (each consumer's rows, say); return how many went in all, ``on_batch``
+    called with the running total across names."""
+    pruned = 0
+    for name in names:
+        one = functools.partial(prune, name)
+        pruned = await prune_in_batches(one, batch, on_batch, before=pruned)
+    return pruned
 
 
 class Pruning:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,7 +11,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from accord._retention import checked_batch, prune_in_batches
+from accord._retention import checked_batch, prune_each
 from accord.db import Database
 from accord.db.database import translate_errors
 from accord.db.schema import inbox, inbox_holds, inbox_starts
@@ -202,11 +201,12 @@ class Inbox:
                 async with self.database.connect() as conn:
                     names = sa.union(*(sa.select(t.c.consumer).distinct() for t in _PRUNED))
                     consumers = (await conn.execute(names)).scalars().all()
-            pruned = 0
-            for name in consumers:
-                one = functools.partial(prune_batch, self.database, name, cutoff)
-                pruned = await prune_in_batches(one, batch, on_batch, before=pruned)
-        return pruned
+            return await prune_each(
+                consumers,
+                lambda name, n: prune_batch(self.database, name, cutoff, n),
+                batch,
+                on_batch,
+            )
 
 
 async def prune_batch(database: Database, consumer: str, cutoff: datetime, limit: int) -> int:

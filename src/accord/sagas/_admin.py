@@ -11,7 +11,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from accord._retention import checked_batch, prune_in_batches
+from accord._retention import checked_batch, prune_each, prune_in_batches
 from accord.db import Database
 from accord.db.database import translate_errors
 from accord.db.schema_sagas import deadlines, saga_steps, sagas
@@ -157,15 +157,14 @@ class SagaAdmin:
         :func:`~accord.sagas.participant` for what a saga older than that meets."""
         batch = checked_batch(batch)
         cutoff = datetime.now(UTC) - older_than
-        pruned = 0
         with translate_errors("pruning participants' records"):
             names = [participant] if participant else await _participant.participants(self.database)
-            for name in names:
-                one = functools.partial(
-                    _participant.prune_participations, self.database, name, cutoff
-                )
-                pruned = await prune_in_batches(one, batch, on_batch, before=pruned)
-        return pruned
+            return await prune_each(
+                names,
+                lambda name, n: _participant.prune_participations(self.database, name, cutoff, n),
+                batch,
+                on_batch,
+            )
 
     async def retry(self, saga_id: str) -> SagaState:
         """Resume a STUCK instance where it stopped, with fresh attempts."""
