@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-__all__ = ["BigId", "JSONType", "UTCDateTime", "one_of"]
+__all__ = ["BigId", "JSONType", "UTCDateTime", "json_text", "one_of"]
 
 #: JSON on SQLite, JSONB on PostgreSQL.
 JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+def json_text(value: str | float | None) -> str:
+    """A JSON column's value as JSON text, read raw (without its type's processing):
+    a column declared JSON has NUMERIC affinity on SQLite, which stores a bare
+    number (``5``, ``2.5``) as a number and gives it back as one (a float exactly as
+    stored)."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
 
 #: A 64-bit auto-incrementing key; SQLite only auto-increments INTEGER PRIMARY KEY.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db.database import driver_in_transaction
-from accord.db.types import JSONType, UTCDateTime
+from accord.db.types import JSONType, UTCDateTime, json_text
 from accord.errors import ConfigurationError
 
 __all__ = ["ClaimedRow", "Settlement", "claim", "claim_on_driver", "settle", "settle_on_driver"]
@@ -283,7 +283,7 @@ async def claim(
             event_type=r.event_type,
             key=r.key,
             headers=r.headers,
-            payload=(r.payload or "null").encode(),
+            payload=json_text(r.payload).encode(),
             retry_count=r.retry_count,
         )
         for r in rows
