@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
@@ -31,7 +32,8 @@ AllOption = Annotated[bool, typer.Option("--all", help="Act on every DEAD messag
 
 @outbox_app.command("status")
 def status(db: DbOption, as_json: JsonOption = False) -> None:
-    """Counts of PENDING / SENT / DEAD messages and the age of the oldest pending one."""
+    """Counts of PENDING / SENT / DEAD messages, the age of the oldest pending one, and
+    the messages scheduled for later (and when the first falls due)."""
 
     async def go() -> dict[str, object]:
         async with Database(db) as database:
@@ -42,12 +44,16 @@ def status(db: DbOption, as_json: JsonOption = False) -> None:
         print_json(result)
         return
     table = Table(title="Outbox")
-    for column in ("pending", "retrying", "sent", "dead", "oldest pending (s)"):
+    columns = ("pending", "retrying", "sent", "dead", "oldest pending (s)", "scheduled", "next due")
+    for column in columns:
         table.add_column(column, justify="right")
     age = result["oldest_pending_age_seconds"]
+    due = result["next_scheduled_at"]
     table.add_row(
         *(str(result[k]) for k in ("pending", "retrying", "sent", "dead")),
         "-" if age is None else f"{age:.1f}",
+        str(result["scheduled"]),
+        "-" if not isinstance(due, datetime) else f"{due.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC",
     )
     console.print(table)
 

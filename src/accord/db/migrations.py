@@ -118,6 +118,13 @@ async def _participation_index(conn: AsyncConnection) -> None:
     await _create_indexes(conn, participations, "ix_accord_saga_participations_at")
 
 
+async def _scheduled_index(conn: AsyncConnection) -> None:
+    """Index outbox rows added for later by due time: relays release the due ones."""
+    from accord.db.schema import outbox
+
+    await _create_indexes(conn, outbox, "ix_accord_outbox_scheduled")
+
+
 #: (version, what it does, the step). Append; never edit a released step.
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "create every Accord table", _create_missing),
@@ -128,6 +135,7 @@ MIGRATIONS: list[tuple[int, str, Migration]] = [
     (6, "name each deadline's saga; index deadlines by (saga, due time)", _deadline_saga_names),
     (7, "add accord_flow_heads (one row per tracked flow)", _flow_heads),
     (8, "index accord_saga_participations by (participant, time)", _participation_index),
+    (9, "index accord_outbox rows scheduled for later by due time", _scheduled_index),
 ]
 
 _LOCK_ID = 0x4143_4F52  # "ACOR": serialises concurrent upgrades on PostgreSQL

@@ -71,6 +71,15 @@ outbox = sa.Table(
         postgresql_where=sa.text("status = 'SENT'"),
         sqlite_where=sa.text("status = 'SENT'"),
     ),
+    # Rows added for later (SCHEDULED), by due time: relays release the due ones.
+    # Kept out of the PENDING indexes, so claims never read past them.
+    sa.Index(
+        "ix_accord_outbox_scheduled",
+        "available_at",
+        "seq",
+        postgresql_where=sa.text("status = 'SCHEDULED'"),
+        sqlite_where=sa.text("status = 'SCHEDULED'"),
+    ),
 )
 
 # One row per message a consumer has applied, written in the handler's transaction.

@@ -2,6 +2,15 @@
 
 from accord.outbox.admin import OutboxAdmin, OutboxStatus
 from accord.outbox.relay import Relay
-from accord.outbox.writer import NOTIFY_CHANNEL, add, transaction
+from accord.outbox.writer import NOTIFY_CHANNEL, SCHEDULED, add, cancel_scheduled, transaction
 
-__all__ = ["NOTIFY_CHANNEL", "OutboxAdmin", "OutboxStatus", "Relay", "add", "transaction"]
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "SCHEDULED",
+    "OutboxAdmin",
+    "OutboxStatus",
+    "Relay",
+    "add",
+    "cancel_scheduled",
+    "transaction",
+]

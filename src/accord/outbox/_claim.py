@@ -21,7 +21,15 @@ from accord.db.database import driver_in_transaction
 from accord.db.types import JSONType, UTCDateTime, json_text
 from accord.errors import ConfigurationError
 
-__all__ = ["ClaimedRow", "Settlement", "claim", "claim_on_driver", "settle", "settle_on_driver"]
+__all__ = [
+    "ClaimedRow",
+    "Settlement",
+    "claim",
+    "claim_on_driver",
+    "release_scheduled",
+    "settle",
+    "settle_on_driver",
+]
 
 log = logging.getLogger("accord.outbox.relay")
 
@@ -461,3 +469,48 @@ async def settle_on_driver(
             ],
         )
     return marked
+
+
+# -- rows scheduled for later -------------------------------------------------------
+#
+# A SCHEDULED row is released when due: it becomes PENDING with a new seq, behind
+# every row pending then (its place in its key's order is the time it fell due), and
+# its created_at becomes that time (the relay's lag counts from then). Oldest due
+# first, and one relay at a time (PostgreSQL: a transaction-level advisory lock; the
+# others skip releasing meanwhile; SQLite: its one writer): two relays releasing at
+# once would commit one key's rows in the other order, and the later-due ones, seen
+# first, would go first.
+_RELEASE_LOCK = sa.text("SELECT pg_try_advisory_xact_lock(1094931267)")  # "ACSC"
+_RELEASE_POSTGRES = sa.text(
+    """
+UPDATE accord_outbox o
+SET seq = d.new_seq, status = 'PENDING', created_at = o.available_at
+FROM (SELECT due.seq, nextval(pg_get_serial_sequence('accord_outbox', 'seq')) AS new_seq
+      FROM (SELECT seq FROM accord_outbox
+            WHERE status = 'SCHEDULED' AND available_at <= :now
+            ORDER BY available_at, seq LIMIT :limit) AS due) AS d
+WHERE o.seq = d.seq
+"""
+).bindparams(sa.bindparam("now", type_=UTCDateTime()))
+_DUE_SQLITE = sa.text(
+    "SELECT seq FROM accord_outbox WHERE status = 'SCHEDULED' AND available_at <= :now "
+    "ORDER BY available_at, seq LIMIT :limit"
+).bindparams(sa.bindparam("now", type_=UTCDateTime()))
+_RELEASE_SQLITE = sa.text(
+    "UPDATE accord_outbox SET seq = (SELECT max(seq) + 1 FROM accord_outbox), "
+    "status = 'PENDING', created_at = available_at WHERE seq = :seq"
+)
+
+
+async def release_scheduled(conn: AsyncConnection, *, now: datetime, limit: int) -> int:
+    """Make up to ``limit`` SCHEDULED rows due by ``now`` PENDING, in the order they
+    fell due, in ``conn``'s transaction; return how many."""
+    if conn.dialect.name == "postgresql":
+        if not await conn.scalar(_RELEASE_LOCK):
+            return 0  # another relay is releasing
+        result = await conn.execute(_RELEASE_POSTGRES, {"now": now, "limit": limit})
+        return int(result.rowcount or 0)
+    seqs = (await conn.execute(_DUE_SQLITE, {"now": now, "limit": limit})).scalars().all()
+    for seq in seqs:  # one at a time: each goes behind the one before
+        await conn.execute(_RELEASE_SQLITE, {"seq": seq})
+    return len(seqs)

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from accord.db.database import Database
 from accord.db.schema import outbox
 from accord.errors import ConfigurationError, NotFoundError
+from accord.outbox.writer import SCHEDULED
 
 __all__ = ["OutboxAdmin", "OutboxStatus"]
 
@@ -28,6 +29,10 @@ class OutboxStatus:
     oldest_pending_at: datetime | None
     #: When the counts were read, in the database server's time (rows' times are too).
     as_of: datetime | None = None
+    #: Messages added for later (``deliver_at`` / ``delay``), not yet due or released.
+    scheduled: int = 0
+    #: When the first of them falls due.
+    next_scheduled_at: datetime | None = None
 
     @property
     def oldest_pending_age(self) -> float | None:
@@ -45,6 +50,8 @@ class OutboxStatus:
             "retrying": self.retrying,
             "oldest_pending_at": self.oldest_pending_at,
             "oldest_pending_age_seconds": self.oldest_pending_age,
+            "scheduled": self.scheduled,
+            "next_scheduled_at": self.next_scheduled_at,
         }
 
 
@@ -65,6 +72,12 @@ def _row_dict(row: Any, with_payload: bool = False) -> dict[str, Any]:
         data["payload"] = row.payload
         data["headers"] = row.headers
     return data
+
+
+def _aware(value: datetime | str | None) -> datetime | None:
+    if isinstance(value, str):  # SQLite aggregate bypasses the column type
+        return datetime.fromisoformat(value).replace(tzinfo=UTC)
+    return value
 
 
 def _uuid(value: str) -> uuid.UUID:
@@ -88,14 +101,24 @@ class OutboxAdmin:
             sa.func.count().filter(outbox.c.status == "DEAD"),
             sa.func.count().filter(outbox.c.status == "PENDING", outbox.c.retry_count > 0),
             sa.func.min(outbox.c.created_at).filter(outbox.c.status == "PENDING"),
+            sa.func.count().filter(outbox.c.status == SCHEDULED),
+            sa.func.min(outbox.c.available_at).filter(outbox.c.status == SCHEDULED),
         )
         await self.database.clock.sync_if_due()
         async with self.database.connect() as conn:
-            pending, sent, dead, retrying, oldest = (await conn.execute(query)).one()
-        if isinstance(oldest, str):  # SQLite aggregate bypasses the column type
-            oldest = datetime.fromisoformat(oldest).replace(tzinfo=UTC)
+            row = (await conn.execute(query)).one()
+        pending, sent, dead, retrying, oldest, scheduled, next_scheduled = row
         as_of = self.database.clock.now()
-        return OutboxStatus(pending, sent, dead, retrying, oldest, as_of)
+        return OutboxStatus(
+            pending,
+            sent,
+            dead,
+            retrying,
+            _aware(oldest),
+            as_of,
+            scheduled,
+            _aware(next_scheduled),
+        )
 
     async def dead(
         self, *, limit: int = 100, event_type: str | None = None

@@ -31,6 +31,7 @@ from accord.outbox._claim import (
     Settlement,
     claim,
     claim_on_driver,
+    release_scheduled,
     settle,
     settle_on_driver,
 )
@@ -194,6 +195,7 @@ class Relay:
         self._running = False
         self._stopped = asyncio.Event()
         self._next_due: float | None = None
+        self._scheduled_due = 0.0  # monotonic time to look for due scheduled rows
         self._outage = 0
         # PostgreSQL: the LISTEN that wakes the relay on commit, and whether it needs
         # (re)starting: first, and after its connection was lost.
@@ -211,6 +213,8 @@ class Relay:
         """
         await self.database.clock.sync_if_due()
         now = self.database.clock.now()
+        if time.monotonic() >= self._scheduled_due:
+            await self._release_scheduled(now)
         sent: list[int] = []
         others: list[Settlement] = []
         if self.claims == "lock":  # the rows stay locked in the claiming transaction
@@ -236,6 +240,18 @@ class Relay:
             raise
         marked = await self._settle_leased(sent, others, lease_until)
         return self._count(sent, marked, started)
+
+    async def _release_scheduled(self, now: datetime) -> None:
+        """Make the scheduled rows due by ``now`` PENDING (up to a batch), for this
+        round to claim; looked for again a ``poll_interval`` later, or at once
+        after a full batch."""
+        with translate_errors("releasing scheduled outbox rows"):
+            async with self.database.transaction() as conn:
+                released = await release_scheduled(conn, now=now, limit=self.batch_size)
+        if released:
+            log.debug("relay %s released %d scheduled messages", self.name, released)
+        full = released >= self.batch_size
+        self._scheduled_due = 0.0 if full else time.monotonic() + self.poll_interval
 
     async def _release_cancelled(
         self,

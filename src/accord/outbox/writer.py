@@ -10,7 +10,7 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,12 +22,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from accord.db.database import CallerErrors, Database, driver_in_transaction, translate_errors
 from accord.db.schema import outbox
+from accord.db.types import UTCDateTime
 from accord.errors import ConfigurationError
 from accord.messages import Message, decode, headers_of
 
 __all__ = [
     "NOTIFY_CHANNEL",
+    "SCHEDULED",
     "add",
+    "cancel_scheduled",
     "driver_row",
     "message_from_row",
     "row_from_message",
@@ -36,6 +39,9 @@ __all__ = [
 
 #: The PostgreSQL channel a commit that added outbox rows notifies; relays LISTEN on it.
 NOTIFY_CHANNEL = "accord_outbox"
+#: The status of a row added for later (``deliver_at`` / ``delay``) until it is due:
+#: relays release it then, as PENDING behind the rows already pending.
+SCHEDULED = "SCHEDULED"
 
 
 def row_from_message(message: Message, now: datetime) -> dict[str, Any]:
@@ -81,9 +87,58 @@ _PG_ADD = (
     f"WITH added AS ({_INSERT}($1, $2, $3, $4::jsonb, $5::jsonb, 'PENDING', 0, now(), now()) "
     f"ON CONFLICT (id) DO NOTHING RETURNING 1) SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
 )
+# A row for later: due at $6, or $7 after the server's now(); no wake-up (a relay
+# releases it when due).
+_PG_SCHEDULE = (
+    f"{_INSERT}($1, $2, $3, $4::jsonb, $5::jsonb, '{SCHEDULED}', 0, "
+    "COALESCE($6::timestamptz, now() + $7::interval), now()) ON CONFLICT (id) DO NOTHING"
+)
 
 
-async def add(conn: AsyncConnection | AsyncSession, *messages: Message) -> None:
+@dataclass(frozen=True, slots=True)
+class _Schedule:
+    """When messages added for later are due: at ``at``, or ``delay`` after the
+    commit's time (the server's ``now()`` on PostgreSQL)."""
+
+    at: datetime | None
+    delay: timedelta | None
+
+    @staticmethod
+    def of(deliver_at: datetime | None, delay: timedelta | None) -> _Schedule | None:
+        if deliver_at is not None and delay is not None:
+            raise ConfigurationError("give add_to_outbox deliver_at or delay, not both")
+        if deliver_at is not None:
+            if deliver_at.tzinfo is None or deliver_at.utcoffset() is None:
+                raise ConfigurationError(
+                    f"deliver_at must be timezone-aware (e.g. datetime.now(UTC) + "
+                    f"timedelta(hours=1)), not {deliver_at!r}"
+                )
+            return _Schedule(deliver_at.astimezone(UTC), None)
+        if delay is not None:
+            if not isinstance(delay, timedelta) or delay < timedelta(0):
+                raise ConfigurationError(
+                    f"delay must be a timedelta of zero or more, not {delay!r}"
+                )
+            return _Schedule(None, delay)
+        return None
+
+    def due(self, now: datetime) -> datetime:
+        """The due time, with ``now`` as the commit's time."""
+        return self.at if self.at is not None else now + (self.delay or timedelta(0))
+
+    def sql(self) -> Any:
+        """The due time as a PostgreSQL expression, relative to the server's ``now()``."""
+        if self.at is not None:
+            return sa.literal(self.at, UTCDateTime())
+        return sa.func.now() + sa.literal(self.delay, sa.Interval())
+
+
+async def add(
+    conn: AsyncConnection | AsyncSession,
+    *messages: Message,
+    deliver_at: datetime | None = None,
+    delay: timedelta | None = None,
+) -> None:
     """Write ``messages`` to the outbox in the transaction ``conn`` is in.
 
     Nothing is published unless that transaction commits; once it commits, the
@@ -91,9 +146,18 @@ async def add(conn: AsyncConnection | AsyncSession, *messages: Message) -> None:
     Messages with the same ``key`` are published in the order they were added.
     A message whose id is in the outbox already is not added again: give a retried
     operation a deterministic id (``uuid.uuid5``) and it stays one message.
+
+    ``deliver_at`` (timezone-aware) or ``delay`` schedule the messages for later: they
+    wait in the database, not in the broker, and a relay publishes them once due
+    (within its ``poll_interval``), in the order they fall due. A scheduled message
+    takes its place in its key's order when it falls due, behind the messages of
+    that key pending then; until then it holds nothing back. On PostgreSQL
+    ``delay`` counts from the server's clock. :func:`cancel_scheduled` withdraws one
+    before it is due.
     """
     if not messages:
         return
+    schedule = _Schedule.of(deliver_at, delay)
     connection = await conn.connection() if isinstance(conn, AsyncSession) else conn
     now = datetime.now(UTC)
     rows = [row_from_message(m, now) for m in messages]
@@ -101,20 +165,50 @@ async def add(conn: AsyncConnection | AsyncSession, *messages: Message) -> None:
     if block is not None and block.values is not None:
         # Sent with the COMMIT of outbox.transaction(); rendered now, so that text
         # that cannot be sent is refused here.
-        block.values.extend([_row_values(row) for row in rows])
+        block.values.extend([_row_values(row, schedule) for row in rows])
         return
     with translate_errors("adding to the outbox"):
-        if connection.dialect.name == "postgresql" and await _add_on_driver(connection, rows):
+        if connection.dialect.name == "postgresql" and await _add_on_driver(
+            connection, rows, schedule
+        ):
             return
+        postgres = connection.dialect.name == "postgresql"
         for row in rows:
             # As the hot path and messages.encode() write data: a datetime, a UUID,
             # a Decimal as its text (the JSON type alone would refuse them).
             row["payload"] = json.loads(_payload_json(row["payload"]))
-            if connection.dialect.name == "postgresql":
+            if postgres:
                 del row["available_at"], row["created_at"]  # the server's now()
+            elif schedule is not None:
+                row["available_at"] = schedule.due(now)
+            if schedule is not None:
+                row["status"] = SCHEDULED
+        if schedule is not None and postgres:
+            statement = _insert_ignoring_duplicates(connection.dialect.name).values(
+                available_at=schedule.sql()
+            )
+            await connection.execute(statement, rows)
+            return
         await connection.execute(_insert_ignoring_duplicates(connection.dialect.name), rows)
-        if connection.dialect.name == "postgresql":
+        if postgres and schedule is None:
             await connection.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"))
+
+
+async def cancel_scheduled(conn: AsyncConnection | AsyncSession, message_id: str) -> bool:
+    """Withdraw a message added for later (``deliver_at`` / ``delay``) before a relay
+    releases it, in the transaction ``conn`` is in (rolled back, the message stays
+    scheduled). True if it was withdrawn; False if no such message waits: never
+    added (or not committed yet), already released to be published, or cancelled."""
+    try:
+        row_id = uuid.UUID(message_id)
+    except ValueError:
+        raise ConfigurationError(f"{message_id!r} is not an outbox message id (a UUID)") from None
+    connection = await conn.connection() if isinstance(conn, AsyncSession) else conn
+    with translate_errors("cancelling a scheduled message"):
+        result = await connection.execute(
+            outbox.delete().where(outbox.c.id == row_id, outbox.c.status == SCHEDULED)
+        )
+    return bool(result.rowcount)
 
 
 def driver_row(row: dict[str, Any]) -> tuple[uuid.UUID, str, str | None, str, str]:
@@ -135,7 +229,9 @@ def _payload_json(data: Any) -> str:
 _to_json = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False).encode
 
 
-async def _add_on_driver(connection: AsyncConnection, rows: list[dict[str, Any]]) -> bool:
+async def _add_on_driver(
+    connection: AsyncConnection, rows: list[dict[str, Any]], schedule: _Schedule | None
+) -> bool:
     """The hot path: asyncpg underneath SQLAlchemy's own transaction. Returns False
     (nothing done) when the driver cannot be had in that transaction, so the
     caller's statements and ours can never end up in different transactions."""
@@ -143,7 +239,11 @@ async def _add_on_driver(connection: AsyncConnection, rows: list[dict[str, Any]]
     if driver is None:
         return False
     # add() translates asyncpg's own errors (translate_errors) like SQLAlchemy's.
-    await driver.executemany(_PG_ADD, [driver_row(r) for r in rows])
+    if schedule is None:
+        await driver.executemany(_PG_ADD, [driver_row(r) for r in rows])
+    else:
+        due = (schedule.at, schedule.delay)
+        await driver.executemany(_PG_SCHEDULE, [(*driver_row(r), *due) for r in rows])
     return True
 
 
@@ -330,12 +430,20 @@ async def _abandon(conn: AsyncConnection, driver: Any) -> None:
         await conn.invalidate()
 
 
-def _row_values(row: dict[str, Any]) -> str:
+def _row_values(row: dict[str, Any], schedule: _Schedule | None = None) -> str:
     """The row as a VALUES tuple of literals."""
     row_id, event_type, key, payload, headers = driver_row(row)
+    status, due = "PENDING", "now()"
+    if schedule is not None:
+        status = SCHEDULED
+        if schedule.at is not None:
+            due = f"'{schedule.at.isoformat()}'::timestamptz"
+        else:
+            seconds = (schedule.delay or timedelta(0)).total_seconds()
+            due = f"now()+'{seconds:.6f} seconds'::interval"
     return (
         f"('{row_id}'::uuid,{_literal(event_type)},{_literal(key)},{_literal(payload)}"
-        f"::jsonb,{_literal(headers)}::jsonb,'PENDING',0,now(),now())"
+        f"::jsonb,{_literal(headers)}::jsonb,'{status}',0,{due},now())"
     )
 
 
