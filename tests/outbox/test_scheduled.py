@@ -233,3 +233,35 @@ async def test_a_bad_schedule_is_refused_by_name_and_adds_nothing(
     async with database.transaction() as conn:
         with pytest.raises(ConfigurationError, match="not an outbox message id"):
             await cancel_scheduled(conn, "not-a-uuid")
+
+
+async def test_the_cli_lists_scheduled_messages_next_due_first_and_cancels_them(
+    database: Database, db_url: str
+) -> None:
+    now = datetime.now(UTC)
+    later, sooner = Message(type="reminder.later"), Message(type="reminder.sooner", key="k")
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, later, deliver_at=now + timedelta(days=2))
+        await add_to_outbox(conn, sooner, deliver_at=now + timedelta(days=1))
+        await add_to_outbox(conn, Message(type="reminder.now"))
+    result = await accord("outbox", "scheduled", "list", "--db", db_url, "--json")
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.output)
+    assert [r["id"] for r in listed] == [sooner.id, later.id]
+    assert listed[0]["key"] == "k" and listed[0]["available_at"].startswith(
+        f"{now + timedelta(days=1):%Y-%m-%d}"
+    )
+    result = await accord("outbox", "scheduled", "list", "--db", db_url, "--type", "reminder.later")
+    assert result.exit_code == 0, result.output
+    assert later.id in result.output and sooner.id not in result.output
+    assert f"{now + timedelta(days=2):%Y-%m-%d %H:%M}" in result.output
+
+    result = await accord(
+        "outbox", "scheduled", "cancel", "--db", db_url, later.id, str(uuid.uuid4())
+    )
+    assert result.exit_code == 0, result.output
+    assert "1 of 2 message(s) cancelled" in result.output
+    result = await accord("outbox", "scheduled", "cancel", "--db", db_url, "nope", "--json")
+    assert result.exit_code != 0 and "not an outbox message id" in result.output
+    left = await statuses(database)
+    assert sorted(left.values()) == ["PENDING", SCHEDULED] and left[sooner.id] == SCHEDULED

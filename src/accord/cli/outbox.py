@@ -1,4 +1,4 @@
-"""``accord outbox``: status and dead letters of a database's outbox."""
+"""``accord outbox``: status, scheduled messages and dead letters of a database's outbox."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ dead_app = typer.Typer(
     help="Messages the relay gave up on (DEAD): list, show, replay, purge.", no_args_is_help=True
 )
 outbox_app.add_typer(dead_app, name="dead")
+scheduled_app = typer.Typer(
+    help="Messages added for later (add_to_outbox(..., delay=/deliver_at=)) and not yet "
+    "due: list, cancel.",
+    no_args_is_help=True,
+)
+outbox_app.add_typer(scheduled_app, name="scheduled")
 app.add_typer(outbox_app, name="outbox")
 
 
@@ -53,7 +59,7 @@ def status(db: DbOption, as_json: JsonOption = False) -> None:
         *(str(result[k]) for k in ("pending", "retrying", "sent", "dead")),
         "-" if age is None else f"{age:.1f}",
         str(result["scheduled"]),
-        "-" if not isinstance(due, datetime) else f"{due.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC",
+        "-" if due is None else f"{_utc(due)} UTC",
     )
     console.print(table)
 
@@ -134,6 +140,57 @@ def dead_purge(
         print_json({"purged": count})
     else:
         console.print(f"{count} message(s) purged.")
+
+
+@scheduled_app.command("list")
+def scheduled_list(
+    db: DbOption,
+    as_json: JsonOption = False,
+    limit: Annotated[int, typer.Option(help="At most this many.", min=1)] = 100,
+    event_type: Annotated[str | None, typer.Option("--type", help="Only this type.")] = None,
+) -> None:
+    """Scheduled messages, next due first, with when each falls due."""
+
+    async def go() -> list[dict[str, object]]:
+        async with Database(db) as database:
+            return await OutboxAdmin(database).scheduled(limit=limit, event_type=event_type)
+
+    rows = run(go())
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title=f"Scheduled outbox messages ({len(rows)})")
+    table.add_column("id", no_wrap=True, min_width=36)  # whole, to paste into cancel
+    for column in ("type", "key", "due (UTC)", "added (UTC)"):
+        table.add_column(column)
+    for row in rows:
+        due, added = (_utc(row[k]) for k in ("available_at", "created_at"))
+        table.add_row(*plain(row["id"], row["event_type"], row["key"], due, added))
+    console.print(table)
+
+
+@scheduled_app.command("cancel")
+def scheduled_cancel(
+    db: DbOption,
+    ids: Annotated[list[str], typer.Argument(help="Outbox message ids (UUIDs).")],
+    as_json: JsonOption = False,
+) -> None:
+    """Withdraw scheduled messages before they fall due (a message already released
+    to the relay, or sent, is not withdrawn)."""
+
+    async def go() -> int:
+        async with Database(db) as database:
+            return await OutboxAdmin(database).cancel(ids)
+
+    count = run(go())
+    if as_json:
+        print_json({"cancelled": count, "asked": len(ids)})
+    else:
+        console.print(f"{count} of {len(ids)} message(s) cancelled.")
+
+
+def _utc(value: object) -> str:
+    return f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%S}" if isinstance(value, datetime) else "-"
 
 
 @outbox_app.command("relay")

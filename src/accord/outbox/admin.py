@@ -131,6 +131,31 @@ class OutboxAdmin:
             rows = (await conn.execute(query.limit(limit))).all()
         return [_row_dict(r) for r in rows]
 
+    async def scheduled(
+        self, *, limit: int = 100, event_type: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Messages scheduled for later and not yet released, next due first (their
+        ``available_at`` is when they fall due)."""
+        query = (
+            sa.select(outbox)
+            .where(outbox.c.status == SCHEDULED)
+            .order_by(outbox.c.available_at, outbox.c.seq)
+        )
+        if event_type:
+            query = query.where(outbox.c.event_type == event_type)
+        async with self.database.connect() as conn:
+            rows = (await conn.execute(query.limit(limit))).all()
+        return [_row_dict(r) for r in rows]
+
+    async def cancel(self, message_ids: Sequence[str]) -> int:
+        """Withdraw scheduled messages not yet released; returns how many were."""
+        if not message_ids:
+            raise ConfigurationError("give the ids of the scheduled messages to cancel")
+        ids = [_uuid(i) for i in message_ids]
+        statement = outbox.delete().where(outbox.c.id.in_(ids), outbox.c.status == SCHEDULED)
+        async with self.database.transaction() as conn:
+            return (await conn.execute(statement)).rowcount or 0
+
     async def show(self, message_id: str) -> dict[str, Any]:
         """One outbox row, with its payload and headers."""
         async with self.database.connect() as conn:
