@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from accord import Database, Message, add_to_outbox, outbox_transaction
 from accord.cli.app import _register_subcommands, app
 from accord.db.schema import outbox
-from accord.errors import ConfigurationError
+from accord.errors import ConfigurationError, DatabaseError
 from accord.outbox import SCHEDULED, OutboxAdmin, Relay, cancel_scheduled
 from accord.outbox._claim import release_scheduled
 from tests.outbox.conftest import fast_relay, statuses
@@ -217,6 +217,7 @@ async def test_many_due_at_once_are_released_a_batch_at_a_time_by_two_relays(
         ({"deliver_at": datetime(2030, 1, 1)}, "timezone-aware"),
         ({"delay": timedelta(seconds=-1)}, "zero or more"),
         ({"delay": 5}, "timedelta"),
+        ({"deliver_at": "2030-01-01T00:00:00+00:00"}, "timezone-aware datetime"),
         (
             {"deliver_at": datetime(2030, 1, 1, tzinfo=UTC), "delay": timedelta(seconds=1)},
             "not both",
@@ -265,3 +266,20 @@ async def test_the_cli_lists_scheduled_messages_next_due_first_and_cancels_them(
     assert result.exit_code != 0 and "not an outbox message id" in result.output
     left = await statuses(database)
     assert sorted(left.values()) == ["PENDING", SCHEDULED] and left[sooner.id] == SCHEDULED
+
+
+async def test_a_relay_that_cannot_release_scheduled_messages_still_publishes_the_pending(
+    database: Database, db_url: str, listen: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    relay, received = await relayed(database, listen, db_url)
+
+    async def broken(*args: Any, **kwargs: Any) -> int:
+        raise DatabaseError("releasing scheduled outbox rows failed: the server said no")
+
+    monkeypatch.setattr("accord.outbox.relay.release_scheduled", broken)
+    message = Message(type="reminder.now")
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, message)
+    assert await relay.run_once() == 1
+    await received.wait(1, timeout=5)
+    assert received.ids == [message.id]

@@ -480,7 +480,8 @@ async def settle_on_driver(
 # others skip releasing meanwhile; SQLite: its one writer): two relays releasing at
 # once would commit one key's rows in the other order, and the later-due ones, seen
 # first, would go first.
-_RELEASE_LOCK = sa.text("SELECT pg_try_advisory_xact_lock(1094931267)")  # "ACSC"
+# (Accord's key, 1): the two-number key space, apart from single-number locks.
+_RELEASE_LOCK = sa.text("SELECT pg_try_advisory_xact_lock(1094930258, 1)")
 _RELEASE_POSTGRES = sa.text(
     """
 UPDATE accord_outbox o

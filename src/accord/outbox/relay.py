@@ -245,9 +245,13 @@ class Relay:
         """Make the scheduled rows due by ``now`` PENDING (up to a batch), for this
         round to claim; looked for again a ``poll_interval`` later, or at once
         after a full batch."""
-        with translate_errors("releasing scheduled outbox rows"):
-            async with self.database.transaction() as conn:
-                released = await release_scheduled(conn, now=now, limit=self.batch_size)
+        try:
+            with translate_errors("releasing scheduled outbox rows"):
+                async with self.database.transaction() as conn:
+                    released = await release_scheduled(conn, now=now, limit=self.batch_size)
+        except Exception as exc:  # the round goes on: what is pending still goes out
+            log.warning("relay %s could not release scheduled messages: %s", self.name, exc)
+            released = 0
         if released:
             log.debug("relay %s released %d scheduled messages", self.name, released)
         full = released >= self.batch_size

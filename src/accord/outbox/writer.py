@@ -87,18 +87,23 @@ _PG_ADD = (
     f"WITH added AS ({_INSERT}($1, $2, $3, $4::jsonb, $5::jsonb, 'PENDING', 0, now(), now()) "
     f"ON CONFLICT (id) DO NOTHING RETURNING 1) SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
 )
-# A row for later: due at $6, or $7 after the server's now(); no wake-up (a relay
-# releases it when due).
+# A row for later: due at $6, or $7 microseconds after the server's clock when it is
+# added (statement_timestamp(): now() is when the transaction began; microseconds,
+# not an interval of days, which PostgreSQL would add as calendar days in the
+# session's time zone, 23 or 25 hours across a daylight-saving change). No wake-up:
+# a relay releases it when due.
+_PG_DELAY = "statement_timestamp() + {micros} * interval '1 microsecond'"
 _PG_SCHEDULE = (
     f"{_INSERT}($1, $2, $3, $4::jsonb, $5::jsonb, '{SCHEDULED}', 0, "
-    "COALESCE($6::timestamptz, now() + $7::interval), now()) ON CONFLICT (id) DO NOTHING"
+    f"COALESCE($6::timestamptz, {_PG_DELAY.format(micros='$7::bigint')}), now()) "
+    "ON CONFLICT (id) DO NOTHING"
 )
 
 
 @dataclass(frozen=True, slots=True)
 class _Schedule:
-    """When messages added for later are due: at ``at``, or ``delay`` after the
-    commit's time (the server's ``now()`` on PostgreSQL)."""
+    """When messages added for later are due: at ``at``, or ``delay`` after they are
+    added (by the server's clock on PostgreSQL)."""
 
     at: datetime | None
     delay: timedelta | None
@@ -108,6 +113,10 @@ class _Schedule:
         if deliver_at is not None and delay is not None:
             raise ConfigurationError("give add_to_outbox deliver_at or delay, not both")
         if deliver_at is not None:
+            if not isinstance(deliver_at, datetime):
+                raise ConfigurationError(
+                    f"deliver_at must be a timezone-aware datetime, not {deliver_at!r}"
+                )
             if deliver_at.tzinfo is None or deliver_at.utcoffset() is None:
                 raise ConfigurationError(
                     f"deliver_at must be timezone-aware (e.g. datetime.now(UTC) + "
@@ -123,14 +132,19 @@ class _Schedule:
         return None
 
     def due(self, now: datetime) -> datetime:
-        """The due time, with ``now`` as the commit's time."""
+        """The due time, with ``now`` as the time they are added."""
         return self.at if self.at is not None else now + (self.delay or timedelta(0))
 
-    def sql(self) -> Any:
-        """The due time as a PostgreSQL expression, relative to the server's ``now()``."""
+    @property
+    def micros(self) -> int | None:
+        """The delay in whole microseconds."""
+        return None if self.delay is None else self.delay // timedelta(microseconds=1)
+
+    def sql(self) -> str:
+        """The due time as a PostgreSQL expression of literals."""
         if self.at is not None:
-            return sa.literal(self.at, UTCDateTime())
-        return sa.func.now() + sa.literal(self.delay, sa.Interval())
+            return f"'{self.at.isoformat()}'::timestamptz"
+        return _PG_DELAY.format(micros=self.micros)
 
 
 async def add(
@@ -185,7 +199,7 @@ async def add(
                 row["status"] = SCHEDULED
         if schedule is not None and postgres:
             statement = _insert_ignoring_duplicates(connection.dialect.name).values(
-                available_at=schedule.sql()
+                available_at=sa.literal_column(schedule.sql(), UTCDateTime())
             )
             await connection.execute(statement, rows)
             return
@@ -242,7 +256,7 @@ async def _add_on_driver(
     if schedule is None:
         await driver.executemany(_PG_ADD, [driver_row(r) for r in rows])
     else:
-        due = (schedule.at, schedule.delay)
+        due = (schedule.at, schedule.micros)
         await driver.executemany(_PG_SCHEDULE, [(*driver_row(r), *due) for r in rows])
     return True
 
@@ -435,12 +449,8 @@ def _row_values(row: dict[str, Any], schedule: _Schedule | None = None) -> str:
     row_id, event_type, key, payload, headers = driver_row(row)
     status, due = "PENDING", "now()"
     if schedule is not None:
-        status = SCHEDULED
-        if schedule.at is not None:
-            due = f"'{schedule.at.isoformat()}'::timestamptz"
-        else:
-            seconds = (schedule.delay or timedelta(0)).total_seconds()
-            due = f"now()+'{seconds:.6f} seconds'::interval"
+        # Sent with the COMMIT: a delay counts from then, never before the add() call.
+        status, due = SCHEDULED, schedule.sql()
     return (
         f"('{row_id}'::uuid,{_literal(event_type)},{_literal(key)},{_literal(payload)}"
         f"::jsonb,{_literal(headers)}::jsonb,'{status}',0,{due},now())"
