@@ -105,6 +105,35 @@ async def test_a_server_out_of_reach_keeps_the_last_offset() -> None:
         await database.dispose()
 
 
+def _stepped_back_after(calls: int, step: timedelta) -> tuple[Callable[[], datetime], list[int]]:
+    """A local clock that is set ``step`` back after its ``calls``-th reading."""
+    read = [0]
+
+    def local() -> datetime:
+        read[0] += 1
+        now = datetime.now(UTC)
+        return now if read[0] <= calls else now - step
+
+    return local, read
+
+
+@pytest.mark.postgres
+async def test_a_clock_set_back_during_a_measure_is_not_left_off(
+    host: Callable[[], Database],
+) -> None:
+    """NTP steps the host's clock 30 s back while the measure waits for the server's
+    first answer. Timed on that clock, the sample's round trip read negative, so it
+    was kept as the fastest, with an offset off by half the step, and the anchor,
+    read after the samples on the stepped clock, hid the step: 15 s off the server's
+    until the next measure, five minutes later."""
+    database = host()
+    local, _ = _stepped_back_after(1, timedelta(seconds=30))
+    clock = ServerClock(database, local=local)
+    await clock.sync_if_due()
+    await clock.sync_if_due()  # a step noticed since would be measured again here
+    assert abs(clock.now() - await server_now(database)) < timedelta(seconds=1)
+
+
 # -- the outbox ---------------------------------------------------------------------------
 
 

@@ -145,16 +145,19 @@ class ServerClock:
         return await self._measure(conn)
 
     async def _measure(self, conn: AsyncConnection) -> timedelta:
-        best: tuple[timedelta, timedelta] | None = None  # (round trip, offset)
+        # (round trip, offset, the local and monotonic clocks when it was sent). The
+        # round trip is timed on the monotonic clock: a step of the local one during
+        # a measure must not make a sample look the fastest; a step after the kept
+        # sample was sent shows at the next call (_jumped).
+        best: tuple[float, timedelta, tuple[datetime, float]] | None = None
         for _ in range(_SAMPLES):
-            sent = self._local()
+            sent_at, sent = time.monotonic(), self._local()
             server = await conn.scalar(_CLOCK)
-            received = self._local()
+            trip = time.monotonic() - sent_at
             assert isinstance(server, datetime)
-            trip = received - sent
-            offset = server - (sent + trip / 2)
+            offset = server - (sent + timedelta(seconds=trip / 2))
             if best is None or trip < best[0]:
-                best = trip, offset
+                best = trip, offset, (sent, sent_at)
         assert best is not None
         if abs(best[1]) >= _WARN_OFFSET and abs(best[1] - self.offset) >= _WARN_OFFSET:
             log.warning(
@@ -164,7 +167,7 @@ class ServerClock:
                 "behind" if best[1] > timedelta(0) else "ahead of",
             )
         self.offset = best[1]
-        self._anchor = self._local(), time.monotonic()
+        self._anchor = best[2]
         CLOCK_OFFSET.labels(self._label).set(self.offset.total_seconds())
         return self.offset
 

@@ -11,19 +11,44 @@ from sqlalchemy.dialects import postgresql
 
 __all__ = ["BigId", "JSONType", "UTCDateTime", "json_text", "one_of"]
 
+
+class _SQLiteJSON(sa.TypeDecorator[Any]):
+    """JSON on SQLite. A column declared JSON has NUMERIC affinity there: text that
+    reads as a number is stored as one, so ``2.0`` would come back ``2`` and an
+    integer past 64 bits rounded. A value that is a bare number is bound as bytes
+    (stored as a BLOB, never converted); it reads back as the JSON it was."""
+
+    impl = sa.JSON
+    cache_ok = True
+
+    def bind_processor(self, dialect: Any) -> Any:
+        serialize = self.impl_instance.bind_processor(dialect)
+
+        def process(value: Any) -> Any:
+            text = serialize(value) if serialize is not None else value
+            if isinstance(text, str) and text[:1] in _NUMBER_STARTS:
+                return text.encode()
+            return text
+
+        return process
+
+
+_NUMBER_STARTS = frozenset("-0123456789")
+
 #: JSON on SQLite, JSONB on PostgreSQL.
-JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+JSONType = _SQLiteJSON().with_variant(postgresql.JSONB(), "postgresql")
 
 
-def json_text(value: str | float | None) -> str:
-    """A JSON column's value as JSON text, read raw (without its type's processing):
-    a column declared JSON has NUMERIC affinity on SQLite, which stores a bare
-    number (``5``, ``2.5``) as a number and gives it back as one (a float exactly as
-    stored)."""
+def json_text(value: str | bytes | float | None) -> str:
+    """A JSON column's value as JSON text, read raw (without its type's processing).
+    On SQLite a bare number is stored as bytes (``_SQLiteJSON``), or, if written
+    before that, as a number (a float exactly as stored)."""
     if value is None:
         return "null"
     if isinstance(value, str):
         return value
+    if isinstance(value, bytes):
+        return value.decode()
     return json.dumps(value)
 
 
