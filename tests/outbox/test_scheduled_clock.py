@@ -5,42 +5,16 @@ its transaction ran before."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from accord import Database, Message, add_to_outbox, outbox_transaction
-from accord.db.schema import outbox
+from accord import Database, Message, add_to_outbox
 from accord.outbox import SCHEDULED
-
-WAYS = ["transaction", "outbox_transaction", "session"]
-
-
-@contextlib.asynccontextmanager
-async def adding(database: Database, way: str) -> AsyncIterator[AsyncConnection | AsyncSession]:
-    if way == "outbox_transaction":
-        async with outbox_transaction(database) as conn:
-            yield conn
-    elif way == "session":
-        async with database.transaction() as conn:
-            yield AsyncSession(bind=conn)
-    else:
-        async with database.transaction() as conn:
-            yield conn
-
-
-async def row_of(database: Database, message_id: str) -> Any:
-    async with database.connect() as conn:
-        return (
-            await conn.execute(sa.select(outbox).where(outbox.c.id == uuid.UUID(message_id)))
-        ).one()
+from tests.outbox.test_scheduled import WAYS, adding, row_of
 
 
 def days_across_a_clock_change(zone: ZoneInfo, now: datetime) -> int:
