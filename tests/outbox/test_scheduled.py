@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from typer.testing import CliRunner
 
@@ -79,6 +80,7 @@ async def test_a_scheduled_message_is_published_when_due_and_not_before(
     database: Database, db_url: str, listen: Any, way: str
 ) -> None:
     relay, received = await relayed(database, listen, db_url)
+    released = REGISTRY.get_sample_value("accord_outbox_scheduled_released_total") or 0.0
     later, at_once = Message(type="reminder.due"), Message(type="reminder.now")
     fixed = Message(type="reminder.fixed")
     started = time.monotonic()
@@ -96,6 +98,7 @@ async def test_a_scheduled_message_is_published_when_due_and_not_before(
     assert time.monotonic() - started >= 1.4
     assert sorted(received.ids[1:]) == sorted([later.id, fixed.id])
     assert set((await statuses(database)).values()) == {"SENT"}
+    assert REGISTRY.get_sample_value("accord_outbox_scheduled_released_total") == released + 2
     message = next(m for m, _ in received.received if m is not None and m.id == later.id)
     assert message.type == "reminder.due"
 

@@ -56,6 +56,9 @@ log = logging.getLogger("accord.outbox.relay")
 PUBLISHED = Counter("accord_outbox_published", "Outbox messages confirmed by the broker")
 FAILED = Counter("accord_outbox_publish_failures", "Outbox publish attempts that failed")
 DEAD = Counter("accord_outbox_dead", "Outbox messages marked DEAD after their last attempt")
+RELEASED = Counter(
+    "accord_outbox_scheduled_released", "Scheduled outbox messages released when due"
+)
 BATCH_SECONDS = Histogram("accord_outbox_batch_seconds", "Claim, publish and settle one batch")
 
 
@@ -253,6 +256,7 @@ class Relay:
             log.warning("relay %s could not release scheduled messages: %s", self.name, exc)
             released = 0
         if released:
+            RELEASED.inc(released)
             log.debug("relay %s released %d scheduled messages", self.name, released)
         full = released >= self.batch_size
         self._scheduled_due = 0.0 if full else time.monotonic() + self.poll_interval
