@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from prometheus_client import Gauge
@@ -83,6 +83,11 @@ class ServerClock:
     def now(self) -> datetime:
         """The server's time now, as far as this process can tell."""
         return self._local() + self.offset
+
+    def sql_now(self) -> Any:
+        """The server's time in a statement that writes it: ``now()`` on PostgreSQL
+        (exact, no offset needed); on SQLite (one host) the local clock."""
+        return sa.func.now() if self.database.is_postgres else self._local()
 
     async def sync_if_due(self, conn: AsyncConnection | None = None) -> None:
         """Measure the offset if it never was, or five minutes ago (PostgreSQL only).

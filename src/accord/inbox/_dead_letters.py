@@ -334,7 +334,7 @@ class DeadLetters:
     def _due_now(self) -> dict[str, Any]:
         # The server's time on PostgreSQL, as consumers compare it (Database.clock):
         # an operator's host ahead of the consumers' must not hold the replay back.
-        now = sa.func.now() if self.database.is_postgres else datetime.now(UTC)
+        now = self.database.clock.sql_now()
         return {"available_at": now, "updated_at": now}
 
     async def purge(self, consumer: str | None = None, *, letter_id: int | None = None) -> int:

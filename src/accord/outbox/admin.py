@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,7 +12,7 @@ import sqlalchemy as sa
 from accord.db.database import Database
 from accord.db.schema import outbox
 from accord.errors import ConfigurationError, NotFoundError
-from accord.outbox.writer import SCHEDULED
+from accord.outbox.writer import SCHEDULED, message_uuid, withdraw_scheduled
 
 __all__ = ["OutboxAdmin", "OutboxStatus"]
 
@@ -80,13 +79,6 @@ def _aware(value: datetime | str | None) -> datetime | None:
     return value
 
 
-def _uuid(value: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise ConfigurationError(f"{value!r} is not an outbox message id (a UUID)") from None
-
-
 class OutboxAdmin:
     """Operator actions on one database's outbox."""
 
@@ -151,16 +143,14 @@ class OutboxAdmin:
         """Withdraw scheduled messages not yet released; returns how many were."""
         if not message_ids:
             raise ConfigurationError("give the ids of the scheduled messages to cancel")
-        ids = [_uuid(i) for i in message_ids]
-        statement = outbox.delete().where(outbox.c.id.in_(ids), outbox.c.status == SCHEDULED)
         async with self.database.transaction() as conn:
-            return (await conn.execute(statement)).rowcount or 0
+            return await withdraw_scheduled(conn, message_ids)
 
     async def show(self, message_id: str) -> dict[str, Any]:
         """One outbox row, with its payload and headers."""
         async with self.database.connect() as conn:
             row = (
-                await conn.execute(sa.select(outbox).where(outbox.c.id == _uuid(message_id)))
+                await conn.execute(sa.select(outbox).where(outbox.c.id == message_uuid(message_id)))
             ).first()
         if row is None:
             raise NotFoundError(f"no outbox message with id {message_id}")
@@ -173,7 +163,7 @@ class OutboxAdmin:
             "status": "PENDING",
             "retry_count": 0,
             # The server's time on PostgreSQL, as relays compare it (Database.clock).
-            "available_at": sa.func.now() if self.database.is_postgres else datetime.now(UTC),
+            "available_at": self.database.clock.sql_now(),
         }
         async with self.database.transaction() as conn:
             result = await conn.execute(outbox.update().where(where).values(**values))
@@ -193,5 +183,5 @@ class OutboxAdmin:
             raise ConfigurationError("name the message ids, or pass --all for every DEAD message")
         where = outbox.c.status == "DEAD"
         if message_ids:
-            where = sa.and_(where, outbox.c.id.in_([_uuid(m) for m in message_ids]))
+            where = sa.and_(where, outbox.c.id.in_([message_uuid(m) for m in message_ids]))
         return where

@@ -8,7 +8,7 @@ import functools
 import json
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,8 +33,10 @@ __all__ = [
     "cancel_scheduled",
     "driver_row",
     "message_from_row",
+    "message_uuid",
     "row_from_message",
     "transaction",
+    "withdraw_scheduled",
 ]
 
 #: The PostgreSQL channel a commit that added outbox rows notifies; relays LISTEN on it.
@@ -197,13 +199,11 @@ async def add(
                 row["available_at"] = schedule.due(now)
             if schedule is not None:
                 row["status"] = SCHEDULED
+        statement = _insert_ignoring_duplicates(connection.dialect.name)
         if schedule is not None and postgres:
-            statement = _insert_ignoring_duplicates(connection.dialect.name).values(
-                available_at=sa.literal_column(schedule.sql(), UTCDateTime())
-            )
-            await connection.execute(statement, rows)
-            return
-        await connection.execute(_insert_ignoring_duplicates(connection.dialect.name), rows)
+            due = sa.literal_column(schedule.sql(), UTCDateTime())
+            statement = statement.values(available_at=due)
+        await connection.execute(statement, rows)
         if postgres and schedule is None:
             await connection.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"))
 
@@ -213,16 +213,27 @@ async def cancel_scheduled(conn: AsyncConnection | AsyncSession, message_id: str
     releases it, in the transaction ``conn`` is in (rolled back, the message stays
     scheduled). True if it was withdrawn; False if no such message waits: never
     added (or not committed yet), already released to be published, or cancelled."""
-    try:
-        row_id = uuid.UUID(message_id)
-    except ValueError:
-        raise ConfigurationError(f"{message_id!r} is not an outbox message id (a UUID)") from None
     connection = await conn.connection() if isinstance(conn, AsyncSession) else conn
-    with translate_errors("cancelling a scheduled message"):
-        result = await connection.execute(
-            outbox.delete().where(outbox.c.id == row_id, outbox.c.status == SCHEDULED)
+    return await withdraw_scheduled(connection, [message_id]) == 1
+
+
+async def withdraw_scheduled(conn: AsyncConnection, message_ids: Sequence[str]) -> int:
+    """Delete the SCHEDULED rows of ``message_ids`` in ``conn``'s transaction; return
+    how many there were."""
+    ids = [message_uuid(m) for m in message_ids]
+    with translate_errors("cancelling scheduled messages"):
+        result = await conn.execute(
+            outbox.delete().where(outbox.c.id.in_(ids), outbox.c.status == SCHEDULED)
         )
-    return bool(result.rowcount)
+    return int(result.rowcount or 0)
+
+
+def message_uuid(value: str) -> uuid.UUID:
+    """An outbox message id given as text, as the UUID its row holds."""
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ConfigurationError(f"{value!r} is not an outbox message id (a UUID)") from None
 
 
 def driver_row(row: dict[str, Any]) -> tuple[uuid.UUID, str, str | None, str, str]:
