@@ -105,27 +105,37 @@ async def test_upgrade_from_version_5_names_each_deadlines_saga(database: Databa
     assert "gone" not in left
 
 
-async def test_upgrade_from_version_7_indexes_participants_records_by_time(
-    database: Database,
+@pytest.mark.parametrize("version", [7, 9])
+async def test_upgrade_indexes_participants_records_by_time_then_participant(
+    database: Database, version: int
 ) -> None:
-    """Pruning a participant's records by age reads a range of (participant, at)."""
-    name = "ix_accord_saga_participations_at"
+    """Pruning a participant's records by age reads a range of (at, participant). A
+    database at version 8 or 9 has (participant, at) instead, which PostgreSQL took
+    for a participant's lookups by saga and scanned: the upgrade replaces it. One at
+    version 7 has neither and gets only the new one."""
+    new, old = "ix_accord_saga_participations_time", "ix_accord_saga_participations_at"
 
-    async def indexes() -> set[str]:
+    async def indexes() -> dict[str, list[str]]:
         async with database.connect() as conn:
             found = await conn.run_sync(
                 lambda sync: sa.inspect(sync).get_indexes("accord_saga_participations")
             )
-        return {index["name"] for index in found}
+        return {index["name"]: index["column_names"] for index in found if index["name"]}
 
     await database.upgrade()
-    assert name in await indexes()
-    async with database.transaction() as conn:  # back to what version 7 left
-        await conn.execute(sa.text(f"DROP INDEX {name}"))
-        await conn.execute(schema_version.delete().where(schema_version.c.version > 7))
-    assert name not in await indexes()
+    assert (await indexes()).get(new) == ["at", "participant"]
+    async with database.transaction() as conn:  # back to what that version left
+        await conn.execute(sa.text(f"DROP INDEX {new}"))
+        if version >= 8:
+            await conn.execute(
+                sa.text(f"CREATE INDEX {old} ON accord_saga_participations (participant, at)")
+            )
+        await conn.execute(schema_version.delete().where(schema_version.c.version > version))
+    assert new not in await indexes()
     assert await database.upgrade() == MIGRATIONS[-1][0]
-    assert name in await indexes()
+    after = await indexes()
+    assert after.get(new) == ["at", "participant"]
+    assert old not in after
 
 
 async def test_the_sql_transports_queue_never_reuses_a_seq_on_sqlite(sqlite_url: str) -> None:

@@ -111,11 +111,18 @@ WHERE NOT EXISTS (SELECT 1 FROM accord_flow_heads AS h
 
 
 async def _participation_index(conn: AsyncConnection) -> None:
-    """Index participants' records by (participant, time): pruning them by age reads
-    a range of it."""
+    """Version 8 indexed participants' records by (participant, time); version 10
+    replaces that index, so an older database skips building it only to drop it."""
+
+
+async def _participation_time_index(conn: AsyncConnection) -> None:
+    """Index participants' records by (time, participant) instead of (participant,
+    time): pruning by age still reads a range, and a participant's lookups by saga
+    no longer find an index led by ``participant`` to scan instead of the key."""
     from accord.db.schema_sagas import participations
 
-    await _create_indexes(conn, participations, "ix_accord_saga_participations_at")
+    await conn.execute(sa.text("DROP INDEX IF EXISTS ix_accord_saga_participations_at"))
+    await _create_indexes(conn, participations, "ix_accord_saga_participations_time")
 
 
 async def _scheduled_index(conn: AsyncConnection) -> None:
@@ -134,8 +141,9 @@ MIGRATIONS: list[tuple[int, str, Migration]] = [
     (5, "index accord_dead_letters by message and for replays", _dead_letter_indexes),
     (6, "name each deadline's saga; index deadlines by (saga, due time)", _deadline_saga_names),
     (7, "add accord_flow_heads (one row per tracked flow)", _flow_heads),
-    (8, "index accord_saga_participations by (participant, time)", _participation_index),
+    (8, "(replaced by 10) index participants' records by participant", _participation_index),
     (9, "index accord_outbox rows scheduled for later by due time", _scheduled_index),
+    (10, "index accord_saga_participations by (time, participant)", _participation_time_index),
 ]
 
 _LOCK_ID = 0x4143_4F52  # "ACOR": serialises concurrent upgrades on PostgreSQL

@@ -12,8 +12,11 @@
 * ``accord_saga_participations``: a participant's record of each (saga, step,
   phase) it handled, with the reply it sent (idempotency per saga step). Kept
   for the participant's ``records_retention``: pruning reads a range of its
-  ``(participant, at)`` index, and leaves a row of saga ``''``, step -1 whose
-  ``at`` is the time the participant's records were pruned up to.
+  ``(at, participant)`` index, and leaves a row of saga ``''``, step -1 whose
+  ``at`` is the time the participant's records were pruned up to. The index
+  leads with the time: one led by ``participant`` would compete with the primary
+  key for a participant's lookups by saga (a service's records mostly share one
+  participant) and, with no statistics, be taken for them.
 * ``accord_flows``: every message a flow tracker saw, by correlation id.
 * ``accord_flow_heads``: one row per flow, kept with its messages: how many, the
   last one, whether the flow ended and whether it is an orchestrated saga's.
@@ -107,7 +110,7 @@ participations = sa.Table(
     sa.Column("result", JSONType, nullable=True),
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("at", UTCDateTime, nullable=False),
-    sa.Index("ix_accord_saga_participations_at", "participant", "at"),
+    sa.Index("ix_accord_saga_participations_time", "at", "participant"),
 )
 
 flows = sa.Table(

@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-__all__ = ["BigId", "JSONType", "UTCDateTime", "json_text", "one_of"]
+__all__ = ["BigId", "JSONType", "UTCDateTime", "json_text", "one_of", "rows_of_each"]
 
 
 class _SQLiteJSON(sa.TypeDecorator[Any]):
@@ -87,3 +87,35 @@ def one_of(column: sa.ColumnElement[Any], name: str, dialect: str) -> sa.ColumnE
     if dialect == "postgresql":
         return column == sa.any_(sa.bindparam(name, type_=postgresql.ARRAY(column.type)))
     return column.in_(sa.bindparam(name, expanding=True))
+
+
+def rows_of_each(
+    table: sa.Table,
+    column: sa.Column[Any],
+    name: str,
+    *also: sa.ColumnElement[bool],
+    dialect: str,
+    lock: bool = False,
+) -> sa.Select[Any]:
+    """The rows of ``table`` whose ``column`` is one of the list bound as ``name`` (and
+    that meet ``also``), each row locked ``FOR UPDATE`` if ``lock``.
+
+    PostgreSQL: one look-up per value, so that the index led by ``column`` is the
+    only plan worth taking, whatever the planner knows of the table. A connection
+    keeps the plan it made for ``column = ANY(:name)`` while the table was small (no
+    statistics until autovacuum analyzes it): a scan of the whole table, which then
+    grows with it (seen: 5-10 ms a batch of 64 sagas at 1,100-1,300 rows, from
+    0.2 ms). Each look-up is a subquery of its own (``OFFSET`` keeps the planner
+    from merging it back); rows are locked in the list's order: sort it. Elsewhere:
+    ``column IN (...)``, locks taken by the transaction (SQLite's file lock).
+    """
+    if dialect != "postgresql":
+        return sa.select(table).where(one_of(column, name, dialect), *also)
+    values = (
+        sa.func.unnest(sa.bindparam(name, type_=postgresql.ARRAY(column.type)))
+        .table_valued("value")
+        .render_derived(name="k")
+    )
+    one = sa.select(table).where(column == values.c.value, *also).offset(0)
+    found = (one.with_for_update() if lock else one).lateral("r")
+    return sa.select(found).select_from(values).join(found, sa.true())

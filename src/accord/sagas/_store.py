@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db.database import driver_in_transaction, translate_errors
 from accord.db.schema_sagas import deadlines, saga_steps, sagas
-from accord.db.types import one_of
+from accord.db.types import one_of, rows_of_each
 from accord.errors import ConcurrencyError
 from accord.messages import Message
 from accord.outbox.writer import NOTIFY_CHANNEL, driver_row, row_from_message
@@ -399,8 +399,10 @@ class _Statements:
 
     def __init__(self, dialect: str) -> None:
         insert = pg_insert if dialect == "postgresql" else sqlite_insert
-        load = sa.select(sagas).where(one_of(sagas.c.id, "ids", dialect)).order_by(sagas.c.id)
-        self.load_locked = load.with_for_update() if dialect == "postgresql" else load
+        # Locked in the order of the ids (sorted) on PostgreSQL.
+        self.load_locked = rows_of_each(
+            sagas, sagas.c.id, "ids", dialect=dialect, lock=dialect == "postgresql"
+        )
         self.delete_deadlines = deadlines.delete().where(
             one_of(deadlines.c.saga_id, "ids", dialect)
         )
