@@ -40,18 +40,21 @@ def _literal(value: Any) -> str:
 
 
 def _scans(node: dict[str, Any], table: str) -> list[dict[str, Any]]:
-    found = [node] if node.get("Relation Name") == table else []
+    """The plan's reads of ``table`` (not the update or delete of its rows)."""
+    reads = node.get("Relation Name") == table and node["Node Type"] != "ModifyTable"
+    found = [node] if reads else []
     for child in node.get("Plans", []):
         found += _scans(child, table)
     return found
 
 
 async def _plan_after_growth(
-    pg_url: str, statement: Any, params: dict[str, Any], add: str, ids: list[str]
+    pg_url: str, statement: Any, params: dict[str, Any], add: str, ids: list[str], few: int
 ) -> tuple[list[Any], dict[str, Any]]:
     """Run ``statement`` (with ``params`` and the list ``ids``) twelve times on one
-    connection while ``add`` has put 5 sagas' rows in its table, grow the table to
-    6,000 sagas, and return what the kept plan then returns for ``ids`` and how it ran."""
+    connection while ``add`` has put ``few`` sagas' rows in its table, grow the table
+    to 6,000 sagas, and return what the kept plan then returns for ``ids`` and how it
+    ran."""
     database = Database(pg_url)
     await database.upgrade()
     compiled = statement.compile(dialect=postgresql.asyncpg.dialect())
@@ -62,12 +65,12 @@ async def _plan_after_growth(
         return [bound[name] for name in compiled.positiontup or []]
 
     try:
-        await driver.execute(add, 1, 5)
+        await driver.execute(add, 1, few)
         prepared = await driver.prepare(str(compiled))
         async with driver.transaction():
             for k in range(12):  # past the custom plans: the connection keeps one plan
                 await prepared.fetch(*args([f"saga-{i}" for i in range(k, k + 40)]))
-        await driver.execute(add, 6, 6000)
+        await driver.execute(add, few + 1, 6000)
         async with driver.transaction():
             rows = await prepared.fetch(*args(ids))
             # EXPLAIN takes no parameters: the same arguments, written out.
@@ -92,8 +95,9 @@ def _assert_probes_the_key(plan: dict[str, Any], table: str) -> None:
         assert scan.get("Rows Removed by Index Recheck", 0) == 0, scan
 
 
+@pytest.mark.parametrize("few", [5, 70])
 async def test_a_participants_lookup_probes_the_key_on_a_table_grown_since_its_plan(
-    pg_url: str,
+    pg_url: str, few: int
 ) -> None:
     """A service's records mostly share one participant. On a table with no statistics
     PostgreSQL took ``participant = :name`` for selective and kept the plan it made
@@ -102,7 +106,7 @@ async def test_a_participants_lookup_probes_the_key_on_a_table_grown_since_its_p
     40 sagas (10-13 ms a batch at 1,400-1,800 records in the saga benchmark)."""
     ids = ["", *(f"saga-{i}" for i in range(3000, 3040))]
     rows, plan = await _plan_after_growth(
-        pg_url, _records_statement("postgresql"), {"name": "svc-b"}, _ADD_RECORDS, ids
+        pg_url, _records_statement("postgresql"), {"name": "svc-b"}, _ADD_RECORDS, ids, few
     )
     assert sorted((r["saga_id"], r["step"]) for r in rows) == sorted(
         (f"saga-{i}", s) for i in range(3000, 3040) for s in (1, 2)
@@ -112,18 +116,46 @@ async def test_a_participants_lookup_probes_the_key_on_a_table_grown_since_its_p
         assert "saga_id" in scan.get("Index Cond", ""), scan
 
 
+@pytest.mark.parametrize("few", [5, 70])
 async def test_an_orchestrators_batch_load_probes_the_key_on_a_table_grown_since_its_plan(
-    pg_url: str,
+    pg_url: str, few: int
 ) -> None:
     """The orchestrator loads and locks a batch's sagas by id. With the plan kept from
     when the table was small it scanned every saga (5-10 ms a batch of 64 at 1,100 to
     1,300 sagas in the saga benchmark, growing with the table)."""
     ids = sorted(f"saga-{i}" for i in range(3000, 3064))
     rows, plan = await _plan_after_growth(
-        pg_url, _statements("postgresql").load_locked, {}, _ADD_SAGAS, ids
+        pg_url, _statements("postgresql").load_locked, {}, _ADD_SAGAS, ids, few
     )
     assert sorted(r["id"] for r in rows) == ids
     _assert_probes_the_key(plan, "accord_sagas")
+
+
+_ADD_DEADLINES = """
+INSERT INTO accord_deadlines (saga_id, kind, phase, step, attempt, due_at, saga_name)
+SELECT 'saga-' || i, 'timeout', 'action', 0, 1, now() + interval '1 hour', 'trip'
+FROM generate_series($1::int, $2::int) AS i
+"""
+
+
+@pytest.mark.parametrize("few", [5, 70])
+async def test_clearing_a_batchs_deadlines_probes_the_key_on_a_table_grown_since_its_plan(
+    pg_url: str, few: int
+) -> None:
+    """A batch's transitions clear their sagas' deadlines by id; with the plan kept
+    from when the table was small, a scan of every saga's deadline (7 ms at 6,000)."""
+    ids = sorted(f"saga-{i}" for i in range(3000, 3064))
+    statement = _statements("postgresql").delete_deadlines
+    _rows, plan = await _plan_after_growth(pg_url, statement, {}, _ADD_DEADLINES, ids, few)
+    scans = _scans(plan["Plan"], "accord_deadlines")
+    assert scans, plan
+    for scan in scans:
+        assert scan["Node Type"] in ("Index Scan", "Tid Scan"), scan
+        assert scan.get("Rows Removed by Filter", 0) == 0, scan
+    # One probe per saga (the first run of the batch deleted its rows already), and
+    # the rows deleted by tuple id.
+    assert [s["Actual Loops"] for s in scans if s["Node Type"] == "Index Scan"] == [64]
+    assert [s["Node Type"] for s in scans].count("Tid Scan") == 1
 
 
 async def test_a_batch_load_keeps_its_sagas_locked_until_it_ends(pg_url: str) -> None:

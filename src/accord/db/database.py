@@ -145,6 +145,20 @@ async def driver_in_transaction(conn: AsyncConnection) -> Any | None:
     return driver if adapter._transaction is not None else None
 
 
+async def driver_outside_transaction(conn: AsyncConnection) -> Any | None:
+    """The asyncpg connection under ``conn``, which is in no transaction: each
+    statement sent on it commits on its own (one round trip: no ``BEGIN``, no
+    ``COMMIT``). None for another driver, or if ``conn`` is in a transaction.
+    Only for a connection of one's own: a caller's connection that has sent nothing
+    yet is in no transaction either, but expects its next statement to begin one."""
+    if conn.dialect.name != "postgresql" or conn.in_transaction():
+        return None
+    driver: Any = (await conn.get_raw_connection()).driver_connection
+    if driver is None or not hasattr(driver, "is_in_transaction") or driver.is_in_transaction():
+        return None
+    return driver
+
+
 def on_commit(conn: AsyncConnection, callback: Callable[[], None]) -> None:
     """Call ``callback()`` when the transaction ``conn`` is in commits; forget it if
     that transaction rolls back. For effects of work done in a caller's transaction
@@ -269,6 +283,17 @@ class Database:
             async with self.engine.connect() as conn:
                 with callers.noting():
                     yield conn
+
+    @contextlib.asynccontextmanager
+    async def driver_alone(self) -> AsyncIterator[Any | None]:
+        """The asyncpg connection of a pooled connection, in no transaction: each
+        statement sent on it commits on its own (one round trip: no ``BEGIN``, no
+        ``COMMIT``). None for another driver: use :meth:`transaction`."""
+        if self.engine.dialect.driver != "asyncpg":
+            yield None
+            return
+        async with self.connect() as conn:
+            yield await driver_outside_transaction(conn)
 
     async def upgrade(self) -> int:
         """Create or migrate every Accord table; idempotent. Returns the schema version."""

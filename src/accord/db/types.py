@@ -9,7 +9,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-__all__ = ["BigId", "JSONType", "UTCDateTime", "json_text", "one_of", "rows_of_each"]
+__all__ = [
+    "BigId",
+    "JSONType",
+    "UTCDateTime",
+    "json_text",
+    "one_of",
+    "rows_of_each",
+    "tuple_ids_of_each",
+]
 
 
 class _SQLiteJSON(sa.TypeDecorator[Any]):
@@ -119,3 +127,18 @@ def rows_of_each(
     one = sa.select(table).where(column == values.c.value, *also).offset(0)
     found = (one.with_for_update() if lock else one).lateral("r")
     return sa.select(found).select_from(values).join(found, sa.true())
+
+
+def tuple_ids_of_each(table: str, column: str, values: str, where: str = "") -> str:
+    """PostgreSQL: a subquery (column ``tid``) of the tuple ids of the rows of
+    ``table`` whose ``column`` is one of the array ``values`` (an SQL expression, a
+    cast parameter), found one index probe each as in :func:`rows_of_each`, and
+    meeting ``where`` (an SQL condition on the row, alias ``t``), for an ``UPDATE
+    ... FROM`` or ``DELETE ... USING`` joined on ``ctid = tid``: a Tid Scan per row.
+    (Written ``WHERE ctid = ANY(ARRAY(...))``, a table planned as small is
+    scanned instead, the scan looking cheaper than ten tuple fetches.)"""
+    also = f" AND {where}" if where else ""
+    return (
+        f"(SELECT r.ctid AS tid FROM unnest({values}) AS k(value) CROSS JOIN LATERAL "
+        f"(SELECT t.ctid FROM {table} t WHERE t.{column} = k.value{also} OFFSET 0) r)"
+    )

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db.database import driver_in_transaction
-from accord.db.types import JSONType, UTCDateTime, json_text
+from accord.db.types import JSONType, UTCDateTime, json_text, tuple_ids_of_each
 from accord.errors import ConfigurationError
 
 __all__ = [
@@ -239,9 +239,9 @@ _STILL_HELD_DRIVER = " AND ($3::timestamptz IS NULL OR (status = 'PENDING' AND a
 # ``WHERE seq = ANY($2)`` a connection kept the plan it made while the table was
 # small, a scan of it, as the table grew with sent rows (1.7 ms at 6,000 rows).
 _MARK_SENT_DRIVER = (
-    "UPDATE accord_outbox SET status = 'SENT', sent_at = $1, last_error = NULL "
-    "WHERE ctid = ANY(ARRAY(SELECT r.ctid FROM unnest($2::bigint[]) AS k(seq) "
-    "CROSS JOIN LATERAL (SELECT o.ctid FROM accord_outbox o WHERE o.seq = k.seq OFFSET 0) r))"
+    "UPDATE accord_outbox SET status = 'SENT', sent_at = $1, last_error = NULL FROM "
+    + tuple_ids_of_each("accord_outbox", "seq", "$2::bigint[]")
+    + " AS found WHERE accord_outbox.ctid = found.tid"
     + _STILL_HELD_DRIVER
 )
 # A row given back without an error of its own (held behind its key, a cancelled

@@ -43,12 +43,14 @@ __all__ = ["Relay", "backoff_delay"]
 # How many SENT rows one clean-up statement deletes.
 _CLEANUP_BATCH = 5000
 # PostgreSQL, once it has statistics, plans DELETE ... WHERE seq IN (subquery) as a
-# hash join over the whole table, every batch; the rows fetched by their seqs go by
-# the primary key. 'SENT' is in the text so that a generic plan reads the partial
-# index of SENT rows.
+# hash join over the whole table, every batch; fetched by ``seq = ANY(ARRAY(...))``
+# the rows were a scan of it too under a plan kept from when the table was small.
+# The picked rows are deleted by tuple id (a Tid Scan each). 'SENT' is in the text
+# so that a generic plan reads the partial index of SENT rows.
 _CLEANUP_POSTGRES = sa.text(
-    "DELETE FROM accord_outbox WHERE seq = ANY(ARRAY("
-    "SELECT seq FROM accord_outbox WHERE status = 'SENT' AND sent_at < :cutoff LIMIT :batch))"
+    "DELETE FROM accord_outbox USING (SELECT ctid AS tid FROM accord_outbox "
+    "WHERE status = 'SENT' AND sent_at < :cutoff LIMIT :batch) AS old "
+    "WHERE accord_outbox.ctid = old.tid"
 ).bindparams(sa.bindparam("cutoff", type_=UTCDateTime()))
 
 log = logging.getLogger("accord.outbox.relay")
@@ -286,22 +288,17 @@ class Relay:
                 exc,
             )
 
-    @property
-    def _on_asyncpg(self) -> bool:
-        return self.database.engine.dialect.driver == "asyncpg"
-
     async def _claim_leased(self, now: datetime, lease_until: datetime) -> list[ClaimedRow]:
         """Claim and lease a batch in a transaction of its own. On PostgreSQL that is
         one statement sent to asyncpg outside any transaction: one round trip."""
-        if not self._on_asyncpg:
-            async with self.database.transaction() as conn:
-                return await claim(conn, now=now, lease_until=lease_until, limit=self.batch_size)
-        async with self.database.connect() as conn:
-            with translate_errors("claiming outbox rows"):
-                driver = (await conn.get_raw_connection()).driver_connection
-                return await claim_on_driver(
-                    driver, now=now, lease_until=lease_until, limit=self.batch_size
-                )
+        async with self.database.driver_alone() as driver:
+            if driver is not None:
+                with translate_errors("claiming outbox rows"):
+                    return await claim_on_driver(
+                        driver, now=now, lease_until=lease_until, limit=self.batch_size
+                    )
+        async with self.database.transaction() as conn:
+            return await claim(conn, now=now, lease_until=lease_until, limit=self.batch_size)
 
     async def _settle_leased(
         self, sent: list[int], others: list[Settlement], lease_until: datetime
@@ -309,15 +306,14 @@ class Relay:
         """Settle a leased batch (only rows still under this lease); returns how many
         were marked SENT. On PostgreSQL each statement commits on its own."""
         now = self.database.clock.now()
-        if not self._on_asyncpg:
-            async with self.database.transaction() as conn:
-                return await settle(conn, now=now, sent=sent, others=others, held_until=lease_until)
-        async with self.database.connect() as conn:
-            with translate_errors("settling outbox rows"):
-                driver = (await conn.get_raw_connection()).driver_connection
-                return await settle_on_driver(
-                    driver, now=now, sent=sent, others=others, held_until=lease_until
-                )
+        async with self.database.driver_alone() as driver:
+            if driver is not None:
+                with translate_errors("settling outbox rows"):
+                    return await settle_on_driver(
+                        driver, now=now, sent=sent, others=others, held_until=lease_until
+                    )
+        async with self.database.transaction() as conn:
+            return await settle(conn, now=now, sent=sent, others=others, held_until=lease_until)
 
     def _count(self, sent: Sequence[int], marked: int, started: float) -> int:
         """Metrics for a settled round; returns how many rows it marked SENT."""

@@ -267,10 +267,12 @@ class Engine:
         if self.outbox:
             await add_to_outbox(self.conn, *self.outbox)
 
-    async def save_new(self) -> bool:
+    async def save_new(self, *, alone: bool = False) -> bool:
         """Insert the new instance as this transition leaves it, with its log, deadline
-        and commands; False, writing nothing, if an instance with its id exists."""
-        inserted = await self.tx.insert_with(self.conn, self.outbox)
+        and commands; False, writing nothing, if an instance with its id exists.
+        ``alone``: the engine's connection is in no transaction; on PostgreSQL the
+        insert is one statement that commits on its own (else one begins)."""
+        inserted = await self.tx.insert_with(self.conn, self.outbox, alone=alone)
         if inserted is not None:
             return inserted
         if not await self.tx.insert(self.conn):

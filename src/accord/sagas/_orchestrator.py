@@ -167,8 +167,15 @@ class Orchestrator:
         # inside its transaction (another one of the pool might never come).
         await self.database.clock.sync_if_due(conn)
         if conn is None:
-            async with self.database.transaction() as own:
-                started = await self._start(own, definition, data or {}, saga_id, committed)
+            # On PostgreSQL a saga whose first step is a command starts in one
+            # statement that commits on its own; otherwise the first statement sent
+            # begins a transaction, committed here.
+            async with self.database.connect() as own:
+                started = await self._start(
+                    own, definition, data or {}, saga_id, committed, alone=True
+                )
+                if own.in_transaction():
+                    await own.commit()
             run_after_commit(committed)
         else:  # counted when the caller commits, not if it rolls back
             started = await self._start(conn, definition, data or {}, saga_id, committed)
@@ -183,6 +190,8 @@ class Orchestrator:
         data: dict[str, Any],
         saga_id: str | None,
         committed: list[Callable[[], None]],
+        *,
+        alone: bool = False,
     ) -> str:
         now = self.database.clock.now()
         state = SagaState(
@@ -205,7 +214,7 @@ class Orchestrator:
             # transition leaves it (one INSERT rather than an INSERT and an UPDATE).
             await engine.start()
             _continue_trace(engine.outbox, 0, current_traceparent())
-            if not await engine.save_new():
+            if not await engine.save_new(alone=alone):
                 return state.id
         else:
             if not await insert_instance(conn, state):

@@ -15,9 +15,13 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from accord.db.database import driver_in_transaction, translate_errors
+from accord.db.database import (
+    driver_in_transaction,
+    driver_outside_transaction,
+    translate_errors,
+)
 from accord.db.schema_sagas import deadlines, saga_steps, sagas
-from accord.db.types import one_of, rows_of_each
+from accord.db.types import one_of, rows_of_each, tuple_ids_of_each
 from accord.errors import ConcurrencyError
 from accord.messages import Message
 from accord.outbox.writer import NOTIFY_CHANNEL, driver_row, row_from_message
@@ -231,11 +235,15 @@ class Transition:
             )
         await _write_logs_and_deadlines(conn, [self])
 
-    async def insert_with(self, conn: AsyncConnection, messages: Sequence[Message]) -> bool | None:
+    async def insert_with(
+        self, conn: AsyncConnection, messages: Sequence[Message], *, alone: bool = False
+    ) -> bool | None:
         """:meth:`insert` and ``add_to_outbox(conn, *messages)`` in one statement sent
         straight to asyncpg (one round trip); None, having done nothing, where that
-        path is not available (SQLite, or data the driver path cannot encode)."""
-        driver = await driver_in_transaction(conn)
+        path is not available (SQLite, or data the driver path cannot encode).
+        ``alone``: ``conn`` is the caller's own and in no transaction; the statement
+        commits on its own (no ``BEGIN``, no ``COMMIT``: one round trip in all)."""
+        driver = await (driver_outside_transaction(conn) if alone else driver_in_transaction(conn))
         if driver is None:
             return None
         s = self.state
@@ -403,9 +411,15 @@ class _Statements:
         self.load_locked = rows_of_each(
             sagas, sagas.c.id, "ids", dialect=dialect, lock=dialect == "postgresql"
         )
-        self.delete_deadlines = deadlines.delete().where(
+        self.delete_deadlines: Any = deadlines.delete().where(
             one_of(deadlines.c.saga_id, "ids", dialect)
         )
+        if dialect == "postgresql":  # one probe of the key per saga (see rows_of_each)
+            found = tuple_ids_of_each("accord_deadlines", "saga_id", "CAST(:ids AS text[])")
+            self.delete_deadlines = sa.text(
+                f"DELETE FROM accord_deadlines USING {found} AS found "
+                "WHERE accord_deadlines.ctid = found.tid"
+            )
         self.insert_instance = (
             insert(sagas).on_conflict_do_nothing(index_elements=[sagas.c.id]).returning(sagas.c.id)
         )
