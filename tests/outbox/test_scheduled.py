@@ -162,6 +162,44 @@ async def test_cancel_withdraws_a_scheduled_message_in_the_callers_transaction(
     assert await statuses(database) == {kept.id: "SENT"}
 
 
+@pytest.mark.parametrize("way", WAYS)
+async def test_cancel_withdraws_a_message_scheduled_in_the_same_transaction(
+    database: Database, db_url: str, listen: Any, way: str
+) -> None:
+    """In an ``outbox_transaction()`` block the rows wait in memory for the COMMIT;
+    a message added for later there and cancelled before the block ends is not
+    written at all, the others are. Savepoints behave as they do on rows written at
+    once: one rolled back drops what was added in it and undoes what was cancelled
+    in it."""
+    relay, received = await relayed(database, listen, db_url)
+    now = Message(type="sent.now")
+    gone, kept, restored, dropped, again = (Message(type=f"later.{n}") for n in range(5))
+    async with adding(database, way) as conn:
+        connection = await conn.connection() if isinstance(conn, AsyncSession) else conn
+        await add_to_outbox(conn, gone, delay=timedelta(seconds=0.3))
+        await add_to_outbox(conn, now)
+        savepoint = await connection.begin_nested()
+        await add_to_outbox(conn, kept, restored, delay=timedelta(seconds=0.3))
+        assert await cancel_scheduled(conn, gone.id) is True  # added before the savepoint
+        await savepoint.commit()
+        savepoint = await connection.begin_nested()
+        await add_to_outbox(conn, dropped, delay=timedelta(seconds=0.3))
+        assert await cancel_scheduled(conn, restored.id) is True
+        assert await cancel_scheduled(conn, restored.id) is False  # withdrawn already
+        await savepoint.rollback()  # drops ``dropped``; ``restored`` waits again
+        assert await cancel_scheduled(conn, gone.id) is False  # gone already
+        assert await cancel_scheduled(conn, now.id) is False  # not added for later
+        await add_to_outbox(conn, again, delay=timedelta(seconds=0.3))
+        assert await cancel_scheduled(conn, again.id) is True
+        await add_to_outbox(conn, again, delay=timedelta(seconds=0.3))  # waits again
+    async with running(relay):
+        await received.wait(4, timeout=10)
+        await asyncio.sleep(0.5)
+    sent = [now.id, kept.id, restored.id, again.id]
+    assert sorted(received.ids) == sorted(sent)
+    assert await statuses(database) == dict.fromkeys(sent, "SENT")
+
+
 async def test_status_counts_scheduled_messages_and_a_released_ones_age_counts_from_its_due_time(
     database: Database, db_url: str
 ) -> None:

@@ -182,6 +182,7 @@ async def add(
         # Sent with the COMMIT of outbox.transaction(); rendered now, so that text
         # that cannot be sent is refused here.
         block.values.extend([_row_values(row, schedule) for row in rows])
+        block.scheduled.extend(row["id"] if schedule is not None else None for row in rows)
         return
     with translate_errors("adding to the outbox"):
         if connection.dialect.name == "postgresql" and await _add_on_driver(
@@ -211,10 +212,25 @@ async def add(
 async def cancel_scheduled(conn: AsyncConnection | AsyncSession, message_id: str) -> bool:
     """Withdraw a message added for later (``deliver_at`` / ``delay``) before a relay
     releases it, in the transaction ``conn`` is in (rolled back, the message stays
-    scheduled). True if it was withdrawn; False if no such message waits: never
-    added (or not committed yet), already released to be published, or cancelled."""
+    scheduled), or added in that transaction (in an :func:`outbox_transaction`
+    block too, where it is still held for the COMMIT). True if it was withdrawn;
+    False if no such message waits: never added (or added by a transaction not
+    committed yet), already released to be published, or cancelled."""
     connection = await conn.connection() if isinstance(conn, AsyncSession) else conn
-    return await withdraw_scheduled(connection, [message_id]) == 1
+    wanted = message_uuid(message_id)
+    held = _withdraw_held(connection, wanted)
+    # Held in an outbox_transaction() block, it may also have been added (and
+    # committed) before: a second add of one id is not a second message.
+    return await withdraw_scheduled(connection, [message_id]) == 1 or held
+
+
+def _withdraw_held(connection: AsyncConnection, message_id: uuid.UUID) -> bool:
+    """Withdraw the message ``message_id``, added for later, from the rows an
+    outbox_transaction() block on ``connection`` holds for its COMMIT; whether it
+    held it."""
+    sync = connection.sync_connection
+    block = _BLOCKS.get(sync) if sync is not None else None
+    return block is not None and block.values is not None and block.withdraw(message_id)
 
 
 async def withdraw_scheduled(conn: AsyncConnection, message_ids: Sequence[str]) -> int:
@@ -294,12 +310,46 @@ class _Block:
     #: The VALUES of the rows to send with the COMMIT, rendered when add() is called;
     #: None when they cannot travel as literals (add() then writes at once).
     values: list[str] | None
+    #: For each of ``values``, its message's id if it was added for later (None if
+    #: not): cancel_scheduled() can withdraw it before it is sent.
+    scheduled: list[uuid.UUID | None] = field(default_factory=list)
+    #: The rows withdrawn so far (their places in ``values``), each with how many
+    #: savepoints were open then: rolling that one back undoes the withdrawal, as
+    #: it would a DELETE.
+    withdrawn: dict[int, int] = field(default_factory=dict)
     #: len(values) when each savepoint still open began: rolling one back drops the
     #: rows added since.
     marks: list[int] = field(default_factory=list)
     #: The transaction was rolled back inside the block (a session whose flush failed
     #: does that): the block must not commit.
     rolled_back: bool = False
+
+    def withdraw(self, message_id: uuid.UUID) -> bool:
+        """Withdraw the held rows of ``message_id``, added for later; whether any."""
+        held = [
+            i
+            for i, scheduled in enumerate(self.scheduled)
+            if scheduled == message_id and i not in self.withdrawn
+        ]
+        self.withdrawn.update(dict.fromkeys(held, len(self.marks)))
+        return bool(held)
+
+    def to_send(self) -> list[str]:
+        """The rows to send with the COMMIT: the held ones not withdrawn."""
+        return [v for i, v in enumerate(self.values or []) if i not in self.withdrawn]
+
+    def savepoint_ended(self, rolled_back: bool) -> None:
+        """The innermost savepoint ended: rolled back, its rows and withdrawals go;
+        released, its withdrawals are its parent's."""
+        mark = self.marks.pop()
+        depth = len(self.marks)
+        if rolled_back:
+            if self.values is not None:
+                del self.values[mark:]
+            del self.scheduled[mark:]
+            self.withdrawn = {i: at for i, at in self.withdrawn.items() if at <= depth}
+        else:
+            self.withdrawn = {i: min(at, depth) for i, at in self.withdrawn.items()}
 
 
 _BLOCKS: weakref.WeakKeyDictionary[Connection, _Block] = weakref.WeakKeyDictionary()
@@ -366,7 +416,7 @@ async def transaction(database: Database) -> AsyncIterator[AsyncConnection]:
                 # SQLAlchemy's bookkeeping and on_commit callbacks, which run before
                 # the COMMIT is sent, as with database.transaction(); it sends nothing.
                 await conn.commit()
-                await driver.execute(_commit_statements(block.values or []))
+                await driver.execute(_commit_statements(block.to_send()))
             except BaseException:
                 await _abandon(conn, driver)
                 raise
@@ -426,13 +476,13 @@ def _note_savepoint(conn: Connection, _name: str | None) -> None:
 def _drop_since_savepoint(conn: Connection, _name: str, _context: Any) -> None:
     block = _BLOCKS.get(conn)
     if block is not None and block.values is not None and block.marks:
-        del block.values[block.marks.pop() :]
+        block.savepoint_ended(rolled_back=True)
 
 
 def _keep_since_savepoint(conn: Connection, _name: str, _context: Any) -> None:
     block = _BLOCKS.get(conn)
     if block is not None and block.values is not None and block.marks:
-        block.marks.pop()
+        block.savepoint_ended(rolled_back=False)
 
 
 async def _abandon(conn: AsyncConnection, driver: Any) -> None:
