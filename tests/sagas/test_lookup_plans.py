@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -13,8 +14,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from accord.db import Database
+from accord.sagas import Orchestrator, Saga, command
 from accord.sagas._participant import _records_statement
 from accord.sagas._store import _statements, load_locked
+from accord.transports.sql import SqlTransport
 
 pytestmark = pytest.mark.postgres
 
@@ -182,3 +185,33 @@ async def test_a_batch_load_keeps_its_sagas_locked_until_it_ends(pg_url: str) ->
         assert await asyncio.wait_for(shared, 10) == {"saga-2", "saga-6"}
     finally:
         await database.dispose()
+
+
+async def test_a_failed_deadline_is_put_off_only_once_no_batch_holds_its_saga(
+    pg_url: str,
+) -> None:
+    """A batch clears its sagas' deadlines by tuple id, which passes by a deadline
+    another transaction moved meanwhile. The timer's putting off of a deadline that
+    failed to fire is that other writer: it must wait for the saga, as every other
+    writer of a deadline does, and then find the deadline cleared."""
+    database = Database(pg_url)
+    await database.upgrade()
+    saga = Saga("trip").step("book", command("hotels.book"))
+    orchestrator = Orchestrator(database, SqlTransport(pg_url, channel="put-off"), [saga])
+    try:
+        async with database.transaction() as conn:
+            for add in (_ADD_SAGAS, _ADD_DEADLINES):
+                await conn.execute(sa.text(add.replace("$1::int", "1").replace("$2::int", "1")))
+        moment = datetime.now(UTC) + timedelta(hours=2)
+        async with database.transaction() as batch:
+            await load_locked(batch, ["saga-1"])
+            put_off = asyncio.create_task(orchestrator._put_off("saga-1", moment))
+            await asyncio.sleep(0.5)
+            assert not put_off.done()
+            await batch.execute(_statements("postgresql").delete_deadlines, {"ids": ["saga-1"]})
+        await asyncio.wait_for(put_off, 10)
+        async with database.connect() as conn:
+            left = await conn.scalar(sa.text("SELECT count(*) FROM accord_deadlines"))
+    finally:
+        await database.dispose()
+    assert left == 0

@@ -136,7 +136,13 @@ def tuple_ids_of_each(table: str, column: str, values: str, where: str = "") -> 
     meeting ``where`` (an SQL condition on the row, alias ``t``), for an ``UPDATE
     ... FROM`` or ``DELETE ... USING`` joined on ``ctid = tid``: a Tid Scan per row.
     (Written ``WHERE ctid = ANY(ARRAY(...))``, a table planned as small is
-    scanned instead, the scan looking cheaper than ten tuple fetches.)"""
+    scanned instead, the scan looking cheaper than ten tuple fetches.)
+
+    Only for rows no other transaction updates meanwhile (rows this one holds
+    locked, or whose other writers would fail the statement's own conditions): a
+    row updated after the statement's snapshot has a new tuple id, and the update
+    or delete passes it by where ``WHERE key = ...`` would have waited and taken it.
+    """
     also = f" AND {where}" if where else ""
     return (
         f"(SELECT r.ctid AS tid FROM unnest({values}) AS k(value) CROSS JOIN LATERAL "

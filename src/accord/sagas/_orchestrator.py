@@ -319,6 +319,9 @@ class Orchestrator:
         later = self.database.clock.now() + timedelta(seconds=FAILED_DEADLINE_DELAY)
         with contextlib.suppress(AccordError):  # the database may be what failed
             async with self.database.transaction() as conn:
+                # The saga first, as every other writer of its deadline: a batch that
+                # clears the deadline meanwhile (by tuple id) must not find it moved.
+                await load(conn, saga_id, for_update=True)
                 await conn.execute(
                     deadlines.update()
                     .where(deadlines.c.saga_id == saga_id, deadlines.c.due_at <= moment)
