@@ -15,7 +15,7 @@ from sqlalchemy.dialects import postgresql
 
 from accord.db import Database
 from accord.sagas import Orchestrator, Saga, command
-from accord.sagas._participant import _records_statement
+from accord.sagas._participant import _oldest_records, _records_statement
 from accord.sagas._store import _statements, load_locked
 from accord.transports.sql import SqlTransport
 
@@ -215,3 +215,51 @@ async def test_a_failed_deadline_is_put_off_only_once_no_batch_holds_its_saga(
     finally:
         await database.dispose()
     assert left == 0
+
+
+@pytest.mark.parametrize("analyzed", [False, True])
+async def test_pruning_a_participant_reads_a_range_of_its_own_records(
+    pg_url: str, analyzed: bool
+) -> None:
+    """One database may keep several participants' records. Pruning one reads a range
+    of its own old records (the partial (participant, at) index), not the others':
+    with an (at, participant) index it walked every other participant's older
+    records (6.5 ms a batch of 1,000 behind 200,000, against 0.5 ms)."""
+    database = Database(pg_url)
+    await database.upgrade()
+    add = """
+    INSERT INTO accord_saga_participations (participant, saga_id, step, phase, attempt, ok, at)
+    SELECT $1::text, $1::text || '-' || $2::text || '-' || i, 1, 'action', 1, true,
+           now() - ($2::text || ' days')::interval
+    FROM generate_series(1, $3::int) AS i
+    """
+    driver = await database.connect_driver()
+    try:
+        await driver.execute(add, "svc-b", "20", 20000)  # another participant's, older
+        await driver.execute(add, "svc-a", "2", 1000)
+        await driver.execute(add, "svc-a", "0", 5000)
+        if analyzed:
+            await driver.execute("ANALYZE accord_saga_participations")
+        statement = _oldest_records("svc-a", datetime.now(UTC) - timedelta(days=1), 500)
+        sql = str(
+            statement.with_for_update(skip_locked=True).compile(
+                dialect=postgresql.asyncpg.dialect(), compile_kwargs={"literal_binds": True}
+            )
+        )
+        async with driver.transaction():
+            picked = await driver.fetch(sql)
+            [plan] = json.loads(await driver.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + sql))
+    finally:
+        await driver.close()
+        await database.dispose()
+    assert len(picked) == 500
+    assert all(r["saga_id"].startswith("svc-a-") for r in picked)
+
+    def nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+        return [node, *(n for child in node.get("Plans", []) for n in nodes(child))]
+
+    used = {n["Index Name"] for n in nodes(plan["Plan"]) if "Index Name" in n}
+    assert used == {"ix_accord_saga_participations_prune"}, plan
+    for scan in _scans(plan["Plan"], "accord_saga_participations"):
+        assert scan["Node Type"] != "Seq Scan", scan
+        assert scan.get("Rows Removed by Filter", 0) == 0, scan

@@ -112,17 +112,25 @@ WHERE NOT EXISTS (SELECT 1 FROM accord_flow_heads AS h
 
 async def _participation_index(conn: AsyncConnection) -> None:
     """Version 8 indexed participants' records by (participant, time); version 10
-    replaces that index, so an older database skips building it only to drop it."""
+    drops that index, so an older database skips building it only to drop it."""
 
 
-async def _participation_time_index(conn: AsyncConnection) -> None:
-    """Index participants' records by (time, participant) instead of (participant,
-    time): pruning by age still reads a range, and a participant's lookups by saga
-    no longer find an index led by ``participant`` to scan instead of the key."""
+async def _drop_participation_index(conn: AsyncConnection) -> None:
+    """Drop version 8's (participant, time) index of participants' records: a
+    participant's lookups by saga took it, with no statistics, instead of the key.
+    (Version 10 as first released put a (time, participant) index in its place;
+    version 11 replaces that one too.)"""
+    await conn.execute(sa.text("DROP INDEX IF EXISTS ix_accord_saga_participations_at"))
+
+
+async def _participation_prune_index(conn: AsyncConnection) -> None:
+    """Index participants' records, not their pruning marks, by (participant, time):
+    pruning one participant reads a range of its own records, and lookups by saga,
+    which do not say they skip the marks, cannot take the index."""
     from accord.db.schema_sagas import participations
 
-    await conn.execute(sa.text("DROP INDEX IF EXISTS ix_accord_saga_participations_at"))
-    await _create_indexes(conn, participations, "ix_accord_saga_participations_time")
+    await conn.execute(sa.text("DROP INDEX IF EXISTS ix_accord_saga_participations_time"))
+    await _create_indexes(conn, participations, "ix_accord_saga_participations_prune")
 
 
 async def _scheduled_index(conn: AsyncConnection) -> None:
@@ -143,7 +151,8 @@ MIGRATIONS: list[tuple[int, str, Migration]] = [
     (7, "add accord_flow_heads (one row per tracked flow)", _flow_heads),
     (8, "(replaced by 10) index participants' records by participant", _participation_index),
     (9, "index accord_outbox rows scheduled for later by due time", _scheduled_index),
-    (10, "index accord_saga_participations by (time, participant)", _participation_time_index),
+    (10, "drop accord_saga_participations' (participant, time) index", _drop_participation_index),
+    (11, "index participants' records, not pruning marks, by time", _participation_prune_index),
 ]
 
 _LOCK_ID = 0x4143_4F52  # "ACOR": serialises concurrent upgrades on PostgreSQL

@@ -12,11 +12,9 @@
 * ``accord_saga_participations``: a participant's record of each (saga, step,
   phase) it handled, with the reply it sent (idempotency per saga step). Kept
   for the participant's ``records_retention``: pruning reads a range of its
-  ``(at, participant)`` index, and leaves a row of saga ``''``, step -1 whose
-  ``at`` is the time the participant's records were pruned up to. The index
-  leads with the time: one led by ``participant`` would compete with the primary
-  key for a participant's lookups by saga (a service's records mostly share one
-  participant) and, with no statistics, be taken for them.
+  ``(participant, at)`` index of records (partial: not the marks), and leaves a row
+  of saga ``''``, step -1 whose ``at`` is the time the participant's records were
+  pruned up to.
 * ``accord_flows``: every message a flow tracker saw, by correlation id.
 * ``accord_flow_heads``: one row per flow, kept with its messages: how many, the
   last one, whether the flow ended and whether it is an orchestrated saga's.
@@ -110,7 +108,17 @@ participations = sa.Table(
     sa.Column("result", JSONType, nullable=True),
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("at", UTCDateTime, nullable=False),
-    sa.Index("ix_accord_saga_participations_time", "at", "participant"),
+    # Pruning's range: a participant's records, not its pruning marks (step -1).
+    # Lookups by saga do not exclude the marks, so they cannot take it (an index led
+    # by ``participant`` that they could take, they took, with no statistics, and
+    # scanned every record of the participant).
+    sa.Index(
+        "ix_accord_saga_participations_prune",
+        "participant",
+        "at",
+        postgresql_where=sa.text("step <> -1"),
+        sqlite_where=sa.text("step <> -1"),
+    ),
 )
 
 flows = sa.Table(

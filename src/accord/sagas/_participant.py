@@ -599,21 +599,31 @@ def _upsert_record(dialect: str) -> Any:
     )
 
 
+def _oldest_records(participant: str, cutoff: datetime, limit: int) -> sa.Select[Any]:
+    """Up to ``limit`` of ``participant``'s records written before ``cutoff``, oldest
+    first, not its pruning marks: ``step <> -1`` is written as the index's predicate
+    is, so that a generic plan can take the index."""
+    c = participations.c
+    return (
+        sa.select(c.saga_id, c.step, c.phase)
+        .where(c.participant == participant, c.at < cutoff)
+        .where(c.step != sa.literal_column(str(_PRUNED_STEP)))
+        .order_by(c.at)
+        .limit(limit)
+    )
+
+
 async def prune_participations(
     database: Database, participant: str, cutoff: datetime, limit: int
 ) -> int:
     """Delete up to ``limit`` of ``participant``'s records written before ``cutoff``,
-    oldest first (a range of its (at, participant) index), in one transaction, and
-    note ``cutoff`` as the time its records were pruned up to (kept as the latest);
-    return how many went. Two prunes at once skip each other's rows on PostgreSQL."""
+    oldest first (a range of its (participant, at) index of records), in one
+    transaction, and note ``cutoff`` as the time its records were pruned up to (kept
+    as the latest); return how many went. Two prunes at once skip each other's rows
+    on PostgreSQL."""
     checked_batch(limit)
     c = participations.c
-    oldest = (
-        sa.select(c.saga_id, c.step, c.phase)
-        .where(c.participant == participant, c.at < cutoff, c.step != _PRUNED_STEP)
-        .order_by(c.at)
-        .limit(limit)
-    )
+    oldest = _oldest_records(participant, cutoff, limit)
     async with database.transaction() as conn:
         dialect = conn.dialect.name
         if dialect == "postgresql":
