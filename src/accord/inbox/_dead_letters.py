@@ -271,6 +271,12 @@ async def release_replays(database: Database, ids: Sequence[int]) -> None:
         )
 
 
+def _not_found(letter_id: int) -> NotFoundError:
+    return NotFoundError(
+        f"no dead letter with id {letter_id}: see `accord inbox dead list` for the ids"
+    )
+
+
 class DeadLetters:
     """Operate on the dead letters of every consumer that uses ``database``."""
 
@@ -300,23 +306,27 @@ class DeadLetters:
                     )
                 ).first()
         if row is None:
-            raise NotFoundError(
-                f"no dead letter with id {letter_id}: see `accord inbox dead list` for the ids"
-            )
+            raise _not_found(letter_id)
         return _from_row(row)
 
     async def replay(self, letter_id: int) -> DeadLetter:
         """Mark a dead letter for replay with its attempts reset; its consumer, when
-        running, delivers it to the handler again within its replay interval."""
-        await self.get(letter_id)
+        running, delivers it to the handler again within its replay interval.
+        Returns the letter as marked: a running consumer may take it (and, handled,
+        delete it) as soon as the mark commits."""
         with translate_errors("replaying a dead letter"):
             async with self.database.transaction() as conn:
-                await conn.execute(
-                    dead_letters.update()
-                    .where(dead_letters.c.id == letter_id)
-                    .values(status=REPLAY, attempts=0, **self._due_now())
-                )
-        return await self.get(letter_id)
+                row = (
+                    await conn.execute(
+                        dead_letters.update()
+                        .where(dead_letters.c.id == letter_id)
+                        .values(status=REPLAY, attempts=0, **self._due_now())
+                        .returning(*dead_letters.c)
+                    )
+                ).first()
+        if row is None:
+            raise _not_found(letter_id)
+        return _from_row(row)
 
     async def replay_all(self, consumer: str | None = None) -> int:
         """Mark every DEAD letter (of one consumer, or all) for replay; return how many."""
