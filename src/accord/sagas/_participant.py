@@ -573,8 +573,9 @@ async def _write_records(conn: AsyncConnection, rows: list[dict[str, Any]]) -> N
 @functools.cache
 def _records_statement(dialect: str) -> Any:
     """A participant's records of the sagas ``ids``: a service's records mostly share
-    one participant, so no index but the key may lead with ``participant`` (see
-    :func:`rows_of_each`; the records' other index leads with their time)."""
+    one participant, so the key must be the only index led by ``participant`` that
+    these lookups can take (see :func:`rows_of_each`; the pruning index leaves out
+    the pruning marks, which these lookups do not)."""
     c = participations.c
     return rows_of_each(
         participations, c.saga_id, "ids", c.participant == sa.bindparam("name"), dialect=dialect

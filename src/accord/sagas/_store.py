@@ -411,14 +411,16 @@ class _Statements:
         self.load_locked = rows_of_each(
             sagas, sagas.c.id, "ids", dialect=dialect, lock=dialect == "postgresql"
         )
-        self.delete_deadlines: Any = deadlines.delete().where(
-            one_of(deadlines.c.saga_id, "ids", dialect)
-        )
+        self.delete_deadlines: Any
         if dialect == "postgresql":  # one probe of the key per saga (see rows_of_each)
             found = tuple_ids_of_each("accord_deadlines", "saga_id", "CAST(:ids AS text[])")
             self.delete_deadlines = sa.text(
                 f"DELETE FROM accord_deadlines USING {found} AS found "
                 "WHERE accord_deadlines.ctid = found.tid"
+            )
+        else:
+            self.delete_deadlines = deadlines.delete().where(
+                one_of(deadlines.c.saga_id, "ids", dialect)
             )
         self.insert_instance = (
             insert(sagas).on_conflict_do_nothing(index_elements=[sagas.c.id]).returning(sagas.c.id)

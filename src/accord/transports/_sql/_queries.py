@@ -176,16 +176,16 @@ async def claim(
     # On PostgreSQL both reach their rows one key probe each (see rows_of_each):
     # with ``seq IN (...)`` the plan kept from when the table was small scanned the
     # group's deliveries (6 ms at 6,000) and every message (4.7 ms at 6,000).
-    params = {"group": group, "seqs": seqs, "until": until, "consumer": consumer}
-    claimed = await conn.execute(
-        _LEASE_POSTGRES
-        if is_postgres
-        else sa.update(_d)
-        .where(_d.c.group_name == group, _d.c.seq.in_(seqs))
-        .values(locked_until=until, locked_by=consumer, attempts=_d.c.attempts + 1)
-        .returning(_d.c.seq, _d.c.key, _d.c.attempts),
-        params if is_postgres else {},
-    )
+    if is_postgres:
+        lease = {"group": group, "seqs": seqs, "until": until, "consumer": consumer}
+        claimed = await conn.execute(_LEASE_POSTGRES, lease)
+    else:
+        claimed = await conn.execute(
+            sa.update(_d)
+            .where(_d.c.group_name == group, _d.c.seq.in_(seqs))
+            .values(locked_until=until, locked_by=consumer, attempts=_d.c.attempts + 1)
+            .returning(_d.c.seq, _d.c.key, _d.c.attempts)
+        )
     leased = {int(seq): (key, int(attempts)) for seq, key, attempts in claimed}
     if not leased:
         return []
