@@ -124,6 +124,7 @@ async def test_a_message_larger_than_the_broker_takes_is_dead_at_once(
     assert "MessageTooLarge" in dead["last_error"] and "max_payload" in dead["last_error"]
 
 
+@pytest.mark.serial
 async def test_a_message_larger_than_rabbitmq_is_set_to_take_is_dead_at_once(
     database: Database, listen: Any
 ) -> None:

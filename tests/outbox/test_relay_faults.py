@@ -204,6 +204,7 @@ def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
 
 
+@pytest.mark.serial
 @pytest.mark.postgres
 async def test_broker_restart_loses_nothing_and_the_backlog_drains(
     pg_url: str, channel: str, make_transport: Any, spawn: Any

@@ -228,7 +228,7 @@ async def test_an_abort_racing_a_reply_is_carried_out_not_dropped(pg_url: str) -
                     waiting = await conn.scalar(
                         sa.text(
                             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                            " AND query LIKE '%accord_sagas%'"
+                            " AND datname = current_database() AND query LIKE '%accord_sagas%'"
                         )
                     )
                 return bool(waiting)

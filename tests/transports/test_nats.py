@@ -390,6 +390,7 @@ _NATS_START = [
 ]  # fmt: skip
 
 
+@pytest.mark.serial
 @pytest.mark.fault
 @pytest.mark.slow
 async def test_survives_a_server_restart_without_losing_confirmed_messages(

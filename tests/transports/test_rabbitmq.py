@@ -438,6 +438,7 @@ async def rabbitmqctl(*args: str) -> None:
     assert process.returncode == 0, f"rabbitmqctl {' '.join(args)} failed: {err.decode()}"
 
 
+@pytest.mark.serial
 @pytest.mark.fault
 @pytest.mark.slow
 async def test_subscription_and_publishing_survive_a_broker_restart(
@@ -483,6 +484,7 @@ async def test_subscription_and_publishing_survive_a_broker_restart(
     await wait_for(everything_confirmed_arrived, 30)
 
 
+@pytest.mark.serial
 @pytest.mark.fault
 @pytest.mark.slow
 async def test_a_broker_that_blocks_publishers_times_a_batch_out_and_confirms_stay_in_step(
@@ -531,6 +533,7 @@ async def test_a_broker_that_blocks_publishers_times_a_batch_out_and_confirms_st
         await connection.close()
 
 
+@pytest.mark.serial
 async def test_a_broker_that_takes_less_than_max_message_size_refuses_one_message_alone(
     rabbit: Callable[..., RabbitTransport],
 ) -> None:
@@ -626,6 +629,7 @@ async def test_a_queue_type_rabbitmq_does_not_have_is_refused(
         rabbit(queue_type="stream")
 
 
+@pytest.mark.serial
 async def test_a_limit_learned_from_the_broker_does_not_outlive_the_connection(
     rabbit: Callable[..., RabbitTransport],
 ) -> None:
