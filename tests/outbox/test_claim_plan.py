@@ -3,9 +3,7 @@ they need and no others, however the table grew since the connection made their 
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -14,6 +12,7 @@ from accord.db import Database
 from accord.outbox import Relay
 from accord.outbox._claim import _CLAIM_AHEAD_DRIVER, _MARK_SENT_DRIVER, _claim_ahead
 from accord.transports.sql import SqlTransport
+from tests.plans import explain, reads
 
 pytestmark = pytest.mark.postgres
 
@@ -24,13 +23,6 @@ SELECT gen_random_uuid(), 't', 'k' || (i % 50), '{}'::jsonb, '{}'::jsonb, $2, 0,
        now() - interval '1 second', now()
 FROM generate_series(1, $1::int) AS i
 """
-
-
-def _nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
-    found = [node]
-    for child in node.get("Plans", []):
-        found += _nodes(child)
-    return found
 
 
 @pytest.mark.parametrize("few", [5, 70])
@@ -64,18 +56,12 @@ async def test_a_claim_probes_its_windows_rows_on_a_table_grown_since_its_plan(
         now = datetime.now(UTC)
         async with driver.transaction():
             rows = await claim.fetch(now, 40, 80, 0, [])
-            # EXPLAIN takes no parameters: the same arguments, written out.
-            [plan] = json.loads(
-                await driver.fetchval(
-                    f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {claim.get_name()}"
-                    f"('{now.isoformat()}', 40, 80, 0, '{{}}'::bigint[])"
-                )
-            )
+            plan = await explain(driver, claim, [now, 40, 80, 0, []])
     finally:
         await driver.close()
         await database.dispose()
     assert [r["seq"] for r in rows if r["seq"] is not None] == pending[:40]
-    scans = [n for n in _nodes(plan["Plan"]) if n.get("Relation Name") == "accord_outbox"]
+    scans = reads(plan, "accord_outbox")
     assert scans, plan
     for scan in scans:
         assert scan["Node Type"] != "Seq Scan", scan
@@ -110,26 +96,15 @@ async def test_marking_rows_sent_probes_them_on_a_table_grown_since_its_plan(
         if lease:
             await driver.execute(hold, lease)
         seqs = [r["seq"] for r in await driver.fetch(pending)]
-        held = f"'{lease.isoformat()}'" if lease else "NULL"
         async with driver.transaction():
-            [plan] = json.loads(
-                await driver.fetchval(
-                    f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {mark.get_name()}"
-                    f"('{datetime.now(UTC).isoformat()}', "
-                    f"'{{{','.join(map(str, seqs))}}}'::bigint[], {held})"
-                )
-            )
+            plan = await explain(driver, mark, [datetime.now(UTC), seqs, lease])
         left = await driver.fetchval("SELECT count(*) FROM accord_outbox WHERE status = 'PENDING'")
     finally:
         await driver.close()
         await database.dispose()
     assert len(seqs) == 40
     assert left == 0  # EXPLAIN ANALYZE ran the update: every row of the batch is SENT
-    scans = [
-        n
-        for n in _nodes(plan["Plan"])
-        if n.get("Relation Name") == "accord_outbox" and n["Node Type"] != "ModifyTable"
-    ]
+    scans = reads(plan, "accord_outbox")
     assert scans, plan
     for scan in scans:
         assert scan["Node Type"] in ("Index Scan", "Tid Scan"), scan

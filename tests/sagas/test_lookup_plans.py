@@ -18,6 +18,7 @@ from accord.sagas import Orchestrator, Saga, command
 from accord.sagas._participant import _oldest_records, _records_statement
 from accord.sagas._store import _statements, load_locked
 from accord.transports.sql import SqlTransport
+from tests.plans import Kept, nodes, reads
 
 pytestmark = pytest.mark.postgres
 
@@ -34,23 +35,6 @@ FROM generate_series($1::int, $2::int) AS i
 """
 
 
-def _literal(value: Any) -> str:
-    if isinstance(value, list):
-        return "ARRAY[" + ", ".join(_literal(v) for v in value) + "]::text[]"
-    if isinstance(value, str):
-        return "'" + value.replace("'", "''") + "'"
-    return str(int(value))
-
-
-def _scans(node: dict[str, Any], table: str) -> list[dict[str, Any]]:
-    """The plan's reads of ``table`` (not the update or delete of its rows)."""
-    reads = node.get("Relation Name") == table and node["Node Type"] != "ModifyTable"
-    found = [node] if reads else []
-    for child in node.get("Plans", []):
-        found += _scans(child, table)
-    return found
-
-
 async def _plan_after_growth(
     pg_url: str, statement: Any, params: dict[str, Any], add: str, ids: list[str], few: int
 ) -> tuple[list[Any], dict[str, Any]]:
@@ -60,29 +44,18 @@ async def _plan_after_growth(
     ran."""
     database = Database(pg_url)
     await database.upgrade()
-    compiled = statement.compile(dialect=postgresql.asyncpg.dialect())
     driver = await database.connect_driver()
-
-    def args(wanted: list[str]) -> list[Any]:
-        bound = compiled.construct_params({**params, "ids": wanted})
-        return [bound[name] for name in compiled.positiontup or []]
-
+    kept = Kept(driver, statement)
     try:
         await driver.execute(add, 1, few)
-        prepared = await driver.prepare(str(compiled))
+        await kept.prepare()
         async with driver.transaction():
             for k in range(12):  # past the custom plans: the connection keeps one plan
-                await prepared.fetch(*args([f"saga-{i}" for i in range(k, k + 40)]))
+                await kept.run({**params, "ids": [f"saga-{i}" for i in range(k, k + 40)]})
         await driver.execute(add, few + 1, 6000)
         async with driver.transaction():
-            rows = await prepared.fetch(*args(ids))
-            # EXPLAIN takes no parameters: the same arguments, written out.
-            values = ", ".join(_literal(value) for value in args(ids))
-            [plan] = json.loads(
-                await driver.fetchval(
-                    f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {prepared.get_name()}({values})"
-                )
-            )
+            rows = await kept.run({**params, "ids": ids})
+            plan = await kept.explain({**params, "ids": ids})
     finally:
         await driver.close()
         await database.dispose()
@@ -90,7 +63,7 @@ async def _plan_after_growth(
 
 
 def _assert_probes_the_key(plan: dict[str, Any], table: str) -> None:
-    scans = _scans(plan["Plan"], table)
+    scans = reads(plan, table)
     assert scans, plan
     for scan in scans:
         assert scan.get("Index Name") == f"{table}_pkey", scan
@@ -115,7 +88,7 @@ async def test_a_participants_lookup_probes_the_key_on_a_table_grown_since_its_p
         (f"saga-{i}", s) for i in range(3000, 3040) for s in (1, 2)
     )
     _assert_probes_the_key(plan, "accord_saga_participations")
-    for scan in _scans(plan["Plan"], "accord_saga_participations"):
+    for scan in reads(plan, "accord_saga_participations"):
         assert "saga_id" in scan.get("Index Cond", ""), scan
 
 
@@ -150,7 +123,7 @@ async def test_clearing_a_batchs_deadlines_probes_the_key_on_a_table_grown_since
     ids = sorted(f"saga-{i}" for i in range(3000, 3064))
     statement = _statements("postgresql").delete_deadlines
     _rows, plan = await _plan_after_growth(pg_url, statement, {}, _ADD_DEADLINES, ids, few)
-    scans = _scans(plan["Plan"], "accord_deadlines")
+    scans = reads(plan, "accord_deadlines")
     assert scans, plan
     for scan in scans:
         assert scan["Node Type"] in ("Index Scan", "Tid Scan"), scan
@@ -255,11 +228,8 @@ async def test_pruning_a_participant_reads_a_range_of_its_own_records(
     assert len(picked) == 500
     assert all(r["saga_id"].startswith("svc-a-") for r in picked)
 
-    def nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
-        return [node, *(n for child in node.get("Plans", []) for n in nodes(child))]
-
     used = {n["Index Name"] for n in nodes(plan["Plan"]) if "Index Name" in n}
     assert used == {"ix_accord_saga_participations_prune"}, plan
-    for scan in _scans(plan["Plan"], "accord_saga_participations"):
+    for scan in reads(plan, "accord_saga_participations"):
         assert scan["Node Type"] != "Seq Scan", scan
         assert scan.get("Rows Removed by Filter", 0) == 0, scan

@@ -3,12 +3,11 @@ and no others, however the tables grew since the connection made its plans."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy.dialects import postgresql
+from tests.plans import Kept, reads
 
 from accord.db import Database
 from accord.transports._sql._queries import _BODIES_POSTGRES, _LEASE_POSTGRES, _PICK_AHEAD
@@ -28,54 +27,6 @@ _WAITING = "SELECT seq FROM accord_queue_deliveries WHERE locked_by IS NULL ORDE
 _SETTLE = "DELETE FROM accord_queue_deliveries WHERE locked_by IS NOT NULL"
 
 
-def _literal(value: Any) -> str:
-    if value is None:
-        return "NULL"
-    if isinstance(value, list):
-        return "ARRAY[" + ", ".join(_literal(v) for v in value) + "]::bigint[]"
-    if isinstance(value, datetime):
-        return f"'{value.isoformat()}'::timestamptz"
-    if isinstance(value, str):
-        return "'" + value.replace("'", "''") + "'"
-    return str(int(value))
-
-
-def _reads(node: dict[str, Any]) -> list[dict[str, Any]]:
-    """The plan's reads of the transport's tables (not the update of its rows)."""
-    table = node.get("Relation Name", "").startswith("accord_queue")
-    found = [node] if table and node["Node Type"] != "ModifyTable" else []
-    for child in node.get("Plans", []):
-        found += _reads(child)
-    return found
-
-
-class _Kept:
-    """One statement prepared on one asyncpg connection, run with named parameters."""
-
-    def __init__(self, driver: Any, statement: Any) -> None:
-        self.driver = driver
-        self.compiled = statement.compile(dialect=postgresql.asyncpg.dialect())
-
-    async def prepare(self) -> None:
-        self.prepared = await self.driver.prepare(str(self.compiled))
-
-    def args(self, params: dict[str, Any]) -> list[Any]:
-        bound = self.compiled.construct_params(params)
-        return [bound[name] for name in self.compiled.positiontup or []]
-
-    async def run(self, params: dict[str, Any]) -> list[Any]:
-        return list(await self.prepared.fetch(*self.args(params)))
-
-    async def explain(self, params: dict[str, Any]) -> dict[str, Any]:
-        values = ", ".join(_literal(v) for v in self.args(params))
-        [plan] = json.loads(
-            await self.driver.fetchval(
-                f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {self.prepared.get_name()}({values})"
-            )
-        )
-        return dict(plan)
-
-
 @pytest.mark.parametrize("few", [5, 70])
 async def test_a_claim_reaches_its_deliveries_by_key_on_tables_grown_since_its_plans(
     pg_url: str, few: int
@@ -89,7 +40,7 @@ async def test_a_claim_reaches_its_deliveries_by_key_on_tables_grown_since_its_p
     await database.upgrade()
     driver = await database.connect_driver()
     pick, lease, bodies = (
-        _Kept(driver, s) for s in (_PICK_AHEAD, _LEASE_POSTGRES, _BODIES_POSTGRES)
+        Kept(driver, s) for s in (_PICK_AHEAD, _LEASE_POSTGRES, _BODIES_POSTGRES)
     )
     until = datetime.now(UTC) + timedelta(minutes=5)
 
@@ -129,9 +80,9 @@ async def test_a_claim_reaches_its_deliveries_by_key_on_tables_grown_since_its_p
     assert sorted(r["seq"] for r in leased) == picked
     assert sorted(r["seq"] for r in read) == picked
     for name, plan in (("pick", pick_plan), ("lease", lease_plan), ("bodies", bodies_plan)):
-        reads = [n for n in _reads(plan["Plan"]) if n["Node Type"] != "Function Scan"]
-        assert reads, (name, plan)
-        for scan in reads:
+        scans = [n for n in reads(plan, "accord_queue") if n["Node Type"] != "Function Scan"]
+        assert scans, (name, plan)
+        for scan in scans:
             assert scan["Node Type"] in ("Index Scan", "Index Only Scan", "Tid Scan"), (
                 name,
                 scan,
