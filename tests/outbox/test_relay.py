@@ -407,6 +407,7 @@ class StalledBroker(FaultyTransport):
 
 
 @pytest.mark.postgres
+@pytest.mark.serial  # reads the event store: a transaction open elsewhere hides the event
 @pytest.mark.parametrize("claims", ["lock", "lease"])
 async def test_lease_claims_hold_no_transaction_open_while_the_broker_confirms(
     pg_url: str, claims: str, listen: Any

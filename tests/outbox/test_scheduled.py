@@ -125,8 +125,8 @@ async def test_scheduled_messages_go_in_the_order_they_fall_due_behind_their_key
     first = Message(type="k.first", key="k")
     at_once = Message(type="k.at-once", key="k")
     async with database.transaction() as conn:
-        await add_to_outbox(conn, second, deliver_at=now + timedelta(seconds=1.2))
-        await add_to_outbox(conn, first, deliver_at=now + timedelta(seconds=0.6))
+        await add_to_outbox(conn, second, deliver_at=now + timedelta(seconds=2.6))
+        await add_to_outbox(conn, first, deliver_at=now + timedelta(seconds=2))
         await add_to_outbox(conn, at_once)
     async with running(relay):
         await received.wait(1, timeout=5)

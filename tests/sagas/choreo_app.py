@@ -18,9 +18,7 @@ compensation fails its first n attempts).
 
 from __future__ import annotations
 
-import contextlib
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,7 +29,6 @@ from accord.inbox import Consumer, HandlerContext
 from accord.outbox import Relay
 from accord.sagas import Choreography, StepFailed
 from accord.transports.base import Transport
-from tests.conftest import _admin, _pg_url
 from tests.sagas.app import _comp_fails, _write
 
 trip = Choreography("trip", completed="trip.booked", compensated="trip.cancelled")
@@ -252,15 +249,3 @@ def expected_at(service: str, fail_at: int | None) -> tuple[list[tuple[int, str]
     if service == CARS and fail_at is None:
         held.append(("payment", "CHARGED"))
     return mine, sorted(held)
-
-
-@contextlib.asynccontextmanager
-async def another_pg_database(template: str) -> AsyncIterator[str]:
-    """A second fresh, migrated PostgreSQL database (as ``pg_url`` makes the first), for
-    a service that keeps its own; dropped on exit."""
-    name = f"accord_t_{uuid.uuid4().hex[:12]}"
-    await _admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    try:
-        yield _pg_url(name)
-    finally:
-        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -19,7 +19,7 @@ from accord.testing import wait_for
 from accord.transports.base import Transport
 from accord.transports.rabbitmq import RabbitTransport
 from tests.brokers import delete_everything
-from tests.conftest import RABBIT_URL
+from tests.conftest import RABBIT_URL, fresh_pg_database
 from tests.sagas import app, choreo_app
 from tests.sagas.conftest import World
 
@@ -116,7 +116,7 @@ async def test_choreography_compensation_retried_until_done_and_a_stuck_one_is_s
 
 @pytest.fixture
 async def cars_url(pg_template: str) -> AsyncIterator[str]:
-    async with choreo_app.another_pg_database(pg_template) as url:
+    async with fresh_pg_database(pg_template) as url:
         yield url
 
 

@@ -20,7 +20,7 @@ from accord.db.schema_sagas import flows
 from accord.sagas import Flows, FlowTracker
 from accord.testing import wait_for
 from tests.brokers import delete_everything
-from tests.conftest import RABBIT_URL
+from tests.conftest import RABBIT_URL, fresh_pg_database
 from tests.processes import Processes
 from tests.sagas import choreo_app
 from tests.sagas.choreo_worker import transport_for
@@ -32,7 +32,7 @@ FLOWS = 30
 
 @pytest.fixture
 async def cars_url(pg_template: str) -> AsyncIterator[str]:
-    async with choreo_app.another_pg_database(pg_template) as url:
+    async with fresh_pg_database(pg_template) as url:
         yield url
 
 

@@ -323,12 +323,12 @@ async def test_stop_gives_unsettled_deliveries_back_at_once(
 
 
 async def test_a_slow_handler_keeps_its_lease(transports: Callable[..., SqlTransport]) -> None:
-    a, b = transports(lease=0.6), transports(lease=0.6)
+    a, b = transports(lease=1.5), transports(lease=1.5)
     started, finished = asyncio.Event(), asyncio.Event()
 
     async def slow(delivery: Delivery) -> None:
         started.set()
-        await asyncio.sleep(1.5)  # well past the lease: extending it must keep it here
+        await asyncio.sleep(4.0)  # well past the lease: extending it must keep it here
         finished.set()
 
     await a.subscribe("g", slow)
@@ -495,14 +495,14 @@ async def test_a_nack_in_a_batch_gives_back_the_later_deliveries_with_its_key(
 async def test_a_slow_batch_keeps_the_lease_of_every_delivery_in_it(
     transports: Callable[..., SqlTransport],
 ) -> None:
-    a, b = transports(lease=0.6), transports(lease=0.6)
+    a, b = transports(lease=1.5), transports(lease=1.5)
     started, finished = asyncio.Event(), asyncio.Event()
     sizes: list[int] = []
 
     async def slow(deliveries: Sequence[Delivery]) -> None:
         sizes.append(len(deliveries))
         started.set()
-        await asyncio.sleep(1.5)  # well past the lease: extending it must keep them all here
+        await asyncio.sleep(4.0)  # well past the lease: extending it must keep them all here
         finished.set()
 
     await a.subscribe_batches("g", slow, max_batch=3)
