@@ -1,5 +1,7 @@
-"""Shared fixtures: a fresh database per test (SQLite file, or a PostgreSQL database
-cloned from a migrated template), and the URLs of the real brokers."""
+"""Shared fixtures: a fresh database per test (a copy of a migrated SQLite file, or a
+PostgreSQL database cloned from a migrated template), and the URLs of the real
+brokers; which tests run in the suite's serial part, and in what order the rest
+go to the workers."""
 
 from __future__ import annotations
 
