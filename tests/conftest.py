@@ -163,7 +163,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark the event-store readers on PostgreSQL ``serial``; put first the modules
     with the most slow and fault tests, so that the workers do not end on one of them
     (the order is otherwise kept)."""
-    weight: Counter[str] = Counter()
+    weight: Counter[Path] = Counter()
     for item in items:
         if item.get_closest_marker("postgres") and item.nodeid.startswith(_READS_EVENTS):
             item.add_marker(pytest.mark.serial)
