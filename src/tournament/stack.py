@@ -15,7 +15,6 @@ score-projector    the leaderboard projection runner
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +29,6 @@ from accord.projections import ProjectionRunner
 from accord.runtime import Component
 from accord.sagas import FlowTracker, Orchestrator
 from accord.transports import Transport, from_url
-from accord.transports.base import Delivery
 from tournament.config import StackConfig
 from tournament.contracts import PENDING
 from tournament.match_engine import flow as match_flow
@@ -159,18 +157,6 @@ def components(
     raise ValueError(f"unknown worker role {role!r}; roles: {', '.join(WORKER_ROLES)}")
 
 
-async def _declare(transport: Transport, groups: Sequence[Consumer]) -> None:
-    """Create each consumer group on the broker before anything is published: a group
-    gets only what is published after it first subscribed."""
-
-    async def hold(_delivery: Delivery) -> None:
-        await asyncio.Event().wait()  # never settled: given back when we stop
-
-    for consumer in groups:
-        subscription = await transport.subscribe(consumer.name, hold, topics=consumer.topics)
-        await subscription.stop()
-
-
 # The advisory lock that serialises prepare() on one PostgreSQL database.
 _LOCK = 0x746F75726E  # "tourn"
 
@@ -198,7 +184,8 @@ async def prepare(config: StackConfig) -> None:
             for style in ("orchestration", "choreography"):
                 for item in match_consumers(match_db, transport, style):
                     groups.append(item if isinstance(item, Consumer) else item.consumer)
-            await _declare(transport, groups)
+            for consumer in groups:  # a group gets only what is published after it exists
+                await consumer.declare()
         finally:
             await match_db.dispose()
             await score_db.dispose()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from accord.inbox import Consumer, HandlerContext
+from accord.outbox import Relay
 from accord.runtime import Settings
 from accord.transports.base import Transport
 from accord.transports.sql import SqlTransport
@@ -45,6 +46,11 @@ async def effect_consumer(settings: Settings) -> list[Any]:
             await asyncio.Event().wait()
 
     return [consumer]
+
+
+def relay_only(settings: Settings) -> list[Any]:
+    """A relay of the service's outbox, and no consumer."""
+    return [Relay(settings.database(), _transport(settings))]
 
 
 def not_a_component(settings: Settings) -> list[Any]:

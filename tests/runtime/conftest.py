@@ -21,8 +21,13 @@ class Workers:
         self.tmp_path = tmp_path
         self.procs: list[subprocess.Popen[bytes]] = []
 
+    @staticmethod
+    def environment(env: dict[str, str] | None = None) -> dict[str, str]:
+        """This process's environment, with the tests importable and ``env`` on top."""
+        return {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        environment = self.environment(env)
         index = len(self.procs)
         proc = subprocess.Popen(
             [sys.executable, "-c", "from accord.cli import main; main()", "worker", *args],

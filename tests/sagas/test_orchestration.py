@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 
 from accord.db import Database
 from accord.errors import NotFoundError
+from accord.runtime import Worker
 from accord.sagas import Orchestrator, SagaAdmin
 from accord.testing import wait_for
 from accord.transports.sql import SqlTransport
@@ -35,6 +36,26 @@ async def test_happy_path_completes_every_step_once(world: World) -> None:
     state = await world.admin.get(saga_id)
     assert state.data["seat"] == "12A" and state.data["ref1"].startswith("hotels.reserve")
     assert state.ended_at is not None
+
+
+async def test_sagas_started_before_the_first_worker_ran_complete(world: World) -> None:
+    """The first deploy: sagas start (their first commands wait in the outbox) before
+    any participant ever subscribed, then one worker runs the relay, the orchestrator
+    and the participants. The worker declares their groups before its relay publishes,
+    so no command goes to no one (the saga would time out and compensate)."""
+    await app.create_tables(world.database)
+    started: dict[str, dict[str, Any]] = {}
+    for i in range(10):
+        started[await world.begin(traveller=f"t{i}")] = {}
+    parts = app.components(world.database, world.transport, prefix=world.prefix, trip=world.trip)
+    worker = Worker(parts)
+    running = asyncio.create_task(worker.run(handle_signals=False))
+    try:
+        await wait_for(lambda: world.ended(len(started)), 30)
+        await world.check_outcomes(started)
+    finally:
+        await worker.stop()
+        assert await asyncio.wait_for(running, 20) == 0
 
 
 async def test_failure_at_each_step_compensates_exactly_the_completed_steps_in_reverse(

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from accord.cli.app import app, run
-from accord.runtime import load_settings, serve
+from accord.cli.app import JsonOption, app, console, print_json, run
+from accord.runtime import declare_groups, load_settings, serve
 
 __all__ = ["worker"]
 
@@ -38,14 +39,45 @@ def worker(
         ),
     ] = None,
     log_level: Annotated[str | None, typer.Option("--log-level", help="Logging level.")] = None,
+    declare_only: Annotated[
+        bool,
+        typer.Option(
+            "--declare-only",
+            help="Declare the components' consumer groups on the broker, print them and "
+            "exit, without consuming. Run it for every service at deploy time, before any "
+            "service that publishes to them starts: a group gets only what is published "
+            "after it exists.",
+        ),
+    ] = False,
+    as_json: JsonOption = False,
 ) -> None:
-    """Run the app's components until SIGTERM/SIGINT, then stop them gracefully and exit 0."""
+    """Run the app's components until SIGTERM/SIGINT, then stop them gracefully and exit 0.
+
+    On start the worker first declares its consumers' groups, then starts its relays
+    and consumers, so its own relay never publishes before its groups exist.
+    """
 
     async def go() -> int:
         # Inside run(): a settings error is a one-line message, not a traceback.
         settings = load_settings(
             settings_file, db=db, broker=broker, service=service, log_level=log_level
         )
-        return await serve(app_spec, settings)
+        if not declare_only:
+            return await serve(app_spec, settings)
+        declared = await declare_groups(app_spec, settings)
+        if as_json:
+            print_json(
+                [
+                    {"transport": d.transport, "group": d.group, "topics": list(d.topics)}
+                    for d in declared
+                ]
+            )
+        elif not declared:
+            console.print("No component of this app consumes from a transport: nothing to declare.")
+        else:
+            for d in declared:
+                group, topics = escape(d.group), escape(", ".join(d.topics))
+                console.print(f"declared group [bold]{group}[/] on {d.transport} for {topics}")
+        return 0
 
     raise typer.Exit(run(go()))

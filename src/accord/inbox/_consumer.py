@@ -53,7 +53,13 @@ from accord.observability._metrics import (
     CONSUMER_HANDLED,
 )
 from accord.observability._tracing import batch_spans, consumer_span
-from accord.transports.base import Delivery, Subscription, Transport, topic_matches
+from accord.transports.base import (
+    Delivery,
+    GroupDeclaration,
+    Subscription,
+    Transport,
+    topic_matches,
+)
 
 __all__ = ["Consumer"]
 
@@ -237,16 +243,28 @@ class Consumer:
 
     # -- lifecycle ----------------------------------------------------------------
 
+    def _check_handlers(self) -> None:
+        if not self.topics:
+            raise ConfigurationError(
+                f"consumer {self.name!r} has no handlers: register one with "
+                "@consumer.handler('message.type') before starting it"
+            )
+
+    async def declare(self) -> list[GroupDeclaration]:
+        """Declare group ``name`` on the transport for the handled types, without
+        consuming: what is published from now on waits for the group. A worker
+        calls this before it starts any component (see :class:`~accord.runtime.Worker`)."""
+        self._check_handlers()
+        await self.transport.connect()
+        await self.transport.declare(self.name, topics=self.topics)
+        return [GroupDeclaration(self.transport.name, self.name, tuple(self.topics))]
+
     async def start(self) -> None:
         """Connect the transport and subscribe as group ``name``; idempotent."""
         async with self._lock:
             if self._subscription is not None:
                 return
-            if not self.topics:
-                raise ConfigurationError(
-                    f"consumer {self.name!r} has no handlers: register one with "
-                    "@consumer.handler('message.type') before starting it"
-                )
+            self._check_handlers()
             await self.transport.connect()
             self._subscription = await self.transport.subscribe_batches(
                 self.name,

@@ -20,7 +20,7 @@ from accord.inbox._store import record
 from accord.messages import Message
 from accord.projections import _state
 from accord.projections._projection import Projection, ProjectionContext
-from accord.transports.base import Delivery, Subscription, Transport
+from accord.transports.base import Delivery, GroupDeclaration, Subscription, Transport
 
 __all__ = ["TransportProjector", "event_from_message"]
 
@@ -98,6 +98,14 @@ class TransportProjector:
         self._subscription = await self.transport.subscribe(
             self.group, self._handle, topics=self.projection.event_types, prefetch=self.prefetch
         )
+
+    async def declare(self) -> list[GroupDeclaration]:
+        """Declare the group for the projection's event types, without consuming: what
+        is published from now on waits for it."""
+        topics = tuple(self.projection.event_types)
+        await self.transport.connect()
+        await self.transport.declare(self.group, topics=topics)
+        return [GroupDeclaration(self.transport.name, self.group, topics)]
 
     async def run(self) -> None:
         """Start, then wait until :meth:`stop`."""

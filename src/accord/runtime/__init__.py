@@ -5,7 +5,7 @@ calls it with the :class:`Settings` and runs what it returns in a
 :class:`Worker` until SIGTERM or SIGINT.
 """
 
-from accord.runtime._app import load_app, make_components, serve
+from accord.runtime._app import declare_groups, load_app, make_components, serve
 from accord.runtime._settings import Settings, load_settings
 from accord.runtime._worker import Component, Worker
 
@@ -13,6 +13,7 @@ __all__ = [
     "Component",
     "Settings",
     "Worker",
+    "declare_groups",
     "load_app",
     "load_settings",
     "make_components",

@@ -14,8 +14,9 @@ from accord.errors import ConfigurationError
 from accord.observability import configure_logging, start_metrics_server
 from accord.runtime._settings import Settings
 from accord.runtime._worker import Component, Worker
+from accord.transports.base import GroupDeclaration
 
-__all__ = ["load_app", "make_components", "serve"]
+__all__ = ["declare_groups", "load_app", "make_components", "serve"]
 
 log = logging.getLogger("accord.runtime")
 
@@ -94,5 +95,23 @@ async def serve(app: str | Callable[..., Any], settings: Settings) -> int:
             await settings.database().upgrade()
         components = await make_components(factory, settings)
         return await Worker(components).run()
+    finally:
+        await settings.aclose()
+
+
+async def declare_groups(
+    app: str | Callable[..., Any], settings: Settings
+) -> list[GroupDeclaration]:
+    """Build the app's components and declare their consumer groups, without running
+    them (``accord worker --declare-only``): run it for each service at deploy time,
+    before any service that publishes to them starts. Upgrades the database if asked
+    (the SQL transport's groups are rows in it)."""
+    configure_logging(settings.log_level, json_logs=settings.log_json, service=settings.service)
+    factory = load_app(app) if isinstance(app, str) else app
+    try:
+        if settings.upgrade:
+            await settings.database().upgrade()
+        components = await make_components(factory, settings)
+        return await Worker(components).declare()
     finally:
         await settings.aclose()

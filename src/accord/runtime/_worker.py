@@ -7,10 +7,12 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from accord._aio import wait_event
+from accord.errors import TransportUnavailable
+from accord.transports.base import GroupDeclaration
 
 __all__ = ["Component", "Worker"]
 
@@ -23,11 +25,23 @@ class Component(Protocol):
 
     ``run()`` works until ``stop()`` is called, then returns. ``stop()`` makes it
     stop taking new work, lets the work in flight finish, and returns.
+
+    A component that consumes from a transport may also have
+    ``async def declare() -> list[GroupDeclaration]``: it declares its consumer
+    groups without consuming. The worker calls it before starting anything.
     """
 
     async def run(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+Declare = Callable[[], Awaitable[list[GroupDeclaration]]]
+
+
+def _declarer(component: object) -> Declare | None:
+    declare = getattr(component, "declare", None)
+    return declare if callable(declare) else None
 
 
 def _name(component: object) -> str:
@@ -39,6 +53,13 @@ def _name(component: object) -> str:
 class Worker:
     """Runs components side by side until told to stop.
 
+    * First it declares the consumer groups of every component that has a
+      ``declare()`` (consumers, orchestrators, flow trackers, transport
+      projectors), so that a relay of the same worker never publishes, before its
+      consumers subscribed, what their groups would miss. A declaration that
+      fails because the broker is out of reach is retried with the restart
+      backoff below; the components start once every group is declared. Any
+      other failure is logged, and the component's own start raises it again.
     * A component whose ``run()`` raises (or returns without being asked to stop)
       is logged and run again after an exponential backoff (``restart_base``
       doubling up to ``restart_cap`` seconds; reset after ``healthy_after``
@@ -90,14 +111,19 @@ class Worker:
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, self.request_stop)
                     installed.append(sig)
-        tasks = [
-            asyncio.create_task(self._supervise(index, c), name=f"accord-{_name(c)}")
-            for index, c in enumerate(self.components)
-        ]
-        log.info(
-            "worker started with %s", ", ".join(_name(c) for c in self.components) or "nothing"
-        )
+        tasks: list[asyncio.Task[None]] = []
         try:
+            if not await self._declare_until_stopped():
+                log.info("worker stopped before it started")
+                return 0
+            tasks = [
+                asyncio.create_task(self._supervise(index, c), name=f"accord-{_name(c)}")
+                for index, c in enumerate(self.components)
+            ]
+            log.info(
+                "worker started with %s",
+                ", ".join(_name(c) for c in self.components) or "nothing",
+            )
             await self._stopping.wait()
             await self._stop_all(tasks)
         finally:
@@ -108,6 +134,55 @@ class Worker:
             await asyncio.gather(*tasks, return_exceptions=True)
         log.info("worker stopped")
         return 0
+
+    async def declare(self) -> list[GroupDeclaration]:
+        """Declare the consumer groups of every component that has a ``declare()``,
+        in order; return what was declared. The first failure is raised."""
+        declared: list[GroupDeclaration] = []
+        for component in self.components:
+            declare = _declarer(component)
+            if declare is not None:
+                declared.extend(await declare())
+        return declared
+
+    async def _declare_until_stopped(self) -> bool:
+        """The declaration phase of :meth:`run`; whether to go on (no stop came)."""
+        phase = asyncio.create_task(self._declare_each())
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait((phase, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (phase, stopping):
+                task.cancel()
+            await asyncio.gather(phase, stopping, return_exceptions=True)
+        return not self._stopping.is_set()
+
+    async def _declare_each(self) -> None:
+        for component in self.components:
+            declare = _declarer(component)
+            failures = 0
+            while declare is not None:
+                try:
+                    for declared in await declare():
+                        log.info("%s declared group %s", _name(component), declared)
+                    declare = None
+                except TransportUnavailable as exc:
+                    failures += 1
+                    delay = min(self.restart_cap, self.restart_base * 2.0 ** (failures - 1))
+                    log.warning(
+                        "%s cannot declare its consumer group(s) yet: %s; retrying in %.1fs "
+                        "(nothing starts until it does)",
+                        _name(component),
+                        exc,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                except Exception:
+                    log.exception(
+                        "%s failed to declare its consumer group(s); starting it anyway",
+                        _name(component),
+                    )
+                    declare = None
 
     async def _supervise(self, index: int, component: Component) -> None:
         failures = 0

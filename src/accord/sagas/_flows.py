@@ -24,7 +24,7 @@ from accord.db.schema_sagas import flow_heads, flows, sagas
 from accord.inbox import Consumer, HandlerContext
 from accord.sagas._metrics import FLOWS_STALLED
 from accord.sagas._store import ENDED as SAGA_ENDED
-from accord.transports.base import Transport
+from accord.transports.base import GroupDeclaration, Transport
 
 __all__ = ["FlowEntry", "FlowTracker", "Flows", "StalledFlow"]
 
@@ -252,6 +252,11 @@ class FlowTracker:
                 )
         self._reported = {f.correlation_id for f in stalled}
         return stalled
+
+    async def declare(self) -> list[GroupDeclaration]:
+        """Declare the tracker's group without consuming (see
+        :meth:`accord.inbox.Consumer.declare`)."""
+        return await self.consumer.declare()
 
     async def run(self) -> None:
         """Record messages and check for stalled flows until :meth:`stop`."""

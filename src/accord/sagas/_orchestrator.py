@@ -43,7 +43,7 @@ from accord.sagas._store import (
     load_locked,
     save_locked,
 )
-from accord.transports.base import Transport
+from accord.transports.base import GroupDeclaration, Transport
 
 #: Seconds a deadline whose transition failed waits before it is fired again.
 FAILED_DEADLINE_DELAY = 30.0
@@ -363,6 +363,11 @@ class Orchestrator:
                 await wait_event(self._stop, self.timer_interval)
 
     # -- lifecycle ----------------------------------------------------------------
+
+    async def declare(self) -> list[GroupDeclaration]:
+        """Declare the reply group without consuming (see
+        :meth:`accord.inbox.Consumer.declare`); its consumers share it."""
+        return await self.consumer.declare()
 
     async def connect(self) -> None:
         """Subscribe the reply group now; idempotent (:meth:`run` does it too).

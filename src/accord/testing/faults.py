@@ -89,6 +89,9 @@ class FaultyTransport(Transport):
         if self.kill_after is not None and self.publishes >= self.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
+    async def declare(self, group: str, *, topics: Sequence[str] = ("#",)) -> None:
+        await self.inner.declare(group, topics=topics)
+
     async def subscribe_batches(
         self,
         group: str,

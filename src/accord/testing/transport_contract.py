@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from accord.errors import TransportError
+from accord.errors import ConfigurationError, TransportError
 from accord.messages import Message
 from accord.testing._eventually import wait_for
 from accord.transports.base import Delivery, Transport
@@ -280,6 +280,30 @@ class TransportContract:
         await consumer.subscribe("durable", late)
         await late.wait(5, self.timeout)
         assert sorted(late.ids) == sorted(m.id for m in sent)
+
+    async def test_a_declared_group_keeps_what_is_published_before_its_first_subscribe(
+        self, open_transport: Any
+    ) -> None:
+        publisher = await open_transport()
+        await publisher.declare("declared", topics=["order.*"])
+        await publisher.declare("declared", topics=["order.*"])  # idempotent
+        wanted = _messages(3, type="order.placed")
+        await publisher.publish([*wanted, Message(type="invoice.sent")])
+        consumer = await open_transport()
+        late = Collector()
+        await consumer.subscribe("declared", late, topics=["order.*"])
+        await late.wait(3, self.timeout)
+        await asyncio.sleep(0.3)
+        assert late.ids == [m.id for m in wanted]
+
+    async def test_declaring_a_group_without_topics_says_what_is_wrong(
+        self, open_transport: Any
+    ) -> None:
+        transport = await open_transport()
+        with pytest.raises(ConfigurationError, match="topics must be a non-empty list"):
+            await transport.declare("no-topics", topics=[])
+        with pytest.raises(ConfigurationError, match="non-empty name"):
+            await transport.declare("", topics=["#"])
 
     async def test_unsettled_delivery_comes_back_after_consumer_dies(
         self, open_transport: Any

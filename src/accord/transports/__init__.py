@@ -9,10 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 from accord.errors import ConfigurationError
-from accord.transports.base import Delivery, Handler, Subscription, Transport, topic_matches
+from accord.transports.base import (
+    Delivery,
+    GroupDeclaration,
+    Handler,
+    Subscription,
+    Transport,
+    topic_matches,
+)
 
 __all__ = [
     "Delivery",
+    "GroupDeclaration",
     "Handler",
     "Subscription",
     "Transport",

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from accord.errors import DecodeError, PublishError, TransportUnavailable
+from accord.errors import ConfigurationError, DecodeError, PublishError, TransportUnavailable
 from accord.messages import SPECVERSION, Message, decode, encode
 
 __all__ = [
@@ -31,9 +31,11 @@ __all__ = [
     "BatchHandler",
     "Delivery",
     "Envelope",
+    "GroupDeclaration",
     "Handler",
     "Subscription",
     "Transport",
+    "check_group",
     "raise_unconfirmed",
     "topic_matches",
 ]
@@ -57,6 +59,17 @@ def raise_unconfirmed(failed: dict[str, BaseException], total: int, broker: str)
             f"{broker} confirmed none of {total} message(s): {first}"
         ) from first.__cause__
     raise PublishError(failed)
+
+
+def check_group(group: str, topics: Sequence[str]) -> None:
+    """Raise ConfigurationError unless ``group`` is a name and ``topics`` a non-empty
+    list of patterns (what :meth:`Transport.declare` and subscribing take)."""
+    if not group:
+        raise ConfigurationError("a consumer group needs a non-empty name")
+    if isinstance(topics, str) or not topics:
+        raise ConfigurationError(
+            f"group {group!r}: topics must be a non-empty list of patterns, e.g. ['match.*']"
+        )
 
 
 @lru_cache(maxsize=1024)
@@ -181,6 +194,19 @@ class Delivery(abc.ABC):
 
 Handler = Callable[[Delivery], Awaitable[None]]
 
+
+@dataclass(frozen=True, slots=True)
+class GroupDeclaration:
+    """A consumer group a component declared (see :meth:`Transport.declare`)."""
+
+    transport: str
+    group: str
+    topics: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.group} on {self.transport} for {', '.join(self.topics)}"
+
+
 #: A handler of several deliveries at once (see :meth:`Transport.subscribe_batches`).
 BatchHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
 
@@ -210,6 +236,9 @@ class Transport(abc.ABC):
     * A message published after a group's first :meth:`subscribe` reaches that
       group even if no consumer of the group is running at the time (groups
       are durable).
+    * :meth:`declare` makes a group durable without consuming it, with the same
+      effect as a first subscribe: messages published after it are kept for the
+      group until a consumer subscribes.
     * :meth:`subscribe` calls ``handler`` for each delivery, one at a time per
       subscription, in the order the broker delivers. If the handler returns
       without settling, the delivery is acked; if it raises, it is nacked with
@@ -258,6 +287,18 @@ class Transport(abc.ABC):
                 failed.update(exc.failed)
         if failed:
             raise PublishError(failed)
+
+    @abc.abstractmethod
+    async def declare(self, group: str, *, topics: Sequence[str] = ("#",)) -> None:
+        """Declare ``group`` durably for message types matching ``topics``, without
+        consuming: messages published from now on are kept for it until a member
+        subscribes. Idempotent; :meth:`subscribe` declares too, with its own topics.
+
+        Without it, what is published before a group's first subscribe never reaches
+        the group. Workers declare their consumers' groups before starting any relay,
+        and ``accord worker --declare-only`` does it at deploy time, before the
+        services that publish to the group start.
+        """
 
     async def subscribe(
         self,

@@ -19,6 +19,7 @@ from accord.transports.base import (
     Delivery,
     Subscription,
     Transport,
+    check_group,
     topic_matches,
 )
 
@@ -128,6 +129,16 @@ class MemoryTransport(Transport):
         for group in self.broker.groups.values():
             group.queue.put_nowait((dict(headers), body, 1))
 
+    async def declare(self, group: str, *, topics: Sequence[str] = ("#",)) -> None:
+        """Create ``group`` (with ``topics``, if it is new) without consuming it."""
+        self._group(group, topics)
+
+    def _group(self, group: str, topics: Sequence[str]) -> _Group:
+        check_group(group, topics)
+        if self._closed:
+            raise TransportUnavailable("the memory transport is closed")
+        return self.broker.groups.setdefault(group, _Group(tuple(topics)))
+
     async def subscribe_batches(
         self,
         group: str,
@@ -142,9 +153,7 @@ class MemoryTransport(Transport):
         A group's topics are those of its first subscribe. Each call gets what is
         queued, up to ``max_batch`` and ``prefetch``.
         """
-        if self._closed:
-            raise TransportUnavailable("the memory transport is closed")
-        state = self.broker.groups.setdefault(group, _Group(tuple(topics)))
+        state = self._group(group, topics)
         subscription = _MemorySubscription(state, handler, max(1, min(max_batch, prefetch)))
         self._subscriptions.append(subscription)
         return subscription

@@ -60,6 +60,7 @@ from accord.transports.base import (
     Envelope,
     Subscription,
     Transport,
+    check_group,
     raise_unconfirmed,
 )
 
@@ -380,22 +381,9 @@ class NatsTransport(Transport):
         each pull of up to ``prefetch`` messages is handed over in chunks of at most
         ``max_batch``."""
         nc, js = self._connected()
-        if not topics:
-            raise ConfigurationError("subscribing needs at least one topic pattern")
-        filter_subject, exact = subject_filter(self.channel, topics)
-        durable = durable_name(group)
-        config = ConsumerConfig(
-            durable_name=durable,
-            description=f"accord group {group!r}",
-            deliver_policy=DeliverPolicy.NEW,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=self.ack_wait,
-            max_deliver=-1,
-            filter_subject=filter_subject,
-        )
+        exact = await self._declare(js, group, topics)
         try:
-            await self._declare_consumer(js, config)
-            psub = await js.pull_subscribe_bind(durable=durable, stream=self.stream)
+            psub = await js.pull_subscribe_bind(durable=durable_name(group), stream=self.stream)
         except TransportError:
             raise
         except Exception as exc:
@@ -416,6 +404,34 @@ class NatsTransport(Transport):
         )
         self._subscriptions.append(subscription)
         return subscription
+
+    async def declare(self, group: str, *, topics: Sequence[str] = ("#",)) -> None:
+        """Create the group's durable pull consumer (new messages from now on, filtered
+        to ``topics``) without pulling from it."""
+        _, js = self._connected()
+        await self._declare(js, group, topics)
+
+    async def _declare(self, js: JetStreamContext, group: str, topics: Sequence[str]) -> bool:
+        """Declare the group's consumer; return whether its filter selects exactly
+        ``topics`` (else the subscription filters what it pulls)."""
+        check_group(group, topics)
+        filter_subject, exact = subject_filter(self.channel, topics)
+        config = ConsumerConfig(
+            durable_name=durable_name(group),
+            description=f"accord group {group!r}",
+            deliver_policy=DeliverPolicy.NEW,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait,
+            max_deliver=-1,
+            filter_subject=filter_subject,
+        )
+        try:
+            await self._declare_consumer(js, config)
+        except TransportError:
+            raise
+        except Exception as exc:
+            raise translate_nats_error(exc, f"declaring group {group!r}") from exc
+        return exact
 
     async def _declare_consumer(self, js: JetStreamContext, config: ConsumerConfig) -> None:
         assert config.durable_name is not None

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 from accord.errors import MissingExtraError
@@ -49,7 +49,12 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise MissingExtraError("RabbitMQ", "rabbitmq", "aio-pika") from exc
 
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    AbstractRobustQueue,
+)
 from pamqp.commands import Basic
 
 from accord.errors import (
@@ -79,6 +84,7 @@ from accord.transports.base import (
     Envelope,
     Subscription,
     Transport,
+    check_group,
     raise_unconfirmed,
 )
 
@@ -152,7 +158,7 @@ class RabbitTransport(Transport):
 
     @property
     def groups(self) -> frozenset[str]:
-        """The consumer groups this transport subscribed to."""
+        """The consumer groups this transport declared or subscribed to."""
         return frozenset(self._groups)
 
     async def connect(self) -> None:
@@ -318,28 +324,24 @@ class RabbitTransport(Transport):
                     f"takes ({limit:,} bytes) before this one was confirmed; retry"
                 )
 
-    async def subscribe_batches(
+    async def declare(self, group: str, *, topics: Sequence[str] = ("#",)) -> None:
+        """Declare the group's durable queue (bound to ``topics``) and its dead-letter
+        queue, without consuming."""
+        await self._declare_group(group, topics, None)
+
+    async def _declare_group(
         self,
         group: str,
-        handler: BatchHandler,
-        *,
-        topics: Sequence[str] = ("#",),
-        prefetch: int = 64,
-        max_batch: int = 64,
-    ) -> Subscription:
-        """Declare the group's queues and bindings durably, then consume on a channel of
-        its own with ``basic_qos(prefetch)``; each handler call gets what has arrived, up
-        to ``max_batch``, and the deliveries it leaves unsettled are acked in one
-        ``basic.ack`` (``multiple``) where that is safe."""
-        if not group:
-            raise ConfigurationError("subscribe() needs a non-empty group name")
-        if max_batch < 1:
-            raise ConfigurationError("subscribe_batches: max_batch must be >= 1")
+        topics: Sequence[str],
+        open_channel: Callable[[AbstractRobustConnection], Awaitable[AbstractRobustChannel]] | None,
+    ) -> AbstractRobustQueue:
+        """Declare the group's dead-letter queue, its queue (on the channel
+        ``open_channel`` opens, else the publisher's) and the queue's bindings."""
+        check_group(group, topics)
         if self._closed:
             raise TransportUnavailable("this RabbitTransport is closed; call connect() again")
         await self.connect()
         assert self._connection is not None and self._publisher is not None
-        channel: AbstractRobustChannel | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 dead = await self._publisher.declare_exchange(
@@ -349,8 +351,9 @@ class RabbitTransport(Transport):
                     self.topology.dead_queue(group), durable=True, arguments=self._typed({})
                 )
                 await dead_queue.bind(dead, routing_key=group)
-                channel = await self._connection.channel(publisher_confirms=False)
-                await channel.set_qos(prefetch_count=prefetch)
+                channel = self._publisher
+                if open_channel is not None:
+                    channel = await open_channel(self._connection)
                 queue = await channel.declare_queue(
                     self.topology.queue(group),
                     durable=True,
@@ -364,10 +367,40 @@ class RabbitTransport(Transport):
                 for topic in dict.fromkeys(topics):
                     await queue.bind(self.topology.exchange, routing_key=topic)
         except Exception as exc:
-            if channel is not None:
-                await _close_quietly(channel)
             raise translate(exc, f"declaring consumer group {group!r}") from exc
         self._groups.add(group)
+        return queue
+
+    async def subscribe_batches(
+        self,
+        group: str,
+        handler: BatchHandler,
+        *,
+        topics: Sequence[str] = ("#",),
+        prefetch: int = 64,
+        max_batch: int = 64,
+    ) -> Subscription:
+        """Declare the group's queues and bindings durably, then consume on a channel of
+        its own with ``basic_qos(prefetch)``; each handler call gets what has arrived, up
+        to ``max_batch``, and the deliveries it leaves unsettled are acked in one
+        ``basic.ack`` (``multiple``) where that is safe."""
+        if max_batch < 1:
+            raise ConfigurationError("subscribe_batches: max_batch must be >= 1")
+        channel: AbstractRobustChannel | None = None
+
+        async def consumer_channel(connection: AbstractRobustConnection) -> AbstractRobustChannel:
+            nonlocal channel
+            channel = await connection.channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=prefetch)
+            return channel
+
+        try:
+            queue = await self._declare_group(group, topics, consumer_channel)
+        except BaseException:
+            if channel is not None:
+                await _close_quietly(channel)
+            raise
+        assert channel is not None
         subscription = RabbitSubscription(
             self,
             group,

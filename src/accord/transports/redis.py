@@ -50,7 +50,7 @@ from accord.transports._redis_consume import (
     text_of,
     translate_redis_error,
 )
-from accord.transports.base import BatchHandler, Subscription, Transport
+from accord.transports.base import BatchHandler, Subscription, Transport, check_group
 
 __all__ = ["RedisTransport"]
 
@@ -187,21 +187,15 @@ class RedisTransport(Transport):
 
     # -- consuming ----------------------------------------------------------------
 
-    async def subscribe_batches(
-        self,
-        group: str,
-        handler: BatchHandler,
-        *,
-        topics: Sequence[str] = ("#",),
-        prefetch: int = 64,
-        max_batch: int = 64,
-    ) -> Subscription:
-        """Create the group (at ``$`` on the channel stream, durable from now on) and
-        start reading as a new, uniquely named consumer of it: what each read returns is
-        handed over in chunks of at most ``max_batch`` (and ``prefetch``)."""
-        client = self._client()
-        if not topics:
-            raise ConfigurationError("subscribing needs at least one topic pattern")
+    async def declare(self, group: str, *, topics: Sequence[str] = ("#",)) -> None:
+        """Create the group (at ``$`` on the channel stream: the messages added from now
+        on) and record its topics, without reading."""
+        await self._declare(self._client(), group, topics)
+
+    async def _declare(
+        self, client: aioredis.Redis, group: str, topics: Sequence[str]
+    ) -> GroupKeys:
+        check_group(group, topics)
         keys = self.group_keys(group)
         for key, start in ((keys.stream, "$"), (keys.retry, "0")):
             try:
@@ -226,6 +220,22 @@ class RedisTransport(Transport):
                 ", ".join(sorted(known)),
                 ", ".join(topics),
             )
+        return keys
+
+    async def subscribe_batches(
+        self,
+        group: str,
+        handler: BatchHandler,
+        *,
+        topics: Sequence[str] = ("#",),
+        prefetch: int = 64,
+        max_batch: int = 64,
+    ) -> Subscription:
+        """Create the group (at ``$`` on the channel stream, durable from now on) and
+        start reading as a new, uniquely named consumer of it: what each read returns is
+        handed over in chunks of at most ``max_batch`` (and ``prefetch``)."""
+        client = self._client()
+        keys = await self._declare(client, group, topics)
         if self._redis is not client:
             # close() ran while this subscribe awaited (redis-py would reconnect the
             # closed client for it): nothing may consume after close().

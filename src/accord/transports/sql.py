@@ -65,6 +65,7 @@ from accord.transports.base import (
     Envelope,
     Subscription,
     Transport,
+    check_group,
     topic_matches,
 )
 
@@ -280,6 +281,25 @@ class SqlTransport(Transport):
 
     # -- consuming ------------------------------------------------------------------
 
+    async def declare(self, group: str, *, topics: Sequence[str] = ("#",)) -> None:
+        """Register ``group`` durably, widening its patterns with ``topics``: every
+        message published from then on gets a delivery for it."""
+        await self._declare(group, topics)
+
+    async def _declare(self, group: str, topics: Sequence[str]) -> Database:
+        check_group(group, topics)
+        db = await self._ensure_open()
+        async with transaction(db, f"registering group {group!r}") as conn:
+            await q.register_group(
+                conn,
+                self.channel,
+                group,
+                list(topics),
+                datetime.now(UTC),
+                is_postgres=db.is_postgres,
+            )
+        return db
+
     async def subscribe_batches(
         self,
         group: str,
@@ -292,12 +312,6 @@ class SqlTransport(Transport):
         """Register ``group`` durably (widening its patterns with ``topics``) and start
         a consumer of it. ``prefetch`` is how many deliveries one claim leases; each
         handler call gets up to ``max_batch`` of those already claimed."""
-        if not group:
-            raise ConfigurationError("subscribe: group must be a non-empty name")
-        if isinstance(topics, str) or not topics:
-            raise ConfigurationError(
-                "subscribe: topics must be a non-empty list of patterns, e.g. ['match.*']"
-            )
         if max_batch < 1:
             raise ConfigurationError("subscribe_batches: max_batch must be >= 1")
         if prefetch > MAX_PREFETCH:
@@ -307,16 +321,7 @@ class SqlTransport(Transport):
                 f"subscribe: prefetch must be at most {MAX_PREFETCH}, not {prefetch}"
             )
         prefetch = max(1, prefetch)
-        db = await self._ensure_open()
-        async with transaction(db, f"registering group {group!r}") as conn:
-            await q.register_group(
-                conn,
-                self.channel,
-                group,
-                list(topics),
-                datetime.now(UTC),
-                is_postgres=db.is_postgres,
-            )
+        db = await self._declare(group, topics)
         if db.is_postgres and self._unlisten is None:
             # Concurrent first subscribes must not each open a listener (one would leak).
             async with self._listen_lock:
