@@ -1,16 +1,17 @@
 """Removing what tests declared on the shared brokers (exchanges, queues, streams, keys);
-changing a broker setting for the length of a test."""
+changing a broker setting for the length of a test; a transport slow to subscribe."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import aio_pika
 
-from accord.transports.base import Transport
+from accord.testing.faults import FaultyTransport
+from accord.transports.base import BatchHandler, Subscription, Transport
 from accord.transports.nats import NatsTransport
 from accord.transports.rabbitmq import RabbitTopology, RabbitTransport
 from accord.transports.redis import RedisTransport
@@ -75,3 +76,26 @@ async def rabbit_max_message_size(size: int) -> AsyncIterator[None]:
         yield
     finally:
         await _rabbit_eval(f"application:set_env(rabbit, max_message_size, {found.group(1)}).")
+
+
+class SlowToSubscribe(FaultyTransport):
+    """A real transport whose subscribes take ``delay`` seconds longer (its declares
+    do not): a consumer starting beside a relay is then surely the later of the two."""
+
+    def __init__(self, inner: Transport, delay: float = 0.5) -> None:
+        super().__init__(inner)
+        self.delay = delay
+
+    async def subscribe_batches(
+        self,
+        group: str,
+        handler: BatchHandler,
+        *,
+        topics: Sequence[str] = ("#",),
+        prefetch: int = 64,
+        max_batch: int = 64,
+    ) -> Subscription:
+        await asyncio.sleep(self.delay)
+        return await super().subscribe_batches(
+            group, handler, topics=topics, prefetch=prefetch, max_batch=max_batch
+        )

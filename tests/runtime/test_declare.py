@@ -25,6 +25,7 @@ from accord.outbox import add as add_to_outbox
 from accord.runtime import Worker
 from accord.testing import wait_for
 from accord.transports import GroupDeclaration
+from tests.brokers import SlowToSubscribe
 from tests.inbox.conftest import Broker, create_business_tables, effect_counts, effects
 from tests.runtime.conftest import ROOT, Workers
 
@@ -117,6 +118,29 @@ async def test_a_stop_while_declaring_starts_nothing_and_returns_0() -> None:
     assert not [e for e in events if e.startswith("run")]
 
 
+async def test_a_stop_is_kept_even_by_a_declaration_that_swallowed_its_cancellation() -> None:
+    """A driver may lose a cancellation (asyncio.wait_for on Python 3.11) and raise its
+    own error instead: the declaration loop must still see the stop."""
+    declaring = asyncio.Event()
+
+    class Swallower(Plain):
+        async def declare(self) -> list[GroupDeclaration]:
+            declaring.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                raise TransportUnavailable("the driver lost the cancellation") from None
+            return []
+
+    events: list[str] = []
+    worker = Worker([Swallower(events)], restart_base=5.0)
+    running = asyncio.create_task(worker.run(handle_signals=False))
+    await asyncio.wait_for(declaring.wait(), 10)
+    await worker.stop()
+    assert await asyncio.wait_for(running, 3) == 0
+    assert events == []
+
+
 # -- on real brokers -------------------------------------------------------------------
 
 
@@ -130,9 +154,8 @@ async def broker(request: pytest.FixtureRequest, db_url: str) -> AsyncIterator[B
 async def test_a_relay_never_publishes_before_its_workers_groups_exist(
     database: Database, broker: Broker
 ) -> None:
-    """A backlog in the outbox, then a worker whose relay and consumer start together
-    (the relay first): the consumer applies every message of it. (Before workers
-    declared first, the relay won the race about one time in three.)"""
+    """A backlog in the outbox, then a worker whose relay and consumer start together,
+    the consumer slow to subscribe: the consumer applies every message of it."""
     await database.upgrade()
     await create_business_tables(database)
     sent = [Message(type="test.work", data={"n": i}) for i in range(20)]
@@ -140,7 +163,8 @@ async def test_a_relay_never_publishes_before_its_workers_groups_exist(
         for message in sent:
             await add_to_outbox(conn, message)
     relay = Relay(database, broker.transport(), poll_interval=0.05)
-    consumer = Consumer(f"svc-{uuid.uuid4().hex[:8]}", database, broker.transport())
+    slow = SlowToSubscribe(broker.transport())
+    consumer = Consumer(f"svc-{uuid.uuid4().hex[:8]}", database, slow)
 
     @consumer.handler("test.work")
     async def on_work(ctx: HandlerContext, data: Any) -> None:
@@ -201,3 +225,7 @@ def test_declare_only_prints_the_groups_and_says_when_there_are_none(sqlite_url:
     assert json.loads(done.stdout) == []
     done = _cli(*base, "--app", "tests.runtime.apps:relay_only", "--declare-only")
     assert "nothing to declare" in done.stdout.decode()
+
+    done = _cli(*base, "--app", "tests.runtime.apps:relay_only", "--json")
+    assert done.returncode == 2
+    assert "--json goes with --declare-only" in " ".join(done.stderr.decode().split())

@@ -20,6 +20,7 @@ from accord.runtime import Worker
 from accord.sagas import Orchestrator, SagaAdmin
 from accord.testing import wait_for
 from accord.transports.sql import SqlTransport
+from tests.brokers import SlowToSubscribe
 from tests.sagas import app
 from tests.sagas.conftest import World
 
@@ -47,7 +48,8 @@ async def test_sagas_started_before_the_first_worker_ran_complete(world: World) 
     started: dict[str, dict[str, Any]] = {}
     for i in range(10):
         started[await world.begin(traveller=f"t{i}")] = {}
-    parts = app.components(world.database, world.transport, prefix=world.prefix, trip=world.trip)
+    slow = SlowToSubscribe(world.transport)  # the relay surely publishes before they subscribe
+    parts = app.components(world.database, slow, prefix=world.prefix, trip=world.trip)
     worker = Worker(parts)
     running = asyncio.create_task(worker.run(handle_signals=False))
     try:

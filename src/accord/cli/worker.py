@@ -57,6 +57,9 @@ def worker(
     and consumers, so its own relay never publishes before its groups exist.
     """
 
+    if as_json and not declare_only:
+        raise typer.BadParameter("--json goes with --declare-only", param_hint="--json")
+
     async def go() -> int:
         # Inside run(): a settings error is a one-line message, not a traceback.
         settings = load_settings(

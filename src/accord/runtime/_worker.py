@@ -142,7 +142,7 @@ class Worker:
         for component in self.components:
             declare = _declarer(component)
             if declare is not None:
-                declared.extend(await declare())
+                declared.extend(await declare() or [])
         return declared
 
     async def _declare_until_stopped(self) -> bool:
@@ -161,9 +161,9 @@ class Worker:
         for component in self.components:
             declare = _declarer(component)
             failures = 0
-            while declare is not None:
+            while declare is not None and not self._stopping.is_set():
                 try:
-                    for declared in await declare():
+                    for declared in await declare() or []:
                         log.info("%s declared group %s", _name(component), declared)
                     declare = None
                 except TransportUnavailable as exc:
@@ -176,7 +176,8 @@ class Worker:
                         exc,
                         delay,
                     )
-                    await asyncio.sleep(delay)
+                    # Not a bare sleep: a driver may have swallowed the phase's cancellation.
+                    await wait_event(self._stopping, delay)
                 except Exception:
                     log.exception(
                         "%s failed to declare its consumer group(s); starting it anyway",

@@ -372,8 +372,8 @@ class Orchestrator:
     async def connect(self) -> None:
         """Subscribe the reply group now; idempotent (:meth:`run` does it too).
 
-        A group only receives what is published after it first subscribed, so call
-        this before starting sagas when :meth:`run` may not have begun yet.
+        A group only receives what is published after it exists, so call this (or
+        :meth:`declare`) before starting sagas when :meth:`run` may not have begun yet.
         """
         # Replies set deadlines in server time: measure before the first one comes.
         await self.database.clock.sync_if_due()

@@ -326,17 +326,30 @@ class RabbitTransport(Transport):
 
     async def declare(self, group: str, *, topics: Sequence[str] = ("#",)) -> None:
         """Declare the group's durable queue (bound to ``topics``) and its dead-letter
-        queue, without consuming."""
-        await self._declare_group(group, topics, None)
+        queue, without consuming. The queue is declared on a channel of its own, closed
+        after: a refusal (an existing queue with other arguments) never closes the
+        channel the relays publish on."""
+        channel: AbstractRobustChannel | None = None
+
+        async def scratch(connection: AbstractRobustConnection) -> AbstractRobustChannel:
+            nonlocal channel
+            channel = await connection.channel(publisher_confirms=False)
+            return channel
+
+        try:
+            await self._declare_group(group, topics, scratch)
+        finally:
+            if channel is not None:
+                await _close_quietly(channel)
 
     async def _declare_group(
         self,
         group: str,
         topics: Sequence[str],
-        open_channel: Callable[[AbstractRobustConnection], Awaitable[AbstractRobustChannel]] | None,
+        open_channel: Callable[[AbstractRobustConnection], Awaitable[AbstractRobustChannel]],
     ) -> AbstractRobustQueue:
         """Declare the group's dead-letter queue, its queue (on the channel
-        ``open_channel`` opens, else the publisher's) and the queue's bindings."""
+        ``open_channel`` opens; the caller closes it) and the queue's bindings."""
         check_group(group, topics)
         if self._closed:
             raise TransportUnavailable("this RabbitTransport is closed; call connect() again")
@@ -351,9 +364,7 @@ class RabbitTransport(Transport):
                     self.topology.dead_queue(group), durable=True, arguments=self._typed({})
                 )
                 await dead_queue.bind(dead, routing_key=group)
-                channel = self._publisher
-                if open_channel is not None:
-                    channel = await open_channel(self._connection)
+                channel = await open_channel(self._connection)
                 queue = await channel.declare_queue(
                     self.topology.queue(group),
                     durable=True,
