@@ -5,7 +5,8 @@ connections doing a one-row INSERT + COMMIT), so the report shows transactions p
 and the engine's efficiency = saga transactions/s / raw transactions/s.
 
     .venv/bin/python -m benchmarks.sagas [--quick] [--rate 400] [--seconds 10]
-        [--batch 64] [--concurrency 1] [--only rabbitmq|nats|timer|flows] [--functions batch|single]
+        [--batch 64] [--concurrency 1] [--only rabbitmq|nats|sqlite|timer|flows]
+        [--functions batch|single]
 
 Each service consumes in batch mode (``Consumer(batch_size=--batch)``, the orchestrator
 ``Orchestrator(batch_size=...)``) with ``--concurrency`` competing consumers; the
@@ -19,13 +20,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -67,6 +71,8 @@ def definition() -> Saga:
 _TABLE = "CREATE TABLE IF NOT EXISTS bench_effects (saga_id text, step text, op text)"
 #: Concurrent callers of Orchestrator.start in the load generator.
 STARTERS = 16
+#: How often relays and SQL-transport consumers poll on SQLite (no NOTIFY there).
+POLL_INTERVAL = 0.05
 
 
 def service(
@@ -120,11 +126,14 @@ async def child(
     functions: str,
 ) -> None:
     """One process: the orchestrator or a participant service, with its own relay."""
-    database = Database(db_url, pool_size=8)
+    embedded = db_url.startswith("sqlite")
+    database = Database(db_url) if embedded else Database(db_url, pool_size=8)
     await database.upgrade()
     async with database.transaction() as conn:
         await conn.execute(sa.text(_TABLE))
-    transport = from_url(broker, channel=channel)
+    # SQLite has no NOTIFY: the SQL transport's consumers and the relays poll.
+    polling = {"poll_interval": POLL_INTERVAL} if embedded else {}
+    transport = from_url(broker, channel=channel, **polling)
     await transport.connect()
     if role == "orchestrator":
         orchestrator = Orchestrator(
@@ -140,7 +149,7 @@ async def child(
     else:
         consumers = service(database, transport, role, int(batch), int(concurrency), functions)
         parts = list(consumers)
-    relay = Relay(database, transport)  # woken by NOTIFY at each commit
+    relay = Relay(database, transport, **polling)  # on PostgreSQL woken by NOTIFY at each commit
     parts.append(relay)
     sizes: list[int] = []
     for consumer in consumers:
@@ -206,18 +215,58 @@ async def raw_commit_rate(dsn: str, seconds: float, connections: int = 32) -> fl
     return done / elapsed
 
 
-async def run_sagas(
-    broker: str, rate: float, seconds: float, batch: int, concurrency: int, functions: str
-) -> dict[str, Any]:
-    channel = f"bench-sagas-{uuid.uuid4().hex[:8]}"
+def sqlite_commit_rate(directory: str, seconds: float) -> float:
+    """Transactions/s of one sqlite3 connection doing one-row INSERT + COMMIT on a file
+    in WAL mode with ``synchronous=NORMAL`` (Accord's settings; one writer at a time)."""
+    conn = sqlite3.connect(f"{directory}/raw.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("CREATE TABLE bench_raw (id INTEGER PRIMARY KEY, v INTEGER)")
+    done = 0
+    started = time.perf_counter()
+    deadline = started + seconds
+    while time.perf_counter() < deadline:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO bench_raw (v) VALUES (1)")
+        conn.execute("COMMIT")
+        done += 1
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return done / elapsed
+
+
+@contextlib.asynccontextmanager
+async def service_databases(sqlite_dir: str | None) -> AsyncIterator[list[tuple[str, str | None]]]:
+    """(URL, asyncpg DSN) of the orchestrator's and the two services' databases: files
+    in ``sqlite_dir`` (no DSN: no commit count), else scratch PostgreSQL databases."""
+    if sqlite_dir is not None:
+        yield [(f"sqlite+aiosqlite:///{sqlite_dir}/{name}.db", None) for name in ROLES]
+        return
     async with (
         ScratchDatabase("bench_orch") as orch_db,
         ScratchDatabase("bench_a") as a_db,
         ScratchDatabase("bench_b") as b_db,
     ):
+        yield [(db.url, db.dsn) for db in (orch_db, a_db, b_db)]
+
+
+ROLES = ("orchestrator", "svc-a", "svc-b")
+
+
+async def run_sagas(
+    broker: str,
+    rate: float,
+    seconds: float,
+    batch: int,
+    concurrency: int,
+    functions: str,
+    sqlite_dir: str | None = None,
+) -> dict[str, Any]:
+    channel = f"bench-sagas-{uuid.uuid4().hex[:8]}"
+    async with service_databases(sqlite_dir) as databases:
         procs = []
         try:
-            for role, db in (("orchestrator", orch_db), ("svc-a", a_db), ("svc-b", b_db)):
+            for role, (url, _) in zip(ROLES, databases, strict=True):
                 proc = subprocess.Popen(  # noqa: ASYNC220
                     [
                         sys.executable,
@@ -225,7 +274,7 @@ async def run_sagas(
                         "benchmarks.sagas",
                         "--child",
                         role,
-                        db.url,
+                        url,
                         broker,
                         channel,
                         str(batch),
@@ -239,11 +288,11 @@ async def run_sagas(
                 assert proc.stdout is not None
                 line = await asyncio.to_thread(proc.stdout.readline)
                 assert line.strip() == "ready", f"{role} did not start"
-            database = Database(orch_db.url)
+            database = Database(databases[0][0])
             orchestrator = Orchestrator(
                 database, from_url(broker, channel=channel), [definition()], name="bench-orch"
             )
-            dsns = [orch_db.dsn, a_db.dsn, b_db.dsn]
+            dsns = [dsn for _, dsn in databases if dsn is not None]
             before = await commits(dsns)
             total = int(rate * seconds)
             started = time.perf_counter()
@@ -281,7 +330,7 @@ async def run_sagas(
                 "sagas_per_s": throughput,
                 "p50_ms": percentile(latencies, 50),
                 "p99_ms": percentile(latencies, 99),
-                "tx_per_saga": (after - before) / total,
+                "tx_per_saga": (after - before) / total if dsns else None,
                 "mean_batch": batch_sizes,
             }
         finally:
@@ -298,6 +347,8 @@ async def run_sagas(
 
 async def _delete_channel(broker: str, channel: str) -> None:
     """Remove what the run declared on the broker (queues and exchanges, or the stream)."""
+    if broker.startswith("sqlite"):
+        return  # the file goes with its directory
     if broker.startswith("amqp"):
         await delete_everything({channel: {"bench-orch", "svc-a", "svc-b"}})
     else:
@@ -469,6 +520,34 @@ async def flow_tracker_cost(rows: int, flows: int, repeats: int) -> list[dict[st
     return rows_out
 
 
+async def embedded(args: argparse.Namespace, seconds: float) -> None:
+    """The embedded default: each service a SQLite file, the SQL transport on another."""
+    with tempfile.TemporaryDirectory(prefix="bench-sagas-") as directory:
+        raw = await asyncio.to_thread(sqlite_commit_rate, directory, 3.0 if args.quick else 8.0)
+        console.print(f"raw SQLite INSERT + COMMIT, one connection: {raw:,.0f} tx/s")
+        result = await run_sagas(
+            f"sqlite+aiosqlite:///{directory}/broker.db",
+            args.rate,
+            seconds,
+            args.batch,
+            args.concurrency,
+            args.functions,
+            sqlite_dir=directory,
+        )
+    row = {
+        "benchmark": f"3-step saga, SQLite files + SQL transport, batch {args.batch}"
+        f" x{args.concurrency}, {args.functions} functions",
+        **result,
+    }
+    console.print(row)
+    report(
+        "sagas_sqlite",
+        "Sagas on the embedded default: each service a SQLite file, the SQL transport on another",
+        [{"benchmark": "raw INSERT+COMMIT, one sqlite3 connection", "tx_per_s": raw}, row],
+        ["benchmark", "sagas", "sagas_per_s", "p50_ms", "p99_ms", "mean_batch", "tx_per_s"],
+    )
+
+
 async def main(args: argparse.Namespace) -> None:
     if args.only == "flows":
         rows = await flow_tracker_cost(FLOW_ROWS, FLOWS, TIMER_TICKS)
@@ -486,6 +565,9 @@ async def main(args: argparse.Namespace) -> None:
         )
         return
     seconds = 3.0 if args.quick else args.seconds
+    if args.only == "sqlite":
+        await embedded(args, seconds)
+        return
     async with ScratchDatabase("bench_raw") as raw_db:
         raw = await raw_commit_rate(raw_db.dsn, 3.0 if args.quick else 8.0)
     console.print(f"raw PostgreSQL group commit: {raw:,.0f} tx/s")
@@ -541,8 +623,10 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--only",
-        choices=["rabbitmq", "nats", "timer", "flows"],
-        help="Run one broker only; or 'timer': the cost of an idle saga timer tick while "
+        choices=["rabbitmq", "nats", "sqlite", "timer", "flows"],
+        help="Run one broker only; 'sqlite': the embedded default (each service a SQLite "
+        "file, the SQL transport on another; baseline one sqlite3 connection's INSERT + "
+        "COMMIT rate); or 'timer': the cost of an idle saga timer tick while "
         f"{FOREIGN_DUE:,} deadlines of another service's sagas are due; or 'flows': the "
         f"flow tracker's stalled-flow check beside {FLOW_ROWS:,} recorded messages, and "
         "the cost of recording one.",
