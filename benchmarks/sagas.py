@@ -71,7 +71,7 @@ def definition() -> Saga:
 _TABLE = "CREATE TABLE IF NOT EXISTS bench_effects (saga_id text, step text, op text)"
 #: Concurrent callers of Orchestrator.start in the load generator.
 STARTERS = 16
-#: How often relays and SQL-transport consumers poll on SQLite (no NOTIFY there).
+#: How often SQL-transport consumers poll on SQLite (no NOTIFY there).
 POLL_INTERVAL = 0.05
 
 
@@ -131,7 +131,7 @@ async def child(
     await database.upgrade()
     async with database.transaction() as conn:
         await conn.execute(sa.text(_TABLE))
-    # SQLite has no NOTIFY: the SQL transport's consumers and the relays poll.
+    # SQLite has no NOTIFY: the SQL transport's consumers in other processes poll.
     polling = {"poll_interval": POLL_INTERVAL} if embedded else {}
     transport = from_url(broker, channel=channel, **polling)
     await transport.connect()
@@ -149,7 +149,10 @@ async def child(
     else:
         consumers = service(database, transport, role, int(batch), int(concurrency), functions)
         parts = list(consumers)
-    relay = Relay(database, transport, **polling)  # on PostgreSQL woken by NOTIFY at each commit
+    # Woken at each commit that adds outbox rows: by NOTIFY on PostgreSQL, in-process
+    # on SQLite (the commits come from this process's consumers); its own poll
+    # interval (1 s) is left alone.
+    relay = Relay(database, transport)
     parts.append(relay)
     sizes: list[int] = []
     for consumer in consumers:

@@ -247,6 +247,32 @@ async def test_commit_wakes_the_relay_through_notify(pg_url: str, listen: Any) -
         await database.dispose()
 
 
+async def test_on_sqlite_a_commit_in_this_process_wakes_the_relay(
+    sqlite_url: str, listen: Any
+) -> None:
+    """SQLite has no NOTIFY: a commit of this process that added outbox rows wakes the
+    relays this process runs on that file (a writer with a Database of its own too),
+    so a message does not wait for the next poll."""
+    relay_db, writer_db = Database(sqlite_url), Database(sqlite_url)
+    transport, received = await listen(broker_url("sql", sqlite_url))
+    first, second = Message(type="order.placed"), Message(type="order.placed")
+    async with writer_db.transaction() as conn:
+        await add_to_outbox(conn, first)
+    relay = Relay(relay_db, transport, poll_interval=3600, concurrency=1)
+    task = asyncio.create_task(relay.run())
+    try:
+        await received.wait(1)
+        async with writer_db.transaction() as conn:
+            await add_to_outbox(conn, second)
+        await received.wait(2, timeout=5)
+        assert received.ids == [first.id, second.id]
+    finally:
+        await relay.stop()
+        await task
+        await relay_db.dispose()
+        await writer_db.dispose()
+
+
 class HeldAtPublish(FaultyTransport):
     """Holds every publish until the test releases it, so a batch is surely in flight."""
 

@@ -35,7 +35,7 @@ from accord.outbox._claim import (
     settle,
     settle_on_driver,
 )
-from accord.outbox.writer import NOTIFY_CHANNEL
+from accord.outbox.writer import NOTIFY_CHANNEL, stop_waking, wake_on_local_commits
 from accord.transports.base import Envelope, Transport
 
 __all__ = ["Relay", "backoff_delay"]
@@ -112,6 +112,11 @@ def _waves(rows: Sequence[ClaimedRow]) -> list[list[ClaimedRow]]:
             waves.append([])
         waves[index].append(row)
     return waves
+
+
+#: How long a relay on SQLite waits, once a commit of its process added outbox rows,
+#: before it looks: the commits of that window share one round.
+LOCAL_WAKE_DELAY = 0.01
 
 
 class Relay:
@@ -200,6 +205,8 @@ class Relay:
             )
         self.name = name or f"relay-{socket.gethostname()}-{id(self):x}"
         self._wake = asyncio.Event()
+        self._wake_soon: asyncio.TimerHandle | None = None
+        self._event_loop: asyncio.AbstractEventLoop | None = None  # while run() runs
         self._stopping = False
         self._running = False
         self._stopped = asyncio.Event()
@@ -453,12 +460,34 @@ class Relay:
             if (result.rowcount or 0) < _CLEANUP_BATCH:
                 return total
 
+    def committed(self) -> None:
+        """A transaction of this process that added outbox rows is committing (SQLite):
+        look for work in :data:`LOCAL_WAKE_DELAY` seconds. The commits of that
+        window go out in one round rather than a round each."""
+        loop = self._event_loop
+        if loop is None or self._wake_soon is not None:
+            return
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop:
+            self._wake_soon = loop.call_later(LOCAL_WAKE_DELAY, self._woken)
+        else:  # committed on another thread's loop: hand it over
+            loop.call_soon_threadsafe(self.committed)
+
+    def _woken(self) -> None:
+        self._wake_soon = None
+        self.wake()
+
     def wake(self) -> None:
-        """Look for work now (called on PostgreSQL NOTIFY; safe to call any time)."""
+        """Look for work now (called on PostgreSQL NOTIFY, and on SQLite when a
+        transaction of this process that added outbox rows commits; safe any time)."""
         self._wake.set()
 
     async def run(self) -> None:
-        """Relay until :meth:`stop`: wake on commit (PostgreSQL), else poll.
+        """Relay until :meth:`stop`: wake on commit (PostgreSQL's NOTIFY; on SQLite
+        the commits of this process), else poll every ``poll_interval``.
 
         ``concurrency`` rounds run at once, so one batch is claimed and settled in
         the database while another is being confirmed by the broker. Order per key
@@ -471,6 +500,9 @@ class Relay:
             # connect() is idempotent by the port's contract; a fresh transport needs it.
             await self.transport.connect()
             await self._listen()
+            if not self.database.is_postgres:
+                self._event_loop = asyncio.get_running_loop()
+                wake_on_local_commits(str(self.database.engine.url), self)
             log.info("relay %s started on %s -> %s", self.name, self.database, self.transport.name)
             # A task group: if one loop ever dies, its siblings are cancelled with it
             # rather than left relaying where stop() cannot reach them.
@@ -478,6 +510,11 @@ class Relay:
                 for index in range(self.concurrency):
                     group.create_task(self._loop(index), name=f"{self.name}-round-{index}")
         finally:
+            stop_waking(str(self.database.engine.url), self)
+            self._event_loop = None
+            if self._wake_soon is not None:
+                self._wake_soon.cancel()
+                self._wake_soon = None
             if self._unlisten is not None:
                 await self._unlisten()
                 self._unlisten = None

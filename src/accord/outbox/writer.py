@@ -20,7 +20,13 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from accord.db.database import CallerErrors, Database, driver_in_transaction, translate_errors
+from accord.db.database import (
+    CallerErrors,
+    Database,
+    driver_in_transaction,
+    on_commit,
+    translate_errors,
+)
 from accord.db.schema import outbox
 from accord.db.types import UTCDateTime
 from accord.errors import ConfigurationError
@@ -207,6 +213,40 @@ async def add(
         await connection.execute(statement, rows)
         if postgres and schedule is None:
             await connection.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"))
+        elif schedule is None:
+            _wake_local_relays(connection)
+
+
+#: The relays running in this process, by the URL of the database they relay from.
+#: SQLite has no NOTIFY: a commit that added outbox rows wakes these at once, so a
+#: message does not wait for their next poll. Relays in other processes still poll.
+_LOCAL_RELAYS: dict[str, weakref.WeakSet[Any]] = {}
+
+
+def wake_on_local_commits(url: str, relay: Any) -> None:
+    """Have ``relay.committed()`` called when a transaction of this process that added
+    outbox rows to the database at ``url`` commits; :func:`stop_waking` undoes it."""
+    _LOCAL_RELAYS.setdefault(url, weakref.WeakSet()).add(relay)
+
+
+def stop_waking(url: str, relay: Any) -> None:
+    """Undo :func:`wake_on_local_commits`."""
+    relays = _LOCAL_RELAYS.get(url)
+    if relays is not None:
+        relays.discard(relay)
+
+
+def _wake_local_relays(connection: AsyncConnection) -> None:
+    relays = _LOCAL_RELAYS.get(str(connection.engine.url))
+    if relays:
+        on_commit(connection, functools.partial(_wake_all, relays))
+
+
+def _wake_all(relays: weakref.WeakSet[Any]) -> None:
+    # Run as the COMMIT is sent: a woken relay's claim waits for the file's write
+    # lock, which the committing transaction holds until it is done.
+    for relay in list(relays):
+        relay.committed()
 
 
 async def cancel_scheduled(conn: AsyncConnection | AsyncSession, message_id: str) -> bool:
