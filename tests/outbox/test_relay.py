@@ -224,37 +224,12 @@ async def test_old_sent_rows_are_cleaned_up_in_batches(
     assert sorted((await statuses(database)).values()) == ["PENDING", "SENT"]
 
 
-@pytest.mark.postgres
-async def test_commit_wakes_the_relay_through_notify(pg_url: str, listen: Any) -> None:
-    database = Database(pg_url)
-    transport, received = await listen(broker_url("rabbitmq", ""))
-    first, second = Message(type="order.placed"), Message(type="order.placed")
-    async with database.transaction() as conn:
-        await add_to_outbox(conn, first)
-    # One round at a time and an hour between polls: once the first message is out,
-    # the relay sleeps, and only a NOTIFY can bring the second one out in time.
-    relay = Relay(database, transport, poll_interval=3600, concurrency=1)
-    task = asyncio.create_task(relay.run())
-    try:
-        await received.wait(1)
-        async with database.transaction() as conn:
-            await add_to_outbox(conn, second)
-        await received.wait(2, timeout=5)
-        assert received.ids == [first.id, second.id]
-    finally:
-        await relay.stop()
-        await task
-        await database.dispose()
-
-
-async def test_on_sqlite_a_commit_in_this_process_wakes_the_relay(
-    sqlite_url: str, listen: Any
+async def _second_commit_wakes_the_relay(
+    relay_db: Database, writer_db: Database, listened: Any
 ) -> None:
-    """SQLite has no NOTIFY: a commit of this process that added outbox rows wakes the
-    relays this process runs on that file (a writer with a Database of its own too),
-    so a message does not wait for the next poll."""
-    relay_db, writer_db = Database(sqlite_url), Database(sqlite_url)
-    transport, received = await listen(broker_url("sql", sqlite_url))
+    """A message out, then a second added by ``writer_db``: with one round at a time and
+    an hour between polls, only a wake-up on that commit brings it out in time."""
+    transport, received = listened
     first, second = Message(type="order.placed"), Message(type="order.placed")
     async with writer_db.transaction() as conn:
         await add_to_outbox(conn, first)
@@ -271,6 +246,24 @@ async def test_on_sqlite_a_commit_in_this_process_wakes_the_relay(
         await task
         await relay_db.dispose()
         await writer_db.dispose()
+
+
+@pytest.mark.postgres
+async def test_commit_wakes_the_relay_through_notify(pg_url: str, listen: Any) -> None:
+    database = Database(pg_url)
+    await _second_commit_wakes_the_relay(
+        database, database, await listen(broker_url("rabbitmq", ""))
+    )
+
+
+async def test_on_sqlite_a_commit_in_this_process_wakes_the_relay(
+    sqlite_url: str, listen: Any
+) -> None:
+    """SQLite has no NOTIFY: a commit of this process that added outbox rows wakes the
+    relays this process runs on that file (a writer with a Database of its own too)."""
+    await _second_commit_wakes_the_relay(
+        Database(sqlite_url), Database(sqlite_url), await listen(broker_url("sql", sqlite_url))
+    )
 
 
 class HeldAtPublish(FaultyTransport):

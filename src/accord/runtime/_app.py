@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from accord.errors import ConfigurationError
@@ -86,17 +87,8 @@ def _iterable(value: Any) -> Iterable[Any]:
 async def serve(app: str | Callable[..., Any], settings: Settings) -> int:
     """Configure logging (and metrics), upgrade the database if asked, build the app's
     components, run them in a :class:`Worker` until SIGTERM/SIGINT; return 0."""
-    configure_logging(settings.log_level, json_logs=settings.log_json, service=settings.service)
-    factory = load_app(app) if isinstance(app, str) else app
-    if settings.metrics_port:
-        start_metrics_server(settings.metrics_port)
-    try:
-        if settings.upgrade:
-            await settings.database().upgrade()
-        components = await make_components(factory, settings)
-        return await Worker(components).run()
-    finally:
-        await settings.aclose()
+    async with _worker(app, settings, metrics=True) as worker:
+        return await worker.run()
 
 
 async def declare_groups(
@@ -106,12 +98,23 @@ async def declare_groups(
     them (``accord worker --declare-only``): run it for each service at deploy time,
     before any service that publishes to them starts. Upgrades the database if asked
     (the SQL transport's groups are rows in it)."""
+    async with _worker(app, settings, metrics=False) as worker:
+        return await worker.declare()
+
+
+@contextlib.asynccontextmanager
+async def _worker(
+    app: str | Callable[..., Any], settings: Settings, *, metrics: bool
+) -> AsyncIterator[Worker]:
+    """A worker of the app's components, with logging configured and the database
+    upgraded if asked; the settings' resources are closed after."""
     configure_logging(settings.log_level, json_logs=settings.log_json, service=settings.service)
     factory = load_app(app) if isinstance(app, str) else app
+    if metrics and settings.metrics_port:
+        start_metrics_server(settings.metrics_port)
     try:
         if settings.upgrade:
             await settings.database().upgrade()
-        components = await make_components(factory, settings)
-        return await Worker(components).declare()
+        yield Worker(await make_components(factory, settings))
     finally:
         await settings.aclose()
