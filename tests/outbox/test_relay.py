@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
 import accord.outbox.relay as relay_module
 from accord import Database, Message, add_to_outbox
@@ -17,6 +19,7 @@ from accord.db.schema import outbox
 from accord.errors import ConfigurationError
 from accord.eventstore import EventStore, NewEvent
 from accord.outbox import OutboxAdmin, Relay
+from accord.outbox.writer import stop_waking, wake_on_local_commits
 from accord.testing import FaultyTransport, wait_for
 from accord.transports import from_url
 from tests.brokers import rabbit_max_message_size
@@ -260,10 +263,33 @@ async def test_on_sqlite_a_commit_in_this_process_wakes_the_relay(
     sqlite_url: str, listen: Any
 ) -> None:
     """SQLite has no NOTIFY: a commit of this process that added outbox rows wakes the
-    relays this process runs on that file (a writer with a Database of its own too)."""
+    relays this process runs on that file, whatever Database the writer has and however
+    its URL spells the file's path."""
+    relative = _relative(sqlite_url)
     await _second_commit_wakes_the_relay(
-        Database(sqlite_url), Database(sqlite_url), await listen(broker_url("sql", sqlite_url))
+        Database(sqlite_url), Database(relative), await listen(broker_url("sql", sqlite_url))
     )
+
+
+def _relative(sqlite_url: str) -> str:
+    """The URL of the same file by a path relative to the working directory."""
+    return "sqlite+aiosqlite:///" + os.path.relpath(make_url(sqlite_url).database or "")
+
+
+async def test_a_relay_that_cannot_be_woken_never_fails_a_commit(sqlite_url: str) -> None:
+    class Unreachable:  # a relay whose event loop is gone, say
+        def committed(self) -> None:
+            raise RuntimeError("Event loop is closed")
+
+    database, relay = Database(sqlite_url), Unreachable()
+    wake_on_local_commits(database.engine.url, relay)
+    try:
+        async with database.transaction() as conn:
+            await add_to_outbox(conn, Message(type="t.committed"))
+        assert list((await statuses(database)).values()) == ["PENDING"]
+    finally:
+        stop_waking(database.engine.url, relay)
+        await database.dispose()
 
 
 class HeldAtPublish(FaultyTransport):

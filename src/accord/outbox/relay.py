@@ -474,7 +474,8 @@ class Relay:
         if here is loop:
             self._wake_soon = loop.call_later(LOCAL_WAKE_DELAY, self._woken)
         else:  # committed on another thread's loop: hand it over
-            loop.call_soon_threadsafe(self.committed)
+            with contextlib.suppress(RuntimeError):  # that loop closed: nothing to wake
+                loop.call_soon_threadsafe(self.committed)
 
     def _woken(self) -> None:
         self._wake_soon = None
@@ -502,7 +503,7 @@ class Relay:
             await self._listen()
             if not self.database.is_postgres:
                 self._event_loop = asyncio.get_running_loop()
-                wake_on_local_commits(str(self.database.engine.url), self)
+                wake_on_local_commits(self.database.engine.url, self)
             log.info("relay %s started on %s -> %s", self.name, self.database, self.transport.name)
             # A task group: if one loop ever dies, its siblings are cancelled with it
             # rather than left relaying where stop() cannot reach them.
@@ -510,7 +511,7 @@ class Relay:
                 for index in range(self.concurrency):
                     group.create_task(self._loop(index), name=f"{self.name}-round-{index}")
         finally:
-            stop_waking(str(self.database.engine.url), self)
+            stop_waking(self.database.engine.url, self)
             self._event_loop = None
             if self._wake_soon is not None:
                 self._wake_soon.cancel()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Sequence
@@ -17,14 +18,13 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from accord.db.database import (
     CallerErrors,
     Database,
     driver_in_transaction,
-    on_commit,
     translate_errors,
 )
 from accord.db.schema import outbox
@@ -217,36 +217,77 @@ async def add(
             _wake_local_relays(connection)
 
 
-#: The relays running in this process, by the URL of the database they relay from.
-#: SQLite has no NOTIFY: a commit that added outbox rows wakes these at once, so a
-#: message does not wait for their next poll. Relays in other processes still poll.
+#: The relays running in this process, by the database they relay from (see
+#: :func:`_database_key`). SQLite has no NOTIFY: a commit that added outbox rows
+#: wakes these at once, so a message does not wait for their next poll. Relays in
+#: other processes still poll.
 _LOCAL_RELAYS: dict[str, weakref.WeakSet[Any]] = {}
+#: Engines whose commits and rollbacks are watched for that (listeners on an engine
+#: cannot be removed: one pair each, for good).
+_WATCHED: weakref.WeakSet[Engine] = weakref.WeakSet()
+#: The key, in a connection's ``info``, of the relays its open transaction will wake.
+_WAKES = "accord_outbox_wakes"
 
 
-def wake_on_local_commits(url: str, relay: Any) -> None:
+@functools.lru_cache(maxsize=64)
+def _database_key(url: sa.URL) -> str:
+    """One name for one database: a SQLite file by its real path (a relative path, a
+    symlink or query options name the same file), anything else by its URL."""
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        return "sqlite:" + os.path.realpath(url.database or "")
+    return str(url)
+
+
+def wake_on_local_commits(url: sa.URL, relay: Any) -> None:
     """Have ``relay.committed()`` called when a transaction of this process that added
     outbox rows to the database at ``url`` commits; :func:`stop_waking` undoes it."""
-    _LOCAL_RELAYS.setdefault(url, weakref.WeakSet()).add(relay)
+    _LOCAL_RELAYS.setdefault(_database_key(url), weakref.WeakSet()).add(relay)
 
 
-def stop_waking(url: str, relay: Any) -> None:
+def stop_waking(url: sa.URL, relay: Any) -> None:
     """Undo :func:`wake_on_local_commits`."""
-    relays = _LOCAL_RELAYS.get(url)
+    key = _database_key(url)
+    relays = _LOCAL_RELAYS.get(key)
     if relays is not None:
         relays.discard(relay)
+        if not relays:
+            _LOCAL_RELAYS.pop(key, None)
 
 
 def _wake_local_relays(connection: AsyncConnection) -> None:
-    relays = _LOCAL_RELAYS.get(str(connection.engine.url))
-    if relays:
-        on_commit(connection, functools.partial(_wake_all, relays))
+    if not _LOCAL_RELAYS:
+        return
+    key = _database_key(connection.engine.url)
+    if key not in _LOCAL_RELAYS:
+        return
+    sync = connection.sync_connection
+    assert sync is not None  # it just ran the INSERT
+    engine = connection.engine.sync_engine
+    if engine not in _WATCHED:
+        _WATCHED.add(engine)
+        event.listen(engine, "commit", _committed)
+        event.listen(engine, "rollback", _rolled_back)
+    sync.info[_WAKES] = key
 
 
-def _wake_all(relays: weakref.WeakSet[Any]) -> None:
-    # Run as the COMMIT is sent: a woken relay's claim waits for the file's write
-    # lock, which the committing transaction holds until it is done.
-    for relay in list(relays):
-        relay.committed()
+def _committed(conn: Connection) -> None:
+    # Runs as the COMMIT is sent: a woken relay's claim waits for the file's write
+    # lock, which the committing transaction holds until it is done. It must never
+    # raise (the commit would fail with it): a relay it cannot reach is skipped.
+    key = conn.info.pop(_WAKES, None)
+    if key is None:
+        return
+    try:
+        relays = list(_LOCAL_RELAYS.get(key, ()))
+    except RuntimeError:  # another thread's relay registered meanwhile
+        return
+    for relay in relays:
+        with contextlib.suppress(Exception):
+            relay.committed()
+
+
+def _rolled_back(conn: Connection) -> None:
+    conn.info.pop(_WAKES, None)
 
 
 async def cancel_scheduled(conn: AsyncConnection | AsyncSession, message_id: str) -> bool:
