@@ -271,6 +271,27 @@ async def test_on_sqlite_a_commit_in_this_process_wakes_the_relay(
     )
 
 
+async def test_on_sqlite_a_replay_wakes_the_relay(sqlite_url: str, listen: Any) -> None:
+    database = Database(sqlite_url)
+    transport, received = await listen(broker_url("sql", sqlite_url))
+    first, dead = Message(type="order.placed"), Message(type="order.placed")
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, dead)
+        await conn.execute(outbox.update().values(status="DEAD", last_error="gave up"))
+        await add_to_outbox(conn, first)
+    relay = Relay(database, transport, poll_interval=3600, concurrency=1)
+    task = asyncio.create_task(relay.run())
+    try:
+        await received.wait(1)  # its round is done: it sleeps for an hour
+        assert await OutboxAdmin(database).replay([dead.id]) == 1
+        await received.wait(2, timeout=5)
+        assert received.ids == [first.id, dead.id]
+    finally:
+        await relay.stop()
+        await task
+        await database.dispose()
+
+
 def _relative(sqlite_url: str) -> str:
     """The URL of the same file by a path relative to the working directory."""
     return "sqlite+aiosqlite:///" + os.path.relpath(make_url(sqlite_url).database or "")

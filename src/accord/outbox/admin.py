@@ -12,7 +12,12 @@ import sqlalchemy as sa
 from accord.db.database import Database
 from accord.db.schema import outbox
 from accord.errors import ConfigurationError, NotFoundError
-from accord.outbox.writer import SCHEDULED, message_uuid, withdraw_scheduled
+from accord.outbox.writer import (
+    SCHEDULED,
+    message_uuid,
+    wake_relays_on_commit,
+    withdraw_scheduled,
+)
 
 __all__ = ["OutboxAdmin", "OutboxStatus"]
 
@@ -169,6 +174,8 @@ class OutboxAdmin:
             result = await conn.execute(outbox.update().where(where).values(**values))
             if self.database.is_postgres and result.rowcount:
                 await conn.execute(sa.text("NOTIFY accord_outbox"))
+            elif result.rowcount:
+                wake_relays_on_commit(conn)
         return result.rowcount or 0
 
     async def purge(self, message_ids: Sequence[str] = (), *, all_dead: bool = False) -> int:

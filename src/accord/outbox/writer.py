@@ -214,7 +214,7 @@ async def add(
         if postgres and schedule is None:
             await connection.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"))
         elif schedule is None:
-            _wake_local_relays(connection)
+            wake_relays_on_commit(connection)
 
 
 #: The relays running in this process, by the database they relay from (see
@@ -254,7 +254,9 @@ def stop_waking(url: sa.URL, relay: Any) -> None:
             _LOCAL_RELAYS.pop(key, None)
 
 
-def _wake_local_relays(connection: AsyncConnection) -> None:
+def wake_relays_on_commit(connection: AsyncConnection) -> None:
+    """Wake this process's relays of the database ``connection`` is on once its
+    transaction commits (SQLite: PostgreSQL relays hear its NOTIFY instead)."""
     if not _LOCAL_RELAYS:
         return
     key = _database_key(connection.engine.url)
