@@ -14,8 +14,8 @@ from accord.db.schema import outbox
 from accord.errors import ConfigurationError, NotFoundError
 from accord.outbox.writer import (
     SCHEDULED,
+    announce_pending,
     message_uuid,
-    wake_relays_on_commit,
     withdraw_scheduled,
 )
 
@@ -172,10 +172,8 @@ class OutboxAdmin:
         }
         async with self.database.transaction() as conn:
             result = await conn.execute(outbox.update().where(where).values(**values))
-            if self.database.is_postgres and result.rowcount:
-                await conn.execute(sa.text("NOTIFY accord_outbox"))
-            elif result.rowcount:
-                wake_relays_on_commit(conn)
+            if result.rowcount:
+                await announce_pending(conn)
         return result.rowcount or 0
 
     async def purge(self, message_ids: Sequence[str] = (), *, all_dead: bool = False) -> int:

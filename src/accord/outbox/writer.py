@@ -211,10 +211,18 @@ async def add(
             due = sa.literal_column(schedule.sql(), UTCDateTime())
             statement = statement.values(available_at=due)
         await connection.execute(statement, rows)
-        if postgres and schedule is None:
-            await connection.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"))
-        elif schedule is None:
-            wake_relays_on_commit(connection)
+        if schedule is None:
+            await announce_pending(connection)
+
+
+async def announce_pending(conn: AsyncConnection) -> None:
+    """Have the relays look for PENDING rows once ``conn``'s transaction commits: a
+    ``NOTIFY`` on PostgreSQL; on SQLite, which has none, a wake-up of this process's
+    relays on that file."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"))
+    else:
+        _wake_relays_on_commit(conn)
 
 
 #: The relays running in this process, by the database they relay from (see
@@ -254,9 +262,7 @@ def stop_waking(url: sa.URL, relay: Any) -> None:
             _LOCAL_RELAYS.pop(key, None)
 
 
-def wake_relays_on_commit(connection: AsyncConnection) -> None:
-    """Wake this process's relays of the database ``connection`` is on once its
-    transaction commits (SQLite: PostgreSQL relays hear its NOTIFY instead)."""
+def _wake_relays_on_commit(connection: AsyncConnection) -> None:
     if not _LOCAL_RELAYS:
         return
     key = _database_key(connection.engine.url)
