@@ -168,7 +168,7 @@ class Worker:
                     declare = None
                 except TransportUnavailable as exc:
                     failures += 1
-                    delay = min(self.restart_cap, self.restart_base * 2.0 ** (failures - 1))
+                    delay = self._restart_delay(failures)
                     log.warning(
                         "%s cannot declare its consumer group(s) yet: %s; retrying in %.1fs "
                         "(nothing starts until it does)",
@@ -184,6 +184,11 @@ class Worker:
                         _name(component),
                     )
                     declare = None
+
+    def _restart_delay(self, failures: int) -> float:
+        """Seconds to wait after ``failures`` failures in a row: ``restart_base``
+        doubling, up to ``restart_cap``."""
+        return min(self.restart_cap, self.restart_base * 2.0 ** (failures - 1))
 
     async def _supervise(self, index: int, component: Component) -> None:
         failures = 0
@@ -206,7 +211,7 @@ class Worker:
                 failures = 0
             failures += 1
             self.restarts[index] = self.restarts.get(index, 0) + 1
-            delay = min(self.restart_cap, self.restart_base * 2.0 ** (failures - 1))
+            delay = self._restart_delay(failures)
             log.info("restarting %s in %.1fs", _name(component), delay)
             await wait_event(self._stopping, delay)
 
