@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from accord.errors import MissingExtraError
@@ -329,32 +329,21 @@ class RabbitTransport(Transport):
         queue, without consuming. The queue is declared on a channel of its own, closed
         after: a refusal (an existing queue with other arguments) never closes the
         channel the relays publish on."""
-        channel: AbstractRobustChannel | None = None
-
-        async def scratch(connection: AbstractRobustConnection) -> AbstractRobustChannel:
-            nonlocal channel
-            channel = await connection.channel(publisher_confirms=False)
-            return channel
-
-        try:
-            await self._declare_group(group, topics, scratch)
-        finally:
-            if channel is not None:
-                await _close_quietly(channel)
+        _queue, channel = await self._declare_group(group, topics)
+        await _close_quietly(channel)
 
     async def _declare_group(
-        self,
-        group: str,
-        topics: Sequence[str],
-        open_channel: Callable[[AbstractRobustConnection], Awaitable[AbstractRobustChannel]],
-    ) -> AbstractRobustQueue:
-        """Declare the group's dead-letter queue, its queue (on the channel
-        ``open_channel`` opens; the caller closes it) and the queue's bindings."""
+        self, group: str, topics: Sequence[str], *, prefetch: int | None = None
+    ) -> tuple[AbstractRobustQueue, AbstractRobustChannel]:
+        """Declare the group's dead-letter queue, its queue and the queue's bindings.
+        The queue is declared on a new channel (with ``basic_qos(prefetch)`` if given),
+        returned to the caller with it; closed here if the declaration fails."""
         check_group(group, topics)
         if self._closed:
             raise TransportUnavailable("this RabbitTransport is closed; call connect() again")
         await self.connect()
         assert self._connection is not None and self._publisher is not None
+        channel: AbstractRobustChannel | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 dead = await self._publisher.declare_exchange(
@@ -364,7 +353,9 @@ class RabbitTransport(Transport):
                     self.topology.dead_queue(group), durable=True, arguments=self._typed({})
                 )
                 await dead_queue.bind(dead, routing_key=group)
-                channel = await open_channel(self._connection)
+                channel = await self._connection.channel(publisher_confirms=False)
+                if prefetch is not None:
+                    await channel.set_qos(prefetch_count=prefetch)
                 queue = await channel.declare_queue(
                     self.topology.queue(group),
                     durable=True,
@@ -377,10 +368,14 @@ class RabbitTransport(Transport):
                 )
                 for topic in dict.fromkeys(topics):
                     await queue.bind(self.topology.exchange, routing_key=topic)
-        except Exception as exc:
-            raise translate(exc, f"declaring consumer group {group!r}") from exc
+        except BaseException as exc:
+            if channel is not None:
+                await _close_quietly(channel)
+            if isinstance(exc, Exception):
+                raise translate(exc, f"declaring consumer group {group!r}") from exc
+            raise
         self._groups.add(group)
-        return queue
+        return queue, channel
 
     async def subscribe_batches(
         self,
@@ -397,21 +392,7 @@ class RabbitTransport(Transport):
         ``basic.ack`` (``multiple``) where that is safe."""
         if max_batch < 1:
             raise ConfigurationError("subscribe_batches: max_batch must be >= 1")
-        channel: AbstractRobustChannel | None = None
-
-        async def consumer_channel(connection: AbstractRobustConnection) -> AbstractRobustChannel:
-            nonlocal channel
-            channel = await connection.channel(publisher_confirms=False)
-            await channel.set_qos(prefetch_count=prefetch)
-            return channel
-
-        try:
-            queue = await self._declare_group(group, topics, consumer_channel)
-        except BaseException:
-            if channel is not None:
-                await _close_quietly(channel)
-            raise
-        assert channel is not None
+        queue, channel = await self._declare_group(group, topics, prefetch=prefetch)
         subscription = RabbitSubscription(
             self,
             group,
