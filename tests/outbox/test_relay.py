@@ -292,6 +292,56 @@ async def test_on_sqlite_a_replay_wakes_the_relay(sqlite_url: str, listen: Any) 
         await database.dispose()
 
 
+class CountingRelay(Relay):
+    """A relay that records what each of its rounds published and how many rounds
+    were ever busy at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rounds: list[int] = []
+        self.busy = self.most_busy = 0
+
+    async def run_once(self) -> int:
+        self.busy += 1
+        self.most_busy = max(self.most_busy, self.busy)
+        try:
+            published = await super().run_once()
+        finally:
+            self.busy -= 1
+        self.rounds.append(published)
+        return published
+
+
+async def test_a_wake_up_sends_one_round_to_look_and_a_full_batch_sends_another(
+    database: Database, db_url: str, listen: Any
+) -> None:
+    """A commit wakes one of the relay's idle rounds, not each of them (the others
+    would claim nothing, and on SQLite every claim takes the write lock); a round
+    that found a full batch wakes another, so a backlog still goes out
+    ``concurrency`` rounds at a time."""
+    transport, received = await listen(broker_url("sql", db_url))
+    relay = CountingRelay(database, transport, poll_interval=3600, concurrency=2, batch_size=10)
+    task = asyncio.create_task(relay.run())
+    try:
+        await wait_for(lambda: len(relay.rounds) == 2)  # both looked once at start; now idle
+        relay.most_busy = 0
+        async with database.transaction() as conn:
+            await add_to_outbox(conn, Message(type="order.placed"))
+        await received.wait(1)
+        await asyncio.sleep(0.3)
+        assert relay.rounds[2:] == [1]
+        assert relay.most_busy == 1
+
+        async with database.transaction() as conn:
+            await add_to_outbox(conn, *[Message(type="order.placed") for _ in range(60)])
+        await received.wait(61, timeout=10)
+        assert sum(relay.rounds) == 61
+        assert relay.most_busy == 2
+    finally:
+        await relay.stop()
+        await task
+
+
 def _relative(sqlite_url: str) -> str:
     """The URL of the same file by a path relative to the working directory."""
     return "sqlite+aiosqlite:///" + os.path.relpath(make_url(sqlite_url).database or "")

@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -204,7 +205,10 @@ class Relay:
                 publish_timeout,
             )
         self.name = name or f"relay-{socket.gethostname()}-{id(self):x}"
-        self._wake = asyncio.Event()
+        # The rounds waiting for work, longest idle first: a wake-up goes to one of
+        # them, or, when none is idle, to the next round that finishes.
+        self._idle_rounds: deque[asyncio.Future[None]] = deque()
+        self._woken_meanwhile = False
         self._wake_soon: asyncio.TimerHandle | None = None
         self._event_loop: asyncio.AbstractEventLoop | None = None  # while run() runs
         self._stopping = False
@@ -483,8 +487,23 @@ class Relay:
 
     def wake(self) -> None:
         """Look for work now (called on PostgreSQL NOTIFY, and on SQLite when a
-        transaction of this process that added outbox rows commits; safe any time)."""
-        self._wake.set()
+        transaction of this process that added outbox rows commits; safe any time).
+
+        One round looks: the longest idle, or, when every round is busy, the next to
+        finish. A round that finds a full batch wakes another, so a burst is still
+        relayed ``concurrency`` rounds at a time, while a trickle of commits costs one
+        claim each rather than one per round (on SQLite a claim takes the write lock).
+        """
+        if not self._wake_idle_round():
+            self._woken_meanwhile = True
+
+    def _wake_idle_round(self) -> bool:
+        while self._idle_rounds:
+            waiter = self._idle_rounds.popleft()
+            if not waiter.done():  # else its round is being cancelled
+                waiter.set_result(None)
+                return True
+        return False
 
     async def run(self) -> None:
         """Relay until :meth:`stop`: wake on commit (PostgreSQL's NOTIFY; on SQLite
@@ -547,8 +566,9 @@ class Relay:
     async def _loop(self, index: int) -> None:
         last_cleanup = 0.0
         while not self._stopping:
-            # Clear before the round: a NOTIFY that lands during it must wake the next one.
-            self._wake.clear()
+            # This round sees every commit so far; a wake-up during it goes to an idle
+            # round or, if none, makes the next round to finish look again.
+            self._woken_meanwhile = False
             try:
                 if index == 0:
                     await self._listen()
@@ -567,6 +587,7 @@ class Relay:
                 published = 0
                 self._outage += 1
             if published >= self.batch_size and not self._outage:
+                self._wake_idle_round()  # there is likely more: another round claims it
                 continue
             await self._idle()
 
@@ -579,14 +600,25 @@ class Relay:
             self._next_due = None
         if self._stopping:
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._wake.wait()
+        if self._woken_meanwhile:
+            self._woken_meanwhile = False
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._idle_rounds.append(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await waiter
+        finally:
+            # Timed out or cancelled (which cancels the waiter too): no longer idle.
+            with contextlib.suppress(ValueError):
+                self._idle_rounds.remove(waiter)
 
     async def stop(self) -> None:
         """Stop claiming; the batch in flight is published and settled first."""
         self._stopping = True
-        self._wake.set()
+        while self._wake_idle_round():
+            pass
         if self._running:
             try:
                 async with asyncio.timeout(self.lease):
