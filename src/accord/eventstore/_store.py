@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -77,6 +78,25 @@ class _Row:
 def _describe(expected: ExpectedVersion) -> str:
     return repr(expected) if not isinstance(expected, int) else f"version {expected}"
 
+
+#: Where a connection keeps the time its transaction's events are recorded at.
+_RECORDED_AT = "accord_events_recorded_at"
+
+
+def _transaction_time(conn: AsyncConnection | None) -> datetime:
+    """The time the events appended in ``conn``'s transaction are recorded at: that of
+    its first append. One transaction's events share it, so ``as_of`` sees all of
+    them or none (a match and both players' points, not one side of it)."""
+    now = datetime.now(UTC)
+    sync = conn.sync_connection if conn is not None else None
+    transaction = sync.get_transaction() if sync is not None else None
+    if sync is None or transaction is None:
+        return now
+    held = sync.info.get(_RECORDED_AT)
+    if held is not None and held[0]() is transaction:
+        return held[1]  # type: ignore[no-any-return]
+    sync.info[_RECORDED_AT] = (weakref.ref(transaction), now)
+    return now
 
 class EventStore:
     """An append-only event store on an Accord :class:`~accord.db.Database`.
@@ -158,7 +178,7 @@ class EventStore:
             raise ConfigurationError(f"append to {stream_id!r} was given no events")
         if expected_version == 0:
             expected_version = NO_STREAM
-        now = datetime.now(UTC)
+        now = _transaction_time(conn)
         rows = [
             _Row(
                 id=e.id,
@@ -267,7 +287,10 @@ class EventStore:
 
         Oldest first, or newest first with ``backwards=True`` (``limit`` then
         takes the newest). ``as_of`` keeps only events recorded at or before
-        that time (time travel). A stream that does not exist reads as ``[]``.
+        that time (time travel). The events of one transaction are recorded at the
+        time of its first append, so it sees them all or none; a transaction still
+        open at ``as_of`` shows up in such a read once it commits. A stream that
+        does not exist reads as ``[]``.
         Stream reads see every committed event at once (no gap-safety wait).
         """
         if as_of is not None and as_of.tzinfo is None:

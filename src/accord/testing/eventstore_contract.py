@@ -176,6 +176,29 @@ class EventStoreContract:
         assert [e.version for e in as_of] == [1, 2, 3]
         assert await event_store.read_stream(stream, as_of=t0 - timedelta(seconds=1)) == []
 
+    async def test_time_travel_sees_a_transaction_whole(
+        self, event_store: EventStore, stream: str
+    ) -> None:
+        """The events one transaction appends, to one stream or several, are recorded
+        at one time (its first append's): ``as_of`` sees all of them or none."""
+        db, other = event_store.database, f"{stream}-other"
+        async with db.transaction() as conn:
+            await event_store.append(stream, _events(1), conn=conn)
+            await asyncio.sleep(0.05)
+            await event_store.append(other, _events(2), conn=conn)
+            await event_store.append(stream, _events(1), conn=conn)
+        await asyncio.sleep(0.05)
+        async with db.transaction() as conn:
+            await event_store.append(stream, _events(1), conn=conn)
+        first = await event_store.read_stream(stream, to_version=1)
+        moment = first[0].recorded_at
+        assert [e.version for e in await event_store.read_stream(stream, as_of=moment)] == [1, 2]
+        assert [e.version for e in await event_store.read_stream(other, as_of=moment)] == [1, 2]
+        (later,) = await event_store.read_stream(stream, from_version=3)
+        assert later.recorded_at > moment
+        before = moment - timedelta(microseconds=1)
+        assert await event_store.read_stream(other, as_of=before) == []
+
     async def test_read_all_in_order_in_batches_and_by_type(self, event_store: EventStore) -> None:
         start = await event_store.head()
         streams = [f"all-{uuid.uuid4().hex[:8]}" for _ in range(3)]
