@@ -98,6 +98,7 @@ def _transaction_time(conn: AsyncConnection | None) -> datetime:
     sync.info[_RECORDED_AT] = (weakref.ref(transaction), now)
     return now
 
+
 class EventStore:
     """An append-only event store on an Accord :class:`~accord.db.Database`.
 
