@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
-import re
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -222,8 +220,8 @@ class PostgresEventStore(EventStore):
             [r.id for r in rows],
             [r.type for r in rows],
             [r.schema_version for r in rows],
-            [_jsonb(r.data) for r in rows],
-            [_jsonb(r.metadata) for r in rows],
+            [r.data_json for r in rows],
+            [r.metadata_json for r in rows],
             [r.recorded_at for r in rows],
             len(rows),
         ]
@@ -362,22 +360,3 @@ class PostgresEventStore(EventStore):
 
 async def _notify(driver: Any, payload: str) -> None:
     await driver.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, payload)
-
-
-# A NUL escape in JSON text: \u0000 after an even number of backslashes.
-_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
-
-
-def _jsonb(value: Any) -> str:
-    """``value`` as JSONB takes it; what it cannot hold is the caller's ValueError (as
-    on SQLite), not a DatabaseError that callers would retry as an outage."""
-    try:
-        text = json.dumps(value, separators=(",", ":"), default=str, allow_nan=False)
-    except ValueError as exc:
-        raise ValueError(f"appending events failed: a value cannot be stored: {exc}") from None
-    if _NUL.search(text):
-        raise ValueError(
-            "appending events failed: a value cannot be stored: a NUL character "
-            "(PostgreSQL's JSONB cannot hold one)"
-        )
-    return text

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
+import re
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -73,6 +75,9 @@ class _Row:
     data: dict[str, Any]
     metadata: dict[str, Any]
     recorded_at: datetime
+    #: ``data`` and ``metadata`` as JSON text (what PostgreSQL is sent).
+    data_json: str
+    metadata_json: str
 
 
 def _describe(expected: ExpectedVersion) -> str:
@@ -159,14 +164,7 @@ class EventStore:
         :func:`message_key` of it: the stream id itself up to 200 characters), in
         the same transaction.
         """
-        if not isinstance(stream_id, str) or not stream_id:
-            raise ConfigurationError("stream_id must be a non-empty string")
-        if len(stream_id) > MAX_STREAM_ID_LENGTH:
-            raise ConfigurationError(
-                f"stream_id is {len(stream_id)} characters long; the event store holds at "
-                f"most {MAX_STREAM_ID_LENGTH} (keep long natural keys in the events, and "
-                "name the stream by an id or a digest of them)"
-            )
+        _check_stream_id(stream_id)
         if isinstance(expected_version, bool) or (
             expected_version not in (ANY, NO_STREAM, STREAM_EXISTS)
             and (not isinstance(expected_version, int) or expected_version < 0)
@@ -180,17 +178,7 @@ class EventStore:
         if expected_version == 0:
             expected_version = NO_STREAM
         now = _transaction_time(conn)
-        rows = [
-            _Row(
-                id=e.id,
-                type=e.type,
-                schema_version=e.schema_version or self.upcasters.latest(e.type),
-                data=dict(e.data),
-                metadata=dict(e.metadata),
-                recorded_at=e.time or now,
-            )
-            for e in events
-        ]
+        rows = [self._row(stream_id, e, now) for e in events]
         if outbox:
             if conn is not None:
                 result = await self._append_in(conn, stream_id, rows, expected_version)
@@ -205,6 +193,33 @@ class EventStore:
             result = await self._append_own(stream_id, rows, expected_version)
         self._wake_local()
         return result
+
+    def _row(self, stream_id: str, event: NewEvent, now: datetime) -> _Row:
+        """``event`` ready for the database, or the caller's error: a schema version
+        the upcasters cannot read, data that is not JSON (checked here, before
+        anything is written, so that every backend refuses the same values)."""
+        latest = self.upcasters.latest(event.type)
+        version = event.schema_version
+        if version is None:
+            version = latest
+        elif version > latest and event.type in self.upcasters.types():
+            raise ConfigurationError(
+                f"appending to stream {stream_id!r}: event {event.type!r} has schema version "
+                f"{version}, but the store's upcasters read it up to version {latest}: the "
+                "stream could not be read back (register the upcasters that lead to it, "
+                "or append it at a version they know)"
+            )
+        data, metadata = dict(event.data), dict(event.metadata)
+        return _Row(
+            id=event.id,
+            type=event.type,
+            schema_version=version,
+            data=data,
+            metadata=metadata,
+            recorded_at=event.time or now,
+            data_json=_json(stream_id, event, "data", data),
+            metadata_json=_json(stream_id, event, "metadata", metadata),
+        )
 
     async def _append_in(
         self,
@@ -544,6 +559,56 @@ class EventStore:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.database!r})"
+
+
+def _check_stream_id(stream_id: str) -> None:
+    if not isinstance(stream_id, str) or not stream_id:
+        raise ConfigurationError("stream_id must be a non-empty string")
+    if len(stream_id) > MAX_STREAM_ID_LENGTH:
+        raise ConfigurationError(
+            f"stream_id is {len(stream_id)} characters long; the event store holds at "
+            f"most {MAX_STREAM_ID_LENGTH} (keep long natural keys in the events, and "
+            "name the stream by an id or a digest of them)"
+        )
+    if "\x00" in stream_id:
+        raise ConfigurationError(
+            f"stream_id {stream_id!r} holds a NUL character, which PostgreSQL cannot store"
+        )
+
+
+# A NUL escape in JSON text: \u0000 after an even number of backslashes.
+_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _json(stream_id: str, event: NewEvent, part: str, value: dict[str, Any]) -> str:
+    """``value`` as JSON text, or the caller's TypeError/ValueError naming the stream
+    and what cannot be stored. Only what :func:`json.dumps` writes as it is goes in:
+    anything else would be stored as something else (a set as its repr on
+    PostgreSQL, through ``str``) or refused by one backend and not the other."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False, default=_not_json)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(
+            f"appending to stream {stream_id!r}: the {part} of event {event.type!r} "
+            f"cannot be stored: {exc}"
+        ) from None
+    if _NUL.search(text):
+        raise ValueError(
+            f"appending to stream {stream_id!r}: the {part} of event {event.type!r} cannot "
+            "be stored: it holds a NUL character (PostgreSQL's JSONB cannot hold one)"
+        )
+    return text
+
+
+def _not_json(value: Any) -> Any:
+    kind = type(value)
+    name = kind.__qualname__
+    if kind.__module__ != "builtins":
+        name = f"{kind.__module__}.{name}"
+    raise TypeError(
+        f"it holds a {name}, which is not JSON: "
+        "convert it first (a datetime to its isoformat(), a set to a list, bytes to text)"
+    )
 
 
 def _opt(value: Any) -> str | None:

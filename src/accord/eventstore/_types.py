@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
+from accord.messages import MAX_NAME_LENGTH
+
 __all__ = [
     "ANY",
     "NO_STREAM",
@@ -48,6 +50,9 @@ class NewEvent:
     ``schema_version`` left ``None`` means "the latest version the store's
     upcasters know for this type" (1 if none). ``metadata`` conventionally holds
     ``correlation_id``, ``causation_id`` and ``actor``; ``time`` defaults to now.
+    ``data`` and ``metadata`` must be JSON as :func:`json.dumps` writes it (str,
+    int, float, bool, None, lists and dicts): the store refuses anything else,
+    such as a datetime, a set or bytes, on every backend, before writing.
     """
 
     type: str
@@ -58,8 +63,32 @@ class NewEvent:
     id: uuid.UUID = field(default_factory=uuid.uuid4)
 
     def __post_init__(self) -> None:
-        if not self.type:
+        if not isinstance(self.type, str) or not self.type:
             raise ValueError("NewEvent.type must be a non-empty string")
+        if len(self.type) > MAX_NAME_LENGTH:
+            raise ValueError(
+                f"NewEvent.type is {len(self.type)} characters long; the event store holds "
+                f"at most {MAX_NAME_LENGTH}"
+            )
+        if "\x00" in self.type:
+            raise ValueError("NewEvent.type holds a NUL character, which PostgreSQL cannot store")
+        for name in ("data", "metadata"):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping):
+                raise TypeError(
+                    f"NewEvent.{name} must be a mapping (a dict of named fields), not a "
+                    f"{type(value).__name__}: put a bare value under a name, e.g. "
+                    "{'items': [...]}"
+                )
+        if self.schema_version is not None and (
+            isinstance(self.schema_version, bool)
+            or not isinstance(self.schema_version, int)
+            or self.schema_version < 1
+        ):
+            raise ValueError(
+                f"NewEvent.schema_version must be an int of at least 1 (or None for the "
+                f"latest the store's upcasters know), not {self.schema_version!r}"
+            )
         if self.time is not None and self.time.tzinfo is None:
             raise ValueError("NewEvent.time must be timezone-aware (use datetime.now(UTC))")
 

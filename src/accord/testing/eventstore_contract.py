@@ -9,8 +9,10 @@ Subclass :class:`EventStoreContract` and provide the ``event_store`` fixture
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -108,6 +110,71 @@ class EventStoreContract:
             await event_store.append(stream, [], expected_version=ANY)
         with pytest.raises(ConfigurationError):
             await event_store.append(stream, _events(1), expected_version=-1)
+
+    @pytest.mark.parametrize(
+        ("value", "named"),
+        [
+            ({1, 2}, "a set"),
+            (b"\xff", "a bytes"),
+            (object(), "a object"),
+            (datetime(2026, 12, 7, 19, 28, tzinfo=UTC), "a datetime.datetime"),
+            (Decimal("1.5"), "a decimal.Decimal"),
+            ({(1, 2): "x"}, "not tuple"),
+        ],
+    )
+    @pytest.mark.parametrize("part", ["data", "metadata"])
+    async def test_values_json_cannot_hold_are_refused_before_writing(
+        self, event_store: EventStore, stream: str, value: Any, named: str, part: str
+    ) -> None:
+        """Every backend refuses them alike, as the caller's error naming the stream
+        and the value's type; the valid event beside it is not written either."""
+        fields: dict[str, Any] = {part: {"v": value}}
+        bad = NewEvent("contract.A", **fields)
+        with pytest.raises(TypeError, match=f"stream {stream!r}.*{part}.*{named}"):
+            await event_store.append(stream, [NewEvent("contract.A", {"ok": 1}), bad])
+        assert await event_store.stream_version(stream) == 0
+
+    @pytest.mark.parametrize("value", [math.nan, math.inf, "a\x00b"])
+    async def test_nan_and_nul_are_refused_before_writing(
+        self, event_store: EventStore, stream: str, value: Any
+    ) -> None:
+        with pytest.raises(ValueError, match=f"stream {stream!r}"):
+            await event_store.append(stream, [NewEvent("contract.A", {"v": [value]})])
+        assert await event_store.stream_version(stream) == 0
+
+    async def test_names_are_checked_up_front(self, event_store: EventStore, stream: str) -> None:
+        """What a column cannot hold is refused before the database sees it, alike on
+        every backend: a type over 200 characters, a NUL in a type or stream id."""
+        with pytest.raises(TypeError, match=r"NewEvent\.data must be a mapping.*not a list"):
+            NewEvent("contract.A", [1, 2])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"NewEvent\.metadata must be a mapping"):
+            NewEvent("contract.A", {}, "actor")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="201 characters long"):
+            NewEvent("t" * 201)
+        with pytest.raises(ValueError, match="NUL"):
+            NewEvent("contract.\x00A")
+        with pytest.raises(ConfigurationError, match="NUL"):
+            await event_store.append(f"{stream}\x00", [NewEvent("contract.A")])
+        assert (await event_store.append(stream, [NewEvent("t" * 200)])).version == 1
+        assert [e.type for e in await event_store.read_stream(stream)] == ["t" * 200]
+
+    async def test_schema_versions_the_upcasters_cannot_read_are_refused(
+        self, event_store: EventStore, stream: str
+    ) -> None:
+        """``contract.Renamed`` is read up to version 3: a version 4 (or 0, or -1)
+        could never be read back, so it is not written."""
+        for bad in (0, -1, True):
+            with pytest.raises(ValueError, match="schema_version must be an int of at least 1"):
+                NewEvent("contract.Renamed", {"title": "x"}, schema_version=bad)
+        with pytest.raises(ConfigurationError, match=r"schema version 4.*up to version 3"):
+            await event_store.append(
+                stream, [NewEvent("contract.Renamed", {"title": "x"}, schema_version=4)]
+            )
+        assert await event_store.stream_version(stream) == 0
+        # A type the upcasters do not know is stored as labelled (read as stored).
+        await event_store.append(stream, [NewEvent("contract.Other", {"a": 1}, schema_version=7)])
+        [event] = await event_store.read_stream(stream)
+        assert (event.schema_version, event.data) == (7, {"a": 1})
 
     async def test_concurrent_appends_with_the_same_expected_version(
         self, event_store: EventStore, stream: str
