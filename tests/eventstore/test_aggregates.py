@@ -10,10 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from accord.db import Database
-from accord.errors import ConcurrencyError, NotFoundError
-from accord.eventstore import EventStore, NewEvent, Repository, retry_on_conflict
+from accord.errors import ConcurrencyError, ConfigurationError, NotFoundError
+from accord.eventstore import (
+    Aggregate,
+    EventStore,
+    NewEvent,
+    Repository,
+    Upcasters,
+    applies,
+    retry_on_conflict,
+)
 from accord.testing import wait_for
 from accord.testing.eventstore_contract import visible
 
@@ -92,6 +101,8 @@ async def test_repository_saves_loads_and_detects_conflicts(store: EventStore) -
     assert info.value.actual == 3
     with pytest.raises(NotFoundError):
         await repo.load("ledger-missing")
+    with pytest.raises(NotFoundError, match=r"'ledger-1' has no events at version 0$"):
+        await repo.load("ledger-1", version=0)
     stored = await store.read_stream("ledger-1")
     assert [e.schema_version for e in stored if e.type == "ScoreChanged"] == [3, 3]
 
@@ -201,3 +212,44 @@ async def test_a_snapshot_that_fails_after_the_commit_does_not_fail_the_save(
     assert result is not None and result.version == 6
     assert await store.load_snapshot("ledger-u") is None
     assert (await repo.load("ledger-u")).scores == {"ann": 5}
+
+
+class Awarded(BaseModel):
+    """Version 2 of ``Awarded`` (v1 had ``delta``), but the class does not say so."""
+
+    player: str
+    points: int
+
+
+class Board(Aggregate):
+    def __init__(self, id: str) -> None:
+        super().__init__(id)
+        self.points = 0
+
+    @applies(Awarded)
+    def _awarded(self, event: Awarded) -> None:
+        self.points += event.points
+
+
+def _delta_to_points(data: dict[str, Any]) -> dict[str, Any]:
+    return {"player": data["player"], "points": data["delta"]}
+
+
+async def test_an_event_class_behind_its_upcasters_is_refused(database: Database) -> None:
+    """Saved, its v2-shaped events would be labelled schema 1 and upcast again on
+    every load, which would then fail for ever: refused when the repository is made,
+    or at save if the upcasters were registered after that."""
+    upcasters = Upcasters()
+    upcasters.add("Awarded", 1, _delta_to_points)
+    async with EventStore(database, upcasters) as store:
+        with pytest.raises(ConfigurationError, match=r"`__schema_version__ = 2` on Awarded"):
+            Repository(store, Board)
+    later = Upcasters()
+    async with EventStore(database, later) as store:
+        repo = Repository(store, Board)
+        later.add("Awarded", 1, _delta_to_points)
+        board = repo.create("board-1")
+        board.record(Awarded(player="ann", points=3))
+        with pytest.raises(ConfigurationError, match="lift 'Awarded' to version 2"):
+            await repo.save(board)
+        assert await store.stream_version("board-1") == 0

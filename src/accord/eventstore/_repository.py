@@ -6,14 +6,14 @@ import asyncio
 import copy
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.errors import ConcurrencyError, ConfigurationError, NotFoundError
-from accord.eventstore._aggregate import Aggregate
+from accord.eventstore._aggregate import Aggregate, event_schema_version, event_type_name
 from accord.eventstore._store import EventStore, Snapshot
 from accord.eventstore._types import NO_STREAM, AppendResult
 
@@ -32,11 +32,35 @@ class Repository(Generic[T]):
     fits the class (same ``snapshot_version``) and applies the events after
     it; a snapshot that does not fit, or fails to restore, is ignored and the
     aggregate is rebuilt from its events (which are upcast like on every read).
+
+    Each event class must write the schema version the store's upcasters lift its
+    type to (``__schema_version__``): one that does not is refused here and at
+    :meth:`save`, since its events could never be loaded again.
     """
 
     def __init__(self, store: EventStore, aggregate_class: type[T]) -> None:
         self.store = store
         self.aggregate_class = aggregate_class
+        self._check_schema_versions(entry[0] for entry in aggregate_class._handlers.values())
+
+    def _check_schema_versions(self, event_classes: Iterable[type]) -> None:
+        """Refuse an event class whose ``__schema_version__`` is not the latest its
+        type's upcasters know: its events would be stored labelled with one version
+        and shaped as another, and every later load would fail on them."""
+        upcasters = self.store.upcasters
+        known = upcasters.types()
+        for cls in event_classes:
+            name = event_type_name(cls)
+            if name not in known:
+                continue
+            writes, latest = event_schema_version(cls), upcasters.latest(name)
+            if writes != latest:
+                raise ConfigurationError(
+                    f"{cls.__qualname__} writes {name!r} as schema version {writes}, but the "
+                    f"store's upcasters lift {name!r} to version {latest}: set "
+                    f"`__schema_version__ = {latest}` on {cls.__qualname__} (its fields must be "
+                    f"the version {latest} shape), or fix the upcasters"
+                )
 
     def create(self, id: str) -> T:
         """A new, empty aggregate (version 0) to record the first events on."""
@@ -69,7 +93,11 @@ class Repository(Generic[T]):
         for event in events:
             aggregate._apply_recorded(event)
         if aggregate.version == 0:
-            when = f" at version {version}" if version else f" as of {as_of}" if as_of else ""
+            when = ""
+            if version is not None:
+                when = f" at version {version}"
+            elif as_of is not None:
+                when = f" as of {as_of}"
             raise NotFoundError(f"{self.aggregate_class.__name__} {id!r} has no events{when}")
         return aggregate
 
@@ -138,6 +166,7 @@ class Repository(Generic[T]):
         pending = aggregate._pending
         if not pending:
             return None
+        self._check_schema_versions({type(e) for e in pending})
         expected = aggregate.version
         result = await self.store.append(
             aggregate.id,
