@@ -323,7 +323,10 @@ class PostgresEventStore(EventStore):
         sql = (
             f"SELECT {_COLUMNS} FROM accord_events WHERE stream_id = $1 AND version >= $2"
             " AND ($3::int IS NULL OR version <= $3)"
-            " AND ($4::timestamptz IS NULL OR recorded_at <= $4)"
+            # A prefix of versions: up to the first event recorded after ``as_of``
+            # (one appended later with an earlier NewEvent.time must not leave a gap).
+            " AND ($4::timestamptz IS NULL OR version < coalesce((SELECT min(version)"
+            " FROM accord_events WHERE stream_id = $1 AND recorded_at > $4), 2147483647))"
             f" ORDER BY version {'DESC' if backwards else 'ASC'} LIMIT $5"
         )
         args = [stream_id, from_version, to_version, as_of, limit]

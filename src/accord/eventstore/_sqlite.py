@@ -33,6 +33,9 @@ _COLUMNS = [
     events.c.recorded_at,
 ]
 
+#: Above every stream version.
+_NO_VERSION = 2**31 - 1
+
 
 class SqliteEventStore(EventStore):
     """The event store on SQLite: dense positions 1, 2, 3... in commit order."""
@@ -100,7 +103,14 @@ class SqliteEventStore(EventStore):
         if to_version is not None:
             query = query.where(events.c.version <= to_version)
         if as_of is not None:
-            query = query.where(events.c.recorded_at <= as_of)
+            # A prefix of versions: up to the first event recorded after ``as_of``
+            # (one appended later with an earlier NewEvent.time must not leave a gap).
+            later = (
+                sa.select(sa.func.min(events.c.version))
+                .where(events.c.stream_id == stream_id, events.c.recorded_at > as_of)
+                .scalar_subquery()
+            )
+            query = query.where(events.c.version < sa.func.coalesce(later, _NO_VERSION))
         query = query.order_by(events.c.version.desc() if backwards else events.c.version)
         if limit is not None:
             query = query.limit(limit)

@@ -302,8 +302,10 @@ class EventStore:
         """The events of one stream with ``from_version <= version <= to_version``.
 
         Oldest first, or newest first with ``backwards=True`` (``limit`` then
-        takes the newest). ``as_of`` keeps only events recorded at or before
-        that time (time travel). The events of one transaction are recorded at the
+        takes the newest). ``as_of`` reads the stream as it was at that time (time
+        travel): the versions before the first event recorded after ``as_of``, a
+        prefix of the stream even when a later append set an earlier
+        ``NewEvent.time``. The events of one transaction are recorded at the
         time of its first append, so it sees them all or none; a transaction still
         open at ``as_of`` shows up in such a read once it commits. A stream that
         does not exist reads as ``[]``.
@@ -311,6 +313,8 @@ class EventStore:
         """
         if as_of is not None and as_of.tzinfo is None:
             raise ConfigurationError("as_of must be timezone-aware (e.g. datetime.now(UTC))")
+        if limit is not None:
+            _at_least_one("limit", limit)
         raw = await self._read_stream(
             stream_id, from_version, to_version, backwards, as_of, limit, conn
         )

@@ -266,6 +266,39 @@ class EventStoreContract:
         before = moment - timedelta(microseconds=1)
         assert await event_store.read_stream(other, as_of=before) == []
 
+    async def test_time_travel_reads_a_prefix_of_the_stream(
+        self, event_store: EventStore, stream: str
+    ) -> None:
+        """An event appended later with an earlier ``NewEvent.time`` does not show up
+        alone in the past: ``as_of`` stops at the first event recorded after it, so
+        the stream is read as it was (version 2 never without version 1)."""
+        await event_store.append(stream, _events(1))
+        backdated = NewEvent("contract.Late", time=datetime(2024, 1, 1, tzinfo=UTC))
+        await event_store.append(stream, [backdated])
+        await asyncio.sleep(0.01)
+        await event_store.append(stream, _events(1))
+        first, second, third = await event_store.read_stream(stream)
+        assert second.recorded_at < first.recorded_at < third.recorded_at
+
+        async def versions(as_of: datetime, **options: Any) -> list[int]:
+            found = await event_store.read_stream(stream, as_of=as_of, **options)
+            return [e.version for e in found]
+
+        assert await versions(datetime(2025, 1, 1, tzinfo=UTC)) == []
+        assert await versions(first.recorded_at) == [1, 2]
+        assert await versions(first.recorded_at, backwards=True) == [2, 1]
+        assert await versions(first.recorded_at, from_version=2) == [2]
+        assert await versions(third.recorded_at) == [1, 2, 3]
+
+    async def test_a_limit_below_one_is_refused(self, event_store: EventStore, stream: str) -> None:
+        await event_store.append(stream, _events(2))
+        for limit in (0, -1):
+            with pytest.raises(ConfigurationError, match="limit must be an int of at least 1"):
+                await event_store.read_stream(stream, limit=limit)
+            with pytest.raises(ConfigurationError, match="limit must be an int of at least 1"):
+                await event_store.read_all(0, limit=limit)
+        assert len(await event_store.read_stream(stream, limit=1)) == 1
+
     async def test_read_all_in_order_in_batches_and_by_type(self, event_store: EventStore) -> None:
         start = await event_store.head()
         streams = [f"all-{uuid.uuid4().hex[:8]}" for _ in range(3)]
