@@ -7,9 +7,11 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
@@ -17,6 +19,7 @@ from accord.cli.app import _register_subcommands, app
 from accord.db import Database
 from accord.eventstore import EventStore, NewEvent
 from accord.testing import wait_for
+from tests.conftest import fresh_pg_database
 
 _register_subcommands()
 
@@ -84,3 +87,24 @@ async def test_events_tail_follows_live(db_url: str) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def never_upgraded(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """The URL of a database Accord's tables were never created in."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+        return
+    async with fresh_pg_database("template0") as url:
+        yield url
+
+
+async def test_events_commands_on_a_database_never_upgraded_say_what_to_do(
+    never_upgraded: str,
+) -> None:
+    """The store's own driver connections (PostgreSQL) give the hint every other
+    path gives, not a bare UndefinedTableError."""
+    for args in (["events", "read", "s"], ["events", "tail", "--after", "0"]):
+        out = await invoke(app, [*args, "--db", never_upgraded])
+        assert out.exit_code == 1, out.output
+        assert "run `accord db upgrade --db URL` first" in " ".join(out.output.split())

@@ -19,7 +19,7 @@ import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from accord.db.database import translate_errors
+from accord.db.database import _hint, translate_errors
 from accord.errors import AccordError, ConfigurationError, DatabaseError
 from accord.eventstore._store import NOTIFY_CHANNEL, EventStore, _Row
 from accord.eventstore._types import (
@@ -156,7 +156,9 @@ class PostgresEventStore(EventStore):
             if conn is not None and not isinstance(exc, asyncpg.PostgresError):
                 conn.terminate()
                 conn = None
-            raise DatabaseError(f"{what} failed: {exc.__class__.__name__}: {exc}") from exc
+            raise DatabaseError(
+                f"{what} failed{_hint(exc)}: {exc.__class__.__name__}: {exc}"
+            ) from exc
         except AccordError:
             # Our own verdict on a finished statement (a version conflict...): the
             # connection is clean; keep it - conflicts come in bursts under contention.
