@@ -287,6 +287,15 @@ async def test_nan_in_json_is_refused_as_a_value_error_on_both_databases(
         assert await conn.scalar(sa.select(sa.func.count()).select_from(outbox)) == 0
 
 
+async def test_a_value_json_cannot_hold_is_refused_as_a_type_error(database: Database) -> None:
+    """An object JSON has no form for is the caller's error, not a failed connection."""
+    probe = sa.Table(f"json_probe_{uuid.uuid4().hex[:8]}", sa.MetaData(), sa.Column("v", sa.JSON))
+    with pytest.raises(TypeError, match="a value cannot be stored: Object of type object"):
+        async with database.transaction() as conn:
+            await conn.run_sync(probe.create)
+            await conn.execute(probe.insert().values(v={"x": object()}))
+
+
 def test_plain_urls_get_their_async_driver(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert Database(f"sqlite:///{tmp_path}/a.db").url.startswith("sqlite+aiosqlite://")
     assert Database("postgresql://u@h/d").url.startswith("postgresql+asyncpg://")

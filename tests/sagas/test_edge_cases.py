@@ -285,3 +285,43 @@ async def test_a_start_in_one_statement_writes_what_the_statement_by_statement_s
 
 async def _no_driver(_conn: Any) -> None:
     return None
+
+
+@pytest.mark.parametrize(("batch_size", "batch"), [(1, False), (8, False), (8, True)])
+async def test_a_participant_result_that_is_not_json_fails_the_step_at_once(
+    database: Database, batch_size: int, batch: bool
+) -> None:
+    """Its reply could not be sent: before, the command was retried and dead-lettered
+    and the saga waited out the step's timeout (ten minutes by default). Values JSON
+    has no type for travel as text, as in any message."""
+    await database.upgrade()
+    consumer = Consumer("hotel", database, transport(database), batch_size=batch_size)
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+    def result(saga_id: str) -> Any:
+        return {"rate": float("nan")} if saga_id == broken else {"at": when}
+
+    if batch:
+
+        @participant_of(consumer, "booking.reserve", batch=True)
+        async def reserve_all(calls: Any) -> list[Any]:
+            return [result(ctx.saga_id) for ctx, _ in calls]
+
+    else:
+
+        @participant_of(consumer, "booking.reserve")
+        async def reserve(ctx: CommandContext, data: Any) -> Any:
+            return result(ctx.saga_id)
+
+    sent = commands(BOOKING, 0, 3)
+    broken = sent[1].message.extensions["sagaid"]  # type: ignore[union-attr]
+    await consumer.handle_batch(sent)
+
+    assert all(d.outcome in (None, "ack") for d in sent)
+    by_saga = {r["saga_id"]: r for r in await replies(database)}
+    assert len(by_saga) == 3
+    assert by_saga[broken]["ok"] is False
+    assert "returned a result that is not JSON: Out of range float" in by_saga[broken]["error"]
+    others = [r for saga_id, r in by_saga.items() if saga_id != broken]
+    assert [r["ok"] for r in others] == [True, True]
+    assert all(r["result"] == {"at": str(when)} for r in others)

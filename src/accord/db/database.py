@@ -38,7 +38,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 @contextlib.contextmanager
 def translate_errors(what: str, callers: CallerErrors | None = None) -> Any:
     """Re-raise SQLAlchemy/driver errors as :class:`accord.errors.DatabaseError`
-    (a value that cannot be bound, such as a NaN in JSON, as ``ValueError``).
+    (a value that cannot be bound, such as a NaN in JSON, as ``ValueError``; one of a
+    type JSON cannot hold as ``TypeError``).
 
     An ``OSError`` is taken to mean the database cannot be reached, unless it is
     one that ``callers`` noted as raised by the caller's own code inside a block
@@ -47,10 +48,11 @@ def translate_errors(what: str, callers: CallerErrors | None = None) -> Any:
     try:
         yield
     except sa.exc.StatementError as exc:
-        if not isinstance(exc, sa.exc.DBAPIError) and isinstance(exc.orig, ValueError):
-            # A value SQLAlchemy could not bind (NaN in JSON, a bad UUID): the
-            # caller's data, not the database, is wrong.
-            raise ValueError(f"{what} failed: a value cannot be stored: {exc.orig}") from exc
+        if not isinstance(exc, sa.exc.DBAPIError) and isinstance(exc.orig, ValueError | TypeError):
+            # A value SQLAlchemy could not bind (NaN or an object in JSON, a bad
+            # UUID): the caller's data, not the database, is wrong.
+            error = TypeError if isinstance(exc.orig, TypeError) else ValueError
+            raise error(f"{what} failed: a value cannot be stored: {exc.orig}") from exc
         raise DatabaseError(f"{what} failed{_hint(exc)}: {exc.__class__.__name__}: {exc}") from exc
     except sa.exc.SQLAlchemyError as exc:
         raise DatabaseError(f"{what} failed{_hint(exc)}: {exc.__class__.__name__}: {exc}") from exc

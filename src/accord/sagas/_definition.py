@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import math
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord._backoff import backoff_delay
 from accord.errors import ConfigurationError
+from accord.messages import MAX_NAME_LENGTH
 
 __all__ = [
     "Command",
@@ -72,7 +75,68 @@ def command(
     result_key: str | None = None,
 ) -> Command:
     """A remote action or compensation: send ``type`` to the participant that handles it."""
+    if not isinstance(type, str) or not _MESSAGE_TYPE.fullmatch(type):
+        raise ConfigurationError(
+            f"command type {type!r} must be dot-separated words without spaces or "
+            "wildcards (*, >, #), e.g. 'hotels.reserve'"
+        )
+    if len(type) > MAX_NAME_LENGTH:
+        raise ConfigurationError(
+            f"command type {type[:40]!r}... is {len(type)} characters long; a message "
+            f"type holds at most {MAX_NAME_LENGTH}"
+        )
+    if payload is not None and not callable(payload):
+        raise ConfigurationError(
+            f"the payload of command {type!r} must be a function of the saga's data, "
+            f"not {payload!r}"
+        )
     return Command(type, payload, result_key)
+
+
+#: A message type every transport can route: words of no spaces or wildcards, by dots.
+_MESSAGE_TYPE = re.compile(r"[^\s.*>#]+(\.[^\s.*>#]+)*")
+#: A saga's name: one word (letters, digits, ``_``, ``-``); it is part of the saga's
+#: reply type ``accord.saga.<name>.reply``, which must fit :data:`MAX_NAME_LENGTH`.
+_SAGA_NAME = re.compile(r"[\w-]+")
+MAX_SAGA_NAME_LENGTH = MAX_NAME_LENGTH - len("accord.saga..reply")
+#: The longest step and compensation timeout: ten years. ``None`` waits for ever.
+MAX_TIMEOUT = 10 * 365 * 24 * 3600.0
+#: The widest step name (the step log's column).
+MAX_STEP_NAME_LENGTH = 200
+
+
+def seconds(what: str, value: Any, *, forever: bool = False) -> float | None:
+    """``value`` as a positive, finite number of seconds up to :data:`MAX_TIMEOUT`
+    (or None, when ``forever`` allows waiting for ever); else a clear error."""
+    if value is None and forever:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 < value <= MAX_TIMEOUT
+    ):
+        hint = " (None waits for ever)" if forever else ""
+        raise ConfigurationError(
+            f"{what} must be a positive number of seconds up to ten years{hint}, not {value!r}"
+        )
+    return float(value)
+
+
+def _check_action(what: str, action: Any, *, optional: bool = False) -> None:
+    if action is None and optional:
+        return
+    if isinstance(action, Command):
+        return
+    if isinstance(action, str):
+        raise ConfigurationError(
+            f"{what} is the string {action!r}: wrap a command to a participant in "
+            f"command({action!r}), or pass an async function for a local step"
+        )
+    if not callable(action):
+        raise ConfigurationError(
+            f"{what} must be command(...) or an async function of a StepContext, not {action!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -86,6 +150,28 @@ class Retry:
     max_attempts: int | None = 1
     base: float = 0.5
     cap: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts is not None and (
+            isinstance(self.max_attempts, bool)
+            or not isinstance(self.max_attempts, int)
+            or self.max_attempts < 1
+        ):
+            raise ConfigurationError(
+                f"Retry max_attempts must be an int of at least 1 (or None: for ever), "
+                f"not {self.max_attempts!r}"
+            )
+        for name in ("base", "cap"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ConfigurationError(
+                    f"Retry {name} must be a finite number of seconds of 0 or more, not {value!r}"
+                )
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt``."""
@@ -157,8 +243,22 @@ class Saga:
         compensation_timeout: float = 30.0,
         stuck_after: int = 10,
     ) -> None:
-        if not name or "." in name:
-            raise ConfigurationError(f"saga name {name!r} must be non-empty and have no dots")
+        if not isinstance(name, str) or not _SAGA_NAME.fullmatch(name):
+            raise ConfigurationError(
+                f"saga name {name!r} must be one word of letters, digits, '_' and '-' "
+                "(no dots or spaces: it is part of the saga's reply type), e.g. 'book-trip'"
+            )
+        if len(name) > MAX_SAGA_NAME_LENGTH:
+            raise ConfigurationError(
+                f"saga name {name[:40]!r}... is {len(name)} characters long; at most "
+                f"{MAX_SAGA_NAME_LENGTH} (its reply type accord.saga.<name>.reply must fit "
+                f"a message type's {MAX_NAME_LENGTH})"
+            )
+        if isinstance(stuck_after, bool) or not isinstance(stuck_after, int) or stuck_after < 1:
+            raise ConfigurationError(
+                f"stuck_after must be an int of at least 1, not {stuck_after!r}"
+            )
+        seconds(f"compensation_timeout of saga {name!r}", compensation_timeout)
         self.name = name
         self.steps: list[Step] = []
         self.compensation_retry = compensation_retry or Retry(
@@ -173,6 +273,21 @@ class Saga:
         return f"accord.saga.{self.name}.reply"
 
     def _add(self, step: Step) -> Saga:
+        if not isinstance(step.name, str) or not step.name.strip():
+            raise ConfigurationError(
+                f"a step of saga {self.name!r} needs a name, not {step.name!r}"
+            )
+        if len(step.name) > MAX_STEP_NAME_LENGTH:
+            raise ConfigurationError(
+                f"step name {step.name[:40]!r}... of saga {self.name!r} is "
+                f"{len(step.name)} characters long; at most {MAX_STEP_NAME_LENGTH}"
+            )
+        where = f"step {step.name!r} of saga {self.name!r}"
+        _check_action(f"the action of {where}", step.action)
+        _check_action(f"the compensation of {where}", step.compensation, optional=True)
+        seconds(f"the timeout of {where}", step.timeout, forever=True)
+        if not isinstance(step.retry, Retry):
+            raise ConfigurationError(f"the retry of {where} must be a Retry, not {step.retry!r}")
         if any(s.name == step.name for s in self.steps):
             raise ConfigurationError(f"saga {self.name!r} already has a step {step.name!r}")
         kinds = [s.kind for s in self.steps]

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
+import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,7 +23,7 @@ from accord.db import Database
 from accord.db.database import on_commit
 from accord.db.schema_sagas import deadlines
 from accord.db.schema_sagas import sagas as sagas_table
-from accord.errors import AccordError, ConcurrencyError, ConfigurationError
+from accord.errors import AccordError, ConcurrencyError, ConfigurationError, DuplicateError
 from accord.inbox import Consumer, HandlerContext
 from accord.inbox._context import run_after_commit
 from accord.messages import Message
@@ -29,7 +31,7 @@ from accord.observability import current_traceparent
 from accord.observability._tracing import as_current
 from accord.outbox import add as add_to_outbox
 from accord.sagas._admin import PRUNE_BATCH, prune_ended
-from accord.sagas._definition import Command, Saga, registry
+from accord.sagas._definition import Command, Saga, registry, seconds
 from accord.sagas._engine import Engine, Reply, ReplyData
 from accord.sagas._metrics import SAGAS_STARTED
 from accord.sagas._store import (
@@ -51,6 +53,54 @@ FAILED_DEADLINE_DELAY = 30.0
 __all__ = ["Orchestrator"]
 
 log = logging.getLogger("accord.sagas")
+
+
+#: The widest saga id (the column's).
+MAX_SAGA_ID_LENGTH = 100
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _check_saga_id(saga_id: Any) -> None:
+    if not isinstance(saga_id, str) or not saga_id:
+        raise ConfigurationError(
+            f"saga_id must be a non-empty string (or None for a new random id), not {saga_id!r}"
+        )
+    if len(saga_id) > MAX_SAGA_ID_LENGTH:
+        raise ConfigurationError(
+            f"saga_id {saga_id[:40]!r}... is {len(saga_id)} characters long; at most "
+            f"{MAX_SAGA_ID_LENGTH} (derive a shorter one, e.g. uuid.uuid5 of the long key)"
+        )
+    if _CONTROL.search(saga_id):
+        raise ConfigurationError(f"saga_id {saga_id!r} holds a control character")
+
+
+def _checked_data(saga: Saga, data: Any) -> dict[str, Any]:
+    """A copy of the saga's starting data, refused at once if the saga could not store
+    it (rather than as a database error, or a saga that fails later)."""
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ValueError(
+            f"the data of saga {saga.name!r} must be a dict (a JSON object), "
+            f"not {type(data).__name__}"
+        )
+    try:
+        json.dumps(data, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the data of saga {saga.name!r} is not JSON: {exc}") from None
+    return dict(data)
+
+
+async def _existing(conn: AsyncConnection, saga_id: str, name: str) -> str:
+    """The id of the instance that was there already, if it is one of saga ``name``."""
+    query = sa.select(sagas_table.c.name).where(sagas_table.c.id == saga_id)
+    found = (await conn.execute(query)).scalar_one_or_none()
+    if found is not None and found != name:
+        raise DuplicateError(
+            f"saga id {saga_id!r} is an instance of saga {found!r} already, so it cannot "
+            f"start {name!r}: give each saga ids of its own (e.g. prefixed with its name)"
+        )
+    return saga_id
 
 
 class Orchestrator:
@@ -100,6 +150,19 @@ class Orchestrator:
         self.database = database
         self.name = name
         self.sagas = registry(list(sagas))
+        if not self.sagas:
+            raise ConfigurationError(
+                f"orchestrator {name!r} was given no sagas: Orchestrator(db, transport, [saga])"
+            )
+        if isinstance(timer_batch, bool) or not isinstance(timer_batch, int) or timer_batch < 1:
+            raise ConfigurationError(
+                f"timer_batch must be an int of at least 1, not {timer_batch!r}"
+            )
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigurationError(
+                f"concurrency must be an int of at least 1, not {concurrency!r}"
+            )
+        seconds("timer_interval", timer_interval)
         names = list(self.sagas)
         self._pruning = Pruning(
             f"ended sagas of {name}",
@@ -124,7 +187,7 @@ class Orchestrator:
                 batch_size=batch_size,
                 inbox_retention=inbox_retention,
             )
-            for _ in range(max(1, concurrency))
+            for _ in range(concurrency)
         ]
         for consumer in self.consumers:
             for saga in self.sagas.values():
@@ -158,10 +221,15 @@ class Orchestrator:
         """Start an instance of ``saga`` with ``data``; return its id.
 
         Idempotent per ``saga_id``: starting an id that exists returns it and does
-        nothing (a retried request cannot create a second instance). With ``conn``
-        the start commits with the caller's transaction.
+        nothing (a retried request cannot create a second instance); an id that is
+        an instance of another saga raises :class:`~accord.errors.DuplicateError`.
+        ``data`` is a JSON object (``ValueError`` if not). With ``conn`` the start
+        commits with the caller's transaction.
         """
         definition = self.definition(saga if isinstance(saga, str) else saga.name)
+        data = _checked_data(definition, data)
+        if saga_id is not None:
+            _check_saga_id(saga_id)
         committed: list[Callable[[], None]] = []
         # Its first deadline is in server time: measured on the caller's connection
         # inside its transaction (another one of the pool might never come).
@@ -171,14 +239,12 @@ class Orchestrator:
             # statement that commits on its own; otherwise the first statement sent
             # begins a transaction, committed here.
             async with self.database.connect() as own:
-                started = await self._start(
-                    own, definition, data or {}, saga_id, committed, alone=True
-                )
+                started = await self._start(own, definition, data, saga_id, committed, alone=True)
                 if own.in_transaction():
                     await own.commit()
             run_after_commit(committed)
         else:  # counted when the caller commits, not if it rolls back
-            started = await self._start(conn, definition, data or {}, saga_id, committed)
+            started = await self._start(conn, definition, data, saga_id, committed)
             if committed:
                 on_commit(conn, functools.partial(run_after_commit, committed))
         return started
@@ -215,10 +281,10 @@ class Orchestrator:
             await engine.start()
             _continue_trace(engine.outbox, 0, current_traceparent())
             if not await engine.save_new(alone=alone):
-                return state.id
+                return await _existing(conn, state.id, saga.name)
         else:
             if not await insert_instance(conn, state):
-                return state.id
+                return await _existing(conn, state.id, saga.name)
             await engine.start()
             _continue_trace(engine.outbox, 0, current_traceparent())
             await engine.save()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import uuid
 import weakref
@@ -107,7 +108,9 @@ def participant(
     handler of saga command ``type``; it replies to the orchestrator by itself.
 
     * Returning means success: the result (JSON) goes back in the reply and, if a
-      dict, into the saga's data. Raising (:class:`StepFailed` for a business
+      dict, into the saga's data. Values JSON has no type for (a datetime, a UUID)
+      travel as their text, as in any message; a result JSON cannot hold (NaN, a
+      cycle) fails the step as a raise does. Raising (:class:`StepFailed` for a business
       refusal, or any exception) means failure: the function's writes are rolled
       back (a savepoint) and the reply says why.
     * It runs in the consumer's transaction, so its writes, the inbox row, the
@@ -434,10 +437,11 @@ class _Participant:
                 if careful:
                     outcome = await self._run_careful(call)
                 else:
-                    outcome = True, await registered.func(call.cctx, call.data), None, True
+                    result = await registered.func(call.cctx, call.data)
+                    outcome = True, _as_reply(registered, result), None, True
             done.append((call, outcome))
         for registered, group in by_func.values():
-            results = await _call_batch(registered, group)
+            results = [_as_reply(registered, r) for r in await _call_batch(registered, group)]
             done.extend(
                 (call, (True, result, None, True))
                 for call, result in zip(group, results, strict=True)
@@ -453,6 +457,7 @@ class _Participant:
                 (result,) = await _call_batch(registered, [call])
             else:
                 result = await registered.func(call.cctx, call.data)
+            result = _as_reply(registered, result)
         except Exception as exc:
             await nested.rollback()
             return False, None, f"{type(exc).__name__}: {exc}", True
@@ -484,6 +489,20 @@ def _refused(why: str) -> _Outcome:
     whose step's outcome here is unknown."""
     log.warning("saga command refused: %s", why)
     return False, None, why, False
+
+
+def _as_reply(registered: _Registered, result: Any) -> Any:
+    """``result`` as its reply carries it (JSON, written as the outbox writes data), or
+    a ValueError, which fails the step at once: a reply that cannot be sent would
+    leave the saga waiting for its timeout."""
+    if result is None:
+        return None
+    try:
+        text = json.dumps(result, separators=(",", ":"), default=str, allow_nan=False)
+    except ValueError as exc:
+        name = getattr(registered.func, "__qualname__", registered.func)
+        raise ValueError(f"participant {name} returned a result that is not JSON: {exc}") from None
+    return json.loads(text)
 
 
 async def _call_batch(registered: _Registered, calls: Sequence[_Call]) -> list[Any]:
