@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -158,3 +159,26 @@ async def test_poison_event_stops_when_configured(database: Database, store: Eve
         await runner.stop()
         app.POISON["on"] = True
     assert (await read_model(database, scores))["totals"] == expected_totals(17)
+
+
+async def test_cancelling_run_stops_the_loops_and_gives_the_leases_up(
+    database: Database, store: EventStore
+) -> None:
+    """As stop() does: a runner cancelled (a TaskGroup sibling failed, Ctrl-C in a
+    script) must not go on applying events in its loops, holding the leases."""
+    scores = app.make_scores()
+    runner = ProjectionRunner(database, [scores], store=store, lease_ttl=30, poll_interval=0.02)
+    first = await append_scores(store, 5)
+    task = asyncio.create_task(runner.run())
+    await runner.wait_until(first, timeout=20)
+    loops = list(runner._tasks)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert loops and all(loop.done() for loop in loops)
+    [status] = await projection_status(database, [scores], store=store)
+    assert status.lease_owner is None
+    late = await store.append("late", [NewEvent("score.changed", {"player": "late", "points": 1})])
+    await visible(store, late.position)
+    await asyncio.sleep(0.2)  # ten polls of a loop, had one survived
+    assert "late" not in (await read_model(database, scores))["totals"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -85,3 +86,31 @@ async def test_a_transport_fed_projection_is_not_rebuilt_into_an_empty_read_mode
 
 async def _has_totals(database: Database, scores: Any) -> bool:
     return bool((await read_model(database, scores))["totals"])
+
+
+async def test_cancelling_run_stops_the_subscription(db_url: str) -> None:
+    """As stop() does: a projector cancelled must not go on consuming in the
+    transport's tasks."""
+    channel = f"proj-{uuid.uuid4().hex[:8]}"
+    database = Database(db_url)
+    transport = from_url(db_url, channel=channel)
+    scores = app.make_scores("scores_bus")
+    projector = TransportProjector(database, scores, transport)
+    await projector.declare()
+    task = asyncio.create_task(projector.run())
+    try:
+        await wait_for(lambda: projector._subscription is not None, 20)  # tables made
+        await transport.publish([Message(type="score.changed", data={"player": "p", "points": 1})])
+        await wait_for(lambda: _has_totals(database, scores), 20)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert projector._subscription is None
+        late = Message(type="score.changed", data={"player": "late", "points": 1})
+        await transport.publish([late])
+        await asyncio.sleep(0.5)  # several polls of a subscription, had it survived
+        assert "late" not in (await read_model(database, scores))["totals"]
+    finally:
+        await projector.stop()
+        await transport.close()
+        await database.dispose()

@@ -107,10 +107,14 @@ class ProjectionRunner:
         self._tasks = [asyncio.create_task(self._loop(p)) for p in self.projections]
 
     async def run(self) -> None:
-        """Run until :meth:`stop`."""
-        await self.start()
-        await self._stopping.wait()
-        await self._join()
+        """Run until :meth:`stop`, or until cancelled: either way the batches in
+        flight finish and the leases are given up before it returns."""
+        try:
+            await self.start()
+            await self._stopping.wait()
+        finally:
+            # Cancelled, the loops would go on in their own tasks, holding the leases.
+            await self.stop()
 
     async def stop(self) -> None:
         """Stop after the batches in flight, give the leases up, return."""

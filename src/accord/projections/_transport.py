@@ -108,10 +108,14 @@ class TransportProjector:
         return [GroupDeclaration(self.transport.name, self.group, topics)]
 
     async def run(self) -> None:
-        """Start, then wait until :meth:`stop`."""
+        """Start, then wait until :meth:`stop`; cancelled, it stops the subscription
+        before it returns."""
         self._stopped.clear()
-        await self.start()
-        await self._stopped.wait()
+        try:
+            await self.start()
+            await self._stopped.wait()
+        finally:
+            await self.stop()
 
     async def stop(self) -> None:
         """Stop the subscription (unsettled deliveries are redelivered later)."""
