@@ -7,11 +7,14 @@ import uuid
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
+from accord import Relay
 from accord.db import Database
 from accord.errors import ConfigurationError
+from accord.eventstore import EventStore, NewEvent, RecordedEvent
 from accord.messages import Message
-from accord.projections import TransportProjector, rebuild
+from accord.projections import Projection, ProjectionContext, TransportProjector, rebuild
 from accord.testing import wait_for
 from accord.transports import from_url
 from tests.projections import app
@@ -114,3 +117,61 @@ async def test_cancelling_run_stops_the_subscription(db_url: str) -> None:
         await projector.stop()
         await transport.close()
         await database.dispose()
+
+
+async def test_events_the_store_sent_keep_their_full_stream_id(db_url: str) -> None:
+    """A stream id over 200 characters travels as a digest in the message's key and
+    whole in its subject: handlers get the stream id the store holds."""
+    channel = f"proj-{uuid.uuid4().hex[:8]}"
+    database = Database(db_url)
+    transport = from_url(db_url, channel=channel)
+    seen = Projection("streams_bus")
+    seen.table(
+        "seen",
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("stream_id", sa.String(300), nullable=False),
+        sa.Column("version", sa.Integer, nullable=False),
+        sa.Column("correlation_id", sa.String(50)),
+    )
+
+    @seen.on("stream.touched")
+    def touched(ctx: ProjectionContext, event: RecordedEvent) -> None:
+        ctx.insert(
+            "seen",
+            {
+                "stream_id": event.stream_id,
+                "version": event.version,
+                "correlation_id": event.correlation_id,
+            },
+        )
+
+    projector = TransportProjector(database, seen, transport)
+    store = EventStore(database)
+    long = "S" * 250
+    await projector.start()
+    try:
+        meta = {"correlation_id": "c-1", "actor": "ann"}
+        await store.append(long, [NewEvent("stream.touched", {}, meta)], outbox=True)
+        await store.append("short", [NewEvent("stream.touched")], outbox=True)
+        await Relay(database, transport).run_once()
+
+        async def rows() -> list[Any]:
+            async with database.connect() as conn:
+                table = (await seen.live_tables(conn))["seen"]
+                query = sa.select(table.c.stream_id, table.c.version, table.c.correlation_id)
+                return list((await conn.execute(query.order_by(table.c.id))).all())
+
+        await wait_for(lambda: _at_least(rows, 2), 20)
+        assert sorted(tuple(r) for r in await rows()) == [
+            (long, 1, "c-1"),
+            ("short", 1, None),
+        ]
+    finally:
+        await projector.stop()
+        await store.close()
+        await transport.close()
+        await database.dispose()
+
+
+async def _at_least(rows: Any, n: int) -> bool:
+    return len(await rows()) >= n

@@ -28,11 +28,18 @@ log = logging.getLogger("accord.projections")
 
 
 def event_from_message(message: Message) -> RecordedEvent:
-    """A :class:`RecordedEvent` view of a message: ``stream_id`` is its key (or subject),
-    and ``position``/``version``/``schema_version`` come from the ``position``,
+    """A :class:`RecordedEvent` view of a message.
+
+    ``position``/``version``/``schema_version`` come from the ``position``,
     ``streamversion`` and ``schemaversion`` extensions the event store's outbox sets
-    (0 / 0 / 1 when absent)."""
+    (0 / 0 / 1 when absent). ``stream_id`` is the message's ``subject`` when the
+    event store sent it (the full stream id: its ``key`` is a digest for a stream id
+    over 200 characters), else its key (or subject). ``metadata`` holds
+    ``correlation_id`` and ``causation_id``: the rest of an event's metadata does
+    not travel in the message.
+    """
     ext = message.extensions or {}
+    from_store = "streamversion" in ext and bool(message.subject)
 
     def number(name: str, default: int) -> int:
         try:
@@ -47,7 +54,7 @@ def event_from_message(message: Message) -> RecordedEvent:
     data = message.data if isinstance(message.data, dict) else {"value": message.data}
     return RecordedEvent(
         position=number("position", 0),
-        stream_id=message.key or message.subject or "",
+        stream_id=(message.subject if from_store else message.key or message.subject) or "",
         version=number("streamversion", 0),
         type=message.type,
         schema_version=number("schemaversion", 1),
