@@ -224,7 +224,13 @@ class SagaAdmin:
         state.status = RUNNING if state.phase == ACTION else COMPENSATING
         state.attempt_base = state.attempt
         state.waiting = False
-        tx.log(state.step, "-", state.phase, "operator_retry", state.error)
+        tx.log(
+            state.step, await _step_name(conn, state), state.phase, "operator_retry", state.error
+        )
+        if state.phase != ACTION:
+            # Compensating again: the saga's error is once more why it compensates,
+            # not why it was STUCK (that stays in the step log).
+            state.error = await _compensating_because(conn, state.id) or state.error
         tx.set_deadline("retry", 0)
         await tx.save(conn)
 
@@ -242,7 +248,8 @@ class SagaAdmin:
                     raise ConfigurationError(f"saga {saga_id} already ended {state.status}")
                 tx = Transition(state, state.version, self.database.clock.now)
                 state.abort_reason = reason
-                tx.log(state.step, "-", state.phase, "abort_requested", reason)
+                step_name = await _step_name(conn, state)
+                tx.log(state.step, step_name, state.phase, "abort_requested", reason)
                 tx.set_deadline("abort", 0)
                 await tx.save(conn)
         return state
@@ -252,6 +259,33 @@ class SagaAdmin:
         if state is None:
             raise NotFoundError(f"no saga {saga_id!r} in {self.database!r}")
         return state
+
+
+async def _step_name(conn: Any, state: SagaState) -> str:
+    """The name of the instance's current step, as its step log has it (the admin has
+    no definitions): "-" if the log never named it."""
+    query = (
+        sa.select(saga_steps.c.step_name)
+        .where(
+            saga_steps.c.saga_id == state.id,
+            saga_steps.c.step == state.step,
+            saga_steps.c.step_name != "-",
+        )
+        .order_by(saga_steps.c.id.desc())
+        .limit(1)
+    )
+    return (await conn.scalar(query)) or "-"
+
+
+async def _compensating_because(conn: Any, saga_id: str) -> str | None:
+    """Why the instance began compensating, as its step log says."""
+    query = (
+        sa.select(saga_steps.c.detail)
+        .where(saga_steps.c.saga_id == saga_id, saga_steps.c.event == "compensating")
+        .order_by(saga_steps.c.id.desc())
+        .limit(1)
+    )
+    return await conn.scalar(query)  # type: ignore[no-any-return]
 
 
 async def prune_ended(

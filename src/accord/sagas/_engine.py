@@ -156,6 +156,8 @@ class Engine:
                 await self._run()  # carry the abort out (compensate or end)
             # Otherwise nothing moves: a saga waiting out a retry backoff keeps waiting.
             return False
+        if self._beyond_definition():
+            return True
         s.waiting = False
         self.tx.clear_deadline()
         step = self.saga.steps[s.step]
@@ -186,6 +188,17 @@ class Engine:
             # The reply was a failure and began the compensation the abort asks for.
             reason, s.abort_reason = s.abort_reason, None
             self.tx.log(s.step, self._step_name(s.step), s.phase, "aborted", reason)
+        elif s.status == COMPENSATING and s.phase == COMPENSATION and not self._left_to_undo():
+            # The reply was the last compensation's success: the saga is compensated,
+            # and nothing is left for the operator the abort would hand it to.
+            reason, s.abort_reason = s.abort_reason, None
+            self.tx.log(
+                s.step + 1,
+                self._step_name(s.step + 1),
+                COMPENSATION,
+                "abort_too_late",
+                f"{reason} (every compensation was done)",
+            )
         elif s.status == RUNNING and s.phase == ACTION and s.step >= len(self.saga.steps):
             # The reply was the last step's success: nothing is left to abort.
             reason, s.abort_reason = s.abort_reason, None
@@ -207,6 +220,8 @@ class Engine:
         self.tx.clear_deadline()
         if self._abort_if_requested() or kind == "abort":
             pass  # an abort supersedes whatever this deadline was for
+        elif self._beyond_definition():
+            return
         elif kind == "timeout":
             step = self.saga.steps[s.step]
             s.waiting = False
@@ -287,6 +302,8 @@ class Engine:
         s = self.state
         steps = self.saga.steps
         while s.status in (RUNNING, COMPENSATING) and not s.waiting and not self._paused:
+            if self._beyond_definition():
+                return
             if s.phase == ACTION:
                 if s.step >= len(steps):
                     self._end(COMPLETED, None)
@@ -513,6 +530,27 @@ class Engine:
             SAGA_DURATION.labels(name, status).observe(seconds)
 
         self.committed.append(counted)
+
+    def _left_to_undo(self) -> bool:
+        """Whether a step at or below the current one has a compensation to run."""
+        steps = self.saga.steps
+        return any(
+            steps[i].compensation is not None for i in range(min(self.state.step + 1, len(steps)))
+        )
+
+    def _beyond_definition(self) -> bool:
+        """Whether the instance is at a step its saga's definition no longer has (the
+        definition lost steps while it ran); if so it is now STUCK, saying so."""
+        s = self.state
+        count = len(self.saga.steps)
+        if s.step < count or (s.phase == ACTION and s.step == count and not s.waiting):
+            return False
+        self._stuck(
+            f"the saga is at step {s.step} ({s.phase}) but its definition has {count} "
+            "step(s) now (it changed while the saga ran): settle that step by hand, then "
+            "abort the saga, or deploy the definition it started with and retry"
+        )
+        return True
 
     def _step_name(self, index: int) -> str:
         steps = self.saga.steps
