@@ -8,17 +8,28 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from typer.testing import CliRunner
 
 from accord import Relay
+from accord.cli.app import _register_subcommands
+from accord.cli.app import app as cli
 from accord.db import Database
 from accord.errors import ConfigurationError
 from accord.eventstore import EventStore, NewEvent, RecordedEvent
 from accord.messages import Message
-from accord.projections import Projection, ProjectionContext, TransportProjector, rebuild
+from accord.projections import (
+    Projection,
+    ProjectionContext,
+    TransportProjector,
+    projection_status,
+    rebuild,
+)
 from accord.testing import wait_for
 from accord.transports import from_url
 from tests.projections import app
-from tests.projections.helpers import read_model
+from tests.projections.helpers import read_model, visible
+
+_register_subcommands()
 
 
 async def test_transport_fed_projection_applies_each_message_once(db_url: str) -> None:
@@ -175,3 +186,38 @@ async def test_events_the_store_sent_keep_their_full_stream_id(db_url: str) -> N
 
 async def _at_least(rows: Any, n: int) -> bool:
     return len(await rows()) >= n
+
+
+async def test_status_shows_a_transport_fed_projection_as_such(db_url: str) -> None:
+    """No checkpoint follows the event store's log for it: status says it is fed by a
+    transport, with no lag, instead of 'new' and every event of its types behind."""
+    channel = f"proj-{uuid.uuid4().hex[:8]}"
+    database = Database(db_url)
+    transport = from_url(db_url, channel=channel)
+    scores = app.make_scores("scores_bus")
+    projector = TransportProjector(database, scores, transport)
+    store = EventStore(database)
+    await projector.start()
+    try:
+        await transport.publish([Message(type="score.changed", data={"player": "p", "points": 3})])
+        await wait_for(lambda: _has_totals(database, scores), 20)
+        logged = await store.append("s", [NewEvent("score.changed", {"player": "q", "points": 1})])
+        await visible(store, logged.position)
+        [status] = await projection_status(database, [scores], store=store)
+        assert (status.state, status.events_behind) == ("transport", 0)
+        assert status.transport_fed
+        shown = status.as_dict()
+        assert (shown["position"], shown["events_behind"], shown["seconds_behind"]) == (
+            None,
+            None,
+            None,
+        )
+        args = ["projections", "status", "--db", db_url]
+        out = await asyncio.to_thread(CliRunner().invoke, cli, args)
+        assert out.exit_code == 0, out.output
+        assert "transport" in out.output and "fed by a TransportProjector" in out.output
+    finally:
+        await projector.stop()
+        await store.close()
+        await transport.close()
+        await database.dispose()

@@ -165,14 +165,17 @@ def status(db: DbOption, app_spec: AppOption = None, as_json: JsonOption = False
         state = Text(s.state, "bold red" if s.state == "stopped" else "")
         if s.rebuilding is not None:
             state.append(f" (rebuilding v{s.rebuilding} at {s.rebuild_position})")
+        lag = (
+            ("-", "-", "-")
+            if s.transport_fed
+            else (s.position, s.events_behind, f"{s.seconds_behind:.1f}")
+        )
         table.add_row(
             *plain(
                 s.name,
                 f"v{s.live_version}",
                 state,
-                s.position,
-                s.events_behind,
-                f"{s.seconds_behind:.1f}",
+                *lag,
                 Text(str(s.parked), "yellow" if s.parked else ""),
                 s.lease_owner or "-",
             )
@@ -181,6 +184,11 @@ def status(db: DbOption, app_spec: AppOption = None, as_json: JsonOption = False
     for s in found:
         if s.error:
             console.print(f"[bold red]{escape(s.name)}:[/] {escape(s.error)}")
+    if any(s.transport_fed for s in found):
+        console.print(
+            "[dim]transport: fed by a TransportProjector, not from the event store's log; "
+            "its backlog is its broker queue's[/]"
+        )
 
 
 @projections_app.command("rebuild")

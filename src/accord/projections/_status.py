@@ -18,7 +18,10 @@ from accord.eventstore import EventStore
 from accord.projections import _state
 from accord.projections._projection import Projection
 
-__all__ = ["ProjectionStatus", "caught_up", "projection_status"]
+__all__ = ["TRANSPORT", "ProjectionStatus", "caught_up", "projection_status"]
+
+#: The ``state`` of a projection a TransportProjector feeds.
+TRANSPORT = "transport"
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,9 +30,13 @@ class ProjectionStatus:
 
     ``events_behind`` counts the events it handles that come after its checkpoint
     (up to the head); ``seconds_behind`` is the age of the oldest of them (0 when
-    caught up). ``state`` is ``running``, ``stopped`` (``error`` says why) or
-    ``new`` (never ran). ``rebuilding`` is the version a rebuild is filling and
-    ``rebuild_position`` how far it got.
+    caught up). ``state`` is ``running``, ``stopped`` (``error`` says why),
+    ``new`` (never ran) or ``transport``: fed by a
+    :class:`~accord.projections.TransportProjector`, which keeps no checkpoint in
+    the event store's log, so its lag is not measured here (the broker's queue is
+    its backlog): ``position``, ``events_behind`` and ``seconds_behind`` are then
+    0, and None in :meth:`as_dict`. ``rebuilding`` is the version a rebuild is
+    filling and ``rebuild_position`` how far it got.
     """
 
     name: str
@@ -54,7 +61,14 @@ class ProjectionStatus:
         for key in ("lease_expires_at", "updated_at"):
             if out[key] is not None:
                 out[key] = out[key].isoformat()
+        if self.transport_fed:
+            out.update(position=None, events_behind=None, seconds_behind=None)
         return out
+
+    @property
+    def transport_fed(self) -> bool:
+        """Whether a TransportProjector feeds it (its lag is not measured)."""
+        return self.state == TRANSPORT
 
 
 async def _names(database: Database) -> list[str]:
@@ -107,8 +121,11 @@ async def _one(
                     parked.c.replayed_at.is_(None),
                 )
             )
+    # Runners keep a checkpoint beside the version pointer; a TransportProjector
+    # makes the pointer only (the same test as rebuild's).
+    transport_fed = found is not None and checkpoint is None
     position = checkpoint.position if checkpoint else 0
-    behind = await store.count(position, upto=head, types=types)
+    behind = 0 if transport_fed else await store.count(position, upto=head, types=types)
     seconds = 0.0
     if behind:
         # The row's time only: reading the event itself would upcast it, and fail on
@@ -124,7 +141,7 @@ async def _one(
     return ProjectionStatus(
         name=name,
         live_version=live,
-        state=checkpoint.state if checkpoint else "new",
+        state=checkpoint.state if checkpoint else (TRANSPORT if transport_fed else "new"),
         error=checkpoint.error if checkpoint else None,
         position=position,
         head=head,
