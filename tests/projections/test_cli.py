@@ -76,3 +76,10 @@ async def test_status_rebuild_and_parked(db_url: str) -> None:
         out = await invoke(["projections", "rebuild", "scores", "--db", db_url])
         assert out.exit_code == 1 and "--app" in out.output
         await store.close()
+
+
+async def test_status_help_says_lag_needs_the_definitions() -> None:
+    out = await invoke(["projections", "status", "--help"])
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.replace("\u2502", " ").split())  # Rich's box borders
+    assert "Give --app for a true lag" in text and "counts every event" in text

@@ -147,7 +147,12 @@ def _need_app(spec: str | None) -> list[Projection]:
 
 @projections_app.command("status")
 def status(db: DbOption, app_spec: AppOption = None, as_json: JsonOption = False) -> None:
-    """Each projection's position, lag (events and seconds behind), lease and parked count."""
+    """Each projection's position, lag (events and seconds behind), lease and parked count.
+
+    Give --app for a true lag: without the definitions the command does not know
+    which event types a projection handles, and counts every event after its
+    checkpoint as behind (a projection that is caught up can look far behind).
+    """
 
     async def go() -> list[ProjectionStatus]:
         defs = load_projections(app_spec) if app_spec else None
