@@ -163,7 +163,10 @@ _LOCK = 0x746F75726E  # "tourn"
 
 async def prepare(config: StackConfig) -> None:
     """Create or migrate both engines' databases (Accord's tables, the engines' own,
-    the leaderboard's) and declare every consumer group on the broker. Idempotent."""
+    the leaderboard's) and declare the consumer groups on the broker: the Score
+    Engine's, and the Match Engine's of ``config.saga_style`` and of the styles still
+    in flight (:func:`styles_in_flight`). A group of a style nothing runs would keep
+    every message of its topics for good. Idempotent."""
     assert config.match_db is not None and config.score_db is not None
     for url, metadata in ((config.match_db, match_metadata), (config.score_db, score_metadata)):
         async with Database(url) as database:
@@ -181,7 +184,8 @@ async def prepare(config: StackConfig) -> None:
         score_db = Database(config.score_db)
         try:
             groups: list[Consumer] = [score_consumer(score_db, transport)]
-            for style in ("orchestration", "choreography"):
+            styles = {config.saga_style, *await styles_in_flight(config)}
+            for style in sorted(styles):
                 for item in match_consumers(match_db, transport, style):
                     groups.append(item if isinstance(item, Consumer) else item.consumer)
             for consumer in groups:  # a group gets only what is published after it exists

@@ -21,8 +21,15 @@ import pytest
 
 from accord.testing import wait_for
 from tests.conftest import _admin, _pg_url
+from tournament.config import StackConfig
+from tournament.match_engine.app import create_app as create_match_app
+from tournament.score_engine.app import create_app as create_score_app
+from tournament.stack import prepare
 
 SAGA_GROUPS = ("score-engine", "orchestrator", "match-engine", "flow-tracker")
+#: The API token of the engines' apps run in process (:func:`engines`).
+TOKEN = "robustness-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def alive(pid: int) -> bool:
@@ -227,3 +234,39 @@ async def api(stack: Stack) -> AsyncIterator[Stack]:
     """The module's stack with an HTTP client for this test (modules define ``stack``)."""
     async with client_for(stack) as ready:
         yield ready
+
+
+@contextlib.asynccontextmanager
+async def engines(
+    tmp_path: Path,
+    *,
+    match_db: str | None = None,
+    score_db: str | None = None,
+    broker: str | None = None,
+    saga_style: str = "orchestration",
+    channel: str = "tournament",
+) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient, StackConfig]]:
+    """Clients of both engines' apps in process (no worker runs), on real databases;
+    a 500 comes back as a response (as uvicorn would answer it), not as an exception."""
+    config = StackConfig(
+        data_dir=str(tmp_path),
+        match_db=match_db,
+        score_db=score_db,
+        broker=broker,
+        saga_style=saga_style,
+        channel=channel,
+        api_token=TOKEN,
+    ).resolved()
+    await prepare(config)
+    match_app, score_app = create_match_app(config), create_score_app(config)
+    async with (
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=match_app, raise_app_exceptions=False),
+            base_url="http://match",
+        ) as match,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=score_app, raise_app_exceptions=False),
+            base_url="http://score",
+        ) as score,
+    ):
+        yield match, score, config

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -30,10 +30,13 @@ from accord.db import Database
 from accord.eventstore import EventStore
 from accord.testing import wait_for
 from tests.tournament.conftest import (
+    AUTH,
+    TOKEN,
     alive,
     client_for,
     create_pg_database,
     drop_pg_database,
+    engines,
     free_port,
     pg_url_of,
     running,
@@ -42,42 +45,10 @@ from tournament.config import StackConfig
 from tournament.match_engine.app import create_app as create_match_app
 from tournament.match_engine.tables import tournaments
 from tournament.score_engine import ledger
-from tournament.score_engine.app import create_app as create_score_app
 from tournament.score_engine.tables import bans
 from tournament.stack import prepare
 
-TOKEN = "robustness-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
 # -- helpers -------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def engines(
-    tmp_path: Path, *, match_db: str | None = None, score_db: str | None = None
-) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient, StackConfig]]:
-    """Clients of both engines' apps in process (no worker runs), on real databases;
-    a 500 comes back as a response (as uvicorn would answer it), not as an exception."""
-    config = StackConfig(
-        data_dir=str(tmp_path),
-        match_db=match_db,
-        score_db=score_db,
-        api_token=TOKEN,
-    ).resolved()
-    await prepare(config)
-    match_app, score_app = create_match_app(config), create_score_app(config)
-    async with (
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=match_app, raise_app_exceptions=False),
-            base_url="http://match",
-        ) as match,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=score_app, raise_app_exceptions=False),
-            base_url="http://score",
-        ) as score,
-    ):
-        yield match, score, config
 
 
 def accord(*args: str) -> list[str]:
