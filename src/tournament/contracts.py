@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -78,6 +79,37 @@ def _check_participant(value: str, what: str) -> str:
     return value
 
 
+# Characters that reorder the text around them when it is displayed (the "Trojan
+# Source" trick): a name holding one shows something other than what it is.
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f"  # Arabic letter mark, left-to-right and right-to-left marks
+    "\u202a\u202b\u202c\u202d\u202e"  # embeddings, pop, overrides
+    "\u2066\u2067\u2068\u2069"  # isolates
+)
+
+
+def _check_display_text(value: str) -> str:
+    """``value`` if it shows as itself: no control character (ANSI escapes, NUL, line
+    breaks, tabs), no bidirectional override, and at least one visible character
+    (pydantic already refuses a lone surrogate). Refused rather than cleaned: what is
+    stored is what the caller sent."""
+    for index, char in enumerate(value):
+        category = unicodedata.category(char)
+        if category in ("Cc", "Zl", "Zp"):
+            raise ValueError(
+                f"must not contain control characters or line breaks: U+{ord(char):04X} "
+                f"at position {index}"
+            )
+        if char in _BIDI_CONTROLS:
+            raise ValueError(
+                f"must not contain bidirectional formatting characters: U+{ord(char):04X} "
+                f"({unicodedata.name(char, 'bidi control').lower()}) at position {index}"
+            )
+    if all(char.isspace() or unicodedata.category(char) in ("Zs", "Cf") for char in value):
+        raise ValueError("must contain a visible character, not only whitespace")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
@@ -90,10 +122,8 @@ class CreateTournament(_Strict):
 
     @field_validator("name")
     @classmethod
-    def _storable_name(cls, value: str) -> str:
-        if "\x00" in value:  # PostgreSQL text cannot hold it
-            raise ValueError("must not contain the NUL character")
-        return value
+    def _displayable_name(cls, value: str) -> str:
+        return _check_display_text(value)
 
     @field_validator("participants")
     @classmethod

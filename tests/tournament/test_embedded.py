@@ -108,6 +108,10 @@ async def test_matches_points_time_travel_and_read_your_writes(api: Stack) -> No
         ("PointsAwarded", "win"),
     ]
     assert trail["points"] == 4
+    # Read-your-writes in one request: the id POST /matches answered, nothing else.
+    m4 = await api.play(t["id"], b, a, b)
+    board = (await api.leaderboard(t["id"], match_id=m4)).json()
+    assert {e["participant"]: e["points"] for e in board["entries"]} == {c: 4, a: 3, b: 4}
 
 
 def match_db_counts(stack: Stack) -> tuple[int, int, int]:

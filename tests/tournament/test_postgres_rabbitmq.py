@@ -71,6 +71,10 @@ async def test_activation_compensation_points_time_travel(api: Stack) -> None:
     ]
     past = (await api.leaderboard(t["id"], as_of=between.isoformat())).json()
     assert {e["participant"]: e["points"] for e in past["entries"]} == {a: 3, b: 0, c: 0}
+    # Read-your-writes in one request: the id POST /matches answered, nothing else.
+    m3 = await api.play(t["id"], b, a, b)
+    board = (await api.leaderboard(t["id"], match_id=m3)).json()
+    assert {e["participant"]: e["points"] for e in board["entries"]} == {a: 3, b: 4, c: 1}
 
     await api.ban(c)
     cancelled = await api.settled((await api.create([a, c]))["id"])

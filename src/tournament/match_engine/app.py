@@ -32,7 +32,7 @@ from tournament.contracts import (
     CreateTournament,
     RecordMatch,
 )
-from tournament.http import MAX_WAIT, Guard, install_error_handlers
+from tournament.http import MAX_WAIT, Guard, Unprocessable, install_error_handlers
 from tournament.match_engine.flow import (
     choreography,
     create_tournament_saga,
@@ -135,7 +135,7 @@ def create_app(config: StackConfig) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(Guard, token=config.api_token)
+    app.add_middleware(Guard, token=config.api_token, routes=app.router.routes)
 
     async def load(tournament_id: str) -> dict[str, Any]:
         async with database.connect() as conn:
@@ -233,14 +233,13 @@ def create_app(config: StackConfig) -> FastAPI:
                     f"tournament {tournament_id} is {row.status}: matches are accepted only "
                     "once it is ACTIVE",
                 )
-            strangers = [p for p in (body.home, body.away) if p not in set(row.participants)]
+            strangers = [
+                f"{side}: {player!r} is not a participant of tournament {tournament_id}"
+                for side, player in (("home", body.home), ("away", body.away))
+                if player not in set(row.participants)
+            ]
             if strangers:
-                raise HTTPException(
-                    422,
-                    f"{', '.join(repr(p) for p in strangers)} "
-                    f"{'is' if len(strangers) == 1 else 'are'} not a participant of "
-                    f"tournament {tournament_id}",
-                )
+                raise Unprocessable(*strangers)
             values = {
                 "id": match_id,
                 "tournament_id": tournament_id,

@@ -3,6 +3,8 @@ travel) and each ledger's audit trail."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -16,23 +18,73 @@ from accord.eventstore import EventStore
 from accord.projections import ProjectionRunner, ProjectionStopped, WaitTimeout, projection_status
 from tournament.config import StackConfig
 from tournament.contracts import BanRequest
-from tournament.http import MAX_WAIT, Guard, install_error_handlers
+from tournament.http import MAX_WAIT, Guard, Unprocessable, install_error_handlers
 from tournament.score_engine.leaderboard import leaderboard, read_leaderboard
 from tournament.score_engine.ledger import OPEN, fold, ranked, stream_id
-from tournament.score_engine.tables import bans, ledgers
+from tournament.score_engine.tables import bans, ledgers, matches
 
 __all__ = ["create_app"]
 
 
-def _parse_instant(text: str) -> datetime:
+#: How long a leaderboard request waits for ``min_position`` / ``match_id`` by default.
+DEFAULT_WAIT = 10.0
+#: How often a request waiting for a match looks whether it was applied.
+MATCH_POLL = 0.05
+
+
+def _iso(text: str) -> datetime | None:
     try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _parse_instant(text: str) -> datetime:
+    """``as_of`` as an aware datetime in UTC (a naive one is taken as UTC)."""
+    moment = _iso(text)
+    if moment is None:
+        hint = ""
+        if " " in text and _iso("+".join(text.rsplit(" ", 1))) is not None:
+            # A '+' left unencoded in a query string arrives as a space.
+            hint = "; a '+' in a URL's query must be sent as %2B (unencoded it reads as a space)"
+        raise Unprocessable(
+            f"as_of: {text!r} is not an ISO-8601 date-time (e.g. 2024-05-01T12:00:00Z){hint}"
+        )
+    try:
         # In UTC, as it is stored; the calendar's edges can overflow it.
         return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise HTTPException(
-            422, f"as_of: {text!r} is not an ISO-8601 date-time (e.g. 2024-05-01T12:00:00Z)"
+    except OverflowError:
+        raise Unprocessable(
+            f"as_of: {text!r} is a valid date-time, but in UTC it falls outside the years "
+            "1 to 9999 that can be stored (from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z)"
         ) from None
+
+
+def _contradictions(
+    as_of: str | None, min_position: int | None, match_id: str | None, wait: float | None
+) -> list[str]:
+    """The leaderboard parameters that make no sense together, each said once."""
+    if as_of is not None:
+        given = [
+            name
+            for name, value in (
+                ("min_position", min_position),
+                ("match_id", match_id),
+                ("wait", wait),
+            )
+            if value is not None
+        ]
+        return [
+            f"{name} cannot be combined with as_of: as_of computes the leaderboard from the "
+            "ledgers' events as they stood then, there is nothing to wait for"
+            for name in given
+        ]
+    if wait is not None and min_position is None and match_id is None:
+        return [
+            "wait applies only with min_position or match_id (it is how long to wait for "
+            "them): add one, or drop wait"
+        ]
+    return []
 
 
 def create_app(config: StackConfig) -> FastAPI:
@@ -55,7 +107,7 @@ def create_app(config: StackConfig) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(Guard, token=config.api_token)
+    app.add_middleware(Guard, token=config.api_token, routes=app.router.routes)
 
     async def participants_of(tournament_id: str) -> dict[str, str]:
         async with database.connect() as conn:
@@ -102,34 +154,70 @@ def create_app(config: StackConfig) -> FastAPI:
             raise HTTPException(404, f"participant {participant!r} is not banned")
         return Response(status_code=204)
 
+    async def match_position(tournament_id: str, match_id: str, deadline: float) -> int:
+        """The ledger position the match reached, once the Score Engine applied it."""
+        query = sa.select(matches.c.tournament_id, matches.c.position).where(
+            matches.c.match_id == match_id
+        )
+        while True:
+            async with database.connect() as conn:
+                row = (await conn.execute(query)).first()
+            if row is not None:
+                if row.tournament_id != tournament_id:
+                    raise Unprocessable(
+                        f"match_id: match {match_id!r} is of tournament {row.tournament_id}, "
+                        f"not {tournament_id}"
+                    )
+                return int(row.position)
+            if time.monotonic() >= deadline:
+                raise HTTPException(
+                    504,
+                    f"match {match_id!r} was not applied to the ledgers in time; retry, or "
+                    "see `accord outbox status` / `accord inbox status` for where it is",
+                )
+            await asyncio.sleep(MATCH_POLL)
+
     @app.get("/tournaments/{tournament_id}/leaderboard")
     async def get_leaderboard(
         tournament_id: str,
         min_position: Annotated[int | None, Query(ge=0)] = None,
+        match_id: Annotated[str | None, Query(pattern=r"^[0-9A-Za-z-]{1,36}$")] = None,
         as_of: str | None = None,
-        wait: Annotated[float, Query(gt=0, le=MAX_WAIT)] = 10.0,
+        wait: Annotated[float | None, Query(gt=0, le=MAX_WAIT)] = None,
     ) -> dict[str, Any]:
-        """The ranked leaderboard from the projection; ``min_position`` waits (at most
-        ``wait`` seconds) until the projection has applied that ledger position;
-        ``as_of`` computes it from the ledger's events as they stood then."""
+        """The ranked leaderboard from the projection. Read-your-writes: ``match_id``
+        (the id ``POST /tournaments/{id}/matches`` answered) waits until that match
+        counts in it; ``min_position`` until the projection applied that ledger
+        position; both at most ``wait`` seconds (10 by default). ``as_of`` computes it
+        from the ledgers' events as they stood then (and takes none of the others)."""
+        problems = _contradictions(as_of, min_position, match_id, wait)
+        if problems:
+            raise Unprocessable(*problems)
+        moment = _parse_instant(as_of) if as_of is not None else None
         participants = await participants_of(tournament_id)
         if not participants:
             raise HTTPException(
                 404, f"the Score Engine has no ledger for tournament {tournament_id!r}"
             )
-        if as_of is not None:
-            return await time_travel(tournament_id, list(participants), _parse_instant(as_of))
+        if moment is not None:
+            return await time_travel(tournament_id, list(participants), moment)
         if OPEN not in participants.values():
             raise HTTPException(
                 404, f"the ledgers of tournament {tournament_id!r} were revoked (it was cancelled)"
             )
-        if min_position is not None:
+        timeout = DEFAULT_WAIT if wait is None else wait
+        deadline = time.monotonic() + timeout
+        target = min_position
+        if match_id is not None:
+            position = await match_position(tournament_id, match_id, deadline)
+            target = max(position, target or 0)
+        if target is not None:
             try:
-                await waiter.wait_until(min_position, timeout=wait)
+                await waiter.wait_until(target, timeout=max(deadline - time.monotonic(), 0.001))
             except WaitTimeout:
                 raise HTTPException(
                     504,
-                    f"the leaderboard did not reach position {min_position} within {wait}s; "
+                    f"the leaderboard did not reach position {target} within {timeout}s; "
                     "retry, or see `accord projections status` for its lag",
                 ) from None
             except ProjectionStopped as exc:

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from accord.eventstore import NO_STREAM, EventStore, NewEvent, RecordedEvent
 from accord.sagas import StepFailed
 from tournament.contracts import MatchRecorded
-from tournament.score_engine.tables import bans, ledgers
+from tournament.score_engine.tables import bans, ledgers, matches
 
 __all__ = [
     "INITIALIZED",
@@ -160,8 +160,9 @@ async def revoke(
 
 
 async def award(conn: AsyncConnection, store: EventStore, match: MatchRecorded) -> list[int]:
-    """Append ``PointsAwarded`` to both players' ledgers (win 3, draw 1, loss 0); return
-    the positions. Raises :class:`LedgerMissing` if a player has no open ledger and
+    """Append ``PointsAwarded`` to both players' ledgers (win 3, draw 1, loss 0) and
+    record the match's highest position in ``score_matches``; return the positions.
+    Raises :class:`LedgerMissing` if a player has no open ledger and
     :class:`StepFailed` if a player is banned (the inbox retries, then dead-letters)."""
     players = [match.home, match.away]
     open_ = {
@@ -207,6 +208,14 @@ async def award(conn: AsyncConnection, store: EventStore, match: MatchRecorded) 
             conn=conn,
         )
         positions.extend(appended.positions)
+    await conn.execute(
+        matches.insert().values(
+            match_id=match.match_id,
+            tournament_id=match.tournament_id,
+            position=max(positions),
+            applied_at=datetime.now(UTC),
+        )
+    )
     return positions
 
 

@@ -6,7 +6,7 @@ import sqlalchemy as sa
 
 from accord.db.types import UTCDateTime
 
-__all__ = ["bans", "ledgers", "metadata"]
+__all__ = ["bans", "ledgers", "matches", "metadata"]
 
 metadata = sa.MetaData()
 
@@ -29,4 +29,16 @@ ledgers = sa.Table(
     sa.Column("status", sa.String(10), nullable=False),
     sa.Column("opened_at", UTCDateTime, nullable=False),
     sa.Column("revoked_at", UTCDateTime, nullable=True),
+)
+
+# Where each applied match ended in the ledgers: the highest position of its
+# ``PointsAwarded`` events, so a client that recorded a match can wait for exactly that
+# (``GET /tournaments/{id}/leaderboard?match_id=``). Written with those events.
+matches = sa.Table(
+    "score_matches",
+    metadata,
+    sa.Column("match_id", sa.String(36), primary_key=True),
+    sa.Column("tournament_id", sa.String(36), nullable=False),
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Column("applied_at", UTCDateTime, nullable=False),
 )
