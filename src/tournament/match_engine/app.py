@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -12,7 +14,8 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import FastAPI, Header, HTTPException, Query, Response
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db import Database
 from accord.db.types import one_of
@@ -39,13 +42,40 @@ from tournament.match_engine.flow import (
     human_reason,
     insert_pending,
 )
-from tournament.match_engine.tables import matches, tournaments
+from tournament.match_engine.tables import idempotency_keys, matches, tournaments
 
 __all__ = ["create_app"]
 
 SOURCE = "match-engine"
 
 log = logging.getLogger("tournament.match_engine")
+
+#: The namespace of the tournament and saga ids derived from an ``Idempotency-Key``.
+KEY_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:accord:tournament:idempotency-key")
+
+
+def _fingerprint(body: CreateTournament) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def _claim_key(
+    conn: AsyncConnection, row: dict[str, Any], *, postgres: bool
+) -> dict[str, Any] | None:
+    """Record the key's row, or return the row recorded for it before (the insert waits
+    for a concurrent transaction that holds the same key, then finds its row)."""
+    if postgres:
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    done = await conn.execute(insert(idempotency_keys).values(row).on_conflict_do_nothing())
+    if done.rowcount == 1:
+        return None
+    found = (
+        await conn.execute(sa.select(idempotency_keys).where(idempotency_keys.c.key == row["key"]))
+    ).first()
+    assert found is not None  # keys are never deleted
+    return dict(found._mapping)
 
 
 class _Settled:
@@ -178,16 +208,51 @@ def create_app(config: StackConfig) -> FastAPI:
         }
 
     @app.post("/tournaments", status_code=202)
-    async def create_tournament(body: CreateTournament) -> dict[str, Any]:
-        """Start the "create tournament" saga; the tournament is PENDING until it ends."""
-        tournament_id = str(uuid.uuid4())
-        saga_id = str(uuid.uuid4())
+    async def create_tournament(
+        body: CreateTournament,
+        response: Response,
+        idempotency_key: Annotated[
+            str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
+        ] = None,
+    ) -> dict[str, Any]:
+        """Start the "create tournament" saga; the tournament is PENDING until it ends.
+        With an ``Idempotency-Key`` header, a retry with the same key and body gets the
+        first answer again (202, the same ids, header ``Idempotent-Replayed: true``) and
+        starts nothing; the same key with another body is refused (422)."""
+        if idempotency_key is None:
+            tournament_id, saga_id = str(uuid.uuid4()), str(uuid.uuid4())
+        else:
+            tournament_id = str(uuid.uuid5(KEY_NAMESPACE, f"tournament/{idempotency_key}"))
+            saga_id = str(uuid.uuid5(KEY_NAMESPACE, f"saga/{idempotency_key}"))
+        answer = {"id": tournament_id, "status": "PENDING", "saga_id": saga_id}
         data = {
             "tournament_id": tournament_id,
             "name": body.name,
             "participants": body.participants,
         }
         async with outbox_transaction(database) as conn:
+            if idempotency_key is not None:
+                fingerprint = _fingerprint(body)
+                first = await _claim_key(
+                    conn,
+                    {
+                        "key": idempotency_key,
+                        "fingerprint": fingerprint,
+                        "tournament_id": tournament_id,
+                        "saga_id": saga_id,
+                        "created_at": datetime.now(UTC),
+                    },
+                    postgres=database.is_postgres,
+                )
+                if first is not None:
+                    if first["fingerprint"] != fingerprint:
+                        raise Unprocessable(
+                            f"Idempotency-Key {idempotency_key!r} was already used with a "
+                            f"different body (for tournament {first['tournament_id']}): use a "
+                            "new key for a new request"
+                        )
+                    response.headers["Idempotent-Replayed"] = "true"
+                    return answer
             if config.saga_style == "orchestration":
                 await orchestrator.start(saga, data, saga_id=saga_id, conn=conn)
             else:
@@ -195,7 +260,7 @@ def create_app(config: StackConfig) -> FastAPI:
                 await flow.start(
                     conn, Choreo.REQUESTED, data, correlation_id=saga_id, source=SOURCE
                 )
-        return {"id": tournament_id, "status": "PENDING", "saga_id": saga_id}
+        return answer
 
     @app.get("/tournaments/{tournament_id}")
     async def get_tournament(

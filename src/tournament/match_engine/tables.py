@@ -6,7 +6,7 @@ import sqlalchemy as sa
 
 from accord.db.types import JSONType, UTCDateTime
 
-__all__ = ["matches", "metadata", "tournaments"]
+__all__ = ["idempotency_keys", "matches", "metadata", "tournaments"]
 
 metadata = sa.MetaData()
 
@@ -35,4 +35,17 @@ matches = sa.Table(
     sa.Column("away", sa.String(64), nullable=False),
     sa.Column("winner", sa.String(64), nullable=True),
     sa.Column("played_at", UTCDateTime, nullable=False),
+)
+
+# One row per ``Idempotency-Key`` a create request came with: a retry with the key is
+# answered as the first request was, and starts nothing (see the Match Engine's API).
+idempotency_keys = sa.Table(
+    "match_idempotency_keys",
+    metadata,
+    sa.Column("key", sa.String(255), primary_key=True),
+    # SHA-256 of the request's body as validated: the same key with another body is refused.
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("tournament_id", sa.String(36), nullable=False),
+    sa.Column("saga_id", sa.String(36), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
 )
