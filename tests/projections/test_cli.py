@@ -59,17 +59,42 @@ async def test_status_rebuild_and_parked(db_url: str) -> None:
         assert out.exit_code == 0, out.output
         assert json.loads(out.output)[0]["ok"] is True
 
-        # Rebuild (nothing runs live here: it replays what v1 has seen) and swap.
-        out = await invoke(["projections", "rebuild", "scores", "--db", db_url, "--app", APP])
+        # Rebuild (nothing runs live here: it replays what v1 has seen). The poison
+        # event is parked again, so v2 would lack it: not swapped in, exit 1.
+        rebuild_args = ["projections", "rebuild", "scores", "--db", db_url, "--app", APP]
+        out = await invoke(rebuild_args)
+        assert out.exit_code == 1, out.output
+        said = " ".join(out.output.split())
+        assert (
+            "parked 1 event(s)" in said
+            and "v2 lacks their data and was not swapped in (v1 stays live)" in said
+        )
+        out = await invoke(["projections", "status", "--db", db_url, "--app", APP, "--json"])
+        assert json.loads(out.output)[0]["live_version"] == 1
+        # Allowed: swapped in, and the parked count said.
+        out = await invoke([*rebuild_args, "--allow-parked", "--json"])
         assert out.exit_code == 0, out.output
-        assert "v2 of scores is live" in out.output
+        assert {k: v for k, v in json.loads(out.output).items() if k != "seconds"} == {
+            "projection": "scores",
+            "version": 3,
+            "previous": 1,
+            "events": 31,  # up to the live checkpoint
+            "parked": 1,
+        }
         while await runner.run_once():
             pass
         model = await read_model(database, scores)
         assert model["totals"] == expected_totals(40)
         out = await invoke(["projections", "status", "--db", db_url, "--app", APP, "--json"])
         [status] = json.loads(out.output)
-        assert (status["live_version"], status["events_behind"]) == (2, 0)
+        assert (status["live_version"], status["events_behind"], status["parked"]) == (3, 0, 1)
+        out = await invoke([*rebuild_args, "--allow-parked"])
+        assert out.exit_code == 0, out.output
+        said = " ".join(out.output.split())
+        assert "v4 of scores is live" in said and "1 event(s) parked" in said
+        for size in ("0", "-5"):
+            out = await invoke([*rebuild_args, "--batch-size", size])
+            assert out.exit_code == 2 and "--batch-size" in out.output, out.output
 
         out = await invoke(["projections", "rebuild", "nope", "--db", db_url, "--app", APP])
         assert out.exit_code == 1 and "no projection 'nope'" in out.output

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import pytest
 import sqlalchemy as sa
 
 from accord.db import Database
+from accord.errors import ConfigurationError
 from accord.eventstore import EventStore
 from accord.projections import Progress, ProjectionRunner, projection_status, rebuild
 from tests.projections import app
@@ -80,3 +82,10 @@ async def test_rebuild_during_writes_equals_a_fresh_build(database: Database) ->
     finally:
         await runner.stop()
         await store.close()
+
+
+async def test_a_batch_size_below_one_is_refused_by_its_name(database: Database) -> None:
+    """0 was taken as "the default", -5 failed deep down as "limit must be..."."""
+    for size in (0, -5):
+        with pytest.raises(ConfigurationError, match=f"batch_size must be .* not {size}"):
+            await rebuild(database, app.make_scores(), batch_size=size)

@@ -202,19 +202,39 @@ def rebuild_command(
     db: DbOption,
     app_spec: AppOption = None,
     upcasters_spec: UpcastersOption = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Events per batch.")] = 2000,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Events per batch.")
+    ] = 2000,
+    allow_parked: Annotated[
+        bool,
+        typer.Option(
+            "--allow-parked",
+            help="Swap the new version in even if handlers failed on events and they "
+            "were parked (it then lacks their data until `parked replay`).",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Build a new version of NAME's read model from position 0 beside the live one,
     while writes continue, then swap it in atomically. Give --upcasters if the
-    service's event store has them, so the handlers get the events it gives them."""
+    service's event store has them, so the handlers get the events it gives them.
+
+    If a handler fails on events and they are parked, the new version lacks their
+    data: it is not swapped in (the live one stays; exit code 1) unless
+    --allow-parked is given; the parked events are listed by `parked list`."""
 
     async def go() -> RebuildResult:
         projection = _pick(_need_app(app_spec), name)
         upcasters = load_upcasters(upcasters_spec)
         async with Database(db) as database, _store(database, upcasters) as store:
             if as_json:
-                return await rebuild(database, projection, store=store, batch_size=batch_size)
+                return await rebuild(
+                    database,
+                    projection,
+                    store=store,
+                    batch_size=batch_size,
+                    allow_parked=allow_parked,
+                )
             with Progress(
                 TextColumn(f"rebuilding [bold]{name}[/]"),
                 BarColumn(),
@@ -233,7 +253,12 @@ def rebuild_command(
                     bar.update(task, completed=p.done, total=p.total, rate=f"{rate:,.0f}")
 
                 return await rebuild(
-                    database, projection, store=store, batch_size=batch_size, on_progress=show
+                    database,
+                    projection,
+                    store=store,
+                    batch_size=batch_size,
+                    on_progress=show,
+                    allow_parked=allow_parked,
                 )
 
     result = run(go())
@@ -244,6 +269,7 @@ def rebuild_command(
                 "version": result.version,
                 "previous": result.previous,
                 "events": result.events,
+                "parked": result.parked,
                 "seconds": round(result.seconds, 3),
             }
         )
@@ -254,6 +280,11 @@ def rebuild_command(
             f"(was v{result.previous}): {result.events:,} events in {result.seconds:.1f}s "
             f"({rate:,.0f} events/s)"
         )
+        if result.parked:
+            console.print(
+                f"[yellow]{result.parked} event(s) parked[/]: v{result.version} lacks their "
+                f"data until `accord projections parked replay {escape(name)}` applies them"
+            )
 
 
 @parked_app.command("list")

@@ -24,7 +24,7 @@
 from accord.projections._driver import ProjectionStopped
 from accord.projections._parked import ReplayOutcome, list_parked, replay_parked
 from accord.projections._projection import Handler, OnPoison, Projection, ProjectionContext
-from accord.projections._rebuild import Progress, RebuildResult, rebuild
+from accord.projections._rebuild import Progress, RebuildRefused, RebuildResult, rebuild
 from accord.projections._runner import ProjectionRunner, WaitTimeout
 from accord.projections._state import Checkpoint, ParkedEvent
 from accord.projections._status import ProjectionStatus, projection_status
@@ -41,6 +41,7 @@ __all__ = [
     "ProjectionRunner",
     "ProjectionStatus",
     "ProjectionStopped",
+    "RebuildRefused",
     "RebuildResult",
     "ReplayOutcome",
     "TransportProjector",

@@ -18,6 +18,10 @@ stops moving for the short final catch-up. If the rebuild dies during the handof
 live batches resume at ``handoff_until`` (``handoff_timeout`` seconds).
 
 The previous version's tables stay (a fallback) until the next rebuild drops them.
+
+A rebuild whose handlers failed on events parks them in the new version, which then
+lacks their data: it is not swapped in unless the caller allows it
+(``allow_parked=True``; the parked events can be replayed there later).
 """
 
 from __future__ import annotations
@@ -34,15 +38,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db.database import Database
 from accord.db.schema_events import projection_checkpoints as checkpoints
+from accord.db.schema_events import projection_parked as parked
 from accord.db.schema_events import projection_versions as versions
-from accord.errors import ConcurrencyError, ConfigurationError
+from accord.errors import AccordError, ConcurrencyError, ConfigurationError
 from accord.eventstore import EventStore
 from accord.projections import _state
 from accord.projections._driver import BatchDriver
 from accord.projections._projection import Projection
 from accord.projections._runner import default_owner
 
-__all__ = ["Progress", "RebuildResult", "rebuild"]
+__all__ = ["Progress", "RebuildRefused", "RebuildResult", "rebuild"]
 
 log = logging.getLogger("accord.projections")
 
@@ -59,13 +64,27 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class RebuildResult:
-    """A finished rebuild: the version now live, the one it replaced, events replayed."""
+    """A finished rebuild: the version now live, the one it replaced, events replayed
+    (parked ones included), and how many of them were ``parked`` (their handler
+    failed: the new version lacks them until they are replayed)."""
 
     projection: str
     version: int
     previous: int
     events: int
     seconds: float
+    parked: int = 0
+
+
+class RebuildRefused(AccordError):
+    """A rebuild parked events, so its version was not swapped in: the live read model
+    is unchanged. ``parked`` is how many; ``version`` the version that was built."""
+
+    def __init__(self, message: str, *, projection: str, version: int, parked: int) -> None:
+        super().__init__(message)
+        self.projection = projection
+        self.version = version
+        self.parked = parked
 
 
 async def rebuild(
@@ -78,6 +97,7 @@ async def rebuild(
     lease_ttl: float = 30.0,
     handoff_timeout: float = 30.0,
     owner: str | None = None,
+    allow_parked: bool = False,
 ) -> RebuildResult:
     """Build a new version of ``projection``'s read model from position 0 and swap it in.
 
@@ -86,12 +106,22 @@ async def rebuild(
     (a lease named ``<projection>#rebuild``; a second one raises
     :class:`~accord.errors.ConcurrencyError`). A rebuild that was interrupted is
     started again from scratch by the next one.
+
+    If handlers failed on events and the projection parked them (``on_poison="park"``),
+    the new version lacks their data: it is not swapped in and :class:`RebuildRefused`
+    says how many were parked (list them with ``accord projections parked list``).
+    With ``allow_parked=True`` it is swapped in anyway and
+    :attr:`RebuildResult.parked` says how many to replay there.
     """
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ConfigurationError(f"batch_size must be an int of at least 1, not {batch_size!r}")
     own_store = store is None
     store = store or EventStore(database)
     owner = owner or default_owner()
     lease = f"{projection.name}#rebuild"
-    size = batch_size or max(projection.batch_size, 1000)
+    size = batch_size if batch_size is not None else max(projection.batch_size, 1000)
     started = time.monotonic()
     handoff = timedelta(seconds=handoff_timeout)
     building: int | None = None  # the version being built, until it is swapped in
@@ -151,6 +181,21 @@ async def rebuild(
                     break  # everything up to the live checkpoint is visible and applied
                 else:
                     await asyncio.sleep(0.02)
+            # Only this rebuild writes the new version: every event it parked is counted.
+            async with database.connect() as conn:
+                parked_count = await _parked(conn, projection.name, version)
+            if parked_count and not allow_parked:
+                raise RebuildRefused(
+                    f"projection {projection.name!r}: the rebuild parked {parked_count} "
+                    f"event(s) its handlers failed on, so v{version} lacks their data and "
+                    f"was not swapped in (v{previous} stays live). See them with `accord "
+                    f"projections parked list {projection.name}`; fix the handler and "
+                    "rebuild again, or allow it (--allow-parked) and replay them after "
+                    "the swap",
+                    projection=projection.name,
+                    version=version,
+                    parked=parked_count,
+                )
             await driver.apply(
                 [], final=_swap(projection, previous, version, driver.position, live_at)
             )
@@ -163,14 +208,16 @@ async def rebuild(
         if on_progress is not None:
             on_progress(Progress(done, max(total, done), driver.position, elapsed))
         log.info(
-            "projection %s: v%d rebuilt from %d events in %.1fs and swapped in (was v%d)",
+            "projection %s: v%d rebuilt from %d events (%d parked) in %.1fs and swapped "
+            "in (was v%d)",
             projection.name,
             version,
             done,
+            parked_count,
             elapsed,
             previous,
         )
-        return RebuildResult(projection.name, version, previous, done, elapsed)
+        return RebuildResult(projection.name, version, previous, done, elapsed, parked_count)
     finally:
         async with database.transaction() as conn:
             if building is not None:
@@ -222,6 +269,10 @@ async def _prepare(database: Database, projection: Projection) -> tuple[int, int
                     checkpoints.c.projection == name, checkpoints.c.version == old
                 )
             )
+            # Its parked events go with its tables: they could be replayed nowhere.
+            await conn.execute(
+                parked.delete().where(parked.c.projection == name, parked.c.version == old)
+            )
         version = max([live, *(v for v in stale if v is not None)]) + 1
         await projection.drop_tables(conn, version)
         await projection.create_tables(conn, version)
@@ -230,6 +281,18 @@ async def _prepare(database: Database, projection: Projection) -> tuple[int, int
             versions.update().where(versions.c.projection == name).values(building_version=version)
         )
     return live, version
+
+
+async def _parked(conn: AsyncConnection, name: str, version: int) -> int:
+    """How many events ``version`` of ``name`` parked and has not replayed."""
+    count = await conn.scalar(
+        sa.select(sa.func.count()).where(
+            parked.c.projection == name,
+            parked.c.version == version,
+            parked.c.replayed_at.is_(None),
+        )
+    )
+    return int(count or 0)
 
 
 async def _live_position(conn: AsyncConnection, name: str, live: int) -> int:
