@@ -88,3 +88,21 @@ def test_errors_name_the_problem_and_the_fix(db_url: str) -> None:
     assert nothing_named.exit_code == 1 and "--all" in nothing_named.output
     bad_url = accord("outbox", "status", "--db", "mysql://x/y")
     assert bad_url.exit_code == 1 and "sqlite+aiosqlite" in bad_url.output
+
+
+def test_named_ids_are_acted_on_all_or_none(db_url: str) -> None:
+    """An id with --all, or an id that is no DEAD message, is refused by name, and
+    nothing is done (the id alone acted on only that one, an unknown one said 0)."""
+    dead_ids, waiting = asyncio.run(_seed(db_url))
+    unknown = str(uuid.uuid4())
+    for command in ("replay", "purge"):
+        both = accord("outbox", "dead", command, dead_ids[0], "--all", "--db", db_url)
+        assert both.exit_code == 1 and "not both" in both.output, both.output
+        for ids in ([unknown], [dead_ids[0], unknown], [waiting]):
+            named = accord("outbox", "dead", command, *ids, "--db", db_url, "--json")
+            assert named.exit_code == 1, named.output
+            said = " ".join(named.output.split())
+            assert f"no DEAD outbox message with id {ids[-1]}" in said
+            assert f"nothing was {command.rstrip('e')}ed" in said
+    status = json.loads(accord("outbox", "status", "--db", db_url, "--json").output)
+    assert (status["pending"], status["dead"]) == (1, 2)

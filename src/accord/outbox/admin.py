@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord.db.database import Database
 from accord.db.schema import outbox
@@ -162,7 +163,10 @@ class OutboxAdmin:
         return _row_dict(row, with_payload=True)
 
     async def replay(self, message_ids: Sequence[str] = (), *, all_dead: bool = False) -> int:
-        """Put DEAD messages back to PENDING with attempts reset; returns how many."""
+        """Put DEAD messages back to PENDING with attempts reset; returns how many.
+
+        Named ids are all replayed or none: :class:`~accord.errors.NotFoundError`
+        names those that are not DEAD messages (unknown, or already replayed)."""
         where = self._dead_selection(message_ids, all_dead)
         values = {
             "status": "PENDING",
@@ -171,22 +175,47 @@ class OutboxAdmin:
             "available_at": self.database.clock.sql_now(),
         }
         async with self.database.transaction() as conn:
+            await _all_dead(conn, message_ids, "replayed")
             result = await conn.execute(outbox.update().where(where).values(**values))
             if result.rowcount:
                 await announce_pending(conn)
         return result.rowcount or 0
 
     async def purge(self, message_ids: Sequence[str] = (), *, all_dead: bool = False) -> int:
-        """Delete DEAD messages for good; returns how many."""
+        """Delete DEAD messages for good; returns how many. Named ids are all purged or
+        none, as in :meth:`replay`."""
         where = self._dead_selection(message_ids, all_dead)
         async with self.database.transaction() as conn:
+            await _all_dead(conn, message_ids, "purged")
             result = await conn.execute(outbox.delete().where(where))
         return result.rowcount or 0
 
     def _dead_selection(self, message_ids: Sequence[str], all_dead: bool) -> Any:
         if not message_ids and not all_dead:
             raise ConfigurationError("name the message ids, or pass --all for every DEAD message")
+        if message_ids and all_dead:
+            raise ConfigurationError(
+                "name the message ids or pass --all for every DEAD message, not both"
+            )
         where = outbox.c.status == "DEAD"
         if message_ids:
             where = sa.and_(where, outbox.c.id.in_([message_uuid(m) for m in message_ids]))
         return where
+
+
+async def _all_dead(conn: AsyncConnection, message_ids: Sequence[str], done: str) -> None:
+    """Raise NotFoundError naming the ``message_ids`` that are not DEAD messages."""
+    if not message_ids:
+        return
+    wanted = [message_uuid(m) for m in message_ids]
+    found = set(
+        await conn.scalars(
+            sa.select(outbox.c.id).where(outbox.c.status == "DEAD", outbox.c.id.in_(wanted))
+        )
+    )
+    missing = [m for m, id in zip(message_ids, wanted, strict=True) if id not in found]
+    if missing:
+        raise NotFoundError(
+            f"no DEAD outbox message with id {', '.join(missing)} (unknown, or not DEAD: "
+            f"see `accord outbox dead list`); nothing was {done}"
+        )
