@@ -6,6 +6,7 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 from typer.testing import CliRunner
 
 from accord.cli.app import _register_subcommands, app
@@ -74,6 +75,13 @@ def test_list_show_replay_purge(db_url: str) -> None:
     missing = invoke("inbox", "dead", "show", "999999", "--db", db_url)
     assert missing.exit_code == 1 and "no dead letter with id 999999" in missing.output
 
+    beta = letters[2]["id"]
+    for command, done in (("replay", "replayed"), ("purge", "purged")):
+        other = invoke("inbox", "dead", command, str(beta), "--consumer", "alpha", "--db", db_url)
+        assert other.exit_code == 1, other.output
+        said = " ".join(other.output.split())
+        assert f"{beta} not {done}: it belongs to consumer 'beta', not to 'alpha'" in said
+
     replayed = invoke("inbox", "dead", "replay", str(first), "--db", db_url, "--json")
     assert json.loads(replayed.output) == {"replaying": 1, "id": first}
     status = json.loads(invoke("inbox", "status", "--db", db_url, "--json").output)
@@ -85,12 +93,30 @@ def test_list_show_replay_purge(db_url: str) -> None:
     assert invoke("inbox", "dead", "replay", "--db", db_url).exit_code == 2
     purged = invoke("inbox", "dead", "purge", "--db", db_url, "--consumer", "beta", "--yes")
     assert purged.exit_code == 0 and "Purged 1" in purged.output
-    declined = invoke("inbox", "dead", "purge", "--db", db_url, input="n\n")
-    assert declined.exit_code == 1
-    purged = json.loads(invoke("inbox", "dead", "purge", "--db", db_url, "--json").output)
-    assert purged == {"purged": 1}  # the one waiting for replay is kept
+    purged = invoke("inbox", "dead", "purge", "--db", db_url, "--json", "--yes")
+    assert json.loads(purged.output) == {"purged": 1}  # the one waiting for replay is kept
     left = json.loads(invoke("inbox", "dead", "list", "--db", db_url, "--json").output)
     assert [(x["id"], x["status"]) for x in left] == [(first, "REPLAY")]
+
+
+def test_purging_them_all_asks_first_even_with_json(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--json deleted every consumer's dead letters without asking. With no terminal
+    to ask on (as under CliRunner), it needs --yes."""
+    asyncio.run(_seed(db_url))
+    for json_option in ([], ["--json"]):
+        unasked = invoke("inbox", "dead", "purge", "--db", db_url, *json_option)
+        assert unasked.exit_code == 1 and "needs --yes" in unasked.output, unasked.output
+    monkeypatch.setattr("accord.cli.inbox._interactive", lambda: True)
+    declined = invoke("inbox", "dead", "purge", "--db", db_url, "--json", input="n\n")
+    assert declined.exit_code == 1 and "Delete all dead letters" in declined.output
+    listed = invoke("inbox", "dead", "list", "--db", db_url, "--json")
+    assert len(json.loads(listed.output)) == 3
+    accepted = invoke("inbox", "dead", "purge", "--db", db_url, "--json", input="y\n")
+    assert accepted.exit_code == 0, accepted.output
+    printed = accepted.output  # the prompt (stderr) and then the JSON (stdout)
+    assert json.loads(printed[printed.index("{") :]) == {"purged": 3}
 
 
 async def _holds(url: str, note: bool) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ from accord.cli.app import (
     age_option,
     app,
     console,
+    err_console,
     escape,
     plain,
     print_json,
@@ -177,7 +179,7 @@ def dead_replay(
         async with Database(db) as database:
             letters = DeadLetters(database)
             if letter_id is not None:
-                await letters.replay(letter_id)
+                await letters.replay(letter_id, consumer=consumer)
                 return 1
             return await letters.replay_all(consumer)
 
@@ -196,10 +198,18 @@ def dead_purge(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Delete dead letters for good (those waiting for replay are kept)."""
-    if letter_id is None and not yes and not as_json:
+    """Delete dead letters for good (those waiting for replay are kept). Without an ID
+    it asks first, or, with no terminal to ask on (a script, --json in a pipe),
+    needs --yes."""
+    if letter_id is None and not yes:
         scope = f"of consumer {consumer!r}" if consumer else "of every consumer"
-        typer.confirm(f"Delete all dead letters {scope}?", abort=True)
+        if not _interactive():
+            err_console.print(
+                f"[bold red]error:[/] deleting all dead letters {escape(scope)} needs --yes "
+                "when there is no terminal to confirm on"
+            )
+            raise typer.Exit(1)
+        typer.confirm(f"Delete all dead letters {scope}?", abort=True, err=True)
 
     async def go() -> int:
         async with Database(db) as database:
@@ -208,7 +218,7 @@ def dead_purge(
             if letter_id is not None and count == 0:
                 letter = await letters.get(letter_id)  # NotFoundError if there is none
                 if consumer is not None and letter.consumer != consumer:
-                    why = f"it is consumer {letter.consumer!r}'s, not {consumer!r}'s"
+                    why = f"it belongs to consumer {letter.consumer!r}, not to {consumer!r}"
                 else:
                     why = f"it is {letter.status}: only DEAD letters are (wait for its replay)"
                 raise ConfigurationError(f"dead letter {letter_id} not purged: {why}")
@@ -219,3 +229,8 @@ def dead_purge(
         print_json({"purged": count})
     else:
         console.print(f"Purged {count} dead letter(s).")
+
+
+def _interactive() -> bool:
+    """Whether a person can answer a confirmation (stdin is a terminal)."""
+    return sys.stdin.isatty()

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from accord.db import Database
 from accord.db.database import translate_errors
 from accord.db.schema import dead_letters
-from accord.errors import NotFoundError
+from accord.errors import ConfigurationError, NotFoundError
 from accord.messages import MAX_NAME_LENGTH
 from accord.transports.base import Delivery
 
@@ -309,23 +309,30 @@ class DeadLetters:
             raise _not_found(letter_id)
         return _from_row(row)
 
-    async def replay(self, letter_id: int) -> DeadLetter:
+    async def replay(self, letter_id: int, *, consumer: str | None = None) -> DeadLetter:
         """Mark a dead letter for replay with its attempts reset; its consumer, when
         running, delivers it to the handler again within its replay interval.
         Returns the letter as marked: a running consumer may take it (and, handled,
-        delete it) as soon as the mark commits."""
+        delete it) as soon as the mark commits. With ``consumer``, a letter of another
+        consumer is refused (ConfigurationError) and left as it is."""
+        statement = dead_letters.update().where(dead_letters.c.id == letter_id)
+        if consumer is not None:
+            statement = statement.where(dead_letters.c.consumer == consumer)
         with translate_errors("replaying a dead letter"):
             async with self.database.transaction() as conn:
                 row = (
                     await conn.execute(
-                        dead_letters.update()
-                        .where(dead_letters.c.id == letter_id)
-                        .values(status=REPLAY, attempts=0, **self._due_now())
-                        .returning(*dead_letters.c)
+                        statement.values(status=REPLAY, attempts=0, **self._due_now()).returning(
+                            *dead_letters.c
+                        )
                     )
                 ).first()
         if row is None:
-            raise _not_found(letter_id)
+            letter = await self.get(letter_id)  # NotFoundError if there is none
+            raise ConfigurationError(
+                f"dead letter {letter_id} not replayed: it belongs to consumer "
+                f"{letter.consumer!r}, not to {consumer!r}"
+            )
         return _from_row(row)
 
     async def replay_all(self, consumer: str | None = None) -> int:
