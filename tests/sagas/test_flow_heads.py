@@ -99,11 +99,42 @@ async def test_stalled_flows_are_what_the_recorded_messages_say(
         found = await Flows(database).stalled(timedelta(0), now=later)
         assert as_tuples(found) == await expected_stalled(database)
         assert await Flows(database).stalled(timedelta(hours=1)) == []  # all just recorded
-        flows_seen = {f"{run}-{flow}" for flow, _ in steps}
+        # A flow starts with a message of a saga: one of plain messages is none.
+        flows_seen = {f"{run}-{flow}" for flow, outcome in steps if outcome is not None}
         assert await Flows(database).prune(timedelta(0), stalled=True, now=later) == len(flows_seen)
         async with database.connect() as conn:
             for table in (flows, flow_heads):
                 assert await conn.scalar(sa.select(sa.func.count()).select_from(table)) == 0
+
+
+async def test_ordinary_messages_are_no_flow_but_count_in_one_they_continue(
+    database: Database,
+) -> None:
+    """With its default topics the tracker sees every message: an ordinary event (and
+    what a consumer publishes from it) was a flow that never ended, reported stalled
+    after five minutes for ever. It is not recorded; a plain message carrying a
+    saga's correlation id is, in that saga's timeline."""
+    await database.upgrade()
+    tracker = tracker_for(database)
+    plain = Message(type="match.recorded")
+    follow_up = Message(type="points.awarded", correlationid=plain.id, causationid=plain.id)
+    flow = uuid.uuid4().hex
+    await record(
+        tracker,
+        [
+            plain,
+            follow_up,
+            message(flow, "trip.requested", "next"),
+            Message(type="email.sent", correlationid=flow),
+        ],
+    )
+    assert await Flows(database).timeline(plain.id) == []
+    assert [e.type for e in await Flows(database).timeline(flow)] == [
+        "trip.requested",
+        "email.sent",
+    ]
+    stalled = await Flows(database).stalled(timedelta(0), now=datetime.now(UTC) + LATER)
+    assert [f.correlation_id for f in stalled] == [flow]
 
 
 async def test_prune_takes_ended_flows_past_retention_and_keeps_the_rest(
@@ -214,7 +245,7 @@ async def test_a_tracker_round_prunes_with_its_retention(database: Database) -> 
     tracker = FlowTracker(
         database, SqlTransport(database.url, channel="unused"), retention=timedelta(0)
     )
-    await record(tracker, [message("done", "a", "completed"), message("open", "a", None)])
+    await record(tracker, [message("done", "a", "completed"), message("open", "a", "next")])
     await asyncio.sleep(0.01)  # past a retention of 0 on a coarse clock
     stalled = await tracker.check()
     assert [f.correlation_id for f in stalled] == []  # stalled_after is five minutes

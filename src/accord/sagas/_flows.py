@@ -167,10 +167,24 @@ def _counted(insert: Any, newest: Any) -> Any:
     )
 
 
+async def _flow_exists(ctx: HandlerContext, correlation_id: str) -> bool:
+    query = sa.select(flow_heads.c.correlation_id).where(
+        flow_heads.c.correlation_id == correlation_id
+    )
+    return (await ctx.conn.scalar(query)) is not None
+
+
 class FlowTracker:
-    """A consumer (group ``name``) that records every message matching ``topics`` in
-    ``accord_flows``, and every ``check_interval`` seconds reports (log + the
-    ``accord_flows_stalled`` gauge) flows without progress for ``stalled_after``.
+    """A consumer (group ``name``) that records the messages of flows matching
+    ``topics`` in ``accord_flows``, and every ``check_interval`` seconds reports (log +
+    the ``accord_flows_stalled`` gauge) flows without progress for ``stalled_after``.
+
+    A flow is a choreographed saga (its events carry the flow extensions
+    :class:`Choreography` sets) or an orchestrated one (its commands and replies);
+    a message with their correlation id is recorded as part of them (a service's
+    plain event in reaction to one). An ordinary message of no flow is acknowledged
+    and not recorded: with the default ``topics`` (every message) it is not reported
+    as a flow that never ended.
 
     Each round also prunes the flows whose last message is more than ``retention``
     old (None keeps them) and that ended: a message said it completed or
@@ -211,6 +225,9 @@ class FlowTracker:
         error = data.get("error") if isinstance(data, dict) else None
         correlation_id = m.correlationid or m.id
         outcome = _outcome(data, ext)
+        orchestrated = _orchestrated(data, ext)
+        if outcome is None and not orchestrated and not await _flow_exists(ctx, correlation_id):
+            return  # a message of no flow (an ordinary event): not a saga to track
         values: dict[str, Any] = {
             "correlation_id": correlation_id,
             "message_id": m.id,
@@ -223,7 +240,7 @@ class FlowTracker:
             "time": m.time,
             "recorded_at": datetime.now(UTC),
             "ended": outcome in ENDS,
-            "orchestrated": _orchestrated(data, ext),
+            "orchestrated": orchestrated,
         }
         row, head = _recording(ctx.conn.dialect.name)
         if row is not None:
