@@ -93,10 +93,29 @@ def test_a_duration_that_is_not_one_is_a_usage_error(db_url: str, args: tuple[st
 def test_a_database_without_accords_tables_gets_told_to_run_db_upgrade(
     tmp_path: Path, command: tuple[str, ...]
 ) -> None:
+    (tmp_path / "never-migrated.db").touch()
     url = f"sqlite+aiosqlite:///{tmp_path / 'never-migrated.db'}"
     result = accord(*command, "--db", url)
     assert result.exit_code == 1
     assert "run `accord db upgrade --db URL` first" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("sagas", "list"), ("outbox", "status"), ("events", "read", "s-1"), ("flows", "stalled")],
+)
+def test_a_sqlite_path_with_no_database_is_a_usage_error_that_creates_nothing(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """SQLite would create an empty file (and its folder) for a mistyped path, and the
+    command then advise ``accord db upgrade``, which would migrate the typo."""
+    missing = tmp_path / "typo" / "match.db"
+    result = accord(*command, "--db", f"sqlite+aiosqlite:///{missing}")
+    assert result.exit_code == 2
+    assert f"there is no SQLite database at {missing}" in " ".join(result.stderr.split())
+    assert not missing.parent.exists()
+    upgraded = accord("db", "upgrade", "--db", f"sqlite+aiosqlite:///{tmp_path / 'new.db'}")
+    assert upgraded.exit_code == 0, upgraded.stderr
 
 
 @pytest.mark.postgres

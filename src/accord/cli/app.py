@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Annotated, Any, TypeVar
 
@@ -51,14 +52,32 @@ app.add_typer(db_app, name="db")
 console = Console()
 err_console = Console(stderr=True)
 
+_DB_HELP = "Database URL: sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db."
+
+
+def existing_database(url: str) -> str:
+    """``--db`` of a command that reads or changes what is there: a SQLite file must
+    exist (SQLite would create an empty one, and the command then report no tables,
+    for a mistyped path)."""
+    try:
+        parsed = make_url(normalize_url(url))
+    except Exception:
+        return url  # Database() says what is wrong with it
+    path = parsed.database
+    in_a_file = bool(path) and path != ":memory:" and not str(path).startswith("file:")
+    if parsed.get_backend_name() == "sqlite" and in_a_file and not os.path.exists(str(path)):
+        raise typer.BadParameter(
+            f"there is no SQLite database at {path}: check the path "
+            "(accord db upgrade --db URL creates one)"
+        )
+    return url
+
+
 DbOption = Annotated[
-    str,
-    typer.Option(
-        "--db",
-        envvar="ACCORD_DB",
-        help="Database URL: sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db.",
-    ),
+    str, typer.Option("--db", envvar="ACCORD_DB", help=_DB_HELP, callback=existing_database)
 ]
+#: ``--db`` of ``accord db upgrade``: creates a SQLite file that is not there.
+NewDbOption = Annotated[str, typer.Option("--db", envvar="ACCORD_DB", help=_DB_HELP)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
@@ -144,7 +163,7 @@ def print_json(value: Any) -> None:
 
 
 @db_app.command("upgrade")
-def db_upgrade(db: DbOption, as_json: JsonOption = False) -> None:
+def db_upgrade(db: NewDbOption, as_json: JsonOption = False) -> None:
     """Create or migrate every Accord table (idempotent)."""
 
     async def go() -> int:

@@ -281,7 +281,7 @@ class Database:
     async def connect(self) -> AsyncIterator[AsyncConnection]:
         """A connection without an implicit transaction scope (autobegin on first use)."""
         callers = CallerErrors()
-        with translate_errors("database connection", callers):
+        with translate_errors("database statement", callers):
             async with self.engine.connect() as conn:
                 with callers.noting():
                     yield conn
