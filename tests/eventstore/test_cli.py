@@ -93,6 +93,7 @@ async def test_events_tail_follows_live(db_url: str) -> None:
 async def never_upgraded(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """The URL of a database Accord's tables were never created in."""
     if request.param == "sqlite":
+        (tmp_path / "empty.db").touch()  # a SQLite database with no tables
         yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
         return
     async with fresh_pg_database("template0") as url:
