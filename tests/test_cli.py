@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import typer
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
@@ -186,3 +187,24 @@ def test_a_limit_below_one_is_a_usage_error(sqlite_url: str, command: tuple[str,
     result = accord(*command, "--db", sqlite_url, "--limit", "-1")
     assert result.exit_code == 2
     assert "--limit" in result.stderr
+
+
+def test_every_commands_summary_is_one_paragraph_of_plain_text() -> None:
+    """Typer lists a command by its docstring's first paragraph with the docstring's
+    line breaks ("with fresh attempts (the running⏎ orchestrator carries them on)")
+    and its reStructuredText quotes (``retention``)."""
+
+    def commands(group: typer.Typer) -> list[Any]:
+        found = list(group.registered_commands)
+        for sub in group.registered_groups:
+            if sub.typer_instance is not None:
+                found += commands(sub.typer_instance)
+        return found
+
+    listed = commands(app)
+    assert len(listed) > 30
+    for command in listed:
+        assert command.short_help, command.callback
+        assert "\n" not in command.short_help and "``" not in command.short_help
+    result = accord("sagas", "--help")
+    assert "attempts (the running orchestrator" in " ".join(result.stdout.split())

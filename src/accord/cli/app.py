@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -197,6 +198,21 @@ def _register_subcommands() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != module:
                 raise
+    _summarise(app)
+
+
+def _summarise(group: typer.Typer) -> None:
+    """Give each command the first paragraph of its docstring, on one line, as the
+    summary its group's help lists (Typer keeps the docstring's line breaks there,
+    and its reStructuredText quotes)."""
+    for command in group.registered_commands:
+        text = command.help or inspect.getdoc(command.callback) or ""
+        if command.short_help is None and text:
+            first = " ".join(text.split("\n\n")[0].split())
+            command.short_help = first.replace("``", "")
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _summarise(sub.typer_instance)
 
 
 def main() -> None:

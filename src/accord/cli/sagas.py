@@ -77,7 +77,10 @@ def list_sagas(
         print_json({"sagas": found, "counts": counts})
         return
     table = Table(title="Sagas")
-    for column in ("id", "saga", "status", "at", "updated", "error"):
+    # Ids whole (up to a UUID's width), for retry and abort: the other columns wrap.
+    widest = max((len(s["id"]) for s in found), default=2)
+    table.add_column("id", min_width=min(widest, 36), overflow="fold")
+    for column in ("saga", "status", "at", "updated", "error"):
         table.add_column(column)
     for s in found:
         where = f"{s['phase']} step {s['step']} (attempt {s['attempt']})"
