@@ -299,9 +299,12 @@ class CountingRelay(Relay):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rounds: list[int] = []
+        self.by: list[str] = []  # the task (round) that ran each
         self.busy = self.most_busy = 0
 
     async def run_once(self) -> int:
+        task = asyncio.current_task()
+        self.by.append(task.get_name() if task is not None else "")
         self.busy += 1
         self.most_busy = max(self.most_busy, self.busy)
         try:
@@ -335,8 +338,31 @@ async def test_a_wake_up_sends_one_round_to_look_and_a_full_batch_sends_another(
         async with database.transaction() as conn:
             await add_to_outbox(conn, *[Message(type="order.placed") for _ in range(60)])
         await received.wait(61, timeout=10)
-        assert sum(relay.rounds) == 61
+        await wait_for(lambda: sum(relay.rounds) == 61)  # the last round has settled
         assert relay.most_busy == 2
+    finally:
+        await relay.stop()
+        await task
+
+
+async def test_an_idle_relay_polls_with_one_round(
+    database: Database, db_url: str, listen: Any
+) -> None:
+    """Every round polling cost ``concurrency`` claims per ``poll_interval`` with
+    nothing to do; the others wait to be woken."""
+    transport, received = await listen(broker_url("sql", db_url))
+    relay = CountingRelay(database, transport, poll_interval=0.05, concurrency=2, name="idle")
+    task = asyncio.create_task(relay.run())
+    try:
+        await wait_for(lambda: len(relay.rounds) >= 2)
+        started = len(relay.by)
+        await asyncio.sleep(0.6)
+        idle = relay.by[started:]
+        assert len(idle) >= 3
+        assert set(idle) == {"idle-round-0"}
+        async with database.transaction() as conn:  # a wake-up still finds a round
+            await add_to_outbox(conn, Message(type="order.placed"))
+        await received.wait(1)
     finally:
         await relay.stop()
         await task

@@ -589,15 +589,17 @@ class Relay:
             if published >= self.batch_size and not self._outage:
                 self._wake_idle_round()  # there is likely more: another round claims it
                 continue
-            await self._idle()
+            await self._idle(index)
 
-    async def _idle(self) -> None:
-        timeout = self.poll_interval
+    async def _idle(self, index: int) -> None:
+        timeout: float | None = self.poll_interval
         if self._outage:
             timeout = min(30.0, 0.25 * 2 ** min(self._outage, 7))
         elif self._next_due is not None:
-            timeout = max(0.0, min(timeout, self._next_due - time.monotonic()))
+            timeout = max(0.0, min(self.poll_interval, self._next_due - time.monotonic()))
             self._next_due = None
+        elif index > 0:
+            timeout = None  # the first round polls; the others wait to be woken
         if self._stopping:
             return
         if self._woken_meanwhile:
