@@ -210,6 +210,7 @@ class Relay:
         self._idle_rounds: deque[asyncio.Future[None]] = deque()
         self._woken_meanwhile = False
         self._wake_soon: asyncio.TimerHandle | None = None
+        self._poll_timer: asyncio.TimerHandle | None = None  # while run() runs
         self._event_loop: asyncio.AbstractEventLoop | None = None  # while run() runs
         self._stopping = False
         self._running = False
@@ -485,6 +486,18 @@ class Relay:
         self._wake_soon = None
         self.wake()
 
+    def _poll_soon(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._poll_timer = loop.call_later(self.poll_interval, self._polled)
+
+    def _polled(self) -> None:
+        """Every ``poll_interval``, one round looks for what nothing announced (other
+        processes' commits on SQLite, rows coming due, expired leases), whichever
+        round is idle: not only the first, which may be busy for long."""
+        if not self._outage:  # rounds retry an outage on their own backoff
+            self.wake()
+        self._poll_soon()
+
     def wake(self) -> None:
         """Look for work now (called on PostgreSQL NOTIFY, and on SQLite when a
         transaction of this process that added outbox rows commits; safe any time).
@@ -523,6 +536,7 @@ class Relay:
             if not self.database.is_postgres:
                 self._event_loop = asyncio.get_running_loop()
                 wake_on_local_commits(self.database.engine.url, self)
+            self._poll_soon()
             log.info("relay %s started on %s -> %s", self.name, self.database, self.transport.name)
             # A task group: if one loop ever dies, its siblings are cancelled with it
             # rather than left relaying where stop() cannot reach them.
@@ -531,6 +545,9 @@ class Relay:
                     group.create_task(self._loop(index), name=f"{self.name}-round-{index}")
         finally:
             stop_waking(self.database.engine.url, self)
+            if self._poll_timer is not None:
+                self._poll_timer.cancel()
+                self._poll_timer = None
             self._event_loop = None
             if self._wake_soon is not None:
                 self._wake_soon.cancel()
@@ -589,17 +606,17 @@ class Relay:
             if published >= self.batch_size and not self._outage:
                 self._wake_idle_round()  # there is likely more: another round claims it
                 continue
-            await self._idle(index)
+            await self._idle()
 
-    async def _idle(self, index: int) -> None:
-        timeout: float | None = self.poll_interval
+    async def _idle(self) -> None:
+        # Woken by a commit, a NOTIFY, a full batch or the poll (_polled); a timeout
+        # of its own only to retry an outage or when a row it saw comes due.
+        timeout: float | None = None
         if self._outage:
             timeout = min(30.0, 0.25 * 2 ** min(self._outage, 7))
         elif self._next_due is not None:
             timeout = max(0.0, min(self.poll_interval, self._next_due - time.monotonic()))
             self._next_due = None
-        elif index > 0:
-            timeout = None  # the first round polls; the others wait to be woken
         if self._stopping:
             return
         if self._woken_meanwhile:
