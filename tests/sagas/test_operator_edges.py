@@ -131,3 +131,21 @@ async def test_a_saga_at_a_step_its_new_definition_lacks_is_stuck_and_can_be_abo
     await admin.abort(saga_id, "settled by hand")
     await orchestrator.fire_due()
     assert (await admin.get(saga_id)).status == "ABORTED"
+
+
+async def test_an_abort_waiting_for_the_timer_is_not_lost_to_a_changed_definition(
+    database: Database,
+) -> None:
+    """The reply came before the timer fired the abort: going STUCK cleared the abort's
+    deadline, and the saga stayed STUCK instead of ABORTED."""
+    await database.upgrade()
+    longer = Saga("cut").step("a", _noop).step("b", command("t.b"), timeout=60)
+    saga_id = await _orchestrator(database, longer).start(longer, {})
+    shorter = Saga("cut").step("a", _noop)
+    orchestrator = _orchestrator(database, shorter)
+    admin = SagaAdmin(database)
+    await admin.abort(saga_id, "operator says no")
+    await _reply(orchestrator, shorter, saga_id, True)
+    await orchestrator.fire_due()
+    state = await admin.get(saga_id)
+    assert (state.status, state.error) == ("ABORTED", "operator says no")

@@ -156,7 +156,7 @@ class Engine:
                 await self._run()  # carry the abort out (compensate or end)
             # Otherwise nothing moves: a saga waiting out a retry backoff keeps waiting.
             return False
-        if self._beyond_definition():
+        if self._beyond_definition_unless_aborted():
             return True
         s.waiting = False
         self.tx.clear_deadline()
@@ -538,13 +538,27 @@ class Engine:
             steps[i].compensation is not None for i in range(min(self.state.step + 1, len(steps)))
         )
 
-    def _beyond_definition(self) -> bool:
+    def _beyond_definition_unless_aborted(self) -> bool:
+        """:meth:`_beyond_definition` for a reply: an operator's abort waiting for the
+        timer is carried out first (it ends the saga ABORTED), not dropped with the
+        deadline that STUCK clears."""
+        if not self._off_definition():
+            return False
+        return self._abort_if_requested() or self._beyond_definition()
+
+    def _off_definition(self) -> bool:
         """Whether the instance is at a step its saga's definition no longer has (the
-        definition lost steps while it ran); if so it is now STUCK, saying so."""
+        definition lost steps while it ran)."""
         s = self.state
         count = len(self.saga.steps)
-        if s.step < count or (s.phase == ACTION and s.step == count and not s.waiting):
+        return not (s.step < count or (s.phase == ACTION and s.step == count and not s.waiting))
+
+    def _beyond_definition(self) -> bool:
+        """:meth:`_off_definition`, and if so the instance is now STUCK, saying so."""
+        if not self._off_definition():
             return False
+        s = self.state
+        count = len(self.saga.steps)
         self._stuck(
             f"the saga is at step {s.step} ({s.phase}) but its definition has {count} "
             "step(s) now (it changed while the saga ran): settle that step by hand, then "
