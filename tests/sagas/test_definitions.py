@@ -25,7 +25,8 @@ async def _noop(_ctx: Any) -> None:
     [
         ("", "one word"),
         ("a b", "one word"),
-        ("a/b", "one word"),
+        ("a>b", "one word"),
+        ("a\x01", "one word"),
         ("a.b", "one word"),
         ("n" * 183, "at most 182"),
     ],
@@ -38,6 +39,17 @@ def test_a_saga_name_must_be_a_word_its_reply_type_can_hold(name: str, fault: st
 def test_the_longest_saga_name_still_makes_a_valid_reply_type() -> None:
     saga = Saga("n" * 182)
     assert len(saga.reply_type) == 200
+
+
+@pytest.mark.parametrize("name", ["orders:v2", "trip/eu", "a+b", "réservation"])
+def test_names_every_transport_routes_stay_valid(name: str) -> None:
+    assert Saga(name).reply_type == f"accord.saga.{name}.reply"
+
+
+def test_a_compensation_may_wait_for_ever_and_a_step_name_is_plain_text() -> None:
+    assert Saga("x", compensation_timeout=None).compensation_timeout is None
+    with pytest.raises(ConfigurationError, match="holds a control character"):
+        Saga("x").step("reserve\nseat", command("t.r"))
 
 
 @pytest.mark.parametrize(

@@ -95,9 +95,11 @@ def command(
 
 #: A message type every transport can route: words of no spaces or wildcards, by dots.
 _MESSAGE_TYPE = re.compile(r"[^\s.*>#]+(\.[^\s.*>#]+)*")
-#: A saga's name: one word (letters, digits, ``_``, ``-``); it is part of the saga's
-#: reply type ``accord.saga.<name>.reply``, which must fit :data:`MAX_NAME_LENGTH`.
-_SAGA_NAME = re.compile(r"[\w-]+")
+#: A saga's name: one word of a message type (no dots, spaces, wildcards or control
+#: characters); it is part of the saga's reply type ``accord.saga.<name>.reply``,
+#: which must fit :data:`MAX_NAME_LENGTH`.
+_SAGA_NAME = re.compile("[^\\s.*>#\x00-\x1f\x7f-\x9f]+")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 MAX_SAGA_NAME_LENGTH = MAX_NAME_LENGTH - len("accord.saga..reply")
 #: The longest step and compensation timeout: ten years. ``None`` waits for ever.
 MAX_TIMEOUT = 10 * 365 * 24 * 3600.0
@@ -240,13 +242,14 @@ class Saga:
         name: str,
         *,
         compensation_retry: Retry | None = None,
-        compensation_timeout: float = 30.0,
+        compensation_timeout: float | None = 30.0,
         stuck_after: int = 10,
     ) -> None:
         if not isinstance(name, str) or not _SAGA_NAME.fullmatch(name):
             raise ConfigurationError(
-                f"saga name {name!r} must be one word of letters, digits, '_' and '-' "
-                "(no dots or spaces: it is part of the saga's reply type), e.g. 'book-trip'"
+                f"saga name {name!r} must be one word without dots, spaces, wildcards "
+                "(*, >, #) or control characters (it is part of the saga's reply type), "
+                "e.g. 'book-trip'"
             )
         if len(name) > MAX_SAGA_NAME_LENGTH:
             raise ConfigurationError(
@@ -258,7 +261,7 @@ class Saga:
             raise ConfigurationError(
                 f"stuck_after must be an int of at least 1, not {stuck_after!r}"
             )
-        seconds(f"compensation_timeout of saga {name!r}", compensation_timeout)
+        seconds(f"compensation_timeout of saga {name!r}", compensation_timeout, forever=True)
         self.name = name
         self.steps: list[Step] = []
         self.compensation_retry = compensation_retry or Retry(
@@ -276,6 +279,11 @@ class Saga:
         if not isinstance(step.name, str) or not step.name.strip():
             raise ConfigurationError(
                 f"a step of saga {self.name!r} needs a name, not {step.name!r}"
+            )
+        if _CONTROL.search(step.name):
+            raise ConfigurationError(
+                f"step name {step.name!r} of saga {self.name!r} holds a control character "
+                "(it is the subject of the step's commands, where CloudEvents allows none)"
             )
         if len(step.name) > MAX_STEP_NAME_LENGTH:
             raise ConfigurationError(

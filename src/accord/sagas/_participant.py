@@ -499,7 +499,7 @@ def _as_reply(registered: _Registered, result: Any) -> Any:
         return None
     try:
         text = json.dumps(result, separators=(",", ":"), default=str, allow_nan=False)
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:  # NaN, a cycle; keys that are not text
         name = getattr(registered.func, "__qualname__", registered.func)
         raise ValueError(f"participant {name} returned a result that is not JSON: {exc}") from None
     return json.loads(text)
