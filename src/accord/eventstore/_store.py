@@ -177,6 +177,8 @@ class EventStore:
             raise ConfigurationError(f"append to {stream_id!r} was given no events")
         if expected_version == 0:
             expected_version = NO_STREAM
+        if conn is not None and not conn.in_transaction():
+            await conn.begin()  # as its first statement would: its time is the transaction's
         now = _transaction_time(conn)
         rows = [self._row(stream_id, e, now) for e in events]
         if outbox:
@@ -307,8 +309,12 @@ class EventStore:
         prefix of the stream even when a later append set an earlier
         ``NewEvent.time``. The events of one transaction are recorded at the
         time of its first append, so it sees them all or none; a transaction still
-        open at ``as_of`` shows up in such a read once it commits. A stream that
-        does not exist reads as ``[]``.
+        open at ``as_of`` shows up in such a read once it commits. On PostgreSQL
+        two transactions appending to one stream at once can leave an event of the
+        earlier-started one behind the later's in the stream, recorded earlier:
+        ``as_of`` between their times then cuts the stream before it and shows
+        that transaction's other events. A stream that does not exist reads as
+        ``[]``.
         Stream reads see every committed event at once (no gap-safety wait).
         """
         if as_of is not None and as_of.tzinfo is None:

@@ -243,6 +243,19 @@ class EventStoreContract:
         assert [e.version for e in as_of] == [1, 2, 3]
         assert await event_store.read_stream(stream, as_of=t0 - timedelta(seconds=1)) == []
 
+    async def test_a_connections_implicit_transaction_records_at_one_time(
+        self, event_store: EventStore, stream: str
+    ) -> None:
+        """On a connection that begins its transaction with its first statement
+        (``Database.connect()``), the appends of that transaction share one time too."""
+        async with event_store.database.connect() as conn:
+            await event_store.append(stream, _events(1), conn=conn)
+            await asyncio.sleep(0.05)
+            await event_store.append(stream, _events(1), conn=conn)
+            await conn.commit()
+        first, second = await event_store.read_stream(stream)
+        assert first.recorded_at == second.recorded_at
+
     async def test_time_travel_sees_a_transaction_whole(
         self, event_store: EventStore, stream: str
     ) -> None:
