@@ -115,6 +115,9 @@ def test_a_sqlite_path_with_no_database_is_a_usage_error_that_creates_nothing(
     assert result.exit_code == 2
     assert f"there is no SQLite database at {missing}" in " ".join(result.stderr.split())
     assert not missing.parent.exists()
+    typo = accord(*command, "--db", f"sqlite+aiosqlite:///file:{missing}")  # no uri=true
+    assert typo.exit_code == 2
+    assert not missing.parent.exists()
     upgraded = accord("db", "upgrade", "--db", f"sqlite+aiosqlite:///{tmp_path / 'new.db'}")
     assert upgraded.exit_code == 0, upgraded.stderr
 

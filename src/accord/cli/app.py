@@ -65,7 +65,8 @@ def existing_database(url: str) -> str:
     except Exception:
         return url  # Database() says what is wrong with it
     path = parsed.database
-    in_a_file = bool(path) and path != ":memory:" and not str(path).startswith("file:")
+    # With ?uri=true the path is a file: URI whose mode may create it on purpose.
+    in_a_file = bool(path) and path != ":memory:" and "uri" not in parsed.query
     if parsed.get_backend_name() == "sqlite" and in_a_file and not os.path.exists(str(path)):
         raise typer.BadParameter(
             f"there is no SQLite database at {path}: check the path "

@@ -184,7 +184,8 @@ class FlowTracker:
     a message with their correlation id is recorded as part of them (a service's
     plain event in reaction to one). An ordinary message of no flow is acknowledged
     and not recorded: with the default ``topics`` (every message) it is not reported
-    as a flow that never ended.
+    as a flow that never ended. (So a plain message that reaches the tracker before
+    the first message of its flow is not in that flow's timeline.)
 
     Each round also prunes the flows whose last message is more than ``retention``
     old (None keeps them) and that ended: a message said it completed or
