@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord._aio import wait_event
+from accord._checks import is_count
 from accord.db.database import Database, translate_errors
 from accord.db.schema_events import events as events_table
 from accord.db.schema_events import snapshots
@@ -627,7 +628,7 @@ def _opt(value: Any) -> str | None:
 
 def _at_least_one(name: str, value: int) -> None:
     # 0 would read nothing for ever (subscribe spun); -1 meant "all" on SQLite only.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_count(value):
         raise ConfigurationError(f"{name} must be an int of at least 1, not {value!r}")
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
+from accord._checks import is_count
 from accord.messages import MAX_NAME_LENGTH
 
 __all__ = [
@@ -80,11 +81,7 @@ class NewEvent:
                     f"{type(value).__name__}: put a bare value under a name, e.g. "
                     "{'items': [...]}"
                 )
-        if self.schema_version is not None and (
-            isinstance(self.schema_version, bool)
-            or not isinstance(self.schema_version, int)
-            or self.schema_version < 1
-        ):
+        if self.schema_version is not None and not is_count(self.schema_version):
             raise ValueError(
                 f"NewEvent.schema_version must be an int of at least 1 (or None for the "
                 f"latest the store's upcasters know), not {self.schema_version!r}"

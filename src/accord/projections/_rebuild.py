@@ -36,6 +36,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from accord._checks import is_count
 from accord.db.database import Database
 from accord.db.schema_events import projection_checkpoints as checkpoints
 from accord.db.schema_events import projection_parked as parked
@@ -113,9 +114,7 @@ async def rebuild(
     With ``allow_parked=True`` it is swapped in anyway and
     :attr:`RebuildResult.parked` says how many to replay there.
     """
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
+    if batch_size is not None and not is_count(batch_size):
         raise ConfigurationError(f"batch_size must be an int of at least 1, not {batch_size!r}")
     own_store = store is None
     store = store or EventStore(database)

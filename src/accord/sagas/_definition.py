@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord._backoff import backoff_delay
+from accord._checks import is_count, is_finite
 from accord.errors import ConfigurationError
 from accord.messages import MAX_NAME_LENGTH
 
@@ -112,12 +112,7 @@ def seconds(what: str, value: Any, *, forever: bool = False) -> float | None:
     (or None, when ``forever`` allows waiting for ever); else a clear error."""
     if value is None and forever:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not 0 < value <= MAX_TIMEOUT
-    ):
+    if not is_finite(value) or not 0 < value <= MAX_TIMEOUT:
         hint = " (None waits for ever)" if forever else ""
         raise ConfigurationError(
             f"{what} must be a positive number of seconds up to ten years{hint}, not {value!r}"
@@ -154,23 +149,14 @@ class Retry:
     cap: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.max_attempts is not None and (
-            isinstance(self.max_attempts, bool)
-            or not isinstance(self.max_attempts, int)
-            or self.max_attempts < 1
-        ):
+        if self.max_attempts is not None and not is_count(self.max_attempts):
             raise ConfigurationError(
                 f"Retry max_attempts must be an int of at least 1 (or None: for ever), "
                 f"not {self.max_attempts!r}"
             )
         for name in ("base", "cap"):
             value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or value < 0
-            ):
+            if not is_finite(value) or value < 0:
                 raise ConfigurationError(
                     f"Retry {name} must be a finite number of seconds of 0 or more, not {value!r}"
                 )
@@ -257,7 +243,7 @@ class Saga:
                 f"{MAX_SAGA_NAME_LENGTH} (its reply type accord.saga.<name>.reply must fit "
                 f"a message type's {MAX_NAME_LENGTH})"
             )
-        if isinstance(stuck_after, bool) or not isinstance(stuck_after, int) or stuck_after < 1:
+        if not is_count(stuck_after):
             raise ConfigurationError(
                 f"stuck_after must be an int of at least 1, not {stuck_after!r}"
             )

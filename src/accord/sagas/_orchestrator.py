@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord._aio import wait_event
+from accord._checks import is_count
 from accord._retention import Pruning
 from accord.db import Database
 from accord.db.database import on_commit
@@ -154,11 +155,11 @@ class Orchestrator:
             raise ConfigurationError(
                 f"orchestrator {name!r} was given no sagas: Orchestrator(db, transport, [saga])"
             )
-        if isinstance(timer_batch, bool) or not isinstance(timer_batch, int) or timer_batch < 1:
+        if not is_count(timer_batch):
             raise ConfigurationError(
                 f"timer_batch must be an int of at least 1, not {timer_batch!r}"
             )
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        if not is_count(concurrency):
             raise ConfigurationError(
                 f"concurrency must be an int of at least 1, not {concurrency!r}"
             )
