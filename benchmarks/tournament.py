@@ -6,7 +6,8 @@ Runs on PostgreSQL (one database per engine) + RabbitMQ with ``--workers``
 relay/consumer processes per engine (default 1: on two cores a second set of
 processes measured slower, 54-59 against 81-86 tournaments/s); baseline in the same
 run: the same workload on the embedded default (SQLite files + SQL transport, one
-process each), and the HTTP floor (a GET of /health) on the same machine.
+process each), and the HTTP floor (a GET of /health) on the same machine. Then the
+share of a core the embedded stack uses idle, beside a bare Python process.
 
     .venv/bin/python -m benchmarks.tournament [--quick] [--tournaments 200] [--matches 400]
         [--concurrency 16] [--workers 1]
@@ -17,11 +18,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import os
 import socket
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -149,6 +154,56 @@ async def workload(
     ]
 
 
+def _pids(config: StackConfig) -> dict[str, int]:
+    """The stack's processes by role, as its supervisor lists them."""
+    listed = json.loads(Path(config.data_dir, "processes.json").read_text())
+    return {name: int(pid) for name, pid in listed.items()}
+
+
+def _cpu_ticks(pid: int) -> int:
+    """User + system CPU time of the process so far, in clock ticks."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+async def idle_cpu(config: StackConfig, seconds: float) -> list[dict[str, Any]]:
+    """The share of one core the embedded stack's processes use with nothing to do
+    (after the workload settled), against a bare Python process idling beside them:
+    what looking for work costs (relays, consumers, projector and timer poll)."""
+    pids = _pids(config)
+    bare = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import time; time.sleep(3600)"
+    )
+    try:
+        await asyncio.sleep(2.0)
+        watched = {**pids, "bare python": bare.pid}
+        before = {name: _cpu_ticks(pid) for name, pid in watched.items()}
+        await asyncio.sleep(seconds)
+        used = {name: _cpu_ticks(pid) - before[name] for name, pid in watched.items()}
+    finally:
+        bare.kill()
+        await bare.wait()
+    tick = os.sysconf("SC_CLK_TCK")
+    share = {name: 100 * ticks / tick / seconds for name, ticks in used.items()}
+    stack_share = sum(v for k, v in share.items() if k != "bare python")
+    return [
+        {
+            "benchmark": "idle, bare python process (baseline), % of a core",
+            "per_s": share["bare python"],
+        },
+        {
+            "benchmark": f"idle, embedded stack ({len(pids)} processes), % of a core",
+            "per_s": stack_share,
+        },
+        *(
+            {"benchmark": f"idle, {name}, % of a core", "per_s": value}
+            for name, value in sorted(share.items())
+            if name != "bare python"
+        ),
+    ]
+
+
 async def main(args: argparse.Namespace) -> None:
     tournaments = 40 if args.quick else args.tournaments
     matches = 80 if args.quick else args.matches
@@ -172,6 +227,7 @@ async def main(args: argparse.Namespace) -> None:
         rows += await workload(
             "embedded (SQLite)", config, token, tournaments, matches, args.concurrency
         )
+        rows += await idle_cpu(config, 5.0 if args.quick else 20.0)
     report(
         "tournament",
         f"tournament end to end over HTTP ({tournaments} tournaments, {matches} matches, "
