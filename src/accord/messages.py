@@ -23,9 +23,10 @@ _EXTENSIONS = ("correlationid", "causationid", "partitionkey", "traceparent")
 # Names an extension may not take: the attributes Message has fields for, and "data".
 _RESERVED = frozenset((*_CORE, *_EXTENSIONS, "data"))
 # CloudEvents: attribute names are lower-case letters and digits; a String holds no
-# control characters (U+0000-U+001F, U+007F-U+009F).
+# control characters (U+0000-U+001F, U+007F-U+009F): names that travel in messages
+# (saga ids, step names) are checked against them too.
 _EXTENSION_NAME = re.compile("[a-z0-9]+")
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
 #: The longest ``id``, ``type`` and ``key`` Accord stores (the width of its columns).
 MAX_NAME_LENGTH = 200
 
@@ -87,7 +88,7 @@ class Message:
             self.subject, self.key, self.correlationid, self.causationid, self.traceparent,
             *self.extensions.values(),
         )  # fmt: skip
-        if _CONTROL.search("".join(text for text in texts if text)):
+        if CONTROL_CHARACTERS.search("".join(text for text in texts if text)):
             named = {
                 "id": self.id, "source": self.source, "type": self.type,
                 "specversion": self.specversion, "datacontenttype": self.datacontenttype,
@@ -95,7 +96,7 @@ class Message:
                 "correlationid": self.correlationid, "causationid": self.causationid,
                 "traceparent": self.traceparent, **self.extensions,
             }  # fmt: skip
-            name = next(n for n, v in named.items() if v and _CONTROL.search(v))
+            name = next(n for n, v in named.items() if v and CONTROL_CHARACTERS.search(v))
             raise ValueError(
                 f"attribute {name!r} holds a control character, which CloudEvents "
                 "does not allow in an attribute (and brokers alter)"

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from accord._backoff import backoff_delay
 from accord._checks import is_count, is_finite
 from accord.errors import ConfigurationError
-from accord.messages import MAX_NAME_LENGTH
+from accord.messages import CONTROL_CHARACTERS, MAX_NAME_LENGTH
 
 __all__ = [
     "Command",
@@ -99,7 +99,6 @@ _MESSAGE_TYPE = re.compile(r"[^\s.*>#]+(\.[^\s.*>#]+)*")
 #: characters); it is part of the saga's reply type ``accord.saga.<name>.reply``,
 #: which must fit :data:`MAX_NAME_LENGTH`.
 _SAGA_NAME = re.compile("[^\\s.*>#\x00-\x1f\x7f-\x9f]+")
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 MAX_SAGA_NAME_LENGTH = MAX_NAME_LENGTH - len("accord.saga..reply")
 #: The longest step and compensation timeout: ten years. ``None`` waits for ever.
 MAX_TIMEOUT = 10 * 365 * 24 * 3600.0
@@ -266,7 +265,7 @@ class Saga:
             raise ConfigurationError(
                 f"a step of saga {self.name!r} needs a name, not {step.name!r}"
             )
-        if _CONTROL.search(step.name):
+        if CONTROL_CHARACTERS.search(step.name):
             raise ConfigurationError(
                 f"step name {step.name!r} of saga {self.name!r} holds a control character "
                 "(it is the subject of the step's commands, where CloudEvents allows none)"

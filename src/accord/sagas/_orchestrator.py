@@ -8,7 +8,6 @@ import contextlib
 import functools
 import json
 import logging
-import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -27,7 +26,7 @@ from accord.db.schema_sagas import sagas as sagas_table
 from accord.errors import AccordError, ConcurrencyError, ConfigurationError, DuplicateError
 from accord.inbox import Consumer, HandlerContext
 from accord.inbox._context import run_after_commit
-from accord.messages import Message
+from accord.messages import CONTROL_CHARACTERS, Message
 from accord.observability import current_traceparent
 from accord.observability._tracing import as_current
 from accord.outbox import add as add_to_outbox
@@ -58,7 +57,6 @@ log = logging.getLogger("accord.sagas")
 
 #: The widest saga id (the column's).
 MAX_SAGA_ID_LENGTH = 100
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def _check_saga_id(saga_id: Any) -> None:
@@ -71,7 +69,7 @@ def _check_saga_id(saga_id: Any) -> None:
             f"saga_id {saga_id[:40]!r}... is {len(saga_id)} characters long; at most "
             f"{MAX_SAGA_ID_LENGTH} (derive a shorter one, e.g. uuid.uuid5 of the long key)"
         )
-    if _CONTROL.search(saga_id):
+    if CONTROL_CHARACTERS.search(saga_id):
         raise ConfigurationError(f"saga_id {saga_id!r} holds a control character")
 
 
