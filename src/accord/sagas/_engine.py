@@ -156,7 +156,9 @@ class Engine:
                 await self._run()  # carry the abort out (compensate or end)
             # Otherwise nothing moves: a saga waiting out a retry backoff keeps waiting.
             return False
-        if self._beyond_definition_unless_aborted():
+        # A step the changed definition lost: an operator's abort waiting for the timer
+        # is carried out (ABORTED), not dropped with the deadline that STUCK clears.
+        if self._off_definition() and (self._abort_if_requested() or self._beyond_definition()):
             return True
         s.waiting = False
         self.tx.clear_deadline()
@@ -537,14 +539,6 @@ class Engine:
         return any(
             steps[i].compensation is not None for i in range(min(self.state.step + 1, len(steps)))
         )
-
-    def _beyond_definition_unless_aborted(self) -> bool:
-        """:meth:`_beyond_definition` for a reply: an operator's abort waiting for the
-        timer is carried out first (it ends the saga ABORTED), not dropped with the
-        deadline that STUCK clears."""
-        if not self._off_definition():
-            return False
-        return self._abort_if_requested() or self._beyond_definition()
 
     def _off_definition(self) -> bool:
         """Whether the instance is at a step its saga's definition no longer has (the

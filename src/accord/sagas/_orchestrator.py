@@ -267,7 +267,7 @@ class Orchestrator:
             step=0,
             attempt=0,
             waiting=False,
-            data=dict(data),
+            data=data,  # start()'s copy (_checked_data)
             error=None,
             version=0,
             created_at=now,
