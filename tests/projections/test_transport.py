@@ -21,6 +21,7 @@ from accord.projections import (
     Projection,
     ProjectionContext,
     TransportProjector,
+    event_from_message,
     projection_status,
     rebuild,
 )
@@ -130,9 +131,12 @@ async def test_cancelling_run_stops_the_subscription(db_url: str) -> None:
         await database.dispose()
 
 
-async def test_events_the_store_sent_keep_their_full_stream_id(db_url: str) -> None:
+async def test_events_the_store_sent_keep_their_full_stream_id_and_metadata(
+    db_url: str,
+) -> None:
     """A stream id over 200 characters travels as a digest in the message's key and
-    whole in its subject: handlers get the stream id the store holds."""
+    whole in its subject: handlers get the stream id the store holds, and the
+    event's whole metadata (an actor, not only the correlation id)."""
     channel = f"proj-{uuid.uuid4().hex[:8]}"
     database = Database(db_url)
     transport = from_url(db_url, channel=channel)
@@ -143,6 +147,7 @@ async def test_events_the_store_sent_keep_their_full_stream_id(db_url: str) -> N
         sa.Column("stream_id", sa.String(300), nullable=False),
         sa.Column("version", sa.Integer, nullable=False),
         sa.Column("correlation_id", sa.String(50)),
+        sa.Column("actor", sa.String(50)),
     )
 
     @seen.on("stream.touched")
@@ -153,6 +158,7 @@ async def test_events_the_store_sent_keep_their_full_stream_id(db_url: str) -> N
                 "stream_id": event.stream_id,
                 "version": event.version,
                 "correlation_id": event.correlation_id,
+                "actor": event.metadata.get("actor"),
             },
         )
 
@@ -161,7 +167,7 @@ async def test_events_the_store_sent_keep_their_full_stream_id(db_url: str) -> N
     long = "S" * 250
     await projector.start()
     try:
-        meta = {"correlation_id": "c-1", "actor": "ann"}
+        meta = {"correlation_id": "c-1", "actor": "Ann-Sofie Ørsted"}
         await store.append(long, [NewEvent("stream.touched", {}, meta)], outbox=True)
         await store.append("short", [NewEvent("stream.touched")], outbox=True)
         await Relay(database, transport).run_once()
@@ -169,13 +175,14 @@ async def test_events_the_store_sent_keep_their_full_stream_id(db_url: str) -> N
         async def rows() -> list[Any]:
             async with database.connect() as conn:
                 table = (await seen.live_tables(conn))["seen"]
-                query = sa.select(table.c.stream_id, table.c.version, table.c.correlation_id)
+                columns = ("stream_id", "version", "correlation_id", "actor")
+                query = sa.select(*(table.c[c] for c in columns))
                 return list((await conn.execute(query.order_by(table.c.id))).all())
 
         await wait_for(lambda: _at_least(rows, 2), 20)
         assert sorted(tuple(r) for r in await rows()) == [
-            (long, 1, "c-1"),
-            ("short", 1, None),
+            (long, 1, "c-1", "Ann-Sofie Ørsted"),
+            ("short", 1, None, None),
         ]
     finally:
         await projector.stop()
@@ -221,3 +228,22 @@ async def test_status_shows_a_transport_fed_projection_as_such(db_url: str) -> N
         await store.close()
         await transport.close()
         await database.dispose()
+
+
+def test_a_message_whose_metadata_extension_is_not_an_object_keeps_its_ids() -> None:
+    for text in ("[1, 2]", "not json", '"text"'):
+        message = Message(
+            type="stream.touched",
+            correlationid="c-9",
+            extensions={"eventmetadata": text},
+        )
+        assert event_from_message(message).metadata == {
+            "correlation_id": "c-9",
+            "causation_id": None,
+        }
+    sent = Message(type="stream.touched", extensions={"eventmetadata": '{"actor":"bo"}'})
+    assert event_from_message(sent).metadata == {
+        "actor": "bo",
+        "correlation_id": None,
+        "causation_id": None,
+    }

@@ -41,13 +41,25 @@ from accord.eventstore._upcasting import Upcasters
 from accord.messages import MAX_NAME_LENGTH, Message
 from accord.serialization import loads
 
-__all__ = ["MAX_STREAM_ID_LENGTH", "NOTIFY_CHANNEL", "EventStore", "Snapshot", "message_key"]
+__all__ = [
+    "MAX_STREAM_ID_LENGTH",
+    "METADATA_EXTENSION",
+    "NOTIFY_CHANNEL",
+    "EventStore",
+    "Snapshot",
+    "message_key",
+]
 
 #: The longest stream id the store holds (the width of its column).
 MAX_STREAM_ID_LENGTH: int = events_table.c.stream_id.type.length  # type: ignore[attr-defined]
 
 #: The PostgreSQL channel a commit that appended events notifies (payload: the last position).
 NOTIFY_CHANNEL = "accord_events"
+
+#: The extension attribute of an outbox message that carries its event's metadata
+#: (as JSON text) when it holds more than the message's correlation and causation ids.
+METADATA_EXTENSION = "eventmetadata"
+_METADATA_ATTRIBUTES = frozenset(("correlation_id", "causation_id"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,24 +261,30 @@ class EventStore:
         from accord.outbox import add
 
         first = result.version - len(rows) + 1
-        messages = [
-            Message(
-                type=row.type,
-                data=dict(event.data),
-                id=str(row.id),
-                time=row.recorded_at,
-                subject=stream_id,
-                key=message_key(stream_id),
-                correlationid=_opt(event.metadata.get("correlation_id")),
-                causationid=_opt(event.metadata.get("causation_id")),
-                extensions={
-                    "streamversion": str(first + i),
-                    "schemaversion": str(row.schema_version),
-                    "position": str(result.positions[i]),
-                },
+        messages = []
+        for i, (event, row) in enumerate(zip(events, rows, strict=True)):
+            extensions = {
+                "streamversion": str(first + i),
+                "schemaversion": str(row.schema_version),
+                "position": str(result.positions[i]),
+            }
+            if event.metadata.keys() - _METADATA_ATTRIBUTES:
+                # The rest of the metadata (an actor, a tenant) travels too, so a
+                # projection fed by a transport sees what one fed by the store sees.
+                extensions[METADATA_EXTENSION] = row.metadata_json
+            messages.append(
+                Message(
+                    type=row.type,
+                    data=dict(event.data),
+                    id=str(row.id),
+                    time=row.recorded_at,
+                    subject=stream_id,
+                    key=message_key(stream_id),
+                    correlationid=_opt(event.metadata.get("correlation_id")),
+                    causationid=_opt(event.metadata.get("causation_id")),
+                    extensions=extensions,
+                )
             )
-            for i, (event, row) in enumerate(zip(events, rows, strict=True))
-        ]
         await add(conn, *messages)
 
     def _conflict(self, stream_id: str, expected: ExpectedVersion, actual: int) -> ConcurrencyError:

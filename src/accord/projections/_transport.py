@@ -11,15 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from accord.db.database import Database
 from accord.eventstore import RecordedEvent
+from accord.eventstore._store import METADATA_EXTENSION
 from accord.inbox._store import record
 from accord.messages import Message
 from accord.projections import _state
 from accord.projections._projection import Projection, ProjectionContext
+from accord.serialization import loads
 from accord.transports.base import Delivery, GroupDeclaration, Subscription, Transport
 
 __all__ = ["TransportProjector", "event_from_message"]
@@ -35,8 +38,8 @@ def event_from_message(message: Message) -> RecordedEvent:
     (0 / 0 / 1 when absent). ``stream_id`` is the message's ``subject`` when the
     event store sent it (the full stream id: its ``key`` is a digest for a stream id
     over 200 characters), else its key (or subject). ``metadata`` holds
-    ``correlation_id`` and ``causation_id``: the rest of an event's metadata does
-    not travel in the message.
+    ``correlation_id`` and ``causation_id``, and the rest of the event's metadata
+    that the store sent along (its ``eventmetadata`` extension).
     """
     ext = message.extensions or {}
     from_store = "streamversion" in ext and bool(message.subject)
@@ -59,10 +62,34 @@ def event_from_message(message: Message) -> RecordedEvent:
         type=message.type,
         schema_version=number("schemaversion", 1),
         data=data,
-        metadata={"correlation_id": message.correlationid, "causation_id": message.causationid},
+        metadata={
+            **_sent_metadata(message, ext),
+            "correlation_id": message.correlationid,
+            "causation_id": message.causationid,
+        },
         recorded_at=message.time or datetime.now(UTC),
         id=event_id,
     )
+
+
+def _sent_metadata(message: Message, ext: Mapping[str, str]) -> dict[str, Any]:
+    """The metadata the event store sent with ``message`` ({} if none, or if it is
+    not a JSON object: a handler then sees what it would without it)."""
+    text = ext.get(METADATA_EXTENSION)
+    if text is None:
+        return {}
+    try:
+        value = loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        log.warning(
+            "message %s: its %s extension is not a JSON object; its metadata is left out",
+            message.id,
+            METADATA_EXTENSION,
+        )
+        return {}
+    return value
 
 
 class TransportProjector:
