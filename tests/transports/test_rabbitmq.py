@@ -147,6 +147,39 @@ class TestRabbitSpecifics:
         finally:
             await connection.close()
 
+    async def test_a_reason_longer_than_a_frame_is_cut_in_the_dead_letter(
+        self, rabbit: Callable[..., RabbitTransport]
+    ) -> None:
+        """Headers travel in one AMQP frame (frame_max, 128 kB by default) and RabbitMQ
+        closes the connection on a larger one: the copy failed, the delivery came back,
+        and every reject of it closed the connection again. The reason is cut to fit."""
+        transport = rabbit()
+        await transport.connect()
+        long_reason = "it went wrong: " + "why " * 75_000
+
+        async def refuse(delivery: Delivery) -> None:
+            await delivery.reject(long_reason)
+
+        await transport.subscribe("verbose", refuse)
+        sent = Message(type="verbose.failure")
+        await transport.publish([sent])
+        connection = await aio_pika.connect(RABBIT_URL)
+        try:
+            channel = await connection.channel()
+            dead = await channel.get_queue(transport.topology.dead_queue("verbose"))
+
+            async def dead_letter() -> aio_pika.abc.AbstractIncomingMessage | None:
+                return await dead.get(no_ack=True, fail=False)
+
+            got = await wait_for(dead_letter, 10)
+            reason = got.headers["x-accord-reason"]
+            assert isinstance(reason, str) and reason.startswith("it went wrong: why why")
+            assert reason.endswith("[cut to fit RabbitMQ's frame_max]")
+            assert 100_000 < len(reason) < 131_072
+            assert got.headers["ce-id"] == sent.id
+        finally:
+            await connection.close()
+
     async def test_publisher_nacks_are_reported_per_message(
         self, rabbit: Callable[..., RabbitTransport]
     ) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from accord.errors import ConfigurationError, TransportError
+from accord.errors import ConfigurationError, MessageTooLarge, PublishError, TransportError
 from accord.messages import Message
 from accord.testing._eventually import wait_for
 from accord.transports.base import Delivery, Transport
@@ -355,6 +355,65 @@ class TransportContract:
         assert delivery.decode_error is not None
         assert "missing required attribute" in str(delivery.decode_error)
         assert delivery.body == b"\xff not json"
+
+    async def test_a_message_whose_headers_the_broker_cannot_take_fails_alone(
+        self, open_transport: Any
+    ) -> None:
+        """Headers of 300 kB (one long extension): a broker that takes them delivers them
+        whole; one that cannot (an AMQP frame, NATS's 64 kB of headers) fails that
+        message alone with MessageTooLarge. Either way the messages around it arrive and
+        the connection carries on (RabbitMQ closed it on such a frame)."""
+        transport = await open_transport()
+        collector = Collector()
+        await transport.subscribe("large-headers", collector)
+        before, after = Message(type="test.before"), Message(type="test.after")
+        large = Message(type="test.large", extensions={"long": "x" * 300_000})
+        try:
+            await transport.publish([before, large, after])
+        except PublishError as exc:
+            assert set(exc.failed) == {large.id}, exc.failed
+            assert isinstance(exc.failed[large.id], MessageTooLarge), exc.failed[large.id]
+        marker = Message(type="test.marker")
+        await transport.publish([marker])
+
+        def marker_arrived() -> bool:
+            return marker.id in collector.ids
+
+        await wait_for(marker_arrived, self.timeout)
+        assert {before.id, after.id} <= set(collector.ids)
+        for message, _ in collector.received:
+            if message is not None and message.id == large.id:
+                assert message.extensions == large.extensions
+
+    async def test_a_reject_with_a_very_long_reason_settles_the_delivery(
+        self, open_transport: Any
+    ) -> None:
+        """A reason of 300 kB (a whole traceback, say) is kept, cut or left out where the
+        broker has a dead letter, but the delivery is settled once and for all: it never
+        comes back, and the connection carries on."""
+        transport = await open_transport()
+        seen: list[tuple[str, int]] = []
+
+        async def refuse(delivery: Delivery) -> None:
+            assert delivery.message is not None
+            seen.append((delivery.message.id, delivery.attempt))
+            if delivery.message.type == "test.refused":
+                await delivery.reject("it went wrong: " + "why " * 75_000)
+
+        await transport.subscribe("long-reasons", refuse)
+        refused = Message(type="test.refused")
+        await transport.publish([refused])
+        # Longer than a held delivery takes to come back in the shipped test modules
+        # (NATS's ack_wait, a Redis claim_idle, a SQL lease: 3 s at most).
+        await asyncio.sleep(4.0)
+        marker = Message(type="test.marker")
+        await transport.publish([marker])
+
+        def marker_arrived() -> bool:
+            return (marker.id, 1) in seen
+
+        await wait_for(marker_arrived, self.timeout)
+        assert [s for s in seen if s[0] == refused.id] == [(refused.id, 1)]
 
     async def test_publish_after_close_raises_a_transport_error(self, open_transport: Any) -> None:
         transport = await open_transport()

@@ -23,12 +23,17 @@ from accord.transports.base import (
     topic_matches,
 )
 
-__all__ = ["NatsSubscription", "header_size", "translate_nats_error"]
+__all__ = ["MAX_HEADER_BYTES", "NatsSubscription", "header_size", "translate_nats_error"]
 
 log = logging.getLogger("accord.transports.nats")
 
 #: JetStream's error code for a message larger than the stream takes (max_msg_size).
 _EXCEEDS_MAXIMUM = 10054
+#: JetStream's error code for headers over :data:`MAX_HEADER_BYTES`.
+_HEADERS_EXCEED_MAXIMUM = 10097
+#: The most bytes of headers JetStream stores with a message (as :func:`header_size`
+#: counts them), whatever max_payload allows.
+MAX_HEADER_BYTES = 65_535
 
 #: Longest a pull request waits on the server before the loop asks again (seconds).
 FETCH_WAIT = 2.0
@@ -56,6 +61,11 @@ def translate_nats_error(exc: BaseException, doing: str) -> TransportError:
     elif isinstance(exc, nats.js.errors.APIError) and exc.err_code == _EXCEEDS_MAXIMUM:
         error = MessageTooLarge(
             f"JetStream refused {doing}: {exc.description} (the stream's max_msg_size)"
+        )
+    elif isinstance(exc, nats.js.errors.APIError) and exc.err_code == _HEADERS_EXCEED_MAXIMUM:
+        error = MessageTooLarge(
+            f"JetStream refused {doing}: {exc.description} (headers of at most "
+            f"{MAX_HEADER_BYTES:,} bytes)"
         )
     elif isinstance(exc, nats.js.errors.APIError):
         error = TransportError(f"JetStream refused {doing}: {exc.description or exc!r}")
@@ -120,13 +130,16 @@ class _NatsDelivery(Delivery):
     async def _copy_dead(self, headers: dict[str, str], body: bytes, reason: str) -> None:
         """Store the dead copy: ``body`` with ``headers`` and the reason, cut to fit
         max_payload (headers count; the server closes the connection on a larger
-        message, for good). A body too large for that leaves the copy empty, the
-        reason saying where the original is."""
+        message, for good) and JetStream's 64 kB of headers. A body too large for that
+        leaves the copy empty, the reason saying where the original is."""
         sub = self._subscription
-        limit = sub.nc.max_payload - len("accord-dead-reason: \r\n")
+        line = len("accord-dead-reason: \r\n")
+        limit = sub.nc.max_payload - line
         if len(body) + header_size(headers) > limit:
             body, reason = b"", self._too_large(reason, "max_payload")
-        room = limit - len(body) - header_size(headers)
+        # JetStream also refuses headers over 64 kB, whatever max_payload allows: a long
+        # reason failed the copy, and the delivery came back after every ack_wait.
+        room = min(limit - len(body), MAX_HEADER_BYTES - line) - header_size(headers)
         cut = reason.encode()[: max(0, room)].decode(errors="ignore")
         await sub.js.publish(
             f"{sub.channel}._dead.{sub.durable}",

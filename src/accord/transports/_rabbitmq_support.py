@@ -38,6 +38,7 @@ __all__ = [
     "delivery_headers",
     "encode_publish",
     "envelope_properties",
+    "fit_header_frame",
     "message_properties",
     "redact",
     "refused_size",
@@ -125,20 +126,69 @@ def _bucket(delay: float) -> int | None:
     return None
 
 
+def _header_frame(channel: aiormq.Channel, properties: Any, body_size: int) -> bytes:
+    return pamqp.frame.marshal(
+        ContentHeader(properties=properties, body_size=body_size), channel.number
+    )
+
+
+def _frame_room(channel: aiormq.Channel, header: bytes) -> int | None:
+    """Bytes to spare in the frame of a content ``header`` (negative: too large), or
+    None when the broker sets no frame size limit (frame_max 0)."""
+    frame_max = channel.max_content_size + channel.CONTENT_FRAME_SIZE
+    return frame_max - len(header) if frame_max > 0 else None
+
+
+def _checked_header_frame(channel: aiormq.Channel, properties: Any, body_size: int) -> bytes:
+    """The content header frame of a message: its properties and headers, which must
+    fit one frame (the body is split over as many as it needs), else RabbitMQ closes
+    the whole connection on it (FRAME_ERROR), failing every message in flight."""
+    header = _header_frame(channel, properties, body_size)
+    room = _frame_room(channel, header)
+    if room is not None and room < 0:
+        raise MessageTooLarge(
+            f"the properties and headers of message {properties.message_id} take "
+            f"{len(header):,} bytes; RabbitMQ takes them in one frame, at most "
+            f"{len(header) + room:,} bytes (frame_max): keep long values in the data"
+        )
+    return header
+
+
+def fit_header_frame(channel: aiormq.Channel, properties: Any, body_size: int) -> Any:
+    """``properties`` of a copy (retry or dead letter), with its ``x-accord-reason``
+    header cut if the header frame would not fit otherwise; raises MessageTooLarge
+    if even that is not enough."""
+    room = _frame_room(channel, _header_frame(channel, properties, body_size))
+    reason = (properties.headers or {}).get(REASON_HEADER)
+    if room is not None and room < 0 and isinstance(reason, str):
+        marker = " [cut to fit RabbitMQ's frame_max]"
+        kept = reason.encode()[: max(0, len(reason.encode()) + room - len(marker))]
+        properties = Basic.Properties(
+            content_type=properties.content_type,
+            delivery_mode=properties.delivery_mode,
+            message_id=properties.message_id,
+            headers={**properties.headers, REASON_HEADER: kept.decode(errors="ignore") + marker},
+            expiration=properties.expiration,
+        )
+    _checked_header_frame(channel, properties, body_size)
+    return properties
+
+
 def encode_publish(
     channel: aiormq.Channel, exchange: str, routing_key: str, properties: Any, body: bytes
 ) -> bytes:
     """The frames of one ``basic.publish`` on ``channel``, ready for the socket. Raises
-    if the message cannot be encoded (a routing key over 255 bytes, a bad header)."""
+    if the message cannot be encoded (a routing key over 255 bytes, a bad header), and
+    MessageTooLarge if its properties and headers do not fit one frame."""
     limit = channel.max_content_size
     if limit <= 0:  # the broker set no frame size limit
         limit = max(1, len(body))
     frames: list[Any] = [
         Basic.Publish(exchange=exchange, routing_key=routing_key),
-        ContentHeader(properties=properties, body_size=len(body)),
         *(ContentBody(body[i : i + limit]) for i in range(0, len(body), limit)),
     ]
-    return b"".join(pamqp.frame.marshal(frame, channel.number) for frame in frames)
+    method, *bodies = (pamqp.frame.marshal(frame, channel.number) for frame in frames)
+    return b"".join([method, _checked_header_frame(channel, properties, len(body)), *bodies])
 
 
 async def send_confirmed(

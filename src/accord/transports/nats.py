@@ -54,7 +54,12 @@ from accord.errors import (
 )
 from accord.messages import Message
 from accord.transports._naming import safe_name
-from accord.transports._nats_consume import NatsSubscription, header_size, translate_nats_error
+from accord.transports._nats_consume import (
+    MAX_HEADER_BYTES,
+    NatsSubscription,
+    header_size,
+    translate_nats_error,
+)
 from accord.transports.base import (
     BatchHandler,
     Envelope,
@@ -330,6 +335,13 @@ class NatsTransport(Transport):
                     continue
                 headers = dict(envelope.headers)
                 headers["Nats-Msg-Id"] = envelope.id
+                if header_size(headers) > MAX_HEADER_BYTES:
+                    failed[envelope.id] = MessageTooLarge(
+                        f"message {envelope.id} has {header_size(headers):,} bytes of "
+                        f"headers; JetStream stores at most {MAX_HEADER_BYTES:,} (keep long "
+                        "values in the data)"
+                    )
+                    continue
                 size = len(envelope.body) + header_size(headers)
                 if size > nc.max_payload:
                     # The server would refuse it by closing the connection, failing

@@ -72,6 +72,7 @@ from accord.transports._rabbitmq_support import (
     RabbitTopology,
     encode_publish,
     envelope_properties,
+    fit_header_frame,
     redact,
     refused_size,
     republish_properties,
@@ -477,6 +478,9 @@ class RabbitTransport(Transport):
         deadline = loop.time() + self.publish_timeout
         channel = await self._underlay(deadline, f"republishing to {routing_key!r}")
         with translated(f"republishing to {routing_key!r}"):
+            # A dead letter's reason may be long: cut to fit one frame, since RabbitMQ
+            # closes the connection on a larger one (and the delivery came back).
+            properties = fit_header_frame(channel, properties, len(body))
             async with asyncio.timeout(max(0.0, deadline - loop.time())):
                 # mandatory: a copy no queue takes (a delay queue deleted under us) comes
                 # back instead of being confirmed and dropped; the original stays unacked.
