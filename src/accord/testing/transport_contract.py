@@ -305,6 +305,20 @@ class TransportContract:
         with pytest.raises(ConfigurationError, match="non-empty name"):
             await transport.declare("", topics=["#"])
 
+    @pytest.mark.parametrize(
+        ("prefetch", "max_batch"), [(64, 0), (64, 2.5), (64, True), (-1, 8), (2.5, 8)]
+    )
+    async def test_subscribing_with_a_batch_size_or_prefetch_that_is_none_says_so(
+        self, open_transport: Any, prefetch: Any, max_batch: Any
+    ) -> None:
+        """The same refusal on every transport (a max_batch of 0 was refused by some and
+        taken as 1 by others; a prefetch of 2.5 made a read loop fail for ever)."""
+        transport = await open_transport()
+        with pytest.raises(ConfigurationError, match=r"prefetch|max_batch"):
+            await transport.subscribe_batches(
+                "odd-sizes", _Batches(), prefetch=prefetch, max_batch=max_batch
+            )
+
     async def test_unsettled_delivery_comes_back_after_consumer_dies(
         self, open_transport: Any
     ) -> None:

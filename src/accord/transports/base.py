@@ -22,7 +22,9 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
+from accord._checks import is_count, is_finite
 from accord.errors import ConfigurationError, DecodeError, PublishError, TransportUnavailable
 from accord.messages import SPECVERSION, Message, decode, encode
 
@@ -35,7 +37,10 @@ __all__ = [
     "Handler",
     "Subscription",
     "Transport",
+    "check_batching",
+    "check_counts",
     "check_group",
+    "check_seconds",
     "raise_unconfirmed",
     "topic_matches",
 ]
@@ -69,6 +74,38 @@ def check_group(group: str, topics: Sequence[str]) -> None:
     if isinstance(topics, str) or not topics:
         raise ConfigurationError(
             f"group {group!r}: topics must be a non-empty list of patterns, e.g. ['match.*']"
+        )
+
+
+def check_seconds(owner: str, *, zero_ok: bool = False, **values: Any) -> None:
+    """Raise ConfigurationError unless every value is a finite number of seconds above 0
+    (or at least 0 with ``zero_ok``); ``None`` values are not checked (unset options).
+    A bool is no number; NaN, an infinity or a negative wait broke each broker
+    differently, late and often with the client library's own error."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if not is_finite(value) or value < 0 or (value == 0 and not zero_ok):
+            least = "0 or more" if zero_ok else "more than 0"
+            raise ConfigurationError(f"{owner}: {name} must be {least} seconds, not {value!r}")
+
+
+def check_counts(owner: str, **values: Any) -> None:
+    """Raise ConfigurationError unless every value is an int of at least 1; ``None``
+    values are not checked (unset options)."""
+    for name, value in values.items():
+        if value is not None and not is_count(value):
+            raise ConfigurationError(f"{owner}: {name} must be a whole number >= 1, not {value!r}")
+
+
+def check_batching(prefetch: Any, max_batch: Any) -> None:
+    """Raise ConfigurationError unless ``max_batch`` is an int of at least 1 and
+    ``prefetch`` an int of at least 0 (what :meth:`Transport.subscribe_batches` takes,
+    alike on every transport)."""
+    check_counts("subscribe", max_batch=max_batch)
+    if not (isinstance(prefetch, int) and not isinstance(prefetch, bool) and prefetch >= 0):
+        raise ConfigurationError(
+            f"subscribe: prefetch must be a whole number >= 0, not {prefetch!r}"
         )
 
 

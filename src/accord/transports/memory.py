@@ -19,6 +19,7 @@ from accord.transports.base import (
     Delivery,
     Subscription,
     Transport,
+    check_batching,
     check_group,
     topic_matches,
 )
@@ -153,6 +154,7 @@ class MemoryTransport(Transport):
         A group's topics are those of its first subscribe. Each call gets what is
         queued, up to ``max_batch`` and ``prefetch``.
         """
+        check_batching(prefetch, max_batch)
         state = self._group(group, topics)
         subscription = _MemorySubscription(state, handler, max(1, min(max_batch, prefetch)))
         self._subscriptions.append(subscription)

@@ -65,7 +65,10 @@ from accord.transports.base import (
     Envelope,
     Subscription,
     Transport,
+    check_batching,
+    check_counts,
     check_group,
+    check_seconds,
     raise_unconfirmed,
 )
 
@@ -199,6 +202,17 @@ class NatsTransport(Transport):
                 f"NATS channel {channel!r} is not a valid subject prefix: use letters, digits, "
                 "'-' and '_' (dots separate words; no spaces, '*' or '>')"
             )
+        check_seconds(
+            "NatsTransport",
+            ack_wait=ack_wait,
+            publish_timeout=publish_timeout,
+            connect_timeout=connect_timeout,
+            duplicate_window=duplicate_window,
+        )
+        # JetStream reads a max_age of 0 and a max_bytes of -1 as "no limit", like None.
+        check_seconds("NatsTransport", zero_ok=True, max_age=max_age)
+        if not (type(max_bytes) is int and max_bytes in (0, -1)):
+            check_counts("NatsTransport", max_bytes=max_bytes)
         self.url = url
         self.channel = channel
         self.stream = stream_name(channel)
@@ -392,6 +406,7 @@ class NatsTransport(Transport):
         """Create (or reuse) the group's durable pull consumer and start pulling from it:
         each pull of up to ``prefetch`` messages is handed over in chunks of at most
         ``max_batch``."""
+        check_batching(prefetch, max_batch)
         nc, js = self._connected()
         exact = await self._declare(js, group, topics)
         try:

@@ -85,7 +85,10 @@ from accord.transports.base import (
     Envelope,
     Subscription,
     Transport,
+    check_batching,
+    check_counts,
     check_group,
+    check_seconds,
     raise_unconfirmed,
 )
 
@@ -132,6 +135,16 @@ class RabbitTransport(Transport):
     ) -> None:
         if not channel:
             raise ConfigurationError("RabbitTransport needs a non-empty channel (exchange) name")
+        check_seconds(
+            "RabbitTransport", publish_timeout=publish_timeout, connect_timeout=connect_timeout
+        )
+        check_seconds(
+            "RabbitTransport",
+            zero_ok=True,
+            reconnect_interval=reconnect_interval,
+            stop_timeout=stop_timeout,
+        )
+        check_counts("RabbitTransport", max_message_size=max_message_size)
         if queue_type not in ("classic", "quorum"):
             raise ConfigurationError(
                 f"RabbitTransport: queue_type must be 'classic' or 'quorum', not {queue_type!r}"
@@ -391,8 +404,7 @@ class RabbitTransport(Transport):
         its own with ``basic_qos(prefetch)``; each handler call gets what has arrived, up
         to ``max_batch``, and the deliveries it leaves unsettled are acked in one
         ``basic.ack`` (``multiple``) where that is safe."""
-        if max_batch < 1:
-            raise ConfigurationError("subscribe_batches: max_batch must be >= 1")
+        check_batching(prefetch, max_batch)
         queue, channel = await self._declare_group(group, topics, prefetch=prefetch)
         subscription = RabbitSubscription(
             self,

@@ -50,7 +50,15 @@ from accord.transports._redis_consume import (
     text_of,
     translate_redis_error,
 )
-from accord.transports.base import BatchHandler, Subscription, Transport, check_group
+from accord.transports.base import (
+    BatchHandler,
+    Subscription,
+    Transport,
+    check_batching,
+    check_counts,
+    check_group,
+    check_seconds,
+)
 
 __all__ = ["RedisTransport"]
 
@@ -82,8 +90,14 @@ class RedisTransport(Transport):
     ) -> None:
         if not channel:
             raise ConfigurationError("the Redis channel name must not be empty")
-        if claim_idle <= 0:
-            raise ConfigurationError(f"claim_idle must be positive seconds, not {claim_idle!r}")
+        check_seconds(
+            "RedisTransport",
+            claim_idle=claim_idle,
+            publish_timeout=publish_timeout,
+            connect_timeout=connect_timeout,
+        )
+        # maxlen 0 trimmed every entry as it was added: published, confirmed and lost.
+        check_counts("RedisTransport", maxlen=maxlen)
         self.url = url
         self.channel = channel
         self.stream = f"accord:{channel}"
@@ -234,6 +248,7 @@ class RedisTransport(Transport):
         """Create the group (at ``$`` on the channel stream, durable from now on) and
         start reading as a new, uniquely named consumer of it: what each read returns is
         handed over in chunks of at most ``max_batch`` (and ``prefetch``)."""
+        check_batching(prefetch, max_batch)
         client = self._client()
         keys = await self._declare(client, group, topics)
         if self._redis is not client:

@@ -65,7 +65,10 @@ from accord.transports.base import (
     Envelope,
     Subscription,
     Transport,
+    check_batching,
+    check_counts,
     check_group,
+    check_seconds,
     topic_matches,
 )
 
@@ -113,11 +116,13 @@ class SqlTransport(Transport):
                 "SqlTransport needs exactly one of url= (a database URL such as "
                 "sqlite+aiosqlite:///accord.db) or database= (an accord.db.Database)"
             )
-        if poll_interval <= 0 or lease <= 0 or cleanup_interval <= 0 or cleanup_batch < 1:
-            raise ConfigurationError(
-                "SqlTransport: poll_interval, lease and cleanup_interval must be > 0 "
-                "and cleanup_batch >= 1"
-            )
+        check_seconds(
+            "SqlTransport",
+            poll_interval=poll_interval,
+            lease=lease,
+            cleanup_interval=cleanup_interval,
+        )
+        check_counts("SqlTransport", cleanup_batch=cleanup_batch)
         if not channel:
             raise ConfigurationError("SqlTransport: channel must be a non-empty name")
         self.channel = channel
@@ -312,8 +317,7 @@ class SqlTransport(Transport):
         """Register ``group`` durably (widening its patterns with ``topics``) and start
         a consumer of it. ``prefetch`` is how many deliveries one claim leases; each
         handler call gets up to ``max_batch`` of those already claimed."""
-        if max_batch < 1:
-            raise ConfigurationError("subscribe_batches: max_batch must be >= 1")
+        check_batching(prefetch, max_batch)
         if prefetch > MAX_PREFETCH:
             # A claim's statements carry one parameter per delivery (asyncpg takes
             # 32,767 at most); past a few thousand a larger claim gains nothing.
