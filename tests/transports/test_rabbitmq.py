@@ -655,6 +655,32 @@ async def test_a_message_whose_consumers_keep_dying_counts_each_delivery_on_quor
     assert survivor.received[0][1] == third
 
 
+async def test_a_nack_of_hours_does_not_wait_behind_one_of_a_week(
+    rabbit: Callable[..., RabbitTransport],
+) -> None:
+    """A delay queue's messages expire only at its head: every delay past 4096 s shared
+    one queue, so a delivery nacked for two hours behind one nacked for a week waited
+    the week. Each delay up to the week nack allows has a bucket of its own size."""
+    transport = rabbit()
+    await transport.connect()
+    delays = {"test.week": 7 * 86_400.0, "test.hours": 2 * 3_600.0}
+
+    async def put_off(delivery: Delivery) -> None:
+        assert delivery.message is not None
+        await delivery.nack(delays[delivery.message.type])
+
+    await transport.subscribe("patient", put_off)
+    await transport.publish([Message(type="test.week")])
+    await transport.publish([Message(type="test.hours")])
+    week, hours = (transport.topology.retry_queue("patient", d) for d in delays.values())
+    assert week != hours
+
+    async def both_waiting() -> bool:
+        return await ready_count(week) == 1 and await ready_count(hours) == 1
+
+    await wait_for(both_waiting, 10, interval=0.2)
+
+
 async def test_a_queue_type_rabbitmq_does_not_have_is_refused(
     rabbit: Callable[..., RabbitTransport],
 ) -> None:

@@ -58,11 +58,12 @@ REASON_HEADER = "x-accord-reason"
 GROUP_HEADER = "x-accord-group"
 
 #: Upper bounds (milliseconds) of the retry queues' delay buckets: 0.25 s, 0.5 s, 1 s, ...
-#: 4096 s. A delay goes to the smallest bucket that holds it; longer delays share one
-#: last queue. Per-message TTL only expires at the head of a queue, so a message can be
-#: held up by one ahead of it in the *same* bucket - never by more than the bucket's
-#: bound, which is at most twice the delay asked for.
-RETRY_BUCKETS_MS: tuple[int, ...] = tuple(250 << k for k in range(15))
+#: about 12 days, past the longest delay a nack waits (a week). A delay goes to the
+#: smallest bucket that holds it. Per-message TTL only expires at the head of a queue,
+#: so a message can be held up by one ahead of it in the *same* bucket - never by more
+#: than the bucket's bound, which is at most twice the delay asked for. (Buckets used to
+#: end at 4096 s, longer delays sharing one queue: two hours waited behind a week.)
+RETRY_BUCKETS_MS: tuple[int, ...] = tuple(250 << k for k in range(23))
 
 # Headers RabbitMQ adds when it dead-letters or (quorum queues) redelivers; a
 # republished copy must not carry them.
@@ -76,8 +77,9 @@ class RabbitTopology:
     * ``{channel}`` - topic exchange; messages are routed by their ``type``.
     * ``{channel}.dead`` - direct exchange for rejected messages, routed by group.
     * ``{channel}.{group}`` - the group's durable queue, bound with its topic patterns.
-    * ``{channel}.{group}.retry.{ms}ms`` / ``.retry.long`` - delay queues for
-      ``nack(delay)``, dead-lettering back into the group queue when a message expires.
+    * ``{channel}.{group}.retry.{ms}ms`` - delay queues for ``nack(delay)``,
+      dead-lettering back into the group queue when a message expires (older versions
+      also declared ``.retry.long``, for delays past 4096 s).
     * ``{channel}.{group}.dead`` - the group's dead-letter queue.
     """
 

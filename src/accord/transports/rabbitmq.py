@@ -19,9 +19,9 @@ group; and delay queues ``{channel}.{group}.retry.*`` for ``nack(delay)``.
 * ``nack(delay)``: RabbitMQ has no delayed redelivery without a plugin. The message
   is copied to a delay queue with a per-message expiration; on expiry RabbitMQ
   dead-letters it back into the group queue. Per-message TTL only expires at the head
-  of a queue, so delays are split over buckets (0.25 s, 0.5 s, 1 s ... 4096 s, then
-  one queue for longer delays): a message waits at most its bucket's bound, i.e. at
-  most twice the delay asked for, never behind a much longer delay.
+  of a queue, so delays are split over buckets (0.25 s, 0.5 s, 1 s ... about 12
+  days, past the week a nack waits at most): a message waits at most its bucket's
+  bound, i.e. at most twice the delay asked for, never behind a much longer delay.
 * ``attempt`` is carried in the ``x-accord-attempt`` header of redelivered copies;
   a broker redelivery (a consumer went away without settling) adds one.
 * ``reject(reason)``: the message is copied to ``{channel}.dead`` (routing key = group)
