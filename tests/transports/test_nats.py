@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import NATS_URL
 from tests.processes import a_killed_consumers_delivery_comes_back
 
-from accord.errors import MessageTooLarge, PublishError, TransportUnavailable
+from accord.errors import MessageTooLarge, PublishError, TransportError, TransportUnavailable
 from accord.messages import Message
 from accord.testing import Collector, TransportContract, wait_for
 from accord.transports._nats_consume import header_size
@@ -276,6 +276,29 @@ async def test_a_batch_not_confirmed_in_time_fails_whole_and_late_acks_are_ignor
     await nats_transport.publish([Message(type="test.next")])
     assert await _stored(nats_transport) == 4
     assert nats_transport._acks is not None and not nats_transport._acks._waiting
+
+
+async def test_a_publish_in_flight_when_the_transport_closes_ends_with_it() -> None:
+    """close() closes the connection, so no PubAck can come any more: a publish waiting
+    for its batch's PubAcks fails then, as an outage (retried, deduplicated by
+    Nats-Msg-Id), instead of waiting out publish_timeout for nothing."""
+    channel = f"nats-{uuid.uuid4().hex[:12]}"
+    transport = NatsTransport(NATS_URL, channel=channel, publish_timeout=120.0)
+    await transport.connect()
+    try:
+        publishing = asyncio.create_task(
+            transport.publish([Message(type="test.closing", data=i) for i in range(2000)])
+        )
+        await asyncio.sleep(0.005)
+        assert not publishing.done(), "the batch was confirmed before close(): try more"
+        await transport.close()
+        async with asyncio.timeout(15):  # not the 120 s of publish_timeout
+            # TransportUnavailable, or PublishError if some PubAcks made it before close().
+            with pytest.raises(TransportError, match="closed before JetStream confirmed"):
+                await publishing
+    finally:
+        await transport.close()
+        await _delete_stream(channel)
 
 
 async def test_every_copy_of_a_message_in_one_batch_is_confirmed_and_forgotten(

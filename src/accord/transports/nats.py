@@ -134,6 +134,13 @@ class _PubAcks:
     def forget(self, reply: str) -> None:
         self._waiting.pop(reply, None)
 
+    def fail_waiting(self, error: Exception) -> None:
+        """Fail every publish still waiting for its PubAck (the connection closed)."""
+        waiting, self._waiting = self._waiting, {}
+        for pub_ack in waiting.values():
+            if not pub_ack.done():
+                pub_ack.set_exception(error)
+
     async def _on_reply(self, msg: Msg) -> None:
         pub_ack = self._waiting.pop(msg.subject, None)
         if pub_ack is None or pub_ack.done():
@@ -489,11 +496,20 @@ class NatsTransport(Transport):
             for subscription in subscriptions:
                 with contextlib.suppress(Exception):
                     await subscription.stop()
-            nc, self._nc, self._js, self._acks = self._nc, None, None, None
+            nc, self._nc, self._js = self._nc, None, None
+            acks, self._acks = self._acks, None
             if nc is not None and not nc.is_closed:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(self.connect_timeout):
                         await nc.close()
+            if acks is not None:
+                # No PubAck can come now: a publish in flight fails at once, not after
+                # publish_timeout (its messages may be stored: a retry is deduplicated).
+                acks.fail_waiting(
+                    TransportUnavailable(
+                        "the NATS transport was closed before JetStream confirmed the message"
+                    )
+                )
 
     # -- administration -----------------------------------------------------------
 
