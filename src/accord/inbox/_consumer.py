@@ -4,10 +4,11 @@ retries with backoff, and dead letters for what cannot be handled."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -67,6 +68,9 @@ log = logging.getLogger("accord.inbox")
 
 _TRACEBACK_FRAMES = 6
 _REASON_LIMIT = 4000
+# How much of an error's own text a reason or a log line keeps: the rest of the reason
+# is for the traceback, which says where it failed.
+_ERROR_TEXT_LIMIT = 1000
 # A message held back behind its key's failed predecessor comes back this long after it.
 _HELD_BACK_GAP = 0.05
 
@@ -74,10 +78,57 @@ _HELD_BACK_GAP = 0.05
 _Ready = tuple[Delivery, Message, Registration, Any]
 
 
+def _describe(exc: BaseException) -> str:
+    """``Type: text`` of an error for a reason or a log line, whatever its ``__str__``
+    does: raise (the message must still be dead-lettered) or return a megabyte."""
+    try:
+        text = str(exc)
+    except Exception as error:
+        text = f"<its str() raised {type(error).__name__}>"
+    if len(text) > _ERROR_TEXT_LIMIT:
+        text = text[: _ERROR_TEXT_LIMIT - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _error_reason(exc: BaseException, attempts: int) -> str:
+    exc = _Aborted.original(exc)
+    head = f"handler failed {attempts} time(s); last error: {_describe(exc)}"
     frames = "".join(traceback.format_exception(exc, limit=-_TRACEBACK_FRAMES)).rstrip()
-    reason = f"handler failed {attempts} time(s); last error: {type(exc).__name__}: {exc}\n{frames}"
+    reason = f"{head}\n{frames}"
     return reason if len(reason) <= _REASON_LIMIT else reason[: _REASON_LIMIT - 3] + "..."
+
+
+class _Aborted(Exception):
+    """A handler's failure that is no :class:`Exception` (a ``BaseException`` of its
+    own, a ``CancelledError`` of something it awaited), carried as one so that it is
+    retried and dead-lettered like any failure instead of ending the consumer."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(_describe(error))
+        self.error = error
+
+    @staticmethod
+    def original(exc: BaseException) -> BaseException:
+        """What the handler raised."""
+        return exc.error if isinstance(exc, _Aborted) else exc
+
+
+@contextlib.contextmanager
+def _handler_failures() -> Iterator[None]:
+    """Around a handler's call: what it raises is a failure of its message, unless the
+    process or this task is being stopped (``KeyboardInterrupt``, ``SystemExit``, a
+    cancellation of this task): those go on, and the message comes again."""
+    try:
+        yield
+    except (Exception, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise  # this task is cancelled: a stop, not the message's fault
+        raise _Aborted(exc) from exc
+    except BaseException as exc:
+        raise _Aborted(exc) from exc
 
 
 class Consumer:
@@ -88,7 +139,9 @@ class Consumer:
     message type; both commit together. A message whose id is already in the
     inbox is acknowledged without running the handler.
 
-    * A handler that raises rolls everything back; the delivery is nacked with
+    * A handler that raises — anything but ``KeyboardInterrupt``, ``SystemExit`` or
+      the cancellation of the consumer's own task, so also a ``BaseException`` of its
+      own — rolls everything back; the delivery is nacked with
       exponential backoff and jitter (``backoff_base`` doubling per attempt, at
       most ``backoff_cap`` seconds). At attempt ``max_attempts`` the message is
       written to ``accord_dead_letters`` with the error, then acknowledged.
@@ -351,10 +404,9 @@ class Consumer:
                 fresh = await self._apply_batch(ready)
         except Exception as exc:
             log.info(
-                "batch of %d failed (%s: %s); handling its messages one at a time",
+                "batch of %d failed (%s); handling its messages one at a time",
                 len(ready),
-                type(exc).__name__,
-                exc,
+                _describe(_Aborted.original(exc)),
             )
             await self._one_at_a_time(ready)
             return
@@ -406,9 +458,7 @@ class Consumer:
             # on data of a type it did not expect): still this message's data, and it
             # would fail the same way on every redelivery.
             schema = getattr(registration.schema, "__name__", repr(registration.schema))
-            reason = (
-                f"data does not match {schema}: its validation raised {type(exc).__name__}: {exc}"
-            )
+            reason = f"data does not match {schema}: its validation raised {_describe(exc)}"
             await self._dead_letter(delivery, "invalid_data", reason)
             return None
         return delivery, message, registration, data
@@ -478,7 +528,8 @@ class Consumer:
                             for (d, m, _, data), span in zip(run, started, strict=True)
                         ]
                         handled.extend(ctx for ctx, _ in contexts)
-                        await batch(contexts)
+                        with _handler_failures():
+                            await batch(contexts)
                         continue
                     for (delivery, message, registration, data), span in zip(
                         run, started, strict=True
@@ -486,6 +537,7 @@ class Consumer:
                         ctx = HandlerContext(conn, message, self.name, delivery.attempt)
                         handled.append(ctx)
                         with (
+                            _handler_failures(),
                             log_context(**self._fields(delivery)),
                             spans.current(message, span),
                         ):
@@ -600,7 +652,7 @@ class Consumer:
             if not fresh:
                 return False
             ctx = HandlerContext(conn, message, self.name, delivery.attempt)
-            with consumer_span(self.name, message):
+            with _handler_failures(), consumer_span(self.name, message):
                 await registration.func(ctx, data)
         run_after_commit(ctx.committed)
         return True
@@ -613,17 +665,16 @@ class Consumer:
                 "handler failed on attempt %d of %d; dead-lettering",
                 attempt,
                 self.max_attempts,
-                exc_info=exc,
+                exc_info=_Aborted.original(exc),
             )
             reason = _error_reason(exc, attempt)
             return await self._dead_letter(delivery, "handler_failed", reason, attempt)
         delay = self.backoff(attempt)
         log.warning(
-            "handler failed on attempt %d of %d (%s: %s); retrying in %.2fs",
+            "handler failed on attempt %d of %d (%s); retrying in %.2fs",
             attempt,
             self.max_attempts,
-            type(exc).__name__,
-            exc,
+            _describe(_Aborted.original(exc)),
             delay,
         )
         await delivery.nack(delay)

@@ -89,11 +89,15 @@ class HandlerContext:
 
 def run_after_commit(callbacks: Iterable[Callable[[], None]]) -> None:
     """Run what a transaction that just committed left to do; a callback that raises
-    is logged and the others still run (the commit stands either way)."""
+    is logged and the others still run (the commit stands either way). Only
+    ``KeyboardInterrupt`` and ``SystemExit`` go on: anything else, a ``BaseException``
+    of its own included, must not keep the committed message from being acked."""
     for callback in callbacks:
         try:
             callback()
-        except Exception:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:
             log.exception("an after-commit callback failed")
 
 
