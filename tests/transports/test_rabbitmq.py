@@ -681,6 +681,29 @@ async def test_a_nack_of_hours_does_not_wait_behind_one_of_a_week(
     await wait_for(both_waiting, 10, interval=0.2)
 
 
+@pytest.mark.parametrize("channel", ["amq.orders", "orders*", "orders>", "bestell-ü", "c" * 260])
+def test_a_channel_rabbitmq_cannot_name_an_exchange_after_is_refused(channel: str) -> None:
+    """The client refused such a name at connect() with its own 'Invalid value for
+    exchange', and an 'amq.' one was reported as missing permissions on the vhost."""
+    with pytest.raises(ConfigurationError, match="channel"):
+        RabbitTransport(RABBIT_URL, channel=channel)
+
+
+@pytest.mark.parametrize("group", ["grüppe", "a*b", "g" * 240])
+async def test_a_group_rabbitmq_cannot_name_a_queue_after_is_refused(
+    rabbit: Callable[..., RabbitTransport], group: str
+) -> None:
+    """Refused as a mistake in the code (ConfigurationError naming what is allowed)
+    before anything is declared, not as the client's 'Invalid value for queue'."""
+    transport = rabbit()
+    await transport.connect()
+    with pytest.raises(ConfigurationError, match="group"):
+        await transport.declare(group)
+    with pytest.raises(ConfigurationError, match="group"):
+        await transport.subscribe(group, Collector())
+    assert transport.groups == frozenset()
+
+
 async def test_a_queue_type_rabbitmq_does_not_have_is_refused(
     rabbit: Callable[..., RabbitTransport],
 ) -> None:

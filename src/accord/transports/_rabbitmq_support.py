@@ -23,7 +23,7 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 from yarl import URL
 
-from accord.errors import MessageTooLarge, TransportError, TransportUnavailable
+from accord.errors import ConfigurationError, MessageTooLarge, TransportError, TransportUnavailable
 from accord.messages import Message
 from accord.transports.base import Envelope
 
@@ -35,6 +35,7 @@ __all__ = [
     "RETRY_BUCKETS_MS",
     "RabbitTopology",
     "attempt_of",
+    "check_names",
     "delivery_headers",
     "encode_publish",
     "envelope_properties",
@@ -118,6 +119,44 @@ class RabbitTopology:
             *retry,
             f"{self.channel}.{group}.retry.long",
         ]
+
+
+# What the client (pamqp) lets an exchange or queue name hold, and the most bytes AMQP
+# carries of one (a short string).
+_NAME = re.compile(r"[a-zA-Z0-9\-_.:@#,/+ ]+")
+_NAME_BYTES = 255
+_ALLOWED = "letters a-z and A-Z, digits, spaces and - _ . : @ # , / +"
+
+
+def check_names(channel: str, group: str | None = None) -> None:
+    """Raise ConfigurationError unless RabbitMQ can name the exchanges of ``channel``
+    (and the queues of ``group``, if given) after them: the client refused other
+    characters with its own ValueError, and the broker keeps ``amq.`` to itself."""
+    if not channel or not _NAME.fullmatch(channel) or channel.startswith("amq."):
+        raise ConfigurationError(
+            f"RabbitMQ channel {channel!r} cannot name an exchange: use {_ALLOWED}, "
+            "and do not start it with 'amq.' (RabbitMQ's own)"
+        )
+    topology = RabbitTopology(channel)
+    if len(topology.dead_exchange) > _NAME_BYTES:
+        raise ConfigurationError(
+            f"RabbitMQ channel {channel[:40]!r}... is {len(channel)} characters long; "
+            f"its exchange names must fit {_NAME_BYTES} (use at most "
+            f"{_NAME_BYTES - len('.dead')})"
+        )
+    if group is None:
+        return
+    longest = max(topology.queues(group), key=len)
+    if not _NAME.fullmatch(group):
+        raise ConfigurationError(
+            f"consumer group {group!r} cannot name a RabbitMQ queue: use {_ALLOWED}"
+        )
+    if len(longest) > _NAME_BYTES:
+        raise ConfigurationError(
+            f"consumer group {group[:40]!r}... is too long for RabbitMQ on channel "
+            f"{channel!r}: its delay queue names must fit {_NAME_BYTES} characters, "
+            f"so the group may have at most {len(group) - len(longest) + _NAME_BYTES}"
+        )
 
 
 def _bucket(delay: float) -> int | None:

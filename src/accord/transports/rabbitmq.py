@@ -70,6 +70,7 @@ from accord.transports._rabbitmq_support import (
     GROUP_HEADER,
     REASON_HEADER,
     RabbitTopology,
+    check_names,
     encode_publish,
     envelope_properties,
     fit_header_frame,
@@ -133,8 +134,7 @@ class RabbitTransport(Transport):
         max_message_size: int = 16 * 1024 * 1024,
         queue_type: Literal["classic", "quorum"] = "classic",
     ) -> None:
-        if not channel:
-            raise ConfigurationError("RabbitTransport needs a non-empty channel (exchange) name")
+        check_names(channel)
         check_seconds(
             "RabbitTransport", publish_timeout=publish_timeout, connect_timeout=connect_timeout
         )
@@ -353,6 +353,7 @@ class RabbitTransport(Transport):
         The queue is declared on a new channel (with ``basic_qos(prefetch)`` if given),
         returned to the caller with it; closed here if the declaration fails."""
         check_group(group, topics)
+        check_names(self.channel, group)
         if self._closed:
             raise TransportUnavailable("this RabbitTransport is closed; call connect() again")
         await self.connect()
