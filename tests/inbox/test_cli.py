@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from accord.cli.app import _register_subcommands, app
 from accord.db import Database
-from accord.inbox import Consumer, HandlerContext
+from accord.errors import ConfigurationError
+from accord.inbox import Consumer, DeadLetters, HandlerContext
 from accord.inbox._store import holds_of, note_holds
 from accord.messages import Message
 from accord.transports.sql import SqlTransport
@@ -138,3 +139,33 @@ def test_prune_keeps_recent_inbox_rows_and_holds(db_url: str) -> None:
     pruned = invoke("inbox", "prune", "--db", db_url, "--older-than-days", "0", "--json")
     assert json.loads(pruned.output) == {"pruned": 1}
     assert asyncio.run(_holds(db_url, note=False)) == 0
+
+
+def test_an_id_or_limit_past_what_the_column_holds_is_not_a_driver_error(db_url: str) -> None:
+    """An id past BIGINT: 'no dead letter with id …' like any other absent id (it was
+    SQLite's OverflowError with a traceback, asyncpg's DataError with the SQL); a limit
+    past it lists them all."""
+    asyncio.run(_seed(db_url))
+    huge = str(2**64)
+    for args in (["show", huge], ["replay", huge], ["purge", huge, "--json"]):
+        done = invoke("inbox", "dead", *args, "--db", db_url)
+        said = " ".join(done.output.split())
+        assert done.exit_code == 1, done.output
+        assert f"no dead letter with id {huge}" in said, done.output
+        assert "Traceback" not in said and "SQL" not in said
+    listed = invoke("inbox", "dead", "list", "--limit", huge, "--db", db_url, "--json")
+    assert listed.exit_code == 0, listed.output
+    assert len(json.loads(listed.output)) == 3
+
+
+async def _list_with_limit(url: str, limit: Any) -> None:
+    async with Database(url) as database:
+        await DeadLetters(database).list(limit=limit)
+
+
+@pytest.mark.parametrize("limit", [0, -1, 2.5])
+def test_a_list_limit_below_one_is_refused(db_url: str, limit: Any) -> None:
+    """DeadLetters.list(limit=-1) listed every letter on SQLite (LIMIT -1 is none) and
+    was a driver error on PostgreSQL."""
+    with pytest.raises(ConfigurationError, match="limit must be a whole number"):
+        asyncio.run(_list_with_limit(db_url, limit))

@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from accord._checks import is_count
 from accord.db import Database
 from accord.db.database import translate_errors
 from accord.db.schema import dead_letters
@@ -277,6 +278,16 @@ def _not_found(letter_id: int) -> NotFoundError:
     )
 
 
+#: The largest id the column (BIGINT) holds, and the largest LIMIT the databases take.
+_MAX_ID = 2**63 - 1
+
+
+def _can_exist(letter_id: int) -> bool:
+    """Whether a dead letter could have this id: one past BIGINT is not just absent, the
+    drivers refuse it (asyncpg's DataError, SQLite's OverflowError)."""
+    return 0 <= letter_id <= _MAX_ID
+
+
 class DeadLetters:
     """Operate on the dead letters of every consumer that uses ``database``."""
 
@@ -286,8 +297,11 @@ class DeadLetters:
     async def list(
         self, consumer: str | None = None, *, status: str | None = None, limit: int = 100
     ) -> Sequence[DeadLetter]:
-        """Dead letters, oldest first, optionally of one consumer / in one status."""
-        query = sa.select(dead_letters).order_by(dead_letters.c.id).limit(limit)
+        """Dead letters, oldest first, optionally of one consumer / in one status; at
+        most ``limit`` (at least 1)."""
+        if not is_count(limit):
+            raise ConfigurationError(f"limit must be a whole number of at least 1, got {limit!r}")
+        query = sa.select(dead_letters).order_by(dead_letters.c.id).limit(min(limit, _MAX_ID))
         if consumer is not None:
             query = query.where(dead_letters.c.consumer == consumer)
         if status is not None:
@@ -298,6 +312,8 @@ class DeadLetters:
 
     async def get(self, letter_id: int) -> DeadLetter:
         """One dead letter; :class:`~accord.errors.NotFoundError` if there is none."""
+        if not _can_exist(letter_id):
+            raise _not_found(letter_id)
         with translate_errors("reading a dead letter"):
             async with self.database.connect() as conn:
                 row = (
@@ -315,6 +331,8 @@ class DeadLetters:
         Returns the letter as marked: a running consumer may take it (and, handled,
         delete it) as soon as the mark commits. With ``consumer``, a letter of another
         consumer is refused (ConfigurationError) and left as it is."""
+        if not _can_exist(letter_id):
+            raise _not_found(letter_id)
         statement = dead_letters.update().where(dead_letters.c.id == letter_id)
         if consumer is not None:
             statement = statement.where(dead_letters.c.consumer == consumer)
@@ -357,6 +375,8 @@ class DeadLetters:
     async def purge(self, consumer: str | None = None, *, letter_id: int | None = None) -> int:
         """Delete DEAD letters (one, those of one consumer, or all); return how many.
         Letters waiting for replay are kept."""
+        if letter_id is not None and not _can_exist(letter_id):
+            return 0  # no such letter
         statement = dead_letters.delete().where(dead_letters.c.status == DEAD)
         if consumer is not None:
             statement = statement.where(dead_letters.c.consumer == consumer)
