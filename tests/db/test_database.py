@@ -488,3 +488,24 @@ async def test_the_event_stores_own_connections_take_the_engines_connect_args(
     finally:
         await store.close()
         await database.dispose()
+
+
+
+async def test_a_read_neither_waits_for_a_writer_nor_holds_one_back(database: Database) -> None:
+    """SQLite: read() begins deferred, so a read goes on while a write transaction
+    holds the file's write lock, and a writer commits while a read is open (neither
+    waits out the 30 s busy timeout)."""
+    await database.upgrade()
+    key = f"read-{uuid.uuid4().hex[:8]}"
+    count = sa.select(sa.func.count()).select_from(outbox).where(outbox.c.key == key)
+    async with asyncio.timeout(5):
+        async with database.transaction() as writer:
+            await add_to_outbox(writer, Message(type="t.Read", key=key))
+            async with database.read() as reader:
+                assert await reader.scalar(count) == 0
+        async with database.read() as reader:
+            assert await reader.scalar(count) == 1  # its transaction is open now
+            async with database.transaction() as writer:
+                await add_to_outbox(writer, Message(type="t.Read", key=key))
+    async with database.read() as reader:
+        assert await reader.scalar(count) == 2

@@ -403,6 +403,30 @@ async def test_a_relay_that_cannot_be_woken_never_fails_a_commit(sqlite_url: str
         await database.dispose()
 
 
+async def test_on_sqlite_an_idle_relay_does_not_wait_for_the_write_lock(
+    sqlite_url: str, listen: Any
+) -> None:
+    """A round that finds nothing due (here: a message scheduled for later, and one
+    added by a transaction not yet committed) looks without taking the file's write
+    lock, so it neither waits for a writer nor holds one back."""
+    database = Database(sqlite_url)
+    transport, received = await listen(broker_url("sql", sqlite_url))
+    relay = fast_relay(database, transport)
+    try:
+        async with database.transaction() as conn:
+            await add_to_outbox(conn, Message(type="t.later"), delay=timedelta(hours=1))
+        async with database.transaction() as writer:
+            await add_to_outbox(writer, Message(type="t.now"))
+            async with asyncio.timeout(5):  # not the 30 s busy timeout
+                assert await relay.run_once() == 0
+                assert await relay.run_once() == 0
+        assert await relay.run_once() == 1  # committed now: due, and claimed
+        await received.wait(1)
+        assert [m.type for m, _ in received.received if m is not None] == ["t.now"]
+    finally:
+        await database.dispose()
+
+
 class HeldAtPublish(FaultyTransport):
     """Holds every publish until the test releases it, so a batch is surely in flight."""
 

@@ -287,6 +287,21 @@ class Database:
                     yield conn
 
     @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reading only (autobegin on first use). On SQLite its
+        transaction begins deferred: it reads a snapshot without taking the file's
+        one write lock, so it neither waits for writers nor makes them wait (every
+        other transaction begins ``IMMEDIATE``). A write on it may fail at once
+        with "database is locked": write through :meth:`transaction`."""
+        callers = CallerErrors()
+        with translate_errors("database read", callers):
+            async with self.engine.connect() as conn:
+                if self.is_sqlite:
+                    await conn.execution_options(**{_READ_ONLY: True})
+                with callers.noting():
+                    yield conn
+
+    @contextlib.asynccontextmanager
     async def driver_alone(self) -> AsyncIterator[Any | None]:
         """The asyncpg connection of a pooled connection, in no transaction: each
         statement sent on it commits on its own (one round trip: no ``BEGIN``, no
@@ -385,6 +400,8 @@ _SQLALCHEMY_CONNECT_ARGS = (
     "async_creator_fn",
 )
 _strict_json = functools.partial(json.dumps, allow_nan=False)
+# The execution option that marks a connection of Database.read() (SQLite).
+_READ_ONLY = "accord_read_only"
 # libpq's names (psycopg URLs, hosting dashboards) for what asyncpg calls otherwise.
 _LIBPQ_OPTIONS = {"sslmode": "ssl", "connect_timeout": "timeout"}
 
@@ -472,5 +489,9 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
     def on_begin(conn: Any) -> None:
         # A deferred transaction that later writes can fail with SQLITE_BUSY at
         # once (lock upgrade deadlock) instead of waiting: take the write lock
-        # up front so writers queue on the busy timeout.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # up front so writers queue on the busy timeout. Database.read()'s
+        # connections only read: theirs begin deferred.
+        if conn.get_execution_options().get(_READ_ONLY):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")

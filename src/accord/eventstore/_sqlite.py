@@ -84,7 +84,7 @@ class SqliteEventStore(EventStore):
         with translate_errors("reading events"):
             if conn is not None:
                 return (await conn.execute(query)).all()
-            async with self.database.connect() as own:
+            async with self.database.read() as own:
                 return (await own.execute(query)).all()
 
     async def _read_stream(

@@ -573,7 +573,7 @@ class EventStore:
             if conn is not None:
                 row = (await conn.execute(query)).first()
             else:
-                async with self.database.connect() as own:
+                async with self.database.read() as own:
                     row = (await own.execute(query)).first()
         if row is None:
             return None

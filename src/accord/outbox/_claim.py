@@ -24,6 +24,7 @@ from accord.errors import ConfigurationError
 __all__ = [
     "ClaimedRow",
     "Settlement",
+    "any_due",
     "claim",
     "claim_on_driver",
     "release_scheduled",
@@ -524,3 +525,18 @@ async def release_scheduled(conn: AsyncConnection, *, now: datetime, limit: int)
     for seq in seqs:  # one at a time: each goes behind the one before
         await conn.execute(_RELEASE_SQLITE, {"seq": seq})
     return len(seqs)
+
+
+# -- a look without the write lock (SQLite) -------------------------------------------
+#
+# Every SQLite write transaction takes the file's one write lock, also one that finds
+# nothing to do; a relay polling an idle outbox would take it every poll and hold up
+# the service's own writers. A read (Database.read(): no lock) looks first.
+_ANY_DUE = sa.text(
+    "SELECT 1 FROM accord_outbox WHERE status = :status AND available_at <= :now LIMIT 1"
+).bindparams(sa.bindparam("now", type_=UTCDateTime()))
+
+
+async def any_due(conn: AsyncConnection, *, status: str, now: datetime) -> bool:
+    """Whether a row of ``status`` (PENDING or SCHEDULED) is due by ``now``."""
+    return await conn.scalar(_ANY_DUE, {"status": status, "now": now}) is not None

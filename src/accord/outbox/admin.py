@@ -103,7 +103,7 @@ class OutboxAdmin:
             sa.func.min(outbox.c.available_at).filter(outbox.c.status == SCHEDULED),
         )
         await self.database.clock.sync_if_due()
-        async with self.database.connect() as conn:
+        async with self.database.read() as conn:
             row = (await conn.execute(query)).one()
         pending, sent, dead, retrying, oldest, scheduled, next_scheduled = row
         as_of = self.database.clock.now()
@@ -125,7 +125,7 @@ class OutboxAdmin:
         query = sa.select(outbox).where(outbox.c.status == "DEAD").order_by(outbox.c.seq)
         if event_type:
             query = query.where(outbox.c.event_type == event_type)
-        async with self.database.connect() as conn:
+        async with self.database.read() as conn:
             rows = (await conn.execute(query.limit(limit))).all()
         return [_row_dict(r) for r in rows]
 
@@ -141,7 +141,7 @@ class OutboxAdmin:
         )
         if event_type:
             query = query.where(outbox.c.event_type == event_type)
-        async with self.database.connect() as conn:
+        async with self.database.read() as conn:
             rows = (await conn.execute(query.limit(limit))).all()
         return [_row_dict(r) for r in rows]
 
@@ -154,7 +154,7 @@ class OutboxAdmin:
 
     async def show(self, message_id: str) -> dict[str, Any]:
         """One outbox row, with its payload and headers."""
-        async with self.database.connect() as conn:
+        async with self.database.read() as conn:
             row = (
                 await conn.execute(sa.select(outbox).where(outbox.c.id == message_uuid(message_id)))
             ).first()

@@ -30,13 +30,14 @@ from accord.errors import (
 from accord.outbox._claim import (
     ClaimedRow,
     Settlement,
+    any_due,
     claim,
     claim_on_driver,
     release_scheduled,
     settle,
     settle_on_driver,
 )
-from accord.outbox.writer import NOTIFY_CHANNEL, stop_waking, wake_on_local_commits
+from accord.outbox.writer import NOTIFY_CHANNEL, SCHEDULED, stop_waking, wake_on_local_commits
 from accord.transports.base import Envelope, Transport
 
 __all__ = ["Relay", "backoff_delay"]
@@ -236,6 +237,9 @@ class Relay:
         now = self.database.clock.now()
         if time.monotonic() >= self._scheduled_due:
             await self._release_scheduled(now)
+        if self.database.is_sqlite and not await self._due("PENDING", now):
+            self._outage = 0  # the database answered; nothing to publish
+            return 0
         sent: list[int] = []
         others: list[Settlement] = []
         if self.claims == "lock":  # the rows stay locked in the claiming transaction
@@ -268,8 +272,11 @@ class Relay:
         after a full batch."""
         try:
             with translate_errors("releasing scheduled outbox rows"):
-                async with self.database.transaction() as conn:
-                    released = await release_scheduled(conn, now=now, limit=self.batch_size)
+                if self.database.is_sqlite and not await self._due(SCHEDULED, now):
+                    released = 0
+                else:
+                    async with self.database.transaction() as conn:
+                        released = await release_scheduled(conn, now=now, limit=self.batch_size)
         except Exception as exc:  # the round goes on: what is pending still goes out
             log.warning("relay %s could not release scheduled messages: %s", self.name, exc)
             released = 0
@@ -278,6 +285,13 @@ class Relay:
             log.debug("relay %s released %d scheduled messages", self.name, released)
         full = released >= self.batch_size
         self._scheduled_due = 0.0 if full else time.monotonic() + self.poll_interval
+
+    async def _due(self, status: str, now: datetime) -> bool:
+        """SQLite: whether a row of ``status`` is due, looked for without the file's
+        write lock, which a claim or release takes even when it finds nothing: an
+        idle relay's polls then leave the service's writers alone."""
+        async with self.database.read() as conn:
+            return await any_due(conn, status=status, now=now)
 
     async def _release_cancelled(
         self,

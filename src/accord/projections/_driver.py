@@ -109,7 +109,7 @@ class BatchDriver:
         last = events[-1].position if events else self.position
         if not events and final is None:
             if self.live:
-                async with self.database.connect() as conn:
+                async with self.database.read() as conn:
                     if await p.live_version(conn) != self.version:
                         raise Swapped()
             return

@@ -38,7 +38,7 @@ async def list_parked(
         query = query.where(parked.c.projection == projection)
     if not include_replayed:
         query = query.where(parked.c.replayed_at.is_(None))
-    async with database.connect() as conn:
+    async with database.read() as conn:
         with translate_errors("listing parked events"):
             return [parked_from_row(r) for r in await conn.execute(query)]
 
@@ -60,7 +60,7 @@ async def replay_parked(
     own_store = store is None
     store = store or EventStore(database)
     try:
-        async with database.connect() as conn:
+        async with database.read() as conn:
             live = await projection.live_version(conn)
         candidates = [
             p

@@ -148,7 +148,7 @@ async def rebuild(
         # 1. Replay history up to where the live runner is (never past it: events
         #    after the live checkpoint have not fired their side effects yet).
         while True:
-            async with database.connect() as conn:
+            async with database.read() as conn:
                 live_at = await _live_position(conn, projection.name, previous)
             events = await store.read_all(driver.position, limit=size, types=types)
             behind = [e for e in events if e.position <= live_at]
@@ -167,7 +167,7 @@ async def rebuild(
         try:
             async with database.transaction() as conn:
                 await _set_handoff(conn, projection.name, previous, _state.now() + handoff)
-            async with database.connect() as conn:
+            async with database.read() as conn:
                 live_at = await _live_position(conn, projection.name, previous)
             while True:
                 events = await store.read_all(driver.position, limit=size, types=types)
@@ -181,7 +181,7 @@ async def rebuild(
                 else:
                     await asyncio.sleep(0.02)
             # Only this rebuild writes the new version: every event it parked is counted.
-            async with database.connect() as conn:
+            async with database.read() as conn:
                 parked_count = await _parked(conn, projection.name, version)
             if parked_count and not allow_parked:
                 raise RebuildRefused(

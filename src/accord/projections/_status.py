@@ -72,7 +72,7 @@ class ProjectionStatus:
 
 
 async def _names(database: Database) -> list[str]:
-    async with database.connect() as conn:
+    async with database.read() as conn:
         with translate_errors("listing projections"):
             rows = await conn.execute(sa.select(versions.c.projection).order_by("projection"))
             return [r[0] for r in rows]
@@ -105,7 +105,7 @@ async def _one(
 ) -> ProjectionStatus:
     name = item if isinstance(item, str) else item.name
     types = None if isinstance(item, str) else item.event_types
-    async with database.connect() as conn:
+    async with database.read() as conn:
         with translate_errors(f"reading the status of projection {name!r}"):
             found = await _state.read_versions(conn, name)
             live = found.live if found else 1
@@ -133,7 +133,7 @@ async def _one(
         query = sa.select(events.c.recorded_at).where(events.c.position > position)
         if types is not None:
             query = query.where(events.c.type.in_(types))
-        async with database.connect() as conn:
+        async with database.read() as conn:
             with translate_errors(f"reading the status of projection {name!r}"):
                 oldest = await conn.scalar(query.order_by(events.c.position).limit(1))
         if oldest is not None:
@@ -162,7 +162,7 @@ async def caught_up(
 ) -> tuple[bool, str | None]:
     """Whether ``projection``'s live version has applied every event it handles up
     to ``position``; and the stop error if it is stopped."""
-    async with database.connect() as conn:
+    async with database.read() as conn:
         with translate_errors(f"reading the checkpoint of projection {projection.name!r}"):
             live = await projection.live_version(conn)
             checkpoint = await _state.read_checkpoint(conn, projection.name, live)

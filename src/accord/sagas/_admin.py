@@ -80,20 +80,20 @@ class SagaAdmin:
         if name:
             query = query.where(sagas.c.name == name)
         with translate_errors("listing sagas"):
-            async with self.database.connect() as conn:
+            async with self.database.read() as conn:
                 return [SagaState.from_row(r) for r in (await conn.execute(query)).all()]
 
     async def counts(self) -> dict[str, int]:
         """How many instances are in each status."""
         query = sa.select(sagas.c.status, sa.func.count()).group_by(sagas.c.status)
         with translate_errors("counting sagas"):
-            async with self.database.connect() as conn:
+            async with self.database.read() as conn:
                 return {str(s): int(n) for s, n in (await conn.execute(query)).all()}
 
     async def get(self, saga_id: str) -> SagaState:
         """The instance ``saga_id``; :class:`NotFoundError` if there is none."""
         with translate_errors("reading a saga"):
-            async with self.database.connect() as conn:
+            async with self.database.read() as conn:
                 state = await load(conn, saga_id)
         if state is None:
             raise NotFoundError(f"no saga {saga_id!r} in {self.database!r}")
@@ -105,7 +105,7 @@ class SagaAdmin:
             sa.select(saga_steps).where(saga_steps.c.saga_id == saga_id).order_by(saga_steps.c.id)
         )
         with translate_errors("reading a saga's step log"):
-            async with self.database.connect() as conn:
+            async with self.database.read() as conn:
                 rows = (await conn.execute(query)).all()
         return [
             StepLogEntry(
@@ -203,7 +203,7 @@ class SagaAdmin:
             query = query.where(sagas.c.name == name)
         await self.database.clock.sync_if_due()
         with translate_errors("listing STUCK sagas"):
-            async with self.database.connect() as conn:
+            async with self.database.read() as conn:
                 ids = [str(i) for i in (await conn.scalars(query)).all()]
         resumed: builtins.list[SagaState] = []
         for done, saga_id in enumerate(ids, 1):

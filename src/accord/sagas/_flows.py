@@ -307,7 +307,7 @@ class Flows:
             sa.select(flows).where(flows.c.correlation_id == correlation_id).order_by(flows.c.id)
         )
         with translate_errors("reading a flow"):
-            async with self.database.connect() as conn:
+            async with self.database.read() as conn:
                 rows = (await conn.execute(query)).all()
         return [
             FlowEntry(
@@ -339,7 +339,7 @@ class Flows:
             .limit(limit)
         )
         with translate_errors("finding stalled flows"):
-            async with self.database.connect() as conn:
+            async with self.database.read() as conn:
                 rows = (await conn.execute(query)).all()
         return [
             StalledFlow(

@@ -360,7 +360,7 @@ class Orchestrator:
             .order_by(deadlines.c.due_at)
             .limit(self.timer_batch)
         )
-        async with self.database.connect() as conn:
+        async with self.database.read() as conn:
             due = [row[0] for row in (await conn.execute(query)).all()]
         fired = 0
         for saga_id in due:

@@ -673,7 +673,7 @@ async def prune_participations(
 
 async def participants(database: Database) -> list[str]:
     """The participants that have records in ``database``."""
-    async with database.connect() as conn:
+    async with database.read() as conn:
         found = await conn.scalars(sa.select(participations.c.participant).distinct())
         return sorted(found.all())
 
