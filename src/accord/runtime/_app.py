@@ -111,7 +111,14 @@ async def _worker(
     configure_logging(settings.log_level, json_logs=settings.log_json, service=settings.service)
     factory = load_app(app) if isinstance(app, str) else app
     if metrics and settings.metrics_port:
-        start_metrics_server(settings.metrics_port)
+        try:
+            start_metrics_server(settings.metrics_port)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot serve metrics on port {settings.metrics_port}: "
+                f"{exc.strerror or exc}; free it, or set another metrics_port "
+                "(ACCORD_METRICS_PORT)"
+            ) from None
     try:
         if settings.upgrade:
             await settings.database().upgrade()

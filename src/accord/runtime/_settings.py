@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, ValidationError
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from accord.db import Database
@@ -43,14 +44,30 @@ class Settings(BaseSettings):
         description="RabbitMQ: the type of the queues declared (quorum: replicated, "
         "every redelivery counted; RabbitMQ 3.10 or later).",
     )
-    log_level: str = Field("INFO", description="Logging level.")
+    log_level: str = Field(
+        "INFO", description="Logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL."
+    )
     log_json: bool = Field(True, description="JSON log lines (false: readable text).")
-    metrics_port: int | None = Field(None, description="Serve Prometheus /metrics on this port.")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve Prometheus /metrics on this port."
+    )
     upgrade: bool = Field(True, description="Create/migrate Accord's tables at start.")
-    max_attempts: int = Field(5, description="Handler attempts before a message is dead.")
+    max_attempts: int = Field(5, ge=1, description="Handler attempts before a message is dead.")
 
     _database: Database | None = PrivateAttr(None)
     _transport: Transport | None = PrivateAttr(None)
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        # Checked here: logging would refuse it only once the worker configures its
+        # logs, with a traceback.
+        level = value.strip().upper()
+        if level not in logging.getLevelNamesMapping():
+            raise ValueError(
+                f"{value!r} is not a logging level: use DEBUG, INFO, WARNING, ERROR or CRITICAL"
+            )
+        return level
 
     @property
     def broker_url(self) -> str:
@@ -98,7 +115,12 @@ def _read_file(path: Path) -> dict[str, Any]:
                 'values: service = "score-engine")'
             ) from None
         section = data.get("accord", data)
-        return {str(k).replace("-", "_"): v for k, v in section.items()}
+        if not isinstance(section, dict):
+            raise ConfigurationError(
+                f"settings file {str(path)!r}: 'accord' must be a table ([accord]), "
+                f"not a {type(section).__name__}"
+            )
+        return _known(path, {str(k).replace("-", "_"): v for k, v in section.items()})
     values: dict[str, Any] = {}
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -109,6 +131,19 @@ def _read_file(path: Path) -> dict[str, Any]:
         key, value = (part.strip() for part in line.split("=", 1))
         key = key.lower().removeprefix("accord_")
         values[key] = value.strip("'\"")
+    return _known(path, values)
+
+
+def _known(path: Path, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` if every key is a setting: a misspelt one would otherwise be ignored
+    in silence, and its setting left at its default (the environment's ``ACCORD_*``
+    variables are not checked so: others than the settings are set there)."""
+    unknown = sorted(k for k in values if k not in Settings.model_fields)
+    if unknown:
+        raise ConfigurationError(
+            f"settings file {str(path)!r}: unknown setting(s) {', '.join(map(repr, unknown))}; "
+            f"the settings are {', '.join(Settings.model_fields)}"
+        )
     return values
 
 
@@ -127,6 +162,7 @@ def load_settings(file: str | Path | None = None, **overrides: Any) -> Settings:
         return Settings(**merged)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
         )
         raise ConfigurationError(f"invalid worker settings: {problems}") from None
