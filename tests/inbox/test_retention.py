@@ -151,3 +151,37 @@ async def test_a_prune_refuses_a_batch_below_one(database: Database) -> None:
     for batch in (0, -1):
         with pytest.raises(ConfigurationError, match=f"batch must be at least 1, got {batch}"):
             await Inbox(database).prune(timedelta(days=7), batch=batch)
+
+
+@pytest.mark.parametrize(
+    "retention", [timedelta(0), timedelta(days=-7), 7], ids=["zero", "negative", "an int"]
+)
+async def test_a_retention_that_is_no_positive_timedelta_is_refused(
+    database: Database, retention: object
+) -> None:
+    """A retention of 0 or less deleted each inbox row as soon as it was written, so a
+    redelivered message was applied twice; an int (days meant) failed every prune, in
+    the log only, and nothing was ever pruned."""
+    with pytest.raises(ConfigurationError, match="inbox_retention must be a positive timedelta"):
+        Consumer("r", database, None, inbox_retention=retention)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("replay_interval", 0, "replay_interval must be a number of seconds, more than 0"),
+        ("replay_lease", float("nan"), "replay_lease must be a number of seconds"),
+        ("backoff_base", -1, "backoff_base must be a number of seconds, 0 or more"),
+        ("prefetch", 0, "prefetch must be at least 1, got 0"),
+        ("max_attempts", "5", "max_attempts must be a whole number, got '5'"),
+        ("batch_size", 2.5, "batch_size must be a whole number, got 2.5"),
+        ("max_deliveries", 30.5, "max_deliveries must be a whole number, 'auto' or None"),
+    ],
+)
+async def test_consumer_options_that_would_misbehave_later_are_refused(
+    database: Database, option: str, value: object, said: str
+) -> None:
+    """A replay interval of 0 polled the database without a pause; the others failed
+    later, or as a TypeError."""
+    with pytest.raises(ConfigurationError, match=said):
+        Consumer("r", database, None, **{option: value})  # type: ignore[arg-type]

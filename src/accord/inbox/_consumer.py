@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from accord._aio import wait_event
 from accord._backoff import backoff_delay
+from accord._checks import is_count, is_finite
 from accord._retention import Pruning
 from accord.db import Database
 from accord.errors import ConfigurationError
@@ -197,18 +198,28 @@ class Consumer:
         max_deliveries: int | Literal["auto"] | None = "auto",
         inbox_retention: timedelta | None = timedelta(days=7),
     ) -> None:
-        if max_attempts < 1:
-            raise ConfigurationError(f"max_attempts must be at least 1, got {max_attempts}")
+        _check_options(
+            max_attempts=max_attempts,
+            batch_size=batch_size,
+            prefetch=prefetch,
+            backoff_base=backoff_base,
+            backoff_cap=backoff_cap,
+            replay_interval=replay_interval,
+            replay_lease=replay_lease,
+            inbox_retention=inbox_retention,
+        )
         if max_deliveries == "auto":
             max_deliveries = max(20, 2 * max_attempts)
+        if max_deliveries is not None and not is_count(max_deliveries):
+            raise ConfigurationError(
+                f"max_deliveries must be a whole number, 'auto' or None, got {max_deliveries!r}"
+            )
         if max_deliveries is not None and max_deliveries <= max_attempts:
             raise ConfigurationError(
                 f"max_deliveries ({max_deliveries}) must be more than max_attempts "
                 f"({max_attempts}): a failing handler is dead-lettered at max_attempts; "
                 "the delivery limit is for messages that never get that far"
             )
-        if batch_size < 1:
-            raise ConfigurationError(f"batch_size must be at least 1, got {batch_size}")
         self.name = name
         self.database = database
         self.transport = transport
@@ -741,6 +752,49 @@ class Consumer:
                 more |= pruning.full(await pruning.when_due())
             if len(claimed) < 20 and not more:
                 await wait_event(stopping, self.replay_interval)
+
+
+def _check_options(
+    *,
+    max_attempts: int,
+    batch_size: int,
+    prefetch: int,
+    backoff_base: float,
+    backoff_cap: float,
+    replay_interval: float,
+    replay_lease: float,
+    inbox_retention: timedelta | None,
+) -> None:
+    """Refuse what would misbehave only later, and quietly: a replay interval of 0 polls
+    the database without pause, a retention of 0 or less deletes each inbox row as soon
+    as it is written (a redelivery is applied again), a retention that is no timedelta
+    fails every prune."""
+    for name, count in (
+        ("max_attempts", max_attempts),
+        ("batch_size", batch_size),
+        ("prefetch", prefetch),
+    ):
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise ConfigurationError(f"{name} must be a whole number, got {count!r}")
+        if not is_count(count):
+            raise ConfigurationError(f"{name} must be at least 1, got {count}")
+    for name, seconds, least in (
+        ("backoff_base", backoff_base, 0.0),
+        ("backoff_cap", backoff_cap, 0.0),
+        ("replay_interval", replay_interval, None),
+        ("replay_lease", replay_lease, None),
+    ):
+        if not is_finite(seconds) or seconds < 0 or (least is None and seconds == 0):
+            more = "0 or more" if least is not None else "more than 0"
+            raise ConfigurationError(f"{name} must be a number of seconds, {more}, got {seconds!r}")
+    if inbox_retention is not None and (
+        not isinstance(inbox_retention, timedelta) or inbox_retention <= timedelta(0)
+    ):
+        raise ConfigurationError(
+            f"inbox_retention must be a positive timedelta or None (keep every row), got "
+            f"{inbox_retention!r}: a message delivered again after its row is pruned is "
+            "applied again"
+        )
 
 
 def _runs(items: Sequence[_Ready]) -> list[list[_Ready]]:
