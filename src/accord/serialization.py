@@ -18,4 +18,3 @@ __all__ = ["loads"]
 def loads(text: str | bytes) -> Any:
     """Parse a JSON document; raises ValueError if it is not valid JSON."""
     return pydantic_core.from_json(text)
-

@@ -490,7 +490,6 @@ async def test_the_event_stores_own_connections_take_the_engines_connect_args(
         await database.dispose()
 
 
-
 async def test_a_read_neither_waits_for_a_writer_nor_holds_one_back(database: Database) -> None:
     """SQLite: read() begins deferred, so a read goes on while a write transaction
     holds the file's write lock, and a writer commits while a read is open (neither
