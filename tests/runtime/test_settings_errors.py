@@ -120,3 +120,22 @@ def test_settings_refuse_max_attempts_below_one_and_take_any_case_of_a_level() -
     with pytest.raises(ConfigurationError, match="max_attempts"):
         load_settings(max_attempts=0)
     assert load_settings(log_level="warning").log_level == "WARNING"
+
+
+def test_worker_help_says_what_a_settings_file_holds() -> None:
+    """--help said only 'Settings file (.toml or KEY=value)': not which keys, nor that
+    the environment's ACCORD_* and the options win over it."""
+    from typer.testing import CliRunner
+
+    from accord.cli.app import _register_subcommands, app
+    from accord.runtime import Settings
+
+    _register_subcommands()
+    shown = CliRunner().invoke(app, ["worker", "--help"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    text = " ".join(shown.output.replace("│", " ").split())
+    assert "[accord] table" in text
+    for name in Settings.model_fields:
+        assert name in text, name
+    assert "ACCORD_<KEY>" in text
+    assert "DEBUG, INFO, WARNING, ERROR or CRITICAL" in text

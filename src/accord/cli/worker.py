@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from accord.cli.app import JsonOption, app, console, print_json, run
-from accord.runtime import declare_groups, load_settings, serve
+from accord.runtime import Settings, declare_groups, load_settings, serve
 
 __all__ = ["worker"]
 
@@ -25,20 +25,47 @@ def worker(
         ),
     ],
     db: Annotated[
-        str | None, typer.Option("--db", help="Database URL (default: ACCORD_DB or the file).")
+        str | None,
+        typer.Option(
+            "--db",
+            help="Database URL: sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db "
+            "(default: ACCORD_DB, the settings file, else sqlite+aiosqlite:///accord.db).",
+        ),
     ] = None,
     broker: Annotated[
         str | None,
-        typer.Option("--broker", help="Broker URL (default: ACCORD_BROKER, else the database)."),
+        typer.Option(
+            "--broker",
+            help="Broker URL: amqp://, nats://, redis://, or a database URL for the SQL "
+            "transport (default: ACCORD_BROKER, the settings file, else the SQL transport on "
+            "the database).",
+        ),
     ] = None,
-    service: Annotated[str | None, typer.Option("--service", help="Service name.")] = None,
+    service: Annotated[
+        str | None,
+        typer.Option(
+            "--service", help="Service name, in logs and metrics (default: ACCORD_SERVICE)."
+        ),
+    ] = None,
     settings_file: Annotated[
         str | None,
         typer.Option(
-            "--settings", envvar="ACCORD_SETTINGS", help="Settings file (.toml or KEY=value)."
+            "--settings",
+            envvar="ACCORD_SETTINGS",
+            help="Settings file: TOML (top level or an \\[accord] table) or KEY=value lines. "
+            f"Its keys are the settings: {', '.join(Settings.model_fields)}; each may also be "
+            "set as ACCORD_<KEY> in the environment, which wins over the file, and options "
+            "win over both. A key that is no setting is an error.",
         ),
     ] = None,
-    log_level: Annotated[str | None, typer.Option("--log-level", help="Logging level.")] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            "--log-level",
+            help="Logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL (default: "
+            "ACCORD_LOG_LEVEL, else INFO).",
+        ),
+    ] = None,
     declare_only: Annotated[
         bool,
         typer.Option(
@@ -51,10 +78,11 @@ def worker(
     ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Run the app's components until SIGTERM/SIGINT, then stop them gracefully and exit 0.
+    """Run the app's components until SIGTERM/SIGINT, then stop them gracefully
+    and exit 0.
 
-    On start the worker first declares its consumers' groups, then starts its relays
-    and consumers, so its own relay never publishes before its groups exist.
+    On start the worker declares its consumers' groups first, then starts its
+    relays and consumers, so its own relay never publishes before its groups exist.
     """
 
     if as_json and not declare_only:
