@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import random
 import signal
+import sqlite3
 import sys
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
@@ -616,3 +618,39 @@ async def test_a_stale_ack_on_sqlite_never_deletes_a_later_message(
 
 async def _never_called(delivery: Delivery) -> None:
     raise AssertionError("no delivery expected")
+
+
+async def test_on_sqlite_an_idle_consumer_never_holds_the_write_lock(
+    sqlite_url: str, channel: str
+) -> None:
+    """An idle consumer's polls look through a read: another writer of the file,
+    which does not wait at all (busy timeout 0), never finds the lock taken."""
+    transport = SqlTransport(sqlite_url, channel=channel, poll_interval=0.001)
+    await transport.connect()
+    received = Collector()
+    await transport.subscribe("g", received)
+    path = sa.make_url(sqlite_url).database
+    assert path
+
+    def write_for_a_while() -> tuple[int, int]:
+        conn = sqlite3.connect(path, timeout=0, isolation_level=None)
+        tries = locked = 0
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            tries += 1
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("COMMIT")
+            except sqlite3.OperationalError:  # database is locked
+                locked += 1
+            time.sleep(0.0005)
+        conn.close()
+        return tries, locked
+
+    try:
+        tries, locked = await asyncio.to_thread(write_for_a_while)
+        assert tries > 100 and locked == 0
+        await transport.publish([Message(type="t.after")])  # and it still consumes
+        await received.wait(1)
+    finally:
+        await transport.close()

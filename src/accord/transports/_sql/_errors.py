@@ -59,3 +59,11 @@ async def transaction(db: Database, what: str) -> AsyncIterator[AsyncConnection]
     with translate(what):
         async with db.transaction() as conn:
             yield conn
+
+
+@contextlib.asynccontextmanager
+async def reading(db: Database, what: str) -> AsyncIterator[AsyncConnection]:
+    """A read (:meth:`Database.read`) on ``db`` whose failures surface as transport errors."""
+    with translate(what):
+        async with db.read() as conn:
+            yield conn

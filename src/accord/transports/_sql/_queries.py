@@ -212,6 +212,14 @@ _BODIES_POSTGRES = rows_of_each(queue, queue.c.seq, "seqs", dialect="postgresql"
 _BODIES_SQLITE = rows_of_each(queue, queue.c.seq, "seqs", dialect="sqlite")
 
 
+async def any_ready(conn: AsyncConnection, channel: str, group: str, now: datetime) -> bool:
+    """Whether a delivery of ``group`` is ready (due and unheld): the look an idle
+    consumer on SQLite takes through a read, without the file's write lock, which a
+    claim takes even when it finds nothing."""
+    query = sa.select(sa.literal(1)).where(*_ready(_d, channel, group, now)).limit(1)
+    return await conn.scalar(query) is not None
+
+
 def _ready(c: Any, channel: str, group: str, now: datetime) -> tuple[Any, ...]:
     """A delivery of the group whose delay has passed and that nobody holds."""
     return (

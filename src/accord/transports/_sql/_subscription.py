@@ -16,7 +16,7 @@ from accord._aio import wait_event
 from accord.db import Database
 from accord.errors import TransportError
 from accord.transports._sql import _queries as q
-from accord.transports._sql._errors import transaction
+from accord.transports._sql._errors import reading, transaction
 from accord.transports.base import (
     DEFAULT_REDELIVERY_DELAY,
     BatchHandler,
@@ -134,18 +134,9 @@ class SqlSubscription(Subscription):
                 await self._flush_acks()
                 self._wake.clear()
                 await self._db.clock.sync_if_due()
-                async with transaction(self._db, "claiming deliveries") as conn:
-                    now = self._db.clock.now()
-                    claimed = await q.claim(
-                        conn,
-                        self.channel,
-                        self.group,
-                        self.consumer,
-                        self._prefetch,
-                        now,
-                        now + timedelta(seconds=self._lease),
-                        is_postgres=self._db.is_postgres,
-                    )
+                claimed: list[q.Claimed] = []
+                if self._db.is_postgres or await self._any_ready():
+                    claimed = await self._claim()
             except TransportError as exc:
                 log.warning("group %r: %s; retrying in %ss", self.group, exc, _CLAIM_RETRY_DELAY)
                 await self._sleep(_CLAIM_RETRY_DELAY)
@@ -169,6 +160,27 @@ class SqlSubscription(Subscription):
                 self._batch = [self._buffer.popleft() for _ in range(size)]
                 await self._handle(self._batch)
                 self._batch = []
+
+    async def _any_ready(self) -> bool:
+        """SQLite: look for a ready delivery without the file's write lock (a claim
+        takes it even when it finds nothing: an idle consumer polling would hold up
+        every writer of the file at each poll)."""
+        async with reading(self._db, "looking for deliveries") as conn:
+            return await q.any_ready(conn, self.channel, self.group, self._db.clock.now())
+
+    async def _claim(self) -> list[q.Claimed]:
+        async with transaction(self._db, "claiming deliveries") as conn:
+            now = self._db.clock.now()
+            return await q.claim(
+                conn,
+                self.channel,
+                self.group,
+                self.consumer,
+                self._prefetch,
+                now,
+                now + timedelta(seconds=self._lease),
+                is_postgres=self._db.is_postgres,
+            )
 
     async def _sleep(self, seconds: float) -> None:
         await wait_event(self._wake, seconds)
