@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from pydantic import BaseModel
 
 from accord.db import Database
 from accord.db.schema import inbox, outbox
+from accord.errors import ConfigurationError
 from accord.inbox import Consumer, DeadLetters, HandlerContext, Inbox
 from accord.messages import Message, encode
 from accord.testing import assert_eventually, wait_for
@@ -453,3 +456,45 @@ async def test_a_stopping_consumer_gives_back_the_replays_it_did_not_begin(
     assert all(status == "REPLAY" and due <= now for status, due in left), left
     await transport.close()
     await database.dispose()
+
+
+@pytest.mark.parametrize(
+    ("type", "said"),
+    [
+        ("", "'' is no message type"),
+        ("t" * 201, "(201 characters) is no message type"),
+        ("match.\x00recorded", "holds a control character"),
+    ],
+    ids=["empty", "too long", "control character"],
+)
+def test_a_handler_for_a_type_no_message_can_have_is_refused(
+    sqlite_url: str, type: str, said: str
+) -> None:
+    """It was registered and subscribed, and never called."""
+    consumer = Consumer("odd-types", Database(sqlite_url), None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=re.escape(said)):
+        consumer.add_handler(type, _nothing)
+
+
+async def _nothing(ctx: HandlerContext, data: Any) -> None:
+    pass
+
+
+async def test_a_handler_added_while_the_consumer_runs_is_refused(
+    app_db: Database, broker: Broker, consumers: Callable[..., Consumer]
+) -> None:
+    """Its group was subscribed for the types handled at start(): the new handler was
+    never called, and the messages of its type never came (nor a dead letter)."""
+    name = unique()
+    consumer = consumers(name, app_db, broker.transport())
+    recording(consumer, "test.scored")
+    await consumer.start()
+    with pytest.raises(ConfigurationError, match="is running: register the handler"):
+        consumer.add_handler("test.later", _nothing)
+    assert consumer.topics == ["test.scored"]
+    await consumer.stop()
+    late = recording(consumer, "test.later", schema=None)  # stopped: fine, taken at start
+    await consumer.start()
+    message = Message(type="test.later", data={})
+    await broker.publish(message)
+    await wait_for(lambda: late == [{}], timeout=10)

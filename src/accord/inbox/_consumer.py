@@ -45,7 +45,7 @@ from accord.inbox._store import (
     record,
     record_many,
 )
-from accord.messages import Message
+from accord.messages import CONTROL_CHARACTERS, MAX_NAME_LENGTH, Message
 from accord.observability import log_context
 from accord.observability._metrics import (
     CONSUMER_DEAD_LETTERED,
@@ -281,7 +281,28 @@ class Consumer:
         class doc): ``await batch([(ctx, data), ...])`` with every message of a run
         of consecutive messages whose registrations share that function. It must
         have the same effect as calling ``func`` on each in turn.
+
+        Handlers are registered before :meth:`start`: the group is subscribed for the
+        types handled then, so one added while it runs would get nothing (refused).
         """
+        if self._subscription is not None:
+            raise ConfigurationError(
+                f"consumer {self.name!r} is running: register the handler for {type!r} "
+                f"before start() (its group is subscribed for {', '.join(self.topics)} only, "
+                "so it would never be called); or stop(), register, start() again"
+            )
+        if not isinstance(type, str) or not type or len(type) > MAX_NAME_LENGTH:
+            long = isinstance(type, str) and len(type) > MAX_NAME_LENGTH
+            shown = f"{type[:40]!r}… ({len(type)} characters)" if long else repr(type)
+            raise ConfigurationError(
+                f"consumer {self.name!r}: {shown} is no message type: a type is a non-empty "
+                f"string of at most {MAX_NAME_LENGTH} characters"
+            )
+        if CONTROL_CHARACTERS.search(type):
+            raise ConfigurationError(
+                f"consumer {self.name!r}: {type!r} is no message type: it holds a control "
+                "character, which no message type may"
+            )
         registration = Registration(type, func, schema, batch)
         if registration.is_pattern:
             if any(r.pattern == type for r in self._patterns):
