@@ -55,3 +55,11 @@ def relay_only(settings: Settings) -> list[Any]:
 
 def not_a_component(settings: Settings) -> list[Any]:
     return ["hello"]
+
+
+async def slow_start(settings: Settings) -> list[Any]:
+    """An app whose building takes a minute (a slow dependency at startup): it
+    creates the file ``TEST_STARTING_MARKER`` names, then waits."""
+    await asyncio.to_thread(Path(os.environ["TEST_STARTING_MARKER"]).write_text, "starting")
+    await asyncio.sleep(60)
+    return relay_only(settings)

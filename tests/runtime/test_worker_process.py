@@ -114,6 +114,29 @@ async def test_sigkill_mid_handler_is_redelivered_and_applied_exactly_once(
     assert attempts and attempts[0] >= 2  # it came back as a redelivery
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_while_the_worker_starts_stops_it_with_exit_0(
+    sqlite_url: str, workers: Workers, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """SIGTERM or SIGINT while the app is being built (after the database upgrade,
+    before any component runs) stops the worker as it stops a running one."""
+    marker = tmp_path / "starting"
+    proc = workers.start(
+        "--app",
+        "tests.runtime.apps:slow_start",
+        "--db",
+        sqlite_url,
+        "--broker",
+        sqlite_url,
+        env={"TEST_STARTING_MARKER": str(marker)},
+    )
+    await wait_for(marker.exists, 30)
+    proc.send_signal(sig)
+    await wait_for(lambda: _exited(proc), 10)
+    assert proc.returncode == 0, workers.log(proc)
+    assert f"stopped by {sig.name} while starting" in workers.log(proc)
+
+
 def test_a_bad_app_fails_with_a_clear_error(sqlite_url: str) -> None:
     base = [
         sys.executable,

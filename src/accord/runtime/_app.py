@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import inspect
 import logging
 import os
+import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 from accord.errors import ConfigurationError
@@ -86,9 +88,46 @@ def _iterable(value: Any) -> Iterable[Any]:
 
 async def serve(app: str | Callable[..., Any], settings: Settings) -> int:
     """Configure logging (and metrics), upgrade the database if asked, build the app's
-    components, run them in a :class:`Worker` until SIGTERM/SIGINT; return 0."""
-    async with _worker(app, settings, metrics=True) as worker:
+    components, run them in a :class:`Worker` until SIGTERM/SIGINT; return 0. A
+    signal while it starts stops it too (what it opened is closed), also with 0."""
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            with _signals_cancel_this_task() as received:
+                worker = await stack.enter_async_context(_worker(app, settings, metrics=True))
+        except asyncio.CancelledError:
+            if not received:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            log.info("stopped by %s while starting", received[0].name)
+            return 0
         return await worker.run()
+
+
+@contextlib.contextmanager
+def _signals_cancel_this_task() -> Iterator[list[signal.Signals]]:
+    """While the block runs, SIGTERM or SIGINT cancels the task running it (as they
+    stop a running :class:`Worker`); yields the signals received."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    received: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not received and task is not None:
+            task.cancel()
+        received.append(sig)
+
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
+    try:
+        yield received
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 async def declare_groups(
