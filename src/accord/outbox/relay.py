@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from prometheus_client import Counter, Histogram
 
 from accord._backoff import backoff_delay
+from accord._checks import is_count, is_finite
 from accord.db.database import Database, translate_errors
 from accord.db.types import UTCDateTime
 from accord.errors import (
@@ -116,6 +117,48 @@ def _waves(rows: Sequence[ClaimedRow]) -> list[list[ClaimedRow]]:
     return waves
 
 
+#: The longest time a relay option may name (a lease, a backoff, a poll, the
+#: retention): past it, the relay's datetime arithmetic overflows in every round.
+_MAX_SECONDS = 10 * 365 * 24 * 3600.0
+#: Attempts past this many wait as long as this many (backoff_cap, by then): 2.0 **
+#: attempts overflows a float (OverflowError) past 1,023.
+_BACKOFF_ATTEMPTS = 1000
+
+
+def _check_options(*, retention: Any, **options: Any) -> None:
+    """Raise ConfigurationError unless every Relay option is a value it can work with.
+
+    Checked when the relay is made, not when a round first needs one: a NaN lease or
+    batch size failed every round (nothing was ever published), a NaN backoff failed
+    a round after its publishes (with locks, the batch was sent again each round),
+    a NaN max_attempts never let a message go DEAD, a poll_interval of 0 spun."""
+    for name in ("batch_size", "max_attempts", "concurrency"):
+        value = options.pop(name)
+        if not is_count(value):
+            raise ConfigurationError(
+                f"Relay {name} must be a whole number of at least 1, not {value!r}"
+            )
+    for name, value in options.items():
+        zero_ok = name.startswith("backoff_")  # a retry at once is a choice
+        if (
+            not is_finite(value)
+            or value < 0
+            or (value == 0 and not zero_ok)
+            or value > _MAX_SECONDS
+        ):
+            least = "zero or a positive" if zero_ok else "a positive"
+            raise ConfigurationError(
+                f"Relay {name} must be {least} number of seconds (up to ten years), not {value!r}"
+            )
+    if not isinstance(retention, timedelta) or not (
+        timedelta(0) <= retention <= timedelta(seconds=_MAX_SECONDS)
+    ):
+        raise ConfigurationError(
+            f"Relay retention must be a timedelta from 0 to ten years (how long SENT rows "
+            f"are kept), not {retention!r}"
+        )
+
+
 #: How long a relay on SQLite waits, once a commit of its process added outbox rows,
 #: before it looks: the commits of that window share one round.
 LOCAL_WAKE_DELAY = 0.01
@@ -169,6 +212,17 @@ class Relay:
         name: str | None = None,
         claims: str | None = None,
     ) -> None:
+        _check_options(
+            batch_size=batch_size,
+            max_attempts=max_attempts,
+            concurrency=concurrency,
+            backoff_base=backoff_base,
+            backoff_cap=backoff_cap,
+            poll_interval=poll_interval,
+            lease=lease,
+            cleanup_interval=cleanup_interval,
+            retention=retention,
+        )
         self.database = database
         self.transport = transport
         self.batch_size = batch_size
@@ -179,10 +233,6 @@ class Relay:
         self.lease = lease
         self.retention = retention
         self.cleanup_interval = cleanup_interval
-        if concurrency < 1:
-            raise ConfigurationError(f"Relay concurrency must be at least 1, not {concurrency}")
-        if batch_size < 1:
-            raise ConfigurationError(f"Relay batch_size must be at least 1, not {batch_size}")
         self.concurrency = concurrency
         default = "lock" if database.is_postgres else "lease"
         self.claims = default if claims is None else claims
@@ -192,10 +242,6 @@ class Relay:
             raise ConfigurationError(
                 "Relay claims='lock' needs PostgreSQL: SQLite's single writer cannot stay "
                 "in a transaction while the broker confirms; use claims='lease' (its default)"
-            )
-        if lease <= 0:
-            raise ConfigurationError(
-                f"Relay lease must be a positive number of seconds, not {lease}"
             )
         publish_timeout = getattr(transport, "publish_timeout", None)
         if self.claims == "lease" and publish_timeout is not None and lease <= publish_timeout:
@@ -433,7 +479,7 @@ class Relay:
         message = f"{error.__class__.__name__}: {error}"
         if attempts >= self.max_attempts:
             return self._dead(row, message, attempts)
-        delay = backoff_delay(attempts, self.backoff_base, self.backoff_cap)
+        delay = backoff_delay(min(attempts, _BACKOFF_ATTEMPTS), self.backoff_base, self.backoff_cap)
         due = self.database.clock.now() + timedelta(seconds=delay)
         self._note_due(delay)
         log.warning(
