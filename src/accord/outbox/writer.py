@@ -54,6 +54,15 @@ SCHEDULED = "SCHEDULED"
 
 def row_from_message(message: Message, now: datetime) -> dict[str, Any]:
     """The outbox row for a message (headers keep every CloudEvents attribute)."""
+    if not isinstance(message, Message):
+        fix = (
+            ": pass them one by one, add_to_outbox(conn, *messages)"
+            if isinstance(message, list | tuple)
+            else ""
+        )
+        raise ConfigurationError(
+            f"add_to_outbox takes Message objects, not a {type(message).__name__}{fix}"
+        )
     try:
         row_id = uuid.UUID(message.id)
     except ValueError:
@@ -130,12 +139,23 @@ class _Schedule:
                     f"deliver_at must be timezone-aware (e.g. datetime.now(UTC) + "
                     f"timedelta(hours=1)), not {deliver_at!r}"
                 )
-            return _Schedule(deliver_at.astimezone(UTC), None)
+            try:
+                return _Schedule(deliver_at.astimezone(UTC), None)
+            except OverflowError:  # within a day of datetime.min or .max
+                raise ConfigurationError(
+                    f"deliver_at {deliver_at!r} is out of range in UTC (years 1 to 9999)"
+                ) from None
         if delay is not None:
             if not isinstance(delay, timedelta) or delay < timedelta(0):
                 raise ConfigurationError(
                     f"delay must be a timedelta of zero or more, not {delay!r}"
                 )
+            try:
+                datetime.now(UTC) + delay
+            except OverflowError:
+                raise ConfigurationError(
+                    f"delay {delay!r} falls due after the year 9999; give a shorter one"
+                ) from None
             return _Schedule(None, delay)
         return None
 
@@ -298,7 +318,9 @@ def _rolled_back(conn: Connection) -> None:
     conn.info.pop(_WAKES, None)
 
 
-async def cancel_scheduled(conn: AsyncConnection | AsyncSession, message_id: str) -> bool:
+async def cancel_scheduled(
+    conn: AsyncConnection | AsyncSession, message_id: str | uuid.UUID
+) -> bool:
     """Withdraw a message added for later (``deliver_at`` / ``delay``) before a relay
     releases it, in the transaction ``conn`` is in (rolled back, the message stays
     scheduled), or added in that transaction (in an :func:`outbox_transaction`
@@ -322,7 +344,7 @@ def _withdraw_held(connection: AsyncConnection, message_id: uuid.UUID) -> bool:
     return block is not None and block.values is not None and block.withdraw(message_id)
 
 
-async def withdraw_scheduled(conn: AsyncConnection, message_ids: Sequence[str]) -> int:
+async def withdraw_scheduled(conn: AsyncConnection, message_ids: Sequence[str | uuid.UUID]) -> int:
     """Delete the SCHEDULED rows of ``message_ids`` in ``conn``'s transaction; return
     how many there were."""
     ids = [message_uuid(m) for m in message_ids]
@@ -333,11 +355,13 @@ async def withdraw_scheduled(conn: AsyncConnection, message_ids: Sequence[str]) 
     return int(result.rowcount or 0)
 
 
-def message_uuid(value: str) -> uuid.UUID:
-    """An outbox message id given as text, as the UUID its row holds."""
+def message_uuid(value: str | uuid.UUID) -> uuid.UUID:
+    """An outbox message id given as text (or a UUID), as the UUID its row holds."""
+    if isinstance(value, uuid.UUID):
+        return value
     try:
         return uuid.UUID(value)
-    except ValueError:
+    except (ValueError, TypeError, AttributeError):
         raise ConfigurationError(f"{value!r} is not an outbox message id (a UUID)") from None
 
 
