@@ -8,6 +8,7 @@ dies mid-publish leaves its rows to be claimed again when the lease runs out.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from accord.errors import ConfigurationError
 
 __all__ = [
     "ClaimedRow",
+    "NotJson",
     "Settlement",
     "any_due",
     "claim",
@@ -39,12 +41,24 @@ _GIVE_BACK_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
+class NotJson:
+    """A stored value that is not JSON (SQLite keeps any text written to a JSON
+    column by hand) and why it could not be read."""
+
+    text: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimedRow:
     seq: int
     id: str
     event_type: str
     key: str | None
-    headers: dict[str, str]
+    #: The stored headers as they decode: an object if the row is sound, else any
+    #: JSON value, or :class:`NotJson`. The relay dead-letters a row that has no
+    #: object here rather than failing the claim of its whole batch.
+    headers: Any
     payload: bytes
     retry_count: int
 
@@ -183,10 +197,13 @@ AHEAD_WINDOWS = 2
 AHEAD_FACTOR = 2
 
 
-def _claimed(sql: str, *params: sa.BindParameter[Any]) -> sa.TextualSelect:
+def _claimed(
+    sql: str, *params: sa.BindParameter[Any], raw_headers: bool = False
+) -> sa.TextualSelect:
     """``sql`` returning claimed rows; the payload comes back as JSON text: it is
-    published as it is, never parsed."""
-    json_type: Any = JSONType
+    published as it is, never parsed. ``raw_headers``: the headers come back as the
+    text stored, for :func:`_headers` to decode row by row."""
+    json_type: Any = sa.String() if raw_headers else JSONType
     return (
         sa.text(sql)
         .bindparams(sa.bindparam("now", type_=UTCDateTime()), *params)
@@ -205,7 +222,8 @@ def _claimed(sql: str, *params: sa.BindParameter[Any]) -> sa.TextualSelect:
 # SQLite: one writer at a time, nothing to skip; the lease is a second statement.
 _CLAIM_SQLITE = _claimed(
     f"WITH candidates AS ({_CANDIDATES}), {_BLOCKERS.format(materialized='')} "
-    f"{_ELIGIBLE.replace('{payload}', 'o.payload')}"
+    f"{_ELIGIBLE.replace('{payload}', 'o.payload')}",
+    raw_headers=True,
 )
 
 # PostgreSQL: the rows stay locked until the caller's transaction ends; a relay that
@@ -300,12 +318,23 @@ async def claim(
             id=str(r.id),
             event_type=r.event_type,
             key=r.key,
-            headers=r.headers,
+            headers=_headers(r.headers) if conn.dialect.name == "sqlite" else r.headers,
             payload=json_text(r.payload).encode(),
             retry_count=r.retry_count,
         )
         for r in rows
     ]
+
+
+def _headers(stored: str | bytes | float | None) -> Any:
+    """SQLite: a row's headers as stored, decoded; :class:`NotJson` if they are not
+    JSON, which would otherwise fail the claim of every row with it, round after
+    round, and nothing would be published."""
+    text = json_text(stored)
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        return NotJson(text, str(exc))
 
 
 async def claim_on_driver(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -10,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from accord._checks import is_count
 from accord.db.database import Database
 from accord.db.schema import outbox
 from accord.errors import ConfigurationError, NotFoundError
@@ -60,6 +62,43 @@ class OutboxStatus:
         }
 
 
+#: The columns listed (dead, scheduled): all but the payload and headers, which a
+#: list does not show and which need not even be JSON (SQLite keeps what is written
+#: by hand).
+_LISTED = [c for c in outbox.c if c.name not in ("payload", "headers")]
+#: The most rows a LIMIT can name (BIGINT); a larger limit is all of them.
+_MAX_LIMIT = 2**63 - 1
+
+
+def _stored_json(text: str | None) -> Any:
+    """A JSON column read as text: the JSON it holds, or, if it holds something else
+    (not JSON, or a NaN no JSON reader takes back), that text as it is."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except ValueError:
+        return text
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _checked_limit(limit: Any) -> int:
+    if not is_count(limit):
+        raise ConfigurationError(f"limit must be a whole number of at least 1, not {limit!r}")
+    return min(int(limit), _MAX_LIMIT)
+
+
+def _ids(message_ids: Sequence[str]) -> Sequence[str]:
+    if isinstance(message_ids, str):
+        raise ConfigurationError(
+            f"give the message ids as a list, e.g. [{message_ids!r}], not as one string"
+        )
+    return message_ids
+
+
 def _row_dict(row: Any, with_payload: bool = False) -> dict[str, Any]:
     data = {
         "id": str(row.id),
@@ -74,8 +113,8 @@ def _row_dict(row: Any, with_payload: bool = False) -> dict[str, Any]:
         "sent_at": row.sent_at,
     }
     if with_payload:
-        data["payload"] = row.payload
-        data["headers"] = row.headers
+        data["payload"] = _stored_json(row.payload)
+        data["headers"] = _stored_json(row.headers)
     return data
 
 
@@ -121,8 +160,9 @@ class OutboxAdmin:
     async def dead(
         self, *, limit: int = 100, event_type: str | None = None
     ) -> list[dict[str, Any]]:
-        """DEAD rows, oldest first."""
-        query = sa.select(outbox).where(outbox.c.status == "DEAD").order_by(outbox.c.seq)
+        """DEAD rows, oldest first; at most ``limit`` (at least 1)."""
+        limit = _checked_limit(limit)
+        query = sa.select(*_LISTED).where(outbox.c.status == "DEAD").order_by(outbox.c.seq)
         if event_type:
             query = query.where(outbox.c.event_type == event_type)
         async with self.database.read() as conn:
@@ -133,9 +173,10 @@ class OutboxAdmin:
         self, *, limit: int = 100, event_type: str | None = None
     ) -> list[dict[str, Any]]:
         """Messages scheduled for later and not yet released, next due first (their
-        ``available_at`` is when they fall due)."""
+        ``available_at`` is when they fall due); at most ``limit`` (at least 1)."""
+        limit = _checked_limit(limit)
         query = (
-            sa.select(outbox)
+            sa.select(*_LISTED)
             .where(outbox.c.status == SCHEDULED)
             .order_by(outbox.c.available_at, outbox.c.seq)
         )
@@ -147,17 +188,22 @@ class OutboxAdmin:
 
     async def cancel(self, message_ids: Sequence[str]) -> int:
         """Withdraw scheduled messages not yet released; returns how many were."""
-        if not message_ids:
+        if not _ids(message_ids):
             raise ConfigurationError("give the ids of the scheduled messages to cancel")
         async with self.database.transaction() as conn:
             return await withdraw_scheduled(conn, message_ids)
 
     async def show(self, message_id: str) -> dict[str, Any]:
-        """One outbox row, with its payload and headers."""
+        """One outbox row, with its payload and headers (as the text stored, if that is
+        not JSON)."""
+        # Read as text, so that a row whose JSON was spoilt by hand can be looked at.
+        query = sa.select(
+            *_LISTED,
+            sa.cast(outbox.c.payload, sa.Text).label("payload"),
+            sa.cast(outbox.c.headers, sa.Text).label("headers"),
+        ).where(outbox.c.id == message_uuid(message_id))
         async with self.database.read() as conn:
-            row = (
-                await conn.execute(sa.select(outbox).where(outbox.c.id == message_uuid(message_id)))
-            ).first()
+            row = (await conn.execute(query)).first()
         if row is None:
             raise NotFoundError(f"no outbox message with id {message_id}")
         return _row_dict(row, with_payload=True)
@@ -191,7 +237,7 @@ class OutboxAdmin:
         return result.rowcount or 0
 
     def _dead_selection(self, message_ids: Sequence[str], all_dead: bool) -> Any:
-        if not message_ids and not all_dead:
+        if not _ids(message_ids) and not all_dead:
             raise ConfigurationError("name the message ids, or pass --all for every DEAD message")
         if message_ids and all_dead:
             raise ConfigurationError(

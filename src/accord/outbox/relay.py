@@ -30,6 +30,7 @@ from accord.errors import (
 )
 from accord.outbox._claim import (
     ClaimedRow,
+    NotJson,
     Settlement,
     any_due,
     claim,
@@ -77,6 +78,8 @@ def _envelope(row: ClaimedRow) -> Envelope:
     The payload is stored as JSON; a message whose content type is not JSON
     (``text/plain``...) carries its text itself, as :func:`accord.messages.encode`
     sends it, not that text as a JSON string."""
+    if isinstance(row.headers, NotJson):
+        raise DecodeError(f"its stored headers are not JSON ({row.headers.error})")
     if not isinstance(row.headers, Mapping):
         kind = type(row.headers).__name__
         raise DecodeError(f"not a CloudEvent: its headers are a JSON {kind}, not an object")
