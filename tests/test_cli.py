@@ -192,6 +192,27 @@ def test_a_limit_below_one_is_a_usage_error(sqlite_url: str, command: tuple[str,
     assert "--limit" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("events", "read", "s-1", "--version"),
+        ("events", "tail", "--after"),
+        ("sagas", "list", "--limit"),
+        ("projections", "rebuild", "p", "--batch-size"),
+        ("projections", "parked", "replay", "p", "--id"),
+    ],
+)
+def test_a_number_past_what_the_database_holds_is_a_usage_error(
+    db_url: str, command: tuple[str, ...]
+) -> None:
+    """A number past BIGINT was SQLite's OverflowError with a traceback (asyncpg's
+    DataError on PostgreSQL)."""
+    *args, option = command
+    result = accord(*args, "--db", db_url, option, str(2**63))
+    assert result.exit_code == 2, result.output
+    assert option in result.stderr and "9223372036854775807" in result.stderr
+
+
 def test_every_commands_summary_is_one_paragraph_of_plain_text() -> None:
     """Typer lists a command by its docstring's first paragraph with the docstring's
     line breaks ("with fresh attempts (the running⏎ orchestrator carries them on)")

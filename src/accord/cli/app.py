@@ -22,6 +22,7 @@ from accord.db.database import normalize_url
 from accord.errors import AccordError
 
 __all__ = [
+    "MAX_INTEGER",
     "DbOption",
     "JsonOption",
     "age_option",
@@ -52,6 +53,10 @@ app.add_typer(db_app, name="db")
 
 console = Console()
 err_console = Console(stderr=True)
+
+#: The largest whole number an option may take: what both databases' BIGINT holds
+#: (SQLite's driver raised OverflowError on a larger one, asyncpg a DataError).
+MAX_INTEGER = 2**63 - 1
 
 _DB_HELP = "Database URL: sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db."
 

@@ -9,7 +9,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from accord.cli.app import DbOption, JsonOption, app, console, escape, plain, print_json, run
+from accord.cli.app import (
+    MAX_INTEGER,
+    DbOption,
+    JsonOption,
+    app,
+    console,
+    escape,
+    plain,
+    print_json,
+    run,
+)
 from accord.cli.projections import UpcastersOption, load_upcasters
 from accord.db import Database
 from accord.errors import ConfigurationError, NotFoundError
@@ -58,7 +68,10 @@ def read(
         str | None, typer.Option("--as-of", help="Only events recorded at or before this time.")
     ] = None,
     version: Annotated[
-        int | None, typer.Option("--version", help="Only events up to this stream version.")
+        int | None,
+        typer.Option(
+            "--version", min=0, max=MAX_INTEGER, help="Only events up to this stream version."
+        ),
     ] = None,
     upcasters_spec: UpcastersOption = None,
     as_json: JsonOption = False,
@@ -90,7 +103,13 @@ def read(
 def tail(
     db: DbOption,
     after: Annotated[
-        int | None, typer.Option("--after", help="Start after this position (default: the head).")
+        int | None,
+        typer.Option(
+            "--after",
+            min=0,
+            max=MAX_INTEGER,
+            help="Start after this position (default: the head).",
+        ),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:

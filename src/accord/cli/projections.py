@@ -23,7 +23,17 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from accord.cli.app import DbOption, JsonOption, app, console, escape, plain, print_json, run
+from accord.cli.app import (
+    MAX_INTEGER,
+    DbOption,
+    JsonOption,
+    app,
+    console,
+    escape,
+    plain,
+    print_json,
+    run,
+)
 from accord.db import Database
 from accord.errors import ConfigurationError, NotFoundError
 from accord.eventstore import EventStore, Upcasters
@@ -203,7 +213,7 @@ def rebuild_command(
     app_spec: AppOption = None,
     upcasters_spec: UpcastersOption = None,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, help="Events per batch.")
+        int, typer.Option("--batch-size", min=1, max=MAX_INTEGER, help="Events per batch.")
     ] = 2000,
     allow_parked: Annotated[
         bool,
@@ -323,7 +333,8 @@ def parked_replay(
     app_spec: AppOption = None,
     upcasters_spec: UpcastersOption = None,
     ids: Annotated[
-        list[int] | None, typer.Option("--id", help="Only these parked ids (repeatable).")
+        list[int] | None,
+        typer.Option("--id", min=1, max=MAX_INTEGER, help="Only these parked ids (repeatable)."),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:

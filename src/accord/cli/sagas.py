@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from accord.cli.app import (
+    MAX_INTEGER,
     DbOption,
     JsonOption,
     age_option,
@@ -60,7 +61,7 @@ def list_sagas(
         str | None, typer.Option("--status", help=f"Only this status: {', '.join(STATUSES)}.")
     ] = None,
     name: Annotated[str | None, typer.Option("--name", help="Only this saga.")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many.", min=1)] = 100,
+    limit: Annotated[int, typer.Option(help="At most this many.", min=1, max=MAX_INTEGER)] = 100,
 ) -> None:
     """Saga instances, most recently changed first, with the counts per status."""
     if status and status.upper() not in STATUSES:
