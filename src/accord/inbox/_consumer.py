@@ -627,7 +627,7 @@ class Consumer:
         if delivery.attempt == 1 or message is None or isinstance(delivery, ReplayDelivery):
             return delivery.attempt  # a replay counts afresh and is never held back
         try:
-            async with self.database.connect() as conn:
+            async with self.database.read() as conn:
                 holds = await holds_of(conn, self.name, message.id)
         except Exception:
             log.warning("could not read the holds of %s; counting every delivery", message.id)

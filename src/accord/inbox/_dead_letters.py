@@ -307,7 +307,7 @@ class DeadLetters:
         if status is not None:
             query = query.where(dead_letters.c.status == status.upper())
         with translate_errors("listing dead letters"):
-            async with self.database.connect() as conn:
+            async with self.database.read() as conn:
                 return [_from_row(row) for row in (await conn.execute(query)).all()]
 
     async def get(self, letter_id: int) -> DeadLetter:
@@ -315,7 +315,7 @@ class DeadLetters:
         if not _can_exist(letter_id):
             raise _not_found(letter_id)
         with translate_errors("reading a dead letter"):
-            async with self.database.connect() as conn:
+            async with self.database.read() as conn:
                 row = (
                     await conn.execute(
                         sa.select(dead_letters).where(dead_letters.c.id == letter_id)
@@ -393,7 +393,7 @@ class DeadLetters:
         )
         counts: dict[str, dict[str, int]] = {}
         with translate_errors("counting dead letters"):
-            async with self.database.connect() as conn:
+            async with self.database.read() as conn:
                 for consumer, status, n in (await conn.execute(query)).all():
                     counts.setdefault(consumer, {})[status] = int(n)
         return counts

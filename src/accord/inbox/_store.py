@@ -163,7 +163,7 @@ class Inbox:
             inbox.c.consumer == consumer, inbox.c.message_id == message_id
         )
         with translate_errors("reading the inbox"):
-            async with self.database.connect() as conn:
+            async with self.database.read() as conn:
                 return (await conn.scalar(query)) is not None
 
     async def count(self, consumer: str | None = None) -> dict[str, int]:
@@ -172,7 +172,7 @@ class Inbox:
         if consumer is not None:
             query = query.where(inbox.c.consumer == consumer)
         with translate_errors("counting the inbox"):
-            async with self.database.connect() as conn:
+            async with self.database.read() as conn:
                 return {str(name): int(n) for name, n in (await conn.execute(query)).all()}
 
     async def prune(
@@ -198,7 +198,7 @@ class Inbox:
             if consumer is not None:
                 consumers: Sequence[str] = [consumer]
             else:
-                async with self.database.connect() as conn:
+                async with self.database.read() as conn:
                     names = sa.union(*(sa.select(t.c.consumer).distinct() for t in _PRUNED))
                     consumers = (await conn.execute(names)).scalars().all()
             return await prune_each(
