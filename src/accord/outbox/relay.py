@@ -123,9 +123,6 @@ def _waves(rows: Sequence[ClaimedRow]) -> list[list[ClaimedRow]]:
 #: The longest time a relay option may name (a lease, a backoff, a poll, the
 #: retention): past it, the relay's datetime arithmetic overflows in every round.
 _MAX_SECONDS = 10 * 365 * 24 * 3600.0
-#: Attempts past this many wait as long as this many (backoff_cap, by then): 2.0 **
-#: attempts overflows a float (OverflowError) past 1,023.
-_BACKOFF_ATTEMPTS = 1000
 
 
 def _check_options(*, retention: Any, **options: Any) -> None:
@@ -482,7 +479,7 @@ class Relay:
         message = f"{error.__class__.__name__}: {error}"
         if attempts >= self.max_attempts:
             return self._dead(row, message, attempts)
-        delay = backoff_delay(min(attempts, _BACKOFF_ATTEMPTS), self.backoff_base, self.backoff_cap)
+        delay = backoff_delay(attempts, self.backoff_base, self.backoff_cap)
         due = self.database.clock.now() + timedelta(seconds=delay)
         self._note_due(delay)
         log.warning(
