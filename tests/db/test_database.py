@@ -508,3 +508,27 @@ async def test_a_read_neither_waits_for_a_writer_nor_holds_one_back(database: Da
                 await add_to_outbox(writer, Message(type="t.Read", key=key))
     async with database.read() as reader:
         assert await reader.scalar(count) == 2
+
+
+@pytest.mark.parametrize("where", ["connection", "engine"])
+async def test_an_autocommit_connection_commits_each_statement(db_url: str, where: str) -> None:
+    """On SQLite an AUTOCOMMIT connection still began a transaction (BEGIN IMMEDIATE),
+    rolled back when the connection closed: its writes vanished (PostgreSQL kept them)."""
+    options = {"isolation_level": "AUTOCOMMIT"} if where == "engine" else {}
+    database = Database(db_url, **options)
+    try:
+        await database.upgrade()
+        message = Message(type="t.autocommit")
+        async with database.connect() as conn:
+            if where == "connection":
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await add_to_outbox(conn, message)
+        async with database.read() as conn:
+            found = await conn.scalar(
+                sa.select(sa.func.count())
+                .select_from(outbox)
+                .where(outbox.c.event_type == "t.autocommit")
+            )
+        assert found == 1
+    finally:
+        await database.dispose()

@@ -256,7 +256,7 @@ class Database:
         #: transport write and compare availability and leases with.
         self.clock = ServerClock(self)
         if self.dialect == "sqlite":
-            _tune_sqlite(self.engine)
+            _tune_sqlite(self.engine, autocommit=self.isolation_level == "AUTOCOMMIT")
         elif not engine_kwargs.get("pool_pre_ping"):
             _drop_closed_on_checkout(self.engine)
 
@@ -473,7 +473,7 @@ def _drop_closed_on_checkout(engine: AsyncEngine) -> None:
             raise sa.exc.DisconnectionError("the server closed this pooled connection")
 
 
-def _tune_sqlite(engine: AsyncEngine) -> None:
+def _tune_sqlite(engine: AsyncEngine, *, autocommit: bool) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event issue BEGIN itself (see below).
@@ -490,8 +490,14 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
         # A deferred transaction that later writes can fail with SQLITE_BUSY at
         # once (lock upgrade deadlock) instead of waiting: take the write lock
         # up front so writers queue on the busy timeout. Database.read()'s
-        # connections only read: theirs begin deferred.
-        if conn.get_execution_options().get(_READ_ONLY):
+        # connections only read: theirs begin deferred. An AUTOCOMMIT connection
+        # (the engine's isolation_level, or the connection's) begins nothing: each
+        # statement commits on its own, as on PostgreSQL.
+        options = conn.get_execution_options()
+        level = options.get("isolation_level")
+        if level == "AUTOCOMMIT" or (level is None and autocommit):
+            return
+        if options.get(_READ_ONLY):
             conn.exec_driver_sql("BEGIN")
         else:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
