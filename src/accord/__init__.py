@@ -9,7 +9,7 @@ from accord import errors
 from accord.db import Database, metadata
 from accord.inbox import Consumer, DeadLetters, HandlerContext
 from accord.messages import Message
-from accord.outbox import OutboxAdmin, Relay
+from accord.outbox import OutboxAdmin, Relay, cancel_scheduled
 from accord.outbox import add as add_to_outbox
 from accord.outbox import transaction as outbox_transaction
 
@@ -22,6 +22,7 @@ __all__ = [
     "OutboxAdmin",
     "Relay",
     "add_to_outbox",
+    "cancel_scheduled",
     "errors",
     "metadata",
     "outbox_transaction",

@@ -20,11 +20,17 @@ from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from typer.testing import CliRunner
 
-from accord import Database, Message, add_to_outbox, outbox_transaction
+from accord import (
+    Database,
+    Message,
+    add_to_outbox,
+    cancel_scheduled,  # beside add_to_outbox, as the README shows it
+    outbox_transaction,
+)
 from accord.cli.app import _register_subcommands, app
 from accord.db.schema import outbox
 from accord.errors import ConfigurationError, DatabaseError
-from accord.outbox import SCHEDULED, OutboxAdmin, Relay, cancel_scheduled
+from accord.outbox import SCHEDULED, OutboxAdmin, Relay
 from accord.outbox._claim import release_scheduled
 from tests.outbox.conftest import fast_relay, statuses
 
