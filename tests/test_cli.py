@@ -4,7 +4,8 @@ name the fix on stderr with exit 1, usage errors with exit 2, and no traceback."
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,24 @@ def test_a_number_past_what_the_database_holds_is_a_usage_error(
     result = accord(*args, "--db", db_url, option, str(2**63))
     assert result.exit_code == 2, result.output
     assert option in result.stderr and "9223372036854775807" in result.stderr
+
+
+def test_json_output_writes_times_as_iso_8601(sqlite_url: str) -> None:
+    """Times were written as str() gives them, with a space for ISO-8601's "T"."""
+    from accord import Message, add_to_outbox
+
+    async def schedule() -> None:
+        async with Database(sqlite_url) as database:
+            await database.upgrade()
+            async with database.transaction() as conn:
+                await add_to_outbox(conn, Message(type="t.later"), delay=timedelta(hours=1))
+
+    asyncio.run(schedule())
+    result = accord("outbox", "scheduled", "list", "--db", sqlite_url, "--json")
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)
+    times = [v for v in row.values() if isinstance(v, str) and v[:4].isdigit() and ":" in v]
+    assert times and all("T" in t and datetime.fromisoformat(t).tzinfo for t in times), row
 
 
 def test_every_commands_summary_is_one_paragraph_of_plain_text() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import inspect
 import json
 import math
@@ -165,8 +166,16 @@ def plain(*values: object) -> list[Text]:
 
 
 def print_json(value: Any) -> None:
-    """Print a JSON document (dates as ISO-8601)."""
-    typer.echo(json.dumps(value, indent=2, default=str))
+    """Print a JSON document (times as ISO-8601, ``2026-12-07T23:00:00+00:00``)."""
+    typer.echo(json.dumps(value, indent=2, default=_json_value))
+
+
+def _json_value(value: Any) -> Any:
+    # str() of a datetime puts a space where ISO-8601 (and JavaScript's Date, jq's
+    # fromdateiso8601) wants a "T".
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    return str(value)
 
 
 @db_app.command("upgrade")
