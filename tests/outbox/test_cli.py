@@ -75,6 +75,22 @@ def test_dead_list_show_replay_purge(db_url: str) -> None:
     assert json.loads(accord("outbox", "dead", "list", "--db", db_url, "--json").output) == []
 
 
+def test_dead_show_prints_payload_and_headers_as_json(db_url: str) -> None:
+    """The text output printed them as Python reprs (None, True, single quotes)."""
+
+    async def seed() -> str:
+        message = Message(type="order.placed", data={"gift": True, "note": None})
+        async with Database(db_url) as database, database.transaction() as conn:
+            await add_to_outbox(conn, message)
+            await conn.execute(outbox.update().values(status="DEAD", last_error="refused"))
+        return message.id
+
+    shown = accord("outbox", "dead", "show", asyncio.run(seed()), "--db", db_url).output
+    assert '"gift": true' in shown and '"note": null' in shown
+    assert '"ce-type": "order.placed"' in shown
+    assert "'gift': True" not in shown and "'note': None" not in shown
+
+
 def test_errors_name_the_problem_and_the_fix(db_url: str) -> None:
     asyncio.run(_seed(db_url))
     missing = accord(

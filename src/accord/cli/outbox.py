@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -105,6 +106,8 @@ def dead_show(message_id: str, db: DbOption, as_json: JsonOption = False) -> Non
         print_json(row)
         return
     for name, value in row.items():
+        if isinstance(value, dict | list):  # the payload and headers: as JSON, not reprs
+            value = json.dumps(value, indent=2, ensure_ascii=False, default=str)
         console.print(f"[bold]{name}[/]: {escape(str(value))}")
 
 
