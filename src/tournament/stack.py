@@ -141,7 +141,7 @@ async def styles_in_flight(config: StackConfig) -> set[str]:
     """The saga styles of the tournaments still PENDING: a stack restarted with the
     other ``--saga-style`` must still finish the flows the first style started."""
     assert config.match_db is not None
-    async with Database(config.match_db) as database, database.connect() as conn:
+    async with Database(config.match_db) as database, database.read() as conn:
         query = sa.select(tournaments.c.saga_style).where(tournaments.c.status == PENDING)
         return set((await conn.scalars(query.distinct())).all())
 

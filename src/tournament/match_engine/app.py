@@ -115,7 +115,7 @@ class _Settled:
         while self._waiting:
             await asyncio.sleep(self.interval * (50 if failing else 1))
             try:
-                async with self.database.connect() as conn:
+                async with self.database.read() as conn:
                     result = await conn.execute(query, {"ids": list(self._waiting)})
                     settled = result.scalars().all()
             except Exception:  # the waiters time out; try again a little later
@@ -168,7 +168,7 @@ def create_app(config: StackConfig) -> FastAPI:
     app.add_middleware(Guard, token=config.api_token, routes=app.router.routes)
 
     async def load(tournament_id: str) -> dict[str, Any]:
-        async with database.connect() as conn:
+        async with database.read() as conn:
             row = (
                 await conn.execute(sa.select(tournaments).where(tournaments.c.id == tournament_id))
             ).first()
@@ -198,7 +198,7 @@ def create_app(config: StackConfig) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, str]:
         """Liveness: the process answers and its database is reachable."""
-        async with database.connect() as conn:
+        async with database.read() as conn:
             await conn.execute(sa.text("SELECT 1"))
         return {
             "status": "ok",
@@ -331,7 +331,7 @@ def create_app(config: StackConfig) -> FastAPI:
     async def list_matches(tournament_id: str) -> dict[str, Any]:
         """The matches recorded for the tournament, oldest first."""
         await load(tournament_id)
-        async with database.connect() as conn:
+        async with database.read() as conn:
             rows = (
                 await conn.execute(
                     sa.select(matches)
@@ -366,7 +366,7 @@ def create_app(config: StackConfig) -> FastAPI:
                 "steps": [entry.as_dict() for entry in history],
             }
         timeline = await Flows(database).timeline(saga_id)
-        async with database.connect() as conn:
+        async with database.read() as conn:
             row = (
                 await conn.execute(
                     sa.select(tournaments.c.status, tournaments.c.reason).where(

@@ -110,7 +110,7 @@ def create_app(config: StackConfig) -> FastAPI:
     app.add_middleware(Guard, token=config.api_token, routes=app.router.routes)
 
     async def participants_of(tournament_id: str) -> dict[str, str]:
-        async with database.connect() as conn:
+        async with database.read() as conn:
             rows = await conn.execute(
                 sa.select(ledgers.c.participant, ledgers.c.status)
                 .where(ledgers.c.tournament_id == tournament_id)
@@ -121,7 +121,7 @@ def create_app(config: StackConfig) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, str]:
         """Liveness: the process answers and its database is reachable."""
-        async with database.connect() as conn:
+        async with database.read() as conn:
             await conn.execute(sa.text("SELECT 1"))
         return {"status": "ok", "service": "score-engine", "instance": config.instance}
 
@@ -160,7 +160,7 @@ def create_app(config: StackConfig) -> FastAPI:
             matches.c.match_id == match_id
         )
         while True:
-            async with database.connect() as conn:
+            async with database.read() as conn:
                 row = (await conn.execute(query)).first()
             if row is not None:
                 if row.tournament_id != tournament_id:
@@ -222,7 +222,7 @@ def create_app(config: StackConfig) -> FastAPI:
                 ) from None
             except ProjectionStopped as exc:
                 raise HTTPException(503, f"the leaderboard projection is stopped: {exc}") from None
-        async with database.connect() as conn:
+        async with database.read() as conn:
             entries = await read_leaderboard(conn, tournament_id)
         [status] = await projection_status(database, [leaderboard], store=store)
         return {
