@@ -27,6 +27,7 @@ __all__ = [
     "from_the_database_layer",
     "on_commit",
     "translate_errors",
+    "unreachable",
 ]
 
 log = logging.getLogger("accord.db")
@@ -116,6 +117,45 @@ def from_the_database_layer(exc: BaseException) -> bool:
         if module.startswith(_DATABASE_LAYER):
             return True
         tb = tb.tb_next
+    return False
+
+
+# SQLSTATEs of a server that cannot serve the session now, whatever it was asked:
+# connection exceptions (08: the connection failed or is gone), an administrator's or a
+# crash's shutdown (57P01, 57P02), a server starting or stopping (57P03, "cannot connect
+# now"), no connection slot left (53300).
+_UNREACHABLE_STATES = ("08", "57P01", "57P02", "57P03", "53300")
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it came from, says that the database could not be
+    reached or went away (a server stopping, starting or restarting, a dropped
+    connection), not that what was asked of it failed: something to retry once the
+    database is back, never to hold against the work that was under way. An
+    ``OSError`` counts only when raised inside SQLAlchemy or the driver, not by the
+    caller's own code (a refused HTTP call in a handler), and a ``TimeoutError`` not
+    at all."""
+    seen: BaseException | None = exc
+    for _ in range(50):  # a chain of causes that loops back ends here
+        if seen is None:
+            return False
+        if isinstance(seen, sa.exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        if isinstance(seen, sa.exc.DisconnectionError):
+            return True
+        if (
+            isinstance(seen, OSError)
+            # A statement's timeout is no outage: the same work may time out for ever.
+            and not isinstance(seen, TimeoutError)
+            and from_the_database_layer(seen)
+        ):
+            return True
+        state = getattr(seen, "sqlstate", None)
+        if isinstance(state, str) and state.startswith(_UNREACHABLE_STATES):
+            return True
+        if type(seen).__name__ == "InterfaceError" and "connection is closed" in str(seen):
+            return True  # asyncpg's, for a connection closed under its user
+        seen = seen.__cause__ or seen.__context__
     return False
 
 

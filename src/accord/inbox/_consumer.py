@@ -19,6 +19,7 @@ from accord._backoff import backoff_delay
 from accord._checks import is_count, is_finite
 from accord._retention import Pruning
 from accord.db import Database
+from accord.db.database import unreachable
 from accord.errors import ConfigurationError
 from accord.inbox._context import (
     BatchFunc,
@@ -691,6 +692,19 @@ class Consumer:
 
     async def _failed(self, delivery: Delivery, exc: Exception) -> float | None:
         """Retry later or dead-letter; if the delivery comes back, in how many seconds."""
+        if unreachable(_Aborted.original(exc)):
+            # The database went away (a restart, a failover): not the message's fault,
+            # so never a reason to dead-letter it. Its attempts still grow (the broker
+            # counts deliveries), and a dead letter written the moment the database is
+            # back would leave a committed message unapplied until an operator replays it.
+            delay = self.backoff(delivery.attempt)
+            log.warning(
+                "the database is unavailable (%s); retrying in %.2fs",
+                _describe(_Aborted.original(exc)),
+                delay,
+            )
+            await delivery.nack(delay)
+            return delay
         attempt = await self._attempts(delivery)
         if attempt >= self.max_attempts:
             log.error(
