@@ -1,11 +1,16 @@
 """Removing what tests declared on the shared brokers (exchanges, queues, streams, keys);
-changing a broker setting for the length of a test; a transport slow to subscribe."""
+changing a broker setting for the length of a test; a transport slow to subscribe;
+taking the PostgreSQL server away (restarted, or stopped for a while), always bringing
+it back."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import subprocess
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import aio_pika
@@ -15,7 +20,7 @@ from accord.transports.base import BatchHandler, Subscription, Transport
 from accord.transports.nats import NatsTransport
 from accord.transports.rabbitmq import RabbitTopology, RabbitTransport
 from accord.transports.redis import RedisTransport
-from tests.conftest import RABBIT_URL
+from tests.conftest import PG_ADMIN_DSN, RABBIT_URL
 
 
 async def delete_everything(channels: dict[str, set[str]]) -> None:
@@ -99,3 +104,57 @@ class SlowToSubscribe(FaultyTransport):
         return await super().subscribe_batches(
             group, handler, topics=topics, prefetch=prefetch, max_batch=max_batch
         )
+
+
+def _pg_ctlcluster(action: str) -> int:
+    """``pg_ctlcluster VERSION main ACTION`` (the commands of DESIGN.md), blocking; its
+    exit code (``status``: 0 running, 3 down)."""
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    done = subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    if action != "status":
+        assert done.returncode == 0, f"pg_ctlcluster {action} failed: {done.stderr}"
+    return done.returncode
+
+
+def postgres_accepts_connections(timeout: float = 60) -> None:
+    """Start the PostgreSQL server if it is down; return once it runs a query.
+
+    Blocking on purpose: it runs in ``finally:`` blocks, where a test that timed out or
+    whose coroutine is being closed can no longer await anything."""
+    if _pg_ctlcluster("status") == 3:
+        _pg_ctlcluster("start")
+    deadline = time.monotonic() + timeout
+    while True:
+        done = subprocess.run(
+            ["psql", PG_ADMIN_DSN, "-Atc", "SELECT 1"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        if done.returncode == 0 and done.stdout.strip() == "1":
+            return
+        assert time.monotonic() < deadline, f"PostgreSQL does not answer: {done.stderr}"
+        time.sleep(0.2)
+
+
+async def restart_postgres() -> None:
+    """Restart the PostgreSQL server (fast shutdown: every session is cut off, open
+    transactions roll back); return once it accepts connections again, also if the
+    restart failed."""
+    try:
+        await asyncio.to_thread(_pg_ctlcluster, "restart")
+    finally:
+        postgres_accepts_connections()
+
+
+@contextlib.asynccontextmanager
+async def postgres_stopped() -> AsyncIterator[None]:
+    """The PostgreSQL server is down for the length of the block (stopped with a fast
+    shutdown: every session cut off); started again after it, whatever happened in
+    it, and left once it accepts connections."""
+    try:
+        await asyncio.to_thread(_pg_ctlcluster, "stop")
+        yield
+    finally:
+        postgres_accepts_connections()

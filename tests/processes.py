@@ -15,7 +15,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Protocol, Self
+from typing import IO, Protocol, Self
 
 from accord.db import Database
 from accord.inbox import Consumer
@@ -68,13 +68,17 @@ class Processes:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[str]] = []
 
-    async def spawn(self, module: str, *args: str) -> subprocess.Popen[str]:
+    async def spawn(
+        self, module: str, *args: str, stderr: IO[str] | None = None
+    ) -> subprocess.Popen[str]:
         """Start ``python -m module *args`` from the repository root; return it once it
-        printed "ready" (fail if it printed anything else or exited first)."""
+        printed "ready" (fail if it printed anything else or exited first). ``stderr``:
+        a file for what it logs (by default the test's own stderr)."""
         proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
             [sys.executable, "-m", module, *args],
             cwd=ROOT,
             stdout=subprocess.PIPE,
+            stderr=stderr,
             text=True,
         )
         self.procs.append(proc)
