@@ -19,7 +19,7 @@ from accord.db.schema import outbox
 from accord.errors import ConfigurationError, TransportUnavailable
 from accord.outbox import Relay
 from accord.outbox._claim import Settlement, settle
-from accord.testing import FaultyTransport
+from accord.testing import FaultyTransport, wait_for
 from accord.transports import from_url
 from accord.transports.sql import SqlTransport
 from tests.outbox.conftest import broker_url, fast_relay, statuses
@@ -203,7 +203,7 @@ async def test_the_relay_listens_again_after_losing_its_listening_connection(
 async def test_after_a_database_outage_an_idle_relay_polls_at_its_poll_interval_again(
     sqlite_url: str, make_transport: Any
 ) -> None:
-    """While the database fails, the relay backs off between rounds (up to 30 s);
+    """While the database fails, the relay backs off between rounds (up to 5 s);
     once a round succeeds again it is back to ``poll_interval`` — on SQLite, with
     no NOTIFY, that is what brings a new message out.
 
@@ -229,6 +229,61 @@ async def test_after_a_database_outage_an_idle_relay_polls_at_its_poll_interval_
             await add_to_outbox(conn, message)
         await asyncio.sleep(1.5)  # thirty times poll_interval
         assert (await statuses(database)).get(message.id) == "SENT"
+    finally:
+        await relay.stop()
+        await asyncio.wait_for(task, 10)
+        await database.dispose()
+
+
+class OutboxAwayAfterPublishing(FaultyTransport):
+    """Publishes, then takes the outbox table away once: the broker confirmed the
+    batch, and the settle that follows fails until the test puts it back."""
+
+    def __init__(self, inner: Any, database: Database) -> None:
+        super().__init__(inner)
+        self.database = database
+        self.cut = False
+
+    async def publish_envelopes(self, envelopes: Any) -> None:
+        await super().publish_envelopes(envelopes)
+        if not self.cut:
+            self.cut = True
+            async with self.database.transaction() as conn:
+                await conn.execute(sa.text("ALTER TABLE accord_outbox RENAME TO outbox_away"))
+
+
+async def test_a_leased_batch_whose_settle_failed_is_settled_when_the_database_answers(
+    sqlite_url: str, listen: Any
+) -> None:
+    """The broker confirmed a leased batch, then the database went away before the
+    rows were marked SENT: a later round marks them once the database answers,
+    instead of leaving them PENDING (their keys held back) until the lease runs out
+    and publishing them again."""
+    database = Database(sqlite_url)
+    inner, received = await listen(broker_url("rabbitmq", ""))
+    messages = [Message(type="order.placed", key=f"k{i % 2}") for i in range(6)]
+    async with database.transaction() as conn:
+        await add_to_outbox(conn, *messages)
+    transport = OutboxAwayAfterPublishing(inner, database)
+    relay = fast_relay(database, transport, claims="lease", lease=30, concurrency=1)
+    task = asyncio.create_task(relay.run())
+    try:
+        later = Message(type="order.placed", key="k0")  # behind the cut batch's key
+
+        async def all_sent() -> bool:
+            found = await statuses(database)
+            return len(found) == 7 and set(found.values()) == {"SENT"}
+
+        await received.wait(6)
+        assert transport.cut
+        await asyncio.sleep(1)  # rounds fail meanwhile
+        async with database.transaction() as conn:  # the database is back
+            await conn.execute(sa.text("ALTER TABLE outbox_away RENAME TO accord_outbox"))
+            await add_to_outbox(conn, later)
+        await wait_for(all_sent, 10)  # well inside the 30 s lease
+        await received.wait(7)
+        await asyncio.sleep(0.5)
+        assert sorted(received.ids) == sorted(m.id for m in [*messages, later])  # once each
     finally:
         await relay.stop()
         await asyncio.wait_for(task, 10)

@@ -125,6 +125,11 @@ def _waves(rows: Sequence[ClaimedRow]) -> list[list[ClaimedRow]]:
 _MAX_SECONDS = 10 * 365 * 24 * 3600.0
 
 
+#: The longest a round waits before it tries again during an outage (of the database
+#: or the broker): how late, at worst, the relay notices that it is over.
+_OUTAGE_RETRY_CAP = 5.0
+
+
 def _check_options(*, retention: Any, **options: Any) -> None:
     """Raise ConfigurationError unless every Relay option is a value it can work with.
 
@@ -265,6 +270,11 @@ class Relay:
         self._next_due: float | None = None
         self._scheduled_due = 0.0  # monotonic time to look for due scheduled rows
         self._outage = 0
+        # Leased batches the broker confirmed but whose settle failed (the database
+        # went away meanwhile): (sent, others, lease_until). A later round settles them
+        # while their lease holds, rather than leave them to be published again when
+        # it runs out, their keys held back until then.
+        self._unsettled: deque[tuple[list[int], list[Settlement], datetime]] = deque()
         # PostgreSQL: the LISTEN that wakes the relay on commit, and whether it needs
         # (re)starting: first, and after its connection was lost.
         self._unlisten: Callable[[], Any] | None = None
@@ -280,6 +290,8 @@ class Relay:
         seconds in one transaction and settled in another.
         """
         await self.database.clock.sync_if_due()
+        if self._unsettled:
+            await self._settle_unsettled()
         now = self.database.clock.now()
         if time.monotonic() >= self._scheduled_due:
             await self._release_scheduled(now)
@@ -309,8 +321,37 @@ class Relay:
         except asyncio.CancelledError:
             await self._release_cancelled(rows, sent, others, lease_until)
             raise
-        marked = await self._settle_leased(sent, others, lease_until)
+        try:
+            marked = await self._settle_leased(sent, others, lease_until)
+        except Exception:
+            self._unsettled.append((sent, others, lease_until))
+            raise
         return self._count(sent, marked, started)
+
+    async def _settle_unsettled(self) -> None:
+        """Settle the leased batches whose settle failed, while their lease holds;
+        raises (the round fails) while the database is still away."""
+        while self._unsettled:
+            sent, others, lease_until = self._unsettled.popleft()
+            if lease_until <= self.database.clock.now():
+                log.warning(
+                    "relay %s: the lease on %d published rows ran out before the database "
+                    "came back; they are published again",
+                    self.name,
+                    len(sent),
+                )
+                continue
+            try:
+                marked = await self._settle_leased(sent, others, lease_until)
+            except BaseException:
+                self._unsettled.appendleft((sent, others, lease_until))
+                raise
+            PUBLISHED.inc(marked)
+            log.info(
+                "relay %s settled a batch of %d rows whose settle had failed",
+                self.name,
+                len(sent) + len(others),
+            )
 
     async def _release_scheduled(self, now: datetime) -> None:
         """Make the scheduled rows due by ``now`` PENDING (up to a batch), for this
@@ -642,6 +683,7 @@ class Relay:
 
     async def _loop(self, index: int) -> None:
         last_cleanup = 0.0
+        failures = 0  # this round's in a row: its own backoff, whatever the others do
         while not self._stopping:
             # This round sees every commit so far; a wake-up during it goes to an idle
             # round or, if none, makes the next round to finish look again.
@@ -663,17 +705,25 @@ class Relay:
                 log.exception("relay round failed unexpectedly, retrying")
                 published = 0
                 self._outage += 1
+            if not self._outage:
+                if failures:  # back: the rounds waiting out their backoff look now
+                    while self._wake_idle_round():
+                        pass
+                failures = 0
+            else:
+                failures += 1
             if published >= self.batch_size and not self._outage:
                 self._wake_idle_round()  # there is likely more: another round claims it
                 continue
-            await self._idle()
+            await self._idle(failures)
 
-    async def _idle(self) -> None:
+    async def _idle(self, failures: int) -> None:
         # Woken by a commit, a NOTIFY, a full batch or the poll (_polled); a timeout
-        # of its own only to retry an outage or when a row it saw comes due.
+        # of its own only to retry an outage (after this round's ``failures`` in a
+        # row) or when a row it saw comes due.
         timeout: float | None = None
-        if self._outage:
-            timeout = min(30.0, 0.25 * 2 ** min(self._outage, 7))
+        if failures:
+            timeout = min(_OUTAGE_RETRY_CAP, 0.25 * 2 ** min(failures - 1, 5))
         elif self._next_due is not None:
             timeout = max(0.0, min(self.poll_interval, self._next_due - time.monotonic()))
             self._next_due = None
