@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -532,3 +533,36 @@ async def test_an_autocommit_connection_commits_each_statement(db_url: str, wher
         assert found == 1
     finally:
         await database.dispose()
+
+
+async def test_a_retried_failure_is_one_line_while_the_database_cannot_be_reached(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Loops that retry (the saga timer, dead-letter replays, the flow tracker) logged
+    a whole traceback at every retry of an outage; a failed statement keeps its."""
+    from accord.db.database import log_retried_failure
+
+    logger = logging.getLogger("tests.retried")
+    failures: list[BaseException] = []
+    for url, sql in (
+        ("postgresql+asyncpg://postgres@127.0.0.1:1/nowhere", "SELECT 1"),
+        (pg_url, "SELECT * FROM no_such_table"),
+    ):
+        database = Database(url)
+        try:
+            async with database.connect() as conn:
+                await conn.execute(sa.text(sql))
+        except Exception as exc:
+            failures.append(exc)
+        finally:
+            await database.dispose()
+    gone, failed = failures
+    with caplog.at_level(logging.WARNING, logger="tests.retried"):
+        log_retried_failure(logger, gone, "round %d failed", 1)
+        log_retried_failure(logger, failed, "round %d failed", 2)
+    outage, statement = caplog.records
+    assert outage.levelno == logging.WARNING and outage.exc_info is None
+    assert outage.getMessage().startswith("round 1 failed: the database is unavailable (")
+    assert "\n" not in outage.getMessage()
+    assert statement.levelno == logging.ERROR and statement.exc_info is not None
+    assert statement.getMessage() == "round 2 failed"

@@ -25,6 +25,7 @@ __all__ = [
     "Database",
     "driver_in_transaction",
     "from_the_database_layer",
+    "log_retried_failure",
     "on_commit",
     "translate_errors",
     "unreachable",
@@ -157,6 +158,20 @@ def unreachable(exc: BaseException) -> bool:
             return True  # asyncpg's, for a connection closed under its user
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def log_retried_failure(
+    logger: logging.Logger, exc: BaseException, message: str, *args: object
+) -> None:
+    """Log the failure ``exc`` of work that is retried later: with its traceback (a
+    bug, a statement that failed), or, when the database could not be reached
+    (:func:`unreachable`), as one warning line, so that an outage does not fill the
+    log with the same traceback at every retry."""
+    if unreachable(exc):
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        logger.warning(message + ": the database is unavailable (%s)", *args, reason)
+    else:
+        logger.error(message, *args, exc_info=exc)
 
 
 async def driver_in_transaction(conn: AsyncConnection) -> Any | None:

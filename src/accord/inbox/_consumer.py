@@ -19,7 +19,7 @@ from accord._backoff import backoff_delay
 from accord._checks import is_count, is_finite
 from accord._retention import Pruning
 from accord.db import Database
-from accord.db.database import unreachable
+from accord.db.database import log_retried_failure, unreachable
 from accord.errors import ConfigurationError
 from accord.inbox._context import (
     BatchFunc,
@@ -742,10 +742,12 @@ class Consumer:
                     reason=reason,
                     attempts=attempts,
                 )
-        except Exception:
+        except Exception as exc:
             # Never drop a message: if its dead letter cannot be written, give it back.
             delay = self.backoff(delivery.attempt)
-            log.exception("could not write a dead letter; redelivering in %.2fs", delay)
+            log_retried_failure(
+                log, exc, "could not write a dead letter; redelivering in %.2fs", delay
+            )
             await delivery.nack(delay)
             return delay
         CONSUMER_DEAD_LETTERED.labels(self.name, kind).inc()
@@ -780,8 +782,10 @@ class Consumer:
                     log.info("replaying dead letter %d", letter.id)
                     await self.handle(delivery)
                     await delivery.ack()  # no-op if settled, as with transports
-            except Exception:
-                log.exception("replaying dead letters of %s failed; will retry", self.name)
+            except Exception as exc:
+                log_retried_failure(
+                    log, exc, "replaying dead letters of %s failed; will retry", self.name
+                )
             more = False  # a prune deleted a full batch: more may be left
             for pruning in self._prunings:
                 more |= pruning.full(await pruning.when_due())

@@ -19,7 +19,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from accord._aio import wait_event
 from accord._retention import checked_batch, prune_in_batches
 from accord.db import Database
-from accord.db.database import translate_errors
+from accord.db.database import log_retried_failure, translate_errors
 from accord.db.schema_sagas import flow_heads, flows, sagas
 from accord.inbox import Consumer, HandlerContext
 from accord.sagas._metrics import FLOWS_STALLED
@@ -284,8 +284,8 @@ class FlowTracker:
             while not self._stop.is_set():
                 try:
                     await self.check()
-                except Exception:
-                    log.exception("checking for stalled flows failed; will retry")
+                except Exception as exc:
+                    log_retried_failure(log, exc, "checking for stalled flows failed; will retry")
                 await wait_event(self._stop, self.check_interval)
         finally:
             await self.consumer.stop()

@@ -20,7 +20,7 @@ from accord._aio import wait_event
 from accord._checks import is_count
 from accord._retention import Pruning
 from accord.db import Database
-from accord.db.database import on_commit
+from accord.db.database import log_retried_failure, on_commit
 from accord.db.schema_sagas import deadlines
 from accord.db.schema_sagas import sagas as sagas_table
 from accord.errors import AccordError, ConcurrencyError, ConfigurationError, DuplicateError
@@ -421,8 +421,8 @@ class Orchestrator:
             fired = 0
             try:
                 fired = await self.fire_due()
-            except Exception:
-                log.exception("saga timer round failed; will retry")
+            except Exception as exc:
+                log_retried_failure(log, exc, "saga timer round failed; will retry")
             pruned = await self._pruning.when_due()
             if fired < self.timer_batch and not self._pruning.full(pruned):
                 await wait_event(self._stop, self.timer_interval)
