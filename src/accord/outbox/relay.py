@@ -270,6 +270,9 @@ class Relay:
         self._next_due: float | None = None
         self._scheduled_due = 0.0  # monotonic time to look for due scheduled rows
         self._outage = 0
+        # Whether the last claim found nothing: then (SQLite) the next round looks
+        # without the write lock first; while claims find work, they claim at once.
+        self._idle_claim = True
         # Leased batches the broker confirmed but whose settle failed (the database
         # went away meanwhile): (sent, others, lease_until). A later round settles them
         # while their lease holds, rather than leave them to be published again when
@@ -295,7 +298,7 @@ class Relay:
         now = self.database.clock.now()
         if time.monotonic() >= self._scheduled_due:
             await self._release_scheduled(now)
-        if self.database.is_sqlite and not await self._due("PENDING", now):
+        if self.database.is_sqlite and self._idle_claim and not await self._due("PENDING", now):
             self._outage = 0  # the database answered; nothing to publish
             return 0
         sent: list[int] = []
@@ -303,6 +306,7 @@ class Relay:
         if self.claims == "lock":  # the rows stay locked in the claiming transaction
             async with self.database.transaction() as conn:
                 rows = await claim(conn, now=now, lease_until=None, limit=self.batch_size)
+                self._idle_claim = not rows
                 if not rows:
                     self._outage = 0  # the database answered; nothing to publish
                     return 0
@@ -312,6 +316,7 @@ class Relay:
             return self._count(sent, len(sent), started)
         lease_until = now + timedelta(seconds=self.lease)
         rows = await self._claim_leased(now, lease_until)
+        self._idle_claim = not rows
         if not rows:
             self._outage = 0  # the database answered; nothing to publish
             return 0

@@ -127,6 +127,7 @@ class SqlSubscription(Subscription):
     # -- the consuming loop ---------------------------------------------------
 
     async def _run(self) -> None:
+        idle = True  # whether the last claim found nothing
         while True:
             try:
                 # Earlier acks must be visible before claiming: a later delivery with
@@ -135,8 +136,10 @@ class SqlSubscription(Subscription):
                 self._wake.clear()
                 await self._db.clock.sync_if_due()
                 claimed: list[q.Claimed] = []
-                if self._db.is_postgres or await self._any_ready():
+                # After an empty claim, SQLite looks without the write lock first.
+                if not (idle and self._db.is_sqlite) or await self._any_ready():
                     claimed = await self._claim()
+                idle = not claimed
             except TransportError as exc:
                 log.warning("group %r: %s; retrying in %ss", self.group, exc, _CLAIM_RETRY_DELAY)
                 await self._sleep(_CLAIM_RETRY_DELAY)
