@@ -803,3 +803,31 @@ async def test_a_first_delivery_with_a_copied_x_delivery_count_is_attempt_1_on_q
     await collector.wait(1, 10)
     assert collector.ids == [sent.id]
     assert collector.received[0][1] == 1  # its first delivery to this group
+
+
+@pytest.mark.parametrize("closes", [1, 2])
+async def test_closing_while_a_handler_runs_lets_it_finish_and_settle(
+    rabbit: Callable[..., RabbitTransport], closes: int
+) -> None:
+    """close() waits for the handler in flight and acks its message; a second close()
+    at the same time closed the connection under it (its ack lost: delivered again)."""
+    transport = rabbit()
+    await transport.connect()
+    started, finished = asyncio.Event(), asyncio.Event()
+
+    async def slow(delivery: Delivery) -> None:
+        started.set()
+        await asyncio.sleep(1.0)
+        finished.set()
+
+    await transport.subscribe("closing", slow)
+    await transport.publish([Message(type="test.slow")])
+    await asyncio.wait_for(started.wait(), 15)
+    await asyncio.gather(*(transport.close() for _ in range(closes)))
+    assert finished.is_set()
+    again = rabbit(channel=transport.channel)
+    await again.connect()
+    collector = Collector()
+    await again.subscribe("closing", collector)
+    await asyncio.sleep(2)
+    assert collector.received == []

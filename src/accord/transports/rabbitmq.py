@@ -164,6 +164,9 @@ class RabbitTransport(Transport):
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._subscriptions: list[RabbitSubscription] = []
+        # One close() at a time: a second one, finding the subscriptions gone, would
+        # close the connection under the handlers the first is waiting for.
+        self._closing = asyncio.Lock()
         self._groups: set[str] = set()
         self._declared: set[str] = set()
         self._connect_lock = asyncio.Lock()
@@ -422,15 +425,16 @@ class RabbitTransport(Transport):
 
     async def close(self) -> None:
         """Stop every subscription (unsettled deliveries go back to their queues) and
-        close the connection. Idempotent."""
+        close the connection. Idempotent; a close() while one runs waits for it."""
         self._closed = True
-        subscriptions, self._subscriptions = self._subscriptions, []
-        for subscription in subscriptions:
-            await subscription.stop()
-        connection, self._connection, self._publisher = self._connection, None, None
-        self._declared.clear()
-        if connection is not None:
-            await _close_quietly(connection)
+        async with self._closing:
+            subscriptions, self._subscriptions = self._subscriptions, []
+            for subscription in subscriptions:
+                await subscription.stop()
+            connection, self._connection, self._publisher = self._connection, None, None
+            self._declared.clear()
+            if connection is not None:
+                await _close_quietly(connection)
 
     # -- used by deliveries ---------------------------------------------------------
 
