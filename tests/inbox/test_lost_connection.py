@@ -88,3 +88,40 @@ async def test_a_handlers_own_connection_error_still_counts_as_its_failure(
     finally:
         await consumer.stop()
         await database.dispose()
+
+
+async def test_retries_while_the_database_is_away_do_not_use_up_the_messages_attempts(
+    pg_url: str, pg_broker: Broker, consumers: Callable[..., Consumer]
+) -> None:
+    """Deliveries that failed because the database was away are not the message's
+    attempts: its first real failure afterwards is retried, not dead-lettered (the
+    broker's count had grown with every outage retry)."""
+    database = Database(pg_url)
+    await create_business_tables(database)
+    consumer = consumers(unique(), database, pg_broker.transport(), max_attempts=2)
+    calls = 0
+
+    @consumer.handler("test.outage")
+    async def apply(ctx: HandlerContext, data: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls <= 3:  # the database away for three deliveries
+            await ctx.conn.execute(sa.text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        elif calls == 4:
+            raise ValueError("a real failure, once")
+        await ctx.conn.execute(effects.insert().values(message_id=ctx.message.id, value=1))
+
+    await consumer.start()
+    message = Message(type="test.outage")
+    await pg_broker.publish(message)
+
+    async def applied() -> dict[str, int]:
+        return await effect_counts(database)
+
+    try:
+        assert await wait_for(applied, 20) == {message.id: 1}
+        assert calls == 5
+        assert await DeadLetters(database).list(consumer.name) == []
+    finally:
+        await consumer.stop()
+        await database.dispose()

@@ -133,6 +133,10 @@ def _handler_failures() -> Iterator[None]:
         raise _Aborted(exc) from exc
 
 
+#: How many messages a consumer remembers the outage retries of (see _attempts).
+_OUTAGE_RETRIES_KEPT = 10_000
+
+
 class Consumer:
     """Consumes one consumer group from a transport and applies each message exactly once.
 
@@ -231,6 +235,10 @@ class Consumer:
         self.replay_lease = replay_lease
         self.batch_size = batch_size
         self.max_deliveries = max_deliveries
+        # By message id: its deliveries that failed because the database was away,
+        # left out of its attempts (they cannot be written down as holds then). In
+        # memory, the latest _OUTAGE_RETRIES_KEPT messages: after a restart they count.
+        self._outage_retries: dict[str, int] = {}
         self._prunings = [
             Pruning(
                 f"inbox rows of {name}",
@@ -627,13 +635,23 @@ class Consumer:
         message = delivery.message
         if delivery.attempt == 1 or message is None or isinstance(delivery, ReplayDelivery):
             return delivery.attempt  # a replay counts afresh and is never held back
+        attempt = delivery.attempt - self._outage_retries.get(message.id, 0)
         try:
             async with self.database.read() as conn:
                 holds = await holds_of(conn, self.name, message.id)
         except Exception:
             log.warning("could not read the holds of %s; counting every delivery", message.id)
-            return delivery.attempt
-        return max(1, delivery.attempt - holds)
+            return max(1, attempt)
+        return max(1, attempt - holds)
+
+    def _note_outage_retry(self, delivery: Delivery) -> None:
+        message = delivery.message
+        if message is None or isinstance(delivery, ReplayDelivery):
+            return
+        retries = self._outage_retries
+        retries[message.id] = retries.pop(message.id, 0) + 1  # now the latest
+        if len(retries) > _OUTAGE_RETRIES_KEPT:
+            del retries[next(iter(retries))]
 
     async def _process(
         self, delivery: Delivery, message: Message, registration: Registration, data: Any
@@ -703,6 +721,7 @@ class Consumer:
                 _describe(_Aborted.original(exc)),
                 delay,
             )
+            self._note_outage_retry(delivery)
             await delivery.nack(delay)
             return delay
         attempt = await self._attempts(delivery)
