@@ -6,9 +6,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
-from accord.errors import ConfigurationError
+from accord.errors import ConfigurationError, DecodeError
 from accord.eventstore._types import NewEvent, RecordedEvent
 
 __all__ = ["Aggregate", "applies", "event_type_name"]
@@ -72,12 +72,30 @@ class Aggregate:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        handlers: dict[str, tuple[type, Callable[..., None]]] = {}
+        found: dict[str, tuple[type, str, Callable[..., None]]] = {}
         for base in reversed(cls.__mro__):
-            for value in vars(base).values():
+            in_base: dict[str, str] = {}
+            for attr, value in vars(base).items():
                 event_class = getattr(value, "__accord_applies__", None)
-                if event_class is not None:
-                    handlers[event_type_name(event_class)] = (event_class, value)
+                if event_class is None:
+                    continue
+                name = event_type_name(event_class)
+                if name in in_base:
+                    # Only the last would ever run: the other's effects would be lost.
+                    raise ConfigurationError(
+                        f"{base.__qualname__} has two @applies methods for event type "
+                        f"{name!r}: {in_base[name]} and {attr}; keep one"
+                    )
+                in_base[name] = attr
+                found[name] = (event_class, attr, value)
+        handlers: dict[str, tuple[type, Callable[..., None]]] = {}
+        for name, (event_class, attr, value) in found.items():
+            # Looked up by name, so that a subclass overriding the method (without
+            # repeating @applies) is what runs, as with any other method.
+            fn = getattr(cls, attr, value)
+            if getattr(fn, "__accord_applies__", event_class) is not event_class:
+                fn = value  # the name now applies another event: keep this one's method
+            handlers[name] = (event_class, fn)
         cls._handlers = handlers
 
     def __init__(self, id: str) -> None:
@@ -98,14 +116,39 @@ class Aggregate:
         return list(cls._handlers)
 
     def record(self, event: Any) -> None:
-        """Apply a new event to the state and queue it to be saved."""
-        self._dispatch(event)
-        self._pending.append(event)
+        """Apply a new event to the state and queue it to be saved.
+
+        The event is applied as every later load will read it: through its JSON
+        form (a ``datetime`` in an ``Any`` field arrives as text, as it is stored).
+        An event whose JSON form does not load back as its class (a required field
+        left out by ``exclude=True``, a serializer whose output its validator
+        refuses) is refused here: once stored, its stream could never load again.
+        """
+        stored = self._as_stored(event)
+        self._dispatch(stored)
+        self._pending.append(stored)
 
     @property
     def pending(self) -> list[Any]:
         """Events recorded since the aggregate was loaded or last saved."""
         return list(self._pending)
+
+    def _as_stored(self, event: Any) -> Any:
+        """``event`` as it comes back from the store (its JSON form, validated again)."""
+        cls = type(event)
+        if event_type_name(cls) not in self._handlers:
+            return event  # _dispatch says what is missing
+        adapter = _adapter(cls)
+        data = adapter.dump_python(event, mode="json")
+        try:
+            return adapter.validate_python(data)
+        except ValidationError as exc:
+            raise ConfigurationError(
+                f"{cls.__qualname__} event would be stored as {_short(data)}, which does not "
+                f"load back as a {cls.__qualname__} ({_problems(exc)}): an event must survive "
+                "its JSON form (look for fields left out with exclude=True and serializers "
+                "whose output the validators refuse)"
+            ) from None
 
     def _dispatch(self, event: Any) -> None:
         name = event_type_name(type(event))
@@ -124,7 +167,18 @@ class Aggregate:
                 f"(stream {recorded.stream_id!r} v{recorded.version}): add an @applies method"
             )
         event_class, handler = entry
-        handler(self, _adapter(event_class).validate_python(recorded.data))
+        try:
+            event = _adapter(event_class).validate_python(recorded.data)
+        except ValidationError as exc:
+            raise DecodeError(
+                f"{type(self).__name__} cannot load stream {recorded.stream_id!r}: its event "
+                f"v{recorded.version} ({recorded.type!r}, schema version "
+                f"{recorded.schema_version}) does not fit {event_class.__qualname__} "
+                f"({_problems(exc)}). If the class changed since the event was written, "
+                f"raise its __schema_version__ and register an upcaster from the old version "
+                f"(Upcasters.register({recorded.type!r}, <old version>))"
+            ) from exc
+        handler(self, event)
         self.version = recorded.version
 
     def _new_events(self, metadata: dict[str, Any]) -> list[NewEvent]:
@@ -149,12 +203,43 @@ class Aggregate:
         return result
 
     def restore_state(self, state: dict[str, Any]) -> None:
-        """Set the state from :meth:`snapshot_state`'s output; raise if it does not fit."""
+        """Set the state from :meth:`snapshot_state`'s output; raise if it does not fit.
+
+        Called on a new aggregate: a public attribute its ``__init__`` set that the
+        snapshot lacks means the snapshot was taken by code before that attribute
+        (a ``snapshot_version`` left as it was), so the snapshot does not fit and the
+        aggregate is rebuilt from its events instead of keeping the initial value.
+        """
+        missing = [
+            k
+            for k in vars(self)
+            if not k.startswith("_") and k not in ("id", "version") and k not in state
+        ]
+        if missing:
+            raise ValueError(
+                f"the snapshot has no {', '.join(map(repr, missing))}: it was taken by "
+                "code whose state had other attributes (raise snapshot_version when the "
+                "state's shape changes)"
+            )
         for key, value in state.items():
             setattr(self, key, value)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id!r}, version={self.version})"
+
+
+def _problems(exc: ValidationError) -> str:
+    """pydantic's errors on one line: "field 'a.b': Field required; ..."."""
+    problems = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error.get("loc", ())) or "<data>"
+        problems.append(f"field {location!r}: {error.get('msg')}")
+    return "; ".join(problems)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def is_dataclass_event(obj: Any) -> bool:
