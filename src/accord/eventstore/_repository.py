@@ -79,17 +79,33 @@ class Repository(Generic[T]):
         Raises :class:`~accord.errors.NotFoundError` if it had no events (by then).
         """
         aggregate = self.aggregate_class(id)
-        start = 1
+        events = None
         if as_of is None:
             snapshot = await self.store.load_snapshot(id, conn=conn)
             if snapshot is not None and (version is None or snapshot.version <= version):
                 if self._restore(aggregate, snapshot):
-                    start = snapshot.version + 1
-                else:
+                    # Read from the snapshot's own version: the stream must have it. A
+                    # snapshot beyond the stream (its events deleted, or taken of an
+                    # aggregate whose save was rolled back) holds a state that never
+                    # was, and its version would make every save a conflict.
+                    events = await self.store.read_stream(
+                        id, from_version=snapshot.version, to_version=version, conn=conn
+                    )
+                    if events and events[0].version == snapshot.version:
+                        events = events[1:]
+                    else:
+                        log.warning(
+                            "ignoring snapshot of %r at version %d: the stream has no "
+                            "version %d; rebuilding from events",
+                            id,
+                            snapshot.version,
+                            snapshot.version,
+                        )
+                        events = None
+                if events is None:
                     aggregate = self.aggregate_class(id)
-        events = await self.store.read_stream(
-            id, from_version=start, to_version=version, as_of=as_of, conn=conn
-        )
+        if events is None:
+            events = await self.store.read_stream(id, to_version=version, as_of=as_of, conn=conn)
         for event in events:
             aggregate._apply_recorded(event)
         if aggregate.version == 0:

@@ -545,12 +545,19 @@ class EventStore:
             from sqlalchemy.dialects.postgresql import insert
         else:
             from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+        state: Any = snapshot.state
+        if self.database.is_postgres:
+            # JSONB reorders an object's keys (shortest first): a dict restored from
+            # it would iterate in another order than the events built it in, so a
+            # snapshot would change what a load returns. Kept as JSON text in a JSONB
+            # string instead; _load_snapshot reads both forms.
+            state = json.dumps(state, separators=(",", ":"), allow_nan=False)
         values = {
             "stream_id": snapshot.stream_id,
             "aggregate_type": snapshot.aggregate_type,
             "version": snapshot.version,
             "schema_version": snapshot.schema_version,
-            "state": snapshot.state,
+            "state": state,
             "created_at": snapshot.created_at,
         }
         stmt = insert(snapshots).values(values)
@@ -577,12 +584,15 @@ class EventStore:
                     row = (await own.execute(query)).first()
         if row is None:
             return None
+        state = row.state
+        if isinstance(state, str):  # PostgreSQL: the state's JSON text (_save_snapshot)
+            state = loads(state)
         return Snapshot(
             stream_id=row.stream_id,
             aggregate_type=row.aggregate_type,
             version=row.version,
             schema_version=row.schema_version,
-            state=row.state,
+            state=state,
             created_at=row.created_at,
         )
 
