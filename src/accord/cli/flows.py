@@ -57,7 +57,8 @@ def show(
     if as_json:
         print_json({"correlation_id": correlation_id, "messages": entries})
         return
-    table = Table(title=f"Flow {correlation_id}")
+    # A Text title: the id is data, not Rich markup ("[/x]" in it crashed the command).
+    table = Table(title=Text(f"Flow {correlation_id}"))
     for column in ("time", "service", "step", "message", "outcome", "error"):
         table.add_column(column)
     for e in entries:

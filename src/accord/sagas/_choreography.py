@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from pydantic_core import core_schema
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -18,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from accord.db.schema_sagas import participations
 from accord.errors import ConfigurationError
 from accord.inbox import Consumer, HandlerContext
-from accord.messages import Message
+from accord.messages import CONTROL_CHARACTERS, MAX_NAME_LENGTH, Message
 from accord.outbox import add as add_to_outbox
 from accord.sagas._participant import refuse_snapshot_isolation
 
@@ -88,7 +89,11 @@ class Choreography:
         Idempotent per ``correlation_id``: the first event's id is derived from it, so
         a retried start adds nothing to the outbox while the first is there, and the
         services' inboxes drop it after that (as ``Orchestrator.start`` per saga id).
+        ``correlation_id`` is a non-empty text of at most 200 characters without
+        control characters (None: a new random one).
         """
+        if correlation_id is not None:
+            _check_correlation_id(correlation_id)
         correlation = correlation_id or str(uuid.uuid4())
         message = Message(
             id=str(uuid.uuid5(_START_IDS, f"{self.name}/{correlation}")),
@@ -142,7 +147,7 @@ class Choreography:
                 payload = {**incoming, **result} if isinstance(result, dict) else incoming
                 await self._emit(ctx, emits, payload, step, self._outcome(emits, NEXT))
 
-            consumer.add_handler(event, handle, schema=schema)
+            consumer.add_handler(event, handle, schema=JsonObject if schema is None else schema)
             return func
 
         return register
@@ -182,7 +187,7 @@ class Choreography:
                 await self._emit(ctx, emits, payload, step, outcome)
 
             for event in events:
-                consumer.add_handler(event, handle, schema=schema)
+                consumer.add_handler(event, handle, schema=JsonObject if schema is None else schema)
             return func
 
         return register
@@ -196,10 +201,61 @@ class Choreography:
                 type=type,
                 data=data,
                 source=ctx.consumer,
-                key=parent.key or parent.correlationid,
+                key=parent.key or _ordering_key(_flow_id(ctx)),
                 extensions={"flowstep": step, "flowoutcome": outcome},
             )
         )
+
+
+def _check_correlation_id(correlation_id: Any) -> None:
+    if not isinstance(correlation_id, str) or not correlation_id:
+        # "" would start a new random flow at every retry: no longer idempotent.
+        raise ConfigurationError(
+            "correlation_id must be a non-empty string (or None for a new random id), "
+            f"not {correlation_id!r}"
+        )
+    if len(correlation_id) > MAX_NAME_LENGTH:
+        raise ConfigurationError(
+            f"correlation_id {correlation_id[:40]!r}... is {len(correlation_id)} characters "
+            f"long; at most {MAX_NAME_LENGTH} (it is the flow's key: derive a shorter one, "
+            "e.g. uuid.uuid5 of the long one)"
+        )
+    if CONTROL_CHARACTERS.search(correlation_id):
+        raise ConfigurationError(
+            f"correlation_id {correlation_id!r} holds a control character, which a message "
+            "attribute cannot carry"
+        )
+
+
+class JsonObject:
+    """The data a choreography handler takes when registered without a ``schema``: a
+    JSON object, or none. Anything else is dead-lettered at once as invalid data,
+    saying so: the handlers merge the data into the next event's, and failed with a
+    TypeError at every attempt (a compensating function ran, and was rolled back,
+    each time)."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        return core_schema.no_info_plain_validator_function(_event_data)
+
+
+def _event_data(value: Any) -> Any:
+    if value is None or isinstance(value, dict):
+        return value
+    kind = _JSON_KINDS.get(type(value), type(value).__name__)
+    raise ValueError(
+        f"a choreography event's data must be a JSON object (or null), not {kind}: "
+        "the next event's data is made from its fields"
+    )
+
+
+_JSON_KINDS = {
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+}
 
 
 _START_IDS = uuid.UUID("3d6c1f0a-7b2e-4c55-9a0e-5f1d2b8c7e44")
@@ -207,10 +263,36 @@ _START_IDS = uuid.UUID("3d6c1f0a-7b2e-4c55-9a0e-5f1d2b8c7e44")
 # A flow compensated at a service is a participations row of that service's consumer
 # with step -1 (orchestrated steps are numbered from 0).
 _FLOW_STEP = -1
+#: The width of the participations' saga id column, which holds a flow's id.
+_FLOW_ID_WIDTH = 100
 
 
 def _flow_id(ctx: HandlerContext) -> str:
-    return ctx.message.correlationid or ctx.message.key or ctx.message.id
+    # As HandlerContext.publish gives the events a handler emits (and the flow tracker
+    # records them): the correlation id, else the message's own id. Never the key: a
+    # flow's first event without a correlation id would be looked up under its key
+    # while its compensation, carrying the correlation id it was given, is recorded
+    # under that id; a late step event was then applied after its compensation.
+    return ctx.message.correlationid or ctx.message.id
+
+
+def _flow_key(ctx: HandlerContext) -> str:
+    """The flow's id as its records here hold it: a longer one than the column (a
+    correlation id has no limit) by a digest of it, else PostgreSQL refused the
+    record and the compensation was dead-lettered, never run."""
+    return _fitted(_flow_id(ctx), _FLOW_ID_WIDTH)
+
+
+def _ordering_key(flow: str) -> str:
+    # The events of a flow share its key; a correlation id longer than a key may be
+    # (a message refuses it) is replaced by a digest, else no event could be emitted.
+    return _fitted(flow, MAX_NAME_LENGTH)
+
+
+def _fitted(text: str, width: int) -> str:
+    if len(text) <= width:
+        return text
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 async def _lock_flow(ctx: HandlerContext) -> None:
@@ -227,7 +309,7 @@ async def _compensated_here(ctx: HandlerContext) -> bool:
     await _lock_flow(ctx)
     query = sa.select(sa.literal(1)).where(
         participations.c.participant == ctx.consumer,
-        participations.c.saga_id == _flow_id(ctx),
+        participations.c.saga_id == _flow_key(ctx),
         participations.c.step == _FLOW_STEP,
     )
     return (await ctx.conn.scalar(query)) is not None
@@ -243,7 +325,7 @@ async def _mark_compensated_here(ctx: HandlerContext, compensation: str) -> bool
         insert(participations)
         .values(
             participant=ctx.consumer,
-            saga_id=_flow_id(ctx),
+            saga_id=_flow_key(ctx),
             step=_FLOW_STEP,
             phase=f"c:{digest}",
             attempt=ctx.attempt,

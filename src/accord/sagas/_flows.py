@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import functools
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ from accord._retention import checked_batch, prune_in_batches
 from accord.db import Database
 from accord.db.database import log_retried_failure, translate_errors
 from accord.db.schema_sagas import flow_heads, flows, sagas
+from accord.errors import ConfigurationError
 from accord.inbox import Consumer, HandlerContext
+from accord.sagas._definition import seconds
 from accord.sagas._metrics import FLOWS_STALLED
 from accord.sagas._store import ENDED as SAGA_ENDED
 from accord.transports.base import GroupDeclaration, Transport
@@ -167,6 +170,52 @@ def _counted(insert: Any, newest: Any) -> Any:
     )
 
 
+#: The widths of the columns a recorded message's texts go to.
+_NAME_WIDTH = 200
+_OUTCOME_WIDTH = 20
+
+
+def stored_correlation_id(correlation_id: str) -> str:
+    """A flow's correlation id as ``accord_flows`` holds it: one longer than the column
+    (a message's correlation id has no limit) by its start and a digest of the whole,
+    so that each such flow still has a row of its own and ``timeline`` finds it by the
+    id its messages carry."""
+    if len(correlation_id) <= _NAME_WIDTH:
+        return correlation_id
+    digest = hashlib.sha256(correlation_id.encode()).hexdigest()
+    return f"{correlation_id[:100]}~sha256:{digest}"
+
+
+def _fit(text: str | None, width: int) -> str | None:
+    # A message's source, subject and extensions have no limit: recorded cut to the
+    # column (PostgreSQL refused the whole row, and the tracker dead-lettered it).
+    return text if text is None or len(text) <= width else text[:width]
+
+
+def _cutoff(older_than: timedelta, now: datetime | None) -> datetime:
+    """The time ``older_than`` before ``now`` (default: the current time), checked: a
+    negative age would take flows that are moving for stalled ones (and prune them
+    with ``stalled``); one that reaches before year 1 takes nothing."""
+    if not isinstance(older_than, timedelta) or older_than < timedelta(0):
+        raise ConfigurationError(
+            f"older_than must be a timedelta of 0 or more, not {older_than!r}: a negative "
+            "age selects flows that are still moving"
+        )
+    if now is not None and (not isinstance(now, datetime) or now.utcoffset() is None):
+        raise ConfigurationError(
+            f"now must be a timezone-aware datetime (datetime.now(UTC)), not {now!r}"
+        )
+    try:
+        return (now or datetime.now(UTC)) - older_than
+    except OverflowError:
+        return datetime.min.replace(tzinfo=UTC)
+
+
+def _positive_age(what: str, age: Any) -> None:
+    if not isinstance(age, timedelta) or age <= timedelta(0):
+        raise ConfigurationError(f"{what} must be a positive timedelta, not {age!r}")
+
+
 async def _flow_exists(ctx: HandlerContext, correlation_id: str) -> bool:
     query = sa.select(flow_heads.c.correlation_id).where(
         flow_heads.c.correlation_id == correlation_id
@@ -209,6 +258,15 @@ class FlowTracker:
         retention: timedelta | None = timedelta(days=7),
         inbox_retention: timedelta | None = timedelta(days=7),
     ) -> None:
+        _positive_age("stalled_after", stalled_after)
+        if retention is not None and (
+            not isinstance(retention, timedelta) or retention < timedelta(0)
+        ):
+            raise ConfigurationError(
+                f"retention must be a timedelta of 0 or more, or None (keep every flow), "
+                f"not {retention!r}"
+            )
+        seconds("check_interval", check_interval)
         self.name = name
         self.database = database
         self.stalled_after = stalled_after
@@ -224,7 +282,7 @@ class FlowTracker:
         m = ctx.message
         ext = dict(m.extensions)
         error = data.get("error") if isinstance(data, dict) else None
-        correlation_id = m.correlationid or m.id
+        correlation_id = stored_correlation_id(m.correlationid or m.id)
         outcome = _outcome(data, ext)
         orchestrated = _orchestrated(data, ext)
         if outcome is None and not orchestrated and not await _flow_exists(ctx, correlation_id):
@@ -232,11 +290,11 @@ class FlowTracker:
         values: dict[str, Any] = {
             "correlation_id": correlation_id,
             "message_id": m.id,
-            "causation_id": m.causationid,
+            "causation_id": _fit(m.causationid, _NAME_WIDTH),
             "type": m.type,
-            "source": m.source,
-            "step": ext.get("flowstep") or m.subject,
-            "outcome": outcome,
+            "source": _fit(m.source, _NAME_WIDTH),
+            "step": _fit(ext.get("flowstep") or m.subject, _NAME_WIDTH),
+            "outcome": _fit(outcome, _OUTCOME_WIDTH),
             "error": str(error)[:4000] if error else None,
             "time": m.time,
             "recorded_at": datetime.now(UTC),
@@ -303,9 +361,8 @@ class Flows:
 
     async def timeline(self, correlation_id: str) -> builtins.list[FlowEntry]:
         """Every message of the flow, in the order the tracker received them."""
-        query = (
-            sa.select(flows).where(flows.c.correlation_id == correlation_id).order_by(flows.c.id)
-        )
+        stored = stored_correlation_id(correlation_id)
+        query = sa.select(flows).where(flows.c.correlation_id == stored).order_by(flows.c.id)
         with translate_errors("reading a flow"):
             async with self.database.read() as conn:
                 rows = (await conn.execute(query)).all()
@@ -329,8 +386,9 @@ class Flows:
     ) -> builtins.list[StalledFlow]:
         """Flows that never ended (no completed/compensated event) and whose last message
         was recorded more than ``older_than`` ago, oldest first. Orchestrated sagas
-        are left out: their orchestrator ends them or marks them STUCK."""
-        cutoff = (now or datetime.now(UTC)) - older_than
+        are left out: their orchestrator ends them or marks them STUCK. ``now``, if
+        given, is timezone-aware."""
+        cutoff = _cutoff(older_than, now)
         h = flow_heads.c
         query = (
             sa.select(h.correlation_id, h.last_type, h.last_at, h.messages)
@@ -369,7 +427,7 @@ class Flows:
         A message arriving for a flow while it is pruned starts it again (on
         PostgreSQL the tracker's write waits for the prune's transaction)."""
         batch = checked_batch(batch)
-        cutoff = (now or datetime.now(UTC)) - older_than
+        cutoff = _cutoff(older_than, now)
         h = flow_heads.c
         pick = sa.select(h.correlation_id).where(h.last_at < cutoff)
         if not stalled:
