@@ -27,7 +27,7 @@ from accord._checks import is_count
 from accord.db.database import Database, translate_errors
 from accord.db.schema_events import events as events_table
 from accord.db.schema_events import snapshots
-from accord.errors import ConcurrencyError, ConfigurationError
+from accord.errors import ConcurrencyError, ConfigurationError, DecodeError
 from accord.eventstore._types import (
     ANY,
     NO_STREAM,
@@ -460,7 +460,13 @@ class EventStore:
         latest = self.upcasters.latest(type_)
         if schema_version != latest and (schema_version < latest or latest > 1):
             # Lift old payloads; a payload newer than the code raises a clear DecodeError.
-            data = self.upcasters.upcast(type_, schema_version, data)
+            try:
+                data = self.upcasters.upcast(type_, schema_version, data)
+            except DecodeError as exc:
+                # Name the event: in a long log, which one failed is half the answer.
+                raise DecodeError(
+                    f"reading stream {stream_id!r} v{version} (position {position}): {exc}"
+                ) from (exc.__cause__ or exc)
             schema_version = latest
         return RecordedEvent(
             position=position,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from accord._checks import is_count
 from accord.errors import ConfigurationError, DecodeError
 
 __all__ = ["Upcaster", "Upcasters"]
@@ -43,8 +44,17 @@ class Upcasters:
 
     def add(self, event_type: str, from_version: int, fn: Upcaster) -> None:
         """Register ``fn`` as the upcaster of ``event_type`` from ``from_version`` to the next."""
-        if from_version < 1:
-            raise ConfigurationError(f"upcaster versions start at 1, got {from_version}")
+        if not isinstance(event_type, str) or not event_type:
+            raise ConfigurationError(
+                f"an upcaster's event type must be the stored type's name (a non-empty "
+                f"string), not {event_type!r}"
+            )
+        if not is_count(from_version):
+            # 1.5 was taken, and made the type's latest version 2.5.
+            raise ConfigurationError(
+                f"upcaster versions are ints from 1 (the schema version the upcaster reads), "
+                f"got {from_version!r} for {event_type!r}"
+            )
         chain = self._chains.setdefault(event_type, {})
         if from_version in chain:
             raise ConfigurationError(
