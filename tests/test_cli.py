@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -230,6 +232,22 @@ def test_json_output_writes_times_as_iso_8601(sqlite_url: str) -> None:
     [row] = json.loads(result.stdout)
     times = [v for v in row.values() if isinstance(v, str) and v[:4].isdigit() and ":" in v]
     assert times and all("T" in t and datetime.fromisoformat(t).tzinfo for t in times), row
+
+
+@pytest.mark.parametrize("command", ["demo", "up"])
+def test_the_tournament_commands_without_the_service_extra_name_it(
+    command: str, tmp_path: Path
+) -> None:
+    """Without httpx (the service extra) they printed a ModuleNotFoundError
+    traceback: tournament was imported before the check that names the extra."""
+    code = (
+        "import sys; sys.modules['httpx'] = None; from accord.cli import main; "
+        f"sys.argv = ['accord', {command!r}, '--data-dir', {str(tmp_path)!r}]; main()"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "accord[service]" in " ".join(output.split()) and "Traceback" not in output
 
 
 def test_every_commands_summary_is_one_paragraph_of_plain_text() -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from accord.cli.app import app, console, escape, run
+from accord.cli.app import app, console, err_console, escape, run
 from accord.errors import ConfigurationError, MissingExtraError
 
 __all__ = ["demo", "up"]
@@ -51,7 +51,8 @@ ApiToken = Annotated[
     typer.Option(
         "--api-token",
         envvar="ACCORD_API_TOKEN",
-        help="Bearer token for POSTs (default: DATA_DIR/api-token, created on first start).",
+        help="Bearer token for POSTs and DELETEs (default: DATA_DIR/api-token, created on "
+        "first start).",
     ),
 ]
 Channel = Annotated[str, typer.Option("--channel", help="Broker channel name.", hidden=True)]
@@ -62,7 +63,7 @@ def _config(**options: Any) -> Any:
     for module in ("fastapi", "uvicorn", "httpx"):
         if importlib.util.find_spec(module) is None:
             missing = MissingExtraError("the tournament system", "service", module)
-            console.print(f"[bold red]error:[/] {missing}")
+            err_console.print(f"[bold red]error:[/] {escape(str(missing))}")
             raise typer.Exit(1)
     from tournament.config import StackConfig  # lazy: accord does not depend on tournament
 
@@ -74,7 +75,7 @@ def _config(**options: Any) -> Any:
             raise ConfigurationError(f"--data-dir {config.data_dir}: {exc.strerror}") from None
         return config
     except ConfigurationError as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -104,9 +105,6 @@ def up(
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Run the tournament system (both engines and their workers) until Ctrl-C."""
-    from tournament.stack import prepare  # lazy: accord does not depend on tournament
-    from tournament.supervisor import Supervisor
-
     config = _config(
         data_dir=data_dir,
         match_db=match_db,
@@ -120,6 +118,10 @@ def up(
         log_level=log_level,
     )
     token = _token(config, api_token)
+    # Lazy, and after _config() said which extra is missing: accord does not depend on
+    # tournament, and tournament needs the service extra.
+    from tournament.stack import prepare
+    from tournament.supervisor import Supervisor
 
     async def go() -> int:
         await prepare(config)
@@ -162,8 +164,6 @@ def demo(
     channel: Channel = "tournament",
 ) -> None:
     """Start the tournament system and play a narrated scenario of every pattern."""
-    from tournament.demo import run_demo  # lazy: accord does not depend on tournament
-
     config = _config(
         data_dir=data_dir,
         match_db=match_db,
@@ -176,5 +176,7 @@ def demo(
         channel=channel,
     )
     token = _token(config, api_token)
+    from tournament.demo import run_demo  # lazy, after _config(): as in up()
+
     code = run(run_demo(config, token, console=console, once=once))
     raise typer.Exit(code)
