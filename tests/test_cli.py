@@ -250,6 +250,26 @@ def test_the_tournament_commands_without_the_service_extra_name_it(
     assert "accord[service]" in " ".join(output.split()) and "Traceback" not in output
 
 
+@pytest.mark.parametrize(
+    "command",
+    [("outbox", "dead", "replay"), ("outbox", "dead", "purge"), ("inbox", "dead", "replay")],
+)
+def test_a_dead_replay_or_purge_naming_nothing_is_a_usage_error(
+    sqlite_url: str, command: tuple[str, ...]
+) -> None:
+    """The outbox's exited 1, as if the database had failed; the inbox's 2. (The
+    inbox's purge without an id purges every dead letter, after a confirmation.)"""
+    asyncio.run(_upgraded(sqlite_url))
+    result = accord(*command, "--db", sqlite_url)
+    assert result.exit_code == 2, result.output
+    assert "--all" in result.stderr
+
+
+async def _upgraded(url: str) -> None:
+    async with Database(url) as database:
+        await database.upgrade()
+
+
 def test_every_commands_summary_is_one_paragraph_of_plain_text() -> None:
     """Typer lists a command by its docstring's first paragraph with the docstring's
     line breaks ("with fresh attempts (the running⏎ orchestrator carries them on)")

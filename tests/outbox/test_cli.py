@@ -101,7 +101,7 @@ def test_errors_name_the_problem_and_the_fix(db_url: str) -> None:
     not_uuid = accord("outbox", "dead", "replay", "abc", "--db", db_url)
     assert not_uuid.exit_code == 1 and "is not an outbox message id" in not_uuid.output
     nothing_named = accord("outbox", "dead", "purge", "--db", db_url)
-    assert nothing_named.exit_code == 1 and "--all" in nothing_named.output
+    assert nothing_named.exit_code == 2 and "--all" in nothing_named.output  # usage
     bad_url = accord("outbox", "status", "--db", "mysql://x/y")
     assert bad_url.exit_code == 1 and "sqlite+aiosqlite" in bad_url.output
 

@@ -117,6 +117,8 @@ def dead_replay(
 ) -> None:
     """Put DEAD messages back to PENDING with attempts reset; the relay sends them again."""
 
+    _ids_or_all(ids, all_dead)
+
     async def go() -> int:
         async with Database(db) as database:
             return await OutboxAdmin(database).replay(ids or [], all_dead=all_dead)
@@ -133,6 +135,8 @@ def dead_purge(
     db: DbOption, ids: IdsArgument = None, all_dead: AllOption = False, as_json: JsonOption = False
 ) -> None:
     """Delete DEAD messages for good."""
+
+    _ids_or_all(ids, all_dead)
 
     async def go() -> int:
         async with Database(db) as database:
@@ -255,3 +259,9 @@ def relay(
         ]
 
     raise typer.Exit(run(serve(components, settings)))
+
+
+def _ids_or_all(ids: list[str] | None, all_dead: bool) -> None:
+    """A usage error (exit 2, as the inbox's) unless message ids or ``--all`` are given."""
+    if not ids and not all_dead:
+        raise typer.BadParameter("give message ids, or --all for every DEAD message")
