@@ -34,6 +34,22 @@ def consumer(database: Database, name: str) -> Consumer:
     return Consumer(name, database, transport, max_attempts=3)
 
 
+def hotel_steps(flow: Choreography, hotels: Consumer) -> list[str]:
+    """Hotels reserves on ``trip.requested`` and cancels on ``car.failed``; the list
+    the two append to ("reserved", "cancelled") as they run."""
+    ran: list[str] = []
+
+    @flow.on(hotels, "trip.requested", emits="hotel.reserved", fails="trip.cancelled")
+    async def reserve_hotel(ctx: HandlerContext, data: Any) -> None:
+        ran.append("reserved")
+
+    @flow.compensate(hotels, "car.failed", emits="trip.cancelled")
+    async def cancel_hotel(ctx: HandlerContext, data: Any) -> None:
+        ran.append("cancelled")
+
+    return ran
+
+
 async def handled(consumer: Consumer, message: Message) -> CapturedDelivery:
     delivery = CapturedDelivery(message)
     await consumer.handle(delivery)
@@ -58,15 +74,7 @@ async def test_a_first_event_without_correlation_id_arriving_after_its_compensat
     await database.upgrade()
     flow = trip()
     hotels, cars = consumer(database, "hotels"), consumer(database, "cars")
-    held: list[str] = []
-
-    @flow.on(hotels, "trip.requested", emits="hotel.reserved", fails="trip.cancelled")
-    async def reserve_hotel(ctx: HandlerContext, data: Any) -> None:
-        held.append("reserved")
-
-    @flow.compensate(hotels, "car.failed", emits="trip.cancelled")
-    async def cancel_hotel(ctx: HandlerContext, data: Any) -> None:
-        held.append("cancelled")
+    held = hotel_steps(flow, hotels)
 
     @flow.on(cars, "trip.requested", emits="car.rented", fails="car.failed")
     async def rent_car(ctx: HandlerContext, data: Any) -> None:
@@ -94,15 +102,7 @@ async def test_a_flow_with_a_long_correlation_id_compensates_and_is_tracked(
     await database.upgrade()
     flow = trip()
     hotels = consumer(database, "hotels")
-    held: list[str] = []
-
-    @flow.on(hotels, "trip.requested", emits="hotel.reserved", fails="trip.cancelled")
-    async def reserve_hotel(ctx: HandlerContext, data: Any) -> None:
-        held.append("reserved")
-
-    @flow.compensate(hotels, "car.failed", emits="trip.cancelled")
-    async def cancel_hotel(ctx: HandlerContext, data: Any) -> None:
-        held.append("cancelled")
+    held = hotel_steps(flow, hotels)
 
     flow_id = ("f" * (length - 4)) + uuid.uuid4().hex[:4]
     failed = {"flowstep": "rent_car", "flowoutcome": "failed"}
@@ -174,15 +174,7 @@ async def test_event_data_that_is_no_json_object_is_dead_lettered_at_once(
     await database.upgrade()
     flow = trip()
     hotels = consumer(database, "hotels")
-    ran: list[str] = []
-
-    @flow.on(hotels, "trip.requested", emits="hotel.reserved", fails="trip.cancelled")
-    async def reserve_hotel(ctx: HandlerContext, data: Any) -> None:
-        ran.append("reserve")
-
-    @flow.compensate(hotels, "car.failed", emits="trip.cancelled")
-    async def cancel_hotel(ctx: HandlerContext, data: Any) -> None:
-        ran.append("cancel")
+    ran = hotel_steps(flow, hotels)
 
     for type in ("trip.requested", "car.failed"):
         message = Message(type=type, data=data, correlationid=str(uuid.uuid4()))
@@ -197,7 +189,7 @@ async def test_event_data_that_is_no_json_object_is_dead_lettered_at_once(
     for type in ("trip.requested", "car.failed"):
         message = Message(type=type, data=None, correlationid=str(uuid.uuid4()))
         assert (await handled(hotels, message)).outcome == "ack"
-    assert ran == ["reserve", "cancel"]
+    assert ran == ["reserved", "cancelled"]
     assert len(await DeadLetters(database).list()) == 2
 
 
