@@ -161,3 +161,33 @@ def test_two_apply_methods_for_one_event_type_are_refused() -> None:
             @applies(Joined)
             def _greet(self, event: Joined) -> None:
                 pass
+
+
+@pytest.mark.parametrize(
+    ("event_type", "schema_version", "says"),
+    [
+        ("", 1, "__event_type__"),
+        ("x" * 201, 1, "__event_type__"),
+        ("a\x00b", 1, "NUL"),
+        ("ok.Happened", 0, "__schema_version__"),
+        ("ok.Happened", "2", "__schema_version__"),
+    ],
+)
+def test_an_event_class_the_store_cannot_hold_is_refused_with_its_aggregate(
+    event_type: str, schema_version: Any, says: str
+) -> None:
+    """It was found at the first save, by a ValueError naming neither class, after
+    the event had been applied."""
+
+    class Odd(BaseModel):
+        __event_type__ = event_type
+        __schema_version__ = schema_version
+
+    with pytest.raises(ConfigurationError, match=says) as caught:
+
+        class Board(Aggregate):
+            @applies(Odd)
+            def on_odd(self, event: Odd) -> None:
+                pass
+
+    assert "Board" in str(caught.value) and "Odd" in str(caught.value)

@@ -8,8 +8,10 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
+from accord._checks import is_count
 from accord.errors import ConfigurationError, DecodeError
 from accord.eventstore._types import NewEvent, RecordedEvent
+from accord.messages import MAX_NAME_LENGTH
 
 __all__ = ["Aggregate", "applies", "event_type_name"]
 
@@ -34,6 +36,23 @@ def event_type_name(cls: type) -> str:
 def event_schema_version(cls: type) -> int:
     """The schema version an event class writes: ``__schema_version__`` (default 1)."""
     return int(getattr(cls, "__schema_version__", 1))
+
+
+def _check_event_class(aggregate: type, event_class: type, name: str) -> None:
+    """Refuse, when the aggregate class is defined, an event class whose events the
+    store could never hold (found at the first save otherwise, naming neither)."""
+    where = f"{aggregate.__qualname__}: event class {event_class.__qualname__}"
+    if not name or len(name) > MAX_NAME_LENGTH or "\x00" in name:
+        raise ConfigurationError(
+            f"{where} has the type name {name[:40]!r}{'...' if len(name) > 40 else ''} "
+            f"({len(name)} characters), which the event store cannot hold: set "
+            f"__event_type__ to a name of 1 to {MAX_NAME_LENGTH} characters without NUL"
+        )
+    version = getattr(event_class, "__schema_version__", 1)
+    if not is_count(version):
+        raise ConfigurationError(
+            f"{where} has __schema_version__ {version!r}: give a whole number from 1"
+        )
 
 
 def applies(event_class: type) -> Callable[[F], F]:
@@ -80,6 +99,7 @@ class Aggregate:
                 if event_class is None:
                     continue
                 name = event_type_name(event_class)
+                _check_event_class(base, event_class, name)
                 if name in in_base:
                     # Only the last would ever run: the other's effects would be lost.
                     raise ConfigurationError(
