@@ -156,8 +156,11 @@ class World:
 
     async def stop(self) -> None:
         for part in self.parts:
+            # Bounded: a part that cannot stop (after a failed test) must fail the
+            # teardown, not hang the suite.
             with contextlib.suppress(Exception):
-                await part.stop()
+                async with asyncio.timeout(30):
+                    await part.stop()
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(task, 10)
