@@ -61,6 +61,9 @@ class Broker:
         self.channel = f"inbox-{uuid.uuid4().hex[:12]}"
         self.made: list[Transport] = []
         self._publisher: Transport | None = None
+        #: Groups declared by other processes (a worker subprocess): deleted at
+        #: close too, with those of the transports made here.
+        self.groups: set[str] = set()
 
     def transport(self) -> Transport:
         """A new, unconnected transport on this broker's channel."""
@@ -115,7 +118,7 @@ class Broker:
             await connection.close()
 
     async def close(self) -> None:
-        groups: set[str] = set()
+        groups: set[str] = set(self.groups)
         for transport in self.made:
             groups |= set(getattr(transport, "groups", ()))
             with contextlib.suppress(Exception):

@@ -51,6 +51,7 @@ async def test_worker_handles_messages_and_exits_0_on_sigterm(
 ) -> None:
     await create_business_tables(database)
     service = f"svc-{uuid.uuid4().hex[:8]}"
+    broker.groups.add(service)  # the worker process declares its queue
     proc = workers.start(
         *_worker_args(database.url, broker, service), env={"ACCORD_CHANNEL": broker.channel}
     )
@@ -83,6 +84,7 @@ async def test_sigkill_mid_handler_is_redelivered_and_applied_exactly_once(
 ) -> None:
     await create_business_tables(database)
     service = f"svc-{uuid.uuid4().hex[:8]}"
+    broker.groups.add(service)  # the worker process declares its queue
     marker = tmp_path / "hanging"
     proc = workers.start(
         *_worker_args(database.url, broker, service),
