@@ -5,7 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["is_count", "is_finite"]
+from accord.errors import ConfigurationError
+
+__all__ = ["MAX_BIGINT", "checked_limit", "is_count", "is_finite"]
+
+#: The largest whole number both databases store (BIGINT) and take as a LIMIT: past
+#: it SQLite's driver raises OverflowError and asyncpg a DataError.
+MAX_BIGINT = 2**63 - 1
 
 
 def is_count(value: Any) -> bool:
@@ -16,3 +22,11 @@ def is_count(value: Any) -> bool:
 def is_finite(value: Any) -> bool:
     """Whether ``value`` is a finite int or float."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def checked_limit(limit: Any) -> int:
+    """A listing's ``limit``: a whole number of at least 1 (ConfigurationError
+    otherwise); one past BIGINT means all rows, and is sent as the largest it holds."""
+    if not is_count(limit):
+        raise ConfigurationError(f"limit must be a whole number of at least 1, not {limit!r}")
+    return min(int(limit), MAX_BIGINT)

@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.text import Text
 from sqlalchemy.engine import make_url
 
+from accord._checks import MAX_BIGINT
 from accord.db import Database
 from accord.db.database import normalize_url
 from accord.errors import AccordError
@@ -57,7 +58,7 @@ err_console = Console(stderr=True)
 
 #: The largest whole number an option may take: what both databases' BIGINT holds
 #: (SQLite's driver raised OverflowError on a larger one, asyncpg a DataError).
-MAX_INTEGER = 2**63 - 1
+MAX_INTEGER = MAX_BIGINT
 
 _DB_HELP = "Database URL: sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db."
 

@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from accord._checks import is_count
+from accord._checks import MAX_BIGINT, checked_limit
 from accord.db import Database
 from accord.db.database import translate_errors
 from accord.db.schema import dead_letters
@@ -278,14 +278,10 @@ def _not_found(letter_id: int) -> NotFoundError:
     )
 
 
-#: The largest id the column (BIGINT) holds, and the largest LIMIT the databases take.
-_MAX_ID = 2**63 - 1
-
-
 def _can_exist(letter_id: int) -> bool:
     """Whether a dead letter could have this id: one past BIGINT is not just absent, the
     drivers refuse it (asyncpg's DataError, SQLite's OverflowError)."""
-    return 0 <= letter_id <= _MAX_ID
+    return 0 <= letter_id <= MAX_BIGINT
 
 
 class DeadLetters:
@@ -299,9 +295,7 @@ class DeadLetters:
     ) -> Sequence[DeadLetter]:
         """Dead letters, oldest first, optionally of one consumer / in one status; at
         most ``limit`` (at least 1)."""
-        if not is_count(limit):
-            raise ConfigurationError(f"limit must be a whole number of at least 1, got {limit!r}")
-        query = sa.select(dead_letters).order_by(dead_letters.c.id).limit(min(limit, _MAX_ID))
+        query = sa.select(dead_letters).order_by(dead_letters.c.id).limit(checked_limit(limit))
         if consumer is not None:
             query = query.where(dead_letters.c.consumer == consumer)
         if status is not None:

@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from accord._checks import is_count
+from accord._checks import checked_limit
 from accord.db.database import Database
 from accord.db.schema import outbox
 from accord.errors import ConfigurationError, NotFoundError
@@ -66,8 +66,6 @@ class OutboxStatus:
 #: list does not show and which need not even be JSON (SQLite keeps what is written
 #: by hand).
 _LISTED = [c for c in outbox.c if c.name not in ("payload", "headers")]
-#: The most rows a LIMIT can name (BIGINT); a larger limit is all of them.
-_MAX_LIMIT = 2**63 - 1
 
 
 def _stored_json(text: str | None) -> Any:
@@ -83,12 +81,6 @@ def _stored_json(text: str | None) -> Any:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
-
-
-def _checked_limit(limit: Any) -> int:
-    if not is_count(limit):
-        raise ConfigurationError(f"limit must be a whole number of at least 1, not {limit!r}")
-    return min(int(limit), _MAX_LIMIT)
 
 
 def _ids(message_ids: Sequence[str]) -> Sequence[str]:
@@ -161,7 +153,7 @@ class OutboxAdmin:
         self, *, limit: int = 100, event_type: str | None = None
     ) -> list[dict[str, Any]]:
         """DEAD rows, oldest first; at most ``limit`` (at least 1)."""
-        limit = _checked_limit(limit)
+        limit = checked_limit(limit)
         query = sa.select(*_LISTED).where(outbox.c.status == "DEAD").order_by(outbox.c.seq)
         if event_type:
             query = query.where(outbox.c.event_type == event_type)
@@ -174,7 +166,7 @@ class OutboxAdmin:
     ) -> list[dict[str, Any]]:
         """Messages scheduled for later and not yet released, next due first (their
         ``available_at`` is when they fall due); at most ``limit`` (at least 1)."""
-        limit = _checked_limit(limit)
+        limit = checked_limit(limit)
         query = (
             sa.select(*_LISTED)
             .where(outbox.c.status == SCHEDULED)
