@@ -7,7 +7,7 @@ from typing import Any
 
 from accord.errors import ConfigurationError
 
-__all__ = ["MAX_BIGINT", "checked_limit", "is_count", "is_finite"]
+__all__ = ["MAX_BIGINT", "checked_limit", "is_count", "is_finite", "is_seconds"]
 
 #: The largest whole number both databases store (BIGINT) and take as a LIMIT: past
 #: it SQLite's driver raises OverflowError and asyncpg a DataError.
@@ -22,6 +22,12 @@ def is_count(value: Any) -> bool:
 def is_finite(value: Any) -> bool:
     """Whether ``value`` is a finite int or float."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_seconds(value: Any, *, zero_ok: bool = False, longest: float = math.inf) -> bool:
+    """Whether ``value`` is a finite number of seconds above 0 (or from 0 with
+    ``zero_ok``), up to ``longest``."""
+    return is_finite(value) and (value >= 0 if zero_ok else value > 0) and value <= longest
 
 
 def checked_limit(limit: Any) -> int:

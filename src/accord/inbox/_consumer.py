@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from accord._aio import wait_event
 from accord._backoff import backoff_delay
-from accord._checks import is_count, is_finite
+from accord._checks import is_count, is_seconds
 from accord._retention import Pruning
 from accord.db import Database
 from accord.db.database import log_retried_failure, unreachable
@@ -842,7 +842,7 @@ def _check_options(
         ("replay_interval", replay_interval, None),
         ("replay_lease", replay_lease, None),
     ):
-        if not is_finite(seconds) or seconds < 0 or (least is None and seconds == 0):
+        if not is_seconds(seconds, zero_ok=least is not None):
             more = "0 or more" if least is not None else "more than 0"
             raise ConfigurationError(f"{name} must be a number of seconds, {more}, got {seconds!r}")
     if inbox_retention is not None and (

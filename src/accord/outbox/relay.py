@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from prometheus_client import Counter, Histogram
 
 from accord._backoff import backoff_delay
-from accord._checks import is_count, is_finite
+from accord._checks import is_count, is_seconds
 from accord.db.database import Database, translate_errors
 from accord.db.types import UTCDateTime
 from accord.errors import (
@@ -145,12 +145,7 @@ def _check_options(*, retention: Any, **options: Any) -> None:
             )
     for name, value in options.items():
         zero_ok = name.startswith("backoff_")  # a retry at once is a choice
-        if (
-            not is_finite(value)
-            or value < 0
-            or (value == 0 and not zero_ok)
-            or value > _MAX_SECONDS
-        ):
+        if not is_seconds(value, zero_ok=zero_ok, longest=_MAX_SECONDS):
             least = "zero or a positive" if zero_ok else "a positive"
             raise ConfigurationError(
                 f"Relay {name} must be {least} number of seconds (up to ten years), not {value!r}"

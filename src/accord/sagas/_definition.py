@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from accord._backoff import backoff_delay
-from accord._checks import is_count, is_finite
+from accord._checks import is_count, is_seconds
 from accord.errors import ConfigurationError
 from accord.messages import CONTROL_CHARACTERS, MAX_NAME_LENGTH
 
@@ -111,7 +111,7 @@ def seconds(what: str, value: Any, *, forever: bool = False) -> float | None:
     (or None, when ``forever`` allows waiting for ever); else a clear error."""
     if value is None and forever:
         return None
-    if not is_finite(value) or not 0 < value <= MAX_TIMEOUT:
+    if not is_seconds(value, longest=MAX_TIMEOUT):
         hint = " (None waits for ever)" if forever else ""
         raise ConfigurationError(
             f"{what} must be a positive number of seconds up to ten years{hint}, not {value!r}"
@@ -155,7 +155,7 @@ class Retry:
             )
         for name in ("base", "cap"):
             value = getattr(self, name)
-            if not is_finite(value) or value < 0:
+            if not is_seconds(value, zero_ok=True):
                 raise ConfigurationError(
                     f"Retry {name} must be a finite number of seconds of 0 or more, not {value!r}"
                 )

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from accord._checks import is_count, is_finite
+from accord._checks import is_count, is_seconds
 from accord.errors import ConfigurationError, DecodeError, PublishError, TransportUnavailable
 from accord.messages import SPECVERSION, Message, decode, encode
 
@@ -85,7 +85,7 @@ def check_seconds(owner: str, *, zero_ok: bool = False, **values: Any) -> None:
     for name, value in values.items():
         if value is None:
             continue
-        if not is_finite(value) or value < 0 or (value == 0 and not zero_ok):
+        if not is_seconds(value, zero_ok=zero_ok):
             least = "0 or more" if zero_ok else "more than 0"
             raise ConfigurationError(f"{owner}: {name} must be {least} seconds, not {value!r}")
 
